@@ -1,0 +1,34 @@
+# fedge: `make demo` sets up .venv and runs the quickstart simulation; `make test` sets up and runs the tests.
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.fedge-installed
+
+.PHONY: setup demo test test-fast bench lint clean
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml constraints.txt
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	# constraints.txt locks the whole resolved set; torch is the CPU build pinned exactly
+	$(BIN)/python -m pip install -q -c constraints.txt -e '.[edge,cloud,dev]'
+	# PySceneDetect (benchmark peer) declares the GUI opencv-python: install it without deps
+	$(BIN)/python -m pip install -q -c constraints.txt --no-deps scenedetect==0.7.2
+	touch $(STAMP)
+
+demo: setup
+	RAY_USAGE_STATS_ENABLED=0 $(BIN)/fedge simulate run
+
+test: setup
+	RAY_USAGE_STATS_ENABLED=0 $(BIN)/python -m pytest -q
+
+test-fast: setup
+	RAY_USAGE_STATS_ENABLED=0 $(BIN)/python -m pytest -q -m "not integration"
+
+lint: setup
+	$(BIN)/ruff check common edge cloud simulations
+	$(BIN)/mypy
+
+clean:
+	rm -rf $(VENV) runs .pytest_cache

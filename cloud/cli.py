@@ -1,0 +1,16 @@
+"""``fedge cloud``: commands that run on the cloud side."""
+
+from __future__ import annotations
+
+import typer
+
+app = typer.Typer(no_args_is_help=True, help="Run the cloud side: aggregator, trainer, shard server.")
+
+
+@app.command("info")
+def info() -> None:
+    """Print the versions of the cloud stack (Flower, Ray)."""
+    import flwr
+    import ray
+
+    typer.echo(f"flwr {flwr.__version__}  ray {ray.__version__}")

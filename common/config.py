@@ -1,0 +1,432 @@
+"""Typed, validated run configuration: Flower run config (flat dotted keys) -> TOML file -> CLI overrides.
+
+The shape mirrors the brief's framework config (``modal_types``, per-modality ``precision``,
+``communication``, ``fault_tolerance``) plus the sections fedge itself needs. Every section is a frozen
+dataclass validated in ``__post_init__``; unknown keys and bad values raise :class:`ConfigError` naming the
+dotted key. Modules never read this object whole: entry points pass flat keyword arguments on.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import tomllib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Mapping
+
+MODALITIES: tuple[str, ...] = ("image", "audio")
+PRECISIONS = ("fp32", "fp16", "bf16")
+STALENESS_FNS = ("constant", "sqrt", "polynomial", "hinge")
+
+
+class ConfigError(ValueError):
+    """A configuration key is unknown or its value is invalid; the message names the dotted key."""
+
+
+def _fail(key: str, msg: str) -> None:
+    raise ConfigError(f"config key '{key}': {msg}")
+
+
+def _check(cond: bool, key: str, msg: str) -> None:
+    if not cond:
+        _fail(key, msg)
+
+
+@dataclass(frozen=True)
+class PrecisionConfig:
+    """Autocast precision per modality encoder (the brief: image fp16/bf16, audio bf16)."""
+
+    image: str = "bf16"
+    audio: str = "bf16"
+
+    def __post_init__(self) -> None:
+        for m in MODALITIES:
+            _check(getattr(self, m) in PRECISIONS, f"precision.{m}", f"must be one of {PRECISIONS}")
+
+
+@dataclass(frozen=True)
+class CommunicationConfig:
+    """Update compression: top-k sparsification then quantization, with client-side error feedback."""
+
+    compression: Literal["none", "topk"] = "topk"
+    topk_ratio: float = 0.05
+    quant_bits: int = 8
+    error_feedback: bool = True
+
+    def __post_init__(self) -> None:
+        _check(self.compression in ("none", "topk"), "communication.compression", "must be 'none' or 'topk'")
+        _check(0.0 < self.topk_ratio <= 1.0, "communication.topk_ratio", "must be in (0, 1]")
+        _check(self.quant_bits in (4, 8, 32), "communication.quant_bits", "must be 4, 8 or 32")
+
+
+@dataclass(frozen=True)
+class FaultToleranceConfig:
+    """Checkpoint frequency (in versions for the aggregator, steps for the trainer) and recovery target."""
+
+    checkpoint_every: int = 5
+    recovery_time_s: float = 60.0
+    max_failures: int = 1
+
+    def __post_init__(self) -> None:
+        _check(self.checkpoint_every >= 1, "fault_tolerance.checkpoint_every", "must be >= 1")
+        _check(self.recovery_time_s > 0, "fault_tolerance.recovery_time_s", "must be > 0")
+        _check(self.max_failures >= 0, "fault_tolerance.max_failures", "must be >= 0")
+
+
+@dataclass(frozen=True)
+class AggregationConfig:
+    """Server side: async FedBuff or sync FedAvg, staleness weighting, robustness."""
+
+    mode: Literal["async", "sync"] = "async"
+    versions: int = 10  # global versions to produce before the run ends
+    buffer_size: int = 4  # K: accepted updates per new version
+    concurrency: int = 8  # C: nodes training at once
+    staleness: str = "sqrt"
+    staleness_a: float = 0.5  # polynomial exponent: (1+s)^-a
+    staleness_b: int = 4  # hinge: w=1 for s<=b, then 1/(a(s-b)+1)
+    max_staleness: int = 10
+    server_lr: float = 1.0
+    server_momentum: float = 0.0
+    max_norm: float = 100.0  # update-norm bound
+    norm_action: Literal["clip", "reject"] = "clip"
+    robust: Literal["none", "median", "trimmed_mean"] = "none"
+    trim_ratio: float = 0.1
+    min_nodes: int = 1
+    reply_timeout_s: float = 600.0
+    eval_every: int = 1
+
+    def __post_init__(self) -> None:
+        _check(self.mode in ("async", "sync"), "aggregation.mode", "must be 'async' or 'sync'")
+        _check(self.versions >= 1, "aggregation.versions", "must be >= 1")
+        _check(self.buffer_size >= 1, "aggregation.buffer_size", "must be >= 1")
+        _check(self.concurrency >= 1, "aggregation.concurrency", "must be >= 1")
+        _check(self.staleness in STALENESS_FNS, "aggregation.staleness", f"must be one of {STALENESS_FNS}")
+        _check(self.staleness_a >= 0, "aggregation.staleness_a", "must be >= 0")
+        _check(self.staleness_b >= 0, "aggregation.staleness_b", "must be >= 0")
+        _check(self.max_staleness >= 0, "aggregation.max_staleness", "must be >= 0")
+        _check(self.server_lr > 0, "aggregation.server_lr", "must be > 0")
+        _check(0.0 <= self.server_momentum < 1.0, "aggregation.server_momentum", "must be in [0, 1)")
+        _check(self.max_norm > 0, "aggregation.max_norm", "must be > 0")
+        _check(self.norm_action in ("clip", "reject"), "aggregation.norm_action", "must be 'clip' or 'reject'")
+        _check(
+            self.robust in ("none", "median", "trimmed_mean"),
+            "aggregation.robust",
+            "must be 'none', 'median' or 'trimmed_mean'",
+        )
+        _check(0.0 <= self.trim_ratio < 0.5, "aggregation.trim_ratio", "must be in [0, 0.5)")
+        _check(self.min_nodes >= 1, "aggregation.min_nodes", "must be >= 1")
+        _check(self.reply_timeout_s > 0, "aggregation.reply_timeout_s", "must be > 0")
+        _check(self.eval_every >= 1, "aggregation.eval_every", "must be >= 1")
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Shape of the shared multimodal mixture-of-experts (common/model.py)."""
+
+    dim: int = 64
+    num_experts: int = 4
+    top_k: int = 2
+    expert_hidden: int = 128
+    num_classes: int = 10
+    image_size: int = 32
+    n_mels: int = 40
+    audio_frames: int = 32
+    capacity_factor: float = 0.0  # 0 = unlimited capacity
+    dense: bool = False
+    lora_rank: int = 4
+    lora_alpha: float = 8.0
+
+    def __post_init__(self) -> None:
+        for k in ("dim", "num_experts", "expert_hidden", "image_size", "n_mels", "audio_frames", "lora_rank"):
+            _check(getattr(self, k) >= 1, f"model.{k}", "must be >= 1")
+        _check(self.num_classes >= 2, "model.num_classes", "must be >= 2")
+        _check(1 <= self.top_k <= self.num_experts, "model.top_k", "must be in [1, model.num_experts]")
+        _check(self.capacity_factor >= 0, "model.capacity_factor", "must be >= 0")
+        _check(self.lora_alpha > 0, "model.lora_alpha", "must be > 0")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Local training on a device."""
+
+    local_steps: int = 20
+    batch_size: int = 32
+    lr: float = 0.01
+    grad_accum: int = 1
+    modality_dropout: float = 0.2
+
+    def __post_init__(self) -> None:
+        _check(self.local_steps >= 1, "train.local_steps", "must be >= 1")
+        _check(self.batch_size >= 1, "train.batch_size", "must be >= 1")
+        _check(self.lr > 0, "train.lr", "must be > 0")
+        _check(self.grad_accum >= 1, "train.grad_accum", "must be >= 1")
+        _check(0.0 <= self.modality_dropout < 1.0, "train.modality_dropout", "must be in [0, 1)")
+
+
+@dataclass(frozen=True)
+class PrivacyConfig:
+    """Client-side DP: clip the update to ``clip`` and add N(0, (noise_multiplier*clip)^2)."""
+
+    clip: float = 0.0  # 0 = off
+    noise_multiplier: float = 0.0
+
+    def __post_init__(self) -> None:
+        _check(self.clip >= 0, "dp.clip", "must be >= 0")
+        _check(self.noise_multiplier >= 0, "dp.noise_multiplier", "must be >= 0")
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """Where the data comes from: 'synthetic' (generated per partition) or 'store' (SampleStore dirs)."""
+
+    source: Literal["synthetic", "store"] = "synthetic"
+    store_root: str = ""  # simulation: <store_root>/device-<partition> ; deployment: node config
+    samples_per_device: int = 200
+    eval_samples: int = 400
+    partition: Literal["iid", "dirichlet"] = "iid"
+    dirichlet_alpha: float = 0.5
+    missing_image: float = 0.0  # fraction of devices without a camera
+    missing_audio: float = 0.0  # fraction of devices without a microphone
+
+    def __post_init__(self) -> None:
+        _check(self.source in ("synthetic", "store"), "data.source", "must be 'synthetic' or 'store'")
+        _check(self.samples_per_device >= 1, "data.samples_per_device", "must be >= 1")
+        _check(self.eval_samples >= 1, "data.eval_samples", "must be >= 1")
+        _check(self.partition in ("iid", "dirichlet"), "data.partition", "must be 'iid' or 'dirichlet'")
+        _check(self.dirichlet_alpha > 0, "data.dirichlet_alpha", "must be > 0")
+        for k in ("missing_image", "missing_audio"):
+            _check(0.0 <= getattr(self, k) <= 1.0, f"data.{k}", "must be in [0, 1]")
+        _check(
+            self.missing_image + self.missing_audio <= 1.0,
+            "data.missing_image",
+            "missing_image + missing_audio must be <= 1 (a device needs one modality)",
+        )
+
+
+@dataclass(frozen=True)
+class FedgeConfig:
+    """The whole run config."""
+
+    modal_types: tuple[str, ...] = MODALITIES
+    seed: int = 0
+    run_dir: str = ""
+    precision: PrecisionConfig = field(default_factory=PrecisionConfig)
+    communication: CommunicationConfig = field(default_factory=CommunicationConfig)
+    fault_tolerance: FaultToleranceConfig = field(default_factory=FaultToleranceConfig)
+    aggregation: AggregationConfig = field(default_factory=AggregationConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    dp: PrivacyConfig = field(default_factory=PrivacyConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+
+    def __post_init__(self) -> None:
+        mt = self.modal_types
+        if isinstance(mt, str):
+            mt = tuple(s.strip() for s in mt.split(",") if s.strip())
+            object.__setattr__(self, "modal_types", mt)
+        _check(len(mt) > 0, "modal_types", "must name at least one modality")
+        for m in mt:
+            _check(m in MODALITIES, "modal_types", f"unknown modality {m!r}; known: {MODALITIES}")
+        _check(len(set(mt)) == len(mt), "modal_types", "lists a modality twice")
+
+    # ------------------------------------------------------------------ conversions
+    def to_flat(self) -> dict[str, Any]:
+        """Flat dotted keys with Flower-compatible scalar values (tuples become comma-joined strings)."""
+        out: dict[str, Any] = {}
+        for key, value in _flatten(dataclasses.asdict(self)).items():
+            out[key] = ",".join(value) if isinstance(value, (list, tuple)) else value
+        return out
+
+    def to_toml(self) -> str:
+        """A TOML document that :func:`load_config` reads back to an equal config."""
+        flat = self.to_flat()
+        top = {k: v for k, v in flat.items() if "." not in k}
+        lines = [f"{k} = {_toml_value(v)}" for k, v in top.items()]
+        sections: dict[str, list[str]] = {}
+        for k, v in flat.items():
+            if "." in k:
+                sec, name = k.split(".", 1)
+                sections.setdefault(sec, []).append(f"{name} = {_toml_value(v)}")
+        for sec, body in sections.items():
+            lines += ["", f"[{sec}]", *body]
+        return "\n".join(lines) + "\n"
+
+    def save(self, run_dir: str | Path) -> Path:
+        """Write the resolved config into ``run_dir/config.toml`` (and .json) and return the TOML path."""
+        d = Path(run_dir)
+        d.mkdir(parents=True, exist_ok=True)
+        (d / "config.json").write_text(json.dumps(self.to_flat(), indent=2, sort_keys=True))
+        path = d / "config.toml"
+        path.write_text(self.to_toml())
+        return path
+
+
+def _toml_value(v: Any) -> str:
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, (int, float)):
+        return repr(v)
+    return json.dumps(str(v))
+
+
+def _flatten(d: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, Mapping):
+            out.update(_flatten(v, key + "."))
+        else:
+            out[key] = v
+    return out
+
+
+def _coerce(key: str, value: Any, tp: Any) -> Any:
+    """Coerce a raw (TOML / CLI string / Flower scalar) value to the field's annotated type."""
+    origin = typing.get_origin(tp)
+    if origin is Literal:
+        choices = typing.get_args(tp)
+        _check(value in choices, key, f"must be one of {choices}, got {value!r}")
+        return value
+    if origin in (tuple,) or tp is tuple:
+        if isinstance(value, str):
+            return tuple(s.strip() for s in value.split(",") if s.strip())
+        _check(isinstance(value, (list, tuple)), key, f"expected a list, got {value!r}")
+        return tuple(value)
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "1", "yes", "on", "false", "0", "no", "off"):
+            return value.lower() in ("true", "1", "yes", "on")
+        if isinstance(value, int) and value in (0, 1):
+            return bool(value)
+        _fail(key, f"expected a boolean, got {value!r}")
+    if tp is int:
+        if isinstance(value, bool):
+            _fail(key, f"expected an integer, got {value!r}")
+        if isinstance(value, int):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        if isinstance(value, str):
+            try:
+                return int(value)
+            except ValueError:
+                pass
+        _fail(key, f"expected an integer, got {value!r}")
+    if tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):
+            try:
+                return float(value)
+            except ValueError:
+                pass
+        _fail(key, f"expected a number, got {value!r}")
+    if tp is str:
+        _check(isinstance(value, str), key, f"expected a string, got {value!r}")
+        return value
+    return value
+
+
+def _build(cls: type, raw: Mapping[str, Any], prefix: str) -> Any:
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    kwargs: dict[str, Any] = {}
+    for k, v in raw.items():
+        key = f"{prefix}{k}"
+        if k not in fields:
+            known = ", ".join(sorted(fields))
+            raise ConfigError(f"config key '{key}': unknown key (known here: {known})")
+        tp = hints[k]
+        if dataclasses.is_dataclass(tp):
+            _check(isinstance(v, Mapping), key, "expected a table of keys")
+            kwargs[k] = _build(tp, v, key + ".")  # type: ignore[arg-type]
+        else:
+            if isinstance(tp, types.UnionType):
+                tp = next(a for a in typing.get_args(tp) if a is not type(None))
+            kwargs[k] = _coerce(key, v, tp)
+    return cls(**kwargs)
+
+
+def _nest(flat: Mapping[str, Any]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, v in flat.items():
+        parts = key.split(".")
+        d = out
+        for p in parts[:-1]:
+            nxt = d.setdefault(p, {})
+            if not isinstance(nxt, dict):
+                raise ConfigError(f"config key '{key}': '{p}' is a value, not a table")
+            d = nxt
+        d[parts[-1]] = v
+    return out
+
+
+def _merge(a: dict[str, Any], b: Mapping[str, Any]) -> dict[str, Any]:
+    out = dict(a)
+    for k, v in b.items():
+        if isinstance(v, Mapping) and isinstance(out.get(k), dict):
+            out[k] = _merge(out[k], v)
+        else:
+            out[k] = v
+    return out
+
+
+def parse_overrides(items: list[str] | tuple[str, ...]) -> dict[str, Any]:
+    """Parse CLI ``key=value`` overrides (values parsed as TOML scalars when possible, else strings)."""
+    out: dict[str, Any] = {}
+    for item in items:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r}: expected key=value")
+        k, v = item.split("=", 1)
+        k = k.strip()
+        try:
+            out[k] = tomllib.loads(f"x = {v}")["x"]
+        except tomllib.TOMLDecodeError:
+            out[k] = v
+    return out
+
+
+def load_config(
+    run_config: Mapping[str, Any] | None = None,
+    toml_path: str | Path | None = None,
+    overrides: Mapping[str, Any] | None = None,
+) -> FedgeConfig:
+    """Resolve a config from Flower's flat run config, then a TOML file, then flat overrides (in that order).
+
+    Raises
+    ------
+    ConfigError
+        On an unknown key or a bad value; the message names the dotted key.
+    FileNotFoundError
+        When ``toml_path`` does not exist.
+    """
+    tree: dict[str, Any] = {}
+    if run_config:
+        tree = _merge(tree, _nest(run_config))
+    if toml_path is not None:
+        p = Path(toml_path)
+        if not p.is_file():
+            raise FileNotFoundError(f"config file not found: {p}")
+        try:
+            tree = _merge(tree, tomllib.loads(p.read_text()))
+        except tomllib.TOMLDecodeError as e:
+            raise ConfigError(f"config file {p}: not valid TOML: {e}") from None
+    if overrides:
+        tree = _merge(tree, _nest(overrides))
+    return _build(FedgeConfig, tree, "")
+
+
+def config_from_context(run_config: Mapping[str, Any]) -> FedgeConfig:
+    """The config of a Flower run: ``context.run_config`` overlaid by ``$FEDGE_RUN_CONFIG`` (a TOML path).
+
+    ``fedge simulate`` resolves its scenario into a TOML file and points the variable at it, because
+    ``run_simulation`` carries no run config; ``flwr run`` users set keys with ``--run-config``.
+    """
+    import os
+
+    extra = os.environ.get("FEDGE_RUN_CONFIG")
+    return load_config(run_config=run_config, toml_path=extra or None)

@@ -1,0 +1,357 @@
+"""The shared multimodal mixture-of-experts: per-modality encoders, a quality-aware top-k router, experts, head.
+
+Pure ``nn.Module`` code (no I/O, no config parsing): entry points build it with flat keyword arguments.
+
+Data flow for a batch of B samples and M modalities (order: :data:`common.config.MODALITIES`)::
+
+    image (B, 3, S, S) --ImageEncoder--> (B, d) \
+    audio (B, n_mels, T) --AudioEncoder--> (B, d) -> tokens (B, M, d), mask (B, M), quality (B, M)
+    present tokens (N, d), N = mask.sum()  --router--> top-k experts per token --> (N, d)
+    fusion: softmax over the present modalities of a quality-aware gate --> (B, d) --head--> logits (B, C)
+
+A missing modality is a mask: its encoder does not run and its token takes part in neither routing nor
+fusion (never a zero tensor pretending to be data).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from dataclasses import dataclass
+from typing import Iterator
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+MODALITIES: tuple[str, ...] = ("image", "audio")
+_DTYPES = {"fp32": None, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+@dataclass
+class MoEOutput:
+    """What :meth:`MultimodalMoE.forward` returns."""
+
+    logits: Tensor  # (B, C)
+    aux_loss: Tensor  # () Switch load-balancing loss (0 in dense mode)
+    expert_counts: Tensor  # (E,) tokens dispatched to each expert
+    topk_idx: Tensor  # (N, k) experts chosen per present token (all E in dense mode)
+    router_probs: Tensor  # (N, E)
+    fusion_weights: Tensor  # (B, M) weight of each modality in the fused vector (0 where missing)
+    dropped_tokens: int = 0  # tokens over an expert's capacity (pass through on the residual)
+
+
+def autocast_for(precision: str, device_type: str = "cpu") -> contextlib.AbstractContextManager[None]:
+    """Autocast context for one modality's precision ('fp32' disables autocast)."""
+    dtype = _DTYPES[precision]
+    if dtype is None:
+        return torch.autocast(device_type=device_type, enabled=False)
+    return torch.autocast(device_type=device_type, dtype=dtype)
+
+
+class ImageEncoder(nn.Module):
+    """Keyframe encoder: (B, 3, S, S) in [0, 1] -> (B, d)."""
+
+    def __init__(self, *, dim: int, width: int = 32) -> None:
+        super().__init__()
+        self.conv = nn.Sequential(
+            nn.Conv2d(3, width // 2, 3, stride=2, padding=1),
+            nn.GELU(),
+            nn.Conv2d(width // 2, width, 3, stride=2, padding=1),
+            nn.GELU(),
+            nn.Conv2d(width, width * 2, 3, stride=2, padding=1),
+            nn.GELU(),
+        )
+        self.proj = nn.Linear(width * 2, dim)
+        self.norm = nn.LayerNorm(dim)
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = (x - 0.5) / 0.25
+        h = self.conv(x).mean(dim=(2, 3))  # (B, 2w)
+        return self.norm(self.proj(h))
+
+
+class AudioEncoder(nn.Module):
+    """Log-mel encoder: (B, n_mels, T) in dB -> (B, d). Per-example standardisation makes it gain-invariant."""
+
+    def __init__(self, *, dim: int, n_mels: int, width: int = 64) -> None:
+        super().__init__()
+        self.conv = nn.Sequential(
+            nn.Conv1d(n_mels, width, 3, padding=1),
+            nn.GELU(),
+            nn.Conv1d(width, width, 3, stride=2, padding=1),
+            nn.GELU(),
+        )
+        self.proj = nn.Linear(width, dim)
+        self.norm = nn.LayerNorm(dim)
+
+    def forward(self, x: Tensor) -> Tensor:
+        mu = x.mean(dim=(1, 2), keepdim=True)
+        sd = x.std(dim=(1, 2), keepdim=True).clamp_min(1e-3)
+        h = self.conv((x - mu) / sd).mean(dim=2)  # (B, w)
+        return self.norm(self.proj(h))
+
+
+class Expert(nn.Module):
+    """One FFN expert: d -> hidden -> d."""
+
+    def __init__(self, *, dim: int, hidden: int) -> None:
+        super().__init__()
+        self.fc1 = nn.Linear(dim, hidden)
+        self.fc2 = nn.Linear(hidden, dim)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.fc2(F.gelu(self.fc1(x)))
+
+
+class Router(nn.Module):
+    """Scores experts from a token, its modality and its quality signal: (N, d), (N,) -> (N, E) logits."""
+
+    def __init__(self, *, dim: int, num_experts: int) -> None:
+        super().__init__()
+        self.gate = nn.Linear(dim + 1, num_experts)
+
+    def forward(self, tokens: Tensor, quality: Tensor) -> Tensor:
+        return self.gate(torch.cat([tokens, quality.unsqueeze(-1)], dim=-1))
+
+
+class Head(nn.Module):
+    """Classifier over the fused vector: (B, d) -> (B, C)."""
+
+    def __init__(self, *, dim: int, num_classes: int) -> None:
+        super().__init__()
+        self.norm = nn.LayerNorm(dim)
+        self.fc1 = nn.Linear(dim, dim)
+        self.fc2 = nn.Linear(dim, num_classes)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.fc2(F.gelu(self.fc1(self.norm(x))))
+
+
+def load_balancing_loss(probs: Tensor, topk_idx: Tensor, num_experts: int) -> Tensor:
+    """Switch-Transformer auxiliary loss ``E * sum_i f_i * P_i`` generalised to top-k.
+
+    Parameters
+    ----------
+    probs : (N, E) router softmax probabilities.
+    topk_idx : (N, k) chosen experts.
+
+    ``f_i`` is the fraction of the N*k assignments that went to expert i, ``P_i`` the mean probability of i.
+    It equals 1 for a perfectly uniform router and grows as routing collapses.
+    """
+    n, k = topk_idx.shape
+    if n == 0:
+        return probs.sum() * 0.0
+    counts = torch.zeros(num_experts, device=probs.device, dtype=probs.dtype)
+    counts.scatter_add_(0, topk_idx.reshape(-1), torch.ones(n * k, device=probs.device, dtype=probs.dtype))
+    f = counts / (n * k)
+    p = probs.mean(dim=0)
+    return num_experts * torch.sum(f * p)
+
+
+def top_k_gating(logits: Tensor, k: int) -> tuple[Tensor, Tensor, Tensor]:
+    """Softmax router with top-k selection; gates renormalised over the chosen k (Shazeer et al.).
+
+    Returns (probs (N, E), topk_idx (N, k), gates (N, k)).
+    """
+    probs = logits.float().softmax(dim=-1)
+    top_p, top_i = probs.topk(k, dim=-1)
+    gates = top_p / top_p.sum(dim=-1, keepdim=True).clamp_min(1e-9)
+    return probs, top_i, gates
+
+
+class MultimodalMoE(nn.Module):
+    """The fedge model: encoders per modality, quality-aware top-k router over E experts, fusion, head."""
+
+    def __init__(
+        self,
+        *,
+        dim: int = 64,
+        num_experts: int = 4,
+        top_k: int = 2,
+        expert_hidden: int = 128,
+        num_classes: int = 10,
+        n_mels: int = 40,
+        capacity_factor: float = 0.0,
+        dense: bool = False,
+        precision: dict[str, str] | None = None,
+    ) -> None:
+        super().__init__()
+        if not 1 <= top_k <= num_experts:
+            raise ValueError(f"top_k={top_k} must be in [1, num_experts={num_experts}]")
+        self.dim, self.num_experts, self.top_k = dim, num_experts, top_k
+        self.capacity_factor, self.dense = capacity_factor, dense
+        self.precision = {m: "fp32" for m in MODALITIES} | dict(precision or {})
+        self.encoders = nn.ModuleDict(
+            {"image": ImageEncoder(dim=dim), "audio": AudioEncoder(dim=dim, n_mels=n_mels)}
+        )
+        self.modality_embed = nn.Parameter(torch.zeros(len(MODALITIES), dim))
+        self.router = Router(dim=dim, num_experts=num_experts)
+        self.experts = nn.ModuleList([Expert(dim=dim, hidden=expert_hidden) for _ in range(num_experts)])
+        self.fusion_gate = nn.Linear(dim + 1, 1)
+        self.head = Head(dim=dim, num_classes=num_classes)
+
+    # ------------------------------------------------------------------ pieces
+    def encode(self, inputs: dict[str, Tensor | None], mask: Tensor) -> Tensor:
+        """Run each modality's encoder only on the samples that have it. Returns tokens (B, M, d)."""
+        b = mask.shape[0]
+        tokens = torch.zeros(b, len(MODALITIES), self.dim, device=mask.device)
+        for j, m in enumerate(MODALITIES):
+            present = mask[:, j]
+            x = inputs.get(m)
+            if x is None or not bool(present.any()):
+                continue
+            with autocast_for(self.precision[m], mask.device.type):
+                z = self.encoders[m](x[present])
+            tokens[present, j] = z.float()
+        return tokens + self.modality_embed.unsqueeze(0)
+
+    def route(self, x: Tensor, q: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor, int]:
+        """Mixture of experts over present tokens x (N, d) with quality q (N,).
+
+        Returns (out (N, d), aux_loss, probs (N, E), topk_idx (N, k), dropped tokens).
+        """
+        n = x.shape[0]
+        logits = self.router(x, q)
+        if self.dense:
+            probs = logits.float().softmax(dim=-1)
+            out = x + sum(probs[:, e : e + 1] * self.experts[e](x) for e in range(self.num_experts))
+            idx = torch.arange(self.num_experts, device=x.device).expand(n, -1)
+            return out, x.new_zeros(()), probs, idx, 0
+        probs, idx, gates = top_k_gating(logits, self.top_k)
+        aux = load_balancing_loss(probs, idx, self.num_experts)
+        capacity = n * self.top_k  # unlimited
+        if self.capacity_factor > 0:
+            capacity = max(1, math.ceil(self.capacity_factor * n * self.top_k / self.num_experts))
+        out = x.clone()
+        dropped = 0
+        flat_idx = idx.reshape(-1)  # (N*k,) in token-major order: earlier tokens win a full expert
+        flat_tok = torch.arange(n, device=x.device).repeat_interleave(self.top_k)
+        flat_gate = gates.reshape(-1)
+        for e in range(self.num_experts):
+            sel = (flat_idx == e).nonzero(as_tuple=True)[0]
+            if sel.numel() > capacity:
+                dropped += int(sel.numel() - capacity)
+                sel = sel[:capacity]
+            if sel.numel() == 0:
+                continue
+            tok = flat_tok[sel]
+            y = self.experts[e](x[tok]) * flat_gate[sel].unsqueeze(-1).to(x.dtype)
+            out = out.index_add(0, tok, y)
+        return out, aux, probs, idx, dropped
+
+    # ------------------------------------------------------------------ forward
+    def forward(
+        self,
+        image: Tensor | None = None,
+        audio: Tensor | None = None,
+        mask: Tensor | None = None,
+        quality: Tensor | None = None,
+    ) -> MoEOutput:
+        """Classify a batch in which each sample has any non-empty subset of modalities.
+
+        Parameters
+        ----------
+        image : (B, 3, S, S) or None.
+        audio : (B, n_mels, T) or None.
+        mask : (B, M) bool, True where the sample has that modality; derived from which inputs are given
+            when omitted.
+        quality : (B, M) in [0, 1], per-modality quality from the quality gate (1 = clean); 1 when omitted.
+        """
+        ref = image if image is not None else audio
+        if ref is None:
+            raise ValueError("MultimodalMoE needs at least one modality input")
+        b, dev = ref.shape[0], ref.device
+        if mask is None:
+            mask = torch.stack(
+                [torch.full((b,), x is not None, device=dev, dtype=torch.bool) for x in (image, audio)], 1
+            )
+        mask = mask.to(torch.bool)
+        if image is None:
+            mask = mask & torch.tensor([False, True], device=dev)
+        if audio is None:
+            mask = mask & torch.tensor([True, False], device=dev)
+        if not bool(mask.any(dim=1).all()):
+            raise ValueError("every sample needs at least one present modality (mask row all False)")
+        if quality is None:
+            quality = torch.ones(b, len(MODALITIES), device=dev)
+        quality = quality.to(torch.float32)
+
+        tokens = self.encode({"image": image, "audio": audio}, mask)  # (B, M, d)
+        present = mask.reshape(-1)
+        x = tokens.reshape(-1, self.dim)[present]  # (N, d)
+        q = quality.reshape(-1)[present]  # (N,)
+        y, aux, probs, idx, dropped = self.route(x, q)
+
+        routed = tokens.new_zeros(b * len(MODALITIES), self.dim)
+        routed[present] = y
+        routed = routed.view(b, len(MODALITIES), self.dim)
+        score = self.fusion_gate(torch.cat([routed, quality.unsqueeze(-1)], dim=-1)).squeeze(-1)  # (B, M)
+        score = score.masked_fill(~mask, float("-inf"))
+        w = score.softmax(dim=1)  # (B, M): exactly 0 where missing
+        fused = torch.einsum("bm,bmd->bd", w, routed)
+        counts = torch.bincount(idx.reshape(-1), minlength=self.num_experts)
+        return MoEOutput(
+            logits=self.head(fused),
+            aux_loss=aux,
+            expert_counts=counts,
+            topk_idx=idx,
+            router_probs=probs,
+            fusion_weights=w,
+            dropped_tokens=dropped,
+        )
+
+
+def build_model(
+    *,
+    dim: int = 64,
+    num_experts: int = 4,
+    top_k: int = 2,
+    expert_hidden: int = 128,
+    num_classes: int = 10,
+    n_mels: int = 40,
+    capacity_factor: float = 0.0,
+    dense: bool = False,
+    precision: dict[str, str] | None = None,
+    seed: int = 0,
+) -> MultimodalMoE:
+    """Build the model with deterministic initial weights for ``seed`` (every party builds the same base)."""
+    g = torch.random.fork_rng()
+    with g:
+        torch.manual_seed(seed)
+        return MultimodalMoE(
+            dim=dim,
+            num_experts=num_experts,
+            top_k=top_k,
+            expert_hidden=expert_hidden,
+            num_classes=num_classes,
+            n_mels=n_mels,
+            capacity_factor=capacity_factor,
+            dense=dense,
+            precision=precision,
+        )
+
+
+def model_kwargs(cfg: object) -> dict[str, object]:
+    """Flat keyword arguments for :func:`build_model` from a :class:`common.config.FedgeConfig`."""
+    m = cfg.model  # type: ignore[attr-defined]
+    p = cfg.precision  # type: ignore[attr-defined]
+    return {
+        "dim": m.dim,
+        "num_experts": m.num_experts,
+        "top_k": m.top_k,
+        "expert_hidden": m.expert_hidden,
+        "num_classes": m.num_classes,
+        "n_mels": m.n_mels,
+        "capacity_factor": m.capacity_factor,
+        "dense": m.dense,
+        "precision": {"image": p.image, "audio": p.audio},
+        "seed": cfg.seed,  # type: ignore[attr-defined]
+    }
+
+
+def iter_expert_linears(model: MultimodalMoE) -> Iterator[tuple[str, nn.Linear]]:
+    """Names and modules of the Linear layers inside experts (for FLOP counting and LoRA)."""
+    for name, mod in model.experts.named_modules():
+        if isinstance(mod, nn.Linear):
+            yield f"experts.{name}", mod

@@ -1,0 +1,116 @@
+"""Local training and evaluation of the MoE on in-memory arrays (shared by edge, cloud and simulations).
+
+Pure compute: no Flower, no Ray, no disk. Arrays use the layout of :func:`common.synthetic.make_av_dataset`
+(``image``, ``audio``, ``label``, ``mask``, ``quality``); the SampleStore's Dataset yields the same keys.
+"""
+
+from __future__ import annotations
+
+from typing import Mapping
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from .config import MODALITIES
+from .model import MultimodalMoE
+
+Arrays = Mapping[str, np.ndarray]
+
+
+def to_batch(data: Arrays, idx: np.ndarray | slice) -> dict[str, torch.Tensor]:
+    """Index the arrays and turn them into tensors."""
+    return {k: torch.as_tensor(np.asarray(data[k][idx])) for k in ("image", "audio", "label", "mask", "quality")}
+
+
+def modality_dropout(mask: torch.Tensor, p: float, gen: torch.Generator) -> torch.Tensor:
+    """Drop each present modality with probability p, keeping at least one per sample.
+
+    Training with it teaches the router and fusion to cope with missing modalities.
+    """
+    if p <= 0:
+        return mask
+    drop = torch.rand(mask.shape, generator=gen) < p
+    new = mask & ~drop
+    empty = ~new.any(dim=1)
+    new[empty] = mask[empty]
+    return new
+
+
+def forward_batch(model: MultimodalMoE, b: Mapping[str, torch.Tensor], mask: torch.Tensor | None = None):
+    """Run the model on a batch dict (inputs of a missing modality are passed but masked)."""
+    return model(image=b["image"], audio=b["audio"], mask=b["mask"] if mask is None else mask,
+                 quality=b["quality"])
+
+
+def train_steps(
+    model: MultimodalMoE,
+    data: Arrays,
+    *,
+    steps: int,
+    batch_size: int,
+    lr: float,
+    seed: int = 0,
+    modality_dropout_p: float = 0.0,
+    aux_weight: float = 0.01,
+    grad_accum: int = 1,
+    modality_weights: Mapping[str, float] | None = None,
+) -> dict[str, float]:
+    """Train the parameters that require grad with Adam for ``steps`` optimizer steps.
+
+    ``modality_weights`` weights each example's loss by the importance of the modalities it carries
+    (the brief's importance-weighted gradient accumulation); examples with several modalities take the
+    mean of their modalities' weights.
+
+    Returns metrics: mean loss, examples seen, steps.
+    """
+    n = int(len(data["label"]))
+    if n == 0:
+        raise ValueError("no training examples")
+    params = [p for p in model.parameters() if p.requires_grad]
+    if not params:
+        raise ValueError("model has no trainable parameters")
+    opt = torch.optim.Adam(params, lr=lr)
+    gen = torch.Generator().manual_seed(seed)
+    rng = np.random.default_rng(seed)
+    mw = torch.tensor([float((modality_weights or {}).get(m, 1.0)) for m in MODALITIES])
+    model.train()
+    total, seen = 0.0, 0
+    for _ in range(steps):
+        opt.zero_grad(set_to_none=True)
+        for _ in range(grad_accum):
+            idx = rng.integers(0, n, size=min(batch_size, n))
+            b = to_batch(data, idx)
+            mask = modality_dropout(b["mask"], modality_dropout_p, gen)
+            out = forward_batch(model, b, mask)
+            per_ex = F.cross_entropy(out.logits, b["label"], reduction="none")
+            w = (mask.float() * mw).sum(1) / mask.float().sum(1)
+            loss = (per_ex * w).sum() / w.sum() + aux_weight * out.aux_loss
+            (loss / grad_accum).backward()
+            total += float(loss.detach()) * len(idx)
+            seen += len(idx)
+        opt.step()
+    return {"loss": total / max(seen, 1), "examples": float(seen), "steps": float(steps)}
+
+
+@torch.no_grad()
+def evaluate(model: MultimodalMoE, data: Arrays, *, batch_size: int = 256) -> dict[str, float]:
+    """Accuracy and loss overall and per modality subset present in ``data`` (keys ``acc-image+audio``...)."""
+    model.eval()
+    n = int(len(data["label"]))
+    if n == 0:
+        return {"accuracy": 0.0, "loss": 0.0, "examples": 0.0}
+    correct = np.zeros(n, dtype=bool)
+    loss = 0.0
+    for s in range(0, n, batch_size):
+        b = to_batch(data, slice(s, s + batch_size))
+        out = forward_batch(model, b)
+        loss += float(F.cross_entropy(out.logits, b["label"], reduction="sum"))
+        correct[s : s + batch_size] = (out.logits.argmax(1) == b["label"]).numpy()
+    res = {"accuracy": float(correct.mean()), "loss": loss / n, "examples": float(n)}
+    mask = np.asarray(data["mask"], dtype=bool)
+    for combo in {tuple(r) for r in mask.tolist()}:
+        rows = np.all(mask == np.array(combo), axis=1)
+        name = "+".join(m for m, on in zip(MODALITIES, combo) if on)
+        res[f"acc-{name}"] = float(correct[rows].mean())
+    return res

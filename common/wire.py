@@ -1,0 +1,84 @@
+"""The wire contract between ServerApp and ClientApp: message payload keys and record conversions.
+
+A TRAIN message carries ``ARRAYS`` (the global adapter state as an ``ArrayRecord``) and ``ROUND`` (a
+``ConfigRecord``: global version and the round's hyper-parameters). A reply carries ``UPDATE`` (a
+``ConfigRecord``: the base version it was trained from and the codec-encoded adapter delta) and ``METRICS``
+(a ``MetricRecord``). An EVALUATE message carries ``ARRAYS`` and ``ROUND``; its reply ``METRICS``.
+No bare key strings elsewhere: import these constants.
+"""
+
+from __future__ import annotations
+
+from typing import Mapping
+
+import numpy as np
+from flwr.app import Array, ArrayRecord, ConfigRecord, MetricRecord, RecordDict
+
+# record names in a message's RecordDict
+ARRAYS = "adapters"
+ROUND = "round"
+UPDATE = "update"
+METRICS = "metrics"
+
+# keys inside ROUND
+VERSION = "version"
+LR = "lr"
+LOCAL_STEPS = "local-steps"
+BATCH_SIZE = "batch-size"
+SEED = "seed"
+
+# keys inside UPDATE
+BASE_VERSION = "base-version"
+DELTA = "delta"  # bytes: common.codec payload
+
+# keys inside METRICS
+NUM_EXAMPLES = "num-examples"
+LOSS = "loss"
+ACCURACY = "accuracy"
+TRAIN_SECONDS = "train-seconds"
+UPLOAD_BYTES = "upload-bytes"
+RAW_BYTES = "raw-bytes"
+COUNT_PREFIX = "count-"  # count-image, count-audio: samples with that modality
+ACC_PREFIX = "acc-"  # acc-image, acc-audio, acc-image+audio: accuracy per modality subset
+
+
+def adapters_to_record(state: Mapping[str, object]) -> ArrayRecord:
+    """Adapter state (torch tensors or NumPy arrays) -> ArrayRecord, keys sorted."""
+    arrays = {k: np.ascontiguousarray(np.asarray(_to_numpy(v), dtype=np.float32)) for k, v in state.items()}
+    return ArrayRecord({k: Array(arrays[k]) for k in sorted(arrays)})
+
+
+def record_to_adapters(record: ArrayRecord) -> dict[str, np.ndarray]:
+    """ArrayRecord -> name -> float32 array."""
+    return {k: np.asarray(v.numpy(), dtype=np.float32) for k, v in record.items()}
+
+
+def _to_numpy(v: object) -> np.ndarray:
+    if hasattr(v, "detach"):
+        return v.detach().cpu().float().numpy()  # type: ignore[no-any-return, attr-defined]
+    return np.asarray(v)
+
+
+def round_record(
+    *, version: int, lr: float, local_steps: int, batch_size: int, seed: int
+) -> ConfigRecord:
+    """The per-round config that travels inside each message (Flower's third config scope)."""
+    return ConfigRecord(
+        {VERSION: int(version), LR: float(lr), LOCAL_STEPS: int(local_steps), BATCH_SIZE: int(batch_size),
+         SEED: int(seed)}
+    )
+
+
+def train_message_content(adapters: Mapping[str, object], rnd: ConfigRecord) -> RecordDict:
+    """Content of a TRAIN (or EVALUATE) message."""
+    return RecordDict({ARRAYS: adapters_to_record(adapters), ROUND: rnd})
+
+
+def update_content(*, base_version: int, payload: bytes, metrics: Mapping[str, float]) -> RecordDict:
+    """Content of a TRAIN reply: the codec payload, its base version and the metrics."""
+    return RecordDict(
+        {
+            UPDATE: ConfigRecord({BASE_VERSION: int(base_version), DELTA: payload}),
+            METRICS: MetricRecord({k: float(v) for k, v in metrics.items()}),
+        }
+    )

@@ -1,0 +1,17 @@
+"""``fedge edge``: commands that run on a device."""
+
+from __future__ import annotations
+
+import typer
+
+app = typer.Typer(no_args_is_help=True, help="Run on a device: ingest streams, train adapters, fetch shards.")
+
+
+@app.command("info")
+def info() -> None:
+    """Print what this device installation can do (versions of the edge stack)."""
+    import flwr
+    import onnxruntime
+    import torch
+
+    typer.echo(f"flwr {flwr.__version__}  torch {torch.__version__}  onnxruntime {onnxruntime.__version__}")

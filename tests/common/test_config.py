@@ -1,0 +1,58 @@
+import pytest
+
+from common.config import ConfigError, FedgeConfig, load_config, parse_overrides
+
+
+def test_defaults_are_valid_and_round_trip_through_toml(tmp_path):
+    cfg = load_config()
+    path = cfg.save(tmp_path)
+    assert (tmp_path / "config.json").exists()
+    assert load_config(toml_path=path) == cfg
+
+
+def test_precedence_run_config_then_toml_then_overrides(tmp_path):
+    f = tmp_path / "s.toml"
+    f.write_text('[aggregation]\nbuffer_size = 7\nmode = "sync"\n[precision]\nimage = "fp16"\n')
+    cfg = load_config(
+        run_config={"aggregation.buffer_size": 3, "aggregation.concurrency": 5, "modal_types": "audio"},
+        toml_path=f,
+        overrides=parse_overrides(["aggregation.mode=async", "communication.topk_ratio=0.1"]),
+    )
+    assert cfg.aggregation.buffer_size == 7 and cfg.aggregation.concurrency == 5
+    assert cfg.aggregation.mode == "async" and cfg.communication.topk_ratio == 0.1
+    assert cfg.precision.image == "fp16" and cfg.modal_types == ("audio",)
+
+
+@pytest.mark.parametrize("flat,key", [
+    ({"aggregation.bufer_size": 3}, "aggregation.bufer_size"),
+    ({"nonsense": 1}, "nonsense"),
+    ({"precision.image": "fp8"}, "precision.image"),
+    ({"communication.quant_bits": 5}, "communication.quant_bits"),
+    ({"communication.topk_ratio": "lots"}, "communication.topk_ratio"),
+    ({"aggregation.staleness": "cubic"}, "aggregation.staleness"),
+    ({"aggregation.mode": "eventually"}, "aggregation.mode"),
+    ({"model.top_k": 9}, "model.top_k"),
+    ({"modal_types": "image,smell"}, "modal_types"),
+    ({"fault_tolerance.checkpoint_every": 0}, "fault_tolerance.checkpoint_every"),
+    ({"train.lr": -1}, "train.lr"),
+    ({"aggregation.versions": True}, "aggregation.versions"),
+])
+def test_bad_keys_and_values_fail_naming_the_key(flat, key):
+    with pytest.raises(ConfigError, match=f"'{key}'"):
+        load_config(run_config=flat)
+
+
+def test_missing_and_invalid_toml_files(tmp_path):
+    with pytest.raises(FileNotFoundError):
+        load_config(toml_path=tmp_path / "nope.toml")
+    bad = tmp_path / "bad.toml"
+    bad.write_text("[aggregation\n")
+    with pytest.raises(ConfigError, match="TOML"):
+        load_config(toml_path=bad)
+
+
+def test_flat_form_is_flower_compatible():
+    flat = FedgeConfig().to_flat()
+    assert all(isinstance(v, (bool, int, float, str)) for v in flat.values())
+    assert flat["modal_types"] == "image,audio"
+    assert load_config(run_config=flat) == FedgeConfig()
