@@ -207,6 +207,39 @@ class DataConfig:
 
 
 @dataclass(frozen=True)
+class TrainingConfig:
+    """Global MoE training on the cloud (Ray Train): experts, router, encoders on the cloud's own data."""
+
+    every_versions: int = 10  # N: train after every N aggregated global versions (0 = only on demand)
+    workers: int = 2  # Ray Train workers (DDP)
+    use_gpu: Literal["auto", "on", "off"] = "auto"  # auto: one GPU per worker when the cluster has them
+    cpus_per_worker: float = 1.0
+    steps: int = 200  # optimizer steps per training run
+    batch_size: int = 32  # per worker
+    lr: float = 0.003
+    grad_accum: int = 1
+    aux_weight: float = 0.01  # weight of the router's load-balancing loss
+    modality_dropout: float = 0.2
+    log_every: int = 10  # steps between metric reports (TensorBoard + JSONL)
+    samples: int = 2000  # cloud-side curated samples when the data is generated
+    storage_path: str = ""  # persistent Ray Train storage ("" = <run_dir or ./runs>/train)
+
+    def __post_init__(self) -> None:
+        _check(self.every_versions >= 0, "training.every_versions", "must be >= 0")
+        _check(self.workers >= 1, "training.workers", "must be >= 1")
+        _check(self.use_gpu in ("auto", "on", "off"), "training.use_gpu", "must be 'auto', 'on' or 'off'")
+        _check(self.cpus_per_worker > 0, "training.cpus_per_worker", "must be > 0")
+        _check(self.steps >= 1, "training.steps", "must be >= 1")
+        _check(self.batch_size >= 1, "training.batch_size", "must be >= 1")
+        _check(self.lr > 0, "training.lr", "must be > 0")
+        _check(self.grad_accum >= 1, "training.grad_accum", "must be >= 1")
+        _check(self.aux_weight >= 0, "training.aux_weight", "must be >= 0")
+        _check(0.0 <= self.modality_dropout < 1.0, "training.modality_dropout", "must be in [0, 1)")
+        _check(self.log_every >= 1, "training.log_every", "must be >= 1")
+        _check(self.samples >= 1, "training.samples", "must be >= 1")
+
+
+@dataclass(frozen=True)
 class FedgeConfig:
     """The whole run config."""
 
@@ -221,6 +254,7 @@ class FedgeConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     dp: PrivacyConfig = field(default_factory=PrivacyConfig)
     data: DataConfig = field(default_factory=DataConfig)
+    training: TrainingConfig = field(default_factory=TrainingConfig)
 
     def __post_init__(self) -> None:
         mt = self.modal_types
