@@ -56,3 +56,17 @@ def test_flat_form_is_flower_compatible():
     assert all(isinstance(v, (bool, int, float, str)) for v in flat.values())
     assert flat["modal_types"] == "image,audio"
     assert load_config(run_config=flat) == FedgeConfig()
+
+
+def test_pyproject_flower_config_lists_every_key_and_is_valid():
+    """`flwr run --run-config k=v` only accepts keys present in [tool.flwr.app.config]: list them all."""
+    import tomllib
+    from pathlib import Path
+
+    from flwr.common.config import flatten_dict
+
+    py = tomllib.loads((Path(__file__).resolve().parents[2] / "pyproject.toml").read_text())
+    flat = flatten_dict(py["tool"]["flwr"]["app"]["config"])
+    cfg = load_config(run_config=flat)  # valid
+    assert set(flat) == set(FedgeConfig().to_flat()), "pyproject config and common/config.py differ"
+    assert cfg.to_flat() == flat
