@@ -186,16 +186,18 @@ class DataConfig:
     store_root: str = ""  # simulation: <store_root>/device-<partition> ; deployment: node config
     samples_per_device: int = 200
     eval_samples: int = 400
-    partition: Literal["iid", "dirichlet"] = "iid"
+    partition: Literal["iid", "dirichlet", "speaker"] = "iid"  # speaker: one device per speaker (AV digits)
     dirichlet_alpha: float = 0.5
     missing_image: float = 0.0  # fraction of devices without a camera
     missing_audio: float = 0.0  # fraction of devices without a microphone
+    eval_path: str = ""  # held-out arrays (NPZ: image, audio, label, mask, quality) the server evaluates on
 
     def __post_init__(self) -> None:
         _check(self.source in ("synthetic", "store"), "data.source", "must be 'synthetic' or 'store'")
         _check(self.samples_per_device >= 1, "data.samples_per_device", "must be >= 1")
         _check(self.eval_samples >= 1, "data.eval_samples", "must be >= 1")
-        _check(self.partition in ("iid", "dirichlet"), "data.partition", "must be 'iid' or 'dirichlet'")
+        _check(self.partition in ("iid", "dirichlet", "speaker"), "data.partition",
+               "must be 'iid', 'dirichlet' or 'speaker'")
         _check(self.dirichlet_alpha > 0, "data.dirichlet_alpha", "must be > 0")
         for k in ("missing_image", "missing_audio"):
             _check(0.0 <= getattr(self, k) <= 1.0, f"data.{k}", "must be in [0, 1]")
@@ -240,6 +242,35 @@ class TrainingConfig:
 
 
 @dataclass(frozen=True)
+class SimulationConfig:
+    """A local simulation (``fedge simulate``): how many virtual devices, what they record, when to stop."""
+
+    devices: int = 8  # virtual devices (Flower SuperNodes); 1,000+ work
+    dataset: Literal["avdigits", "synthetic"] = "avdigits"  # avdigits: rendered streams -> edge ingest -> stores
+    fps: float = 10.0  # rendered camera frame rate
+    shot_seconds: float = 1.0  # each shot shows (and its audio speaks) one digit for this long
+    frame_size: int = 96  # rendered camera frames are frame_size x frame_size
+    image_noise: float = 0.03  # camera sensor noise (std, fraction of full scale)
+    snr_db: float = 20.0  # microphone speech-to-noise ratio
+    target_accuracy: float = 0.0  # report virtual time / bytes to reach it (0 = none)
+    time_budget_s: float = 0.0  # stop after this much virtual time (0 = run aggregation.versions)
+    client_cpus: float = 1.0  # Ray CPUs per virtual client
+    num_cpus: int = 0  # Ray CPUs for the whole simulation (0 = all, at most 4)
+
+    def __post_init__(self) -> None:
+        _check(self.devices >= 1, "simulation.devices", "must be >= 1")
+        _check(self.dataset in ("avdigits", "synthetic"), "simulation.dataset", "must be 'avdigits' or 'synthetic'")
+        _check(self.fps > 0, "simulation.fps", "must be > 0")
+        _check(self.shot_seconds > 0, "simulation.shot_seconds", "must be > 0")
+        _check(self.frame_size >= 16, "simulation.frame_size", "must be >= 16")
+        _check(0.0 <= self.image_noise <= 1.0, "simulation.image_noise", "must be in [0, 1]")
+        _check(0.0 <= self.target_accuracy <= 1.0, "simulation.target_accuracy", "must be in [0, 1]")
+        _check(self.time_budget_s >= 0, "simulation.time_budget_s", "must be >= 0")
+        _check(self.client_cpus > 0, "simulation.client_cpus", "must be > 0")
+        _check(self.num_cpus >= 0, "simulation.num_cpus", "must be >= 0")
+
+
+@dataclass(frozen=True)
 class FedgeConfig:
     """The whole run config."""
 
@@ -255,6 +286,7 @@ class FedgeConfig:
     dp: PrivacyConfig = field(default_factory=PrivacyConfig)
     data: DataConfig = field(default_factory=DataConfig)
     training: TrainingConfig = field(default_factory=TrainingConfig)
+    simulation: SimulationConfig = field(default_factory=SimulationConfig)
 
     def __post_init__(self) -> None:
         mt = self.modal_types
