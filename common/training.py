@@ -6,7 +6,7 @@ Pure compute: no Flower, no Ray, no disk. Arrays use the layout of :func:`common
 
 from __future__ import annotations
 
-from typing import Mapping
+from collections.abc import Mapping
 
 import numpy as np
 import torch
@@ -64,7 +64,7 @@ def train_steps(
 
     Returns metrics: mean loss, examples seen, steps.
     """
-    n = int(len(data["label"]))
+    n = len(data["label"])
     if n == 0:
         raise ValueError("no training examples")
     params = [p for p in model.parameters() if p.requires_grad]
@@ -97,7 +97,7 @@ def train_steps(
 def evaluate(model: MultimodalMoE, data: Arrays, *, batch_size: int = 256) -> dict[str, float]:
     """Accuracy and loss overall and per modality subset present in ``data`` (keys ``acc-image+audio``...)."""
     model.eval()
-    n = int(len(data["label"]))
+    n = len(data["label"])
     if n == 0:
         return {"accuracy": 0.0, "loss": 0.0, "examples": 0.0}
     correct = np.zeros(n, dtype=bool)
