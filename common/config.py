@@ -13,9 +13,10 @@ import json
 import tomllib
 import types
 import typing
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, Mapping
+from typing import Any, Literal
 
 MODALITIES: tuple[str, ...] = ("image", "audio")
 PRECISIONS = ("fp32", "fp16", "bf16")
