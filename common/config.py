@@ -173,10 +173,27 @@ class PrivacyConfig:
 
     clip: float = 0.0  # 0 = off
     noise_multiplier: float = 0.0
+    delta: float = 1e-5  # the delta at which a device reports its cumulative epsilon
 
     def __post_init__(self) -> None:
         _check(self.clip >= 0, "dp.clip", "must be >= 0")
         _check(self.noise_multiplier >= 0, "dp.noise_multiplier", "must be >= 0")
+        _check(self.noise_multiplier == 0 or self.clip > 0, "dp.noise_multiplier",
+               "needs dp.clip > 0 (the noise scale is noise_multiplier * clip)")
+        _check(0.0 < self.delta < 1.0, "dp.delta", "must be in (0, 1)")
+
+
+@dataclass(frozen=True)
+class ImportanceConfig:
+    """Modality importance: each example's loss is weighted by the mean weight of the modalities it carries."""
+
+    image: float = 1.0
+    audio: float = 1.0
+
+    def __post_init__(self) -> None:
+        for m in MODALITIES:
+            _check(getattr(self, m) >= 0, f"importance.{m}", "must be >= 0")
+        _check(any(getattr(self, m) > 0 for m in MODALITIES), "importance", "one weight must be > 0")
 
 
 @dataclass(frozen=True)
@@ -285,6 +302,7 @@ class FedgeConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     dp: PrivacyConfig = field(default_factory=PrivacyConfig)
+    importance: ImportanceConfig = field(default_factory=ImportanceConfig)
     data: DataConfig = field(default_factory=DataConfig)
     training: TrainingConfig = field(default_factory=TrainingConfig)
     simulation: SimulationConfig = field(default_factory=SimulationConfig)
