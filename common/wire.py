@@ -40,6 +40,9 @@ UPLOAD_BYTES = "upload-bytes"
 RAW_BYTES = "raw-bytes"
 COUNT_PREFIX = "count-"  # count-image, count-audio: samples with that modality
 ACC_PREFIX = "acc-"  # acc-image, acc-audio, acc-image+audio: accuracy per modality subset
+DOWNLOAD_BYTES = "download-bytes"  # bytes of the TRAIN message's adapter record the device received
+DP_NOISE_STD = "dp-noise-std"  # std of the Gaussian noise the device added per coordinate (0 = no DP)
+DP_EPSILON = "dp-epsilon"  # the device's cumulative epsilon at dp.delta over all updates it has sent
 
 
 def adapters_to_record(state: Mapping[str, object]) -> ArrayRecord:
