@@ -98,6 +98,8 @@ class AggregationConfig:
     min_nodes: int = 1
     reply_timeout_s: float = 600.0
     eval_every: int = 1
+    clock: Literal["auto", "real", "virtual"] = "auto"  # auto: virtual under simulation, real in deployment
+    resume: bool = True  # restart from run_dir's aggregator checkpoint when there is one
 
     def __post_init__(self) -> None:
         _check(self.mode in ("async", "sync"), "aggregation.mode", "must be 'async' or 'sync'")
@@ -121,6 +123,8 @@ class AggregationConfig:
         _check(self.min_nodes >= 1, "aggregation.min_nodes", "must be >= 1")
         _check(self.reply_timeout_s > 0, "aggregation.reply_timeout_s", "must be > 0")
         _check(self.eval_every >= 1, "aggregation.eval_every", "must be >= 1")
+        _check(self.clock in ("auto", "real", "virtual"), "aggregation.clock",
+               "must be 'auto', 'real' or 'virtual'")
 
 
 @dataclass(frozen=True)
@@ -289,6 +293,37 @@ class SimulationConfig:
 
 
 @dataclass(frozen=True)
+class ProfilesConfig:
+    """Simulated device profiles for the virtual clock (cloud/clock.py), derived from seed + partition id.
+
+    A device's local step takes ``base_step_s * slowdown / speed`` virtual seconds, with ``speed`` lognormal
+    (sigma ``speed_sigma``) and ``slowdown`` drawn in [min, max] for the ``straggler_fraction`` of devices
+    (1 for the others); its link carries ``bandwidth_mbps`` (lognormal, sigma ``bandwidth_sigma``) both ways.
+    ``dropout``: probability that a dispatched device never answers (its update is lost, counted as timeout).
+    """
+
+    base_step_s: float = 0.05
+    speed_sigma: float = 0.2
+    straggler_fraction: float = 0.2
+    straggler_slowdown_min: float = 5.0
+    straggler_slowdown_max: float = 10.0
+    bandwidth_mbps: float = 10.0
+    bandwidth_sigma: float = 0.3
+    dropout: float = 0.0
+
+    def __post_init__(self) -> None:
+        _check(self.base_step_s > 0, "profiles.base_step_s", "must be > 0")
+        _check(self.speed_sigma >= 0, "profiles.speed_sigma", "must be >= 0")
+        _check(0.0 <= self.straggler_fraction <= 1.0, "profiles.straggler_fraction", "must be in [0, 1]")
+        _check(self.straggler_slowdown_min >= 1.0, "profiles.straggler_slowdown_min", "must be >= 1")
+        _check(self.straggler_slowdown_max >= self.straggler_slowdown_min, "profiles.straggler_slowdown_max",
+               "must be >= profiles.straggler_slowdown_min")
+        _check(self.bandwidth_mbps > 0, "profiles.bandwidth_mbps", "must be > 0")
+        _check(self.bandwidth_sigma >= 0, "profiles.bandwidth_sigma", "must be >= 0")
+        _check(0.0 <= self.dropout < 1.0, "profiles.dropout", "must be in [0, 1)")
+
+
+@dataclass(frozen=True)
 class FedgeConfig:
     """The whole run config."""
 
@@ -306,6 +341,7 @@ class FedgeConfig:
     data: DataConfig = field(default_factory=DataConfig)
     training: TrainingConfig = field(default_factory=TrainingConfig)
     simulation: SimulationConfig = field(default_factory=SimulationConfig)
+    profiles: ProfilesConfig = field(default_factory=ProfilesConfig)
 
     def __post_init__(self) -> None:
         mt = self.modal_types
