@@ -38,6 +38,7 @@ ACCURACY = "accuracy"
 TRAIN_SECONDS = "train-seconds"
 UPLOAD_BYTES = "upload-bytes"
 RAW_BYTES = "raw-bytes"
+PARTITION_ID = "partition-id"  # the simulated device's partition: the server's virtual clock derives its profile
 COUNT_PREFIX = "count-"  # count-image, count-audio: samples with that modality
 ACC_PREFIX = "acc-"  # acc-image, acc-audio, acc-image+audio: accuracy per modality subset
 DOWNLOAD_BYTES = "download-bytes"  # bytes of the TRAIN message's adapter record the device received

@@ -15,7 +15,7 @@ from common.lora import adapter_state, apply_lora, load_adapter_state
 from common.model import MultimodalMoE, build_model, model_kwargs
 from common.training import evaluate, train_steps
 
-from .data import local_data
+from .data import PARTITION_ID, local_data
 
 RESIDUAL = "ef-residual"  # error-feedback residual kept in the node's Context.state across rounds
 
@@ -76,6 +76,7 @@ def train(msg: Message, context: Context) -> Message:
         wire.TRAIN_SECONDS: train_s,
         wire.UPLOAD_BYTES: float(len(payload)),
         wire.RAW_BYTES: float(codec.raw_nbytes(delta)),
+        wire.PARTITION_ID: float(context.node_config.get(PARTITION_ID, -1)),
         f"{wire.COUNT_PREFIX}image": float(mask[:, 0].sum()),
         f"{wire.COUNT_PREFIX}audio": float(mask[:, 1].sum()),
     }
