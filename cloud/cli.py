@@ -14,3 +14,8 @@ def info() -> None:
     import ray
 
     typer.echo(f"flwr {flwr.__version__}  ray {ray.__version__}")
+
+
+from .certs import certs_command  # noqa: E402  (issue 9: certificates and keys)
+
+app.command("certs")(certs_command)
