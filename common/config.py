@@ -324,6 +324,29 @@ class ProfilesConfig:
 
 
 @dataclass(frozen=True)
+class ShardsConfig:
+    """Sharded model delivery to a device (edge/shards.py): where the shard server is and what to trust.
+
+    ``public_key`` is the pinned Ed25519 public key (PEM file) that every manifest must be signed with;
+    ``ca_file`` pins the server's TLS CA (empty: system trust store); ``budget_mb`` bounds the on-disk cache.
+    Per-device tokens are node secrets: they come from the command line or ``FEDGE_SHARD_TOKEN``, never here.
+    """
+
+    url: str = ""
+    public_key: str = ""
+    cache_dir: str = ""
+    budget_mb: float = 64.0
+    ca_file: str = ""
+    timeout_s: float = 10.0
+
+    def __post_init__(self) -> None:
+        _check(self.url == "" or self.url.startswith(("http://", "https://")), "shards.url",
+               "must start with http:// or https://")
+        _check(self.budget_mb > 0, "shards.budget_mb", "must be > 0")
+        _check(self.timeout_s > 0, "shards.timeout_s", "must be > 0")
+
+
+@dataclass(frozen=True)
 class FedgeConfig:
     """The whole run config."""
 
@@ -342,6 +365,7 @@ class FedgeConfig:
     training: TrainingConfig = field(default_factory=TrainingConfig)
     simulation: SimulationConfig = field(default_factory=SimulationConfig)
     profiles: ProfilesConfig = field(default_factory=ProfilesConfig)
+    shards: ShardsConfig = field(default_factory=ShardsConfig)
 
     def __post_init__(self) -> None:
         mt = self.modal_types
