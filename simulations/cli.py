@@ -1,35 +1,89 @@
-"""``fedge simulate``: the whole federation on this machine, on an embedded Ray."""
+"""``fedge simulate``: the whole federation on this machine, on an embedded Ray.
+
+``fedge simulate SCENARIO`` runs one scenario (``run`` is the explicit form); ``fedge simulate compare A B`` runs
+two settings over the same devices and data and plots them together.
+"""
 
 from __future__ import annotations
 
 import time
 from pathlib import Path
-from typing import Optional
+from typing import Any, Optional
 
+import click
 import typer
-
-app = typer.Typer(no_args_is_help=True, help="Run federated simulations locally on an embedded Ray.")
+from typer.core import TyperGroup
 
 DEFAULT_SCENARIO = Path(__file__).parent / "scenarios" / "quickstart.toml"
 
 
-@app.command("run")
-def run_cmd(
-    scenario: Path = typer.Argument(DEFAULT_SCENARIO, help="Scenario / config TOML file."),
-    out: Optional[Path] = typer.Option(None, "--out", help="Run directory (default runs/<scenario>-<time>)."),
-    set_: list[str] = typer.Option([], "--set", help="Override a config key: --set aggregation.versions=5"),
-    nodes: int = typer.Option(8, "--nodes", help="Number of virtual devices."),
-) -> None:
-    """Run a federated simulation of the shared model and print accuracy per global version."""
+class _ScenarioFirst(TyperGroup):
+    """A group whose first argument may be a scenario file: ``simulate X.toml`` means ``simulate run X.toml``."""
+
+    def resolve_command(self, ctx: click.Context, args: list[str]) -> Any:
+        if args and args[0] not in self.commands and not args[0].startswith("-"):
+            args = ["run", *args]
+        return super().resolve_command(ctx, args)
+
+
+app = typer.Typer(
+    cls=_ScenarioFirst, no_args_is_help=True,
+    help="Run federated simulations locally on an embedded Ray: `fedge simulate SCENARIO.toml [--out DIR] "
+         "[--set key=value ...]` or `fedge simulate compare A.toml B.toml`.",
+)
+
+
+def _load(scenario: Path, sets: list[str]):  # type: ignore[no-untyped-def]
     from common.config import ConfigError, load_config, parse_overrides
 
-    from .runner import run
-
     try:
-        cfg = load_config(toml_path=scenario, overrides=parse_overrides(set_))
+        return load_config(toml_path=scenario, overrides=parse_overrides(sets))
     except (ConfigError, FileNotFoundError) as e:
         typer.echo(f"fedge simulate: {e}", err=True)
         raise typer.Exit(2) from None
+
+
+@app.command("run")
+def run_cmd(
+    scenario: Path = typer.Argument(DEFAULT_SCENARIO, help="Scenario TOML (simulations/scenarios/*.toml)."),
+    out: Optional[Path] = typer.Option(None, "--out", help="Run directory (default runs/<scenario>-<time>)."),
+    set_: list[str] = typer.Option([], "--set", help="Override a config key, e.g. --set aggregation.versions=5"),
+    nodes: Optional[int] = typer.Option(None, "--nodes", help="Number of virtual devices (= simulation.devices)."),
+    quiet: bool = typer.Option(False, "--quiet", help="No progress bars."),
+) -> None:
+    """Run a scenario: render device streams, ingest them into stores, train federated, write the report."""
+    from .runner import run
+
+    cfg = _load(scenario, list(set_) + ([f"simulation.devices={nodes}"] if nodes else []))
     out = out or Path("runs") / f"{scenario.stem}-{time.strftime('%Y%m%d-%H%M%S')}"
-    run_dir = run(cfg, num_nodes=nodes, out_dir=out)
+    run_dir = run(cfg, out_dir=out, progress=not quiet)
     typer.echo(f"run directory: {run_dir}")
+    typer.echo(f"report: {run_dir / 'report.md'}")
+
+
+@app.command("compare")
+def compare_cmd(
+    a: Path = typer.Argument(..., help="Scenario A (TOML)."),
+    b: Path = typer.Argument(..., help="Scenario B (TOML); may be A again with --set-b overrides."),
+    out: Optional[Path] = typer.Option(None, "--out", help="Output directory (default runs/compare-<time>)."),
+    set_: list[str] = typer.Option([], "--set", help="Override a key in both A and B."),
+    set_a: list[str] = typer.Option([], "--set-a", help="Override a key in A only."),
+    set_b: list[str] = typer.Option([], "--set-b", help="Override a key in B only."),
+    quiet: bool = typer.Option(False, "--quiet", help="No progress bars."),
+) -> None:
+    """Run A and B on the same devices and data; plot both in one figure (e.g. async vs sync)."""
+    from .compare import CompareError, compare
+
+    cfg_a = _load(a, list(set_) + list(set_a))
+    cfg_b = _load(b, list(set_) + list(set_b))
+    out = out or Path("runs") / f"compare-{time.strftime('%Y%m%d-%H%M%S')}"
+    try:
+        path = compare(cfg_a, cfg_b, out_dir=out, names=(_name(a, set_a), _name(b, set_b)), progress=not quiet)
+    except CompareError as e:
+        typer.echo(f"fedge simulate compare: {e}", err=True)
+        raise typer.Exit(2) from None
+    typer.echo(f"comparison: {path}")
+
+
+def _name(path: Path, sets: list[str]) -> str:
+    return path.stem + ("" if not sets else " (" + ", ".join(sets) + ")")

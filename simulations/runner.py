@@ -1,17 +1,63 @@
-"""Run the fedge ServerApp and ClientApp on Flower's simulation engine over an embedded Ray."""
+"""Run the fedge ServerApp and ClientApp on Flower's simulation engine over an embedded Ray.
+
+The very apps a deployment runs (STYLE.md rule 6): :func:`run` prepares the scenario's data (rendered streams
+through the edge ingest into per-device stores, :mod:`simulations.prepare`), writes the resolved config into the
+run directory, runs ``flwr.simulation.run_simulation`` with a progress bar that follows ``metrics.jsonl``, and
+writes the report (:mod:`simulations.report`).
+"""
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import os
+import threading
 import time
 from pathlib import Path
 
 from common.config import FedgeConfig
 
+METRICS = "metrics.jsonl"
 
-def run(cfg: FedgeConfig, *, num_nodes: int, out_dir: str | Path, num_cpus: int | None = None,
-        client_cpus: float = 1.0) -> Path:
-    """Run one federated simulation; return the run directory (resolved config, metrics.jsonl).
+
+def default_cache() -> Path:
+    """Where prepared data is cached: ``$FEDGE_SIM_CACHE`` or ``runs/.data``."""
+    return Path(os.environ.get("FEDGE_SIM_CACHE", "runs/.data"))
+
+
+def _follow(path: Path, total: int, stop: threading.Event, desc: str) -> None:
+    """Progress bar over global versions, fed by the server's metrics.jsonl as it grows."""
+    from tqdm import tqdm
+
+    bar = tqdm(total=total, desc=desc, unit="version")
+    seen = 0
+    while True:
+        done = stop.wait(0.5)
+        if path.is_file():
+            lines = [x for x in path.read_text().splitlines() if x.strip()]
+            if len(lines) > seen:
+                try:
+                    last = json.loads(lines[-1])
+                    post = {"acc": f"{last.get('accuracy', float('nan')):.3f}"}
+                    if "virtual_time" in last:
+                        post["vtime"] = f"{last['virtual_time']:.0f}s"
+                    bar.set_postfix(post)
+                except json.JSONDecodeError:
+                    pass
+                bar.update(len(lines) - seen)
+                seen = len(lines)
+        if done:
+            break
+    bar.close()
+
+
+def run(cfg: FedgeConfig, *, out_dir: str | Path, num_nodes: int | None = None, cache: str | Path | None = None,
+        progress: bool = True, report: bool = True) -> Path:
+    """Run one federated simulation; return the run directory.
+
+    The run directory holds ``config.toml``/``config.json`` (resolved), ``prepared.json`` (what the ingest
+    produced), ``metrics.jsonl`` (one record per global version, written by the ServerApp), ``wall_seconds.txt``
+    and, with ``report``, the report (``report.md``, PNG plots, TensorBoard events).
 
     The resolved config travels to the apps through ``$FEDGE_RUN_CONFIG`` (``run_simulation`` carries no run
     config); Ray workers inherit the variable because it is set before Ray starts.
@@ -21,21 +67,45 @@ def run(cfg: FedgeConfig, *, num_nodes: int, out_dir: str | Path, num_cpus: int 
     from cloud.server_app import app as server_app
     from edge.client_app import app as client_app
 
+    from .prepare import DONE, prepare
+
     run_dir = Path(out_dir).resolve()
-    cfg = FedgeConfig(**{**cfg.__dict__, "run_dir": str(run_dir)})
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / METRICS).unlink(missing_ok=True)
+    if num_nodes is not None:
+        cfg = dataclasses.replace(cfg, simulation=dataclasses.replace(cfg.simulation, devices=num_nodes))
+    cfg = prepare(cfg, Path(cache) if cache is not None else default_cache(), progress=progress)
+    prepared = Path(cfg.data.eval_path).parent / DONE
+    (run_dir / "prepared.json").write_text(prepared.read_text())
+    cfg = dataclasses.replace(cfg, run_dir=str(run_dir))
     path = cfg.save(run_dir)
     os.environ["FEDGE_RUN_CONFIG"] = str(path)
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-    cpus = num_cpus or max(1, min(os.cpu_count() or 1, 4))
+    sim = cfg.simulation
+    cpus = sim.num_cpus or max(1, min(os.cpu_count() or 1, 4))
+    stop = threading.Event()
+    follower = threading.Thread(target=_follow, args=(run_dir / METRICS, cfg.aggregation.versions, stop,
+                                                      f"{cfg.aggregation.mode} federated training"), daemon=True)
+    if progress:
+        follower.start()
     t0 = time.perf_counter()
-    run_simulation(
-        server_app=server_app,
-        client_app=client_app,
-        num_supernodes=num_nodes,
-        backend_config={
-            "client_resources": {"num_cpus": client_cpus},
-            "init_args": {"num_cpus": cpus, "include_dashboard": False, "log_to_driver": True},
-        },
-    )
+    try:
+        run_simulation(
+            server_app=server_app,
+            client_app=client_app,
+            num_supernodes=sim.devices,
+            backend_config={
+                "client_resources": {"num_cpus": sim.client_cpus},
+                "init_args": {"num_cpus": cpus, "include_dashboard": False, "log_to_driver": True},
+            },
+        )
+    finally:
+        stop.set()
+        if progress:
+            follower.join()
     (run_dir / "wall_seconds.txt").write_text(f"{time.perf_counter() - t0:.2f}\n")
+    if report:
+        from .report import write_report
+
+        write_report(run_dir)
     return run_dir

@@ -1,0 +1,147 @@
+"""Prepare a simulation's data: render each device's streams, run the edge ingest on them, write the held-out set.
+
+For ``simulation.dataset = "avdigits"`` every virtual device gets its camera/microphone recordings rendered
+(:mod:`simulations.avdigits`) and ingested by the very edge pipeline a device runs (:mod:`edge.ingest`:
+keyframes, log-mel, alignment, quality gate) into its own SampleStore at ``<store_root>/device-<partition-id>``,
+which the ClientApp opens with ``data.source = "store"``. A held-out device is rendered and ingested the same way
+and exported as an NPZ (``data.eval_path``) for the server, which must not import edge code.
+
+Prepared data is cached under a key of every setting that shapes it, so ``fedge simulate compare`` and repeated
+runs reuse the same devices and data.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import shutil
+from concurrent.futures import ProcessPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from common.config import FedgeConfig
+
+from . import avdigits
+
+EVAL_NAME = "heldout.npz"
+DONE = "prepared.json"
+
+
+def data_key(cfg: FedgeConfig) -> dict[str, Any]:
+    """Every setting that shapes the prepared data (and nothing else)."""
+    d, s, m = cfg.data, cfg.simulation, cfg.model
+    return {
+        "dataset": s.dataset, "seed": cfg.seed, "devices": s.devices, "samples": d.samples_per_device,
+        "eval": d.eval_samples, "partition": d.partition, "alpha": d.dirichlet_alpha,
+        "missing_image": d.missing_image, "missing_audio": d.missing_audio, "fps": s.fps,
+        "shot_s": s.shot_seconds, "size": s.frame_size, "noise": s.image_noise, "snr": s.snr_db,
+        "image_size": m.image_size, "n_mels": m.n_mels, "frames": m.audio_frames, "format": 1,
+    }
+
+
+def data_dir_for(cfg: FedgeConfig, cache_root: str | Path) -> Path:
+    """The cache folder of the data ``cfg`` describes."""
+    key = json.dumps(data_key(cfg), sort_keys=True)
+    digest = hashlib.sha256(key.encode()).hexdigest()[:12]
+    return Path(cache_root) / f"{cfg.simulation.dataset}-{cfg.simulation.devices}dev-{digest}"
+
+
+def with_data(cfg: FedgeConfig, data_dir: Path) -> FedgeConfig:
+    """``cfg`` pointed at prepared data: stores (avdigits) and the held-out NPZ."""
+    data = dataclasses.replace(
+        cfg.data, eval_path=str(data_dir / EVAL_NAME),
+        **({"source": "store", "store_root": str(data_dir / "stores")}
+           if cfg.simulation.dataset == "avdigits" else {}),
+    )
+    return dataclasses.replace(cfg, data=data)
+
+
+def prepare(cfg: FedgeConfig, cache_root: str | Path, *, workers: int = 0, progress: bool = True) -> FedgeConfig:
+    """Make the data ``cfg`` needs (or reuse the cache) and return ``cfg`` pointed at it."""
+    data_dir = data_dir_for(cfg, cache_root)
+    if not (data_dir / DONE).is_file():
+        tmp = data_dir.with_name(data_dir.name + f".tmp{os.getpid()}")
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        if cfg.simulation.dataset == "avdigits":
+            summary = _prepare_avdigits(cfg, tmp, workers=workers, progress=progress)
+        else:
+            summary = _prepare_synthetic(cfg, tmp)
+        (tmp / DONE).write_text(json.dumps({"key": data_key(cfg), **summary}, indent=1))
+        shutil.rmtree(data_dir, ignore_errors=True)
+        os.replace(tmp, data_dir)
+    return with_data(cfg, data_dir)
+
+
+def _prepare_synthetic(cfg: FedgeConfig, out: Path) -> dict[str, Any]:
+    from common.synthetic import make_av_dataset
+
+    m = cfg.model
+    arrays = make_av_dataset(cfg.data.eval_samples, seed=cfg.seed * 100_003 + 99_991, num_classes=m.num_classes,
+                             image_size=m.image_size, n_mels=m.n_mels, frames=m.audio_frames)
+    np.savez(out / EVAL_NAME, **arrays)
+    return {"eval_samples": int(len(arrays["label"]))}
+
+
+def _render_and_ingest(job: tuple[avdigits.DevicePlan, str, str, dict[str, Any], dict[str, Any]]) -> dict[str, Any]:
+    """Worker: render one device's streams into ``media``, ingest them into ``store``; return ingest counts."""
+    from . import ingest_bridge
+
+    plan, media, store, render_kw, ingest_kw = job
+    streams = avdigits.render_device(plan, Path(media), **render_kw)
+    totals: dict[str, Any] = {"device": plan.pid, "streams": len(streams), "shots": int(len(plan.labels))}
+    for s in streams:
+        counts = ingest_bridge.ingest_stream(video=s.video, audio=s.audio, store=Path(store), label=s.label,
+                                             **ingest_kw)
+        for k, v in counts.items():
+            if isinstance(v, (int, float)):
+                totals[k] = totals.get(k, 0) + v
+    shutil.rmtree(media, ignore_errors=True)  # the store holds what the device keeps; raw media go
+    return totals
+
+
+def _prepare_avdigits(cfg: FedgeConfig, out: Path, *, workers: int, progress: bool) -> dict[str, Any]:
+    from tqdm import tqdm
+
+    from . import ingest_bridge
+
+    d, s, m = cfg.data, cfg.simulation, cfg.model
+    plans = avdigits.plan_devices(
+        s.devices, samples_per_device=d.samples_per_device, seed=cfg.seed, partition=d.partition,
+        dirichlet_alpha=d.dirichlet_alpha, missing_image=d.missing_image, missing_audio=d.missing_audio,
+    )
+    render_kw = {"fps": s.fps, "shot_s": s.shot_seconds, "size": s.frame_size, "image_noise": s.image_noise,
+                 "snr_db": s.snr_db}
+    ingest_kw = ingest_bridge.ingest_options(cfg)
+    jobs = [(p, str(out / "media" / f"device-{p.pid}"), str(out / "stores" / f"device-{p.pid}"), render_kw,
+             ingest_kw) for p in plans]
+    held = avdigits.heldout_plan(d.eval_samples, seed=cfg.seed)
+    jobs.append((held, str(out / "media" / "heldout"), str(out / "heldout-store"), render_kw, ingest_kw))
+    n = workers or max(1, min(os.cpu_count() or 1, 4))
+    results = []
+    bar = tqdm(total=len(jobs), desc="render+ingest devices", unit="dev", disable=not progress)
+    if n == 1:
+        for j in jobs:
+            results.append(_render_and_ingest(j))
+            bar.update()
+    else:
+        with ProcessPoolExecutor(n) as ex:
+            for r in ex.map(_render_and_ingest, jobs, chunksize=max(1, len(jobs) // (8 * n))):
+                results.append(r)
+                bar.update()
+    bar.close()
+    shutil.rmtree(out / "media", ignore_errors=True)
+    arrays = ingest_bridge.store_arrays(out / "heldout-store", image_size=m.image_size, n_mels=m.n_mels,
+                                        frames=m.audio_frames)
+    np.savez(out / EVAL_NAME, **arrays)
+    totals: dict[str, Any] = {}
+    for r in results[:-1]:
+        for k, v in r.items():
+            if k != "device" and isinstance(v, (int, float)):
+                totals[k] = totals.get(k, 0) + v
+    return {"devices": len(plans), "eval_samples": int(len(arrays["label"])), "ingest": totals,
+            "per_device": results[:-1]}

@@ -1,0 +1,245 @@
+"""The report of a simulation run: PNG plots, TensorBoard events and a Markdown summary, from the run directory.
+
+Reads ``metrics.jsonl`` (one record per global version, written by the ServerApp), ``config.json``,
+``prepared.json`` and, when the server saved them, the final global adapters (``global_adapters.npz``), which it
+evaluates on the held-out set fused and per modality. Plots: accuracy against virtual time and against bytes sent,
+the staleness histogram of accepted updates, per-modality accuracy, rejected updates by reason.
+Records written by older servers may lack keys (``virtual_time``, ``staleness``, ``rejected``); the report says
+what it could not show instead of inventing it.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+
+from .evaluation import ADAPTERS, load_arrays, model_with, modality_accuracy
+
+REPORT = "report.md"
+
+
+# ------------------------------------------------------------------------------------------------ pure
+def read_metrics(path: str | Path) -> list[dict[str, Any]]:
+    """The records of a metrics JSONL file (blank lines skipped)."""
+    p = Path(path)
+    if not p.is_file():
+        return []
+    return [json.loads(x) for x in p.read_text().splitlines() if x.strip()]
+
+
+def series(records: Sequence[dict[str, Any]]) -> dict[str, np.ndarray]:
+    """Per-version arrays: version, accuracy, time (virtual seconds, or NaN), cumulative bytes sent."""
+    version = np.array([r.get("version", i + 1) for i, r in enumerate(records)], dtype=float)
+    acc = np.array([r.get("accuracy", np.nan) for r in records], dtype=float)
+    vt = np.array([r.get("virtual_time", np.nan) for r in records], dtype=float)
+    if records and "bytes_sent" in records[0]:
+        sent = np.array([r.get("bytes_sent", np.nan) for r in records], dtype=float)
+    else:
+        sent = np.cumsum([float(r.get("upload_bytes", 0.0)) for r in records])
+    return {"version": version, "accuracy": acc, "time": vt, "bytes": sent}
+
+
+def first_reaching(x: np.ndarray, acc: np.ndarray, target: float) -> float | None:
+    """The first x at which accuracy reaches ``target`` (None if never)."""
+    hit = np.flatnonzero(acc >= target)
+    return float(x[hit[0]]) if len(hit) else None
+
+
+def staleness_values(records: Sequence[dict[str, Any]]) -> list[int]:
+    """All staleness values of accepted updates reported by the server."""
+    out: list[int] = []
+    for r in records:
+        s = r.get("staleness")
+        if isinstance(s, list):
+            out += [int(v) for v in s]
+        elif isinstance(s, dict):  # histogram {staleness: count}
+            for k, v in s.items():
+                out += [int(k)] * int(v)
+    return out
+
+
+def rejections(records: Sequence[dict[str, Any]]) -> dict[str, int]:
+    """Rejected updates by reason (the last record's counters if cumulative, else summed)."""
+    if not records:
+        return {}
+    last = records[-1].get("rejected")
+    if isinstance(last, dict) and records[-1].get("rejected_cumulative", True):
+        return {str(k): int(v) for k, v in last.items()}
+    tot: dict[str, int] = {}
+    for r in records:
+        for k, v in (r.get("rejected") or {}).items():
+            tot[str(k)] = tot.get(str(k), 0) + int(v)
+    return tot
+
+
+# ------------------------------------------------------------------------------------------------ I/O
+def _plt():  # type: ignore[no-untyped-def]
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def plot_curves(runs: dict[str, list[dict[str, Any]]], out: Path, *, target: float = 0.0,
+                title: str = "") -> list[str]:
+    """Accuracy vs virtual time and vs bytes sent, one line per run; returns the PNG names written."""
+    plt = _plt()
+    written = []
+    has_time = any(np.isfinite(series(r)["time"]).any() for r in runs.values() if r)
+    panels = [("time", "virtual time (s)" if has_time else "global version", "accuracy_vs_time.png"),
+              ("bytes", "bytes sent by devices (MB)", "accuracy_vs_bytes.png")]
+    for key, xlabel, name in panels:
+        fig, ax = plt.subplots(figsize=(6, 4))
+        for label, recs in runs.items():
+            s = series(recs)
+            x = s[key] if key != "time" or has_time else s["version"]
+            x = x / 1e6 if key == "bytes" else x
+            ax.plot(x, s["accuracy"], marker="o", ms=3, label=label)
+        if target:
+            ax.axhline(target, ls="--", c="gray", lw=1, label=f"target {target:.2f}")
+        ax.set_xlabel(xlabel)
+        ax.set_ylabel("held-out accuracy")
+        ax.set_title(title or "global model accuracy")
+        ax.grid(alpha=0.3)
+        ax.legend()
+        fig.tight_layout()
+        fig.savefig(out / name, dpi=110)
+        plt.close(fig)
+        written.append(name)
+    return written
+
+
+def _bar(values: dict[str, float], out: Path, name: str, *, title: str, ylabel: str) -> str:
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(6, 4))
+    ax.bar(list(values), list(values.values()), color="tab:blue")
+    for i, v in enumerate(values.values()):
+        ax.text(i, v, f"{v:.3g}", ha="center", va="bottom")
+    ax.set_title(title)
+    ax.set_ylabel(ylabel)
+    fig.tight_layout()
+    fig.savefig(out / name, dpi=110)
+    plt.close(fig)
+    return name
+
+
+def _staleness_hist(values: list[int], out: Path) -> str:
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(6, 4))
+    bins = np.arange(0, max(values) + 2) - 0.5
+    ax.hist(values, bins=bins, color="tab:orange", rwidth=0.9)
+    ax.set_xlabel("staleness (versions behind at arrival)")
+    ax.set_ylabel("accepted updates")
+    ax.set_title("staleness of accepted updates")
+    fig.tight_layout()
+    fig.savefig(out / "staleness_hist.png", dpi=110)
+    plt.close(fig)
+    return "staleness_hist.png"
+
+
+def _tensorboard(records: list[dict[str, Any]], out: Path) -> None:
+    from torch.utils.tensorboard import SummaryWriter
+
+    w = SummaryWriter(str(out / "tb"))
+    s = series(records)
+    for i, r in enumerate(records):
+        step = int(s["version"][i])
+        for k, v in r.items():
+            if isinstance(v, (int, float)) and not isinstance(v, bool) and k != "version":
+                w.add_scalar(k.replace("-", "_"), float(v), step)
+        w.add_scalar("bytes_sent_cumulative", float(s["bytes"][i]), step)
+    w.close()
+
+
+def final_modality_accuracy(run_dir: Path, cfg_flat: dict[str, Any]) -> dict[str, float]:
+    """Per-modality accuracy of the final global adapters on the held-out set (empty if not saved)."""
+    from common.config import load_config
+
+    path = run_dir / ADAPTERS
+    eval_path = cfg_flat.get("data.eval_path", "")
+    if not path.is_file() or not eval_path or not Path(eval_path).is_file():
+        return {}
+    cfg = load_config(run_config=cfg_flat)
+    model = model_with(cfg, load_arrays(path))
+    return modality_accuracy(model, load_arrays(eval_path))
+
+
+def write_report(run_dir: str | Path) -> Path:
+    """Write plots, TensorBoard events and ``report.md`` into ``run_dir``; return the report path."""
+    out = Path(run_dir)
+    records = read_metrics(out / "metrics.jsonl")
+    cfg = json.loads((out / "config.json").read_text()) if (out / "config.json").is_file() else {}
+    prepared = json.loads((out / "prepared.json").read_text()) if (out / "prepared.json").is_file() else {}
+    target = float(cfg.get("simulation.target_accuracy", 0.0) or 0.0)
+    lines = [f"# fedge simulation report: `{out.name}`", ""]
+    if not records:
+        lines += ["No global version was produced (metrics.jsonl is empty)."]
+        (out / REPORT).write_text("\n".join(lines) + "\n")
+        return out / REPORT
+
+    s = series(records)
+    plots = plot_curves({cfg.get("aggregation.mode", "run"): records}, out, target=target)
+    _tensorboard(records, out)
+    has_time = bool(np.isfinite(s["time"]).any())
+    wall = (out / "wall_seconds.txt").read_text().strip() if (out / "wall_seconds.txt").is_file() else "?"
+    lines += [
+        "| | |", "|---|---|",
+        f"| devices | {cfg.get('simulation.devices', '?')} ({cfg.get('simulation.dataset', '?')}, "
+        f"partition {cfg.get('data.partition', '?')}) |",
+        f"| aggregation | {cfg.get('aggregation.mode', '?')} (K={cfg.get('aggregation.buffer_size', '?')}, "
+        f"C={cfg.get('aggregation.concurrency', '?')}, staleness {cfg.get('aggregation.staleness', '?')}) |",
+        f"| compression | {cfg.get('communication.compression', '?')} "
+        f"(top-k {cfg.get('communication.topk_ratio', '?')}, {cfg.get('communication.quant_bits', '?')} bit) |",
+        f"| global versions | {len(records)} |",
+        f"| final accuracy | {s['accuracy'][-1]:.4f} (best {np.nanmax(s['accuracy']):.4f}) |",
+        "| virtual time | " + (f"{s['time'][-1]:.1f} s" if has_time else "not reported by the server") + " |",
+        f"| bytes sent by devices | {s['bytes'][-1] / 1e6:.3f} MB |",
+        f"| wall time | {wall} s |",
+    ]
+    if target:
+        t_hit = first_reaching(s["time"] if has_time else s["version"], s["accuracy"], target)
+        b_hit = first_reaching(s["bytes"], s["accuracy"], target)
+        unit = "s virtual" if has_time else "versions"
+        lines.append(f"| target accuracy {target:.2f} | "
+                     + (f"reached after {t_hit:.1f} {unit}, {b_hit / 1e6:.3f} MB sent" if t_hit is not None
+                        else "not reached") + " |")
+    ing = prepared.get("ingest")
+    if ing:
+        lines.append("| edge ingest | " + ", ".join(f"{k} {v:g}" for k, v in sorted(ing.items())) + " |")
+    lines += ["", "## Plots", ""] + [f"![{p}]({p})" for p in plots]
+
+    stale = staleness_values(records)
+    lines += ["", "## Staleness", ""]
+    if stale:
+        lines += [f"![staleness]({_staleness_hist(stale, out)})", "",
+                  f"{len(stale)} accepted updates; mean staleness {np.mean(stale):.2f}, max {max(stale)}."]
+    else:
+        lines.append("The server reported no staleness values.")
+
+    rej = rejections(records)
+    lines += ["", "## Rejected updates", ""]
+    if rej:
+        lines += [f"![rejected]({_bar({k: float(v) for k, v in rej.items()}, out, 'rejected.png', title='rejected updates', ylabel='updates')})",  # noqa: E501
+                  "", ", ".join(f"{k}: {v}" for k, v in rej.items()) + f" (total {sum(rej.values())})."]
+    else:
+        lines.append("None reported.")
+
+    lines += ["", "## Per-modality accuracy (held-out set)", ""]
+    per_mod = final_modality_accuracy(out, cfg)
+    if not per_mod:
+        per_mod = {k[4:]: float(v) for k, v in records[-1].items() if k.startswith("acc-")}
+    if per_mod:
+        lines += [f"![per-modality]({_bar(per_mod, out, 'per_modality.png', title='final model, per modality', ylabel='accuracy')})",  # noqa: E501
+                  "", "| inputs | accuracy |", "|---|---|"] + [f"| {k} | {v:.4f} |" for k, v in per_mod.items()]
+        (out / "per_modality.json").write_text(json.dumps(per_mod, indent=1))
+    else:
+        lines.append("Not available (the server saved no final adapters).")
+    lines += ["", "Files: `config.toml` (resolved config), `metrics.jsonl`, `tb/` (TensorBoard: "
+              "`tensorboard --logdir tb`)."]
+    (out / REPORT).write_text("\n".join(lines) + "\n")
+    return out / REPORT
