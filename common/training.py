@@ -71,9 +71,12 @@ def train_steps(
     if not params:
         raise ValueError("model has no trainable parameters")
     opt = torch.optim.Adam(params, lr=lr)
+    dev = params[0].device  # batches are cut on the CPU and moved to wherever the model lives
+    # fp16 autocast on a GPU needs loss scaling (bf16 does not); disabled, the scaler is a pass-through
+    scaler = torch.amp.GradScaler(dev.type, enabled=dev.type == "cuda" and "fp16" in model.precision.values())
     gen = torch.Generator().manual_seed(seed)
     rng = np.random.default_rng(seed)
-    mw = torch.tensor([float((modality_weights or {}).get(m, 1.0)) for m in MODALITIES])
+    mw = torch.tensor([float((modality_weights or {}).get(m, 1.0)) for m in MODALITIES], device=dev)
     model.train()
     total, seen = 0.0, 0
     for _ in range(steps):
@@ -81,15 +84,17 @@ def train_steps(
         for _ in range(grad_accum):
             idx = rng.integers(0, n, size=min(batch_size, n))
             b = to_batch(data, idx)
-            mask = modality_dropout(b["mask"], modality_dropout_p, gen)
+            mask = modality_dropout(b["mask"], modality_dropout_p, gen).to(dev)
+            b = {k: v.to(dev) for k, v in b.items()}
             out = forward_batch(model, b, mask)
             per_ex = F.cross_entropy(out.logits, b["label"], reduction="none")
             w = (mask.float() * mw).sum(1) / mask.float().sum(1)
             loss = (per_ex * w).sum() / w.sum() + aux_weight * out.aux_loss
-            (loss / grad_accum).backward()
+            scaler.scale(loss / grad_accum).backward()
             total += float(loss.detach()) * len(idx)
             seen += len(idx)
-        opt.step()
+        scaler.step(opt)
+        scaler.update()
     return {"loss": total / max(seen, 1), "examples": float(seen), "steps": float(steps)}
 
 
@@ -101,12 +106,13 @@ def evaluate(model: MultimodalMoE, data: Arrays, *, batch_size: int = 256) -> di
     if n == 0:
         return {"accuracy": 0.0, "loss": 0.0, "examples": 0.0}
     correct = np.zeros(n, dtype=bool)
+    dev = next(model.parameters()).device
     loss = 0.0
     for s in range(0, n, batch_size):
-        b = to_batch(data, slice(s, s + batch_size))
+        b = {k: v.to(dev) for k, v in to_batch(data, slice(s, s + batch_size)).items()}
         out = forward_batch(model, b)
         loss += float(F.cross_entropy(out.logits, b["label"], reduction="sum"))
-        correct[s : s + batch_size] = (out.logits.argmax(1) == b["label"]).numpy()
+        correct[s : s + batch_size] = (out.logits.argmax(1) == b["label"]).cpu().numpy()
     res = {"accuracy": float(correct.mean()), "loss": loss / n, "examples": float(n)}
     mask = np.asarray(data["mask"], dtype=bool)
     for combo in {tuple(r) for r in mask.tolist()}:

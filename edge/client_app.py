@@ -1,95 +1,131 @@
-"""The edge ClientApp (Flower Message API): trains LoRA adapters locally and replies with a compressed delta."""
+"""The edge ClientApp (Flower Message API): trains LoRA adapters locally and replies with a compressed delta.
+
+TRAIN: load the global adapters and their version from the message, train the adapter state (LoRA factors,
+router, fusion gate, modality embeddings; see :mod:`common.lora`) on this device's samples with per-modality
+autocast precision and modality-importance-weighted gradient accumulation, and reply with the float delta.
+The mods (:mod:`edge.mods`) turn that reply into the wire format: DP, codec + error feedback, byte accounting.
+EVALUATE: accuracy of the received adapters on this device's local evaluation split, overall and per
+modality subset.
+
+The same app runs under Flower's simulation engine (node config ``partition-id``) and in a real SuperNode
+(node config ``store``; see :mod:`edge.node_config`).
+"""
 
 from __future__ import annotations
 
+import logging
 import time
 
 import numpy as np
 import torch
-from flwr.app import Array, ArrayRecord, Context, Message, MetricRecord, RecordDict
+from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
-from common import codec, wire
-from common.config import FedgeConfig, config_from_context
+from common import wire
+from common.config import MODALITIES, FedgeConfig, config_from_context
 from common.lora import adapter_state, apply_lora, load_adapter_state
 from common.model import MultimodalMoE, build_model, model_kwargs
 from common.training import evaluate, train_steps
 
-from .data import PARTITION_ID, local_data
+from . import node_state
+from .data import PARTITION_ID, local_data, modality_counts
+from .mods import RAW_DELTA, compression_mod, dp_mod, size_mod
+from .node_config import NodeConfig, parse_node_config, resolve_device, resolve_precision
 
-RESIDUAL = "ef-residual"  # error-feedback residual kept in the node's Context.state across rounds
+log = logging.getLogger("fedge.edge")
 
-app = ClientApp()
+# size accounting wraps every handler; DP and compression only concern TRAIN replies (outermost first)
+app = ClientApp(mods=[size_mod])
 _MODELS: dict[str, MultimodalMoE] = {}
 
 
-def get_model(cfg: FedgeConfig) -> MultimodalMoE:
-    """The base model with LoRA applied, built once per process (deterministic from the config seed)."""
-    key = repr((model_kwargs(cfg), cfg.model.lora_rank, cfg.model.lora_alpha))
+def device_setup(cfg: FedgeConfig, node: NodeConfig) -> tuple[torch.device, dict[str, str]]:
+    """Where this node trains and the per-modality precision it can run there."""
+    dev = resolve_device(node.profile, cuda_available=torch.cuda.is_available())
+    bf16_ok = dev != "cuda" or torch.cuda.is_bf16_supported()
+    prec = resolve_precision({"image": cfg.precision.image, "audio": cfg.precision.audio}, dev, bf16_ok=bf16_ok)
+    return torch.device(dev), prec
+
+
+def get_model(cfg: FedgeConfig, node: NodeConfig | None = None) -> MultimodalMoE:
+    """The base model with LoRA applied, on the node's device, built once per process and config.
+
+    The base is deterministic from the config seed, so every party holds the same frozen weights and only
+    adapter states travel.
+    """
+    node = node or NodeConfig()
+    dev, prec = device_setup(cfg, node)
+    kwargs = {**model_kwargs(cfg), "precision": prec}
+    key = repr((kwargs, cfg.model.lora_rank, cfg.model.lora_alpha, str(dev)))
+    torch.set_num_threads(node.threads)
     if key not in _MODELS:
-        torch.set_num_threads(1)
-        m = build_model(**model_kwargs(cfg))  # type: ignore[arg-type]
+        m = build_model(**kwargs)  # type: ignore[arg-type]
         apply_lora(m, rank=cfg.model.lora_rank, alpha=cfg.model.lora_alpha)
-        _MODELS[key] = m
+        _MODELS[key] = m.to(dev)
     return _MODELS[key]
 
 
-@app.train()
+def _load_global(model: MultimodalMoE, msg: Message) -> dict[str, np.ndarray]:
+    state = wire.record_to_adapters(msg.content.array_records[wire.ARRAYS])
+    dev = next(model.parameters()).device
+    load_adapter_state(model, {k: torch.from_numpy(v).to(dev) for k, v in state.items()})
+    return state
+
+
+@app.train(mods=[compression_mod, dp_mod])
 def train(msg: Message, context: Context) -> Message:
-    """TRAIN: load the global adapters, train locally, reply with the codec-encoded delta and metrics."""
+    """TRAIN: train the adapters from the received global version; reply with the float delta and metrics."""
     cfg = config_from_context(context.run_config)
-    rnd = msg.content[wire.ROUND]
-    version = int(rnd[wire.VERSION])
-    global_state = wire.record_to_adapters(msg.content[wire.ARRAYS])
-    model = get_model(cfg)
-    load_adapter_state(model, {k: torch.from_numpy(v) for k, v in global_state.items()})
-    data = local_data(cfg, context.node_config)
+    node = parse_node_config(context.node_config)
+    rnd = msg.content.config_records[wire.ROUND]
+    version = int(rnd[wire.VERSION])  # type: ignore[arg-type]
+    model = get_model(cfg, node)
+    global_state = _load_global(model, msg)
+    data = local_data(cfg, node, "train")
+    n = len(data["label"])
+    if n == 0:
+        raise ValueError(f"device {node.name}: no training samples with modalities {node.modalities} yet")
 
     t0 = time.perf_counter()
     stats = train_steps(
-        model, data, steps=int(rnd[wire.LOCAL_STEPS]), batch_size=int(rnd[wire.BATCH_SIZE]),
-        lr=float(rnd[wire.LR]), seed=int(rnd[wire.SEED]), modality_dropout_p=cfg.train.modality_dropout,
-        grad_accum=cfg.train.grad_accum,
+        model, data, steps=int(rnd[wire.LOCAL_STEPS]), batch_size=int(rnd[wire.BATCH_SIZE]),  # type: ignore[arg-type]
+        lr=float(rnd[wire.LR]), seed=int(rnd[wire.SEED]),  # type: ignore[arg-type]
+        modality_dropout_p=cfg.train.modality_dropout, grad_accum=cfg.train.grad_accum,
+        modality_weights={m: float(getattr(cfg.importance, m)) for m in MODALITIES},
     )
     train_s = time.perf_counter() - t0
-    new = {k: v.numpy() for k, v in adapter_state(model).items()}
+    new = {k: v.detach().cpu().float().numpy() for k, v in adapter_state(model).items()}
     delta = {k: new[k] - global_state[k] for k in new}
+    if node.state_path is not None:  # the device's latest adapters survive a restart
+        node_state.save_arrays(node.state_path / node_state.ADAPTERS_FILE, new, {"base_version": version})
 
-    comm = cfg.communication
-    params = codec.CodecParams(
-        topk_ratio=comm.topk_ratio if comm.compression == "topk" else 1.0,
-        bits=comm.quant_bits, error_feedback=comm.error_feedback,
-    )
-    residual = None
-    if RESIDUAL in context.state:
-        residual = {k: np.asarray(v.numpy()) for k, v in context.state[RESIDUAL].items()}
-        if set(residual) != set(delta) or any(residual[k].shape != delta[k].shape for k in delta):
-            residual = None  # the model changed shape: start feedback afresh
-    payload, residual = codec.encode(delta, params, residual)
-    if comm.error_feedback:
-        context.state[RESIDUAL] = ArrayRecord({k: Array(np.ascontiguousarray(v)) for k, v in residual.items()})
-
-    mask = np.asarray(data["mask"], dtype=bool)
+    counts = modality_counts(data)
     metrics = {
-        wire.NUM_EXAMPLES: float(len(data["label"])),
+        wire.NUM_EXAMPLES: float(n),
         wire.LOSS: stats["loss"],
         wire.TRAIN_SECONDS: train_s,
-        wire.UPLOAD_BYTES: float(len(payload)),
-        wire.RAW_BYTES: float(codec.raw_nbytes(delta)),
-        wire.PARTITION_ID: float(context.node_config.get(PARTITION_ID, -1)),
-        f"{wire.COUNT_PREFIX}image": float(mask[:, 0].sum()),
-        f"{wire.COUNT_PREFIX}audio": float(mask[:, 1].sum()),
+        wire.PARTITION_ID: float(context.node_config.get(PARTITION_ID, -1)),  # the virtual clock's key
+        **{f"{wire.COUNT_PREFIX}{m}": float(counts[m]) for m in MODALITIES},
     }
-    return Message(wire.update_content(base_version=version, payload=payload, metrics=metrics), reply_to=msg)
+    content = RecordDict({
+        RAW_DELTA: ArrayRecord({k: Array(np.ascontiguousarray(delta[k])) for k in sorted(delta)}),
+        wire.UPDATE: ConfigRecord({wire.BASE_VERSION: version}),
+        wire.METRICS: MetricRecord(metrics),
+    })
+    log.info("device %s: trained from version %d on %d samples in %.2fs, loss %.3f",
+             node.name, version, n, train_s, stats["loss"])
+    return Message(content, reply_to=msg)
 
 
 @app.evaluate()
 def evaluate_(msg: Message, context: Context) -> Message:
-    """EVALUATE: accuracy of the global adapters on this node's data, overall and per modality subset."""
+    """EVALUATE: accuracy of the received adapters on local evaluation data, overall and per modality subset."""
     cfg = config_from_context(context.run_config)
-    model = get_model(cfg)
-    state = wire.record_to_adapters(msg.content[wire.ARRAYS])
-    load_adapter_state(model, {k: torch.from_numpy(v) for k, v in state.items()})
-    res = evaluate(model, local_data(cfg, context.node_config))
+    node = parse_node_config(context.node_config)
+    model = get_model(cfg, node)
+    _load_global(model, msg)
+    data = local_data(cfg, node, "eval")
+    res = evaluate(model, data)
     res[wire.NUM_EXAMPLES] = res.pop("examples")
+    res.update({f"{wire.COUNT_PREFIX}{m}": float(c) for m, c in modality_counts(data).items()})
     return Message(RecordDict({wire.METRICS: MetricRecord(res)}), reply_to=msg)

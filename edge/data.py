@@ -1,40 +1,103 @@
-"""Where a device's training data comes from: its SampleStore in deployment, its partition in simulation."""
+"""Where a device's training data comes from: its SampleStore in deployment, its partition in simulation.
+
+Three sources, in this order of precedence:
+
+* the node config names a ``store`` (a real device: ``fedge edge run --store DIR``) -> that SampleStore;
+* ``data.source = "store"`` (a simulation built from real streams) -> ``<data.store_root>/device-<partition-id>``;
+* ``data.source = "synthetic"`` -> the generated partition of this ``partition-id``.
+
+Whatever the source, only the modalities the device has (node config ``modalities``) and the run uses
+(``modal_types``) stay present in the mask; samples left with none are dropped. A camera-only or mic-only
+device thus trains on what it has.
+"""
 
 from __future__ import annotations
 
 from functools import lru_cache
-from typing import Any, Mapping
+from pathlib import Path
 
 import numpy as np
 
-from common.config import FedgeConfig
+from common.config import MODALITIES, FedgeConfig
 from common.synthetic import device_partition, make_av_dataset
+
+from .node_config import NodeConfig
 
 PARTITION_ID = "partition-id"  # set by Flower's simulation engine in node_config
 NUM_PARTITIONS = "num-partitions"
+SPLITS = ("train", "eval")
+_EVAL_SEED_OFFSET = 500_009  # a device's local evaluation samples come from a seed its training never uses
 
 
 @lru_cache(maxsize=8)
 def _synthetic(pid: int, nparts: int, seed: int, samples: int, num_classes: int, image_size: int,
-               n_mels: int, frames: int, partition: str, alpha: float, miss_i: float, miss_a: float
-               ) -> dict[str, np.ndarray]:
+               n_mels: int, frames: int, partition: str, alpha: float, miss_i: float, miss_a: float,
+               split: str) -> dict[str, np.ndarray]:
     probs, mods = device_partition(
         pid, nparts, seed=seed, samples=samples, num_classes=num_classes, partition=partition,
         dirichlet_alpha=alpha, missing_image=miss_i, missing_audio=miss_a,
     )
+    n, off = (samples, 0) if split == "train" else (max(20, samples // 4), _EVAL_SEED_OFFSET)
     return make_av_dataset(
-        samples, seed=seed * 100_003 + pid + 1, num_classes=num_classes, image_size=image_size,
+        n, seed=seed * 100_003 + pid + 1 + off, num_classes=num_classes, image_size=image_size,
         n_mels=n_mels, frames=frames, label_probs=probs, modalities=mods,
     )
 
 
-def local_data(cfg: FedgeConfig, node_config: Mapping[str, Any]) -> dict[str, np.ndarray]:
-    """The arrays this node trains on."""
-    if cfg.data.source == "synthetic":
-        pid = int(node_config.get(PARTITION_ID, 0))
-        nparts = int(node_config.get(NUM_PARTITIONS, 1))
+def store_dir(cfg: FedgeConfig, node: NodeConfig) -> Path | None:
+    """The SampleStore directory this node trains from, or None for synthetic data."""
+    if node.store:
+        return Path(node.store)
+    if cfg.data.source == "store":
+        if not cfg.data.store_root:
+            raise ValueError("data.source='store' needs data.store_root (a directory of device-<id> stores)")
+        return Path(cfg.data.store_root) / f"device-{node.partition_id}"
+    return None
+
+
+def load_store(path: Path, cfg: FedgeConfig, split: str) -> dict[str, np.ndarray]:
+    """The arrays of a SampleStore directory (layout of :mod:`common.training`)."""
+    from .store import SampleStore  # the store needs SQLite and the media stack: import it only when used
+
+    if not path.exists():
+        raise FileNotFoundError(f"sample store not found: {path}")
+    m = cfg.model
+    store = SampleStore(path)
+    try:
+        return store.load_arrays(image_size=m.image_size, n_mels=m.n_mels, frames=m.audio_frames, split=split)
+    finally:
+        close = getattr(store, "close", None)
+        if close is not None:
+            close()
+
+
+def restrict_modalities(data: dict[str, np.ndarray], keep: tuple[str, ...]) -> dict[str, np.ndarray]:
+    """Mask out modalities not in ``keep`` and drop samples left with none (their arrays stay aligned)."""
+    on = np.array([m in keep for m in MODALITIES], dtype=bool)
+    mask = np.asarray(data["mask"], dtype=bool) & on
+    rows = mask.any(axis=1)
+    out = {k: np.asarray(v)[rows] for k, v in data.items()}
+    out["mask"] = mask[rows]
+    return out
+
+
+def local_data(cfg: FedgeConfig, node: NodeConfig, split: str = "train") -> dict[str, np.ndarray]:
+    """The arrays this node trains (``split="train"``) or evaluates (``"eval"``) on."""
+    if split not in SPLITS:
+        raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
+    path = store_dir(cfg, node)
+    if path is not None:
+        data = load_store(path, cfg, split)
+    else:
         m, d = cfg.model, cfg.data
-        return _synthetic(pid, nparts, cfg.seed, d.samples_per_device, m.num_classes, m.image_size,
-                          m.n_mels, m.audio_frames, d.partition, d.dirichlet_alpha, d.missing_image,
-                          d.missing_audio)
-    raise ValueError(f"data.source={cfg.data.source!r} is not available on this device yet")
+        data = _synthetic(node.partition_id, node.num_partitions, cfg.seed, d.samples_per_device,
+                          m.num_classes, m.image_size, m.n_mels, m.audio_frames, d.partition,
+                          d.dirichlet_alpha, d.missing_image, d.missing_audio, split)
+    keep = tuple(mod for mod in node.modalities if mod in cfg.modal_types)
+    return restrict_modalities(data, keep)
+
+
+def modality_counts(data: dict[str, np.ndarray]) -> dict[str, int]:
+    """Samples carrying each modality."""
+    mask = np.asarray(data["mask"], dtype=bool)
+    return {m: int(mask[:, j].sum()) for j, m in enumerate(MODALITIES)}
