@@ -14,6 +14,7 @@ import os
 import threading
 import time
 from pathlib import Path
+from typing import Any
 
 from common.config import FedgeConfig
 
@@ -52,7 +53,7 @@ def _follow(path: Path, total: int, stop: threading.Event, desc: str) -> None:
 
 
 def run(cfg: FedgeConfig, *, out_dir: str | Path, num_nodes: int | None = None, cache: str | Path | None = None,
-        progress: bool = True, report: bool = True) -> Path:
+        progress: bool = True, report: bool = True, apps: tuple[Any, Any] | None = None) -> Path:
     """Run one federated simulation; return the run directory.
 
     The run directory holds ``config.toml``/``config.json`` (resolved), ``prepared.json`` (what the ingest
@@ -60,12 +61,16 @@ def run(cfg: FedgeConfig, *, out_dir: str | Path, num_nodes: int | None = None, 
     and, with ``report``, the report (``report.md``, PNG plots, TensorBoard events).
 
     The resolved config travels to the apps through ``$FEDGE_RUN_CONFIG`` (``run_simulation`` carries no run
-    config); Ray workers inherit the variable because it is set before Ray starts.
+    config); Ray workers inherit the variable because it is set before Ray starts. ``apps`` replaces fedge's
+    (ServerApp, ClientApp) pair, for a peer run on the very same data (benchmarks).
     """
     from flwr.simulation import run_simulation
 
-    from cloud.server_app import app as server_app
-    from edge.client_app import app as client_app
+    if apps is None:
+        from cloud.server_app import app as server_app
+        from edge.client_app import app as client_app
+    else:
+        server_app, client_app = apps
 
     from .prepare import DONE, prepare
 

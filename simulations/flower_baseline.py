@@ -1,0 +1,78 @@
+"""The peer for benchmarks: plain Flower FedAvg (``flwr.serverapp.strategy.FedAvg``) on the same model and data.
+
+Same base model with LoRA, same local training (:func:`common.training.train_steps`), same per-device data
+(:func:`edge.data.local_data`, i.e. the same stores), same held-out set; but Flower's own strategy: full float32
+adapters both ways, no codec, no validation, no staleness, no virtual clock. Run through
+``flwr.simulation.run_simulation`` exactly like fedge's apps.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import torch
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.clientapp import ClientApp
+from flwr.serverapp import Grid, ServerApp
+from flwr.serverapp.strategy import FedAvg
+
+from common.config import config_from_context
+from common.lora import adapter_state, load_adapter_state
+from common.training import evaluate, train_steps
+
+from .evaluation import load_arrays, model_with
+
+client_app = ClientApp()
+server_app = ServerApp()
+
+
+@client_app.train()
+def _train(msg: Message, context: Context) -> Message:
+    """Load the global adapters, train locally, send the adapters back (float32, uncompressed)."""
+    from edge.data import local_data
+    from edge.node_config import parse_node_config
+
+    cfg = config_from_context(context.run_config)
+    torch.set_num_threads(1)
+    model = model_with(cfg, None)
+    load_adapter_state(model, dict(msg.content["arrays"].to_torch_state_dict()))
+    data = local_data(cfg, parse_node_config(context.node_config), "train")
+    rnd = int(msg.content["config"]["server-round"])
+    stats = train_steps(model, data, steps=cfg.train.local_steps, batch_size=cfg.train.batch_size,
+                        lr=cfg.train.lr, seed=cfg.seed * 7919 + rnd,
+                        modality_dropout_p=cfg.train.modality_dropout)
+    content = RecordDict({
+        "arrays": ArrayRecord(adapter_state(model)),
+        "metrics": MetricRecord({"num-examples": float(len(data["label"])), "loss": stats["loss"]}),
+    })
+    return Message(content, reply_to=msg)
+
+
+@server_app.main()
+def _main(grid: Grid, context: Context) -> None:
+    """FedAvg for ``aggregation.versions`` rounds over ``aggregation.concurrency`` nodes; log accuracy per round."""
+    cfg = config_from_context(context.run_config)
+    torch.manual_seed(cfg.seed)
+    model = model_with(cfg, None)
+    eval_data = load_arrays(cfg.data.eval_path)
+    n = cfg.simulation.devices
+    frac = min(1.0, cfg.aggregation.concurrency / n)
+    k = max(1, int(frac * n))
+    run_dir = Path(cfg.run_dir)
+    t0 = time.perf_counter()
+
+    def evaluate_fn(server_round: int, arrays: ArrayRecord) -> MetricRecord:
+        load_adapter_state(model, dict(arrays.to_torch_state_dict()))
+        res = evaluate(model, eval_data)
+        if server_round > 0:
+            rec = {"version": server_round, "accuracy": res["accuracy"], "loss": res["loss"], "updates": k,
+                   "wall_time": time.perf_counter() - t0}
+            with open(run_dir / "metrics.jsonl", "a") as f:
+                f.write(json.dumps(rec) + "\n")
+        return MetricRecord({"accuracy": res["accuracy"]})
+
+    strategy = FedAvg(fraction_train=frac, fraction_evaluate=0.0, min_train_nodes=k, min_available_nodes=n)
+    strategy.start(grid=grid, initial_arrays=ArrayRecord(adapter_state(model)), num_rounds=cfg.aggregation.versions,
+                   timeout=cfg.aggregation.reply_timeout_s, train_config=ConfigRecord({}), evaluate_fn=evaluate_fn)
