@@ -247,6 +247,7 @@ class TrainingConfig:
     log_every: int = 10  # steps between metric reports (TensorBoard + JSONL)
     samples: int = 2000  # cloud-side curated samples when the data is generated
     storage_path: str = ""  # persistent Ray Train storage ("" = <run_dir or ./runs>/train)
+    health_check_s: float = 0.5  # Ray Train controller poll: bounds report latency and failure detection
 
     def __post_init__(self) -> None:
         _check(self.every_versions >= 0, "training.every_versions", "must be >= 0")
@@ -261,6 +262,7 @@ class TrainingConfig:
         _check(0.0 <= self.modality_dropout < 1.0, "training.modality_dropout", "must be in [0, 1)")
         _check(self.log_every >= 1, "training.log_every", "must be >= 1")
         _check(self.samples >= 1, "training.samples", "must be >= 1")
+        _check(self.health_check_s > 0, "training.health_check_s", "must be > 0")
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,431 @@
+"""Global MoE training on Ray Train: merge the aggregated adapters into the base, train, hand a new base back.
+
+The cloud keeps two things for the federation: a **base** (plain weights of :class:`common.model.MultimodalMoE`)
+and the **global adapters** the aggregator produces (LoRA factors + router/fusion parameters, see
+common/lora.py). Every ``training.every_versions`` aggregated versions (or on demand) the trainer
+
+1. merges the newest global adapters into the base (``W += scale * B @ A``; router/fusion copied), which
+   leaves every output unchanged (:func:`merge_adapters`);
+2. trains the whole merged model (encoders, router, experts, head) on curated cloud data with a Ray Train
+   ``TorchTrainer`` (DDP over gloo on CPU, NCCL on GPU), with per-modality autocast, gradient accumulation,
+   the router's load-balancing loss and top-k routing with a capacity factor (or dense mode);
+3. checkpoints every ``fault_tolerance.checkpoint_every`` steps to persistent storage and survives up to
+   ``fault_tolerance.max_failures`` worker failures by resuming from the last checkpoint;
+4. returns the new base and *fresh adapters* for it (B = 0, so base + fresh adapters == base), which the
+   aggregator installs as the next global version (see .coord/NOTES.md for the hook).
+
+Pure state transforms at the top; the Ray Train worker loop and the driver-side :class:`GlobalTrainer` below.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from common.config import FedgeConfig
+from common.lora import adapter_state, apply_lora, base_state, load_adapter_state, load_base_state, merge_lora
+from common.model import build_model, model_kwargs
+from common.training import forward_batch, modality_dropout, to_batch
+
+from .metrics import MetricsLogger, modality_eval, read_metrics, routing_stats
+
+StateDict = Mapping[str, Tensor | np.ndarray]
+_COLUMNS = ("image", "audio", "label", "mask", "quality")
+_CKPT_FILE = "state.pt"
+
+
+class TrainingError(RuntimeError):
+    """Global training could not produce a new base (bad input state, or the run failed for good)."""
+
+
+# ---------------------------------------------------------------------------------------------- state
+def _tensors(state: StateDict, what: str) -> dict[str, Tensor]:
+    out: dict[str, Tensor] = {}
+    for k, v in state.items():
+        t = torch.as_tensor(np.asarray(v)) if not isinstance(v, Tensor) else v.detach()
+        if not bool(torch.isfinite(t).all()):
+            raise TrainingError(f"{what} {k!r} holds non-finite values")
+        out[k] = t.clone().to(torch.float32) if t.is_floating_point() else t.clone()
+    return out
+
+
+def initial_base(mkw: Mapping[str, Any]) -> dict[str, Tensor]:
+    """The deterministic version-0 base every party builds (``build_model(**model_kwargs(cfg))``)."""
+    return base_state(build_model(**mkw))
+
+
+def lora_model(base: StateDict, adapters: StateDict | None, *, mkw: Mapping[str, Any], rank: int,
+               alpha: float) -> torch.nn.Module:
+    """The model devices run: ``base`` with LoRA applied and ``adapters`` loaded (fresh ones when None)."""
+    m = apply_lora(build_model(**mkw), rank=rank, alpha=alpha)
+    try:
+        load_base_state(m, _tensors(base, "base"))
+        if adapters is not None:
+            load_adapter_state(m, _tensors(adapters, "adapter"))
+    except (KeyError, ValueError, RuntimeError) as e:
+        raise TrainingError(f"state does not fit the model: {e}") from None
+    return m
+
+
+def merge_adapters(base: StateDict, adapters: StateDict, *, mkw: Mapping[str, Any], rank: int,
+                   alpha: float) -> dict[str, Tensor]:
+    """Fold global adapters into the base: the plain weights whose outputs equal base + adapters."""
+    m = lora_model(base, adapters, mkw=mkw, rank=rank, alpha=alpha)
+    return base_state(merge_lora(m))
+
+
+def fresh_adapters(base: StateDict, *, mkw: Mapping[str, Any], rank: int, alpha: float) -> dict[str, Tensor]:
+    """Adapters reset against ``base``: deterministic A, zero B, router/fusion taken from the base."""
+    return adapter_state(lora_model(base, None, mkw=mkw, rank=rank, alpha=alpha))
+
+
+def training_due(version: int, every_versions: int, last_trained_version: int = 0) -> bool:
+    """Whether global training is due at aggregated ``version`` (every N versions; N = 0 means never)."""
+    return every_versions > 0 and version - last_trained_version >= every_versions
+
+
+# ---------------------------------------------------------------------------------------------- worker
+def _shard_arrays(shard: Any) -> dict[str, np.ndarray]:
+    """Pull this worker's Ray Data shard into memory (small curated sets; steps sample from it)."""
+    parts: dict[str, list[np.ndarray]] = {k: [] for k in _COLUMNS}
+    for batch in shard.iter_batches(batch_size=1024, batch_format="numpy"):
+        for k in _COLUMNS:
+            parts[k].append(np.asarray(batch[k]))
+    if not parts["label"]:
+        raise TrainingError("this worker's data shard is empty")
+    out = {k: np.concatenate(v) for k, v in parts.items()}
+    out["image"] = out["image"].astype(np.float32)
+    out["audio"] = out["audio"].astype(np.float32)
+    out["label"] = out["label"].astype(np.int64)
+    out["mask"] = out["mask"].astype(bool)
+    out["quality"] = out["quality"].astype(np.float32)
+    return out
+
+
+def _step_batch(data: Mapping[str, np.ndarray], *, seed: int, rank: int, step: int, micro: int,
+                batch_size: int, dropout: float, device: torch.device) -> tuple[dict[str, Tensor], Tensor]:
+    """The micro-batch of a step: a pure function of (seed, rank, step, micro), so a resumed run replays it."""
+    rng = np.random.default_rng([seed, rank, step, micro])
+    n = len(data["label"])
+    b = to_batch(data, rng.integers(0, n, size=min(batch_size, n)))
+    gen = torch.Generator().manual_seed(int(rng.integers(0, 2**62)))
+    mask = modality_dropout(b["mask"], dropout, gen)
+    return {k: v.to(device) for k, v in b.items()}, mask.to(device)
+
+
+def train_loop_per_worker(config: dict[str, Any]) -> None:
+    """The Ray Train worker: restore or start, DDP-train for ``steps`` optimizer steps, report + checkpoint."""
+    import ray.train
+    import ray.train.torch
+
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    t_start = time.time()
+    run_dir = Path(config["run_dir"])
+    (run_dir / "workers").mkdir(parents=True, exist_ok=True)
+    (run_dir / "workers" / f"rank-{rank}.json").write_text(json.dumps({"pid": os.getpid(), "rank": rank,
+                                                                        "started": t_start}))
+    torch.manual_seed(config["seed"])
+    model = build_model(**config["model_kwargs"])
+    model.load_state_dict(config["base_state"])
+    start_step, restored_from, opt_state = 0, -1, None
+    ckpt = ray.train.get_checkpoint()
+    if ckpt is not None:
+        with ckpt.as_directory() as d:
+            st = torch.load(Path(d) / _CKPT_FILE, weights_only=True)
+        model.load_state_dict(st["model"])
+        opt_state, start_step = st["optim"], int(st["step"])
+        restored_from = start_step
+    device = ray.train.torch.get_device()
+    # Experts a batch does not route to (and encoders of absent modalities) get no gradient: tell DDP.
+    ddp = ray.train.torch.prepare_model(model, parallel_strategy_kwargs={"find_unused_parameters": True})
+    raw = ddp.module if hasattr(ddp, "module") else ddp
+    opt = torch.optim.Adam(ddp.parameters(), lr=config["lr"])
+    if opt_state is not None:
+        opt.load_state_dict(opt_state)
+    data = _shard_arrays(ray.train.get_dataset_shard("train"))
+    eval_b = {k: v.to(device) for k, v in to_batch(data, slice(0, config["eval_rows"])).items()}
+
+    steps, accum, every = config["steps"], config["grad_accum"], config["checkpoint_every"]
+    log_every, e = config["log_every"], raw.num_experts
+    win_loss, win_aux, win_n, win_m, win_t0 = 0.0, 0.0, 0, 0, time.perf_counter()
+    stats: dict[str, list[float]] = {}
+    first_step_time = 0.0
+    ddp.train()
+    for step in range(start_step, steps):
+        opt.zero_grad(set_to_none=True)
+        for micro in range(accum):
+            b, mask = _step_batch(data, seed=config["seed"], rank=rank, step=step, micro=micro,
+                                  batch_size=config["batch_size"], dropout=config["modality_dropout"],
+                                  device=device)
+            sync = contextlib.nullcontext() if micro == accum - 1 or world == 1 else ddp.no_sync()
+            with sync:
+                out = forward_batch(ddp, b, mask)
+                ce = F.cross_entropy(out.logits.float(), b["label"])
+                loss = ce + config["aux_weight"] * out.aux_loss
+                (loss / accum).backward()
+            win_loss += float(ce.detach()) * len(b["label"])
+            win_aux += float(out.aux_loss.detach())
+            win_n += len(b["label"])
+            win_m += 1
+            for k, v in routing_stats(out, mask, e).items():
+                stats.setdefault(k, []).append(v)
+        opt.step()
+        done = step + 1
+        if done == start_step + 1:
+            first_step_time = time.time()
+        is_ckpt = done % every == 0 or done == steps
+        if not (is_ckpt or done % log_every == 0):
+            continue
+        elapsed = max(time.perf_counter() - win_t0, 1e-9)
+        rec: dict[str, Any] = {
+            "step": done, "time": time.time(), "rank": rank,
+            "loss/train": win_loss / max(win_n, 1),
+            "aux_loss": win_aux / max(win_m, 1),
+            "samples_per_s": win_n * world / elapsed,
+            "restored_from": restored_from, "first_step_time": first_step_time, "worker_start": t_start,
+            "dropped_tokens": float(out.dropped_tokens),
+            "checkpoint": bool(is_ckpt),
+        }
+        rec.update({k: float(np.mean(v)) for k, v in stats.items()})
+        rec.update(modality_eval(raw, eval_b))
+        if is_ckpt and rank == 0:
+            with tempfile.TemporaryDirectory() as d:
+                torch.save({"model": raw.state_dict(), "optim": opt.state_dict(), "step": done},
+                           Path(d) / _CKPT_FILE)
+                ray.train.report(rec, checkpoint=ray.train.Checkpoint.from_directory(d),
+                                 checkpoint_dir_name=f"step-{done:06d}")
+        else:
+            ray.train.report(rec)
+        # the throughput window counts optimizer steps only, not evaluation, checkpointing or reporting
+        win_loss, win_aux, win_n, win_m, win_t0, stats = 0.0, 0.0, 0, 0, time.perf_counter(), {}
+
+
+# ---------------------------------------------------------------------------------------------- driver
+def _metrics_callback(log_dir: str) -> Any:
+    """A Ray Train callback (runs in the controller) that logs rank 0's reports and worker failures."""
+    from ray.train import UserCallback
+
+    class _Log(UserCallback):  # one level of subclassing: Ray's callback interface
+        def __init__(self) -> None:
+            self.log_dir, self._logger = log_dir, None
+
+        def _get(self) -> MetricsLogger:
+            if self._logger is None:
+                self._logger = MetricsLogger(self.log_dir)
+            return self._logger
+
+        def after_report(self, run_context: Any, metrics: list[dict[str, Any]], checkpoint: Any) -> None:
+            if metrics:
+                rec = dict(metrics[0])
+                rec["checkpoint_path"] = checkpoint.path if checkpoint is not None else ""
+                self._get().log(rec)
+
+        def after_exception(self, run_context: Any, worker_exceptions: dict[int, Exception]) -> None:
+            with open(Path(self.log_dir) / "failures.jsonl", "a") as f:
+                f.write(json.dumps({"time": time.time(), "ranks": sorted(worker_exceptions),
+                                    "error": repr(next(iter(worker_exceptions.values())))[:500]}) + "\n")
+
+    return _Log()
+
+
+@dataclass
+class TrainResult:
+    """What a global training run hands back to the aggregator."""
+
+    base_version: int  # the aggregated version whose adapters were merged into this base
+    base_state: dict[str, Tensor]  # the new, trained base (plain weight names)
+    adapters: dict[str, Tensor]  # fresh adapters for the new base (B = 0)
+    steps: int
+    run_dir: Path
+    metrics: list[dict[str, Any]] = field(default_factory=list)  # rank 0's reports, in order
+    failures: list[dict[str, Any]] = field(default_factory=list)  # worker failures survived
+    seconds: float = 0.0
+
+    def first_loss(self) -> float:
+        """Training loss of the first report."""
+        return float(self.metrics[0]["loss/train"])
+
+    def last_loss(self) -> float:
+        """Training loss of the last report."""
+        return float(self.metrics[-1]["loss/train"])
+
+
+class GlobalTrainer:
+    """Ray Train ``TorchTrainer`` around :func:`train_loop_per_worker`; flat keyword-only parameters.
+
+    Parameters
+    ----------
+    mkw : keyword arguments of :func:`common.model.build_model` (``model_kwargs(cfg)``); decide dense mode,
+        top-k, capacity factor and per-modality precision.
+    lora_rank, lora_alpha : the adapters' shape (to merge and to reset them).
+    workers : Ray Train workers (DDP world size).
+    use_gpu : "auto" (a GPU per worker when the cluster has enough), "on" or "off".
+    storage_path : persistent storage for checkpoints and metrics (a shared path on a cluster).
+    checkpoint_every : steps between checkpoints.
+    max_failures : worker-group failures to recover from before giving up.
+    """
+
+    def __init__(self, *, mkw: Mapping[str, Any], lora_rank: int, lora_alpha: float, workers: int = 2,
+                 use_gpu: str = "auto", cpus_per_worker: float = 1.0, steps: int = 200, batch_size: int = 32,
+                 lr: float = 3e-3, grad_accum: int = 1, aux_weight: float = 0.01, modality_dropout: float = 0.2,
+                 log_every: int = 10, checkpoint_every: int = 5, max_failures: int = 1,
+                 storage_path: str | Path = "runs/train", seed: int = 0, eval_rows: int = 128,
+                 health_check_s: float = 0.5) -> None:
+        if use_gpu not in ("auto", "on", "off"):
+            raise ValueError(f"use_gpu must be 'auto', 'on' or 'off', got {use_gpu!r}")
+        self.mkw = dict(mkw)
+        self.lora_rank, self.lora_alpha = lora_rank, lora_alpha
+        self.workers, self.use_gpu, self.cpus_per_worker = workers, use_gpu, cpus_per_worker
+        self.steps, self.batch_size, self.lr, self.grad_accum = steps, batch_size, lr, grad_accum
+        self.aux_weight, self.modality_dropout, self.log_every = aux_weight, modality_dropout, log_every
+        self.checkpoint_every, self.max_failures = checkpoint_every, max_failures
+        self.storage_path = Path(storage_path).resolve()
+        self.seed, self.eval_rows, self.health_check_s = seed, eval_rows, health_check_s
+
+    @classmethod
+    def from_config(cls, cfg: FedgeConfig, **overrides: Any) -> GlobalTrainer:
+        """Build from the run config (``training``, ``fault_tolerance``, ``model``, ``precision``)."""
+        t, ft = cfg.training, cfg.fault_tolerance
+        storage = t.storage_path or str(Path(cfg.run_dir or "runs") / "train")
+        kw: dict[str, Any] = dict(
+            mkw=model_kwargs(cfg), lora_rank=cfg.model.lora_rank, lora_alpha=cfg.model.lora_alpha,
+            workers=t.workers, use_gpu=t.use_gpu, cpus_per_worker=t.cpus_per_worker, steps=t.steps,
+            batch_size=t.batch_size, lr=t.lr, grad_accum=t.grad_accum, aux_weight=t.aux_weight,
+            modality_dropout=t.modality_dropout, log_every=t.log_every,
+            checkpoint_every=ft.checkpoint_every, max_failures=ft.max_failures, storage_path=storage,
+            seed=cfg.seed, health_check_s=t.health_check_s,
+        )
+        kw.update(overrides)
+        return cls(**kw)
+
+    def _gpu(self) -> bool:
+        import ray
+
+        if self.use_gpu == "on":
+            return True
+        if self.use_gpu == "off":
+            return False
+        return float(ray.cluster_resources().get("GPU", 0.0)) >= self.workers
+
+    def train(self, base: StateDict, adapters: StateDict | None, dataset: Any, *, base_version: int,
+              name: str | None = None) -> TrainResult:
+        """Merge ``adapters`` into ``base``, train on ``dataset`` (a ``ray.data.Dataset`` with the columns
+        image, audio, label, mask, quality) and return the new base with fresh adapters.
+
+        Raises
+        ------
+        TrainingError
+            When the states do not fit the model or the run fails more than ``max_failures`` times.
+        """
+        from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+        from ray.train.torch import TorchTrainer
+
+        merged = (merge_adapters(base, adapters, mkw=self.mkw, rank=self.lora_rank, alpha=self.lora_alpha)
+                  if adapters is not None else _tensors(base, "base"))
+        name = name or f"base-{base_version:06d}-{time.strftime('%Y%m%d-%H%M%S')}"
+        run_dir = self.storage_path / name
+        run_dir.mkdir(parents=True, exist_ok=True)
+        loop_cfg = {
+            "model_kwargs": self.mkw, "base_state": merged, "seed": self.seed, "steps": self.steps,
+            "batch_size": self.batch_size, "lr": self.lr, "grad_accum": self.grad_accum,
+            "aux_weight": self.aux_weight, "modality_dropout": self.modality_dropout,
+            "log_every": self.log_every, "checkpoint_every": self.checkpoint_every,
+            "run_dir": str(run_dir), "eval_rows": self.eval_rows,
+        }
+        gpu = self._gpu()
+        trainer = TorchTrainer(
+            train_loop_per_worker,
+            train_loop_config=loop_cfg,
+            scaling_config=ScalingConfig(num_workers=self.workers, use_gpu=gpu,
+                                         resources_per_worker={"CPU": self.cpus_per_worker}),
+            run_config=RunConfig(
+                name=name, storage_path=str(self.storage_path),
+                failure_config=FailureConfig(max_failures=self.max_failures),
+                checkpoint_config=CheckpointConfig(num_to_keep=None),
+                callbacks=[_metrics_callback(str(run_dir / "metrics"))],
+            ),
+            datasets={"train": dataset},
+        )
+        t0 = time.perf_counter()
+        # Ray Train's controller polls workers every RAY_TRAIN_HEALTH_CHECK_INTERVAL_S (2 s by default); a
+        # worker's report waits for that poll, and a dead worker is noticed only then. Ray propagates the
+        # driver's value to the controller, so set it for this fit only.
+        env_key = "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"
+        prev = os.environ.get(env_key)
+        os.environ[env_key] = str(self.health_check_s)
+        try:
+            result = trainer.fit()
+        except Exception as e:  # Ray raises TrainingFailedError subclasses once max_failures is spent
+            raise TrainingError(f"global training failed: {type(e).__name__}: {e}") from e
+        finally:
+            if prev is None:
+                os.environ.pop(env_key, None)
+            else:
+                os.environ[env_key] = prev
+        if result.checkpoint is None:
+            raise TrainingError("global training produced no checkpoint")
+        with result.checkpoint.as_directory() as d:
+            st = torch.load(Path(d) / _CKPT_FILE, weights_only=True)
+        new_base = {k: v.detach().cpu() for k, v in st["model"].items()}
+        metrics = read_metrics(run_dir / "metrics" / "metrics.jsonl")
+        failures = read_metrics(run_dir / "metrics" / "failures.jsonl")
+        res = TrainResult(
+            base_version=base_version, base_state=new_base,
+            adapters=fresh_adapters(new_base, mkw=self.mkw, rank=self.lora_rank, alpha=self.lora_alpha),
+            steps=int(st["step"]), run_dir=run_dir, metrics=metrics, failures=failures,
+            seconds=time.perf_counter() - t0,
+        )
+        (run_dir / "result.json").write_text(json.dumps({
+            "base_version": base_version, "steps": res.steps, "seconds": res.seconds, "workers": self.workers,
+            "gpu": gpu, "failures": len(failures),
+            "final": {k: v for k, v in (metrics[-1] if metrics else {}).items() if isinstance(v, (int, float))},
+        }, indent=2, sort_keys=True))
+        return res
+
+
+def recovery_seconds(metrics: list[dict[str, Any]], kill_time: float) -> float:
+    """Seconds from a worker kill at wall time ``kill_time`` to the first optimizer step after the restore.
+
+    Reads rank 0's reports: the first one that says it ``restored_from`` a checkpoint carries the wall
+    time of its first step. ``inf`` when no resumed report exists.
+    """
+    for rec in metrics:
+        if rec.get("restored_from", -1) >= 0 and rec.get("first_step_time", 0.0) >= kill_time:
+            return float(rec["first_step_time"]) - kill_time
+    return math.inf
+
+
+def run_global_training(cfg: FedgeConfig, base: StateDict | None, adapters: StateDict | None, *,
+                        base_version: int, dataset: Any = None, **overrides: Any) -> TrainResult:
+    """The aggregator's entry point: one global training run from the config (Ray must be initialised).
+
+    ``base`` None means the deterministic version-0 base; ``dataset`` None means the cloud's own data,
+    generated and curated by :func:`cloud.curation.curate` (``training.samples`` samples).
+    """
+    trainer = GlobalTrainer.from_config(cfg, **overrides)
+    if base is None:
+        base = initial_base(trainer.mkw)
+    if dataset is None:
+        from .curation import cloud_dataset
+
+        dataset = cloud_dataset(cfg)
+    return trainer.train(base, adapters, dataset, base_version=base_version)
+
+
+__all__ = [
+    "GlobalTrainer", "TrainResult", "TrainingError", "fresh_adapters", "initial_base", "lora_model",
+    "merge_adapters", "recovery_seconds", "run_global_training", "train_loop_per_worker", "training_due",
+]
