@@ -89,7 +89,8 @@ def train_steps(
             out = forward_batch(model, b, mask)
             per_ex = F.cross_entropy(out.logits, b["label"], reduction="none")
             w = (mask.float() * mw).sum(1) / mask.float().sum(1)
-            loss = (per_ex * w).sum() / w.sum() + aux_weight * out.aux_loss
+            # clamp: a batch whose modalities all weigh 0 contributes no task loss (not a NaN)
+            loss = (per_ex * w).sum() / w.sum().clamp_min(1e-12) + aux_weight * out.aux_loss
             scaler.scale(loss / grad_accum).backward()
             total += float(loss.detach()) * len(idx)
             seen += len(idx)

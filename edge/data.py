@@ -57,10 +57,10 @@ def store_dir(cfg: FedgeConfig, node: NodeConfig) -> Path | None:
 
 def load_store(path: Path, cfg: FedgeConfig, split: str) -> dict[str, np.ndarray]:
     """The arrays of a SampleStore directory (layout of :mod:`common.training`)."""
-    from .store import SampleStore  # the store needs SQLite and the media stack: import it only when used
-
     if not path.exists():
         raise FileNotFoundError(f"sample store not found: {path}")
+    from .store import SampleStore  # the store needs SQLite and the media stack: import it only when used
+
     m = cfg.model
     store = SampleStore(path)
     try:

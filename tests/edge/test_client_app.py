@@ -1,0 +1,182 @@
+"""The edge ClientApp's TRAIN and EVALUATE handlers, called the way a SuperNode calls them (through its mods)."""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+import pytest
+import torch
+from flwr.app import Context, Message, MessageType, Metadata, RecordDict
+
+from common import codec, wire
+from common.config import ConfigError, load_config
+from common.lora import adapter_state, apply_lora, base_state, is_adapter_key
+from common.model import build_model, model_kwargs
+from edge import node_state
+from edge.client_app import app, get_model
+from edge.data import local_data, restrict_modalities
+from edge.mods import RESIDUAL
+from edge.node_config import NodeConfig, parse_node_config, resolve_device, resolve_precision
+
+# dense, unquantized updates: these tests look at training, not at compression
+EXACT = {"communication.compression": "none", "communication.quant_bits": 32, "train.modality_dropout": 0.0,
+         "data.samples_per_device": 120}
+
+
+def _ctx(overrides: dict | None = None, node_config: dict | None = None) -> Context:
+    run = load_config(overrides={**EXACT, **(overrides or {})}).to_flat()
+    nc = {"partition-id": 0, "num-partitions": 2} if node_config is None else node_config
+    return Context(run_id=1, node_id=7, node_config=nc, state=RecordDict(), run_config=run)
+
+
+def _msg(state: dict[str, np.ndarray], kind: str, version: int = 0, steps: int = 10) -> Message:
+    rnd = wire.round_record(version=version, lr=0.01, local_steps=steps, batch_size=32, seed=version)
+    md = Metadata(run_id=1, message_id=f"m{version}", src_node_id=1, dst_node_id=7, reply_to_message_id="",
+                  group_id="", created_at=time.time(), ttl=3600, message_type=kind)
+    return Message(content=wire.train_message_content(state, rnd), metadata=md)
+
+
+def _initial(ctx: Context) -> dict[str, np.ndarray]:
+    """The untrained global adapters (a fresh model: the app's cached one holds whatever it loaded last)."""
+    cfg = load_config(run_config=ctx.run_config)
+    m = apply_lora(build_model(**model_kwargs(cfg)), rank=cfg.model.lora_rank, alpha=cfg.model.lora_alpha)
+    return {k: v.numpy().copy() for k, v in adapter_state(m).items()}
+
+
+def test_rounds_of_local_training_lower_the_loss_and_raise_local_accuracy():
+    ctx = _ctx()
+    state = _initial(ctx)
+    ev0 = app(_msg(state, MessageType.EVALUATE), ctx).content.metric_records[wire.METRICS]
+    losses = []
+    for v in range(4):
+        reply = app(_msg(state, MessageType.TRAIN, version=v), ctx)
+        assert not reply.has_error(), reply.error
+        losses.append(reply.content.metric_records[wire.METRICS][wire.LOSS])
+        d = codec.decode(reply.content.config_records[wire.UPDATE][wire.DELTA])
+        state = {k: state[k] + d[k] for k in state}
+    ev = app(_msg(state, MessageType.EVALUATE), ctx).content.metric_records[wire.METRICS]
+    assert losses[-1] < 0.7 * losses[0], losses
+    assert ev[wire.ACCURACY] > ev0[wire.ACCURACY] + 0.3, (ev0, ev)
+    assert ev["acc-image+audio"] == ev[wire.ACCURACY]  # all local samples carry both modalities
+
+
+def test_training_changes_adapters_and_never_the_base_weights():
+    ctx = _ctx()
+    cfg = load_config(run_config=ctx.run_config)
+    model = get_model(cfg)
+    base0 = {k: v.clone() for k, v in base_state(model).items()}
+    state = _initial(ctx)
+    reply = app(_msg(state, MessageType.TRAIN, steps=3), ctx)
+    d = codec.decode(reply.content.config_records[wire.UPDATE][wire.DELTA])
+    assert set(d) == set(state)
+    assert sum(float(np.abs(v).sum()) for v in d.values()) > 0
+    lora_b = [k for k in d if k.endswith("lora_B")]
+    assert lora_b and all(np.abs(d[k]).max() > 0 for k in lora_b[:3])  # B starts at zero and moves
+    for k, v in base_state(model).items():
+        if not is_adapter_key(k):  # router, fusion gate, modality embeddings are adapter state
+            assert torch.equal(v, base0[k]), k
+
+
+def test_reply_metrics_report_examples_loss_counts_time_and_bytes():
+    ctx = _ctx({"communication.compression": "topk", "communication.quant_bits": 8})
+    state = _initial(ctx)
+    reply = app(_msg(state, MessageType.TRAIN, steps=2, version=5), ctx)
+    m = reply.content.metric_records[wire.METRICS]
+    assert set(reply.content.keys()) == {wire.UPDATE, wire.METRICS}
+    assert reply.content.config_records[wire.UPDATE][wire.BASE_VERSION] == 5
+    assert m[wire.NUM_EXAMPLES] == 120 and m["count-image"] == 120 and m["count-audio"] == 120
+    assert m[wire.TRAIN_SECONDS] > 0 and np.isfinite(m[wire.LOSS])
+    assert m[wire.UPLOAD_BYTES] == len(reply.content.config_records[wire.UPDATE][wire.DELTA])
+    assert m[wire.UPLOAD_BYTES] < 0.1 * m[wire.RAW_BYTES]
+    assert m[wire.PARTITION_ID] == 0
+    assert RESIDUAL in ctx.state
+
+
+@pytest.mark.parametrize("mods", ["audio", "image"])
+def test_a_single_modality_device_trains_on_what_it_has(mods):
+    ctx = _ctx(node_config={"partition-id": 1, "num-partitions": 2, "modalities": mods})
+    state = _initial(ctx)
+    reply = app(_msg(state, MessageType.TRAIN, steps=2), ctx)
+    assert not reply.has_error(), reply.error
+    m = reply.content.metric_records[wire.METRICS]
+    other = "image" if mods == "audio" else "audio"
+    assert m[f"count-{mods}"] == 120 and m[f"count-{other}"] == 0
+    ev = app(_msg(state, MessageType.EVALUATE), ctx).content.metric_records[wire.METRICS]
+    assert f"acc-{mods}" in ev and "acc-image+audio" not in ev
+
+
+def test_deployment_node_persists_its_adapters_and_residual(tmp_path):
+    # a device whose state dir is set (as `fedge edge run` does) keeps what it trained across restarts
+    ctx = _ctx({"communication.compression": "topk"},
+               {"partition-id": 0, "num-partitions": 2, "state-dir": str(tmp_path)})
+    state = _initial(ctx)
+    app(_msg(state, MessageType.TRAIN, steps=2, version=3), ctx)
+    adapters, meta = node_state.load_arrays(tmp_path / node_state.ADAPTERS_FILE)
+    assert meta == {"base_version": 3} and set(adapters) == set(state)
+    assert (tmp_path / node_state.RESIDUAL_FILE).is_file()
+    assert len(node_state.read_jsonl(tmp_path / node_state.UPDATES_FILE)) == 1
+
+
+def test_restrict_modalities_masks_and_drops_empty_samples():
+    data = {"label": np.arange(3), "mask": np.array([[1, 1], [1, 0], [0, 1]], bool), "x": np.arange(3) * 10}
+    out = restrict_modalities(data, ("audio",))
+    assert out["mask"].tolist() == [[False, True], [False, True]]
+    assert out["label"].tolist() == [0, 2] and out["x"].tolist() == [0, 20]
+
+
+def test_local_eval_split_differs_from_training_data():
+    cfg = load_config(overrides=EXACT)
+    tr, ev = local_data(cfg, NodeConfig(), "train"), local_data(cfg, NodeConfig(), "eval")
+    assert len(ev["label"]) == 30 and not np.array_equal(tr["image"][:30], ev["image"])
+    with pytest.raises(ValueError, match="split"):
+        local_data(cfg, NodeConfig(), "test")
+
+
+def test_store_source_names_the_missing_store(tmp_path):
+    cfg = load_config(overrides={"data.source": "store", "data.store_root": str(tmp_path)})
+    with pytest.raises(FileNotFoundError, match="device-1"):
+        local_data(cfg, NodeConfig(partition_id=1, num_partitions=2))
+
+
+@pytest.mark.parametrize("raw,key", [
+    ({"modalities": "image,smell"}, "modalities"),
+    ({"profile": "tpu"}, "profile"),
+    ({"threads": "many"}, "threads"),
+    ({"threads": 0}, "threads"),
+    ({"partition-id": 3, "num-partitions": 2}, "partition-id"),
+    ({"colour": "red"}, "colour"),
+])
+def test_bad_node_config_fails_naming_the_key(raw, key):
+    with pytest.raises(ConfigError, match=f"'{key}'"):
+        parse_node_config(raw)
+
+
+def test_node_config_round_trips_through_the_supernode_flag():
+    from flwr.common.config import parse_config_args
+
+    nc = NodeConfig(device_id="cam-1", store="/var/lib/fedge/store", modalities=("audio",), profile="cpu",
+                    threads=2)
+    assert parse_node_config(parse_config_args([nc.to_flower()])) == nc
+
+
+def test_precision_and_device_follow_the_device_profile():
+    assert resolve_precision({"image": "fp16", "audio": "bf16"}, "cpu") == {"image": "bf16", "audio": "bf16"}
+    assert resolve_precision({"image": "fp16", "audio": "bf16"}, "cuda") == {"image": "fp16", "audio": "bf16"}
+    assert resolve_precision({"image": "bf16", "audio": "fp32"}, "cuda", bf16_ok=False) == \
+        {"image": "fp16", "audio": "fp32"}
+    assert resolve_device("auto", cuda_available=False) == "cpu"
+    assert resolve_device("cpu", cuda_available=True) == "cpu"
+    assert resolve_device("auto", cuda_available=True) == "cuda"
+    with pytest.raises(ConfigError, match="'profile'"):
+        resolve_device("gpu", cuda_available=False)
+
+
+def test_importance_weights_reach_the_loss():
+    # a mic-only device with audio weighted 0 has no task loss left (only the router's balance term)
+    nc = {"partition-id": 0, "num-partitions": 2, "modalities": "audio"}
+    ctx = _ctx({"importance.audio": 0.0}, nc)
+    state = _initial(ctx)
+    m = app(_msg(state, MessageType.TRAIN, steps=2), ctx).content.metric_records[wire.METRICS]
+    m1 = app(_msg(state, MessageType.TRAIN, steps=2), _ctx({}, nc)).content.metric_records[wire.METRICS]
+    assert m[wire.LOSS] < 0.05 < 1.0 < m1[wire.LOSS]
