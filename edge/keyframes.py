@@ -1,0 +1,233 @@
+"""Keyframe extraction: shot detection over a video source, then one representative keyframe per shot.
+
+Public API (stable; ``edge/ingest.py`` builds on it)
+----------------------------------------------------
+``iter_keyframes(src, **options) -> Iterator[Keyframe]``
+    Streams keyframes in time order while the video decodes (bounded memory on an hour-long stream).
+``extract_keyframes(src, **options) -> KeyframeReport``
+    Runs the whole video and collects the result.
+``Keyframe(frame, time, score, image, jpeg)``
+    ``frame``: 0-based frame index; ``time``: seconds (frame / fps); ``score``: representativeness in [0, 1]
+    (contrast x detail x stillness); ``image``: (h, w, 3) uint8 RGB, longer side <= ``max_side``;
+    ``jpeg``: the same image JPEG-encoded, ready for storage.
+``KeyframeReport(video, fps, frames, boundaries, keyframes, seconds, error)``
+    ``boundaries``: first frame of each new shot (0-based, PySceneDetect's scene-start convention; for a
+    gradual transition a frame inside it); ``seconds``: wall time spent decoding and detecting; ``error``: one
+    line when the stream broke part-way (what decoded before is kept), else ``None``.
+
+``src`` is a path, a camera index, a URL or an already opened :class:`edge.sources.VideoSource`.
+Options (keyword-only): ``min_interval`` (s, default 0.25): no two keyframes closer than this;
+``max_interval`` (s, default 4.0): a long shot gets a keyframe at least this often; ``max_side`` (px, 320);
+``jpeg_quality`` (90); ``stride`` (analyse every n-th frame; default ``round(fps / 10)``, i.e. about 10
+analysed frames per second: every frame is still decoded, but only analysed ones are converted to pixels,
+the speed limit being decode); ``on_boundary`` (callback per detected boundary frame).
+
+Selection: the frames of a shot (or of each ``max_interval`` chunk of a long shot) compete on ``score``; the
+winner is the keyframe. Frames inside a transition score low (no contrast, motion), so they rarely win.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+import cv2
+import numpy as np
+
+from common.media.shots import Boundary, FrameFeatures, ShotDetector, frame_features
+from edge.sources import VideoSource, open_video
+
+__all__ = ["Keyframe", "KeyframeReport", "default_stride", "extract_keyframes", "iter_keyframes"]
+
+ANALYSIS_RATE = 10.0  # analysed frames per second: cuts located to +-1 frame at 30 fps, 2-frame flashes seen
+
+
+@dataclass(frozen=True)
+class Keyframe:
+    """One keyframe: index, timestamp, representativeness, RGB image and its JPEG bytes."""
+
+    frame: int
+    time: float
+    score: float
+    image: np.ndarray = field(repr=False)
+    jpeg: bytes = field(repr=False)
+
+
+@dataclass
+class KeyframeReport:
+    """What :func:`extract_keyframes` found in one video."""
+
+    video: str
+    fps: float
+    frames: int
+    boundaries: list[int]
+    keyframes: list[Keyframe]
+    seconds: float
+    error: str | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        """The ``fedge edge keyframes --json`` object (no image bytes)."""
+        out: dict[str, Any] = {
+            "video": self.video,
+            "fps": self.fps,
+            "frames": self.frames,
+            "seconds": round(self.seconds, 4),
+            "boundaries": list(self.boundaries),
+            "keyframes": [{"frame": k.frame, "time": round(k.time, 4), "score": round(k.score, 4)}
+                          for k in self.keyframes],
+        }
+        if self.error:
+            out["error"] = self.error
+        return out
+
+
+def default_stride(fps: float) -> int:
+    """Analyse about :data:`ANALYSIS_RATE` frames per second."""
+    return max(1, int(round(fps / ANALYSIS_RATE)))
+
+
+def _score(feat: FrameFeatures, motion: float) -> float:
+    """Representativeness in [0, 1]: enough contrast, visible detail, little motion."""
+    contrast = min(1.0, feat.contrast / 40.0)
+    detail = feat.sharpness / (feat.sharpness + 4.0)
+    still = 1.0 / (1.0 + 4.0 * motion)
+    return float(contrast * detail * still)
+
+
+@dataclass
+class _Cand:
+    frame: int
+    time: float
+    score: float
+    pixels: np.ndarray  # BGR frame as decoded (a reference, not a copy)
+
+
+def _encode(c: _Cand, max_side: int, quality: int) -> Keyframe:
+    img = c.pixels
+    h, w = img.shape[:2]
+    scale = min(1.0, max_side / max(h, w))
+    if scale < 1.0:
+        img = cv2.resize(img, (max(1, round(w * scale)), max(1, round(h * scale))), interpolation=cv2.INTER_AREA)
+    ok, buf = cv2.imencode(".jpg", img, [cv2.IMWRITE_JPEG_QUALITY, int(quality)])
+    if not ok:  # pragma: no cover - OpenCV always encodes uint8 BGR
+        raise RuntimeError(f"JPEG encoding failed for frame {c.frame}")
+    rgb = np.ascontiguousarray(img[:, :, ::-1])
+    return Keyframe(frame=c.frame, time=c.time, score=round(c.score, 6), image=rgb, jpeg=buf.tobytes())
+
+
+class _Selector:
+    """Keeps the best candidate of the current shot chunk; emits on boundaries and every ``max_interval``."""
+
+    def __init__(self, min_interval: float, max_interval: float, max_side: int, quality: int) -> None:
+        self.min_interval, self.max_interval = min_interval, max_interval
+        self.max_side, self.quality = max_side, quality
+        self.best: _Cand | None = None
+        self.chunk_start: float | None = None
+        self.last_time = -np.inf
+
+    def add(self, c: _Cand) -> list[Keyframe]:
+        out: list[Keyframe] = []
+        if self.chunk_start is None:
+            self.chunk_start = c.time
+        elif c.time - self.chunk_start >= self.max_interval:
+            out += self.close()
+            self.chunk_start = c.time
+        if c.time - self.last_time >= self.min_interval and (self.best is None or c.score > self.best.score):
+            self.best = c
+        return out
+
+    def close(self) -> list[Keyframe]:
+        out: list[Keyframe] = []
+        if self.best is not None:
+            out.append(_encode(self.best, self.max_side, self.quality))
+            self.last_time = self.best.time
+        self.best, self.chunk_start = None, None
+        return out
+
+
+def iter_keyframes(
+    src: str | int | Path | VideoSource,
+    *,
+    min_interval: float = 0.25,
+    max_interval: float = 4.0,
+    max_side: int = 320,
+    jpeg_quality: int = 90,
+    stride: int | None = None,
+    on_boundary: Callable[[Boundary], None] | None = None,
+) -> Iterator[Keyframe]:
+    """Yield keyframes in time order while decoding ``src`` (see the module docstring for the options)."""
+    if min_interval < 0 or max_interval <= 0 or max_interval < min_interval:
+        raise ValueError("need 0 <= min_interval <= max_interval and max_interval > 0")
+    if max_side < 8:
+        raise ValueError("max_side must be >= 8")
+    video = src if isinstance(src, VideoSource) else open_video(src)
+    step = stride or default_stride(video.fps)
+    if step < 1:
+        raise ValueError("stride must be >= 1")
+    det = ShotDetector(rate=video.fps / step)
+    # Boundaries can still be reported this many analysed frames back: only older candidates are settled.
+    delay = det.max_delay
+    pending: deque[_Cand] = deque()
+    sel = _Selector(min_interval, max_interval, max_side, jpeg_quality)
+
+    def on_boundaries(bs: list[Boundary]) -> Iterator[Keyframe]:
+        for b in bs:
+            if on_boundary is not None:
+                on_boundary(b)
+            while pending and pending[0].frame < b.frame:
+                yield from sel.add(pending.popleft())
+            yield from sel.close()
+
+    prev: FrameFeatures | None = None
+    try:
+        for idx, t, frame in video.frames(every=step):
+            feat = frame_features(frame)
+            bs = det.push(idx, feat)
+            motion = det.last_step.struct if det.last_step is not None else 0.0
+            # keep at most ~2x max_side of pixels per pending candidate (bounded memory on 4K streams)
+            k = max(frame.shape[:2]) // (2 * max_side)
+            pixels = frame if k < 2 else np.ascontiguousarray(frame[::k, ::k])
+            pending.append(_Cand(idx, t, _score(feat, motion), pixels))
+            yield from on_boundaries(bs)
+            while len(pending) > delay:
+                yield from sel.add(pending.popleft())
+            prev = feat
+        yield from on_boundaries(det.flush())
+        while pending:
+            yield from sel.add(pending.popleft())
+        yield from sel.close()
+    finally:
+        if not isinstance(src, VideoSource):
+            video.close()
+    del prev
+
+
+def extract_keyframes(src: str | int | Path | VideoSource, **options: Any) -> KeyframeReport:
+    """Run :func:`iter_keyframes` over the whole video and report (see the module docstring).
+
+    Raises
+    ------
+    edge.sources.VideoSourceError
+        The source cannot be opened (missing file, not a video).
+    """
+    t0 = time.perf_counter()
+    video = src if isinstance(src, VideoSource) else open_video(src)
+    boundaries: list[int] = []
+    try:
+        user_cb = options.pop("on_boundary", None)
+
+        def cb(b: Boundary) -> None:
+            boundaries.append(b.frame)
+            if user_cb is not None:
+                user_cb(b)
+
+        kfs = list(iter_keyframes(video, on_boundary=cb, **options))
+    finally:
+        if not isinstance(src, VideoSource):
+            video.close()
+    seconds = time.perf_counter() - t0
+    return KeyframeReport(video=video.name, fps=video.fps, frames=video.frames_read,
+                          boundaries=sorted(set(boundaries)), keyframes=kfs, seconds=seconds, error=video.error)
