@@ -18,7 +18,7 @@ $(STAMP): pyproject.toml constraints.txt
 	touch $(STAMP)
 
 demo: setup
-	RAY_USAGE_STATS_ENABLED=0 $(BIN)/fedge simulate run
+	RAY_USAGE_STATS_ENABLED=0 $(BIN)/fedge simulate simulations/scenarios/quickstart.toml
 
 test: setup
 	RAY_USAGE_STATS_ENABLED=0 $(BIN)/python -m pytest -q

@@ -87,3 +87,19 @@ def compare_cmd(
 
 def _name(path: Path, sets: list[str]) -> str:
     return path.stem + ("" if not sets else " (" + ", ".join(sets) + ")")
+
+
+@app.command("flower-baseline", hidden=True)
+def flower_baseline_cmd(
+    scenario: Path = typer.Argument(..., help="Scenario TOML."),
+    out: Path = typer.Option(..., "--out", help="Run directory."),
+    set_: list[str] = typer.Option([], "--set", help="Override a config key."),
+    quiet: bool = typer.Option(False, "--quiet", help="No progress bars."),
+) -> None:
+    """Benchmark peer: the scenario's devices and data under plain Flower FedAvg (no fedge server or codec)."""
+    from . import flower_baseline as fb
+    from .runner import run
+
+    cfg = _load(scenario, list(set_))
+    run_dir = run(cfg, out_dir=out, progress=not quiet, report=False, apps=(fb.server_app, fb.client_app))
+    typer.echo(f"run directory: {run_dir}")

@@ -89,13 +89,13 @@ def _prepare_synthetic(cfg: FedgeConfig, out: Path) -> dict[str, Any]:
 
 def _render_and_ingest(job: tuple[avdigits.DevicePlan, str, str, dict[str, Any], dict[str, Any]]) -> dict[str, Any]:
     """Worker: render one device's streams into ``media``, ingest them into ``store``; return ingest counts."""
-    from . import ingest_bridge
+    from . import stores
 
     plan, media, store, render_kw, ingest_kw = job
     streams = avdigits.render_device(plan, Path(media), **render_kw)
     totals: dict[str, Any] = {"device": plan.pid, "streams": len(streams), "shots": int(len(plan.labels))}
     for s in streams:
-        counts = ingest_bridge.ingest_stream(video=s.video, audio=s.audio, store=Path(store), label=s.label,
+        counts = stores.ingest_stream(video=s.video, audio=s.audio, store=Path(store), label=s.label,
                                              **ingest_kw)
         for k, v in counts.items():
             if isinstance(v, (int, float)):
@@ -107,7 +107,7 @@ def _render_and_ingest(job: tuple[avdigits.DevicePlan, str, str, dict[str, Any],
 def _prepare_avdigits(cfg: FedgeConfig, out: Path, *, workers: int, progress: bool) -> dict[str, Any]:
     from tqdm import tqdm
 
-    from . import ingest_bridge
+    from . import stores
 
     d, s, m = cfg.data, cfg.simulation, cfg.model
     plans = avdigits.plan_devices(
@@ -116,7 +116,7 @@ def _prepare_avdigits(cfg: FedgeConfig, out: Path, *, workers: int, progress: bo
     )
     render_kw = {"fps": s.fps, "shot_s": s.shot_seconds, "size": s.frame_size, "image_noise": s.image_noise,
                  "snr_db": s.snr_db}
-    ingest_kw = ingest_bridge.ingest_options(cfg)
+    ingest_kw = stores.ingest_options(cfg)
     jobs = [(p, str(out / "media" / f"device-{p.pid}"), str(out / "stores" / f"device-{p.pid}"), render_kw,
              ingest_kw) for p in plans]
     held = avdigits.heldout_plan(d.eval_samples, seed=cfg.seed)
@@ -135,7 +135,7 @@ def _prepare_avdigits(cfg: FedgeConfig, out: Path, *, workers: int, progress: bo
                 bar.update()
     bar.close()
     shutil.rmtree(out / "media", ignore_errors=True)
-    arrays = ingest_bridge.store_arrays(out / "heldout-store", image_size=m.image_size, n_mels=m.n_mels,
+    arrays = stores.store_arrays(out / "heldout-store", image_size=m.image_size, n_mels=m.n_mels,
                                         frames=m.audio_frames)
     np.savez(out / EVAL_NAME, **arrays)
     totals: dict[str, Any] = {}

@@ -1,0 +1,231 @@
+"""Federated simulation on one machine: overhead against plain Flower, scale, async speed-up, accuracy.
+
+Every figure comes from real runs of ``fedge simulate`` (subprocesses: Flower's simulation engine on an embedded
+Ray, devices' streams rendered and ingested into stores) in this one program:
+
+(a) ``overhead_vs_flower``: steady-state wall seconds per client update of fedge's sync FedAvg against plain Flower
+    FedAvg (``flwr.serverapp.strategy.FedAvg``, :mod:`simulations.flower_baseline`) on the same model, devices and
+    data (target <= 1.15). Steady state: from the first to the last global version, so Ray start-up is excluded.
+(b) ``devices_1000_seconds``: wall seconds of a whole 1,000-device run (``scenarios/thousand.toml``: render, ingest,
+    train), with its peak memory (RSS of the whole process tree) printed beside it.
+(c) ``async_speedup``: virtual time to the target accuracy, sync FedAvg over async FedBuff, with 20% of the
+    devices 5-10x slower (target >= 3).
+(d) ``fed_vs_central``: final federated accuracy over centralized training of the same adapters on the pooled
+    device data (target >= 0.95); ``missing30_drop_pts``: accuracy points lost when 30% of the devices miss a
+    modality (target <= 3).
+(e) ``degraded_vs_best_single``: on a held-out set whose audio is at 5 dB SNR (rendered and ingested like the
+    rest), fused accuracy over the better single modality (target >= 1: fusion never below its best input).
+
+Run: .venv/bin/python benchmarks/simulation.py [--quick] [--skip-1000]
+Last line: overhead_vs_flower=… devices_1000_seconds=… async_speedup=… fed_vs_central=… missing30_drop_pts=…
+degraded_vs_best_single=…
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+SCEN = ROOT / "simulations" / "scenarios"
+
+
+def peak_rss_tree(proc: subprocess.Popen, stop: threading.Event, out: list[float]) -> None:
+    """Sample the summed RSS of ``proc`` and all its descendants every 0.2 s; keep the maximum in ``out[0]``."""
+    import psutil
+
+    try:
+        root = psutil.Process(proc.pid)
+    except psutil.NoSuchProcess:
+        return
+    while not stop.wait(0.2):
+        total = 0
+        try:
+            procs = [root, *root.children(recursive=True)]
+        except psutil.NoSuchProcess:
+            break
+        for p in procs:
+            try:
+                total += p.memory_info().rss
+            except psutil.Error:
+                pass
+        out[0] = max(out[0], float(total))
+
+
+def simulate(scenario: Path, out: Path, sets: list[str], env: dict[str, str], *, timeout: int = 900,
+             extra: list[str] | None = None) -> tuple[float, float]:
+    """Run ``fedge simulate`` in a subprocess; return (wall seconds, peak RSS bytes of its process tree)."""
+    cmd = [sys.executable, "-m", "common.cli", "simulate", *(extra or ["run"]), str(scenario), "--out", str(out),
+           "--quiet"]
+    for s in sets:
+        cmd += ["--set", s]
+    t0 = time.perf_counter()
+    log = open(out.with_suffix(".log"), "w")
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
+    peak = [0.0]
+    stop = threading.Event()
+    th = threading.Thread(target=peak_rss_tree, args=(proc, stop, peak), daemon=True)
+    th.start()
+    try:
+        rc = proc.wait(timeout=timeout)
+    finally:
+        stop.set()
+        th.join()
+        if proc.poll() is None:
+            proc.kill()
+    log.close()
+    if rc != 0:
+        tail = out.with_suffix(".log").read_text()[-3000:]
+        raise RuntimeError(f"fedge simulate {scenario.name} {sets} failed (rc={rc}):\n{tail}")
+    return time.perf_counter() - t0, peak[0]
+
+
+def metrics(run_dir: Path) -> list[dict]:
+    from simulations.report import read_metrics
+
+    return read_metrics(run_dir / "metrics.jsonl")
+
+
+def per_update_seconds(recs: list[dict]) -> float:
+    """Steady-state wall seconds per client update between the first and the last global version."""
+    if len(recs) < 2 or "wall_time" not in recs[0]:
+        raise RuntimeError("need >= 2 versions with wall_time to time steady state")
+    updates = sum(int(r["updates"]) for r in recs[1:])
+    return (float(recs[-1]["wall_time"]) - float(recs[0]["wall_time"])) / max(updates, 1)
+
+
+def time_to(recs: list[dict], target: float) -> float | None:
+    for r in recs:
+        if r["accuracy"] >= target:
+            return float(r["virtual_time"])
+    return None
+
+
+def centralized_accuracy(cfg_path: Path, steps: int) -> float:
+    """Train the same adapters on the pooled data of every device's store; accuracy on the same held-out set."""
+    import torch
+
+    from common.config import load_config
+    from common.training import evaluate, train_steps
+    from edge.data import local_data
+    from edge.node_config import NodeConfig
+    from simulations.evaluation import load_arrays, model_with
+
+    cfg = load_config(toml_path=cfg_path)
+    torch.manual_seed(cfg.seed)
+    torch.set_num_threads(2)
+    n = cfg.simulation.devices
+    parts = [local_data(cfg, NodeConfig(partition_id=i, num_partitions=n), "train") for i in range(n)]
+    pooled = {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
+    model = model_with(cfg, None)
+    train_steps(model, pooled, steps=steps, batch_size=cfg.train.batch_size, lr=cfg.train.lr, seed=cfg.seed,
+                modality_dropout_p=cfg.train.modality_dropout)
+    return float(evaluate(model, load_arrays(cfg.data.eval_path))["accuracy"])
+
+
+def degraded_eval(cfg_path: Path, adapters: Path, snr_db: float, cache: Path) -> dict[str, float]:
+    """Fused / image-only / audio-only accuracy of the final model on a held-out set with audio at ``snr_db``."""
+    import dataclasses
+
+    from common.config import load_config
+    from simulations import avdigits, stores
+    from simulations.evaluation import load_arrays, modality_accuracy, model_with
+
+    cfg = load_config(toml_path=cfg_path)
+    s, m = cfg.simulation, cfg.model
+    plan = avdigits.heldout_plan(cfg.data.eval_samples, seed=cfg.seed)
+    work = cache / f"degraded-{snr_db:g}dB"
+    streams = avdigits.render_device(plan, work / "media", fps=s.fps, shot_s=s.shot_seconds, size=s.frame_size,
+                                     image_noise=s.image_noise, snr_db=snr_db)
+    opts = stores.ingest_options(cfg)
+    for st in streams:
+        stores.ingest_stream(video=st.video, audio=st.audio, store=work / "store", label=st.label, **opts)
+    arrays = stores.store_arrays(work / "store", image_size=m.image_size, n_mels=m.n_mels, frames=m.audio_frames)
+    del dataclasses
+    return modality_accuracy(model_with(cfg, load_arrays(adapters)), arrays)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--quick", action="store_true", help="fewer versions (a smoke run, figures less stable)")
+    ap.add_argument("--skip-1000", action="store_true", help="leave out (b), the 1,000-device run")
+    ap.add_argument("--work", type=Path, default=None, help="keep runs here (default: a temp dir)")
+    args = ap.parse_args()
+    work = args.work or Path(tempfile.mkdtemp(prefix="fedge-bench-sim-"))
+    work.mkdir(parents=True, exist_ok=True)
+    cache = work / "data"
+    env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0", "FEDGE_SIM_CACHE": str(cache), "OMP_NUM_THREADS": "1"}
+    q = ["aggregation.versions=8"] if args.quick else []
+    base = SCEN / "quickstart.toml"
+    results: dict[str, object] = {}
+
+    # (c) async vs sync with stragglers, same devices and data; the async run also feeds (d) and (e)
+    target = 0.8
+    wall_async, _ = simulate(base, work / "async", [f"simulation.target_accuracy={target}", *q], env)
+    wall_sync, _ = simulate(SCEN / "sync.toml", work / "sync", [f"simulation.target_accuracy={target}"], env)
+    ra, rs = metrics(work / "async"), metrics(work / "sync")
+    ta, ts = time_to(ra, target), time_to(rs, target)
+    print(f"(c) async: final acc {ra[-1]['accuracy']:.3f}, {target} at {ta} virtual s ({wall_async:.0f} s wall); "
+          f"sync: final acc {rs[-1]['accuracy']:.3f}, {target} at {ts} virtual s ({wall_sync:.0f} s wall)")
+    speedup = (ts / ta) if ta and ts else float("nan")
+    results["async_speedup"] = speedup
+
+    # (d) federated vs centralized; 30% of devices missing a modality
+    fed = max(r["accuracy"] for r in ra[-3:])
+    steps = int(sum(r["updates"] for r in ra)) * 15
+    central = centralized_accuracy(work / "async" / "config.toml", steps)
+    print(f"(d) federated {fed:.4f} (best of the last 3 versions) vs centralized {central:.4f} ({steps} steps)")
+    results["fed_vs_central"] = fed / central
+    simulate(base, work / "missing30", ["data.missing_image=0.15", "data.missing_audio=0.15", *q], env)
+    rm = metrics(work / "missing30")
+    fed_m = max(r["accuracy"] for r in rm[-3:])
+    print(f"(d) 30% of devices missing a modality: {fed_m:.4f}")
+    results["missing30_drop_pts"] = 100 * (fed - fed_m)
+
+    # (e) audio degraded to 5 dB SNR at test time
+    acc = degraded_eval(work / "async" / "config.toml", work / "async" / "global_adapters.npz", 5.0, work)
+    best = max(acc.get("image", 0.0), acc.get("audio", 0.0))
+    print(f"(e) audio at 5 dB SNR: fused {acc.get('image+audio', 0):.4f}, image only {acc.get('image', 0):.4f}, "
+          f"audio only {acc.get('audio', 0):.4f}")
+    results["degraded_vs_best_single"] = acc["image+audio"] / best
+
+    # (a) fedge sync FedAvg vs plain Flower FedAvg, same model/devices/data, all 8 devices per round
+    sets = ["aggregation.versions=6", "aggregation.concurrency=8", "profiles.straggler_fraction=0.0"]
+    simulate(SCEN / "sync.toml", work / "fedge-sync", sets, env)
+    simulate(SCEN / "sync.toml", work / "flower", sets, env, extra=["flower-baseline"])
+    pf, pb = per_update_seconds(metrics(work / "fedge-sync")), per_update_seconds(metrics(work / "flower"))
+    print(f"(a) wall s per client update: fedge {pf:.4f}, plain Flower FedAvg {pb:.4f}")
+    results["overhead_vs_flower"] = pf / pb
+
+    # (b) 1,000 virtual devices
+    if args.skip_1000:
+        results["devices_1000_seconds"] = float("nan")
+    else:
+        wall, peak = simulate(SCEN / "thousand.toml", work / "thousand", [], env, timeout=1800)
+        r1 = metrics(work / "thousand")
+        prep = json.loads((work / "thousand" / "prepared.json").read_text())
+        print(f"(b) 1,000 devices: {wall:.0f} s wall (render+ingest+train), peak memory {peak / 2**30:.2f} GiB, "
+              f"{len(r1)} versions, final acc {r1[-1]['accuracy']:.3f}, ingest {prep.get('ingest')}")
+        results["devices_1000_seconds"] = wall
+        results["devices_1000_peak_gib"] = peak / 2**30
+
+    (work / "results.json").write_text(json.dumps(results, indent=1))
+    print(f"runs in {work}")
+    keys = ("overhead_vs_flower", "devices_1000_seconds", "async_speedup", "fed_vs_central", "missing30_drop_pts",
+            "degraded_vs_best_single")
+    print(" ".join(f"{k}={float(results[k]):.3f}" for k in keys))  # type: ignore[arg-type]
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,80 @@
+"""AV digits: device plans, rendered camera/microphone streams, held-out split (fast unit tests)."""
+
+import wave
+
+import cv2
+import numpy as np
+import pytest
+
+from simulations import avdigits
+
+
+def test_plans_are_deterministic_in_the_seed():
+    a = avdigits.plan_devices(5, samples_per_device=12, seed=3)
+    b = avdigits.plan_devices(5, samples_per_device=12, seed=3)
+    c = avdigits.plan_devices(5, samples_per_device=12, seed=4)
+    assert all(np.array_equal(x.labels, y.labels) and np.array_equal(x.images, y.images) for x, y in zip(a, b))
+    assert any(not np.array_equal(x.labels, y.labels) for x, y in zip(a, c))
+
+
+def test_image_labels_match_the_digit_shown():
+    _, y = avdigits.digit_images()
+    for p in avdigits.plan_devices(3, samples_per_device=20, seed=0):
+        assert np.array_equal(y[p.images], p.labels)
+
+
+def test_speaker_partition_gives_each_device_one_voice():
+    plans = avdigits.plan_devices(10, samples_per_device=15, seed=0, partition="speaker")
+    assert [set(p.speakers.tolist()) for p in plans] == [{i} for i in range(10)]
+
+
+def test_dirichlet_partition_skews_labels_and_missing_fractions_are_exact():
+    plans = avdigits.plan_devices(20, samples_per_device=50, seed=0, partition="dirichlet", dirichlet_alpha=0.1,
+                                  missing_image=0.15, missing_audio=0.15)
+    top_share = np.mean([np.bincount(p.labels, minlength=10).max() / 50 for p in plans])
+    assert top_share > 0.5  # alpha=0.1: most of a device's shots show one or two digits
+    mods = [p.modalities for p in plans]
+    assert mods.count(("audio",)) == 3 and mods.count(("image",)) == 3
+
+
+def test_heldout_images_are_never_training_images():
+    train, test = avdigits.image_split(0)
+    assert not set(train) & set(test)
+    held = avdigits.heldout_plan(100, seed=0)
+    assert set(held.images.tolist()) <= set(test.tolist())
+    assert np.bincount(held.labels, minlength=10).min() == 10
+
+
+def test_rendered_streams_have_one_shot_per_sample(tmp_path):
+    plan = avdigits.plan_devices(1, samples_per_device=6, seed=1)[0]
+    streams = avdigits.render_device(plan, tmp_path, fps=8, shot_s=1.0, size=48, image_noise=0.03, snr_db=20)
+    assert sorted(s.label for s in streams) == sorted(set(plan.labels.tolist()))
+    for s in streams:
+        cap = cv2.VideoCapture(str(s.video))
+        n = 0
+        while cap.grab():
+            n += 1
+        assert n == 8 * s.shots
+        with wave.open(str(s.audio)) as w:
+            assert w.getframerate() == 16000 and w.getnchannels() == 1
+            assert w.getnframes() == 16000 * s.shots
+
+
+def test_speech_is_loud_inside_each_shot_and_camera_only_devices_get_no_audio(tmp_path):
+    _, rate, clips = avdigits.speech_clips()
+    rng = np.random.default_rng(0)
+    y = avdigits.render_track([clips[0][3], clips[1][3]], rate=rate, shot_s=1.0, snr_db=20, rng=rng)
+    halves = y.reshape(2, rate)
+    # each shot's loudest 100 ms is far above the noise floor: the word is inside its shot
+    for h in halves:
+        frames = np.sqrt((h[: rate // 10 * 10].reshape(10, -1) ** 2).mean(1))
+        assert frames.max() > 5 * np.median(np.sort(frames)[:3])
+    plan = avdigits.DevicePlan(pid=0, labels=np.array([1, 1]), images=np.array([1, 11]), speakers=np.array([0, 0]),
+                               modalities=("image",), seed=1)
+    streams = avdigits.render_device(plan, tmp_path, fps=8, shot_s=1.0, size=32, image_noise=0.0, snr_db=20)
+    assert streams[0].audio is None and streams[0].video is not None
+
+
+def test_unknown_partition_is_refused():
+    with pytest.raises(ValueError, match="partition"):
+        avdigits.plan_devices(2, samples_per_device=2, seed=0, partition="bogus")
