@@ -1,0 +1,459 @@
+"""Log-mel spectrogram and MFCC in NumPy/SciPy, following librosa's conventions; offline and streaming.
+
+Pure numerics: no I/O, no librosa at run time. Parameter names and defaults of the helper functions follow
+librosa 0.11 (``melspectrogram``, ``power_to_db``, ``mfcc``, ``filters.mel``) so that a reader can check one
+against the other; :class:`MelParams` carries fedge's defaults (the model's audio input: 16 kHz, ``n_fft`` 512,
+hop 256, 40 mel bands).
+
+How it is fast: frames are windowed and transformed in fixed blocks of :data:`BLOCK` frames (one ``rfft`` over
+a cache-sized 2-D array, single precision), the power spectrum is ``re**2 + im**2`` (no square root), and the mel projection uses the filterbank's sparsity (each FFT bin feeds at most two
+triangular filters). The filterbank, window and DCT matrix are computed once per parameter set.
+
+Why blocks: offline and streaming computation run the very same kernel on the very same blocks of frames
+(block ``j`` always holds frames ``[j*BLOCK, (j+1)*BLOCK)``), so a stream fed in chunks of any size returns
+exactly, bit for bit, what the offline function returns. Global operations (``ref=np.max``, ``top_db``) cannot
+be applied to a stream before it ends; :func:`power_to_db` applies them to any window afterwards.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from functools import lru_cache
+from typing import Callable, Literal
+
+import numpy as np
+import scipy.fft
+import scipy.signal
+import scipy.sparse
+from numpy.lib.stride_tricks import as_strided
+
+BLOCK = 256  # frames per kernel call; also the streaming granularity (exactness depends on it being fixed)
+PAD_MODES = ("constant", "reflect", "edge")
+Norm = Literal["slaney"] | float | None
+
+
+# ----------------------------------------------------------------------------------------- mel scale
+def hz_to_mel(frequencies: np.ndarray | float, *, htk: bool = False) -> np.ndarray:
+    """Hz -> mel (Slaney's auditory toolbox scale by default, HTK's ``2595 log10(1 + f/700)`` if ``htk``)."""
+    f = np.asarray(frequencies, dtype=np.float64)
+    if htk:
+        return 2595.0 * np.log10(1.0 + f / 700.0)
+    f_sp = 200.0 / 3  # linear below 1 kHz
+    mels = f / f_sp
+    min_log_hz = 1000.0
+    min_log_mel = min_log_hz / f_sp
+    logstep = np.log(6.4) / 27.0  # logarithmic above 1 kHz
+    return np.where(f >= min_log_hz, min_log_mel + np.log(np.maximum(f, 1e-300) / min_log_hz) / logstep, mels)
+
+
+def mel_to_hz(mels: np.ndarray | float, *, htk: bool = False) -> np.ndarray:
+    """Mel -> Hz, the inverse of :func:`hz_to_mel`."""
+    m = np.asarray(mels, dtype=np.float64)
+    if htk:
+        return 700.0 * (10.0 ** (m / 2595.0) - 1.0)
+    f_sp = 200.0 / 3
+    min_log_hz = 1000.0
+    min_log_mel = min_log_hz / f_sp
+    logstep = np.log(6.4) / 27.0
+    return np.where(m >= min_log_mel, min_log_hz * np.exp(logstep * (m - min_log_mel)), f_sp * m)
+
+
+def mel_filterbank(
+    *,
+    sr: int,
+    n_fft: int,
+    n_mels: int = 128,
+    fmin: float = 0.0,
+    fmax: float | None = None,
+    htk: bool = False,
+    norm: Norm = "slaney",
+) -> np.ndarray:
+    """Triangular mel filterbank, (n_mels, 1 + n_fft // 2) float32, as ``librosa.filters.mel``.
+
+    ``norm="slaney"`` divides each triangle by its width in Hz (constant energy per band); a number p
+    normalises each filter to unit p-norm; ``None`` leaves peaks at 1.
+    """
+    if fmax is None:
+        fmax = sr / 2.0
+    fftfreqs = np.fft.rfftfreq(n=n_fft, d=1.0 / sr)
+    mel_f = mel_to_hz(np.linspace(hz_to_mel(fmin, htk=htk), hz_to_mel(fmax, htk=htk), n_mels + 2), htk=htk)
+    fdiff = np.diff(mel_f)
+    ramps = np.subtract.outer(mel_f, fftfreqs)
+    weights = np.zeros((n_mels, 1 + n_fft // 2), dtype=np.float32)
+    for i in range(n_mels):
+        lower = -ramps[i] / fdiff[i]
+        upper = ramps[i + 2] / fdiff[i + 1]
+        weights[i] = np.maximum(0, np.minimum(lower, upper))
+    if norm == "slaney":
+        weights *= (2.0 / (mel_f[2 : n_mels + 2] - mel_f[:n_mels]))[:, None]
+    elif norm is not None:
+        p = float(norm)
+        w = np.abs(weights)
+        length = w.max(axis=1) if math.isinf(p) else (w**p).sum(axis=1) ** (1.0 / p)
+        length[length < np.finfo(np.float32).tiny] = 1.0
+        weights = weights / length[:, None]
+    return weights
+
+
+def dct_matrix(n_mfcc: int, n_mels: int) -> np.ndarray:
+    """Orthonormal DCT-II rows 0..n_mfcc-1, (n_mfcc, n_mels) float64 (``scipy.fft.dct(type=2, norm='ortho')``)."""
+    n = np.arange(n_mels)
+    k = np.arange(n_mfcc)[:, None]
+    basis = np.cos(np.pi * k * (2 * n + 1) / (2 * n_mels)) * np.sqrt(2.0 / n_mels)
+    basis[0] /= np.sqrt(2.0)
+    return basis
+
+
+# ----------------------------------------------------------------------------------------- parameters
+@dataclass(frozen=True)
+class MelParams:
+    """STFT and mel parameters, librosa's names; defaults are the fedge model's audio input.
+
+    ``win_length`` defaults to ``n_fft`` and ``hop_length`` to ``win_length // 4`` as in librosa; the window
+    is any name ``scipy.signal.get_window`` knows (periodic, zero-padded to ``n_fft`` in the centre).
+    """
+
+    sr: int = 16000
+    n_fft: int = 512
+    hop_length: int | None = 256
+    win_length: int | None = None
+    window: str = "hann"
+    center: bool = True
+    pad_mode: str = "constant"
+    power: float = 2.0
+    n_mels: int = 40
+    fmin: float = 0.0
+    fmax: float | None = None
+    htk: bool = False
+    norm: Norm = "slaney"
+
+    def __post_init__(self) -> None:
+        def check(ok: bool, key: str, msg: str) -> None:
+            if not ok:
+                raise ValueError(f"audio parameter '{key}': {msg}")
+
+        check(self.sr > 0, "sr", "must be > 0")
+        check(self.n_fft >= 2, "n_fft", "must be >= 2")
+        check(1 <= self.win_len <= self.n_fft, "win_length", f"must be in [1, n_fft={self.n_fft}]")
+        check(self.hop >= 1, "hop_length", "must be >= 1")
+        check(self.pad_mode in PAD_MODES, "pad_mode", f"must be one of {PAD_MODES}")
+        check(self.power > 0, "power", "must be > 0")
+        check(self.n_mels >= 1, "n_mels", "must be >= 1")
+        top = self.sr / 2.0 if self.fmax is None else self.fmax
+        check(0 <= self.fmin < top, "fmin", f"must be in [0, fmax={top})")
+        check(top <= self.sr / 2.0 + 1e-9 or self.fmax is None, "fmax", f"must be <= sr/2 = {self.sr / 2}")
+        check(self.norm is None or self.norm == "slaney" or isinstance(self.norm, (int, float)), "norm",
+              "must be 'slaney', a number p, or None")
+        try:
+            scipy.signal.get_window(self.window, 8)
+        except ValueError as e:
+            raise ValueError(f"audio parameter 'window': {e}") from None
+
+    @property
+    def win_len(self) -> int:
+        return self.n_fft if self.win_length is None else int(self.win_length)
+
+    @property
+    def hop(self) -> int:
+        return self.win_len // 4 if self.hop_length is None else int(self.hop_length)
+
+    def n_frames(self, n_samples: int) -> int:
+        """Frames that ``n_samples`` samples make (librosa's count; 0 when too short without centring)."""
+        padded = n_samples + (2 * (self.n_fft // 2) if self.center else 0)
+        return 0 if padded < self.n_fft else 1 + (padded - self.n_fft) // self.hop
+
+    def frame_time(self, index: np.ndarray | int) -> np.ndarray:
+        """Centre time in seconds of frame ``index`` (``librosa.frames_to_time`` with ``n_fft`` when not centred)."""
+        offset = 0 if self.center else self.n_fft // 2
+        return (np.asarray(index) * self.hop + offset) / float(self.sr)
+
+
+class _Kernel:
+    """Precomputed window, sparse filterbank and block kernel for one :class:`MelParams`."""
+
+    def __init__(self, p: MelParams) -> None:
+        self.p = p
+        win = scipy.signal.get_window(p.window, p.win_len, fftbins=True)
+        lpad = (p.n_fft - p.win_len) // 2
+        self.window = np.pad(win, (lpad, p.n_fft - p.win_len - lpad)).astype(np.float32)  # (n_fft,)
+        self.basis = mel_filterbank(sr=p.sr, n_fft=p.n_fft, n_mels=p.n_mels, fmin=p.fmin, fmax=p.fmax,
+                                    htk=p.htk, norm=p.norm)  # (n_mels, F)
+        # the transpose in CSR: out (n, n_mels) = P (n, F) @ basis.T, computed as (basis @ P.T).T per block
+        self.sparse = scipy.sparse.csr_matrix(self.basis)
+        self.n_bins = 1 + p.n_fft // 2
+        self._buf = np.empty((BLOCK, p.n_fft), dtype=np.float32)
+        self._pow = np.empty((BLOCK, self.n_bins), dtype=np.float32)
+
+    def block(self, frames: np.ndarray) -> np.ndarray:
+        """Mel power of up to BLOCK frames: (n, n_fft) float32 view -> (n_mels, n) float32."""
+        n = frames.shape[0]
+        buf = self._buf[:n]
+        np.multiply(frames, self.window, out=buf)
+        spec = scipy.fft.rfft(buf, axis=-1, overwrite_x=True)  # (n, F) complex64
+        pw = np.square(spec.real, out=self._pow[:n])  # |X|^2 without the square root of np.abs
+        pw += np.square(spec.imag)
+        if self.p.power != 2.0:
+            np.power(pw, self.p.power / 2.0, out=pw)
+        return np.asarray(self.sparse @ pw.T, dtype=np.float32)  # (n_mels, n)
+
+
+@lru_cache(maxsize=16)
+def _kernel(p: MelParams) -> _Kernel:
+    return _Kernel(p)
+
+
+def _check_signal(y: np.ndarray) -> np.ndarray:
+    y = np.asarray(y)
+    if y.ndim != 1:
+        raise ValueError(f"audio must be mono 1-D, got shape {y.shape}")
+    if not np.issubdtype(y.dtype, np.floating):
+        raise ValueError(f"audio must be floating point, got {y.dtype}")
+    if not np.isfinite(y).all():
+        bad = int(np.flatnonzero(~np.isfinite(y))[0])
+        raise ValueError(f"audio has non-finite samples (first at index {bad})")
+    return np.ascontiguousarray(y, dtype=np.float32)
+
+
+def _pad(y: np.ndarray, left: int, right: int, mode: str) -> np.ndarray:
+    if left == 0 and right == 0:
+        return y
+    return np.pad(y, (left, right), mode=mode)  # type: ignore[call-overload]
+
+
+def _frames(yp: np.ndarray, n_fft: int, hop: int, count: int) -> np.ndarray:
+    """(count, n_fft) strided read-only view of frames of ``yp`` (no copy)."""
+    s = yp.strides[0]
+    return as_strided(yp, shape=(count, n_fft), strides=(s * hop, s), writeable=False)
+
+
+# ----------------------------------------------------------------------------------------- offline
+def mel_power(y: np.ndarray, params: MelParams = MelParams()) -> np.ndarray:
+    """Mel spectrogram (power ``params.power``) of a mono signal: (n,) -> (n_mels, T) float32.
+
+    Same result as ``librosa.feature.melspectrogram`` with the same parameters (to float32 rounding).
+    Raises ``ValueError`` for non-finite samples or a signal too short for one frame.
+    """
+    y = _check_signal(y)
+    k = _kernel(params)
+    p = params
+    pad = p.n_fft // 2 if p.center else 0
+    t = p.n_frames(len(y))
+    if t == 0:
+        raise ValueError(f"audio too short: {len(y)} samples give no frame of n_fft={p.n_fft}")
+    yp = _pad(y, pad, pad, p.pad_mode)
+    frames = _frames(yp, p.n_fft, p.hop, t)
+    out = np.empty((p.n_mels, t), dtype=np.float32)
+    for s in range(0, t, BLOCK):
+        out[:, s : s + BLOCK] = k.block(frames[s : s + BLOCK])
+    return out
+
+
+def power_to_db(
+    S: np.ndarray,
+    *,
+    ref: float | Callable[[np.ndarray], float] = 1.0,
+    amin: float = 1e-10,
+    top_db: float | None = 80.0,
+) -> np.ndarray:
+    """``10 log10(max(amin, S) / max(amin, ref))``, floored at ``max - top_db``; as ``librosa.power_to_db``."""
+    if amin <= 0:
+        raise ValueError("power_to_db: amin must be > 0")
+    if top_db is not None and top_db < 0:
+        raise ValueError("power_to_db: top_db must be >= 0")
+    mag = np.asarray(S)
+    ref_value = ref(mag) if callable(ref) else abs(ref)
+    log_spec = 10.0 * np.log10(np.maximum(amin, mag))
+    log_spec -= 10.0 * np.log10(np.maximum(amin, ref_value))
+    if top_db is not None:
+        log_spec = np.maximum(log_spec, log_spec.max() - top_db)
+    return log_spec
+
+
+def logmel(
+    y: np.ndarray,
+    params: MelParams = MelParams(),
+    *,
+    ref: float | Callable[[np.ndarray], float] = 1.0,
+    amin: float = 1e-10,
+    top_db: float | None = 80.0,
+) -> np.ndarray:
+    """Log-mel spectrogram in dB: ``power_to_db(mel_power(y))``, (n_mels, T) float32."""
+    return power_to_db(mel_power(y, params), ref=ref, amin=amin, top_db=top_db)
+
+
+def mfcc_from_db(S_db: np.ndarray, *, n_mfcc: int = 20, lifter: float = 0.0) -> np.ndarray:
+    """MFCC from a log-mel spectrogram in dB: orthonormal DCT-II over mel bands, first ``n_mfcc`` rows.
+
+    (n_mels, T) -> (n_mfcc, T) float32, as ``librosa.feature.mfcc(S=S_db, n_mfcc, dct_type=2, norm='ortho',
+    lifter)``.
+    """
+    n_mels = S_db.shape[0]
+    if not 1 <= n_mfcc <= n_mels:
+        raise ValueError(f"n_mfcc must be in [1, n_mels={n_mels}], got {n_mfcc}")
+    if lifter < 0:
+        raise ValueError("lifter must be >= 0")
+    m = (_dct(n_mfcc, n_mels) @ S_db).astype(np.float32)
+    if lifter > 0:
+        li = np.sin(np.pi * np.arange(1, 1 + n_mfcc, dtype=np.float32) / lifter)
+        m *= (1 + (lifter / 2) * li)[:, None]
+    return m
+
+
+@lru_cache(maxsize=16)
+def _dct(n_mfcc: int, n_mels: int) -> np.ndarray:
+    return dct_matrix(n_mfcc, n_mels).astype(np.float32)
+
+
+def mfcc(
+    y: np.ndarray,
+    params: MelParams = MelParams(),
+    *,
+    n_mfcc: int = 20,
+    lifter: float = 0.0,
+    ref: float | Callable[[np.ndarray], float] = 1.0,
+    amin: float = 1e-10,
+    top_db: float | None = 80.0,
+) -> np.ndarray:
+    """MFCC of a mono signal, (n_mfcc, T) float32, as ``librosa.feature.mfcc`` with the same parameters."""
+    return mfcc_from_db(logmel(y, params, ref=ref, amin=amin, top_db=top_db), n_mfcc=n_mfcc, lifter=lifter)
+
+
+# ----------------------------------------------------------------------------------------- streaming
+class MelStream:
+    """Chunked mel power: :meth:`push` samples as they come, :meth:`flush` at the end.
+
+    The concatenation of everything returned equals :func:`mel_power` of the concatenated input exactly
+    (same kernel, same blocks). Memory is bounded: at most one block of frames plus one chunk is buffered.
+    Frame ``i`` of the output is centred at ``params.frame_time(i)`` seconds.
+    """
+
+    def __init__(self, params: MelParams = MelParams()) -> None:
+        self.params = params
+        self._k = _kernel(params)
+        self._pad = params.n_fft // 2 if params.center else 0
+        self._head: np.ndarray | None = np.empty(0, np.float32)  # raw samples until the left pad is built
+        self._buf = np.empty(0, np.float32)  # padded samples from frame ``self.frames_out`` on
+        self._tail = np.empty(0, np.float32)  # last pad+1 raw samples (right reflect/edge padding)
+        self.frames_out = 0
+        self.samples_in = 0
+        self._closed = False
+
+    def push(self, chunk: np.ndarray) -> np.ndarray:
+        """Add samples; returns the mel frames completed so far, (n_mels, k) float32 (k may be 0)."""
+        if self._closed:
+            raise RuntimeError("MelStream: push after flush")
+        x = _check_signal(chunk)
+        self.samples_in += len(x)
+        keep = self._pad + 1
+        self._tail = np.concatenate([self._tail, x])[-keep:]
+        if self._head is not None:
+            # the left pad of reflect/edge modes needs the first pad+1 samples: hold input until then
+            self._head = np.concatenate([self._head, x])
+            if len(self._head) < keep:
+                return self._empty()
+            x, self._head = _pad(self._head, self._pad, 0, self.params.pad_mode), None
+        self._buf = np.concatenate([self._buf, x])
+        return self._drain(final=False)
+
+    def flush(self) -> np.ndarray:
+        """End of stream: pad the right edge and return the remaining frames."""
+        if self._closed:
+            return self._empty()
+        self._closed = True
+        p = self.params
+        if self._head is not None:  # too short for the streaming path: the offline one on what there is
+            if p.n_frames(len(self._head)) == 0:
+                return self._empty()
+            self._buf = _pad(self._head, self._pad, self._pad, p.pad_mode)
+            self._head = None
+        elif self._pad:
+            right = _pad(self._tail, 0, self._pad, p.pad_mode)[len(self._tail) :]
+            self._buf = np.concatenate([self._buf, right])
+        return self._drain(final=True)
+
+    def _empty(self) -> np.ndarray:
+        return np.empty((self.params.n_mels, 0), np.float32)
+
+    def _drain(self, *, final: bool) -> np.ndarray:
+        p = self.params
+        avail = 0 if len(self._buf) < p.n_fft else 1 + (len(self._buf) - p.n_fft) // p.hop
+        out = []
+        while avail >= BLOCK or (final and avail > 0):
+            n = min(BLOCK, avail)
+            out.append(self._k.block(_frames(self._buf, p.n_fft, p.hop, n)))
+            self._buf = self._buf[n * p.hop :]
+            self.frames_out += n
+            avail -= n
+        if out:
+            self._buf = self._buf.copy()  # drop the reference to the consumed prefix
+        return np.concatenate(out, axis=1) if out else self._empty()
+
+
+# ----------------------------------------------------------------------------------------- resampling
+class StreamResampler:
+    """Chunked polyphase resampling that equals ``scipy.signal.resample_poly(x, up, down)`` of the whole signal.
+
+    Same filter as SciPy (Kaiser-windowed sinc, beta 5, ``10 * max(up, down)`` taps each side, zero padding
+    at both ends); each output sample is the dot product of one polyphase branch with the inputs it covers, so
+    chunk boundaries leave no seam. Memory: one filter's length of input history.
+    """
+
+    def __init__(self, sr_in: int, sr_out: int) -> None:
+        if sr_in <= 0 or sr_out <= 0:
+            raise ValueError(f"sample rates must be > 0, got {sr_in} -> {sr_out}")
+        g = math.gcd(int(sr_in), int(sr_out))
+        self.up, self.down = int(sr_out) // g, int(sr_in) // g
+        self.n_in = 0
+        self.n_out = 0
+        if self.up == self.down == 1:
+            return
+        max_rate = max(self.up, self.down)
+        half_len = 10 * max_rate
+        h = scipy.signal.firwin(2 * half_len + 1, 1.0 / max_rate, window=("kaiser", 5.0)) * self.up
+        n_pre_pad = self.down - half_len % self.down
+        h = np.concatenate([np.zeros(n_pre_pad), h])
+        self._pre = (half_len + n_pre_pad) // self.down  # outputs scipy drops at the start
+        self._q = -(-len(h) // self.up)  # taps per polyphase branch
+        h = np.pad(h, (0, self._q * self.up - len(h)))
+        self._branches = h.reshape(self._q, self.up).T.copy()  # (up, Q): branch[p, q] = h[p + up*q]
+        self._buf = np.zeros(self._q, np.float64)  # inputs from index self._i0 on (zeros before the start)
+        self._i0 = -self._q
+
+    def push(self, x: np.ndarray) -> np.ndarray:
+        """Add input samples; returns the output samples that are now complete (float32)."""
+        x = np.asarray(x, dtype=np.float64).ravel()
+        self.n_in += len(x)
+        if self.up == self.down == 1:
+            self.n_out += len(x)
+            return x.astype(np.float32)
+        self._buf = np.concatenate([self._buf, x])
+        # output j needs inputs up to floor((j + pre) * down / up)
+        last = (self.n_in - 1) * self.up // self.down - self._pre if self.n_in else -1
+        return self._emit(last + 1)
+
+    def flush(self) -> np.ndarray:
+        """End of input: the remaining outputs (``ceil(n_in * up / down)`` in all), zeros assumed beyond."""
+        if self.up == self.down == 1:
+            return np.empty(0, np.float32)
+        total = -(-self.n_in * self.up // self.down)
+        self._buf = np.concatenate([self._buf, np.zeros(self._q + 1)])
+        return self._emit(total)
+
+    def _emit(self, stop: int) -> np.ndarray:
+        parts = []
+        while self.n_out < stop:
+            j = np.arange(self.n_out, min(stop, self.n_out + 4096))
+            t = (j + self._pre) * self.down
+            phase = t % self.up
+            base = (t - phase) // self.up - self._i0  # buffer index of the q = 0 input
+            idx = base[:, None] - np.arange(self._q)[None, :]
+            parts.append(np.einsum("jq,jq->j", self._branches[phase], self._buf[idx]))
+            self.n_out += len(j)
+        # keep only the history that later outputs can still reach
+        t_next = (self.n_out + self._pre) * self.down
+        first = (t_next - t_next % self.up) // self.up - self._q + 1 - self._i0
+        if first > 0:
+            self._buf = self._buf[first:].copy()
+            self._i0 += first
+        return np.concatenate(parts).astype(np.float32) if parts else np.empty(0, np.float32)
