@@ -1,0 +1,273 @@
+"""The device agent (``fedge edge run``): keep ingesting into the SampleStore and keep a Flower SuperNode running.
+
+Two supervised child processes, each in its own process group:
+
+* **ingest** — ``fedge edge ingest`` from the device's camera / microphone sources into the store; restarted
+  with backoff when it fails, left alone when it finishes a finite source;
+* **supernode** — ``flower-supernode`` with this package's ClientApp against the SuperLink; node config
+  ``device-id``, ``store``, ``modalities``, ``profile``, ``threads`` (see :mod:`edge.node_config`). The SuperNode
+  itself retries a lost connection (unlimited by default); should it exit anyway, the agent restarts it with
+  exponential backoff (a SuperLink that is down for an hour is retried for an hour).
+
+TLS when ``--root-certificates`` is given (else ``--insecure``), SuperNode authentication when ``--auth-keys``
+names the node's key (the directory ``fedge cloud certs`` writes per node, holding ``auth.key``, or the key
+file itself). SIGTERM / SIGINT stop both children gracefully (SIGTERM to their groups, SIGKILL after a
+grace period). Nothing is lost by stopping: samples are committed to SQLite one by one by the ingest, and the
+ClientApp writes adapters, error-feedback residual and privacy ledger atomically to ``<store>/agent-state``
+after every update (:mod:`edge.node_state`), so a restarted agent carries on where it stopped.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from common.config import MODALITIES
+
+from .node_config import NodeConfig
+
+AUTH_KEY_NAMES = ("auth.key",)  # what `fedge cloud certs` writes per node (OpenSSH ECDSA private key)
+
+
+class AgentError(ValueError):
+    """A bad agent argument (missing file, malformed address); the message names it."""
+
+
+def _log(msg: str) -> None:
+    print(f"[fedge-agent] {msg}", flush=True)
+
+
+def parse_address(address: str) -> tuple[str, int]:
+    """``HOST:PORT`` (IPv6 as ``[::1]:PORT``) -> (host, port); AgentError when malformed."""
+    host, sep, port = address.rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise AgentError(f"--superlink {address!r}: expected HOST:PORT")
+    return host, int(port)
+
+
+def auth_key_path(auth_keys: Path) -> Path:
+    """The SuperNode's private key: ``auth_keys`` itself if a file, else the one key file inside the directory."""
+    if auth_keys.is_file():
+        return auth_keys
+    if not auth_keys.is_dir():
+        raise AgentError(f"--auth-keys {auth_keys}: no such file or directory")
+    for name in AUTH_KEY_NAMES:
+        if (auth_keys / name).is_file():
+            return auth_keys / name
+    raise AgentError(f"--auth-keys {auth_keys}: holds no {' or '.join(AUTH_KEY_NAMES)}")
+
+
+def supernode_command(*, superlink: str, node: NodeConfig, port: int, root_certificates: Path | None = None,
+                      auth_key: Path | None = None, bin_dir: Path | None = None) -> list[str]:
+    """The ``flower-supernode`` command line for this device."""
+    parse_address(superlink)
+    exe = str((bin_dir or Path(sys.executable).parent) / "flower-supernode")
+    cmd = [exe, "--superlink", superlink, "--node-config", node.to_flower(), "--port", str(port)]
+    cmd += ["--root-certificates", str(root_certificates)] if root_certificates else ["--insecure"]
+    if auth_key is not None:
+        cmd += ["--auth-supernode-private-key", str(auth_key)]
+    return cmd
+
+
+def ingest_command(*, store: Path, video: str | None, audio: str | None, extra: Sequence[str] = ()) -> list[str]:
+    """The ``fedge edge ingest`` command line for this device's sources."""
+    cmd = [sys.executable, "-m", "common.cli", "edge", "ingest", "--store", str(store)]
+    if video:
+        cmd += ["--video", video]
+    if audio:
+        cmd += ["--audio", audio]
+    return cmd + list(extra)
+
+
+@dataclass
+class Child:
+    """A supervised child process: restarted with exponential backoff per its policy."""
+
+    name: str
+    argv: list[str]
+    env: dict[str, str]
+    restart: str = "always"  # "always" | "on-failure"
+    min_backoff_s: float = 1.0
+    max_backoff_s: float = 30.0
+    stable_s: float = 60.0  # running this long resets the backoff
+    proc: subprocess.Popen[bytes] | None = None
+    starts: int = 0
+    done: bool = False
+    _backoff: float = field(default=0.0, repr=False)
+    _next_start: float = field(default=0.0, repr=False)
+    _started_at: float = field(default=0.0, repr=False)
+
+    def start(self) -> None:
+        self.proc = subprocess.Popen(self.argv, env=self.env, start_new_session=True)
+        self.starts += 1
+        self._started_at = time.monotonic()
+        _log(f"{self.name} started (pid {self.proc.pid}, start #{self.starts})")
+
+    def poll(self, now: float) -> None:
+        """Start, or restart after an exit, as the policy and backoff say."""
+        if self.done:
+            return
+        if self.proc is None:
+            if now >= self._next_start:
+                self.start()
+            return
+        rc = self.proc.poll()
+        if rc is None:
+            return
+        ran = now - self._started_at
+        self.proc = None
+        if rc == 0 and self.restart == "on-failure":
+            _log(f"{self.name} finished")
+            self.done = True
+            return
+        self._backoff = self.min_backoff_s if ran >= self.stable_s or not self._backoff else \
+            min(self.max_backoff_s, 2 * self._backoff)
+        self._next_start = now + self._backoff
+        _log(f"{self.name} exited with {rc} after {ran:.1f}s; restarting in {self._backoff:.0f}s")
+
+    def stop(self, grace_s: float) -> int | None:
+        """SIGTERM the child's process group, SIGKILL it after ``grace_s``; return the exit code."""
+        self.done = True
+        p = self.proc
+        if p is None:
+            return None
+        for sig, wait in ((signal.SIGTERM, grace_s), (signal.SIGKILL, 5.0)):
+            try:
+                os.killpg(p.pid, sig)
+            except ProcessLookupError:
+                break
+            try:
+                p.wait(timeout=wait)
+                break
+            except subprocess.TimeoutExpired:
+                _log(f"{self.name} (pid {p.pid}) ignored {sig.name}")
+        try:  # stragglers of the group (e.g. a ClientApp process mid-round)
+            os.killpg(p.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        return p.returncode
+
+
+class Agent:
+    """Supervises the ingest and SuperNode children until :meth:`stop` (or SIGTERM / SIGINT)."""
+
+    def __init__(self, children: Sequence[Child], *, grace_s: float = 20.0) -> None:
+        self.children = list(children)
+        self.grace_s = grace_s
+        self._stop = threading.Event()
+
+    def stop(self, *_: object) -> None:
+        """Ask the supervision loop to end (safe from a signal handler)."""
+        self._stop.set()
+
+    def run(self, *, poll_s: float = 0.5, install_signals: bool = True,
+            on_tick: Callable[[Agent], None] | None = None) -> int:
+        """Supervise until stopped; return 0."""
+        if install_signals:
+            signal.signal(signal.SIGTERM, self.stop)
+            signal.signal(signal.SIGINT, self.stop)
+        try:
+            while not self._stop.is_set():
+                now = time.monotonic()
+                for c in self.children:
+                    c.poll(now)
+                if on_tick is not None:
+                    on_tick(self)
+                self._stop.wait(poll_s)
+        finally:
+            _log("stopping")
+            # the SuperNode first: no new round starts while the ingest finishes its current sample
+            for c in sorted(self.children, key=lambda c: c.name != "supernode"):
+                rc = c.stop(self.grace_s)
+                if rc is not None:
+                    _log(f"{c.name} stopped ({rc})")
+        _log("stopped")
+        return 0
+
+
+def child_env(extra: dict[str, str] | None = None) -> dict[str, str]:
+    """The children's environment: this interpreter's bin dir first on PATH (Flower spawns its helpers by name)."""
+    env = dict(os.environ)
+    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
+    env["PYTHONUNBUFFERED"] = "1"
+    env.update(extra or {})
+    return env
+
+
+def build_agent(*, superlink: str, store: Path, video: str | None = None, audio: str | None = None,
+                root_certificates: Path | None = None, auth_keys: Path | None = None, device_id: str = "",
+                modalities: Sequence[str] | None = None, profile: str = "auto", threads: int = 1,
+                port: int = 9094, ingest_args: Sequence[str] = (), grace_s: float = 20.0) -> Agent:
+    """Validate the arguments and assemble the supervised children; raises AgentError naming a bad one."""
+    parse_address(superlink)
+    if root_certificates is not None and not root_certificates.is_file():
+        raise AgentError(f"--root-certificates {root_certificates}: no such file")
+    key = auth_key_path(auth_keys) if auth_keys is not None else None
+    if auth_keys is not None and root_certificates is None:
+        raise AgentError("--auth-keys needs --root-certificates: node authentication runs over TLS only")
+    if modalities is None:  # what the sources can give; with no source, what the store holds
+        modalities = tuple(m for m, src in zip(MODALITIES, (video, audio)) if src) or MODALITIES
+    store = store.resolve()
+    store.mkdir(parents=True, exist_ok=True)
+    node = NodeConfig(device_id=device_id or store.name, store=str(store), modalities=tuple(modalities),
+                      profile=profile, threads=threads)
+    env = child_env()
+    children = [Child("supernode", supernode_command(superlink=superlink, node=node, port=port,
+                                                     root_certificates=root_certificates, auth_key=key), env)]
+    if video or audio:
+        children.insert(0, Child("ingest", ingest_command(store=store, video=video, audio=audio,
+                                                          extra=ingest_args), env, restart="on-failure"))
+    return Agent(children, grace_s=grace_s)
+
+
+def run_command(
+    superlink: Annotated[str, typer.Option("--superlink", help="SuperLink Fleet API address, HOST:PORT.")],
+    store: Annotated[Path, typer.Option("--store", help="The device's SampleStore directory (created if absent).")],
+    video: Annotated[str | None, typer.Option("--video", help="Camera source to ingest (file, device or URL).")]
+    = None,
+    audio: Annotated[str | None, typer.Option("--audio", help="Microphone source to ingest (file or device).")]
+    = None,
+    root_certificates: Annotated[Path | None, typer.Option(
+        "--root-certificates", help="CA certificate (PEM) to verify the SuperLink: enables TLS.")] = None,
+    auth_keys: Annotated[Path | None, typer.Option(
+        "--auth-keys", help="This node's auth key dir (from `fedge cloud certs`) or key file: node auth.")] = None,
+    device_id: Annotated[str, typer.Option("--device-id", help="Stable device name (default: the store's name).")]
+    = "",
+    modalities: Annotated[str, typer.Option(
+        "--modalities", help="Comma-separated modalities the device has (default: those with a source).")] = "",
+    profile: Annotated[str, typer.Option("--profile", help="Where local training runs: auto, cpu or gpu.")]
+    = "auto",
+    threads: Annotated[int, typer.Option("--threads", help="CPU threads for local training.")] = 1,
+    port: Annotated[int, typer.Option("--port", help="Local port of the SuperNode's ClientApp API.")] = 9094,
+    ingest_arg: Annotated[list[str] | None, typer.Option(
+        "--ingest-arg", help="Extra argument passed to `fedge edge ingest` (repeatable).")] = None,
+    grace: Annotated[float, typer.Option("--grace", help="Seconds children get to stop on SIGTERM.")] = 20.0,
+) -> None:
+    """Run the device agent: ingest sources into the store and train with the federation (SIGTERM stops it).
+
+    Starts `fedge edge ingest` for the given sources and a Flower SuperNode running fedge's ClientApp
+    against the SuperLink; restarts either when it fails, reconnects after network loss, and keeps the
+    device's adapter state in <store>/agent-state.
+    """
+    from common.config import ConfigError
+
+    try:
+        mods = tuple(s.strip() for s in modalities.split(",") if s.strip()) or None
+        agent = build_agent(superlink=superlink, store=store, video=video, audio=audio,
+                            root_certificates=root_certificates, auth_keys=auth_keys, device_id=device_id,
+                            modalities=mods, profile=profile, threads=threads, port=port,
+                            ingest_args=ingest_arg or (), grace_s=grace)
+    except (AgentError, ConfigError) as e:
+        typer.echo(f"fedge edge run: {e}", err=True)
+        raise typer.Exit(2) from None
+    raise typer.Exit(agent.run())
