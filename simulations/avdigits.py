@@ -6,7 +6,7 @@ speech is the spoken digit from ``simulations/assets/speech`` (ten espeak-ng spe
 
 What a simulated device "sees" is rendered as real media files: a camera video made of shots, each shot a
 handwritten digit card on a textured background under a slowly panning and zooming camera with sensor noise,
-and a microphone WAV in which the digit of each shot is spoken during that shot over background noise. The edge
+and a microphone WAV in which the digit of each shot is spoken (repeatedly) during that shot over noise. The edge
 ingest then turns these streams into samples exactly as on a device (keyframes, log-mel, quality gate, store).
 
 The rendering kernels are pure (they return arrays); :func:`render_device` does the file I/O. Everything is
@@ -195,22 +195,30 @@ def augment_clip(clip: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     return x * rng.uniform(0.5, 1.0)
 
 
-def render_track(clips: list[np.ndarray], *, rate: int, shot_s: float, snr_db: float,
+def render_track(takes: list[list[np.ndarray]], *, rate: int, shot_s: float, snr_db: float,
                  rng: np.random.Generator) -> np.ndarray:
-    """A microphone track: clip i spoken inside shot i (centred, +-10% jitter) over noise at ``snr_db``.
+    """A microphone track: during shot i its digit is spoken over and over (``takes[i]``) over noise.
 
-    Returns float32 mono samples in [-1, 1], ``len(clips) * shot_s`` seconds long.
+    The takes of a shot follow one another with 50-150 ms pauses from a random start in the first 100 ms; a
+    take that would run past the shot's end is left out (at least the first is kept, cut at the end), so any
+    audio window around a keyframe of the shot hears that shot's digit. Noise is white at ``snr_db`` below
+    the mean speech power. Returns float32 mono samples in [-1, 1], ``len(takes) * shot_s`` seconds long.
     """
     shot = int(round(shot_s * rate))
-    y = np.zeros(shot * len(clips), dtype=np.float32)
+    y = np.zeros(shot * len(takes), dtype=np.float32)
     power = []
-    for i, c in enumerate(clips):
-        c = c[: shot]
-        jitter = int(rng.uniform(-0.1, 0.1) * shot)
-        s = i * shot + max(0, min(shot - len(c), (shot - len(c)) // 2 + jitter))
-        y[s:s + len(c)] += c
-        power.append(float(np.mean(c**2)))
-    noise_p = np.mean(power) / (10 ** (snr_db / 10))
+    for i, shot_takes in enumerate(takes):
+        pos = int(rng.uniform(0.0, 0.1) * rate)
+        for j, c in enumerate(shot_takes):
+            if pos + len(c) > shot and j > 0:
+                break
+            c = c[: shot - pos]
+            y[i * shot + pos: i * shot + pos + len(c)] += c
+            power.append(float(np.mean(c**2)))
+            pos += len(c) + int(rng.uniform(0.05, 0.15) * rate)
+            if pos >= shot:
+                break
+    noise_p = (np.mean(power) if power else 1e-4) / (10 ** (snr_db / 10))
     y += rng.normal(0, np.sqrt(noise_p), size=y.shape).astype(np.float32)
     return np.clip(y, -1, 1)
 
@@ -271,9 +279,10 @@ def render_device(plan: DevicePlan, out_dir: Path, *, fps: float, shot_s: float,
             video = out_dir / f"cam-{label}.avi"
             write_video(video, frames, fps)
         if "audio" in plan.modalities:
-            takes = [augment_clip(clips[plan.speakers[i]][label], rng) for i in rows]
+            shot_len = frames_per_shot / fps
+            n_takes = int(np.ceil(shot_len / 0.3)) + 1  # the shortest clip is ~0.3 s
+            takes = [[augment_clip(clips[plan.speakers[i]][label], rng) for _ in range(n_takes)] for i in rows]
             audio = out_dir / f"mic-{label}.wav"
-            write_wav(audio, render_track(takes, rate=rate, shot_s=frames_per_shot / fps, snr_db=snr_db,
-                                          rng=rng), rate)
+            write_wav(audio, render_track(takes, rate=rate, shot_s=shot_len, snr_db=snr_db, rng=rng), rate)
         streams.append(Stream(label=int(label), shots=len(rows), video=video, audio=audio))
     return streams
