@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import logging
 import time
+from typing import Any
 
 import numpy as np
 import torch
@@ -100,7 +101,7 @@ def train(msg: Message, context: Context) -> Message:
         node_state.save_arrays(node.state_path / node_state.ADAPTERS_FILE, new, {"base_version": version})
 
     counts = modality_counts(data)
-    metrics = {
+    metrics: dict[str, Any] = {
         wire.NUM_EXAMPLES: float(n),
         wire.LOSS: stats["loss"],
         wire.TRAIN_SECONDS: train_s,
@@ -128,4 +129,5 @@ def evaluate_(msg: Message, context: Context) -> Message:
     res = evaluate(model, data)
     res[wire.NUM_EXAMPLES] = res.pop("examples")
     res.update({f"{wire.COUNT_PREFIX}{m}": float(c) for m, c in modality_counts(data).items()})
-    return Message(RecordDict({wire.METRICS: MetricRecord(res)}), reply_to=msg)
+    out: dict[str, Any] = dict(res)
+    return Message(RecordDict({wire.METRICS: MetricRecord(out)}), reply_to=msg)

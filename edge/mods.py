@@ -21,7 +21,7 @@ import time
 from pathlib import Path
 
 import numpy as np
-from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord
+from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message
 from flwr.clientapp.typing import ClientAppCallable, Mod
 
 from common import codec, wire
@@ -31,7 +31,7 @@ from . import node_state
 from .node_config import parse_node_config
 from .privacy import add_gaussian_noise, clip_update, gaussian_epsilon
 
-__all__ = ["RAW_DELTA", "RESIDUAL", "DP_STATE", "Mod", "dp_mod", "compression_mod", "size_mod"]
+__all__ = ["DP_STATE", "RAW_DELTA", "RESIDUAL", "Mod", "compression_mod", "dp_mod", "size_mod"]
 
 log = logging.getLogger("fedge.edge")
 

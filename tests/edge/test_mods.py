@@ -7,7 +7,17 @@ import time
 
 import numpy as np
 import pytest
-from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MessageType, Metadata, MetricRecord, RecordDict
+from flwr.app import (
+    Array,
+    ArrayRecord,
+    ConfigRecord,
+    Context,
+    Message,
+    MessageType,
+    Metadata,
+    MetricRecord,
+    RecordDict,
+)
 from scipy.stats import norm
 
 from common import codec, wire
@@ -55,10 +65,9 @@ def _zeros() -> dict[str, np.ndarray]:
 
 def _chain(*mods, handler):
     """Compose mods the way ClientApp does (first = outermost)."""
-    call = handler
-    for mod in reversed(mods):
-        call = (lambda m, nxt: lambda msg, ctx: m(msg, ctx, nxt))(mod, call)
-    return call
+    from flwr.client.mod.utils import make_ffn  # what ClientApp composes its mods with
+
+    return make_ffn(handler, list(mods))
 
 
 # ------------------------------------------------------------------------------------------ compression
