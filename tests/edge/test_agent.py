@@ -12,7 +12,15 @@ from pathlib import Path
 import pytest
 
 from common.config import ConfigError
-from edge.agent import AgentError, Child, auth_key_path, build_agent, child_env, parse_address, supernode_command
+from edge.agent import (
+    AgentError,
+    Child,
+    auth_key_path,
+    build_agent,
+    child_env,
+    parse_address,
+    supernode_command,
+)
 from edge.node_config import NodeConfig
 from tests.conftest import free_port
 
@@ -101,10 +109,10 @@ def test_bad_arguments_fail_with_one_line_naming_them(tmp_path):
     with pytest.raises(ConfigError, match="'modalities'"):
         build_agent(superlink="h:1", store=tmp_path / "s", modalities=("smell",))
     r = subprocess.run([str(BIN / "fedge"), "edge", "run", "--superlink", "h:1", "--store", str(tmp_path / "s"),
-                        "--profile", "tpu"], capture_output=True, text=True, timeout=60)
+                        "--profile", "tpu"], check=False, capture_output=True, text=True, timeout=60)
     assert r.returncode == 2
-    assert r.stderr.strip().splitlines() == ["fedge edge run: node config key 'profile': must be one of "
-                                             "('auto', 'cpu', 'gpu'), got 'tpu'"]
+    want = "fedge edge run: node config key 'profile': must be one of ('auto', 'cpu', 'gpu'), got 'tpu'"
+    assert r.stderr.strip().splitlines() == [want]
 
 
 def test_modalities_default_to_the_sources_given(tmp_path):
