@@ -1,31 +1,49 @@
-"""The cloud ServerApp on Flower's Grid: synchronous FedAvg over codec-encoded adapter deltas.
+"""The cloud ServerApp on Flower's Grid: asynchronous buffered aggregation (FedBuff), synchronous FedAvg alike.
 
-Each version: send TRAIN (global adapters + round config) to the sampled nodes, wait for their replies,
-decode and validate each delta, average them weighted by examples, apply with the server learning rate,
-evaluate the new global adapters on held-back data and log accuracy per version.
+The loop keeps up to ``C`` nodes training (``grid.push_messages``); each TRAIN carries the global adapters,
+their version and the round config (:mod:`common.wire`). Replies are pulled as they arrive
+(``grid.pull_messages``, matched by ``reply_to_message_id``), ordered by the clock (:mod:`cloud.clock`:
+virtual under simulation, real in deployment) and submitted to the aggregator state, a Ray actor
+(:mod:`cloud.state`) that validates each update and makes a new version after ``K`` accepted ones. An idle
+node gets the newest version at once; node ids are re-read every pass, so nodes that join are used and
+nodes that leave free their slot; a node that does not answer within ``aggregation.reply_timeout_s`` is
+given up and its slot reused. The global adapters are evaluated on held-back data every
+``aggregation.eval_every`` versions: one ``[fedge] version N accuracy ...`` line and one ``metrics.jsonl``
+record each. Sync mode (FedAvg) is the same loop with a barrier: ``C`` = ``K`` = nodes per round.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import math
+import signal
+import threading
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 from flwr.app import Context, Message, MessageType
 from flwr.serverapp import Grid, ServerApp
 
-from common import codec, wire
+from common import wire
 from common.config import FedgeConfig, config_from_context
 from common.lora import adapter_state, apply_lora, load_adapter_state
 from common.model import MultimodalMoE, build_model, model_kwargs
 from common.synthetic import make_av_dataset
 from common.training import evaluate
 
+from . import clock as clk
+from .state import AggregatorState, ensure_ray, start_actor
+from .validation import Reason, UpdateRejected, extract
+
 log = logging.getLogger("fedge.server")
 app = ServerApp()
+
+CHECKPOINT_SUBDIR = "checkpoints"
 
 
 def global_model(cfg: FedgeConfig) -> MultimodalMoE:
@@ -35,10 +53,294 @@ def global_model(cfg: FedgeConfig) -> MultimodalMoE:
 
 
 def heldout_data(cfg: FedgeConfig) -> dict[str, np.ndarray]:
-    """Held-back evaluation data (a seed no device uses)."""
+    """Held-back evaluation data: ``data.eval_path`` (NPZ) when set, else generated with a seed no device uses."""
+    if cfg.data.eval_path:
+        with np.load(cfg.data.eval_path, allow_pickle=False) as z:
+            return {k: z[k] for k in z.files}
     m = cfg.model
     return make_av_dataset(cfg.data.eval_samples, seed=cfg.seed * 100_003 + 99_991, num_classes=m.num_classes,
                            image_size=m.image_size, n_mels=m.n_mels, frames=m.audio_frames)
+
+
+def is_simulation(grid: Grid) -> bool:
+    """Whether the Grid is Flower's simulation engine (in-memory, Ray started in this process)."""
+    return type(grid).__name__ == "InMemoryGrid"
+
+
+@dataclass
+class _Slot:
+    """One TRAIN message in flight."""
+
+    node_id: int
+    version: int
+    dispatch_t: float  # clock time (virtual or real)
+    dispatch_wall: float  # time.monotonic()
+    index: int  # dispatch counter (seeds, dropout draws)
+    download_bytes: int
+
+
+@dataclass
+class _Event:
+    """A reply released by the clock: an update to submit, or a loss to count."""
+
+    slot: _Slot
+    raw: Any = None  # validation.RawUpdate
+    reason: str | None = None  # a rejection found before the state (reply error, malformed, lost)
+    detail: str = ""
+
+
+@dataclass
+class _VersionAcc:
+    """What went into the versions since the last metrics record."""
+
+    updates: int = 0
+    upload_bytes: int = 0
+    staleness: list[int] = field(default_factory=list)
+
+
+class ServerLoop:
+    """The aggregation loop; one instance per ServerApp run."""
+
+    def __init__(self, grid: Grid, cfg: FedgeConfig, *, actor: Any, clock: clk.RealClock | clk.VirtualClock,
+                 run_dir: Path | None, eval_data: dict[str, np.ndarray], model: MultimodalMoE,
+                 num_partitions: int) -> None:
+        self.grid, self.cfg, self.actor, self.clock = grid, cfg, actor, clock
+        self.run_dir, self.eval_data, self.model = run_dir, eval_data, model
+        self.agg = cfg.aggregation
+        self.sync = self.agg.mode == "sync"
+        self.queue = clk.ArrivalQueue(clock)
+        self.inflight: dict[str, _Slot] = {}
+        self.busy: set[int] = set()  # nodes with a TRAIN not yet released by the clock
+        self.node_pid: dict[int, int] = {}
+        self.num_partitions = num_partitions
+        self.rng = np.random.default_rng(cfg.seed)
+        self.dispatches = 0
+        self.bytes_sent = 0  # accepted upload bytes, cumulative
+        self.bytes_down = 0
+        self.acc = _VersionAcc()
+        self.version, self.params = self._get(self.actor.snapshot.remote())
+        self.round_open = False  # sync: a round's messages are out
+        self.nodes: list[int] = []
+        self._nodes_read = -math.inf
+        self.poll_s = 0.02 if clock.virtual else 0.25
+        self.t_wall0 = time.monotonic()
+
+    @staticmethod
+    def _get(ref: Any) -> Any:
+        import ray
+
+        return ray.get(ref)
+
+    # ------------------------------------------------------------------ nodes
+    def _refresh_nodes(self) -> None:
+        now = time.monotonic()
+        if now - self._nodes_read < (0.0 if self.clock.virtual else 1.0):
+            return
+        self._nodes_read = now
+        self.nodes = sorted(int(n) for n in self.grid.get_node_ids())
+        present = set(self.nodes)
+        for mid, slot in list(self.inflight.items()):
+            if slot.node_id not in present:
+                log.warning("node %d left while training; its update is lost", slot.node_id)
+                self._give_up(mid, Reason.NODE_LEFT)
+
+    def _give_up(self, mid: str, reason: Reason) -> None:
+        slot = self.inflight.pop(mid)
+        self.queue.cancel(mid)
+        self.busy.discard(slot.node_id)
+        self._get(self.actor.reject.remote(reason.value))
+
+    def _check_timeouts(self) -> None:
+        now = time.monotonic()
+        for mid, slot in list(self.inflight.items()):
+            if now - slot.dispatch_wall > self.agg.reply_timeout_s:
+                log.warning("node %d did not answer within %.0f s; slot reused", slot.node_id,
+                            self.agg.reply_timeout_s)
+                self._give_up(mid, Reason.TIMEOUT)
+
+    # ------------------------------------------------------------------ dispatch
+    def _profile(self, node_id: int) -> clk.DeviceProfile | None:
+        pid = self.node_pid.get(node_id)
+        if pid is None or not 0 <= pid < self.num_partitions:
+            return None
+        p = self.cfg.profiles
+        return clk.device_profile(pid, self.num_partitions, seed=self.cfg.seed, base_step_s=p.base_step_s,
+                                  speed_sigma=p.speed_sigma, straggler_fraction=p.straggler_fraction,
+                                  straggler_slowdown_min=p.straggler_slowdown_min,
+                                  straggler_slowdown_max=p.straggler_slowdown_max,
+                                  bandwidth_mbps=p.bandwidth_mbps, bandwidth_sigma=p.bandwidth_sigma,
+                                  dropout=p.dropout)
+
+    def _dispatch(self, nodes: list[int]) -> None:
+        if not nodes:
+            return
+        t = self.clock.now()
+        down = int(sum(v.nbytes for v in self.params.values()))
+        msgs, slots = [], []
+        for n in nodes:
+            rnd = wire.round_record(version=self.version, lr=self.cfg.train.lr,
+                                    local_steps=self.cfg.train.local_steps, batch_size=self.cfg.train.batch_size,
+                                    seed=self.cfg.seed * 7919 + self.dispatches)
+            msgs.append(Message(wire.train_message_content(self.params, rnd), dst_node_id=int(n),
+                                message_type=MessageType.TRAIN))
+            slots.append(_Slot(node_id=int(n), version=self.version, dispatch_t=t,
+                               dispatch_wall=time.monotonic(), index=self.dispatches, download_bytes=down))
+            self.dispatches += 1
+        for mid, slot in zip(self.grid.push_messages(msgs), slots):
+            self.inflight[mid] = slot
+            self.busy.add(slot.node_id)
+            prof = self._profile(slot.node_id) if self.clock.virtual else None
+            lb = t if prof is None else t + slot.download_bytes * 8.0 / prof.bandwidth_bps + \
+                self.cfg.train.local_steps * prof.step_s
+            self.queue.dispatched(mid, lb)
+            self.bytes_down += down
+
+    def _fill(self) -> None:
+        idle = [n for n in self.nodes if n not in self.busy]
+        if self.sync:
+            if self.round_open or self.queue.inflight or len(self.queue) or not idle:
+                return
+            k = min(self.agg.concurrency, len(idle))
+            chosen = sorted(idle[i] for i in self.rng.permutation(len(idle))[:k])  # ids > int64: index
+            self.round_open = True
+            self._dispatch(chosen)
+            return
+        free = self.agg.concurrency - len(self.busy)
+        if free <= 0 or not idle:
+            return
+        chosen = [idle[i] for i in self.rng.permutation(len(idle))[: min(free, len(idle))]]
+        self._dispatch(chosen)
+
+    # ------------------------------------------------------------------ replies
+    def _pull(self) -> int:
+        if not self.inflight:
+            return 0
+        got = 0
+        for reply in self.grid.pull_messages(list(self.inflight)):
+            mid = reply.metadata.reply_to_message_id
+            slot = self.inflight.pop(mid, None)
+            if slot is None:
+                continue  # a reply to a message already given up
+            got += 1
+            ev = _Event(slot=slot)
+            upload = 0
+            if reply.has_error():
+                ev.reason, ev.detail = Reason.REPLY_ERROR.value, str(reply.error.reason)[:200]
+            else:
+                try:
+                    ev.raw = extract(reply.content)
+                    upload = len(ev.raw.payload)
+                    pid = ev.raw.metrics.get(wire.PARTITION_ID)
+                    if pid is not None and pid >= 0:
+                        self.node_pid[slot.node_id] = int(pid)
+                except UpdateRejected as e:
+                    ev.reason, ev.detail = e.reason.value, e.detail
+            self.queue.arrived(mid, self._arrival(slot, upload, ev), ev)
+        return got
+
+    def _arrival(self, slot: _Slot, upload: int, ev: _Event) -> float:
+        if not self.clock.virtual:
+            return self.clock.now()
+        prof = self._profile(slot.node_id)
+        if prof is None:
+            return slot.dispatch_t  # no profile known: the reply costs no virtual time
+        pid = self.node_pid[slot.node_id]
+        if clk.dropped(prof, seed=self.cfg.seed, partition_id=pid, dispatch_index=slot.index):
+            ev.raw, ev.reason, ev.detail = None, Reason.TIMEOUT.value, "device dropped out (simulated)"
+            return slot.dispatch_t + self.agg.reply_timeout_s
+        return clk.arrival_time(slot.dispatch_t, prof, local_steps=self.cfg.train.local_steps,
+                                download_bytes=slot.download_bytes, upload_bytes=upload)
+
+    def _apply_ready(self) -> int:
+        applied = 0
+        while self.version < self.agg.versions:
+            ev_t = self.queue.pop()
+            if ev_t is None:
+                break
+            t, ev = ev_t
+            applied += 1
+            self.busy.discard(ev.slot.node_id)
+            if ev.reason is not None:
+                log.warning("update from node %d refused: %s %s", ev.slot.node_id, ev.reason, ev.detail)
+                self._get(self.actor.reject.remote(ev.reason))
+            else:
+                res = self._get(self.actor.submit.remote(ev.raw, t))
+                if not res["accepted"]:
+                    log.warning("update from node %d refused: %s %s", ev.slot.node_id, res["reason"],
+                                res["detail"])
+                else:
+                    self.acc.updates += 1
+                    self.acc.upload_bytes += len(ev.raw.payload)
+                    self.acc.staleness.append(int(res["staleness"]))
+                    self.bytes_sent += len(ev.raw.payload)
+                if res["new_version"] is not None:
+                    self._on_version(int(res["new_version"]), t)
+            self._close_round()
+        return applied
+
+    def _close_round(self) -> None:
+        """Sync: once every message of the round is answered (or given up), the round's buffer is a version."""
+        if self.sync and self.round_open and not self.queue.inflight and not len(self.queue):
+            self.round_open = False
+            v = self._get(self.actor.aggregate.remote(self.clock.now()))
+            if v is not None:
+                self._on_version(int(v), self.clock.now())
+
+    # ------------------------------------------------------------------ versions
+    def _on_version(self, v: int, t: float) -> None:
+        self.version, self.params = self._get(self.actor.snapshot.remote())
+        if v % self.agg.eval_every and v < self.agg.versions:
+            return
+        load_adapter_state(self.model, {k: torch.from_numpy(np.array(a)) for k, a in self.params.items()})
+        res = evaluate(self.model, self.eval_data)
+        st = self._get(self.actor.stats.remote())
+        rec: dict[str, Any] = {
+            "version": v, "accuracy": res["accuracy"], "loss": res["loss"],
+            **{k: x for k, x in res.items() if k.startswith(wire.ACC_PREFIX)},
+            "updates": self.acc.updates, "upload_bytes": self.acc.upload_bytes,
+            "virtual_time" if self.clock.virtual else "real_time": t,
+            "wall_time": time.monotonic() - self.t_wall0, "bytes_sent": self.bytes_sent,
+            "bytes_down": self.bytes_down, "staleness": self.acc.staleness,
+            "rejected": st["rejections"], "inflight": len(self.inflight), "mode": self.agg.mode,
+        }
+        self.acc = _VersionAcc()
+        stale = f"{np.mean(rec['staleness']):.1f}" if rec["staleness"] else "-"
+        print(f"[fedge] version {v:3d}  accuracy {res['accuracy']:.3f}  loss {res['loss']:.3f}  "
+              f"t {t:8.1f}s{'(virtual)' if self.clock.virtual else ''}  updates {rec['updates']}  "
+              f"staleness {stale}  rejected {sum(st['rejections'].values())}  "
+              f"uploaded {rec['upload_bytes'] / 1024:.1f} KiB", flush=True)
+        if self.run_dir:
+            with open(self.run_dir / "metrics.jsonl", "a") as f:
+                f.write(json.dumps(rec) + "\n")
+
+    # ------------------------------------------------------------------ main loop
+    def run(self) -> None:
+        """Run until ``aggregation.versions`` versions exist."""
+        while self.version < self.agg.versions:
+            self._refresh_nodes()
+            self._check_timeouts()
+            self._close_round()
+            self._fill()
+            got = self._pull()
+            applied = self._apply_ready()
+            if not got and not applied:
+                time.sleep(self.poll_s)
+
+
+def _state_kwargs(cfg: FedgeConfig, ckpt_dir: str | None) -> dict[str, Any]:
+    a = cfg.aggregation
+    k = a.concurrency if a.mode == "sync" else a.buffer_size  # sync: the round barrier flushes the buffer
+    return dict(buffer_size=k, staleness=a.staleness if a.mode == "async" else "constant",
+                staleness_a=a.staleness_a, staleness_b=a.staleness_b, max_staleness=a.max_staleness,
+                server_lr=a.server_lr, server_momentum=a.server_momentum, max_norm=a.max_norm,
+                norm_action=a.norm_action, robust=a.robust, trim_ratio=a.trim_ratio, checkpoint_dir=ckpt_dir,
+                checkpoint_every=cfg.fault_tolerance.checkpoint_every)
+
+
+def _event(run_dir: Path | None, **rec: Any) -> None:
+    if run_dir:
+        with open(run_dir / "events.jsonl", "a") as f:
+            f.write(json.dumps(rec) + "\n")
 
 
 def _wait_nodes(grid: Grid, n: int, timeout_s: float) -> list[int]:
@@ -52,56 +354,67 @@ def _wait_nodes(grid: Grid, n: int, timeout_s: float) -> list[int]:
 
 @app.main()
 def main(grid: Grid, context: Context) -> None:
-    """Run synchronous FedAvg for ``aggregation.versions`` versions and log accuracy per version."""
+    """Aggregate asynchronously (or synchronously) until ``aggregation.versions`` versions exist."""
+    t_start = time.monotonic()
     cfg = config_from_context(context.run_config)
     torch.manual_seed(cfg.seed)
     run_dir = Path(cfg.run_dir) if cfg.run_dir else None
     if run_dir:
         cfg.save(run_dir)
-    model = global_model(cfg)
-    state = {k: v.numpy() for k, v in adapter_state(model).items()}
-    eval_data = heldout_data(cfg)
-    agg = cfg.aggregation
-    nodes = _wait_nodes(grid, agg.min_nodes, 60.0)
+    sim = is_simulation(grid)
+    nodes = _wait_nodes(grid, cfg.aggregation.min_nodes, 120.0)
     if not nodes:
         raise RuntimeError("no SuperNodes connected")
-    rng = np.random.default_rng(cfg.seed)
-    history = []
-    for version in range(agg.versions):
-        chosen = sorted(nodes[i] for i in rng.permutation(len(nodes))[: min(agg.concurrency, len(nodes))])
-        rnd = wire.round_record(version=version, lr=cfg.train.lr, local_steps=cfg.train.local_steps,
-                                batch_size=cfg.train.batch_size, seed=cfg.seed * 7919 + version)
-        msgs = [Message(wire.train_message_content(state, rnd), dst_node_id=int(n),
-                        message_type=MessageType.TRAIN) for n in chosen]
-        replies = list(grid.send_and_receive(msgs, timeout=agg.reply_timeout_s))
-        deltas, weights, up = [], [], 0.0
-        for r in replies:
-            if r.has_error():
-                log.warning("node reply error: %s", r.error)
-                continue
-            try:
-                d = codec.decode(r.content[wire.UPDATE][wire.DELTA])
-            except codec.CodecError as e:
-                log.warning("rejected update: %s", e)
-                continue
-            if set(d) != set(state) or any(d[k].shape != state[k].shape for k in d):
-                log.warning("rejected update: adapter keys/shapes differ")
-                continue
-            m = r.content[wire.METRICS]
-            deltas.append(d)
-            weights.append(float(m[wire.NUM_EXAMPLES]))
-            up += float(m[wire.UPLOAD_BYTES])
-        if deltas:
-            w = np.asarray(weights) / np.sum(weights)
-            state = {k: state[k] + agg.server_lr * sum(wi * d[k] for wi, d in zip(w, deltas)) for k in state}
-        load_adapter_state(model, {k: torch.from_numpy(v) for k, v in state.items()})
-        res = evaluate(model, eval_data)
-        rec = {"version": version + 1, "accuracy": res["accuracy"], "loss": res["loss"],
-               "updates": len(deltas), "upload_bytes": up}
-        history.append(rec)
-        print(f"[fedge] version {version + 1:3d}  accuracy {res['accuracy']:.3f}  loss {res['loss']:.3f}  "
-              f"updates {len(deltas)}  uploaded {up / 1024:.1f} KiB", flush=True)
+    how = ensure_ray(wait_for_simulation_s=120.0 if sim else 0.0)
+    model = global_model(cfg)
+    ckpt_dir = str(run_dir / CHECKPOINT_SUBDIR) if run_dir else None
+    kwargs = _state_kwargs(cfg, ckpt_dir)
+    restored: AggregatorState | None = None
+    if ckpt_dir and cfg.aggregation.resume and (Path(ckpt_dir) / "aggregator.npz").is_file():
+        restored = AggregatorState.restore(ckpt_dir, **kwargs)
+    if restored is not None:
+        actor = start_actor(restored)
+    else:
+        initial = {k: v.numpy() for k, v in adapter_state(model).items()}
+        actor = start_actor(None, initial=initial, **kwargs)
+    import ray
+
+    version, _ = ray.get(actor.snapshot.remote())
+    history = ray.get(actor.get_history.remote())
+    t0 = float(history[-1]["time"]) if history and math.isfinite(history[-1]["time"]) else 0.0
+    virtual = cfg.aggregation.clock == "virtual" or (cfg.aggregation.clock == "auto" and sim)
+    clock: clk.RealClock | clk.VirtualClock = clk.VirtualClock(t0) if virtual else clk.RealClock(t0)
+    if restored is not None:
+        recovery_s = time.monotonic() - t_start
+        print(f"[fedge] resumed from checkpoint: version {version} (ray: {how}) in {recovery_s:.2f} s",
+              flush=True)
+        _event(run_dir, event="resumed", version=version, recovery_s=recovery_s, ray=how)
+    else:
+        _event(run_dir, event="started", version=version, ray=how, mode=cfg.aggregation.mode,
+               clock="virtual" if virtual else "real")
+    num_partitions = max(len(nodes), 1)  # simulation: Flower's num-partitions = the number of nodes
+    loop = ServerLoop(grid, cfg, actor=actor, clock=clock, run_dir=run_dir, eval_data=heldout_data(cfg),
+                      model=model, num_partitions=num_partitions)
+    loop.t_wall0 = t_start
+    prev = None
+    if threading.current_thread() is threading.main_thread():
+        prev = signal.signal(signal.SIGTERM, _raise_interrupt)
+    try:
+        loop.run()
+    finally:
+        if prev is not None:
+            signal.signal(signal.SIGTERM, prev)
+        path = ray.get(actor.checkpoint.remote())
+        st = ray.get(actor.stats.remote())
+        version, params = ray.get(actor.snapshot.remote())
+        _event(run_dir, event="stopped", checkpoint=path, **st)
+        log.info("aggregator stopped at version %d (%s)", version, st)
         if run_dir:
-            with open(run_dir / "metrics.jsonl", "a") as f:
-                f.write(json.dumps(rec) + "\n")
-    context.state["fedge-final"] = wire.adapters_to_record(state)
+            np.savez(run_dir / "global_adapters.npz", **params)
+            (run_dir / "summary.json").write_text(json.dumps({**st, "dispatches": loop.dispatches}, indent=2))
+        context.state["fedge-final"] = wire.adapters_to_record(params)
+        ray.kill(actor)
+
+
+def _raise_interrupt(signum: int, frame: Any) -> None:
+    raise KeyboardInterrupt(f"signal {signum}")
