@@ -26,6 +26,7 @@ from .node_config import NodeConfig
 PARTITION_ID = "partition-id"  # set by Flower's simulation engine in node_config
 NUM_PARTITIONS = "num-partitions"
 SPLITS = ("train", "eval")
+STORE_SPLITS = {"train": ("train",), "eval": ("val", "test")}  # SampleStore splits behind each of ours
 _EVAL_SEED_OFFSET = 500_009  # a device's local evaluation samples come from a seed its training never uses
 
 
@@ -56,19 +57,25 @@ def store_dir(cfg: FedgeConfig, node: NodeConfig) -> Path | None:
 
 
 def load_store(path: Path, cfg: FedgeConfig, split: str) -> dict[str, np.ndarray]:
-    """The arrays of a SampleStore directory (layout of :mod:`common.training`)."""
-    if not path.exists():
+    """The labelled samples of a SampleStore directory (layout of :mod:`common.training`).
+
+    ``split="train"`` reads the store's ``train`` split; ``"eval"`` its ``val`` split, or ``test`` when the
+    store holds no ``val`` samples. Unlabelled samples (label -1) and labels outside ``[0, num_classes)`` are
+    left out: local training is supervised.
+    """
+    if not path.is_dir():
         raise FileNotFoundError(f"sample store not found: {path}")
-    from .store import SampleStore  # the store needs SQLite and the media stack: import it only when used
+    from .store import SampleStore  # the store needs SQLite and OpenCV: import it only when used
 
     m = cfg.model
-    store = SampleStore(path)
-    try:
-        return store.load_arrays(image_size=m.image_size, n_mels=m.n_mels, frames=m.audio_frames, split=split)
-    finally:
-        close = getattr(store, "close", None)
-        if close is not None:
-            close()
+    with SampleStore(path) as store:
+        data = {}
+        for name in STORE_SPLITS[split]:
+            data = store.load_arrays(image_size=m.image_size, n_mels=m.n_mels, frames=m.audio_frames, split=name)
+            if len(data["label"]):
+                break
+    keep = (data["label"] >= 0) & (data["label"] < m.num_classes)
+    return {k: v[keep] for k, v in data.items()}
 
 
 def restrict_modalities(data: dict[str, np.ndarray], keep: tuple[str, ...]) -> dict[str, np.ndarray]:

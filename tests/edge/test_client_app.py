@@ -181,3 +181,61 @@ def test_importance_weights_reach_the_loss():
     m1 = app(_msg(state, MessageType.TRAIN, steps=2), _ctx({}, nc)).content.metric_records[wire.METRICS]
     assert m[wire.LOSS] < 0.05
     assert m1[wire.LOSS] > 1.0
+
+
+# ------------------------------------------------------------------------------------------ SampleStore source
+def _toy_store(path, *, n: int, seed: int, modalities=("image", "audio"), unlabeled: int = 0) -> None:
+    """A SampleStore of a separable 4-class task (the generated AV classes), written as a device would."""
+    import cv2
+
+    from common.synthetic import make_av_dataset
+    from edge.store import SampleStore
+
+    d = make_av_dataset(n + unlabeled, seed=seed, num_classes=4, modalities=modalities, image_noise=0.1)
+    with SampleStore(path) as st:
+        for i in range(n + unlabeled):
+            jpeg = None
+            if "image" in modalities:
+                bgr = (d["image"][i].transpose(1, 2, 0)[:, :, ::-1] * 255).round().astype(np.uint8)
+                jpeg = cv2.imencode(".jpg", bgr, [cv2.IMWRITE_JPEG_QUALITY, 95])[1].tobytes()
+            audio = d["audio"][i] if "audio" in modalities else None
+            st.put(image_jpeg=jpeg, audio=audio, label=int(d["label"][i]) if i < n else None,
+                   split="val" if i % 4 == 3 else "train")
+
+
+def test_loss_decreases_on_a_separable_toy_store_and_unlabeled_samples_are_skipped(tmp_path):
+    _toy_store(tmp_path / "store", n=96, seed=3, unlabeled=8)
+    ctx = _ctx(node_config={"store": str(tmp_path / "store"), "device-id": "cam-1"})
+    state = _initial(ctx)
+    ev0 = app(_msg(state, MessageType.EVALUATE), ctx).content.metric_records[wire.METRICS]
+    losses = []
+    for v in range(3):
+        reply = app(_msg(state, MessageType.TRAIN, version=v), ctx)
+        assert not reply.has_error(), reply.error
+        m = reply.content.metric_records[wire.METRICS]
+        losses.append(m[wire.LOSS])
+        d = codec.decode(reply.content.config_records[wire.UPDATE][wire.DELTA])
+        state = {k: state[k] + d[k] for k in state}
+    assert m[wire.NUM_EXAMPLES] == 72 and m["count-image"] == 72  # 3/4 of the labelled samples; no unlabeled
+    assert m[wire.PARTITION_ID] == -1  # a real device has no simulation partition
+    assert losses[-1] < 0.6 * losses[0], losses
+    ev = app(_msg(state, MessageType.EVALUATE), ctx).content.metric_records[wire.METRICS]
+    assert ev[wire.NUM_EXAMPLES] == 24 and ev[wire.ACCURACY] > ev0[wire.ACCURACY] + 0.3, (ev0, ev)
+    # the deployment node keeps its state next to its store
+    assert (tmp_path / "store" / "agent-state" / node_state.RESIDUAL_FILE).is_file()
+
+
+def test_mic_only_store_trains_on_audio(tmp_path):
+    _toy_store(tmp_path / "store", n=40, seed=4, modalities=("audio",))
+    ctx = _ctx(node_config={"store": str(tmp_path / "store"), "modalities": "audio"})
+    reply = app(_msg(_initial(ctx), MessageType.TRAIN, steps=2), ctx)
+    m = reply.content.metric_records[wire.METRICS]
+    assert m["count-audio"] == 30 and m["count-image"] == 0
+
+
+def test_empty_store_is_a_clear_error(tmp_path):
+    # (a SuperNode turns the exception into an error reply, which the server counts)
+    (tmp_path / "store").mkdir()
+    ctx = _ctx(node_config={"store": str(tmp_path / "store"), "device-id": "cam-9"})
+    with pytest.raises(ValueError, match="device cam-9: no training samples"):
+        app(_msg(_initial(ctx), MessageType.TRAIN, steps=2), ctx)
