@@ -11,7 +11,8 @@ Each analysed frame is reduced to a 64-pixel-wide thumbnail (:func:`frame_featur
   bright one then look alike, so a cut between two dark shots is as visible as a cut between bright ones.
   Frames with less than :data:`CONTRAST_FLOOR` grey levels of contrast (black frames in a fade, a lens cap)
   are not stretched: their "structure" would only be amplified sensor noise.
-* ``hist``: a coarse HSV colour histogram (8x4x4 bins): blind to motion, sees colour/brightness changes.
+* ``hist``: a coarse hue x saturation histogram of the pixels that are not dark (8x4 bins + one for grey
+  pixels): blind to motion and, unlike an RGB or value histogram, to fades, exposure changes and flashes.
 
 Two consecutive analysed frames are compared by :func:`pair_scores` with three cues:
 
@@ -66,8 +67,14 @@ __all__ = [
 ]
 
 THUMB_WIDTH = 64
-CONTRAST_FLOOR = 4.0  # grey levels; below this a frame has no visible structure (black, fade, lens cap)
-HIST_BINS = (8, 4, 4)  # H, S, V: coarse, so sensor noise rarely moves a pixel across a bin
+# Grey levels of contrast (std of the thumbnail) below which a frame has no visible structure (black, the
+# bottom of a fade, a lens cap). Area-averaging to the thumbnail divides sensor noise by the decimation factor,
+# so noise alone stays well under this; a dark, low-contrast shot (a few levels of std) stays above it.
+CONTRAST_FLOOR = 1.5
+# Hue x saturation bins of pixels that have a colour (V and S above _CHROMA_MIN), plus one bin for grey
+# pixels; dark pixels are left out. Brightness changes (fades, exposure, flashes) barely move this histogram.
+HIST_BINS = (8, 4)
+_CHROMA_MIN = 24
 _GRID = 8  # blocks across the thumbnail for the median block difference
 
 # What a shot change means physically (see the module docstring); the adaptive z-test does the real work.
@@ -88,7 +95,8 @@ class FrameFeatures:
     luma : np.ndarray
         (h, w) float32 thumbnail, zero mean, unit std (or divided by :data:`CONTRAST_FLOOR` when flatter).
     hist : np.ndarray
-        (128,) float32 HSV histogram summing to 1.
+        (33,) float32 hue x saturation histogram of non-dark pixels (+ a grey bin), summing to 1 (or all zero
+        for an all-dark frame).
     mean, contrast : float
         Mean and standard deviation of the grey thumbnail in grey levels (0-255).
     sharpness : float
@@ -165,9 +173,13 @@ def frame_features(frame: np.ndarray, width: int = THUMB_WIDTH) -> FrameFeatures
     m, s = cv2.meanStdDev(g)
     mean, sd = float(m[0, 0]), float(s[0, 0])
     luma = (g - mean) * (1.0 / max(sd, CONTRAST_FLOOR))
-    hsv = cv2.cvtColor(thumb, cv2.COLOR_BGR2HSV)
-    hist = cv2.calcHist([hsv], [0, 1, 2], None, list(HIST_BINS), [0, 180, 0, 256, 0, 256]).ravel()
-    hist *= 1.0 / max(float(hist.sum()), 1.0)
+    hsv = cv2.cvtColor(thumb, cv2.COLOR_BGR2HSV).reshape(-1, 3)
+    hb, sb = HIST_BINS
+    h, s_, v = hsv[:, 0].astype(np.int32), hsv[:, 1].astype(np.int32), hsv[:, 2]
+    bins = np.where(s_ < _CHROMA_MIN, hb * sb, (h * hb // 180) * sb + s_ * sb // 256)
+    bins = bins[v >= _CHROMA_MIN]
+    hist = np.bincount(bins, minlength=hb * sb + 1).astype(np.float32)
+    hist *= 1.0 / max(float(hist.sum()), 1.0)  # all dark: an empty histogram, compared as "no evidence"
     sharp = float(np.abs(cv2.Laplacian(g, cv2.CV_32F)).mean())
     return FrameFeatures(luma=luma, hist=hist, mean=mean, contrast=sd, sharpness=sharp)
 
@@ -199,7 +211,9 @@ def struct_distance(a: np.ndarray, b: np.ndarray) -> tuple[float, float, float, 
         translation (the smaller of compensated and raw); ``dx, dy`` in pixels, ``b`` relative to ``a``.
     """
     raw = _median_block(cv2.absdiff(a, b))
-    (dx, dy), resp = cv2.phaseCorrelate(a, b, _window(a.shape))
+    win = _window(a.shape)
+    # windowed copies: OpenCV 5's phaseCorrelate multiplies its inputs by the window in place
+    (dx, dy), resp = cv2.phaseCorrelate(a * win, b * win)
     h, w = a.shape
     if abs(dx) < 0.3 and abs(dy) < 0.3 or abs(dx) > w / 3 or abs(dy) > h / 3:
         return raw, dx, dy, resp
@@ -213,22 +227,24 @@ def struct_distance(a: np.ndarray, b: np.ndarray) -> tuple[float, float, float, 
 
 def pair_scores(a: FrameFeatures, b: FrameFeatures) -> PairScores:
     """All cues between analysed frames ``a`` and ``b`` (see the module docstring)."""
-    hd = 0.5 * float(np.abs(a.hist - b.hist).sum())
+    hd = 0.5 * float(np.abs(a.hist - b.hist).sum()) if a.hist.any() and b.hist.any() else 0.0
     sd, dx, dy, resp = struct_distance(a.luma, b.luma)
     w = a.luma.shape[1]
     return PairScores(hist=hd, struct=sd, dx=dx / w, dy=dy / w, response=float(resp))
 
 
-def blend_fit(a: np.ndarray, m: np.ndarray, b: np.ndarray, block: int = 4) -> tuple[float, float]:
+def blend_fit(a: np.ndarray, m: np.ndarray, b: np.ndarray, block: int = 8) -> tuple[float, float]:
     """How well ``m`` is, block by block, a linear blend ``alpha*a + beta*b + gamma`` of ``a`` and ``b``.
 
-    Only blocks where ``a`` and ``b`` differ are informative (elsewhere any share fits).
+    Only blocks where ``a`` and ``b`` differ are informative (elsewhere any share fits). Blocks are 8x8 so
+    that two free coefficients explain only ~3 % of a block's variance by chance.
 
     Returns
     -------
     (residual, share)
         ``residual``: unexplained fraction of ``m``'s block variance (0 = a perfect blend, 1 = no fit);
-        ``share``: the part of ``m``'s explained variance that comes from ``b`` (0 = all ``a``, 1 = all ``b``).
+        ``share``: the mean over informative blocks of ``beta / (alpha + beta)`` (0 = all ``a``, 1 = all ``b``;
+        a dissolve gives its progress, a wipe the area already wiped).
     """
     h, w = a.shape
     h2, w2 = h - h % block, w - w % block
@@ -256,9 +272,9 @@ def blend_fit(a: np.ndarray, m: np.ndarray, b: np.ndarray, block: int = 4) -> tu
     if total <= 1e-9:
         return 1.0, 0.5
     residual = float(max(0.0, total - explained.sum()) / total)
-    ea = alpha * alpha * saa[ok]
-    eb = beta * beta * sbb[ok]
-    share = float(eb.sum() / max(float((ea + eb).sum()), 1e-12))
+    # per-block share of b, averaged without contrast weighting (a flat image must not hide behind a busy one)
+    pa, pb = np.clip(alpha, 0, None), np.clip(beta, 0, None)
+    share = float(np.mean(pb / np.maximum(pa + pb, 1e-9)))
     return residual, share
 
 
@@ -276,39 +292,38 @@ class ShotDetector:
 
     Push ``(frame_index, FrameFeatures)`` for frames at increasing indices (every frame, or every n-th: the
     detector reports a cut between two analysed frames at the middle frame between them). Boundaries come out
-    with a delay of a few samples (``lookahead`` for cuts, up to ``2 * max_span`` for gradual transitions);
-    :meth:`flush` returns the rest at the end of the stream. Memory is bounded by the window sizes.
+    in frame order, with a delay of at most :attr:`max_delay` analysed frames; :meth:`flush` returns the rest
+    at the end of the stream. Memory is bounded by the window sizes.
 
     Parameters
     ----------
     rate : float
         Analysed frames per second (fps / stride); windows below are in seconds and converted with it.
     z : float
-        Robust z-score (median/MAD) a step must reach to be a cut candidate.
+        Robust z-score (median/MAD) a step must reach to be a cut.
     window_s : float
         Seconds of past steps used for the adaptive baseline.
     max_gradual_s : float
         Longest gradual transition looked for (seconds).
     flash_samples : int
         Longest brightness spike (in analysed frames) that is treated as a flash, not a cut.
+    lookahead : int
+        Analysed frames after a step that its decision waits for (flash check, motion after a jump).
     """
 
     rate: float
     z: float = 6.0
     window_s: float = 2.0
-    max_gradual_s: float = 2.0
+    max_gradual_s: float = 1.6
     flash_samples: int = 1
     lookahead: int = 3
-    _buf: deque = field(default_factory=deque, repr=False)
-    _n: int = 0  # samples pushed
-    _decided: int = 0  # samples whose cut decision is made
-    _last_boundary: int = 0  # sample index at which the current shot starts
-    _group: list = field(default_factory=list, repr=False)  # accepted gradual candidates of one transition
-    _hist_len: int = 0
+    trace: list | None = None  # set to [] to record cues and gradual candidates (for debugging)
 
     def __post_init__(self) -> None:
         if self.rate <= 0:
             raise ValueError("rate must be > 0")
+        if self.z <= 0 or self.window_s <= 0 or self.max_gradual_s <= 0 or self.flash_samples < 0:
+            raise ValueError("z, window_s and max_gradual_s must be > 0 and flash_samples >= 0")
         self.lookahead = max(self.lookahead, self.flash_samples + 1, 3)
         self._past = max(8, int(round(self.window_s * self.rate)))
         hmax = max(1, int(round(self.max_gradual_s * self.rate / 2)))
@@ -317,14 +332,20 @@ class ShotDetector:
             spans.append(h)
             h *= 2
         spans.append(hmax)
-        self._spans = sorted(set(spans))
-        self._hist_len = max(self._past, 2 * hmax) + self.lookahead + 4
-        self._buf = deque(maxlen=self._hist_len)
+        self._spans: list[int] = sorted(set(spans))
+        self._H = hmax
+        self._buf: deque[_Sample] = deque(maxlen=max(self._past, 6 * hmax) + self.lookahead + 8)
+        self._n = 0  # samples pushed
+        self._decided = 0  # samples whose cut decision is made
+        self._cuts: list[int] = [0]  # sample indices where shots start (0: the first)
+        self._grad_block = 0  # gradual triples must start at or after this sample (end of the last transition)
+        self._group: list[tuple[float, float, int, int, int, float]] = []  # (|share-.5|, -d, m, a, b, score)
+        self._ready: list[tuple[int, Boundary]] = []  # (sample, boundary) decided but not yet released
 
     @property
     def max_delay(self) -> int:
-        """Most analysed frames by which a reported boundary can lag the newest pushed frame."""
-        return self.lookahead + 3 * max(self._spans) + 2
+        """Most analysed frames by which a released boundary can lag the newest pushed frame."""
+        return self.lookahead + 5 * self._H + 2
 
     @property
     def last_step(self) -> PairScores | None:
@@ -333,45 +354,75 @@ class ShotDetector:
 
     # ------------------------------------------------------------------ streaming API
     def push(self, frame: int, feat: FrameFeatures) -> list[Boundary]:
-        """Add one analysed frame; return boundaries that became certain."""
+        """Add one analysed frame; return the boundaries that became certain (in frame order)."""
         step = pair_scores(self._buf[-1].feat, feat) if self._buf else None
         self._buf.append(_Sample(frame, feat, step))
         self._n += 1
-        out: list[Boundary] = []
         while self._decided < self._n - self.lookahead:
-            out += self._decide(self._decided)
+            self._advance(self._decided)
             self._decided += 1
-        return out
+        return self._release(self._n - 1 - self.max_delay)
 
     def flush(self) -> list[Boundary]:
         """Decide the remaining samples (end of stream) and return their boundaries."""
-        out: list[Boundary] = []
         while self._decided < self._n:
-            out += self._decide(self._decided)
+            self._advance(self._decided)
             self._decided += 1
-        out += self._close_group()
-        return out
+        for b in range(max(0, self._n - 2 * self._H), self._n):
+            self._gradual(b)
+        self._close_group()
+        return self._release(None)
 
     # ------------------------------------------------------------------ internals
+    def _advance(self, i: int) -> None:
+        self._decide_cut(i)
+        if i - 2 * self._H >= 0:
+            self._gradual(i - 2 * self._H)
+
+    def _release(self, upto: int | None) -> list[Boundary]:
+        self._ready.sort(key=lambda sb: sb[1].frame)
+        out = [b for s, b in self._ready if upto is None or s <= upto]
+        self._ready = [(s, b) for s, b in self._ready if not (upto is None or s <= upto)]
+        if len(self._cuts) > 64:
+            self._cuts = self._cuts[-32:]
+        return out
+
     def _get(self, i: int) -> _Sample | None:
         j = i - (self._n - len(self._buf))
         return self._buf[j] if 0 <= j < len(self._buf) else None
+
+    def _shot_start(self, i: int) -> int:
+        """Sample where the shot containing sample i starts (last cut at or before i)."""
+        return max(c for c in self._cuts if c <= i) if any(c <= i for c in self._cuts) else 0
+
+    def _cut_between(self, a: int, b: int) -> bool:
+        """A decided cut at a sample in (a, b]."""
+        return any(a < c <= b for c in self._cuts)
 
     def _shift(self, i: int) -> np.ndarray | None:
         s = self._get(i)
         return None if s is None or s.step is None else np.array([s.step.dx, s.step.dy])
 
+    def _steady(self, k: int) -> bool:
+        """Step k is within a shot: its translation explains it (small compensated distance)."""
+        s = self._get(k)
+        return s is not None and s.step is not None and s.step.struct < CUT_MIN["struct"]
+
+    def _motion(self, rng: range) -> np.ndarray | None:
+        ss = [v for k in rng if (v := self._shift(k)) is not None and self._steady(k)]
+        return np.median(np.stack(ss), axis=0) if ss else None
+
     def _jump(self, i: int) -> float:
-        """How much the translation at step i departs from the motion before and after it."""
+        """How much the translation at step i departs from the motion both before and after it."""
         si = self._shift(i)
         if si is None:
             return 0.0
-        devs = []
-        for rng in (range(i - 3, i), range(i + 1, i + 4)):
-            ss = [v for k in rng if k > self._last_boundary and (v := self._shift(k)) is not None]
-            if ss:
-                devs.append(float(np.linalg.norm(si - np.median(np.stack(ss), axis=0))))
-        return min(devs) if devs else 0.0
+        start = self._shot_start(i - 1)
+        before = self._motion(range(max(start + 1, i - 3), i))
+        after = self._motion(range(i + 1, i + 4))
+        if before is None or after is None:  # motion unknown on one side: no evidence
+            return 0.0
+        return float(min(np.linalg.norm(si - before), np.linalg.norm(si - after)))
 
     def _cues(self, i: int) -> dict[str, float]:
         s = self._get(i)
@@ -379,12 +430,13 @@ class ShotDetector:
         return {"hist": s.step.hist, "struct": s.step.struct, "jump": s.jump}
 
     def _baseline(self, i: int) -> dict[str, tuple[float, float]]:
-        lo = max(1, i - self._past)
-        idx = [k for k in range(lo, i + self.lookahead + 1) if abs(k - i) > 1 or k == i - 1]
+        """Median and robust spread of each cue over the steps around i (i and its flash partner left out)."""
         vals: dict[str, list[float]] = {"hist": [], "struct": [], "jump": []}
-        for k in idx:
+        for k in range(max(1, i - self._past), i + self.lookahead + 1):
+            if k == i or k == i + 1:
+                continue
             s = self._get(k)
-            if s is None or s.step is None or k == i:
+            if s is None or s.step is None:
                 continue
             for c, v in self._cues(k).items():
                 vals[c].append(v)
@@ -399,97 +451,128 @@ class ShotDetector:
             out[c] = (med, max(mad, SPREAD_FLOOR[c], 0.1 * med))
         return out
 
-    def _fires(self, cues: dict[str, float], base: dict[str, tuple[float, float]]) -> tuple[bool, float]:
+    def _fires(self, cues: dict[str, float], base: dict[str, tuple[float, float]]) -> float:
+        """The largest z among cues that pass both the floor and the z-test (0 when none does)."""
         best = 0.0
         for c, v in cues.items():
             med, spread = base[c]
             zc = (v - med) / spread
             if v >= CUT_MIN[c] and zc >= self.z:
                 best = max(best, zc)
-        return best > 0, best
-
-    def _pair_cues(self, i: int, j: int) -> dict[str, float] | None:
-        a, b = self._get(i), self._get(j)
-        if a is None or b is None:
-            return None
-        p = pair_scores(a.feat, b.feat)
-        return {"hist": p.hist, "struct": p.struct, "jump": 0.0}
+        return best
 
     def _is_flash(self, i: int, base: dict[str, tuple[float, float]]) -> bool:
+        """The change at step i is undone within ``flash_samples`` (a spike), before or after it."""
+        start = self._shot_start(i - 1)
+        motion = self._motion(range(max(start + 1, i - 4), i))
         for m in range(1, self.flash_samples + 1):
             for pre, post in ((i - 1, i + m), (i - 1 - m, i)):
-                if pre < self._last_boundary:
+                fa, fb = self._get(pre), self._get(post)
+                if pre < start or fa is None or fb is None:
                     continue
-                c = self._pair_cues(pre, post)
-                if c is not None and not self._fires(c, base)[0]:
+                p = pair_scores(fa.feat, fb.feat)
+                expect = (post - pre) * motion if motion is not None else np.zeros(2)
+                jump = float(np.linalg.norm(np.array([p.dx, p.dy]) - expect))
+                if self._fires({"hist": p.hist, "struct": p.struct, "jump": jump}, base) == 0.0:
                     return True
         return False
 
-    def _decide(self, i: int) -> list[Boundary]:
-        out: list[Boundary] = []
+    def _blend(self, a: int, m: int, b: int) -> tuple[float, float] | None:
+        fa, fm, fb = self._get(a), self._get(m), self._get(b)
+        if fa is None or fm is None or fb is None or fa.feat.flat or fb.feat.flat:
+            return None
+        if fm.feat.flat:  # a fade through black (or white) between the two
+            return 0.0, 0.5
+        return blend_fit(fa.feat.luma, fm.feat.luma, fb.feat.luma)
+
+    def _in_gradual(self, i: int) -> bool:
+        """A step into or out of a blend or a contrast-less frame belongs to a gradual transition, not a cut."""
+        prev, cur = self._get(i - 1), self._get(i)
+        if prev is None or cur is None or prev.feat.flat or cur.feat.flat:
+            return True
+        start = self._shot_start(i - 1)
+        triples = [(i - 1, i, i + k) for k in range(1, self.lookahead + 1)]
+        triples += [(i - 1 - k, i - 1, i) for k in range(1, self.lookahead + 1) if i - 1 - k >= start]
+        for a, m, b in triples:
+            fit = self._blend(a, m, b)
+            if fit is not None and fit[0] <= BLEND_MAX_RESIDUAL and BLEND_SHARE[0] <= fit[1] <= BLEND_SHARE[1]:
+                return True
+        return False
+
+    def _decide_cut(self, i: int) -> None:
         s = self._get(i)
-        if s is None:
-            return out
-        # jumps need shifts up to i+3: available because decisions lag by `lookahead`
-        if s.step is not None:
-            s.jump = self._jump(i) if s.step.response > 0.05 else 0.0
-        if i >= 1 and i > self._last_boundary and s.step is not None:
-            base = self._baseline(i)
-            fire, zmax = self._fires(self._cues(i), base)
-            if fire and not self._is_flash(i, base):
-                out += self._close_group(before=i)
-                prev = self._get(i - 1)
-                assert prev is not None
-                frame = prev.frame + (s.frame - prev.frame + 1) // 2
-                out.append(Boundary(frame=frame, kind="cut", score=float(zmax)))
-                self._last_boundary = i
-                return out
-        out += self._gradual(i)
-        return out
+        if s is None or s.step is None or i < 1:
+            return
+        # the jump needs the motion up to i+3: available because decisions lag by `lookahead`
+        s.jump = self._jump(i) if s.step.response > 0.05 else 0.0
+        base = self._baseline(i)
+        z = self._fires(self._cues(i), base)
+        if self.trace is not None:
+            self.trace.append((s.frame, {c: round(v, 3) for c, v in self._cues(i).items()},
+                               {c: (round(m, 3), round(sp, 3)) for c, (m, sp) in base.items()}, z))
+        if z > 0 and not self._is_flash(i, base) and not self._in_gradual(i):
+            prev = self._get(i - 1)
+            assert prev is not None
+            frame = prev.frame + (s.frame - prev.frame + 1) // 2
+            self._cuts.append(i)
+            self._ready.append((i, Boundary(frame=frame, kind="cut", score=round(float(z), 3))))
 
-    def _gradual(self, b: int) -> list[Boundary]:
-        out: list[Boundary] = []
-        sb = self._get(b)
-        if sb is None:
-            return out
-        hmax = max((h for h in self._spans if b - 2 * h >= self._last_boundary), default=0)
-        if hmax == 0:
-            return out
-        sa = self._get(b - 2 * hmax)
-        if sa is None or _median_block(cv2.absdiff(sa.feat.luma, sb.feat.luma)) < GRADUAL_MIN:
-            pass  # cheap pre-filter: the ends of the widest span barely differ
-        else:
-            for h in self._spans:
-                a = b - 2 * h
-                if a < self._last_boundary:
-                    break
-                fa, fm, fb = self._get(a), self._get(b - h), self._get(b)
-                if fa is None or fm is None or fb is None or fa.feat.flat or fb.feat.flat:
-                    continue
-                d, _, _, _ = struct_distance(fa.feat.luma, fb.feat.luma)
-                if d < GRADUAL_MIN:
-                    continue
-                if fm.feat.flat:  # a fade through black (or white) between two different shots
-                    residual, share = 0.0, 0.5
-                else:
-                    residual, share = blend_fit(fa.feat.luma, fm.feat.luma, fb.feat.luma)
-                if residual <= BLEND_MAX_RESIDUAL and BLEND_SHARE[0] <= share <= BLEND_SHARE[1]:
-                    self._group.append((abs(share - 0.5), -d, b - h, b, d * (1 - residual)))
-        if self._group and b - max(g[3] for g in self._group) > max(self._spans):
-            out += self._close_group()
-        return out
+    def _struct(self, a: int, b: int) -> float | None:
+        fa, fb = self._get(a), self._get(b)
+        if fa is None or fb is None:
+            return None
+        return struct_distance(fa.feat.luma, fb.feat.luma)[0]
 
-    def _close_group(self, before: int | None = None) -> list[Boundary]:
-        group = [g for g in self._group if before is None or g[3] < before]
-        self._group = []
+    def _gradual(self, b: int) -> None:
+        """Look for transitions whose triple ends at sample b (frames up to b + 2*H are known)."""
+        fb = self._get(b)
+        if fb is None:
+            return
+        spans = [h for h in self._spans if b - 2 * h >= self._grad_block and not self._cut_between(b - 2 * h, b)]
+        if spans:
+            fa = self._get(b - 2 * spans[-1])
+            # cheap pre-filter: the ends of the widest span barely differ (no compensation needed to say so)
+            if fa is None or _median_block(cv2.absdiff(fa.feat.luma, fb.feat.luma)) < GRADUAL_MIN:
+                spans = []
+        for h in spans:
+            a, m = b - 2 * h, b - h
+            fit = self._blend(a, m, b)
+            if fit is None:
+                continue
+            d = self._struct(a, b)
+            if d is None or d < GRADUAL_MIN:
+                continue
+            residual, share = fit
+            if residual > BLEND_MAX_RESIDUAL or not BLEND_SHARE[0] <= share <= BLEND_SHARE[1]:
+                continue
+            # The change must be confined to [a, b]: the same span before a and after b changes much less.
+            # A zoom or a steady camera move changes every window alike; a transition joins two calmer shots.
+            outside = [self._struct(x, y) for x, y in ((a - 2 * h, a), (b, b + 2 * h))
+                       if not self._cut_between(x, y) and x >= 0 and y < self._n]
+            out_d = max([o for o in outside if o is not None], default=0.0)
+            if self.trace is not None:
+                self.trace.append(("g", self._get(a).frame, self._get(m).frame, fb.frame,  # type: ignore[union-attr]
+                                   round(d, 3), round(residual, 3), round(share, 3), round(out_d, 3)))
+            if d < 2.0 * out_d:
+                continue
+            if self._group and m - min(g[2] for g in self._group) > 2 * self._H:
+                self._close_group()  # too far from the open transition: a new one
+            self._group.append((abs(share - 0.5), -d, m, a, b, d * (1 - residual)))
+        if self._group and b - max(g[4] for g in self._group) > self._H:
+            self._close_group()
+
+    def _close_group(self) -> None:
+        group, self._group = self._group, []
         if not group:
-            return []
+            return
         best = min(group)
+        lo, hi = min(g[3] for g in group), max(g[4] for g in group)
+        self._grad_block = max(self._grad_block, hi)
+        if any(lo <= c <= hi for c in self._cuts):
+            return  # a cut inside the same transition was already reported
         m = self._get(best[2])
-        self._last_boundary = max(self._last_boundary, max(g[3] for g in group))
-        if m is None:  # pragma: no cover - the buffer always holds the group's span
-            return []
-        return [Boundary(frame=m.frame, kind="gradual", score=float(best[4]))]
+        if m is not None:
+            self._ready.append((best[2], Boundary(frame=m.frame, kind="gradual", score=round(float(best[5]), 3))))
 
 
 def detect_boundaries(frames: list[tuple[int, np.ndarray]], rate: float, **kwargs: float) -> list[Boundary]:
