@@ -1,0 +1,391 @@
+"""Ingest: camera and microphone streams -> aligned, quality-gated, compact samples in the SampleStore.
+
+The device's data-governance path (DESIGN.md): modality detection -> per-modality processing (keyframes from
+the video, a streaming log-mel from the audio) -> alignment -> quality gate -> accept / clean / reject ->
+store.
+
+Alignment: each keyframe at time ``t`` is paired with the audio-feature window of ``frames`` log-mel frames
+centred on ``t + audio_offset`` (shifted inwards at the ends of the audio; none when ``t`` lies outside the
+audio). With the default parameters (16 kHz, n_fft 512, hop 256, 40 mels, 32 frames) a window spans 0.53 s
+and is exactly the model's audio input. The window's dB are ``power_to_db(mel, ref=1, top_db=80)`` applied to
+that window alone (a stream has no global maximum). A camera-only device (no audio given, and no audio track
+in the video) stores image-only samples; a microphone-only device stores audio-only windows every
+``mic_stride`` seconds. The report says which modalities the device had and why.
+
+Both streams are consumed incrementally: the audio is featurised only as far as the latest keyframe needs,
+and features older than a few seconds are released, so memory stays bounded on an hour-long recording.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+import numpy as np
+import typer
+
+from common.media.audio import MelParams, MelStream, power_to_db
+from edge.audio_source import AudioSource, AudioSourceError, open_audio
+from edge.quality import QualityGate
+from edge.store import SampleStore, StoreBudgetError, StoreError, StoreFullError
+
+__all__ = ["IngestReport", "IngestError", "ingest", "ingest_command"]
+
+_KEEP_S = 10.0  # seconds of audio features kept behind the latest keyframe (keyframes arrive in time order)
+
+
+class IngestError(RuntimeError):
+    """Nothing could be ingested (no source, no modality); the message is one line."""
+
+
+@dataclass
+class IngestReport:
+    """What one :func:`ingest` run did."""
+
+    video: str | None = None
+    audio: str | None = None
+    modalities: tuple[str, ...] = ()  # what the device provided
+    notes: list[str] = field(default_factory=list)  # modality detection, partial decodes, aborts
+    frames_decoded: int = 0
+    keyframes: int = 0  # extracted from the video
+    keyframes_kept: int = 0  # stored with their image
+    audio_seconds: float = 0.0  # featurised
+    audio_windows: int = 0  # stored with audio
+    samples_stored: int = 0
+    samples_rejected: int = 0
+    rejected: dict[str, int] = field(default_factory=dict)  # "<modality>:<reason>" -> count
+    bytes_in: int = 0  # size of the raw source files
+    bytes_stored: int = 0  # payload bytes of the stored samples
+    first_id: int | None = None
+    last_id: int | None = None
+    seconds: float = 0.0  # wall time
+    error: str | None = None  # set when the run stopped early (disk full, bad samples): what was stored stays
+
+    def to_json(self) -> dict[str, Any]:
+        """Plain-JSON form."""
+        d = dict(self.__dict__)
+        d["modalities"] = list(self.modalities)
+        return d
+
+    def summary(self) -> str:
+        """The human-readable summary the CLI prints."""
+        ratio = f" ({self.bytes_in / self.bytes_stored:.1f}x smaller)" if self.bytes_stored else ""
+        rej = ", ".join(f"{k} {v}" for k, v in sorted(self.rejected.items())) or "none"
+        lines = [
+            f"modalities      : {'+'.join(self.modalities) or 'none'}",
+            f"frames decoded  : {self.frames_decoded}",
+            f"keyframes kept  : {self.keyframes_kept} of {self.keyframes}",
+            f"seconds of audio: {self.audio_seconds:.2f}",
+            f"samples stored  : {self.samples_stored} (audio windows {self.audio_windows}), "
+            f"rejected {self.samples_rejected}",
+            f"removed/rejected by reason: {rej}",
+            f"bytes in (raw)  : {self.bytes_in:,}   bytes stored: {self.bytes_stored:,}{ratio}",
+            f"wall time       : {self.seconds:.2f} s",
+        ]
+        lines += [f"note: {n}" for n in self.notes]
+        return "\n".join(lines)
+
+
+class _AudioWindows:
+    """Streaming log-mel of one audio source with random access to recent windows."""
+
+    def __init__(self, src: AudioSource, params: MelParams, frames: int, top_db: float | None) -> None:
+        self.src, self.p, self.frames, self.top_db = src, params, frames, top_db
+        self._chunks = src.chunks()
+        self._stream = MelStream(params)
+        self.mel = np.empty((params.n_mels, 0), np.float32)  # mel power, frames [base, base + width)
+        self.base = 0
+        self.raw = np.empty(0, np.float32)  # samples [raw_base, ...)
+        self.raw_base = 0
+        self.done = False
+
+    @property
+    def end(self) -> int:
+        return self.base + self.mel.shape[1]
+
+    def _pull(self) -> None:
+        c = next(self._chunks, None)
+        if c is None:
+            new = self._stream.flush()
+            self.done = True
+        else:
+            new = self._stream.push(c)
+            self.raw = np.concatenate([self.raw, c])
+        if new.shape[1]:
+            self.mel = np.concatenate([self.mel, new], axis=1)
+
+    def window(self, t: float, *, clamp_end: bool = True) -> tuple[np.ndarray, np.ndarray, int] | None:
+        """(dB window (n_mels, frames), raw samples it covers, start frame) centred at ``t`` s, or None."""
+        half = self.frames // 2
+        c = int(round(t * self.p.sr / self.p.hop))
+        start = c - half
+        while not self.done and self.end < start + self.frames:
+            self._pull()
+        if self.done and clamp_end:
+            start = min(start, self.end - self.frames)
+        start = max(start, 0)
+        if start < self.base or start + self.frames > self.end or abs(c - (start + half)) > half:
+            return None
+        m = self.mel[:, start - self.base : start - self.base + self.frames]
+        db = power_to_db(m, ref=1.0, amin=1e-10, top_db=self.top_db).astype(np.float32)
+        s0 = max(0, start * self.p.hop - self.p.n_fft // 2)
+        s1 = (start + self.frames - 1) * self.p.hop + self.p.n_fft // 2
+        raw = self.raw[max(0, s0 - self.raw_base) : max(0, s1 - self.raw_base)]
+        return db, raw, start
+
+    def release_before(self, frame: int) -> None:
+        """Forget features before ``frame`` and the samples they need."""
+        drop = min(max(0, frame - self.base), self.mel.shape[1])
+        if drop:
+            self.mel = self.mel[:, drop:].copy()
+            self.base += drop
+        first_sample = max(0, self.base * self.p.hop - self.p.n_fft // 2)
+        cut = min(max(0, first_sample - self.raw_base), len(self.raw))
+        if cut:
+            self.raw = self.raw[cut:].copy()
+            self.raw_base += cut
+
+    def drain(self) -> None:
+        """Read the rest of the source (to count its seconds and see its errors)."""
+        while not self.done:
+            self._pull()
+            self.release_before(self.end)
+
+
+def _file_size(src: str | None) -> int:
+    return os.path.getsize(src) if src and os.path.isfile(src) else 0
+
+
+def ingest(
+    *,
+    video: str | int | Path | None = None,
+    audio: str | Path | None = None,
+    store: SampleStore | str | Path,
+    label: int | None = None,
+    split: str = "train",
+    audio_from_video: bool = True,
+    sr: int = 16000,
+    n_fft: int = 512,
+    hop_length: int = 256,
+    n_mels: int = 40,
+    frames: int = 32,
+    fmin: float = 0.0,
+    fmax: float | None = None,
+    top_db: float | None = 80.0,
+    audio_offset: float = 0.0,
+    mic_stride: float = 1.0,
+    gate: QualityGate | None = None,
+    keyframe_options: dict[str, Any] | None = None,
+    start_time: float | None = None,
+    progress: Callable[[float], None] | None = None,
+) -> IngestReport:
+    """Turn a video and/or an audio stream into samples in ``store``.
+
+    Parameters
+    ----------
+    video : file, camera index or stream URL (edge/sources.py), or None for a microphone-only device.
+    audio : WAV/FLAC/OGG file or a video file's audio track; None: the video's own track when it has one
+        (and ``audio_from_video``), else a camera-only device.
+    store : an open :class:`SampleStore` or its directory.
+    label : class of every sample (None: unlabeled).
+    sr, n_fft, hop_length, n_mels, frames, fmin, fmax, top_db : audio features (defaults: the model's input).
+    audio_offset : seconds to add to a keyframe's time to find its audio (streams that do not start together).
+    mic_stride : seconds between windows of a microphone-only device.
+    gate : the quality gate (default thresholds if None).
+    keyframe_options : passed to ``edge.keyframes.iter_keyframes`` (min_interval, max_interval, max_side, ...).
+    start_time : device time (epoch seconds) of stream time 0 (default: now).
+    progress : called with the stream seconds processed so far.
+
+    Raises
+    ------
+    IngestError
+        Neither a video nor an audio source.
+    edge.sources.VideoSourceError, edge.audio_source.AudioSourceError
+        A source cannot be opened (missing, not a video / not audio, zero-length, unexpected sample rate).
+    StoreBudgetError
+        The store's budget cannot hold one sample (raised before anything is stored).
+    """
+    t_wall = time.perf_counter()
+    if video is None and audio is None:
+        raise IngestError("nothing to ingest: give a video source, an audio source, or both")
+    if frames < 1 or mic_stride <= 0:
+        raise IngestError("frames must be >= 1 and mic_stride > 0")
+    st = store if isinstance(store, SampleStore) else SampleStore(store)
+    gate = gate or QualityGate()
+    params = MelParams(sr=sr, n_fft=n_fft, hop_length=hop_length, n_mels=n_mels, fmin=fmin, fmax=fmax)
+    rep = IngestReport(video=None if video is None else str(video), audio=None if audio is None else str(audio))
+    t0 = time.time() if start_time is None else float(start_time)
+
+    vsrc = None
+    if video is not None:
+        from edge.sources import open_video
+
+        vsrc = open_video(video)
+        rep.bytes_in += _file_size(str(video))
+    asrc: AudioSource | None = None
+    try:
+        if audio is not None:
+            asrc = open_audio(audio, sr=sr)
+            if str(audio) != str(video):
+                rep.bytes_in += asrc.bytes_in
+        elif vsrc is not None and audio_from_video and isinstance(video, (str, Path)) and os.path.isfile(video):
+            try:
+                asrc = open_audio(video, sr=sr)
+                rep.audio = str(video)
+                rep.notes.append("audio: the video's own audio track")
+            except AudioSourceError as e:
+                rep.notes.append(f"camera-only: {e}")
+        elif vsrc is not None:
+            rep.notes.append("camera-only: no audio source given")
+        if vsrc is None:
+            rep.notes.append(f"microphone-only: audio windows every {mic_stride:g} s")
+        rep.modalities = tuple(m for m, on in (("image", vsrc is not None), ("audio", asrc is not None)) if on)
+        windows = _AudioWindows(asrc, params, frames, top_db) if asrc is not None else None
+
+        def store_one(image: Any, jpeg: bytes | None, win: tuple[np.ndarray, np.ndarray, int] | None,
+                      stream_t: float, source: str) -> None:
+            res = gate.assess(image=image, audio=None if win is None else win[1])
+            if not res.accepted:
+                rep.samples_rejected += 1
+                return
+            keep_img = "image" in res.modalities
+            keep_aud = "audio" in res.modalities and win is not None
+            sid = st.put(image_jpeg=jpeg if keep_img else None, audio=win[0] if keep_aud and win else None,
+                         label=label, quality=res.quality, split=split, device_time=t0 + stream_t,
+                         stream_time=stream_t, source=source)
+            rep.samples_stored += 1
+            rep.keyframes_kept += int(keep_img)
+            rep.audio_windows += int(keep_aud)
+            rep.bytes_stored += (len(jpeg) if keep_img and jpeg else 0) + (2 * win[0].size if keep_aud and win else 0)
+            rep.first_id = sid if rep.first_id is None else rep.first_id
+            rep.last_id = sid
+
+        try:
+            if vsrc is not None:
+                from edge.keyframes import iter_keyframes
+
+                for kf in iter_keyframes(vsrc, **(keyframe_options or {})):
+                    rep.keyframes += 1
+                    win = None
+                    if windows is not None:
+                        win = windows.window(kf.time + audio_offset)
+                        windows.release_before(int((kf.time + audio_offset - _KEEP_S) * sr / hop_length))
+                    store_one(kf.image, kf.jpeg, win, kf.time, rep.video or "")
+                    rep.frames_decoded = vsrc.frames_read
+                    if progress:
+                        progress(kf.time)
+                rep.frames_decoded = vsrc.frames_read
+                if vsrc.error:
+                    rep.notes.append(vsrc.error)
+                if windows is not None:
+                    windows.drain()
+            elif windows is not None:
+                for c in _mic_centres(params, frames, mic_stride):
+                    win = windows.window(c, clamp_end=False)
+                    if win is None:
+                        if windows.done:
+                            break
+                        continue
+                    windows.release_before(win[2])
+                    store_one(None, None, win, c, rep.audio or "")
+                    if progress:
+                        progress(c)
+                windows.drain()
+            if asrc is not None:
+                rep.audio_seconds = asrc.seconds_out
+                if asrc.error:
+                    rep.notes.append(asrc.error)
+                if rep.audio_seconds * sr < frames * hop_length:
+                    rep.notes.append(f"audio too short for one window of {frames} frames "
+                                     f"({frames * hop_length / sr:.2f} s)")
+        except StoreBudgetError:
+            raise
+        except (StoreFullError, StoreError, AudioSourceError) as e:
+            rep.error = str(e)  # stop here: what was stored stays stored
+            if asrc is not None:
+                rep.audio_seconds = asrc.seconds_out
+            if vsrc is not None:
+                rep.frames_decoded = vsrc.frames_read
+    finally:
+        if vsrc is not None:
+            vsrc.close()
+    rep.rejected = dict(Counter(gate.counts))
+    rep.seconds = time.perf_counter() - t_wall
+    return rep
+
+
+def _mic_centres(p: MelParams, frames: int, stride_s: float) -> Iterator[float]:
+    """Centre times of microphone-only windows: the first starts at frame 0, then every ``stride_s``."""
+    first = (frames // 2) * p.hop / p.sr
+    k = 0
+    while True:
+        yield first + k * stride_s
+        k += 1
+
+
+# ----------------------------------------------------------------------------------------- CLI
+def ingest_command(
+    video: str | None = typer.Option(None, "--video", help="Video file, camera index (0) or stream URL."),
+    audio: str | None = typer.Option(None, "--audio",
+                                     help="WAV/FLAC/OGG file or a video file (its audio track). Default: the "
+                                          "video's own track when it has one."),
+    store: Path = typer.Option(..., "--store", help="SampleStore directory (created if missing)."),
+    label: int | None = typer.Option(None, "--label", help="Class index of every sample (default: unlabeled)."),
+    budget_mb: float | None = typer.Option(None, "--budget-mb",
+                                           help="Byte budget of the store in MB (oldest samples are evicted)."),
+    split: str = typer.Option("train", "--split", help="train, val or test."),
+    no_video_audio: bool = typer.Option(False, "--no-video-audio",
+                                        help="Ignore the video's own audio track (camera-only)."),
+    mic_stride: float = typer.Option(1.0, "--mic-stride", help="Seconds between windows of a microphone-only device."),
+    audio_offset: float = typer.Option(0.0, "--audio-offset", help="Seconds from video time to audio time."),
+    as_json: bool = typer.Option(False, "--json", help="Print the report as one JSON object."),
+) -> None:
+    """Ingest a camera and/or microphone stream into a SampleStore: keyframes + aligned log-mel windows,
+    quality-gated. Prints a summary (frames decoded, keyframes kept, seconds of audio, samples stored, rejected
+    by reason, raw bytes in vs bytes stored)."""
+    import json
+
+    from tqdm import tqdm
+
+    from edge.sources import VideoSourceError
+
+    def fail(msg: str, code: int = 1) -> None:
+        typer.echo(f"error: {msg}", err=True)
+        raise typer.Exit(code)
+
+    try:
+        st = SampleStore(store, budget_bytes=None if budget_mb is None else int(budget_mb * 1e6))
+    except StoreError as e:
+        fail(str(e), 2)
+    bar = tqdm(unit="s", desc="ingest", disable=None, file=sys.stderr, leave=False,
+               bar_format="{desc}: {n:.1f} s of stream [{elapsed}, {rate_fmt}]")
+    last = [0.0]
+
+    def progress(t: float) -> None:
+        if t > last[0]:
+            bar.update(t - last[0])
+            last[0] = t
+
+    try:
+        rep = ingest(video=video, audio=audio, store=st, label=label, split=split,
+                     audio_from_video=not no_video_audio, mic_stride=mic_stride, audio_offset=audio_offset,
+                     progress=progress)
+    except (IngestError, VideoSourceError, AudioSourceError, StoreError, ValueError) as e:
+        bar.close()
+        fail(str(e), 2 if isinstance(e, (IngestError, ValueError)) else 1)
+    finally:
+        st.close()
+    bar.close()
+    typer.echo(json.dumps(rep.to_json()) if as_json else rep.summary())
+    if rep.error:
+        typer.echo(f"error: {rep.error}", err=True)
+    if rep.samples_stored == 0:
+        typer.echo("error: no sample was stored", err=True)
+        raise typer.Exit(1)
+    if rep.error:
+        raise typer.Exit(1)
