@@ -22,10 +22,10 @@ import time
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 
-import librosa  # noqa: E402
-import numpy as np  # noqa: E402
+import librosa
+import numpy as np
 
-from common.media.audio import MelParams, MelStream, logmel, mfcc, power_to_db  # noqa: E402
+from common.media.audio import MelParams, MelStream, logmel, mfcc, power_to_db
 
 
 def signals(sr: int, seconds: float, seed: int = 0) -> dict[str, np.ndarray]:
@@ -116,7 +116,7 @@ def speed(seconds: float, repeats: int) -> tuple[float, float, float]:
         f()
     best = {f: float("inf") for f in (run_librosa, run_fedge, run_stream)}
     for _ in range(repeats):
-        for f in best:
+        for f in list(best):
             t0 = time.perf_counter()
             f()
             best[f] = min(best[f], time.perf_counter() - t0)

@@ -19,15 +19,15 @@ import shutil
 import subprocess
 import tempfile
 import wave
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator
 
 import numpy as np
 
 from common.media.audio import StreamResampler
 
-__all__ = ["AudioSource", "AudioSourceError", "find_ffmpeg", "open_audio", "MIN_SAMPLE_RATE"]
+__all__ = ["MIN_SAMPLE_RATE", "AudioSource", "AudioSourceError", "find_ffmpeg", "open_audio"]
 
 MIN_SAMPLE_RATE = 4000  # below this even the lowest mel bands of speech are missing
 MAX_SAMPLE_RATE = 768000
@@ -227,7 +227,7 @@ def _open_soundfile(name: str, chunk_s: float):
 
 def _open_wave(name: str, chunk_s: float):
     try:
-        w = wave.open(name, "rb")
+        w = wave.open(name, "rb")  # noqa: SIM115 - closed by the block generator below
     except (wave.Error, EOFError):
         return None
     rate, ch, width, frames = w.getframerate(), w.getnchannels(), w.getsampwidth(), w.getnframes()
@@ -266,7 +266,7 @@ def _probe_ffmpeg(exe: str, name: str) -> tuple[int, float | None]:
     """Native rate of the first audio stream and the container's duration, from ``ffmpeg -i``'s report."""
     try:
         r = subprocess.run([exe, "-hide_banner", "-nostdin", "-i", name], capture_output=True, text=True,
-                           timeout=60)
+                           timeout=60, check=False)  # ffmpeg -i without an output always exits 1
     except (OSError, subprocess.TimeoutExpired) as e:
         raise AudioSourceError(f"ffmpeg could not run ({e.__class__.__name__}): {name}") from None
     report = r.stderr
@@ -285,7 +285,7 @@ def _ffmpeg_blocks(exe: str, name: str, rate: int, chunk_s: float) -> Iterator[n
     averaging the channels, as the file readers do)."""
     cmd = [exe, "-hide_banner", "-nostdin", "-v", "error", "-i", name, "-map", "0:a:0", "-vn",
            "-ac", "1", "-f", "f32le", "-acodec", "pcm_f32le", "pipe:1"]
-    errf = tempfile.TemporaryFile()  # a file, not a pipe: a chatty ffmpeg cannot block on a full pipe
+    errf = tempfile.TemporaryFile()  # noqa: SIM115 - closed below; a file: ffmpeg cannot block on a full pipe
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=errf)
     assert proc.stdout is not None
     n_bytes = 4 * max(1, int(rate * chunk_s))

@@ -22,9 +22,10 @@ import os
 import sys
 import time
 from collections import Counter
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any
 
 import numpy as np
 import typer
@@ -34,7 +35,7 @@ from edge.audio_source import AudioSource, AudioSourceError, open_audio
 from edge.quality import QualityGate
 from edge.store import SampleStore, StoreBudgetError, StoreError, StoreFullError
 
-__all__ = ["IngestReport", "IngestError", "ingest", "ingest_command"]
+__all__ = ["IngestError", "IngestReport", "ingest", "ingest_command"]
 
 _KEEP_S = 10.0  # seconds of audio features kept behind the latest keyframe (keyframes arrive in time order)
 
@@ -81,8 +82,8 @@ class IngestReport:
             f"frames decoded  : {self.frames_decoded}",
             f"keyframes kept  : {self.keyframes_kept} of {self.keyframes}",
             f"seconds of audio: {self.audio_seconds:.2f}",
-            f"samples stored  : {self.samples_stored} (audio windows {self.audio_windows}), "
-            f"rejected {self.samples_rejected}",
+            (f"samples stored  : {self.samples_stored} (audio windows {self.audio_windows}), "
+            f"rejected {self.samples_rejected}"),
             f"removed/rejected by reason: {rej}",
             f"bytes in (raw)  : {self.bytes_in:,}   bytes stored: {self.bytes_stored:,}{ratio}",
             f"wall time       : {self.seconds:.2f} s",
@@ -122,7 +123,7 @@ class _AudioWindows:
     def window(self, t: float, *, clamp_end: bool = True) -> tuple[np.ndarray, np.ndarray, int] | None:
         """(dB window (n_mels, frames), raw samples it covers, start frame) centred at ``t`` s, or None."""
         half = self.frames // 2
-        c = int(round(t * self.p.sr / self.p.hop))
+        c = round(t * self.p.sr / self.p.hop)
         start = c - half
         while not self.done and self.end < start + self.frames:
             self._pull()
@@ -334,7 +335,7 @@ def ingest_command(
     audio: str | None = typer.Option(None, "--audio",
                                      help="WAV/FLAC/OGG file or a video file (its audio track). Default: the "
                                           "video's own track when it has one."),
-    store: Path = typer.Option(..., "--store", help="SampleStore directory (created if missing)."),
+    store: Path = typer.Option(..., "--store", help="SampleStore directory (created if missing)."),  # noqa: B008
     label: int | None = typer.Option(None, "--label", help="Class index of every sample (default: unlabeled)."),
     budget_mb: float | None = typer.Option(None, "--budget-mb",
                                            help="Byte budget of the store in MB (oldest samples are evicted)."),

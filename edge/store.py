@@ -19,16 +19,25 @@ from __future__ import annotations
 import os
 import sqlite3
 import time
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any, Self
 
 import numpy as np
 
 from common.config import MODALITIES
 
-__all__ = ["SampleStore", "SampleDataset", "StoreError", "StoreBudgetError", "StoreFullError", "Sample",
-           "ROW_OVERHEAD", "DB_NAME"]
+__all__ = [
+    "DB_NAME",
+    "ROW_OVERHEAD",
+    "Sample",
+    "SampleDataset",
+    "SampleStore",
+    "StoreBudgetError",
+    "StoreError",
+    "StoreFullError",
+]
 
 DB_NAME = "samples.db"
 ROW_OVERHEAD = 96  # bytes counted per row on top of its blobs (ids, times, scores, index entries)
@@ -145,7 +154,7 @@ class SampleStore:
             self._conn.close()
         self._conn = None
 
-    def __enter__(self) -> "SampleStore":
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -175,9 +184,9 @@ class SampleStore:
         ValueError
             No modality, a bad split, quality outside [0, 1], non-finite audio.
         """
-        return self.put_many([dict(image_jpeg=image_jpeg, audio=audio, label=label, quality=quality,
-                                   split=split, device_time=device_time, stream_time=stream_time,
-                                   source=source)])[0]
+        return self.put_many([{"image_jpeg": image_jpeg, "audio": audio, "label": label, "quality": quality,
+                                   "split": split, "device_time": device_time, "stream_time": stream_time,
+                                   "source": source}])[0]
 
     def put_many(self, samples: Sequence[dict[str, Any]]) -> list[int]:
         """Write several samples in one transaction (all or none); returns their ids."""

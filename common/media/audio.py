@@ -18,9 +18,10 @@ be applied to a stream before it ends; :func:`power_to_db` applies them to any w
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from functools import lru_cache
-from typing import Callable, Literal
+from typing import Literal
 
 import numpy as np
 import scipy.fft

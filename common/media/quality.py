@@ -17,16 +17,16 @@ import numpy as np
 import scipy.fft
 
 __all__ = [
-    "ImageStats",
     "AudioStats",
-    "to_gray",
-    "laplacian_variance",
-    "image_stats",
+    "ImageStats",
+    "audio_score",
     "audio_stats",
-    "phash",
     "hamming",
     "image_score",
-    "audio_score",
+    "image_stats",
+    "laplacian_variance",
+    "phash",
+    "to_gray",
 ]
 
 DARK_LEVEL = 16  # 8-bit luminance at or below this is crushed shadow
@@ -113,7 +113,7 @@ def phash(rgb: np.ndarray, *, hash_size: int = 8, highfreq_factor: int = 4) -> i
 
 def hamming(a: int, b: int) -> int:
     """Bits that differ between two hashes."""
-    return int(bin((a ^ b) & 0xFFFFFFFFFFFFFFFF).count("1"))
+    return int(((a ^ b) & 0xFFFFFFFFFFFFFFFF).bit_count())
 
 
 def audio_stats(y: np.ndarray) -> AudioStats:

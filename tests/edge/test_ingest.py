@@ -89,7 +89,7 @@ def test_keyframes_are_paired_with_the_audio_window_at_their_time(tmp_path, medi
             assert int(np.argmax(s.audio[:, 16])) == _band(_tone_at(t))
         shots_seen.add(int(t // SHOT_S))
         if audio_key != "wav44":  # same samples: the stored window is the offline window at that time
-            start = min(max(int(round(t * SR / 256)) - 16, 0), full_db.shape[1] - 32)
+            start = min(max(round(t * SR / 256) - 16, 0), full_db.shape[1] - 32)
             ref = power_to_db(full_db[:, start : start + 32], top_db=80.0)
             np.testing.assert_allclose(s.audio, ref, atol=0.07)  # float16 storage
     assert shots_seen == {0, 1, 2, 3}  # a keyframe from every shot

@@ -140,7 +140,7 @@ def test_disk_full_rolls_back_and_keeps_earlier_samples(tmp_path):
     assert 0 < len(written) < 100
     # a batch that does not fit is all-or-nothing
     with pytest.raises(StoreFullError):
-        st.put_many([dict(image_jpeg=big[:100], label=-5)] + [dict(image_jpeg=big, label=-6)] * 3)
+        st.put_many([{"image_jpeg": big[:100], "label": -5}] + [{"image_jpeg": big, "label": -6}] * 3)
     st.close()
     st = SampleStore(tmp_path / "s")
     assert st.ids() == written
