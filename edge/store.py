@@ -65,6 +65,14 @@ CREATE TABLE IF NOT EXISTS samples (
 );
 CREATE INDEX IF NOT EXISTS samples_split ON samples(split);
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+-- the payload total, kept by triggers inside each write's transaction (no scan per write)
+INSERT OR IGNORE INTO meta VALUES ('payload_bytes', (SELECT COALESCE(SUM(nbytes), 0) FROM samples));
+CREATE TRIGGER IF NOT EXISTS samples_ins AFTER INSERT ON samples BEGIN
+    UPDATE meta SET value = CAST(value AS INTEGER) + NEW.nbytes WHERE key = 'payload_bytes';
+END;
+CREATE TRIGGER IF NOT EXISTS samples_del AFTER DELETE ON samples BEGIN
+    UPDATE meta SET value = CAST(value AS INTEGER) - OLD.nbytes WHERE key = 'payload_bytes';
+END;
 """
 
 
@@ -255,7 +263,7 @@ class SampleStore:
     def _make_room(self, conn: sqlite3.Connection, need: int) -> None:
         if self.budget_bytes is None:
             return
-        used = int(conn.execute("SELECT COALESCE(SUM(nbytes), 0) FROM samples").fetchone()[0])
+        used = int(conn.execute("SELECT value FROM meta WHERE key = 'payload_bytes'").fetchone()[0])
         excess = used + need - self.budget_bytes
         if excess <= 0:
             return
@@ -279,6 +287,9 @@ class SampleStore:
         """Samples, payload bytes, file bytes, budget, evicted count, samples per modality set and split."""
         conn = self._db()
         n, used = conn.execute("SELECT COUNT(*), COALESCE(SUM(nbytes), 0) FROM samples").fetchone()
+        kept = int(conn.execute("SELECT value FROM meta WHERE key = 'payload_bytes'").fetchone()[0])
+        if kept != used:  # cannot happen while the triggers run in every write's transaction
+            raise StoreError(f"payload total out of step ({kept} != {used}): {self.path}")
         mods = dict(conn.execute("SELECT modalities, COUNT(*) FROM samples GROUP BY modalities").fetchall())
         splits = dict(conn.execute("SELECT split, COUNT(*) FROM samples GROUP BY split").fetchall())
         ev = conn.execute("SELECT value FROM meta WHERE key = 'evicted'").fetchone()
