@@ -100,6 +100,7 @@ class AggregationConfig:
     eval_every: int = 1
     clock: Literal["auto", "real", "virtual"] = "auto"  # auto: virtual under simulation, real in deployment
     resume: bool = True  # restart from run_dir's aggregator checkpoint when there is one
+    stop_at_accuracy: float = 0.0  # end the run once an evaluated version reaches it (0 = run all versions)
 
     def __post_init__(self) -> None:
         _check(self.mode in ("async", "sync"), "aggregation.mode", "must be 'async' or 'sync'")
@@ -125,6 +126,7 @@ class AggregationConfig:
         _check(self.eval_every >= 1, "aggregation.eval_every", "must be >= 1")
         _check(self.clock in ("auto", "real", "virtual"), "aggregation.clock",
                "must be 'auto', 'real' or 'virtual'")
+        _check(0.0 <= self.stop_at_accuracy <= 1.0, "aggregation.stop_at_accuracy", "must be in [0, 1]")
 
 
 @dataclass(frozen=True)
@@ -245,7 +247,7 @@ class TrainingConfig:
     aux_weight: float = 0.01  # weight of the router's load-balancing loss
     modality_dropout: float = 0.2
     log_every: int = 10  # steps between metric reports (TensorBoard + JSONL)
-    samples: int = 2000  # cloud-side curated samples when the data is generated
+    samples: int = 800  # cloud-side curated samples when the data is generated
     storage_path: str = ""  # persistent Ray Train storage ("" = <run_dir or ./runs>/train)
     health_check_s: float = 0.5  # Ray Train controller poll: bounds report latency and failure detection
 
