@@ -195,3 +195,14 @@ def test_cli_bad_inputs_one_line_error_non_zero_exit(tmp_path, media, case):
     if case == "nan":  # windows before the bad sample were stored and stay
         st = SampleStore(store)
         assert 0 < len(st) and max(s.stream_time for s in st.iter_samples()) < 6.5
+
+
+def test_truncated_video_keeps_what_decoded_and_says_where_it_broke(tmp_path, media):
+    data = media["video"].read_bytes()
+    cut = tmp_path / "cut.avi"
+    cut.write_bytes(data[: len(data) // 2])
+    rep = ingest(video=cut, audio=media["wav"], store=tmp_path / "s")
+    assert 0 < rep.frames_decoded < 4 * SHOT_S * FPS and rep.samples_stored > 0
+    assert rep.seconds >= 0 and any("broke" in n or "could not decode" in n for n in rep.notes), rep.notes
+    r = _cli("--video", str(cut), "--store", str(tmp_path / "c"))
+    assert r.exit_code == 0 and "note:" in r.stdout
