@@ -213,13 +213,31 @@ def _open_soundfile(name: str, chunk_s: float):
         return None
     rate, ch, frames = int(f.samplerate), int(f.channels), int(f.frames)
 
-    def blocks() -> Iterator[np.ndarray]:
+    def blocks() -> Iterator[np.ndarray | str]:
         with f:
             n = max(1, int(rate * chunk_s))
+            done = 0
             while True:
-                b = f.read(n, dtype="float32", always_2d=True)
+                try:
+                    b = f.read(n, dtype="float32", always_2d=True)
+                except (RuntimeError, sf.LibsndfileError) as e:  # type: ignore[attr-defined]
+                    # a corrupt or truncated file: re-read the failed block in small steps to keep what decodes
+                    msg = str(e).splitlines()[0] if str(e) else type(e).__name__
+                    try:
+                        f.seek(done)
+                        while True:
+                            b = f.read(max(1, n // 50), dtype="float32", always_2d=True)
+                            if len(b) == 0:
+                                break
+                            done += len(b)
+                            yield b
+                    except (RuntimeError, sf.LibsndfileError):  # type: ignore[attr-defined]
+                        pass
+                    yield f"audio file broken ({msg})"
+                    return
                 if len(b) == 0:
                     return
+                done += len(b)
                 yield b
 
     return rate, ch, (frames / rate if rate > 0 else None), blocks(), "soundfile"

@@ -282,3 +282,16 @@ def test_hour_long_file_is_read_with_bounded_memory(tmp_path):
     assert float(seconds) == pytest.approx(3600.0)
     assert int(frames) == MelParams().n_frames(3600 * 16000)
     assert float(grown_mb) < 60  # the whole signal would be 230 MB in float32
+
+
+def test_truncated_flac_keeps_what_decoded_and_says_where_it_broke(tmp_path):
+    full = tmp_path / "full.flac"
+    sf.write(full, _stereo(16000, 4.0), 16000)
+    data = full.read_bytes()
+    cut = tmp_path / "cut.flac"
+    cut.write_bytes(data[: len(data) // 2])
+    src = open_audio(cut, chunk_s=1.0)
+    y = src.read_all()
+    assert src.error is not None and "broken" in src.error and "\n" not in src.error
+    assert 1.0 < len(y) / 16000 < 4.0  # more than the whole blocks before the break
+    np.testing.assert_allclose(y, sf.read(full, dtype="float32")[0].mean(axis=1)[: len(y)], atol=1e-4)
