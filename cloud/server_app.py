@@ -120,6 +120,7 @@ class ServerLoop:
         self.acc = _VersionAcc()
         self.version, self.params = self._get(self.actor.snapshot.remote())
         self.round_open = False  # sync: a round's messages are out
+        self.done = False  # aggregation.stop_at_accuracy reached
         self.nodes: list[int] = []
         self._nodes_read = -math.inf
         self.poll_s = 0.02 if clock.virtual else 0.25
@@ -253,7 +254,7 @@ class ServerLoop:
 
     def _apply_ready(self) -> int:
         applied = 0
-        while self.version < self.agg.versions:
+        while self.version < self.agg.versions and not self.done:
             ev_t = self.queue.pop()
             if ev_t is None:
                 break
@@ -312,11 +313,13 @@ class ServerLoop:
         if self.run_dir:
             with open(self.run_dir / "metrics.jsonl", "a") as f:
                 f.write(json.dumps(rec) + "\n")
+        if 0 < self.agg.stop_at_accuracy <= res["accuracy"]:
+            self.done = True
 
     # ------------------------------------------------------------------ main loop
     def run(self) -> None:
         """Run until ``aggregation.versions`` versions exist."""
-        while self.version < self.agg.versions:
+        while self.version < self.agg.versions and not self.done:
             self._refresh_nodes()
             self._check_timeouts()
             self._close_round()

@@ -1,0 +1,106 @@
+"""cloud/state.py: buffering, versions, refusals that leave the model alone, checkpoints, rebase, Ray actor."""
+
+import numpy as np
+import pytest
+
+from cloud.state import AggregatorState, CheckpointError, atomic_write, start_actor
+from cloud.validation import RawUpdate
+from common import codec, wire
+
+INIT = {"a": np.ones((2, 3), np.float32), "b": np.zeros(4, np.float32)}
+DENSE = codec.CodecParams(topk_ratio=1.0, bits=32, error_feedback=False)
+
+
+def _raw(base, value=0.1, n=10.0):
+    delta = {k: np.full(v.shape, value, np.float32) for k, v in INIT.items()}
+    return RawUpdate(payload=codec.encode(delta, DENSE)[0], base_version=base, metrics={wire.NUM_EXAMPLES: n})
+
+
+def _state(tmp_path=None, **kw):
+    opts = dict(buffer_size=2, staleness="constant", max_staleness=2, checkpoint_every=1,
+                checkpoint_dir=str(tmp_path) if tmp_path else None)
+    opts.update(kw)
+    return AggregatorState(INIT, **opts)
+
+
+def test_k_updates_make_one_version_with_their_mean():
+    st = _state()
+    assert st.submit(_raw(0, 0.1))["new_version"] is None
+    r = st.submit(_raw(0, 0.3))
+    assert r["accepted"] and r["new_version"] == 1
+    np.testing.assert_allclose(st.params["a"], 1.2, rtol=1e-6)
+    assert st.history[-1]["updates"] == 2
+
+
+def test_stale_update_is_dropped_and_counted():
+    st = _state(buffer_size=1)
+    for _ in range(4):
+        st.submit(_raw(st.version))
+    before = {k: v.copy() for k, v in st.params.items()}
+    r = st.submit(_raw(0))  # staleness 4 > 2
+    assert not r["accepted"] and r["reason"] == "stale"
+    assert st.stats()["rejections"] == {"stale": 1}
+    for k in before:
+        np.testing.assert_array_equal(st.params[k], before[k])
+
+
+def test_bad_update_leaves_model_and_buffer_untouched():
+    st = _state(buffer_size=1)
+    bad = RawUpdate(payload=b"garbage" * 10, base_version=0, metrics={})
+    r = st.submit(bad)
+    assert r["reason"] == "decode" and st.version == 0 and not st.buffer
+    np.testing.assert_array_equal(st.params["a"], INIT["a"])
+
+
+def test_checkpoint_roundtrip_keeps_buffer_momentum_and_counters(tmp_path):
+    st = _state(tmp_path, server_momentum=0.5)
+    st.submit(_raw(0))
+    st.submit(_raw(0))  # version 1, checkpointed
+    st.submit(_raw(1, 0.2))  # buffered
+    st.submit(RawUpdate(payload=b"x", base_version=1, metrics={}))
+    st.checkpoint()
+    back = AggregatorState.restore(str(tmp_path), checkpoint_every=1)
+    assert back.version == 1 and len(back.buffer) == 1 and back.stats()["rejections"] == {"decode": 1}
+    np.testing.assert_array_equal(back.params["a"], st.params["a"])
+    np.testing.assert_array_equal(back.momentum["b"], st.momentum["b"])
+    np.testing.assert_array_equal(back.buffer[0]["delta"]["a"], st.buffer[0]["delta"]["a"])
+    assert back.submit(_raw(1, 0.2))["new_version"] == 2  # the buffered update was not lost
+    assert not list(tmp_path.glob(".*tmp*"))
+
+
+def test_restore_refuses_missing_and_corrupt_checkpoints(tmp_path):
+    with pytest.raises(FileNotFoundError):
+        AggregatorState.restore(str(tmp_path))
+    atomic_write(tmp_path / "aggregator.npz", b"not a zip")
+    with pytest.raises(CheckpointError):
+        AggregatorState.restore(str(tmp_path))
+
+
+def test_rebase_resets_adapters_and_refuses_updates_from_the_old_base(tmp_path):
+    st = _state(tmp_path, buffer_size=1)
+    st.submit(_raw(0))
+    st.submit(_raw(1))
+    v = st.rebase({"w": np.ones(2, np.float32)}, base_version=1)
+    assert v == 3 and st.base_version == 1 and st.oldest_version == 3
+    np.testing.assert_array_equal(st.params["a"], INIT["a"])
+    assert st.submit(_raw(2))["reason"] == "unknown_version"
+    assert st.submit(_raw(3))["new_version"] == 4
+    with pytest.raises(ValueError):
+        st.rebase({}, base_version=1)
+    back = AggregatorState.restore(str(tmp_path))
+    assert back.base_version == 1 and back.oldest_version == 3 and "w" in back.base_state
+
+
+@pytest.mark.integration
+def test_state_runs_as_a_ray_actor(ray_session, tmp_path):
+    ray = ray_session
+    actor = start_actor(None, initial=INIT, buffer_size=1, checkpoint_dir=str(tmp_path), checkpoint_every=1)
+    r = ray.get(actor.submit.remote(_raw(0), 1.5))
+    assert r["new_version"] == 1
+    v, params = ray.get(actor.snapshot.remote())
+    assert v == 1 and params["a"][0, 0] == pytest.approx(1.1)
+    restored = AggregatorState.restore(str(tmp_path))
+    actor2 = start_actor(restored)
+    assert ray.get(actor2.get_version.remote()) == 1
+    ray.kill(actor)
+    ray.kill(actor2)
