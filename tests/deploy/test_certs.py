@@ -32,7 +32,8 @@ def certs(tmp_path_factory):
 def test_layout_has_every_file_and_private_keys_are_owner_only(certs):
     for p in (certs.ca_cert, certs.server_cert, certs.node_public_key("edge-0")):
         assert p.is_file()
-    for p in (certs.ca_key, certs.server_key, certs.node_private_key("edge-0"), certs.node_private_key("edge-1")):
+    for p in (certs.ca_key, certs.server_key, certs.superexec_secret, certs.node_private_key("edge-0"),
+              certs.node_private_key("edge-1")):
         assert stat.S_IMODE(p.stat().st_mode) == 0o600, p
     assert certs.node_names() == ["edge-0", "edge-1"]
 
