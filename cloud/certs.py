@@ -6,6 +6,8 @@ Flower 1.42 reads them in these formats (checked against its sources):
   certificate, PEM private key (PKCS#8, unencrypted). A SuperNode checks the server certificate against the CA
   given by ``--root-certificates`` and the address it dials must be one of the certificate's SANs, so the
   certificate always carries ``IP:127.0.0.1`` and ``DNS:localhost`` plus the hostnames and IPs asked for.
+- ``--superexec-auth-secret-file`` (SuperLink with ``--isolation process`` and its separate ``flower-superexec``):
+  raw bytes, not empty; fedge writes 64 hex characters.
 - ``flower-supernode --auth-supernode-private-key``: an OpenSSH private key (``load_ssh_private_key``) on a
   NIST elliptic curve; ``flwr supernode register`` reads the matching OpenSSH public key
   (``load_ssh_public_key``). fedge uses ECDSA P-384 for both.
@@ -20,6 +22,7 @@ import datetime as dt
 import ipaddress
 import os
 import re
+import secrets
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -45,7 +48,8 @@ class CertError(ValueError):
 class CertLayout:
     """Where :func:`generate` puts each file under ``root`` (the layout every deploy/ file assumes).
 
-    ``root/ca.crt``, ``root/ca.key``, ``root/superlink.crt``, ``root/superlink.key`` and, per SuperNode,
+    ``root/ca.crt``, ``root/ca.key``, ``root/superlink.crt``, ``root/superlink.key``, ``root/superexec.secret``
+    and, per SuperNode,
     ``root/supernodes/<name>/auth.key`` (OpenSSH private) and ``auth.pub`` (OpenSSH public).
     """
 
@@ -70,6 +74,11 @@ class CertLayout:
     def server_key(self) -> Path:
         """PEM (PKCS#8) server private key: ``flower-superlink --ssl-keyfile``."""
         return self.root / "superlink.key"
+
+    @property
+    def superexec_secret(self) -> Path:
+        """Shared secret of SuperLink and a separate SuperExec (``--superexec-auth-secret-file``, process isolation)."""
+        return self.root / "superexec.secret"
 
     @property
     def nodes_dir(self) -> Path:
@@ -253,6 +262,12 @@ def generate(
     else:
         ca_cert, ca_key = _load_ca(layout)
         kept += [layout.ca_cert, layout.ca_key]
+
+    if overwrite or not layout.superexec_secret.exists():
+        _write(layout.superexec_secret, secrets.token_hex(32).encode(), private=True)
+        written.append(layout.superexec_secret)
+    else:
+        kept.append(layout.superexec_secret)
 
     want = (sorted(hosts), sorted(addrs))
     if new_ca or not layout.server_cert.exists() or not layout.server_key.exists() \
