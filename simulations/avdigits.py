@@ -145,8 +145,8 @@ def _background(rng: np.random.Generator, size: int) -> np.ndarray:
     """A textured background (size, size, 3) uint8: a colour plus low-frequency blotches."""
     import cv2
 
-    base = rng.uniform(30, 200, size=3)
-    blot = cv2.resize(rng.uniform(-60, 60, size=(4, 4, 3)).astype(np.float32), (size, size),
+    base = rng.uniform(40, 180) + rng.uniform(-25, 25, size=3)  # muted colours
+    blot = cv2.resize(rng.uniform(-50, 50, size=(4, 4, 3)).astype(np.float32), (size, size),
                       interpolation=cv2.INTER_CUBIC)
     return np.clip(base + blot, 0, 255).astype(np.uint8)
 
@@ -155,14 +155,15 @@ def render_shot(image: np.ndarray, frames: int, *, size: int, noise: float,
                 rng: np.random.Generator) -> np.ndarray:
     """One shot: (frames, size, size, 3) uint8 BGR frames of a digit card under a moving camera.
 
-    The card (dark ink on paper, about half the frame) sits on a textured background; the camera pans and
-    zooms slowly (a few pixels over the shot) and every frame gets Gaussian sensor noise of ``noise`` (0-1).
+    The card (dark ink on paper, 85-95% of the frame: the camera frames the digit) sits on a textured
+    background; the camera pans and zooms slowly (a few pixels over the shot) and every frame gets Gaussian
+    sensor noise of ``noise`` (0-1).
     """
     import cv2
 
     canvas = 2 * size
     bg = _background(rng, canvas)
-    card = int(size * rng.uniform(0.45, 0.6))
+    card = int(size * rng.uniform(0.85, 0.95))
     ink = cv2.resize(image, (card, card), interpolation=cv2.INTER_CUBIC).clip(0, 1)
     paper = rng.uniform(200, 250)
     tint = rng.uniform(0.85, 1.0, size=3)
@@ -170,10 +171,10 @@ def render_shot(image: np.ndarray, frames: int, *, size: int, noise: float,
     cy, cx = canvas // 2 - card // 2 + rng.integers(-4, 5, size=2)
     bg[cy:cy + card, cx:cx + card] = card_img.astype(np.uint8)
     gain = rng.uniform(0.75, 1.15)
-    # camera: centred on the card, drifting by up to ~8% of the frame, zoom 1.0 -> 1.0+-0.1 over the shot
-    start = rng.uniform(-0.04, 0.04, size=2) * size
-    drift = rng.uniform(-0.08, 0.08, size=2) * size
-    z0, z1 = 1.0, 1.0 + rng.uniform(-0.1, 0.1)
+    # camera: centred on the card, drifting by up to ~5% of the frame, zoom 1.0 -> 1.0+-0.06 over the shot
+    start = rng.uniform(-0.03, 0.03, size=2) * size
+    drift = rng.uniform(-0.05, 0.05, size=2) * size
+    z0, z1 = 1.0, 1.0 + rng.uniform(-0.06, 0.06)
     out = np.empty((frames, size, size, 3), dtype=np.uint8)
     for f in range(frames):
         t = f / max(frames - 1, 1)

@@ -103,3 +103,23 @@ def flower_baseline_cmd(
     cfg = _load(scenario, list(set_))
     run_dir = run(cfg, out_dir=out, progress=not quiet, report=False, apps=(fb.server_app, fb.client_app))
     typer.echo(f"run directory: {run_dir}")
+
+
+@app.command("prepare")
+def prepare_cmd(
+    scenario: Path = typer.Argument(..., help="Scenario TOML."),
+    out: Path = typer.Option(..., "--out", help="Run directory for `flwr run` (gets config.toml)."),
+    set_: list[str] = typer.Option([], "--set", help="Override a config key."),
+) -> None:
+    """Render and ingest a scenario's data, write its resolved config.toml for `flwr run . FED --run-config`."""
+    import dataclasses
+
+    from .prepare import prepare
+    from .runner import default_cache
+
+    cfg = prepare(_load(scenario, list(set_)), default_cache())
+    run_dir = out.resolve()
+    path = dataclasses.replace(cfg, run_dir=str(run_dir)).save(run_dir)
+    typer.echo(f"config: {path}")
+    typer.echo(f"run it: flwr run . <federation> --run-config {path} "
+               f"--federation-config num-supernodes={cfg.simulation.devices}")

@@ -39,7 +39,7 @@ def data_key(cfg: FedgeConfig) -> dict[str, Any]:
         "eval": d.eval_samples, "partition": d.partition, "alpha": d.dirichlet_alpha,
         "missing_image": d.missing_image, "missing_audio": d.missing_audio, "fps": s.fps,
         "shot_s": s.shot_seconds, "size": s.frame_size, "noise": s.image_noise, "snr": s.snr_db,
-        "image_size": m.image_size, "n_mels": m.n_mels, "frames": m.audio_frames, "format": 1,
+        "image_size": m.image_size, "n_mels": m.n_mels, "frames": m.audio_frames, "format": 3,
     }
 
 
@@ -94,9 +94,10 @@ def _render_and_ingest(job: tuple[avdigits.DevicePlan, str, str, dict[str, Any],
     plan, media, store, render_kw, ingest_kw = job
     streams = avdigits.render_device(plan, Path(media), **render_kw)
     totals: dict[str, Any] = {"device": plan.pid, "streams": len(streams), "shots": int(len(plan.labels))}
+    split = "test" if plan.pid < 0 else "train"  # the held-out 'device' has pid -1
     for s in streams:
         counts = stores.ingest_stream(video=s.video, audio=s.audio, store=Path(store), label=s.label,
-                                             **ingest_kw)
+                                      split=split, **ingest_kw)
         for k, v in counts.items():
             if isinstance(v, (int, float)):
                 totals[k] = totals.get(k, 0) + v
