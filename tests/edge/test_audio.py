@@ -256,6 +256,7 @@ def test_bad_audio_inputs_give_one_line_errors(tmp_path):
         assert "\n" not in str(e)
 
 
+@pytest.mark.integration
 def test_hour_long_file_is_read_with_bounded_memory(tmp_path):
     """One hour of 16 kHz mono (230 MB as float32 in memory) read in 1 s chunks: peak RSS grows far less."""
     path = tmp_path / "hour.wav"
