@@ -19,3 +19,14 @@ def info() -> None:
 from .certs import certs_command  # noqa: E402  (issue 9: certificates and keys)
 
 app.command("certs")(certs_command)
+
+from .shards_cli import keys_command, publish_command, serve_command, token_command  # noqa: E402  (issue 7)
+
+app.command("keys")(keys_command)
+app.command("token")(token_command)
+app.command("publish")(publish_command)
+app.command("serve")(serve_command)
+
+from .launcher import start_command  # noqa: E402  (issue 4: the aggregator)
+
+app.command("start")(start_command)

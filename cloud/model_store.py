@@ -19,8 +19,9 @@ import json
 import os
 import shutil
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Self
 
 from common.manifest import Manifest, ManifestError, verify_manifest
 
@@ -178,7 +179,7 @@ class _FileLock:
         self.path = path
         self._fh: Any = None
 
-    def __enter__(self) -> _FileLock:
+    def __enter__(self) -> Self:
         self._fh = open(self.path, "a")
         fcntl.flock(self._fh, fcntl.LOCK_EX)
         return self

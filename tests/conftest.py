@@ -29,3 +29,6 @@ def ray_session():
                  runtime_env={"env_vars": {"RAY_USAGE_STATS_ENABLED": "0"}})
     yield ray
     ray.shutdown()
+
+
+from tests.shard_server import shard_server, shard_store  # noqa: E402,F401  (issue 7: shared Serve + store)

@@ -1,0 +1,150 @@
+"""``fedge cloud keys | token | publish | serve``: sign, publish and serve sharded model versions."""
+
+from __future__ import annotations
+
+import os
+import signal
+import threading
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from common.manifest import generate_keypair, load_private_key, load_public_key
+
+
+def keys_command(
+    out: Annotated[Path, typer.Option("--out", help="Folder for manifest.key (private) and manifest.pub.")] = Path(
+        "keys"),
+    overwrite: Annotated[bool, typer.Option(help="Replace an existing key pair (devices pinned to it then refuse "
+                                            "every new manifest).")] = False,
+) -> None:
+    """Generate the Ed25519 key pair that signs manifests; pin manifest.pub in every device's config."""
+    try:
+        priv, pub = generate_keypair(out, overwrite=overwrite)
+    except FileExistsError as e:
+        typer.echo(f"fedge cloud keys: {e}", err=True)
+        raise typer.Exit(1) from None
+    typer.echo(f"private key (keep on the cloud): {priv}\npublic key (shards.public_key on devices): {pub}")
+
+
+def token_command(
+    device: Annotated[str, typer.Argument(help="Device id the token is for (sent as X-Fedge-Device).")],
+    tokens_file: Annotated[Path, typer.Option("--tokens", help="Tokens file the server reads.")] = Path(
+        "keys/tokens.json"),
+) -> None:
+    """Create (or replace) a device's download token; prints it once (only its sha256 is stored)."""
+    from .serving import add_device_token
+
+    try:
+        tokens_file.parent.mkdir(parents=True, exist_ok=True)
+        token = add_device_token(tokens_file, device)
+    except ValueError as e:
+        typer.echo(f"fedge cloud token: {e}", err=True)
+        raise typer.Exit(1) from None
+    typer.echo(token)
+
+
+def publish_command(
+    version: Annotated[str, typer.Option(help="Name of the new version (immutable once published).")],
+    store: Annotated[Path, typer.Option(help="ModelStore root directory.")] = Path("runs/models"),
+    key: Annotated[Path, typer.Option(help="Ed25519 private key that signs the manifest.")] = Path(
+        "keys/manifest.key"),
+    checkpoint: Annotated[Path | None, typer.Option(
+        help="safetensors file of the plain base state dict; default: the seeded initial model.")] = None,
+    config: Annotated[Path | None, typer.Option(help="Run config TOML (model shape, seed).")] = None,
+) -> None:
+    """Export a model as shards (ONNX + safetensors), sign the manifest and make it the latest version."""
+    from rich.progress import Progress
+
+    from common.config import ConfigError, load_config
+    from common.model import build_model, model_kwargs
+
+    from .export import ExportError
+    from .model_store import ModelStore
+
+    try:
+        cfg = load_config(toml_path=config) if config else load_config()
+        kwargs = model_kwargs(cfg) | {"precision": None}
+        model = build_model(**kwargs)  # type: ignore[arg-type]
+        if checkpoint is not None:
+            from safetensors.torch import load_file
+
+            if not checkpoint.is_file():
+                raise FileNotFoundError(f"checkpoint not found: {checkpoint}")
+            model.load_state_dict(load_file(str(checkpoint)), strict=True)
+        private = load_private_key(key)
+        with Progress(transient=True) as bar:
+            task = bar.add_task("exporting shards", total=cfg.model.num_experts + 4)
+
+            def step(name: str) -> None:
+                bar.update(task, advance=1, description=f"exporting {name}")
+
+            manifest = ModelStore(store).publish(
+                model, version=version, private_key=private, image_size=cfg.model.image_size,
+                audio_frames=cfg.model.audio_frames, public_key=private.public_key(), progress=step,
+            )
+    except (ConfigError, FileNotFoundError, FileExistsError, ExportError, ValueError, RuntimeError) as e:
+        typer.echo(f"fedge cloud publish: {str(e).splitlines()[0]}", err=True)
+        raise typer.Exit(1) from None
+    typer.echo(f"published {manifest.version}: {len(manifest.shards())} shards, "
+               f"{manifest.total_bytes()} ONNX bytes, in {Path(store) / manifest.version}")
+
+
+def serve_command(
+    store: Annotated[Path, typer.Option(help="ModelStore root directory to serve.")] = Path("runs/models"),
+    host: Annotated[str, typer.Option(help="Address Serve's HTTP proxy listens on.")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="Port of Serve's HTTP proxy.")] = 8000,
+    tokens: Annotated[Path | None, typer.Option(
+        help="Tokens file: when given, downloads need a device token.")] = None,
+    ssl_certfile: Annotated[Path | None, typer.Option(
+        help="TLS certificate (PEM); HTTPS together with --ssl-keyfile.")] = None,
+    ssl_keyfile: Annotated[Path | None, typer.Option(help="TLS private key (PEM).")] = None,
+    public_key: Annotated[Path | None, typer.Option(
+        help="Check the latest manifest against this key before serving.")] = None,
+    replicas: Annotated[int, typer.Option(min=1, help="ShardServer replicas.")] = 1,
+    address: Annotated[str | None, typer.Option(
+        help="Ray cluster address; default: start an embedded Ray.")] = None,
+    num_cpus: Annotated[int, typer.Option(help="CPUs of the embedded Ray.")] = 2,
+) -> None:
+    """Serve model versions to devices with Ray Serve until interrupted (Ctrl-C)."""
+    import ray
+
+    from common.manifest import ManifestError, verify_manifest
+
+    from .model_store import ModelStore, StoreError
+    from .serving import start_shard_server
+
+    if not store.is_dir():
+        typer.echo(f"fedge cloud serve: store {store} does not exist (publish a version first)", err=True)
+        raise typer.Exit(1)
+    if public_key is not None:
+        try:
+            verify_manifest(ModelStore(store).manifest_bytes("latest"), load_public_key(public_key))
+        except (StoreError, ManifestError, FileNotFoundError) as e:
+            typer.echo(f"fedge cloud serve: {e}", err=True)
+            raise typer.Exit(1) from None
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    if address:
+        ray.init(address=address)
+    else:
+        ray.init(num_cpus=num_cpus, include_dashboard=False)
+    try:
+        url = start_shard_server(store, host=host, port=port, tokens_file=tokens, ssl_certfile=ssl_certfile,
+                                 ssl_keyfile=ssl_keyfile, num_replicas=replicas)
+    except (ValueError, FileNotFoundError) as e:
+        typer.echo(f"fedge cloud serve: {e}", err=True)
+        ray.shutdown()
+        raise typer.Exit(1) from None
+    typer.echo(f"serving {store} at {url}/v1/models (Ctrl-C to stop)")
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    try:
+        stop.wait()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        from ray import serve
+
+        serve.shutdown()
+        ray.shutdown()

@@ -1,0 +1,379 @@
+"""ShardCache: fetch only the model shards a device needs, verify them, keep them in an on-disk LRU.
+
+A device with modalities ``{audio}`` downloads the audio encoder, the router and the head; an expert only when
+its router first routes a token to it. Every manifest is checked against the Ed25519 public key pinned in the
+device's config before any hash in it is trusted; every shard against its manifest sha256 (a mismatch is
+deleted and refused). Files are content-addressed (``shards/<sha256>.<ext>``), so a shard that did not change
+between versions is never downloaded twice. The cache stays within a byte budget by evicting the least
+recently used files that the current version does not need right now, works offline from what it holds, and
+resumes an interrupted download with an HTTP ``Range`` request (``If-Range`` = the sha256 ETag).
+
+Network code uses only the standard library (``urllib``): an edge device installs without Ray or HTTP extras.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import http.client
+import json
+import os
+import socket
+import ssl
+import time
+import urllib.error
+import urllib.parse
+import urllib.request
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+
+from common.manifest import (
+    Manifest,
+    ManifestError,
+    ShardFile,
+    base_shards,
+    expert_shard,
+    load_public_key,
+    verify_manifest,
+)
+
+DEVICE_HEADER = "X-Fedge-Device"
+LATEST = "latest"
+_NET_ERRORS = (urllib.error.URLError, ConnectionError, TimeoutError, socket.timeout, http.client.HTTPException,
+               ssl.SSLError, OSError)
+
+
+class ShardError(RuntimeError):
+    """Base class of shard delivery errors."""
+
+
+class ShardIntegrityError(ShardError):
+    """A downloaded shard's sha256 differs from the signed manifest; the bytes were deleted."""
+
+
+class ShardAuthError(ShardError):
+    """The server refused the device's token (HTTP 401/403)."""
+
+
+class ShardUnavailableError(ShardError):
+    """A shard or manifest is neither reachable nor in the cache."""
+
+
+class ShardDownloadError(ShardError):
+    """A download was interrupted; the partial file is kept and the next attempt resumes it."""
+
+
+class CacheBudgetError(ShardError):
+    """The shards needed right now do not fit in the cache's byte budget."""
+
+
+@dataclass
+class CacheStats:
+    """What the cache did: bytes over the network, requests, resumed downloads, cache hits."""
+
+    downloaded_bytes: int = 0
+    requests: int = 0
+    resumed: int = 0
+    hits: int = 0
+    evicted: int = 0
+
+
+class ShardCache:
+    """Download, verify and cache the shards of the latest (or a pinned) model version.
+
+    Parameters
+    ----------
+    url : base URL of the shard server (``https://host:port``).
+    cache_dir : where manifests and shards live on the device.
+    public_key : the pinned Ed25519 public key (object, PEM bytes or PEM file path).
+    modalities : the device's modalities (subset of ``image``, ``audio``).
+    budget_bytes : upper bound of the bytes of cached shard files.
+    token, device : per-device credentials sent with shard downloads (when the server requires them).
+    ca_file : CA bundle (PEM) that the server's TLS certificate must chain to; None = system store.
+    version : ``latest`` (follow publications) or a fixed version name.
+    timeout : socket timeout per request, seconds.
+    retries : further attempts (each resuming) after an interrupted download.
+    chunk_bytes : read size while streaming a download.
+    """
+
+    def __init__(
+        self,
+        url: str,
+        cache_dir: str | Path,
+        *,
+        public_key: Ed25519PublicKey | bytes | str | Path,
+        modalities: Sequence[str],
+        budget_bytes: int = 64 << 20,
+        token: str | None = None,
+        device: str | None = None,
+        ca_file: str | Path | None = None,
+        version: str = LATEST,
+        timeout: float = 10.0,
+        retries: int = 2,
+        chunk_bytes: int = 1 << 16,
+    ) -> None:
+        if not url.startswith(("http://", "https://")):
+            raise ValueError(f"shard server url {url!r} must start with http:// or https://")
+        if budget_bytes <= 0:
+            raise ValueError("budget_bytes must be > 0")
+        if not modalities:
+            raise ValueError("a device needs at least one modality")
+        self.url = url.rstrip("/")
+        self.dir = Path(cache_dir)
+        self.public_key = public_key if isinstance(public_key, Ed25519PublicKey) else load_public_key(public_key)
+        self.modalities = tuple(modalities)
+        self.budget = int(budget_bytes)
+        self.token, self.device = token, device
+        self.version = version
+        self.timeout, self.retries, self.chunk = float(timeout), int(retries), int(chunk_bytes)
+        self.stats = CacheStats()
+        self._ssl = ssl.create_default_context(cafile=str(ca_file)) if ca_file else None
+        self._manifest: Manifest | None = None
+        self._pinned: set[str] = set()  # files (sha names) the current version needs now: never evicted
+        self._verified: set[str] = set()  # sha256 of files hashed in this process
+        for sub in ("manifests", "shards", "partial"):
+            (self.dir / sub).mkdir(parents=True, exist_ok=True)
+
+    # ------------------------------------------------------------------ HTTP
+    def _open(self, path: str, headers: dict[str, str] | None = None) -> http.client.HTTPResponse:
+        req = urllib.request.Request(self.url + path, headers=headers or {})
+        self.stats.requests += 1
+        try:
+            return urllib.request.urlopen(req, timeout=self.timeout, context=self._ssl)  # type: ignore[no-any-return]
+        except urllib.error.HTTPError as e:
+            detail = _error_detail(e)
+            if e.code in (401, 403):
+                raise ShardAuthError(f"{path}: refused ({e.code}): {detail}") from None
+            if e.code == 404:
+                raise ShardUnavailableError(f"{path}: not on the server: {detail}") from None
+            raise
+
+    def _auth_headers(self) -> dict[str, str]:
+        h: dict[str, str] = {}
+        if self.token:
+            h["Authorization"] = f"Bearer {self.token}"
+        if self.device:
+            h[DEVICE_HEADER] = self.device
+        return h
+
+    # ------------------------------------------------------------------ manifest
+    def manifest(self, *, refresh: bool = False) -> Manifest:
+        """The verified manifest of the cache's version.
+
+        Fetched from the server the first time (and when ``refresh``); when the server cannot be reached the
+        last verified manifest in the cache is used (re-verified against the pinned key).
+
+        Raises
+        ------
+        SignatureError
+            The manifest (from the server or the cache) is not signed by the pinned key.
+        ShardUnavailableError
+            Offline and nothing cached for this version.
+        """
+        if self._manifest is not None and not refresh:
+            return self._manifest
+        try:
+            with self._open(f"/v1/models/{urllib.parse.quote(self.version)}/manifest") as r:
+                envelope = r.read()
+            manifest = verify_manifest(envelope, self.public_key)  # before anything in it is trusted
+            self._store_manifest(manifest.version, envelope)
+        except _NET_ERRORS as e:
+            if isinstance(e, urllib.error.HTTPError) and e.code < 500:
+                raise
+            manifest = self._cached_manifest(reason=f"{type(e).__name__}: {e}")
+        self._set_manifest(manifest)
+        return manifest
+
+    def _set_manifest(self, manifest: Manifest) -> None:
+        self._manifest = manifest
+        self._pinned = {_cache_name(manifest.file(n)) for n in base_shards(manifest, self.modalities)}
+
+    def _store_manifest(self, version: str, envelope: bytes) -> None:
+        d = self.dir / "manifests"
+        _atomic_write(d / f"{version}.json", envelope)
+        if self.version == LATEST:
+            _atomic_write(d / "LATEST", version.encode())
+
+    def _cached_manifest(self, *, reason: str) -> Manifest:
+        d = self.dir / "manifests"
+        version = self.version
+        if version == LATEST:
+            try:
+                version = (d / "LATEST").read_text().strip()
+            except FileNotFoundError:
+                raise ShardUnavailableError(f"server unreachable ({reason}) and no manifest cached") from None
+        path = d / f"{version}.json"
+        if not path.is_file():
+            raise ShardUnavailableError(f"server unreachable ({reason}) and version {version} not cached")
+        return verify_manifest(path.read_bytes(), self.public_key)
+
+    # ------------------------------------------------------------------ shards
+    def required(self) -> tuple[str, ...]:
+        """Shards this device needs before routing (its encoders, router, head)."""
+        return base_shards(self.manifest(), self.modalities)
+
+    def ensure_base(self, progress: Callable[[str, int], None] | None = None) -> dict[str, Path]:
+        """Make the device's base shards available locally; shard name -> path."""
+        return {n: self.path(n, progress=progress) for n in self.required()}
+
+    def expert(self, index: int) -> Path:
+        """Local path of expert ``index`` (downloaded the first time the router selects it)."""
+        return self.path(expert_shard(index))
+
+    def path(self, name: str, *, fmt: str = "onnx", progress: Callable[[str, int], None] | None = None) -> Path:
+        """Local, verified path of shard ``name`` in format ``fmt``; downloads it when needed.
+
+        Raises
+        ------
+        ShardIntegrityError
+            The downloaded bytes do not hash to the manifest's sha256 (they are deleted).
+        ShardUnavailableError
+            Not cached and the server cannot be reached.
+        """
+        manifest = self.manifest()
+        entry = manifest.file(name, fmt)
+        if entry.modality is not None and entry.modality not in self.modalities:
+            raise ShardError(f"shard {name!r} is for modality {entry.modality!r}, which this device lacks")
+        cname = _cache_name(entry)
+        self._pinned.add(cname)
+        dest = self.dir / "shards" / cname
+        if dest.is_file():
+            if entry.sha256 in self._verified or _sha256_file(dest) == entry.sha256:
+                self._verified.add(entry.sha256)
+                self.stats.hits += 1
+                os.utime(dest)  # LRU clock
+                return dest
+            dest.unlink()  # corrupted on disk: fetch again
+        self._make_room(entry.bytes)
+        self._download(manifest.version, entry, dest, progress)
+        self._verified.add(entry.sha256)
+        self._make_room(0)
+        return dest
+
+    def _download(
+        self, version: str, entry: ShardFile, dest: Path, progress: Callable[[str, int], None] | None
+    ) -> None:
+        part = self.dir / "partial" / (_cache_name(entry) + ".part")
+        path = f"/v1/models/{urllib.parse.quote(version)}/shards/{urllib.parse.quote(entry.file)}"
+        last: Exception | None = None
+        for attempt in range(self.retries + 1):
+            have = part.stat().st_size if part.exists() else 0
+            if have > entry.bytes:
+                part.unlink()
+                have = 0
+            headers = self._auth_headers()
+            if 0 < have < entry.bytes:
+                headers |= {"Range": f"bytes={have}-", "If-Range": f'"{entry.sha256}"'}
+            try:
+                if have == entry.bytes:
+                    break
+                with self._open(path, headers) as r:
+                    if r.status == 206:
+                        self.stats.resumed += 1
+                        mode = "ab"
+                    else:  # 200: the whole file (the server ignored or refused the range)
+                        mode, have = "wb", 0
+                    with open(part, mode) as fh:
+                        while block := r.read(self.chunk):
+                            fh.write(block)
+                            self.stats.downloaded_bytes += len(block)
+                            have += len(block)
+                            if progress:
+                                progress(entry.name, len(block))
+                if have < entry.bytes:
+                    raise ShardDownloadError(f"{entry.file}: connection closed after {have}/{entry.bytes} bytes")
+                break
+            except (ShardAuthError, ShardUnavailableError):
+                raise
+            except (ShardDownloadError, *_NET_ERRORS) as e:
+                last = e
+                if attempt < self.retries:
+                    time.sleep(min(0.2 * 2**attempt, 2.0))
+        else:
+            if part.exists() and part.stat().st_size > 0:
+                raise ShardDownloadError(
+                    f"{entry.file}: download interrupted at {part.stat().st_size}/{entry.bytes} bytes "
+                    f"({type(last).__name__}: {last}); the next attempt resumes"
+                ) from None
+            raise ShardUnavailableError(f"{entry.file}: server unreachable and not cached ({last})") from None
+        got = _sha256_file(part)
+        if got != entry.sha256:
+            part.unlink()
+            raise ShardIntegrityError(
+                f"shard {entry.file} of version {version}: sha256 {got[:16]}... != manifest {entry.sha256[:16]}... "
+                "(deleted, refused)"
+            )
+        os.replace(part, dest)
+
+    # ------------------------------------------------------------------ LRU
+    def cached_bytes(self) -> int:
+        """Bytes of complete shard files in the cache."""
+        return sum(p.stat().st_size for p in (self.dir / "shards").iterdir() if p.is_file())
+
+    def cached_files(self) -> list[str]:
+        """Names of the complete shard files in the cache."""
+        return sorted(p.name for p in (self.dir / "shards").iterdir() if p.is_file())
+
+    def _make_room(self, incoming: int) -> None:
+        """Evict least recently used, unpinned files until ``incoming`` more bytes fit in the budget."""
+        files = [p for p in (self.dir / "shards").iterdir() if p.is_file()]
+        total = sum(p.stat().st_size for p in files) + incoming
+        for p in sorted(files, key=lambda p: p.stat().st_mtime):
+            if total <= self.budget:
+                break
+            if p.name in self._pinned:
+                continue
+            total -= p.stat().st_size
+            p.unlink()
+            self.stats.evicted += 1
+        if total > self.budget:
+            raise CacheBudgetError(
+                f"the shards needed now take {total} bytes, over the cache budget of {self.budget} bytes"
+            )
+
+    def unpin(self, names: Iterable[str]) -> None:
+        """Let the LRU evict these shards (e.g. experts the router has not chosen for a while)."""
+        m = self.manifest()
+        for n in names:
+            self._pinned.discard(_cache_name(m.file(n)))
+
+
+def _cache_name(entry: ShardFile) -> str:
+    return f"{entry.sha256}.{entry.format}"
+
+
+def _sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while block := fh.read(1 << 20):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _atomic_write(path: Path, data: bytes) -> None:
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_bytes(data)
+    os.replace(tmp, path)
+
+
+def _error_detail(e: urllib.error.HTTPError) -> str:
+    try:
+        body = json.loads(e.read() or b"{}")
+        return str(body.get("detail", body))
+    except (ValueError, OSError):
+        return e.reason if isinstance(e.reason, str) else str(e.reason)
+
+
+__all__ = [
+    "CacheBudgetError",
+    "CacheStats",
+    "ManifestError",
+    "ShardAuthError",
+    "ShardCache",
+    "ShardDownloadError",
+    "ShardError",
+    "ShardIntegrityError",
+    "ShardUnavailableError",
+]

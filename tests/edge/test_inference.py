@@ -1,0 +1,83 @@
+"""ShardedRunner (onnxruntime, shard by shard) reproduces the torch model; the MoE combine kernel; the CLI."""
+
+import numpy as np
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from common.cli import build_app
+from common.model import build_model
+from edge.inference import ShardedRunner, combine_experts
+from edge.shards import ShardCache
+
+
+def test_combine_experts_matches_the_torch_moe_route():
+    model = build_model(seed=2).eval()
+    g = torch.Generator().manual_seed(0)
+    x, q = torch.randn(9, model.dim, generator=g), torch.rand(9, generator=g)
+    with torch.no_grad():
+        want, _, _, idx, _ = model.route(x, q)
+        from common.model import top_k_gating
+
+        _, idx, gates = top_k_gating(model.router(x, q), model.top_k)
+        outputs, rows = {}, {}
+        for e in idx.unique().tolist():
+            tok = (idx == e).any(dim=1).nonzero().squeeze(1)
+            outputs[e], rows[e] = model.experts[e](x[tok]).numpy(), tok.numpy()
+    got = combine_experts(x.numpy(), idx.numpy(), gates.numpy(), outputs, rows)
+    assert np.allclose(got, want.numpy(), atol=1e-6)
+
+
+def _cache(srv, tmp_path, modalities):
+    return ShardCache(srv.url, tmp_path / "cache", public_key=srv.store.public_pem, modalities=modalities,
+                      token=srv.token, device=srv.device, ca_file=srv.ca_file)
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize("given", [("image", "audio"), ("image",), ("audio",)])
+def test_sharded_runner_reproduces_the_model(shard_server, tmp_path, given):
+    from cloud.export import build_from_manifest
+
+    runner = ShardedRunner(_cache(shard_server, tmp_path, ("image", "audio")))
+    store = shard_server.store.store
+    model = build_from_manifest(store.version_dir(runner.manifest.version), runner.manifest)
+    g = torch.Generator().manual_seed(4)
+    img, aud = torch.rand(5, 3, 32, 32, generator=g), torch.randn(5, 40, 32, generator=g) * 10 - 40
+    q = torch.rand(5, 2, generator=g)
+    kw = {"image": img if "image" in given else None, "audio": aud if "audio" in given else None}
+    with torch.no_grad():
+        want = model(**kw, quality=q)
+    got = runner.predict(**{k: (v.numpy() if v is not None else None) for k, v in kw.items()}, quality=q.numpy())
+    assert np.max(np.abs(got.logits - want.logits.numpy())) <= 1e-4
+    assert np.allclose(got.fusion_weights, want.fusion_weights.numpy(), atol=1e-5)
+    assert (got.predictions == want.logits.argmax(1).numpy()).all()
+
+
+@pytest.mark.integration
+def test_runner_rejects_bad_input_with_a_clear_error(shard_server, tmp_path):
+    runner = ShardedRunner(_cache(shard_server, tmp_path, ("audio",)))
+    with pytest.raises(ValueError, match="no image modality"):
+        runner.predict(image=np.zeros((1, 3, 32, 32), np.float32))
+    with pytest.raises(ValueError, match="shape"):
+        runner.predict(audio=np.zeros((1, 40, 7), np.float32))
+    with pytest.raises(ValueError, match="non-finite"):
+        runner.predict(audio=np.full((1, 40, 32), np.nan, np.float32))
+    with pytest.raises(ValueError, match="at least one"):
+        runner.predict()
+
+
+@pytest.mark.integration
+def test_edge_predict_command_prints_one_line_per_window(shard_server, tmp_path):
+    audio = (np.random.default_rng(0).standard_normal((3, 40, 32)) * 10 - 40).astype(np.float32)
+    np.save(tmp_path / "mel.npy", audio)
+    args = ["edge", "predict", "--shards", shard_server.url, "--audio", str(tmp_path / "mel.npy"),
+            "--public-key", str(shard_server.store.public_pem), "--cache-dir", str(tmp_path / "c"),
+            "--ca-file", str(shard_server.ca_file), "--device", shard_server.device, "--token", shard_server.token]
+    r = CliRunner().invoke(build_app(), args)
+    assert r.exit_code == 0, r.output
+    lines = [ln for ln in r.output.splitlines() if ln.startswith("window ")]
+    assert len(lines) == 3 and "class" in lines[0]
+    assert "image" not in r.output
+    args[args.index("--cache-dir") + 1] = str(tmp_path / "fresh")  # an empty cache, so it must download
+    r = CliRunner().invoke(build_app(), args[:-4])  # without a token
+    assert r.exit_code == 1 and "refused" in r.output

@@ -1,0 +1,214 @@
+"""ShardCache against the real TLS ShardServer: per-modality subsets, lazy experts, integrity, signatures, tokens,
+offline use, resumed downloads, the LRU byte budget."""
+
+import json
+import shutil
+import socket
+import threading
+
+import numpy as np
+import pytest
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+from common.manifest import Manifest, SignatureError, sign_manifest
+from edge.inference import ShardedRunner
+from edge.shards import (
+    CacheBudgetError,
+    ShardAuthError,
+    ShardCache,
+    ShardIntegrityError,
+    ShardUnavailableError,
+)
+
+pytestmark = pytest.mark.integration
+
+
+def _cache(srv, tmp_path, modalities, **kw):
+    opts = {"public_key": srv.store.public_pem, "modalities": modalities, "token": srv.token,
+            "device": srv.device, "ca_file": srv.ca_file}
+    return ShardCache(srv.url, tmp_path / "cache", **(opts | kw))
+
+
+def _inputs(n=4, seed=0):
+    rng = np.random.default_rng(seed)
+    return (rng.random((n, 3, 32, 32), dtype=np.float32),
+            (rng.standard_normal((n, 40, 32)) * 10 - 40).astype(np.float32))
+
+
+def _files(cache, names):
+    m = cache.manifest()
+    return sorted(f"{m.file(n).sha256}.onnx" for n in names)
+
+
+@pytest.mark.parametrize("modalities", [("image",), ("audio",), ("image", "audio")], ids=["camera", "mic", "full"])
+def test_device_downloads_only_its_modalities_and_the_experts_it_routes_to(shard_server, tmp_path, modalities):
+    cache = _cache(shard_server, tmp_path, modalities)
+    base = [f"encoder.{m}" for m in modalities] + ["router", "head"]
+    cache.ensure_base()
+    assert cache.cached_files() == _files(cache, base)  # no expert, no other encoder yet
+    image, audio = _inputs()
+    out = ShardedRunner(cache).predict(image=image if "image" in modalities else None,
+                                       audio=audio if "audio" in modalities else None)
+    used = sorted({e for es in out.experts for e in es})
+    assert cache.cached_files() == _files(cache, base + [f"expert.{e}" for e in used])
+    want = sum(cache.manifest().file(n).bytes for n in base + [f"expert.{e}" for e in used])
+    assert cache.stats.downloaded_bytes == want
+
+
+def test_tampered_shard_is_refused_and_deleted(shard_server, tmp_path):
+    store = shard_server.store.store
+    version = store.index()["latest"]
+    path = store.version_dir(version) / "router.onnx"
+    original = path.read_bytes()
+    try:
+        path.write_bytes(original[:-4] + b"evil")  # same size, different bytes
+        cache = _cache(shard_server, tmp_path, ("audio",))
+        with pytest.raises(ShardIntegrityError, match="sha256"):
+            cache.path("router")
+        assert not any("router" in f or cache.manifest().file("router").sha256 in f for f in cache.cached_files())
+        assert not list((cache.dir / "partial").iterdir())
+    finally:
+        path.write_bytes(original)
+    assert cache.path("router").read_bytes() == original  # the genuine bytes are accepted
+
+
+def test_manifest_signed_by_another_key_is_refused(shard_server, tmp_path):
+    store = shard_server.store.store
+    latest = store.index()["latest"]
+    forged = tmp_path / "forged"
+    shutil.copytree(store.version_dir(latest), forged)
+    body = json.loads((forged / "manifest.json").read_bytes())["manifest"]
+    body["version"] = f"forged-{tmp_path.name}"
+    (forged / "manifest.json").write_bytes(sign_manifest(Manifest.from_dict(body), Ed25519PrivateKey.generate()))
+    store.publish_dir(forged, body["version"])
+    store.set_latest(latest)  # keep other tests on the genuine version
+    cache = _cache(shard_server, tmp_path, ("audio",), version=body["version"])
+    with pytest.raises(SignatureError, match="pinned key"):
+        cache.manifest()
+    assert cache.stats.downloaded_bytes == 0 and cache.cached_files() == []
+    # a device pinned to another key refuses the genuine manifest too
+    other = Ed25519PrivateKey.generate().public_key()
+    with pytest.raises(SignatureError):
+        _cache(shard_server, tmp_path / "o", ("audio",), public_key=other).manifest()
+
+
+def test_shard_request_without_a_valid_token_is_refused(shard_server, tmp_path):
+    with pytest.raises(ShardAuthError, match="401"):
+        _cache(shard_server, tmp_path / "a", ("audio",), token=None).ensure_base()
+    with pytest.raises(ShardAuthError, match="403"):
+        _cache(shard_server, tmp_path / "b", ("audio",), token="guess").ensure_base()
+
+
+def test_cache_serves_offline(shard_server, tmp_path):
+    image, audio = _inputs(seed=1)
+    online = ShardedRunner(_cache(shard_server, tmp_path, ("image", "audio")))
+    want = online.predict(image=image, audio=audio)
+    with socket.socket() as s:  # a port where nothing listens: the server is gone
+        s.bind(("127.0.0.1", 0))
+        dead = f"https://127.0.0.1:{s.getsockname()[1]}"
+    offline_cache = ShardCache(dead, tmp_path / "cache", public_key=shard_server.store.public_pem,
+                               modalities=("image", "audio"), ca_file=shard_server.ca_file, timeout=2, retries=0)
+    got = ShardedRunner(offline_cache).predict(image=image, audio=audio)
+    assert got.version == want.version and np.allclose(got.logits, want.logits)
+    assert offline_cache.stats.downloaded_bytes == 0
+    missing = ShardCache(dead, tmp_path / "empty", public_key=shard_server.store.public_pem, modalities=("audio",),
+                         timeout=2, retries=0)
+    with pytest.raises(ShardUnavailableError, match="no manifest cached"):
+        missing.manifest()
+
+
+class CuttingProxy:
+    """A TCP proxy to the server that drops its first connection after ``cut_after`` response bytes."""
+
+    def __init__(self, upstream_port: int, cut_after: int) -> None:
+        self.upstream, self.cut_after, self.connections = upstream_port, cut_after, 0
+        self.sock = socket.socket()
+        self.sock.bind(("127.0.0.1", 0))
+        self.sock.listen(8)
+        self.port = self.sock.getsockname()[1]
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                client, _ = self.sock.accept()
+            except OSError:
+                return
+            self.connections += 1
+            limit = self.cut_after if self.connections == 1 else None
+            up = socket.create_connection(("127.0.0.1", self.upstream))
+            threading.Thread(target=self._pipe, args=(client, up, None), daemon=True).start()
+            threading.Thread(target=self._pipe, args=(up, client, limit), daemon=True).start()
+
+    @staticmethod
+    def _pipe(src: socket.socket, dst: socket.socket, limit: int | None) -> None:
+        sent = 0
+        try:
+            while data := src.recv(4096):
+                if limit is not None and sent + len(data) >= limit:
+                    dst.sendall(data[: limit - sent])
+                    break
+                dst.sendall(data)
+                sent += len(data)
+        except OSError:
+            pass
+        for s in (src, dst):
+            try:
+                s.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+            s.close()
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+def test_download_cut_midway_resumes_with_a_range_request(shard_server, tmp_path):
+    port = int(shard_server.url.rsplit(":", 1)[1])
+    probe = _cache(shard_server, tmp_path / "probe", ("image",))
+    entry = probe.manifest().file("encoder.image")
+    proxy = CuttingProxy(port, cut_after=entry.bytes // 2)
+    try:
+        cache = _cache(shard_server, tmp_path, ("image",), chunk_bytes=4096, retries=0)
+        cache.url = f"https://127.0.0.1:{proxy.port}"
+        cache._manifest = probe.manifest()  # the manifest came before the network broke
+        with pytest.raises(Exception, match="interrupted"):
+            cache.path("encoder.image")
+        part = next((cache.dir / "partial").iterdir())
+        got_before = part.stat().st_size
+        assert 0 < got_before < entry.bytes
+        cache.retries = 1
+        path = cache.path("encoder.image")  # second connection: the proxy lets it through
+    finally:
+        proxy.close()
+    assert path.read_bytes() == (shard_server.store.store.version_dir(cache.manifest().version)
+                                 / entry.file).read_bytes()
+    assert cache.stats.resumed == 1
+    assert cache.stats.downloaded_bytes == entry.bytes  # the first part was not fetched again
+
+
+def test_lru_keeps_the_cache_within_its_byte_budget(shard_server, tmp_path):
+    probe = _cache(shard_server, tmp_path / "probe", ("audio",))
+    m = probe.manifest()
+    base = sum(m.file(n).bytes for n in probe.required())
+    expert = m.file("expert.0").bytes
+    cache = _cache(shard_server, tmp_path, ("audio",), budget_bytes=base + expert + expert // 2)
+    cache.ensure_base()
+    cache.expert(0)
+    cache.unpin(["expert.0"])
+    cache.expert(1)  # does not fit beside expert 0: the least recently used unpinned file goes
+    assert cache.stats.evicted == 1
+    assert cache.cached_bytes() <= cache.budget
+    assert _files(cache, ["expert.1"])[0] in cache.cached_files()
+    assert _files(cache, ["expert.0"])[0] not in cache.cached_files()
+    with pytest.raises(CacheBudgetError, match="budget"):
+        cache.expert(2)  # everything cached is pinned now
+
+
+def test_corrupted_cache_file_is_fetched_again(shard_server, tmp_path):
+    cache = _cache(shard_server, tmp_path, ("audio",))
+    path = cache.path("head")
+    path.write_bytes(b"rot")
+    fresh = _cache(shard_server, tmp_path, ("audio",))
+    assert fresh.path("head").stat().st_size == fresh.manifest().file("head").bytes
+    assert fresh.stats.downloaded_bytes == fresh.manifest().file("head").bytes
