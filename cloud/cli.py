@@ -26,7 +26,3 @@ app.command("keys")(keys_command)
 app.command("token")(token_command)
 app.command("publish")(publish_command)
 app.command("serve")(serve_command)
-
-from .launcher import start_command  # noqa: E402  (issue 4: the aggregator)
-
-app.command("start")(start_command)
