@@ -16,7 +16,7 @@ from typing import Iterator
 import cv2
 import numpy as np
 
-__all__ = ["Shot", "Transition", "match", "render", "texture"]
+__all__ = ["Shot", "Transition", "iter_render", "match", "render", "texture"]
 
 
 @dataclass(frozen=True)
@@ -117,7 +117,7 @@ def _shot_frames(shot: Shot, size: tuple[int, int], rng: np.random.Generator) ->
             img = img * 1.8 + 90.0
         if shot.noise:
             img = img + rng.normal(0, shot.noise, img.shape).astype(np.float32)
-        yield np.clip(img, 0, 255)
+        yield _u8(img)
 
 
 def render(
@@ -126,22 +126,36 @@ def render(
     size: tuple[int, int] = (160, 120),
     seed: int = 0,
 ) -> tuple[list[np.ndarray], list[Transition]]:
-    """Render shots joined by ``joins[i] = (kind, length)`` between shot i and i+1.
+    """Render a whole edit into memory (small test videos); see :func:`iter_render`."""
+    truth: list[Transition] = []
+    frames = list(iter_render(shots, joins, size, seed, truth))
+    return frames, truth
+
+
+def iter_render(
+    shots: list[Shot],
+    joins: list[tuple[str, int]],
+    size: tuple[int, int] = (160, 120),
+    seed: int = 0,
+    truth: list[Transition] | None = None,
+) -> Iterator[np.ndarray]:
+    """Yield the frames of shots joined by ``joins[i] = (kind, length)`` between shot i and i+1.
 
     ``kind`` is "cut" (length ignored), "dissolve", "fade" (through black) or "wipe" (left to right). A
-    transition of length L overlaps the last L frames of one shot with the first L of the next.
+    transition of length L overlaps the last L frames of one shot with the first L of the next. Only one shot
+    is held in memory at a time. Ground truth is appended to ``truth`` (one :class:`Transition` per join).
 
-    Returns
-    -------
-    (frames, truth)
-        ``frames``: list of (h, w, 3) uint8 BGR; ``truth``: one :class:`Transition` per join.
+    Yields
+    ------
+    np.ndarray
+        (h, w, 3) uint8 BGR frames.
     """
     if len(joins) != len(shots) - 1:
         raise ValueError("need exactly one join between consecutive shots")
+    truth = [] if truth is None else truth
     rng = np.random.default_rng(seed)
     w, h = size
-    out: list[np.ndarray] = []
-    truth: list[Transition] = []
+    n = 0
     tail: list[np.ndarray] = []  # frames of the current shot not yet written (kept for an overlap)
     for k, shot in enumerate(shots):
         frames = list(_shot_frames(shot, size, rng))
@@ -149,15 +163,16 @@ def render(
             kind, length = joins[k - 1]
             length = 0 if kind == "cut" else max(2, min(length, len(tail), len(frames)))
             keep = len(tail) - length
-            out += [_u8(f) for f in tail[:keep]]
-            start = len(out)
+            for f in tail[:keep]:
+                yield _u8(f)
+            n += keep
             if kind == "cut":
-                truth.append(Transition("cut", start, start))
+                truth.append(Transition("cut", n, n))
             else:
                 a_part, b_part = tail[keep:], frames[:length]
                 for j in range(length):
                     p = (j + 1) / (length + 1)
-                    a, b = a_part[j], b_part[j]
+                    a, b = a_part[j].astype(np.float32), b_part[j].astype(np.float32)
                     if kind == "dissolve":
                         mix = (1 - p) * a + p * b
                     elif kind == "fade":
@@ -168,16 +183,17 @@ def render(
                         mix[:, edge:] = a[:, edge:]
                     else:
                         raise ValueError(f"unknown transition kind {kind!r}")
-                    out.append(_u8(mix))
-                truth.append(Transition(kind, start, start + length - 1))
+                    yield _u8(mix)
+                truth.append(Transition(kind, n, n + length - 1))
+                n += length
                 frames = frames[length:]
         tail = frames
-    out += [_u8(f) for f in tail]
-    return out, truth
+    for f in tail:
+        yield _u8(f)
 
 
 def _u8(f: np.ndarray) -> np.ndarray:
-    return np.clip(f, 0, 255).astype(np.uint8)
+    return f if f.dtype == np.uint8 else np.clip(f, 0, 255).astype(np.uint8)
 
 
 def match(truth: list[Transition], detected: list[int], tol: int = 2) -> tuple[int, int, int]:

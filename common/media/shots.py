@@ -59,6 +59,9 @@ __all__ = [
     "PairScores",
     "ShotDetector",
     "blend_fit",
+    "composite_fit",
+    "is_blend",
+    "is_composite",
     "detect_boundaries",
     "frame_features",
     "pair_scores",
@@ -84,6 +87,8 @@ SPREAD_FLOOR = {"hist": 0.02, "struct": 0.03, "jump": 0.006}
 GRADUAL_MIN = 0.35  # struct distance between the ends of a gradual transition (as for a cut)
 BLEND_MAX_RESIDUAL = 0.25  # unexplained fraction of the middle frame's block variance
 BLEND_SHARE = (0.15, 0.85)  # the middle frame must hold a real share of both ends
+BLEND_MAX_GAIN = 0.5  # both ends must explain at least half of what the better end alone leaves
+COMPOSITE_MIN = 0.7  # a wipe frame: this fraction of the differing blocks match one end or the other
 
 
 @dataclass(frozen=True)
@@ -108,6 +113,11 @@ class FrameFeatures:
     mean: float
     contrast: float
     sharpness: float
+
+    @property
+    def scale(self) -> float:
+        """The divisor that normalised ``luma`` (grey levels)."""
+        return max(self.contrast, CONTRAST_FLOOR)
 
     @property
     def flat(self) -> bool:
@@ -195,10 +205,31 @@ def _window(shape: tuple[int, int]) -> np.ndarray:
 
 
 def _median_block(diff: np.ndarray) -> float:
+    return float(np.median(_block_means(diff)))
+
+
+def _block_means(diff: np.ndarray) -> np.ndarray:
     h, w = diff.shape
     gw = min(_GRID, w)
     gh = max(1, int(round(gw * h / w)))
-    return float(np.median(cv2.resize(diff, (gw, gh), interpolation=cv2.INTER_AREA)))
+    return cv2.resize(diff, (gw, gh), interpolation=cv2.INTER_AREA)
+
+
+def _local_match(a: np.ndarray, b: np.ndarray, r: int = 1) -> float:
+    """Median over blocks of the best block difference over shifts of up to ``r`` pixels.
+
+    Each block may move on its own by a pixel: that absorbs what one global translation cannot (zoom,
+    parallax, an object moving) while a different image still differs at every shift.
+    """
+    h, w = a.shape
+    core = a[r:h - r, r:w - r]
+    best = None
+    for dy in range(-r, r + 1):
+        for dx in range(-r, r + 1):
+            m = _block_means(cv2.absdiff(core, b[r + dy:h - r + dy, r + dx:w - r + dx]))
+            best = m if best is None else np.minimum(best, m)
+    assert best is not None
+    return float(np.median(best))
 
 
 def struct_distance(a: np.ndarray, b: np.ndarray) -> tuple[float, float, float, float]:
@@ -207,22 +238,22 @@ def struct_distance(a: np.ndarray, b: np.ndarray) -> tuple[float, float, float, 
     Returns
     -------
     (distance, dx, dy, response)
-        ``distance`` is the median over blocks of the mean absolute difference after undoing the global
-        translation (the smaller of compensated and raw); ``dx, dy`` in pixels, ``b`` relative to ``a``.
+        ``distance``: after undoing the global translation (phase correlation), the median over blocks of
+        the mean absolute difference, each block allowed one more pixel of its own motion;
+        ``dx, dy`` in pixels, ``b`` relative to ``a``; ``response``: phase-correlation peak strength.
     """
-    raw = _median_block(cv2.absdiff(a, b))
     win = _window(a.shape)
     # windowed copies: OpenCV 5's phaseCorrelate multiplies its inputs by the window in place
     (dx, dy), resp = cv2.phaseCorrelate(a * win, b * win)
     h, w = a.shape
     if abs(dx) < 0.3 and abs(dy) < 0.3 or abs(dx) > w / 3 or abs(dy) > h / 3:
-        return raw, dx, dy, resp
+        return _local_match(a, b), dx, dy, resp
     warp = np.float32([[1, 0, dx], [0, 1, dy]])  # sample b at x + d: aligns b onto a
     bw = cv2.warpAffine(b, warp, (w, h), flags=cv2.INTER_LINEAR | cv2.WARP_INVERSE_MAP,
                         borderMode=cv2.BORDER_REPLICATE)
-    mx, my = int(np.ceil(abs(dx))) + 1, int(np.ceil(abs(dy))) + 1
-    comp = _median_block(cv2.absdiff(a[my:h - my, mx:w - mx], bw[my:h - my, mx:w - mx]))
-    return min(raw, comp), dx, dy, resp
+    mx, my = int(np.ceil(abs(dx))), int(np.ceil(abs(dy)))
+    comp = _local_match(a[my:h - my, mx:w - mx], bw[my:h - my, mx:w - mx])
+    return min(_local_match(a, b), comp), dx, dy, resp
 
 
 def pair_scores(a: FrameFeatures, b: FrameFeatures) -> PairScores:
@@ -233,16 +264,55 @@ def pair_scores(a: FrameFeatures, b: FrameFeatures) -> PairScores:
     return PairScores(hist=hd, struct=sd, dx=dx / w, dy=dy / w, response=float(resp))
 
 
-def blend_fit(a: np.ndarray, m: np.ndarray, b: np.ndarray, block: int = 8) -> tuple[float, float]:
-    """How well ``m`` is, block by block, a linear blend ``alpha*a + beta*b + gamma`` of ``a`` and ``b``.
-
-    Only blocks where ``a`` and ``b`` differ are informative (elsewhere any share fits). Blocks are 8x8 so
-    that two free coefficients explain only ~3 % of a block's variance by chance.
+def composite_fit(a: np.ndarray, m: np.ndarray, b: np.ndarray) -> tuple[float, float]:
+    """How much ``m`` is a patchwork of ``a`` and ``b`` (a wipe, a split screen growing): block by block.
 
     Returns
     -------
-    (residual, share)
+    (explained, share)
+        Over blocks where ``a`` and ``b`` differ: the fraction where ``m`` is much closer to one of them than
+        they are to each other, and the fraction of those that match ``b``.
+    """
+    dab = _block_means(cv2.absdiff(a, b))
+    dam = _block_means(cv2.absdiff(a, m))
+    dbm = _block_means(cv2.absdiff(b, m))
+    informative = dab > 0.5  # blocks whose ends differ by half a standard deviation per pixel
+    if informative.sum() < 4:
+        return 0.0, 0.5
+    near_a = (dam < 0.5 * dab) & informative
+    near_b = (dbm < 0.5 * dab) & informative
+    n = float(informative.sum())
+    explained = float((near_a | near_b).sum()) / n
+    share = float(near_b.sum()) / max(1.0, float((near_a | near_b).sum()))
+    return explained, share
+
+
+def is_composite(fit: tuple[float, float]) -> bool:
+    """A :func:`composite_fit` result that says: the middle frame is part one end, part the other."""
+    explained, share = fit
+    return explained >= COMPOSITE_MIN and BLEND_SHARE[0] <= share <= BLEND_SHARE[1]
+
+
+def is_blend(fit: tuple[float, float, float]) -> bool:
+    """A :func:`blend_fit` result that says: the middle frame is a genuine mix of both ends."""
+    residual, share, gain = fit
+    return residual <= BLEND_MAX_RESIDUAL and gain <= BLEND_MAX_GAIN and BLEND_SHARE[0] <= share <= BLEND_SHARE[1]
+
+
+def blend_fit(a: np.ndarray, m: np.ndarray, b: np.ndarray, block: int = 8, scale_a: float = 1.0,
+              scale_b: float = 1.0) -> tuple[float, float, float]:
+    """How well ``m`` is, block by block, a linear blend ``alpha*a + beta*b + gamma`` of ``a`` and ``b``.
+
+    Only blocks where ``a`` and ``b`` differ are informative (elsewhere any share fits). Blocks are 8x8 so
+    that two free coefficients explain only ~3 % of a block's variance by chance. ``scale_a`` and ``scale_b``
+    are the divisors that normalised ``a`` and ``b`` (their contrast): with them the share is the mixing
+    weight in grey levels, the progress of a dissolve.
+
+    Returns
+    -------
+    (residual, share, gain)
         ``residual``: unexplained fraction of ``m``'s block variance (0 = a perfect blend, 1 = no fit);
+        ``gain``: ``residual`` divided by the residual of the better one-ended fit (small = both ends needed);
         ``share``: the mean over informative blocks of ``beta / (alpha + beta)`` (0 = all ``a``, 1 = all ``b``;
         a dissolve gives its progress, a wipe the area already wiped).
     """
@@ -260,22 +330,27 @@ def blend_fit(a: np.ndarray, m: np.ndarray, b: np.ndarray, block: int = 8) -> tu
     diff = ((A - B) ** 2).sum(1)
     informative = diff > 0.25 * block * block  # the ends differ by > 0.5 std per pixel in this block
     if informative.sum() < 3:
-        return 1.0, 0.5
+        return 1.0, 0.5, 1.0
     det = saa * sbb - sab * sab
     ok = informative & (det > 1e-6 * (saa * sbb + 1e-12))
     if ok.sum() < 3:
-        return 1.0, 0.5
+        return 1.0, 0.5, 1.0
     alpha = (sam * sbb - sbm * sab)[ok] / det[ok]
     beta = (sbm * saa - sam * sab)[ok] / det[ok]
     explained = alpha * sam[ok] + beta * sbm[ok]
     total = float(smm[ok].sum())
     if total <= 1e-9:
-        return 1.0, 0.5
+        return 1.0, 0.5, 1.0
     residual = float(max(0.0, total - explained.sum()) / total)
+    # the same fit with one end only: a blend needs both (noise alone is explained no better by two ends)
+    r_a = float(max(0.0, total - (sam[ok] ** 2 / saa[ok]).sum()) / total)
+    r_b = float(max(0.0, total - (sbm[ok] ** 2 / sbb[ok]).sum()) / total)
+    gain = residual / max(min(r_a, r_b), 1e-9)
     # per-block share of b, averaged without contrast weighting (a flat image must not hide behind a busy one)
-    pa, pb = np.clip(alpha, 0, None), np.clip(beta, 0, None)
+    # in grey levels (undo each frame's contrast normalisation) so that the share is the mixing weight
+    pa, pb = np.clip(alpha, 0, None) / scale_a, np.clip(beta, 0, None) / scale_b
     share = float(np.mean(pb / np.maximum(pa + pb, 1e-9)))
-    return residual, share
+    return residual, share, min(1.0, gain)
 
 
 @dataclass
@@ -316,7 +391,7 @@ class ShotDetector:
     window_s: float = 2.0
     max_gradual_s: float = 1.6
     flash_samples: int = 1
-    lookahead: int = 3
+    lookahead: int = 8
     trace: list | None = None  # set to [] to record cues and gradual candidates (for debugging)
 
     def __post_init__(self) -> None:
@@ -324,7 +399,7 @@ class ShotDetector:
             raise ValueError("rate must be > 0")
         if self.z <= 0 or self.window_s <= 0 or self.max_gradual_s <= 0 or self.flash_samples < 0:
             raise ValueError("z, window_s and max_gradual_s must be > 0 and flash_samples >= 0")
-        self.lookahead = max(self.lookahead, self.flash_samples + 1, 3)
+        self.lookahead = max(self.lookahead, self.flash_samples + 1, 4)
         self._past = max(8, int(round(self.window_s * self.rate)))
         hmax = max(1, int(round(self.max_gradual_s * self.rate / 2)))
         spans, h = [], 1
@@ -429,39 +504,49 @@ class ShotDetector:
         assert s is not None and s.step is not None
         return {"hist": s.step.hist, "struct": s.step.struct, "jump": s.jump}
 
-    def _baseline(self, i: int) -> dict[str, tuple[float, float]]:
-        """Median and robust spread of each cue over the steps around i (i and its flash partner left out)."""
-        vals: dict[str, list[float]] = {"hist": [], "struct": [], "jump": []}
-        for k in range(max(1, i - self._past), i + self.lookahead + 1):
-            if k == i or k == i + 1:
-                continue
-            s = self._get(k)
-            if s is None or s.step is None:
-                continue
-            for c, v in self._cues(k).items():
-                vals[c].append(v)
-        out = {}
-        for c, v in vals.items():
-            if len(v) < 2:
-                out[c] = (0.0, SPREAD_FLOOR[c])
-                continue
-            arr = np.asarray(v)
-            med = float(np.median(arr))
-            mad = float(np.median(np.abs(arr - med))) * 1.4826
-            out[c] = (med, max(mad, SPREAD_FLOOR[c], 0.1 * med))
-        return out
+    def _baseline(self, i: int) -> list[dict[str, tuple[float, float]]]:
+        """Median and robust spread of each cue, separately over the steps before and after step i.
 
-    def _fires(self, cues: dict[str, float], base: dict[str, tuple[float, float]]) -> float:
-        """The largest z among cues that pass both the floor and the z-test (0 when none does)."""
+        Before: steps of the current shot only (up to ``window_s``); after: the next ``lookahead`` steps
+        (the flash partner i+1 left out). A cut is a step that is unusual for the shot it ends *and* for the
+        shot it starts; a shot that turns noisy or starts to zoom is unusual only for what came before.
+        """
+        lo = max(1, i - self._past, self._shot_start(i - 1) + 1)
+        sides = []
+        for ks in (range(lo, i), range(i + 2, i + self.lookahead + 1)):
+            vals: dict[str, list[float]] = {"hist": [], "struct": [], "jump": []}
+            for k in ks:
+                s = self._get(k)
+                if s is None or s.step is None:
+                    continue
+                for c, v in self._cues(k).items():
+                    vals[c].append(v)
+            if len(vals["struct"]) < 3:
+                continue  # too few steps on this side to say what is usual there
+            side = {}
+            for c, v in vals.items():
+                arr = np.asarray(v)
+                med = float(np.median(arr))
+                mad = float(np.median(np.abs(arr - med))) * 1.4826
+                side[c] = (med, max(mad, SPREAD_FLOOR[c], 0.1 * med))
+            sides.append(side)
+        return sides
+
+    def _fires(self, cues: dict[str, float], base: list[dict[str, tuple[float, float]]]) -> float:
+        """The largest z (the smaller of before/after) among cues that pass the floor and the z-test, or 0."""
         best = 0.0
         for c, v in cues.items():
-            med, spread = base[c]
-            zc = (v - med) / spread
-            if v >= CUT_MIN[c] and zc >= self.z:
+            if v < CUT_MIN[c]:
+                continue
+            if not base and v < 2 * CUT_MIN[c]:
+                continue  # nothing around to adapt to (a very short shot at both ends): ask for more
+            zs = [(v - side[c][0]) / side[c][1] for side in base] or [v / SPREAD_FLOOR[c]]
+            zc = min(zs)
+            if zc >= self.z:
                 best = max(best, zc)
         return best
 
-    def _is_flash(self, i: int, base: dict[str, tuple[float, float]]) -> bool:
+    def _is_flash(self, i: int, base: list[dict[str, tuple[float, float]]]) -> bool:
         """The change at step i is undone within ``flash_samples`` (a spike), before or after it."""
         start = self._shot_start(i - 1)
         motion = self._motion(range(max(start + 1, i - 4), i))
@@ -477,25 +562,39 @@ class ShotDetector:
                     return True
         return False
 
-    def _blend(self, a: int, m: int, b: int) -> tuple[float, float] | None:
+    def _blend(self, a: int, m: int, b: int) -> tuple[float, float, float] | None:
+        """(residual, share, gain) when ``m`` is a transition frame between ``a`` and ``b``, else None.
+
+        A transition frame is a linear blend of the ends (dissolve), a patchwork of them (wipe), or a frame
+        without contrast between two frames that have it (fade through black or white).
+        """
         fa, fm, fb = self._get(a), self._get(m), self._get(b)
         if fa is None or fm is None or fb is None or fa.feat.flat or fb.feat.flat:
             return None
-        if fm.feat.flat:  # a fade through black (or white) between the two
-            return 0.0, 0.5
-        return blend_fit(fa.feat.luma, fm.feat.luma, fb.feat.luma)
+        if fm.feat.flat:
+            return 0.0, 0.5, 0.0
+        fit = blend_fit(fa.feat.luma, fm.feat.luma, fb.feat.luma, scale_a=fa.feat.scale, scale_b=fb.feat.scale)
+        if is_blend(fit):
+            return fit
+        comp = composite_fit(fa.feat.luma, fm.feat.luma, fb.feat.luma)
+        if is_composite(comp):
+            return 1.0 - comp[0], comp[1], 0.0
+        return None
 
     def _in_gradual(self, i: int) -> bool:
         """A step into or out of a blend or a contrast-less frame belongs to a gradual transition, not a cut."""
         prev, cur = self._get(i - 1), self._get(i)
-        if prev is None or cur is None or prev.feat.flat or cur.feat.flat:
+        if prev is None or cur is None:
+            return True
+        # Next to a frame without contrast (the bottom of a fade), structure emerges from quantisation and
+        # noise step by step: those steps belong to the fade, which the gradual test reports once.
+        if any(x is not None and x.feat.flat for x in map(self._get, range(i - 4, i + 4))):
             return True
         start = self._shot_start(i - 1)
-        triples = [(i - 1, i, i + k) for k in range(1, self.lookahead + 1)]
-        triples += [(i - 1 - k, i - 1, i) for k in range(1, self.lookahead + 1) if i - 1 - k >= start]
+        triples = [(i - 1, i, i + k) for k in range(1, 5)]
+        triples += [(i - 1 - k, i - 1, i) for k in range(1, 5) if i - 1 - k >= start]
         for a, m, b in triples:
-            fit = self._blend(a, m, b)
-            if fit is not None and fit[0] <= BLEND_MAX_RESIDUAL and BLEND_SHARE[0] <= fit[1] <= BLEND_SHARE[1]:
+            if self._blend(a, m, b) is not None:
                 return True
         return False
 
@@ -509,7 +608,7 @@ class ShotDetector:
         z = self._fires(self._cues(i), base)
         if self.trace is not None:
             self.trace.append((s.frame, {c: round(v, 3) for c, v in self._cues(i).items()},
-                               {c: (round(m, 3), round(sp, 3)) for c, (m, sp) in base.items()}, z))
+                               [{c: (round(m, 3), round(sp, 3)) for c, (m, sp) in side.items()} for side in base], z))
         if z > 0 and not self._is_flash(i, base) and not self._in_gradual(i):
             prev = self._get(i - 1)
             assert prev is not None
@@ -542,19 +641,20 @@ class ShotDetector:
             d = self._struct(a, b)
             if d is None or d < GRADUAL_MIN:
                 continue
-            residual, share = fit
-            if residual > BLEND_MAX_RESIDUAL or not BLEND_SHARE[0] <= share <= BLEND_SHARE[1]:
-                continue
+            residual, share, _ = fit
             # The change must be confined to [a, b]: the same span before a and after b changes much less.
             # A zoom or a steady camera move changes every window alike; a transition joins two calmer shots.
             outside = [self._struct(x, y) for x, y in ((a - 2 * h, a), (b, b + 2 * h))
                        if not self._cut_between(x, y) and x >= 0 and y < self._n]
-            out_d = max([o for o in outside if o is not None], default=0.0)
+            known = [o for o in outside if o is not None]
+            out_d = max(known, default=0.0)
             if self.trace is not None:
                 self.trace.append(("g", self._get(a).frame, self._get(m).frame, fb.frame,  # type: ignore[union-attr]
                                    round(d, 3), round(residual, 3), round(share, 3), round(out_d, 3)))
             if d < 2.0 * out_d:
                 continue
+            if not known and d < 2 * GRADUAL_MIN:
+                continue  # nothing around to compare with (cuts or the stream's ends): ask for more change
             if self._group and m - min(g[2] for g in self._group) > 2 * self._H:
                 self._close_group()  # too far from the open transition: a new one
             self._group.append((abs(share - 0.5), -d, m, a, b, d * (1 - residual)))
