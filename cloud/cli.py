@@ -26,3 +26,7 @@ app.command("keys")(keys_command)
 app.command("token")(token_command)
 app.command("publish")(publish_command)
 app.command("serve")(serve_command)
+
+from .train_cli import train_command  # noqa: E402  (issue 6: global MoE training on Ray Train)
+
+app.command("train")(train_command)

@@ -1,0 +1,118 @@
+"""``fedge cloud train``: one on-demand global training run (merge adapters, train on curated cloud data)."""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+from pathlib import Path
+
+import typer
+
+
+def _load_state(path: Path) -> dict:
+    """A state dict from ``.safetensors`` or ``.npz`` (the aggregator's adapter file)."""
+    if path.suffix == ".npz":
+        import numpy as np
+
+        with np.load(path) as z:
+            return {k: z[k] for k in z.files}
+    from safetensors.torch import load_file
+
+    return load_file(str(path))
+
+
+def _save_state(state: dict, out: Path) -> None:
+    """Write a state dict as safetensors atomically."""
+    from safetensors.torch import save_file
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(out.name + ".tmp")
+    save_file({k: v.contiguous() for k, v in state.items()}, str(tmp))
+    os.replace(tmp, out)
+
+
+def _progress(jsonl: Path, total: int, stop: threading.Event) -> None:
+    """A progress bar fed by rank 0's metric reports (the fit itself blocks the main thread)."""
+    from tqdm import tqdm
+
+    from .metrics import read_metrics
+
+    with tqdm(total=total, desc="global training", unit="step") as bar:
+        while not stop.is_set():
+            recs = read_metrics(jsonl)
+            if recs:
+                last = recs[-1]
+                bar.n = int(last["step"])
+                bar.set_postfix(loss=f"{last['loss/train']:.3f}", acc=f"{last.get('accuracy/all', 0):.3f}")
+                bar.refresh()
+            stop.wait(0.5)
+
+
+def train_command(
+    config: Path | None = typer.Option(None, "--config", "-c", help="Run config TOML (defaults otherwise)."),
+    overrides: list[str] = typer.Option([], "--set", help="Config override KEY=VALUE, repeatable "
+                                        "(e.g. --set training.steps=100 --set training.workers=2)."),
+    base: Path | None = typer.Option(None, "--base", help="Current base (safetensors); default: the "
+                                     "deterministic version-0 base."),
+    adapters: Path | None = typer.Option(None, "--adapters", help="The aggregator's newest global adapters "
+                                         "(.npz or .safetensors) to merge before training."),
+    base_version: int = typer.Option(0, "--base-version", help="Aggregated version those adapters belong to."),
+    out: Path = typer.Option(Path("runs/train/latest"), "--out", help="Directory for base.safetensors, "
+                             "adapters.safetensors (fresh, for the new base) and result.json."),
+    address: str = typer.Option("", "--address", help="Ray cluster to join (default: an embedded Ray)."),
+) -> None:
+    """Merge the global adapters into the MoE base, train experts, router and encoders on curated cloud data
+    with Ray Train (DDP, checkpoints, worker-failure recovery), and write the new base with fresh adapters.
+    """
+    import ray
+
+    from common.config import ConfigError, load_config, parse_overrides
+
+    from .curation import cloud_dataset
+    from .training import GlobalTrainer, TrainingError, initial_base
+
+    try:
+        cfg = load_config(toml_path=config, overrides=parse_overrides(overrides))
+    except (ConfigError, FileNotFoundError) as e:
+        typer.echo(f"fedge cloud train: {e}", err=True)
+        raise typer.Exit(2) from None
+    for what, p in (("base", base), ("adapters", adapters)):
+        if p is not None and not p.is_file():
+            typer.echo(f"fedge cloud train: {what} file not found: {p}", err=True)
+            raise typer.Exit(2)
+    try:
+        base_state = _load_state(base) if base is not None else None
+        ad_state = _load_state(adapters) if adapters is not None else None
+    except Exception as e:  # a truncated or foreign file
+        typer.echo(f"fedge cloud train: cannot read state file: {e}", err=True)
+        raise typer.Exit(2) from None
+    if address:
+        ray.init(address=address, log_to_driver=False)
+    else:
+        ray.init(num_cpus=os.cpu_count() or 2, include_dashboard=False, log_to_driver=False)
+    trainer = GlobalTrainer.from_config(cfg)
+    name = f"base-{base_version:06d}-{time.strftime('%Y%m%d-%H%M%S')}"
+    stop = threading.Event()
+    bar = threading.Thread(target=_progress, args=(trainer.storage_path / name / "metrics" / "metrics.jsonl",
+                                                   trainer.steps, stop), daemon=True)
+    try:
+        typer.echo(f"curating {cfg.training.samples} samples of cloud data on Ray Data ...")
+        ds = cloud_dataset(cfg)
+        bar.start()
+        res = trainer.train(base_state if base_state is not None else initial_base(trainer.mkw), ad_state, ds,
+                            base_version=base_version, name=name)
+    except TrainingError as e:
+        typer.echo(f"fedge cloud train: {e}", err=True)
+        raise typer.Exit(1) from None
+    finally:
+        stop.set()
+        ray.shutdown()
+    _save_state(res.base_state, out / "base.safetensors")
+    _save_state(res.adapters, out / "adapters.safetensors")
+    (out / "result.json").write_text((res.run_dir / "result.json").read_text())
+    last = res.metrics[-1]
+    typer.echo(f"{res.steps} steps in {res.seconds:.1f}s; loss {res.first_loss():.4f} -> {res.last_loss():.4f}; "
+               f"accuracy image {last.get('accuracy/image', 0):.3f} audio {last.get('accuracy/audio', 0):.3f} "
+               f"all {last.get('accuracy/all', 0):.3f}; worker failures survived {len(res.failures)}")
+    typer.echo(f"new base -> {out / 'base.safetensors'}; metrics (JSONL + TensorBoard) -> {res.run_dir / 'metrics'}")
