@@ -264,7 +264,9 @@ def power_to_db(
         raise ValueError("power_to_db: top_db must be >= 0")
     mag = np.asarray(S)
     ref_value = ref(mag) if callable(ref) else abs(ref)
-    log_spec = 10.0 * np.log10(np.maximum(amin, mag))
+    log_spec = np.maximum(mag, amin)  # the one new array; the rest happens in place
+    np.log10(log_spec, out=log_spec)
+    log_spec *= 10.0
     log_spec -= 10.0 * np.log10(np.maximum(amin, ref_value))
     if top_db is not None:
         log_spec = np.maximum(log_spec, log_spec.max() - top_db)
