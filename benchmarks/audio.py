@@ -8,7 +8,7 @@ maximum, ``ref=np.max``), and the largest MFCC difference (both with librosa's d
 
 Speed: seconds of audio turned into log-mel dB per second of wall time, fedge vs librosa on the same signal
 (fedge's model parameters: 16 kHz, n_fft 512, hop 256, 40 mels), single thread, librosa warmed up first,
-runs interleaved and the fastest of each kept. fedge's streaming extractor (0.5 s chunks) is reported too.
+runs interleaved and the fastest of each kept (40 by default: robust on a busy machine). fedge's streaming extractor (0.5 s chunks) is reported too.
 
 Last line: ``max_db_diff=… max_mfcc_diff=… speed_vs_librosa=…``.
 """
@@ -127,7 +127,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--seconds", type=float, default=20.0, help="length of each accuracy signal")
     ap.add_argument("--speed-seconds", type=float, default=120.0, help="length of the timed signal")
-    ap.add_argument("--repeats", type=int, default=15)
+    ap.add_argument("--repeats", type=int, default=40, help="timed runs of each (the fastest counts)")
     a = ap.parse_args()
     print(f"librosa {librosa.__version__}, numpy {np.__version__}")
     print("accuracy against librosa:")
