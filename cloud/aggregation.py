@@ -16,7 +16,8 @@ no Ray, no I/O, so each rule is unit-tested against a NumPy reference.
 from __future__ import annotations
 
 import math
-from typing import Literal, Mapping, Sequence
+from collections.abc import Mapping, Sequence
+from typing import Literal
 
 import numpy as np
 
@@ -25,7 +26,7 @@ StalenessFn = Literal["constant", "sqrt", "polynomial", "hinge"]
 Robust = Literal["none", "median", "trimmed_mean"]
 
 
-def staleness_weight(s: int | float, *, fn: str = "sqrt", a: float = 0.5, b: int = 4) -> float:
+def staleness_weight(s: float, *, fn: str = "sqrt", a: float = 0.5, b: int = 4) -> float:
     """Weight of an update that is ``s`` versions stale.
 
     ``constant``: 1; ``sqrt``: ``1/sqrt(1+s)``; ``polynomial``: ``(1+s)^-a``; ``hinge``: 1 for ``s <= b``,

@@ -27,6 +27,10 @@ app.command("token")(token_command)
 app.command("publish")(publish_command)
 app.command("serve")(serve_command)
 
+from .launcher import start_command  # noqa: E402  (issue 4: the aggregator)
+
+app.command("start")(start_command)
+
 from .train_cli import train_command  # noqa: E402  (issue 6: global MoE training on Ray Train)
 
 app.command("train")(train_command)

@@ -197,6 +197,8 @@ class ServerLoop:
             self.bytes_down += down
 
     def _fill(self) -> None:
+        if self.done or self.version >= self.agg.versions:
+            return
         idle = [n for n in self.nodes if n not in self.busy]
         if self.sync:
             if self.round_open or self.queue.inflight or len(self.queue) or not idle:
@@ -277,6 +279,9 @@ class ServerLoop:
                 if res["new_version"] is not None:
                     self._on_version(int(res["new_version"]), t)
             self._close_round()
+            # the freed node gets the newest version at this (virtual) instant, before any later reply is
+            # applied: its new message's lower bound then holds back replies that arrive after it
+            self._fill()
         return applied
 
     def _close_round(self) -> None:
@@ -368,13 +373,13 @@ def main(grid: Grid, context: Context) -> None:
     nodes = _wait_nodes(grid, cfg.aggregation.min_nodes, 120.0)
     if not nodes:
         raise RuntimeError("no SuperNodes connected")
-    how = ensure_ray(wait_for_simulation_s=120.0 if sim else 0.0)
+    how = ensure_ray(wait_for_simulation_s=120.0 if sim else 0.0, run_dir=run_dir)
     model = global_model(cfg)
     ckpt_dir = str(run_dir / CHECKPOINT_SUBDIR) if run_dir else None
     kwargs = _state_kwargs(cfg, ckpt_dir)
     restored: AggregatorState | None = None
     if ckpt_dir and cfg.aggregation.resume and (Path(ckpt_dir) / "aggregator.npz").is_file():
-        restored = AggregatorState.restore(ckpt_dir, **kwargs)
+        restored = AggregatorState.restore(**kwargs)  # the config's aggregation options win over the saved
     if restored is not None:
         actor = start_actor(restored)
     else:

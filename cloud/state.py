@@ -22,8 +22,9 @@ import io
 import json
 import os
 import time
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 import numpy as np
 
@@ -33,6 +34,7 @@ from .validation import RawUpdate, Reason, RejectionCounter, UpdateRejected, val
 CHECKPOINT_NAME = "aggregator.npz"
 FORMAT = 1
 RAY_ADDRESS_ENV = "FEDGE_RAY_ADDRESS"
+RAY_ADDRESS_FILE = "ray-address"  # in the run dir, written by `fedge cloud start` on every start
 
 
 class CheckpointError(RuntimeError):
@@ -235,7 +237,7 @@ class AggregatorState:
         return str(d / CHECKPOINT_NAME)
 
     @classmethod
-    def restore(cls, checkpoint_dir: str, *, checkpoint_every: int = 5, **opts: Any) -> "AggregatorState":
+    def restore(cls, checkpoint_dir: str, *, checkpoint_every: int = 5, **opts: Any) -> AggregatorState:
         """Rebuild the state from ``checkpoint_dir``; ``opts`` (aggregation options) override the saved ones.
 
         Raises
@@ -293,12 +295,14 @@ def atomic_write(path: str | Path, data: bytes) -> None:
 
 
 # ---------------------------------------------------------------------------------------------- Ray
-def ensure_ray(*, wait_for_simulation_s: float = 0.0, num_cpus: int | None = None) -> str:
+def ensure_ray(*, wait_for_simulation_s: float = 0.0, num_cpus: int | None = None,
+               run_dir: str | Path | None = None) -> str:
     """Make sure this process is connected to Ray; return how (``existing``, ``address``, ``local``).
 
     With ``wait_for_simulation_s > 0`` (a ServerApp inside Flower's simulation engine, which starts Ray in
     this very process shortly after the nodes register) wait that long for it rather than starting a
-    second Ray. Otherwise join ``$FEDGE_RAY_ADDRESS`` when set, else start a local Ray.
+    second Ray. Otherwise join the address in ``run_dir/ray-address`` (written by ``fedge cloud start``),
+    else ``$FEDGE_RAY_ADDRESS``, else start a local Ray.
     """
     import ray
 
@@ -307,7 +311,8 @@ def ensure_ray(*, wait_for_simulation_s: float = 0.0, num_cpus: int | None = Non
         time.sleep(0.2)
     if ray.is_initialized():
         return "existing"
-    addr = os.environ.get(RAY_ADDRESS_ENV, "")
+    f = Path(run_dir) / RAY_ADDRESS_FILE if run_dir else None
+    addr = f.read_text().strip() if f is not None and f.is_file() else os.environ.get(RAY_ADDRESS_ENV, "")
     if addr:
         ray.init(address=addr, ignore_reinit_error=True, log_to_driver=False)
         return "address"
@@ -330,7 +335,7 @@ def start_actor(state: AggregatorState | None = None, **kwargs: Any) -> Any:
 class _ActorState(AggregatorState):
     """Actor wrapper: built from an existing state object or from constructor keywords."""
 
-    def __init__(self, state: AggregatorState | None, kwargs: dict[str, Any]) -> None:  # noqa: D107
+    def __init__(self, state: AggregatorState | None, kwargs: dict[str, Any]) -> None:
         if state is not None:
             self.__dict__.update(state.__dict__)
         else:

@@ -1,0 +1,220 @@
+"""``fedge cloud start``: embedded (or joined) Ray + a Flower SuperLink + the fedge run, shut down cleanly.
+
+Steps: resolve the config into ``run_dir/config.toml``; start Ray in this process (or note ``--ray-address``)
+and export its address as ``$FEDGE_RAY_ADDRESS`` so the ServerApp process joins it (cloud/state.py); start
+``flower-superlink`` on 127.0.0.1 with an explicit port (its default 8000 clashes with Ray Serve), TLS and
+SuperNode authentication when certificates and keys are given, ``--disable-runtime-dependency-installation``
+(else it ``uv sync``s a CUDA torch) and a SQLite database in the run dir; write a federation into a
+``FLWR_HOME`` it manages; submit the app with ``flwr run --stream`` and wait for the run to end.
+Ctrl-C (or SIGTERM) stops ``flwr run`` and the SuperLink with SIGINT (then SIGTERM, SIGKILL); the SuperLink
+stops its SuperExec and the ServerApp, which checkpoints on SIGTERM / SIGINT; then Ray stops. Restarting with the same ``--run-dir`` resumes from the checkpoint.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+import typer
+
+from common.config import FedgeConfig
+
+from .state import RAY_ADDRESS_ENV, RAY_ADDRESS_FILE
+
+APP_DIR = Path(__file__).resolve().parents[1]  # the Flower app: pyproject.toml with [tool.flwr.app]
+FEDERATION = "fedge"
+PIDS_FILE = "cloud.pids.json"  # launcher and SuperLink pids (for operators and the kill -9 test)
+
+
+@dataclass
+class LaunchOptions:
+    """What ``fedge cloud start`` was asked to do (flat, filled by the CLI)."""
+
+    run_dir: Path
+    host: str = "127.0.0.1"
+    port: int = 9092
+    ray_address: str = ""
+    num_cpus: int = 2
+    ssl_ca_certfile: Path | None = None
+    ssl_certfile: Path | None = None
+    ssl_keyfile: Path | None = None
+    auth_public_keys: list[Path] = field(default_factory=list)
+    app_dir: Path = APP_DIR
+    timeout_s: float = 0.0  # 0 = wait for the run however long it takes
+
+
+def _bin(name: str) -> str:
+    exe = Path(sys.executable).parent / name
+    return str(exe) if exe.exists() else (shutil.which(name) or name)
+
+
+def _port_busy(host: str, port: int) -> bool:
+    with socket.socket() as s:
+        s.settimeout(0.5)
+        return s.connect_ex((host, port)) == 0
+
+
+def wait_port(host: str, port: int, timeout_s: float) -> None:
+    """Block until ``host:port`` accepts TCP connections."""
+    t0 = time.monotonic()
+    while time.monotonic() - t0 < timeout_s:
+        with socket.socket() as s:
+            s.settimeout(0.5)
+            if s.connect_ex((host, port)) == 0:
+                return
+        time.sleep(0.2)
+    raise TimeoutError(f"nothing listens on {host}:{port} after {timeout_s:.0f} s")
+
+
+def superlink_command(o: LaunchOptions) -> list[str]:
+    """The ``flower-superlink`` command line for these options."""
+    cmd = [_bin("flower-superlink"), "--disable-runtime-dependency-installation", "--host", o.host,
+           "--port", str(o.port), "--database", str(o.run_dir / "superlink.db")]
+    tls = [o.ssl_ca_certfile, o.ssl_certfile, o.ssl_keyfile]
+    if any(tls):
+        if not all(tls):
+            raise ValueError("TLS needs --ssl-ca-certfile, --ssl-certfile and --ssl-keyfile together")
+        for p in tls:
+            if not Path(p).is_file():  # type: ignore[arg-type]
+                raise FileNotFoundError(f"certificate file not found: {p}")
+        cmd += ["--ssl-ca-certfile", str(o.ssl_ca_certfile), "--ssl-certfile", str(o.ssl_certfile),
+                "--ssl-keyfile", str(o.ssl_keyfile)]
+    else:
+        cmd.append("--insecure")
+    if o.auth_public_keys:
+        if not any(tls):
+            raise ValueError("SuperNode authentication needs TLS (--ssl-* files)")
+        cmd.append("--enable-supernode-auth")
+    return cmd
+
+
+def federation_toml(o: LaunchOptions) -> str:
+    """``$FLWR_HOME/config.toml`` naming the SuperLink this launcher started."""
+    lines = [f"[superlink.{FEDERATION}]", f'address = "{o.host}:{o.port}"']
+    if o.ssl_ca_certfile:
+        lines.append(f'root-certificates = "{o.ssl_ca_certfile}"')
+    else:
+        lines.append("insecure = true")
+    return "\n".join(lines) + "\n"
+
+
+def start(cfg: FedgeConfig, o: LaunchOptions, *, echo=print) -> int:  # type: ignore[no-untyped-def]
+    """Run the aggregator until its run ends or Ctrl-C; return the ``flwr run`` exit code (130 on Ctrl-C)."""
+    o.run_dir = o.run_dir.resolve()
+    o.run_dir.mkdir(parents=True, exist_ok=True)
+    cfg = replace(cfg, run_dir=str(o.run_dir))
+    cfg_path = cfg.save(o.run_dir)
+    env = {**os.environ, "FEDGE_RUN_CONFIG": str(cfg_path), "RAY_USAGE_STATS_ENABLED": "0"}
+    home = o.run_dir / ".flwr"
+    home.mkdir(exist_ok=True)
+    (home / "config.toml").write_text(federation_toml(o))
+    env["FLWR_HOME"] = str(home)
+
+    import ray
+
+    if o.ray_address:
+        address = o.ray_address
+        echo(f"[fedge] Ray: joining {address}")
+    else:
+        ray.init(num_cpus=o.num_cpus, include_dashboard=False, log_to_driver=False)
+        address = ray.get_runtime_context().gcs_address
+        echo(f"[fedge] Ray: embedded, {address}")
+    # The ServerApp process is started by Flower's SuperExec, which may outlive a killed launcher and keep
+    # its environment: the run dir's file, rewritten on every start, is what the ServerApp trusts first.
+    env[RAY_ADDRESS_ENV] = address
+    (o.run_dir / RAY_ADDRESS_FILE).write_text(address + "\n")
+
+    procs: list[subprocess.Popen[bytes]] = []
+    interrupted = False
+
+    def _on_term(signum: int, frame: object) -> None:
+        raise KeyboardInterrupt
+
+    prev = signal.signal(signal.SIGTERM, _on_term)
+    code = 1
+    try:
+        if _port_busy(o.host, o.port):
+            raise RuntimeError(f"{o.host}:{o.port} is already in use (another SuperLink?)")
+        # same process group as this launcher: a Ctrl-C at the terminal (or a kill of the group) reaches it
+        link = subprocess.Popen(superlink_command(o), env=env,
+                                stdout=open(o.run_dir / "superlink.log", "ab"), stderr=subprocess.STDOUT)
+        procs.append(link)
+        (o.run_dir / PIDS_FILE).write_text(json.dumps({"launcher": os.getpid(), "superlink": link.pid}))
+        wait_port(o.host, o.port, 60.0)
+        echo(f"[fedge] SuperLink on {o.host}:{o.port} ({'TLS' if o.ssl_certfile else 'insecure'}), "
+             f"run dir {o.run_dir}")
+        for key in o.auth_public_keys:
+            r = subprocess.run([_bin("flwr"), "supernode", "register", str(key), FEDERATION], env=env,
+                               capture_output=True, text=True, timeout=60)
+            if r.returncode != 0:
+                raise RuntimeError(f"registering {key} failed: {(r.stdout + r.stderr)[-500:]}")
+        run = subprocess.Popen([_bin("flwr"), "run", str(o.app_dir), FEDERATION, "--stream"], env=env,
+                               cwd=o.app_dir)
+        procs.append(run)
+        code = run.wait(timeout=o.timeout_s or None)
+    except KeyboardInterrupt:
+        interrupted = True
+        code = 130
+        echo("[fedge] stopping: the ServerApp checkpoints, then SuperLink and Ray stop")
+    finally:
+        signal.signal(signal.SIGTERM, prev)
+        _stop(procs, graceful=interrupted)
+        if ray.is_initialized():
+            ray.shutdown()
+    return code
+
+
+def _stop(procs: list[subprocess.Popen[bytes]], *, graceful: bool) -> None:
+    """SIGINT each process group (the ServerApp checkpoints on it), then SIGTERM, then SIGKILL."""
+    for p in reversed(procs):
+        if p.poll() is not None:
+            continue
+        for sig, wait in ((signal.SIGINT, 20.0 if graceful else 5.0), (signal.SIGTERM, 10.0),
+                          (signal.SIGKILL, 5.0)):
+            try:
+                p.send_signal(sig)  # the SuperLink stops its SuperExec, which stops the ServerApp
+            except ProcessLookupError:
+                break
+            try:
+                p.wait(timeout=wait)
+                break
+            except subprocess.TimeoutExpired:
+                continue
+
+
+def start_command(
+    run_dir: Path = typer.Option(Path("runs/cloud"), "--run-dir", help="Run directory: config, metrics, "
+                                 "checkpoints, SuperLink database; reuse it to resume."),
+    config: Path | None = typer.Option(None, "--config", help="Config TOML (scenario) file."),
+    set_: list[str] = typer.Option([], "--set", help="Override a config key: --set aggregation.versions=20"),
+    host: str = typer.Option("127.0.0.1", "--host", help="SuperLink address to listen on."),
+    port: int = typer.Option(9092, "--port", help="SuperLink port (all APIs; never Flower's 8000)."),
+    ray_address: str = typer.Option("", "--ray-address", help="Join this Ray cluster instead of an embedded one."),
+    num_cpus: int = typer.Option(2, "--num-cpus", help="CPUs of the embedded Ray."),
+    ssl_ca_certfile: Path | None = typer.Option(None, "--ssl-ca-certfile", help="CA certificate (TLS)."),
+    ssl_certfile: Path | None = typer.Option(None, "--ssl-certfile", help="SuperLink certificate (TLS)."),
+    ssl_keyfile: Path | None = typer.Option(None, "--ssl-keyfile", help="SuperLink private key (TLS)."),
+    auth_public_keys: list[Path] = typer.Option([], "--auth-public-key",
+                                                help="A SuperNode public key to register (enables auth)."),
+) -> None:
+    """Start the aggregator: embedded Ray, a Flower SuperLink and the fedge run; Ctrl-C checkpoints and stops."""
+    from common.config import ConfigError, load_config, parse_overrides
+
+    try:
+        cfg = load_config(toml_path=config, overrides=parse_overrides(set_))
+        opts = LaunchOptions(run_dir=run_dir, host=host, port=port, ray_address=ray_address, num_cpus=num_cpus,
+                             ssl_ca_certfile=ssl_ca_certfile, ssl_certfile=ssl_certfile, ssl_keyfile=ssl_keyfile,
+                             auth_public_keys=list(auth_public_keys))
+        superlink_command(opts)  # validates the TLS / auth combination before anything starts
+    except (ConfigError, FileNotFoundError, ValueError) as e:
+        typer.echo(f"fedge cloud start: {e}", err=True)
+        raise typer.Exit(2) from None
+    raise typer.Exit(start(cfg, opts, echo=typer.echo))
