@@ -22,9 +22,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from common.model import MultimodalMoE, build_model  # noqa: E402
-from common.synthetic import make_av_dataset  # noqa: E402
-from common.training import evaluate, forward_batch, to_batch, train_steps  # noqa: E402
+from common.model import MultimodalMoE, build_model
+from common.synthetic import make_av_dataset
+from common.training import evaluate, forward_batch, to_batch, train_steps
 
 
 def make_data(n: int, seed: int, missing: float) -> dict[str, np.ndarray]:

@@ -23,9 +23,9 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 
-from cloud.training import GlobalTrainer, initial_base  # noqa: E402
-from common.config import load_config  # noqa: E402
-from common.synthetic import make_av_dataset  # noqa: E402
+from cloud.training import GlobalTrainer, initial_base
+from common.config import load_config
+from common.synthetic import make_av_dataset
 
 
 def run(ds, store: str, *, workers: int, precision: str, steps: int, batch: int) -> dict[str, float]:

@@ -25,8 +25,10 @@ dB, ``label``, ``mask`` (2,), ``quality`` (2,)) plus ``status`` and ``clip_id``.
 from __future__ import annotations
 
 from collections import Counter
+from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Any, Iterator
+from itertools import pairwise
+from typing import Any
 
 import cv2
 import numpy as np
@@ -96,7 +98,7 @@ def _keyframe_times(frames: np.ndarray, fps: float, max_keyframes: int) -> list[
     """Frame index of the middle of each detected shot (at most ``max_keyframes``, spread over the clip)."""
     bounds = [b.frame for b in detect_boundaries(list(enumerate(frames)), fps)]
     edges = [0, *sorted(b for b in bounds if 0 < b < len(frames)), len(frames)]
-    mids = [(a + b) // 2 for a, b in zip(edges[:-1], edges[1:]) if b > a]
+    mids = [(a + b) // 2 for a, b in pairwise(edges) if b > a]
     if len(mids) > max_keyframes:
         mids = [mids[i] for i in np.linspace(0, len(mids) - 1, max_keyframes).round().astype(int)]
     return mids
@@ -106,7 +108,7 @@ def _audio_window(power: np.ndarray, y: np.ndarray, t: float, p: CurationParams)
     """(dB window (n_mels, frames), raw samples it covers) centred at ``t`` seconds, clamped to the clip."""
     mel = p.mel
     total = power.shape[1]
-    centre = int(round(t * p.sr / mel.hop))
+    centre = round(t * p.sr / mel.hop)
     start = int(np.clip(centre - p.audio_frames // 2, 0, max(total - p.audio_frames, 0)))
     win = power[:, start : start + p.audio_frames]
     if win.shape[1] < p.audio_frames:  # a clip shorter than one window: repeat its edge
@@ -122,11 +124,12 @@ def _resize(frame_bgr: np.ndarray, size: int) -> np.ndarray:
 def extract(row: Row, p: CurationParams) -> Iterator[Row]:
     """Stage 2: keyframes per shot and the log-mel window aligned to each (one clip -> samples)."""
     base = {"clip_id": str(row["clip_id"]), "label": int(row["label"]), "notes": row["detect_notes"]}
-    power, y = None, None
+    power: np.ndarray | None = None
+    y: np.ndarray | None = None
     if row["has_audio"]:
         y = np.asarray(row["audio"], dtype=np.float32)
         if int(row["sr"]) != p.sr:
-            y = cv2.resize(y.reshape(1, -1), (int(round(len(y) * p.sr / int(row["sr"]))), 1),
+            y = cv2.resize(y.reshape(1, -1), (round(len(y) * p.sr / int(row["sr"])), 1),
                            interpolation=cv2.INTER_LINEAR).ravel()
         if p.mel.n_frames(len(y)) > 0:
             power = mel_power(y, p.mel)

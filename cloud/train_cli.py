@@ -6,6 +6,7 @@ import os
 import threading
 import time
 from pathlib import Path
+from typing import Annotated
 
 import typer
 
@@ -50,17 +51,20 @@ def _progress(jsonl: Path, total: int, stop: threading.Event) -> None:
 
 
 def train_command(
-    config: Path | None = typer.Option(None, "--config", "-c", help="Run config TOML (defaults otherwise)."),
-    overrides: list[str] = typer.Option([], "--set", help="Config override KEY=VALUE, repeatable "
-                                        "(e.g. --set training.steps=100 --set training.workers=2)."),
-    base: Path | None = typer.Option(None, "--base", help="Current base (safetensors); default: the "
-                                     "deterministic version-0 base."),
-    adapters: Path | None = typer.Option(None, "--adapters", help="The aggregator's newest global adapters "
-                                         "(.npz or .safetensors) to merge before training."),
-    base_version: int = typer.Option(0, "--base-version", help="Aggregated version those adapters belong to."),
-    out: Path = typer.Option(Path("runs/train/latest"), "--out", help="Directory for base.safetensors, "
-                             "adapters.safetensors (fresh, for the new base) and result.json."),
-    address: str = typer.Option("", "--address", help="Ray cluster to join (default: an embedded Ray)."),
+    config: Annotated[Path | None, typer.Option("--config", "-c", help="Run config TOML (defaults otherwise).")] = None,
+    overrides: Annotated[list[str] | None, typer.Option(
+        "--set", help="Config override KEY=VALUE, repeatable (e.g. --set training.steps=100 "
+                      "--set training.workers=2).")] = None,
+    base: Annotated[Path | None, typer.Option(
+        "--base", help="Current base (safetensors); default: the deterministic version-0 base.")] = None,
+    adapters: Annotated[Path | None, typer.Option(
+        "--adapters", help="The aggregator's newest global adapters (.npz or .safetensors) to merge first.")] = None,
+    base_version: Annotated[int, typer.Option(
+        "--base-version", help="Aggregated version those adapters belong to.")] = 0,
+    out: Annotated[Path, typer.Option(
+        "--out", help="Directory for base.safetensors, adapters.safetensors (fresh, for the new base) and "
+                      "result.json.")] = Path("runs/train/latest"),
+    address: Annotated[str, typer.Option("--address", help="Ray cluster to join (default: an embedded Ray).")] = "",
 ) -> None:
     """Merge the global adapters into the MoE base, train experts, router and encoders on curated cloud data
     with Ray Train (DDP, checkpoints, worker-failure recovery), and write the new base with fresh adapters.
@@ -73,7 +77,7 @@ def train_command(
     from .training import GlobalTrainer, TrainingError, initial_base
 
     try:
-        cfg = load_config(toml_path=config, overrides=parse_overrides(overrides))
+        cfg = load_config(toml_path=config, overrides=parse_overrides(overrides or []))
     except (ConfigError, FileNotFoundError) as e:
         typer.echo(f"fedge cloud train: {e}", err=True)
         raise typer.Exit(2) from None
@@ -84,7 +88,7 @@ def train_command(
     try:
         base_state = _load_state(base) if base is not None else None
         ad_state = _load_state(adapters) if adapters is not None else None
-    except Exception as e:  # a truncated or foreign file
+    except (OSError, ValueError, KeyError, RuntimeError) as e:  # a truncated or foreign file
         typer.echo(f"fedge cloud train: cannot read state file: {e}", err=True)
         raise typer.Exit(2) from None
     if address:

@@ -25,9 +25,10 @@ import math
 import os
 import tempfile
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 import numpy as np
 import torch
@@ -36,7 +37,7 @@ from torch import Tensor
 
 from common.config import FedgeConfig
 from common.lora import adapter_state, apply_lora, base_state, load_adapter_state, load_base_state, merge_lora
-from common.model import build_model, model_kwargs
+from common.model import MultimodalMoE, build_model, model_kwargs
 from common.training import forward_batch, modality_dropout, to_batch
 
 from .metrics import MetricsLogger, modality_eval, read_metrics, routing_stats
@@ -151,7 +152,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     device = ray.train.torch.get_device()
     # Experts a batch does not route to (and encoders of absent modalities) get no gradient: tell DDP.
     ddp = ray.train.torch.prepare_model(model, parallel_strategy_kwargs={"find_unused_parameters": True})
-    raw = ddp.module if hasattr(ddp, "module") else ddp
+    raw: MultimodalMoE = ddp.module if hasattr(ddp, "module") else ddp  # type: ignore[assignment]
     opt = torch.optim.Adam(ddp.parameters(), lr=config["lr"])
     if opt_state is not None:
         opt.load_state_dict(opt_state)
@@ -170,9 +171,9 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             b, mask = _step_batch(data, seed=config["seed"], rank=rank, step=step, micro=micro,
                                   batch_size=config["batch_size"], dropout=config["modality_dropout"],
                                   device=device)
-            sync = contextlib.nullcontext() if micro == accum - 1 or world == 1 else ddp.no_sync()
+            sync = contextlib.nullcontext() if micro == accum - 1 or world == 1 else ddp.no_sync()  # type: ignore[operator]
             with sync:
-                out = forward_batch(ddp, b, mask)
+                out = forward_batch(ddp, b, mask)  # type: ignore[arg-type]
                 ce = F.cross_entropy(out.logits.float(), b["label"])
                 loss = ce + config["aux_weight"] * out.aux_loss
                 (loss / accum).backward()
@@ -220,7 +221,8 @@ def _metrics_callback(log_dir: str) -> Any:
 
     class _Log(UserCallback):  # one level of subclassing: Ray's callback interface
         def __init__(self) -> None:
-            self.log_dir, self._logger = log_dir, None
+            self.log_dir = log_dir
+            self._logger: MetricsLogger | None = None
 
         def _get(self) -> MetricsLogger:
             if self._logger is None:
@@ -300,14 +302,14 @@ class GlobalTrainer:
         """Build from the run config (``training``, ``fault_tolerance``, ``model``, ``precision``)."""
         t, ft = cfg.training, cfg.fault_tolerance
         storage = t.storage_path or str(Path(cfg.run_dir or "runs") / "train")
-        kw: dict[str, Any] = dict(
-            mkw=model_kwargs(cfg), lora_rank=cfg.model.lora_rank, lora_alpha=cfg.model.lora_alpha,
-            workers=t.workers, use_gpu=t.use_gpu, cpus_per_worker=t.cpus_per_worker, steps=t.steps,
-            batch_size=t.batch_size, lr=t.lr, grad_accum=t.grad_accum, aux_weight=t.aux_weight,
-            modality_dropout=t.modality_dropout, log_every=t.log_every,
-            checkpoint_every=ft.checkpoint_every, max_failures=ft.max_failures, storage_path=storage,
-            seed=cfg.seed, health_check_s=t.health_check_s,
-        )
+        kw: dict[str, Any] = {
+            "mkw": model_kwargs(cfg), "lora_rank": cfg.model.lora_rank, "lora_alpha": cfg.model.lora_alpha,
+            "workers": t.workers, "use_gpu": t.use_gpu, "cpus_per_worker": t.cpus_per_worker, "steps": t.steps,
+            "batch_size": t.batch_size, "lr": t.lr, "grad_accum": t.grad_accum, "aux_weight": t.aux_weight,
+            "modality_dropout": t.modality_dropout, "log_every": t.log_every,
+            "checkpoint_every": ft.checkpoint_every, "max_failures": ft.max_failures, "storage_path": storage,
+            "seed": cfg.seed, "health_check_s": t.health_check_s,
+        }
         kw.update(overrides)
         return cls(**kw)
 
