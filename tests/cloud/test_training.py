@@ -194,3 +194,18 @@ def test_metrics_per_modality_go_to_jsonl_and_tensorboard(killed_run) -> None:
             assert key in last and np.isfinite(last[key])
     assert list(Path(res.run_dir / "metrics").glob("events.out.tfevents.*"))
     assert (res.run_dir / "result.json").is_file()
+
+
+def test_step_batches_are_a_pure_function_of_seed_rank_step() -> None:
+    # what makes a resumed run replay exactly the batches the killed one would have seen
+    from cloud.training import _step_batch
+
+    data = make_av_dataset(64, seed=2)
+    kw = {"seed": 0, "batch_size": 16, "dropout": 0.5, "device": torch.device("cpu")}
+    a, ma = _step_batch(data, rank=0, step=7, micro=0, **kw)
+    b, mb = _step_batch(data, rank=0, step=7, micro=0, **kw)
+    c, _ = _step_batch(data, rank=1, step=7, micro=0, **kw)
+    d, _ = _step_batch(data, rank=0, step=8, micro=0, **kw)
+    assert torch.equal(a["label"], b["label"]) and torch.equal(ma, mb) and torch.equal(a["image"], b["image"])
+    assert not torch.equal(a["image"], c["image"]) and not torch.equal(a["image"], d["image"])
+    assert mb.any(dim=1).all()  # modality dropout keeps one modality per sample
