@@ -12,12 +12,15 @@ It reproduces :meth:`common.model.MultimodalMoE.forward` (fp32, unlimited capaci
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from pathlib import Path
+from typing import Protocol
 
 import numpy as np
 
 from common.config import MODALITIES
+from common.manifest import Manifest, ShardFile
 
 from .shards import ShardCache
 
@@ -48,35 +51,62 @@ def combine_experts(
     out = x.astype(np.float32, copy=True)
     for e in sorted(outputs):
         tok = rows[e]
-        g = (gates * (idx == e)).sum(axis=1)[tok]  # (n_e,) a token picks an expert at most once
-        np.add.at(out, tok, g[:, None] * outputs[e])
+        sel = idx[tok] == e  # (n_e, k): a token picks an expert at most once, so one True per row
+        g = (gates[tok] * sel).sum(axis=1, dtype=np.float32)  # (n_e,)
+        out[tok] += g[:, None] * outputs[e]  # rows of tok are distinct: plain fancy-index add is exact
     return out
 
 
+class Session(Protocol):
+    """What the runner needs from a runtime: onnxruntime's ``InferenceSession.run`` signature."""
+
+    def run(self, output_names: None, feeds: dict[str, np.ndarray]) -> list[np.ndarray]: ...
+
+
+Backend = Callable[[ShardFile, Path], Session]
+
+
+def onnxruntime_backend(*, threads: int = 1) -> Backend:
+    """Open shards as onnxruntime CPU sessions (all graph optimisations, ``threads`` intra-op threads)."""
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = threads
+    opts.inter_op_num_threads = 1
+    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+
+    def open_session(entry: ShardFile, path: Path) -> Session:
+        return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])  # type: ignore[no-any-return]
+
+    return open_session
+
+
 class ShardedRunner:
-    """Run a model version from a :class:`ShardCache` with one onnxruntime session per shard.
+    """Run a model version from a :class:`ShardCache`, one runtime session per shard, opened on first use.
 
     Parameters
     ----------
     cache : the device's shard cache (decides which shards exist locally).
     threads : onnxruntime intra-op threads per session.
+    backend : how a shard file becomes a session (default: onnxruntime); benchmarks plug torch in here.
     """
 
-    def __init__(self, cache: ShardCache, *, threads: int = 1) -> None:
-        import onnxruntime as ort
-
+    def __init__(self, cache: ShardCache, *, threads: int = 1, backend: Backend | None = None) -> None:
         self.cache = cache
-        self._ort = ort
-        self._opts = ort.SessionOptions()
-        self._opts.intra_op_num_threads = threads
-        self._opts.inter_op_num_threads = 1
-        self._opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        self._sessions: dict[str, Any] = {}  # sha256 -> session
-        self.manifest = cache.manifest()
+        self._open = backend or onnxruntime_backend(threads=threads)
+        self._sessions: dict[str, Session] = {}  # sha256 -> session
+        self._by_name: dict[str, Session] = {}
+        self._set(cache.manifest())
+
+    def _set(self, manifest: Manifest) -> None:
+        self.manifest = manifest
+        self._entries = {f.name: f for f in manifest.shards()}
+        self._by_name = {}
+        self._dim, self._nm = int(manifest.model["dim"]), len(MODALITIES)
 
     def refresh(self) -> str:
         """Follow the server's latest version (keeping sessions of shards that did not change)."""
-        self.manifest = self.cache.manifest(refresh=True)
+        self._set(self.cache.manifest(refresh=True))
         live = {f.sha256 for f in self.manifest.shards()}
         self._sessions = {k: v for k, v in self._sessions.items() if k in live}
         return self.manifest.version
@@ -86,15 +116,18 @@ class ShardedRunner:
         for name in self.cache.required():
             self._session(name)
 
-    def _session(self, name: str) -> Any:
-        entry = self.manifest.file(name)
-        sess = self._sessions.get(entry.sha256)
+    def _session(self, name: str) -> Session:
+        sess = self._by_name.get(name)
         if sess is None:
-            path = self.cache.path(name)
-            sess = self._ort.InferenceSession(str(path), self._opts, providers=["CPUExecutionProvider"])
-            self._sessions[entry.sha256] = sess
+            entry = self._entries.get(name)
+            if entry is None:
+                raise KeyError(f"manifest {self.manifest.version}: no onnx file for shard {name!r}")
+            sess = self._sessions.get(entry.sha256)
+            if sess is None:
+                sess = self._open(entry, self.cache.path(name))
+                self._sessions[entry.sha256] = sess
+            self._by_name[name] = sess
         return sess
-
     def predict(
         self,
         *,
@@ -106,56 +139,57 @@ class ShardedRunner:
 
         ``quality`` (B, M) in [0, 1] per modality (1 when omitted). Every sample has all the given modalities.
         """
-        spec = self.manifest.model
         given = {"image": image, "audio": audio}
         present = [m for m in MODALITIES if given[m] is not None]
         if not present:
             raise ValueError("predict needs at least one of image, audio")
+        arrays: dict[str, np.ndarray] = {}
+        b = -1
         for m in present:
             if m not in self.cache.modalities:
                 raise ValueError(f"this device has no {m} modality (modalities: {self.cache.modalities})")
-        b = int(np.asarray(given[present[0]]).shape[0])
-        arrays: dict[str, np.ndarray] = {}
-        for m in present:
-            a = np.ascontiguousarray(np.asarray(given[m], dtype=np.float32))
-            want = self.manifest.file(f"encoder.{m}").inputs[0].shape
+            a = np.asarray(given[m], dtype=np.float32)
+            want = self._entries[f"encoder.{m}"].inputs[0].shape
             if a.ndim != len(want) or any(w is not None and w != s for w, s in zip(want[1:], a.shape[1:])):
                 raise ValueError(f"{m} input has shape {a.shape}; the model wants {tuple(want)} (None = batch)")
-            if a.shape[0] != b:
+            if b >= 0 and a.shape[0] != b:
                 raise ValueError(f"{m} has {a.shape[0]} samples, {present[0]} has {b}")
             if not np.isfinite(a).all():
                 raise ValueError(f"{m} input has non-finite values")
-            arrays[m] = a
-        nm, d = len(MODALITIES), int(spec["dim"])
+            b = a.shape[0]
+            arrays[m] = np.ascontiguousarray(a)
+        nm, d = self._nm, self._dim
         q = np.ones((b, nm), np.float32) if quality is None else np.asarray(quality, np.float32)
         if q.shape != (b, nm):
             raise ValueError(f"quality has shape {q.shape}, expected {(b, nm)}")
 
-        tokens = np.zeros((b, nm, d), np.float32)
         mask = np.zeros((b, nm), bool)
+        cols = []
         for j, m in enumerate(MODALITIES):
             if m in arrays:
-                (tokens[:, j],) = self._session(f"encoder.{m}").run(None, {m: arrays[m]})
                 mask[:, j] = True
-        flat = mask.reshape(-1)
-        x = tokens.reshape(-1, d)[flat]  # (N, d)
-        qx = q.reshape(-1)[flat]
+                cols.append(j)
+        # present tokens in (sample, modality) order, as the torch model flattens them
+        tokens = np.empty((b, len(cols), d), np.float32)
+        for c, j in enumerate(cols):
+            m = MODALITIES[j]
+            tokens[:, c] = self._session(f"encoder.{m}").run(None, {m: arrays[m]})[0]
+        x = tokens.reshape(-1, d)  # (N, d)
+        qx = np.ascontiguousarray(q[:, cols]).reshape(-1)
         _, idx, gates = self._session("router").run(None, {"token": x, "quality": qx})
         outputs, rows = {}, {}
-        for e in np.unique(idx).tolist():
-            tok = np.nonzero((idx == e).any(axis=1))[0]
-            (outputs[e],) = self._session(f"expert.{e}").run(None, {"token": x[tok]})
+        for e in sorted(set(idx.ravel().tolist())):
+            tok = np.flatnonzero((idx == e).any(axis=1))
+            outputs[e] = self._session(f"expert.{e}").run(None, {"token": x[tok]})[0]
             rows[e] = tok
         y = combine_experts(x, idx, gates, outputs, rows)
-        routed = np.zeros((b * nm, d), np.float32)
-        routed[flat] = y
-        logits, w = self._session("head").run(
-            None, {"routed": routed.reshape(b, nm, d), "quality": q, "mask": mask}
-        )
-        z = logits - logits.max(axis=1, keepdims=True)
-        probs = np.exp(z) / np.exp(z).sum(axis=1, keepdims=True)
-        sample_of = np.nonzero(flat)[0] // nm
-        experts = [sorted(set(idx[sample_of == i].reshape(-1).tolist())) for i in range(b)]
+        routed = np.zeros((b, nm, d), np.float32)
+        routed[:, cols] = y.reshape(b, len(cols), d)
+        logits, w = self._session("head").run(None, {"routed": routed, "quality": q, "mask": mask})
+        z = np.exp(logits - logits.max(axis=1, keepdims=True))
+        probs = z / z.sum(axis=1, keepdims=True)
+        per_sample = idx.reshape(b, -1)
+        experts = [sorted(set(r)) for r in per_sample.tolist()]
         return Prediction(
             version=self.manifest.version,
             logits=logits,

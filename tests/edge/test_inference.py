@@ -81,3 +81,42 @@ def test_edge_predict_command_prints_one_line_per_window(shard_server, tmp_path)
     args[args.index("--cache-dir") + 1] = str(tmp_path / "fresh")  # an empty cache, so it must download
     r = CliRunner().invoke(build_app(), args[:-4])  # without a token
     assert r.exit_code == 1 and "refused" in r.output
+
+
+def _write_clip(tmp_path):
+    """A 3 s, 10 fps video with two scenes and a 3 s 16 kHz tone with a change at 1.5 s."""
+    import wave
+
+    import cv2
+
+    path = tmp_path / "clip.avi"
+    w = cv2.VideoWriter(str(path), cv2.VideoWriter_fourcc(*"MJPG"), 10.0, (64, 64))
+    rng = np.random.default_rng(0)
+    for i in range(30):
+        base = np.full((64, 64, 3), (40, 160, 90) if i < 15 else (200, 30, 30), np.uint8)
+        w.write(np.clip(base + rng.integers(0, 20, base.shape), 0, 255).astype(np.uint8))
+    w.release()
+    t = np.arange(3 * 16000) / 16000
+    y = np.where(t < 1.5, np.sin(2 * np.pi * 440 * t), np.sin(2 * np.pi * 1200 * t)) * 0.3
+    wav = tmp_path / "clip.wav"
+    with wave.open(str(wav), "wb") as f:
+        f.setnchannels(1)
+        f.setsampwidth(2)
+        f.setframerate(16000)
+        f.writeframes((y * 32767).astype("<i2").tobytes())
+    return path, wav
+
+
+@pytest.mark.integration
+def test_edge_predict_runs_on_a_real_video_and_audio_file(shard_server, tmp_path):
+    video, wav = _write_clip(tmp_path)
+    common = ["--shards", shard_server.url, "--public-key", str(shard_server.store.public_pem),
+              "--cache-dir", str(tmp_path / "c"), "--ca-file", str(shard_server.ca_file),
+              "--device", shard_server.device, "--token", shard_server.token]
+    r = CliRunner().invoke(build_app(), ["edge", "predict", "--video", str(video), "--audio", str(wav), *common])
+    assert r.exit_code == 0, r.output
+    frames = [ln for ln in r.output.splitlines() if ln.startswith("keyframe ")]
+    assert len(frames) >= 2  # one per scene at least, each paired with the audio window at its time
+    r = CliRunner().invoke(build_app(), ["edge", "predict", "--audio", str(wav), *common])
+    assert r.exit_code == 0, r.output
+    assert len([ln for ln in r.output.splitlines() if ln.startswith("window ")]) == 3  # one per second
