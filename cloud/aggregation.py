@@ -86,7 +86,7 @@ def trimmed_mean(deltas: Sequence[Mapping[str, np.ndarray]], trim_ratio: float) 
     if not 0.0 <= trim_ratio < 0.5:
         raise ValueError(f"trim_ratio must be in [0, 0.5), got {trim_ratio}")
     n = len(deltas)
-    t = int(math.floor(trim_ratio * n))
+    t = math.floor(trim_ratio * n)
     out: State = {}
     for k in deltas[0]:
         s = np.sort(_stack(deltas, k), axis=0)

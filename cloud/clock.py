@@ -53,7 +53,7 @@ def device_profile(
         raise ValueError(f"partition id {partition_id} not in [0, {num_partitions})")
     order = np.random.default_rng([seed, 4242]).permutation(num_partitions)
     rank = int(np.flatnonzero(order == partition_id)[0])
-    straggler = rank < int(round(straggler_fraction * num_partitions))
+    straggler = rank < round(straggler_fraction * num_partitions)
     rng = np.random.default_rng([seed, 4243, partition_id])
     speed = float(np.exp(rng.normal(0.0, speed_sigma)))
     slowdown = float(rng.uniform(straggler_slowdown_min, straggler_slowdown_max)) if straggler else 1.0

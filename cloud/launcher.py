@@ -22,6 +22,7 @@ import sys
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import Annotated
 
 import typer
 
@@ -144,8 +145,8 @@ def start(cfg: FedgeConfig, o: LaunchOptions, *, echo=print) -> int:  # type: ig
         if _port_busy(o.host, o.port):
             raise RuntimeError(f"{o.host}:{o.port} is already in use (another SuperLink?)")
         # same process group as this launcher: a Ctrl-C at the terminal (or a kill of the group) reaches it
-        link = subprocess.Popen(superlink_command(o), env=env,
-                                stdout=open(o.run_dir / "superlink.log", "ab"), stderr=subprocess.STDOUT)
+        with open(o.run_dir / "superlink.log", "ab") as link_log:  # the child keeps its own descriptor
+            link = subprocess.Popen(superlink_command(o), env=env, stdout=link_log, stderr=subprocess.STDOUT)
         procs.append(link)
         (o.run_dir / PIDS_FILE).write_text(json.dumps({"launcher": os.getpid(), "superlink": link.pid}))
         wait_port(o.host, o.port, 60.0)
@@ -153,7 +154,7 @@ def start(cfg: FedgeConfig, o: LaunchOptions, *, echo=print) -> int:  # type: ig
              f"run dir {o.run_dir}")
         for key in o.auth_public_keys:
             r = subprocess.run([_bin("flwr"), "supernode", "register", str(key), FEDERATION], env=env,
-                               capture_output=True, text=True, timeout=60)
+                               capture_output=True, text=True, timeout=60, check=False)
             if r.returncode != 0:
                 raise RuntimeError(f"registering {key} failed: {(r.stdout + r.stderr)[-500:]}")
         run = subprocess.Popen([_bin("flwr"), "run", str(o.app_dir), FEDERATION, "--stream"], env=env,
@@ -191,28 +192,30 @@ def _stop(procs: list[subprocess.Popen[bytes]], *, graceful: bool) -> None:
 
 
 def start_command(
-    run_dir: Path = typer.Option(Path("runs/cloud"), "--run-dir", help="Run directory: config, metrics, "
-                                 "checkpoints, SuperLink database; reuse it to resume."),
-    config: Path | None = typer.Option(None, "--config", help="Config TOML (scenario) file."),
-    set_: list[str] = typer.Option([], "--set", help="Override a config key: --set aggregation.versions=20"),
-    host: str = typer.Option("127.0.0.1", "--host", help="SuperLink address to listen on."),
-    port: int = typer.Option(9092, "--port", help="SuperLink port (all APIs; never Flower's 8000)."),
-    ray_address: str = typer.Option("", "--ray-address", help="Join this Ray cluster instead of an embedded one."),
-    num_cpus: int = typer.Option(2, "--num-cpus", help="CPUs of the embedded Ray."),
-    ssl_ca_certfile: Path | None = typer.Option(None, "--ssl-ca-certfile", help="CA certificate (TLS)."),
-    ssl_certfile: Path | None = typer.Option(None, "--ssl-certfile", help="SuperLink certificate (TLS)."),
-    ssl_keyfile: Path | None = typer.Option(None, "--ssl-keyfile", help="SuperLink private key (TLS)."),
-    auth_public_keys: list[Path] = typer.Option([], "--auth-public-key",
-                                                help="A SuperNode public key to register (enables auth)."),
+    run_dir: Annotated[Path, typer.Option("--run-dir", help="Run directory: config, metrics, checkpoints, "
+                                          "SuperLink database; reuse it to resume.")] = Path("runs/cloud"),
+    config: Annotated[Path | None, typer.Option("--config", help="Config TOML (scenario) file.")] = None,
+    set_: Annotated[list[str] | None, typer.Option(
+        "--set", help="Override a config key: --set aggregation.versions=20")] = None,
+    host: Annotated[str, typer.Option("--host", help="SuperLink address to listen on.")] = "127.0.0.1",
+    port: Annotated[int, typer.Option("--port", help="SuperLink port (all APIs; never Flower's 8000).")] = 9092,
+    ray_address: Annotated[str, typer.Option(
+        "--ray-address", help="Join this Ray cluster instead of starting an embedded one.")] = "",
+    num_cpus: Annotated[int, typer.Option("--num-cpus", help="CPUs of the embedded Ray.")] = 2,
+    ssl_ca_certfile: Annotated[Path | None, typer.Option("--ssl-ca-certfile", help="CA certificate (TLS).")] = None,
+    ssl_certfile: Annotated[Path | None, typer.Option("--ssl-certfile", help="SuperLink certificate (TLS).")] = None,
+    ssl_keyfile: Annotated[Path | None, typer.Option("--ssl-keyfile", help="SuperLink private key (TLS).")] = None,
+    auth_public_keys: Annotated[list[Path] | None, typer.Option(
+        "--auth-public-key", help="A SuperNode public key to register (enables SuperNode auth).")] = None,
 ) -> None:
     """Start the aggregator: embedded Ray, a Flower SuperLink and the fedge run; Ctrl-C checkpoints and stops."""
     from common.config import ConfigError, load_config, parse_overrides
 
     try:
-        cfg = load_config(toml_path=config, overrides=parse_overrides(set_))
+        cfg = load_config(toml_path=config, overrides=parse_overrides(set_ or []))
         opts = LaunchOptions(run_dir=run_dir, host=host, port=port, ray_address=ray_address, num_cpus=num_cpus,
                              ssl_ca_certfile=ssl_ca_certfile, ssl_certfile=ssl_certfile, ssl_keyfile=ssl_keyfile,
-                             auth_public_keys=list(auth_public_keys))
+                             auth_public_keys=list(auth_public_keys or []))
         superlink_command(opts)  # validates the TLS / auth combination before anything starts
     except (ConfigError, FileNotFoundError, ValueError) as e:
         typer.echo(f"fedge cloud start: {e}", err=True)

@@ -338,11 +338,11 @@ class ServerLoop:
 def _state_kwargs(cfg: FedgeConfig, ckpt_dir: str | None) -> dict[str, Any]:
     a = cfg.aggregation
     k = a.concurrency if a.mode == "sync" else a.buffer_size  # sync: the round barrier flushes the buffer
-    return dict(buffer_size=k, staleness=a.staleness if a.mode == "async" else "constant",
-                staleness_a=a.staleness_a, staleness_b=a.staleness_b, max_staleness=a.max_staleness,
-                server_lr=a.server_lr, server_momentum=a.server_momentum, max_norm=a.max_norm,
-                norm_action=a.norm_action, robust=a.robust, trim_ratio=a.trim_ratio, checkpoint_dir=ckpt_dir,
-                checkpoint_every=cfg.fault_tolerance.checkpoint_every)
+    return {"buffer_size": k, "staleness": a.staleness if a.mode == "async" else "constant",
+            "staleness_a": a.staleness_a, "staleness_b": a.staleness_b, "max_staleness": a.max_staleness,
+            "server_lr": a.server_lr, "server_momentum": a.server_momentum, "max_norm": a.max_norm,
+            "norm_action": a.norm_action, "robust": a.robust, "trim_ratio": a.trim_ratio,
+            "checkpoint_dir": ckpt_dir, "checkpoint_every": cfg.fault_tolerance.checkpoint_every}
 
 
 def _event(run_dir: Path | None, **rec: Any) -> None:

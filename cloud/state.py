@@ -75,11 +75,12 @@ class AggregatorState:
         checkpoint_dir: str | None = None,
         checkpoint_every: int = 5,
     ) -> None:
-        self.opts: dict[str, Any] = dict(
-            buffer_size=buffer_size, staleness=staleness, staleness_a=staleness_a, staleness_b=staleness_b,
-            max_staleness=max_staleness, server_lr=server_lr, server_momentum=server_momentum,
-            max_norm=max_norm, norm_action=norm_action, robust=robust, trim_ratio=trim_ratio,
-        )
+        self.opts: dict[str, Any] = {
+            "buffer_size": buffer_size, "staleness": staleness, "staleness_a": staleness_a,
+            "staleness_b": staleness_b, "max_staleness": max_staleness, "server_lr": server_lr,
+            "server_momentum": server_momentum, "max_norm": max_norm, "norm_action": norm_action,
+            "robust": robust, "trim_ratio": trim_ratio,
+        }
         self.initial = {k: np.array(v, dtype=np.float32) for k, v in sorted(initial.items())}
         self.params = {k: v.copy() for k, v in self.initial.items()}
         self.momentum: dict[str, np.ndarray] | None = None
@@ -231,7 +232,7 @@ class AggregatorState:
         }
         arrays["__header__"] = np.frombuffer(json.dumps(header).encode(), dtype=np.uint8)
         bio = io.BytesIO()
-        np.savez(bio, **arrays)
+        np.savez(bio, **arrays)  # type: ignore[arg-type]
         atomic_write(d / CHECKPOINT_NAME, bio.getvalue())
         self.last_checkpoint_version = self.version
         return str(d / CHECKPOINT_NAME)
@@ -328,7 +329,7 @@ def start_actor(state: AggregatorState | None = None, **kwargs: Any) -> Any:
     """
     import ray
 
-    actor_cls = ray.remote(num_cpus=0, max_concurrency=1)(_ActorState)
+    actor_cls = ray.remote(num_cpus=0)(_ActorState)  # one call at a time: updates apply in order
     return actor_cls.remote(state, kwargs)
 
 
