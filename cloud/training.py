@@ -256,6 +256,15 @@ class TrainResult:
     failures: list[dict[str, Any]] = field(default_factory=list)  # worker failures survived
     seconds: float = 0.0
 
+    def rebase_args(self) -> tuple[dict[str, np.ndarray], int, dict[str, np.ndarray]]:
+        """``(base_state, base_version, adapters)`` as float32 NumPy, the arguments of the aggregator's
+        ``rebase(base_state, base_version, adapters=...)``. Pass the adapters: their router and fusion
+        parameters come from the trained base, so the initial adapters would not fit it."""
+        def np32(d: Mapping[str, Tensor]) -> dict[str, np.ndarray]:
+            return {k: v.detach().cpu().float().numpy() for k, v in d.items()}
+
+        return np32(self.base_state), self.base_version, np32(self.adapters)
+
     def first_loss(self) -> float:
         """Training loss of the first report."""
         return float(self.metrics[0]["loss/train"])

@@ -209,3 +209,14 @@ def test_step_batches_are_a_pure_function_of_seed_rank_step() -> None:
     assert torch.equal(a["label"], b["label"]) and torch.equal(ma, mb) and torch.equal(a["image"], b["image"])
     assert not torch.equal(a["image"], c["image"]) and not torch.equal(a["image"], d["image"])
     assert mb.any(dim=1).all()  # modality dropout keeps one modality per sample
+
+
+def test_rebase_args_hand_the_aggregator_numpy_base_and_fresh_adapters(tmp_path) -> None:
+    from cloud.training import TrainResult
+
+    base = initial_base(MKW)
+    fresh = fresh_adapters(base, mkw=MKW, rank=RANK, alpha=ALPHA)
+    res = TrainResult(base_version=12, base_state=base, adapters=fresh, steps=1, run_dir=tmp_path)
+    b, v, a = res.rebase_args()
+    assert v == 12 and set(b) == set(base) and set(a) == set(fresh)
+    assert all(isinstance(x, np.ndarray) and x.dtype == np.float32 for x in [*b.values(), *a.values()])
