@@ -33,7 +33,8 @@ raise the cue for many steps in a row, so the median and MAD rise with them. The
 static synthetic shot (MAD near zero) from turning a tiny change into a cut.
 
 Flashes: a step that fires is rejected when the frame before it and a frame at most ``flash_samples`` later
-are again similar (or, symmetrically, when the spike ends there): a brightness spike returns, a cut stays.
+are again as similar as neighbouring frames of the shot usually are (or, symmetrically, when the spike ends
+there): a brightness spike returns, a cut stays.
 
 Gradual transitions (dissolves, fades through black, wipes) change little per step, so no single step is an
 outlier. They are found with triples of analysed frames ``(a, m, b)`` at several spans: when ``a`` and ``b``
@@ -84,6 +85,8 @@ _GRID = 8  # blocks across the thumbnail for the median block difference
 CUT_MIN = {"hist": 0.30, "struct": 0.35, "jump": 0.04}
 # Spread floors for the z-test: the smallest MAD we trust (a static synthetic shot has MAD ~ 0).
 SPREAD_FLOOR = {"hist": 0.02, "struct": 0.03, "jump": 0.006}
+DIP_RATIO = 0.5  # a frame with less than half the contrast of both sides is inside a fade
+RECENT_RATIO = 1.5  # a cut exceeds the shot's last two steps by this factor
 GRADUAL_MIN = 0.35  # struct distance between the ends of a gradual transition (as for a cut)
 BLEND_MAX_RESIDUAL = 0.25  # unexplained fraction of the middle frame's block variance
 BLEND_SHARE = (0.15, 0.85)  # the middle frame must hold a real share of both ends
@@ -358,7 +361,7 @@ class _Sample:
     frame: int
     feat: FrameFeatures
     step: PairScores | None  # cues from the previous sample to this one
-    jump: float = 0.0
+    jump: float | None = None  # computed once the motion after it is known
 
 
 @dataclass
@@ -499,10 +502,23 @@ class ShotDetector:
             return 0.0
         return float(min(np.linalg.norm(si - before), np.linalg.norm(si - after)))
 
+    def _jump_of(self, k: int) -> float | None:
+        """The jump of step k, once the three steps after it are known (cached)."""
+        s = self._get(k)
+        if s is None or s.step is None:
+            return None
+        if s.jump is None and k + 3 < self._n:
+            s.jump = self._jump(k) if s.step.response > 0.05 else 0.0
+        return s.jump
+
     def _cues(self, i: int) -> dict[str, float]:
         s = self._get(i)
         assert s is not None and s.step is not None
-        return {"hist": s.step.hist, "struct": s.step.struct, "jump": s.jump}
+        jump = self._jump_of(i)
+        out = {"hist": s.step.hist, "struct": s.step.struct}
+        if jump is not None:
+            out["jump"] = jump
+        return out
 
     def _baseline(self, i: int) -> list[dict[str, tuple[float, float]]]:
         """Median and robust spread of each cue, separately over the steps before and after step i.
@@ -525,6 +541,8 @@ class ShotDetector:
                 continue  # too few steps on this side to say what is usual there
             side = {}
             for c, v in vals.items():
+                if len(v) < 3:
+                    continue
                 arr = np.asarray(v)
                 med = float(np.median(arr))
                 mad = float(np.median(np.abs(arr - med))) * 1.4826
@@ -532,19 +550,36 @@ class ShotDetector:
             sides.append(side)
         return sides
 
-    def _fires(self, cues: dict[str, float], base: list[dict[str, tuple[float, float]]]) -> float:
-        """The largest z (the smaller of before/after) among cues that pass the floor and the z-test, or 0."""
+    def _fires(self, cues: dict[str, float], base: list[dict[str, tuple[float, float]]],
+               recent: dict[str, float] | None = None) -> float:
+        """The largest z (the smaller of before/after) among cues that pass the floor and the z-test, or 0.
+
+        ``recent``: the largest value of each cue over the last steps of the shot; a cut must clearly exceed
+        them (a shot that turned noisy or fast a moment ago, before the baseline caught up, is not a cut).
+        """
         best = 0.0
         for c, v in cues.items():
             if v < CUT_MIN[c]:
                 continue
-            if not base and v < 2 * CUT_MIN[c]:
-                continue  # nothing around to adapt to (a very short shot at both ends): ask for more
-            zs = [(v - side[c][0]) / side[c][1] for side in base] or [v / SPREAD_FLOOR[c]]
+            if len(base) < 2 and v < 2 * CUT_MIN[c]:
+                continue  # one side unknown (a short shot, the stream's start or end): ask for more
+            if recent is not None and c in recent and v < RECENT_RATIO * recent[c]:
+                continue
+            zs = [(v - side[c][0]) / side[c][1] for side in base if c in side] or [v / SPREAD_FLOOR[c]]
             zc = min(zs)
             if zc >= self.z:
                 best = max(best, zc)
         return best
+
+    def _similar(self, cues: dict[str, float], base: list[dict[str, tuple[float, float]]]) -> bool:
+        """Two frames differ no more than neighbouring frames of the shot usually do (every z <= z/2)."""
+        for c, v in cues.items():
+            if v < CUT_MIN[c] / 2:
+                continue
+            zs = [(v - side[c][0]) / side[c][1] for side in base if c in side]
+            if not zs or min(zs) > self.z / 2:
+                return False
+        return True
 
     def _is_flash(self, i: int, base: list[dict[str, tuple[float, float]]]) -> bool:
         """The change at step i is undone within ``flash_samples`` (a spike), before or after it."""
@@ -558,7 +593,7 @@ class ShotDetector:
                 p = pair_scores(fa.feat, fb.feat)
                 expect = (post - pre) * motion if motion is not None else np.zeros(2)
                 jump = float(np.linalg.norm(np.array([p.dx, p.dy]) - expect))
-                if self._fires({"hist": p.hist, "struct": p.struct, "jump": jump}, base) == 0.0:
+                if self._similar({"hist": p.hist, "struct": p.struct, "jump": jump}, base):
                     return True
         return False
 
@@ -571,8 +606,9 @@ class ShotDetector:
         fa, fm, fb = self._get(a), self._get(m), self._get(b)
         if fa is None or fm is None or fb is None or fa.feat.flat or fb.feat.flat:
             return None
-        if fm.feat.flat:
-            return 0.0, 0.5, 0.0
+        ratio = fm.feat.contrast / min(fa.feat.contrast, fb.feat.contrast)
+        if fm.feat.flat or ratio < DIP_RATIO:  # a fade: the darkest frame in the middle ranks first
+            return 0.0, 0.5 + 0.5 * min(ratio, 1.0), 0.0
         fit = blend_fit(fa.feat.luma, fm.feat.luma, fb.feat.luma, scale_a=fa.feat.scale, scale_b=fb.feat.scale)
         if is_blend(fit):
             return fit
@@ -590,6 +626,13 @@ class ShotDetector:
         # noise step by step: those steps belong to the fade, which the gradual test reports once.
         if any(x is not None and x.feat.flat for x in map(self._get, range(i - 4, i + 4))):
             return True
+        # A step at the bottom of a contrast valley (much more contrast a few frames before and after): a fade
+        # through black that the sampling caught without a black frame.
+        low = min(prev.feat.contrast, cur.feat.contrast)
+        before = [x.feat.contrast for x in map(self._get, range(i - 5, i - 1)) if x is not None]
+        after = [x.feat.contrast for x in map(self._get, range(i + 1, i + 5)) if x is not None]
+        if before and after and low < DIP_RATIO * min(max(before), max(after)):
+            return True
         start = self._shot_start(i - 1)
         triples = [(i - 1, i, i + k) for k in range(1, 5)]
         triples += [(i - 1 - k, i - 1, i) for k in range(1, 5) if i - 1 - k >= start]
@@ -602,10 +645,14 @@ class ShotDetector:
         s = self._get(i)
         if s is None or s.step is None or i < 1:
             return
-        # the jump needs the motion up to i+3: available because decisions lag by `lookahead`
-        s.jump = self._jump(i) if s.step.response > 0.05 else 0.0
         base = self._baseline(i)
-        z = self._fires(self._cues(i), base)
+        recent: dict[str, float] = {}
+        for k in range(max(self._shot_start(i - 1) + 1, i - 2), i):
+            sk = self._get(k)
+            if sk is not None and sk.step is not None:
+                for c, v in self._cues(k).items():
+                    recent[c] = max(recent.get(c, 0.0), v)
+        z = self._fires(self._cues(i), base, recent)
         if self.trace is not None:
             self.trace.append((s.frame, {c: round(v, 3) for c, v in self._cues(i).items()},
                                [{c: (round(m, 3), round(sp, 3)) for c, (m, sp) in side.items()} for side in base], z))
