@@ -16,7 +16,7 @@ COPY --chown=ray:users common ./common
 COPY --chown=ray:users edge ./edge
 COPY --chown=ray:users cloud ./cloud
 COPY --chown=ray:users simulations ./simulations
-COPY --chown=ray:users deploy/ray ./deploy/ray
+COPY --chown=ray:users deploy/export_base.py ./deploy/export_base.py
 # The Flower app (FAB) is built from this directory by `flwr run`, so the tree stays in the image.
 # ray==2.55.1 is already in the base image and pinned again by constraints.txt: pip keeps it.
 RUN pip install -c constraints.txt -e ".[cloud]" \

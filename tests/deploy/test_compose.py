@@ -81,7 +81,7 @@ def test_compose_runs_a_superlink_the_cloud_side_and_two_edge_agents(compose):
 
 def test_every_service_command_parses_with_the_real_program(compose):
     seen = set()
-    for name, svc in compose["services"].items():
+    for svc in compose["services"].values():
         prefix = _entrypoint(Path(svc["build"]["dockerfile"]).name)
         seen.update(check_container(prefix + _unescape(svc["command"])))
     assert {"fedge", "flower-superlink", "flower-superexec", "flwr", "ray"} <= seen

@@ -24,7 +24,7 @@ from cloud.certs import server_sans
 from common.config import load_config
 
 from .commands import check_container, check_script, import_path_resolves
-from .guide import commands, guide_env
+from .guide import guide_env, run_step
 from .kuberay_schema import SCHEMAS, cluster_specs
 from .procs import BIN, ROOT
 
@@ -41,10 +41,7 @@ def workdir(tmp_path_factory):
     """A copy of deploy/k8s with the secrets the guide's k8s-secrets step creates."""
     work = tmp_path_factory.mktemp("k8s")
     shutil.copytree(ROOT / "deploy" / "k8s", work / "deploy" / "k8s")
-    for c in commands("k8s-secrets"):
-        r = subprocess.run(c.argv, cwd=work, env=guide_env(), capture_output=True, text=True, timeout=180,
-                           check=False)
-        assert r.returncode == 0, f"{c.line}\n{r.stdout}{r.stderr}"
+    assert run_step("k8s-secrets", guide_env(), work, work) == []
     return work
 
 
@@ -86,7 +83,7 @@ def _pod_templates(obj) -> list[tuple[str, dict]]:
 
 
 def test_guide_step_exists_and_every_overlay_renders(rendered):
-    overlay, objs = rendered
+    _, objs = rendered
     kinds = sorted({o["kind"] for o in objs})
     assert {"RayCluster", "RayService", "RayJob", "Deployment", "Service", "Secret", "Ingress"} <= set(kinds)
     assert all(o["metadata"].get("namespace") == "fedge" for o in objs if o["kind"] != "Namespace")
@@ -154,7 +151,7 @@ def test_every_container_command_parses_with_the_real_program(rendered):
         for _, tpl in _pod_templates(o) if o["kind"] in ("Deployment", "Job", *SCHEMAS) else []:
             for c in tpl["spec"]["containers"]:
                 seen.update(check_container(c.get("command"), c.get("args")))
-    assert {"flower-superlink", "flower-superexec", "flwr", "fedge", "python"} <= seen
+    assert {"flower-superlink", "flower-superexec", "flwr", "fedge"} <= seen
 
 
 def _args(container) -> dict[str, str]:
@@ -210,7 +207,7 @@ def test_tls_secret_holds_the_generated_certificate_whose_names_cover_the_servic
     overlay, objs = rendered
     tls = next(o for o in objs if o["kind"] == "Secret" and o["type"] == "kubernetes.io/tls")
     assert set(tls["data"]) == {"tls.crt", "tls.key", "ca.crt"}
-    dns, ips = server_sans(workdir / "deploy/k8s/base/certs/superlink.crt")
+    dns, _ = server_sans(workdir / "deploy/k8s/base/certs/superlink.crt")
     assert {"fedge-superlink", "fedge-superlink.fedge.svc", "fedge-superlink.fedge.svc.cluster.local"} <= set(dns)
     for o in objs:
         if o["kind"] == "Ingress":
