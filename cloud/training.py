@@ -255,6 +255,9 @@ class TrainResult:
     metrics: list[dict[str, Any]] = field(default_factory=list)  # rank 0's reports, in order
     failures: list[dict[str, Any]] = field(default_factory=list)  # worker failures survived
     seconds: float = 0.0
+    # per failure: seconds from Ray Train noticing it to the first optimizer step after the restore (a lower
+    # bound of kill-to-training: detection takes up to training.health_check_s more)
+    recovery_s: list[float] = field(default_factory=list)
 
     def rebase_args(self) -> tuple[dict[str, np.ndarray], int, dict[str, np.ndarray]]:
         """``(base_state, base_version, adapters)`` as float32 NumPy, the arguments of the aggregator's
@@ -398,10 +401,11 @@ class GlobalTrainer:
             adapters=fresh_adapters(new_base, mkw=self.mkw, rank=self.lora_rank, alpha=self.lora_alpha),
             steps=int(st["step"]), run_dir=run_dir, metrics=metrics, failures=failures,
             seconds=time.perf_counter() - t0,
+            recovery_s=[recovery_seconds(metrics, float(f["time"])) for f in failures],
         )
         (run_dir / "result.json").write_text(json.dumps({
             "base_version": base_version, "steps": res.steps, "seconds": res.seconds, "workers": self.workers,
-            "gpu": gpu, "failures": len(failures),
+            "gpu": gpu, "failures": len(failures), "recovery_s": res.recovery_s,
             "final": {k: v for k, v in (metrics[-1] if metrics else {}).items() if isinstance(v, (int, float))},
         }, indent=2, sort_keys=True))
         return res

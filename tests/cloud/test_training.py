@@ -182,6 +182,7 @@ def test_killed_worker_resumes_from_last_checkpoint_with_step_counter_intact(kil
     assert [r["step"] for r in resumed] == list(range(start + 5, STEPS + 1, 5))
     recovery = recovery_seconds(res.metrics, kill["time"])
     assert recovery < CFG.fault_tolerance.recovery_time_s
+    assert len(res.recovery_s) == 1 and 0 < res.recovery_s[0] <= recovery  # from detection: a lower bound
     print(f"recovery {recovery:.1f}s from kill to training again (target {CFG.fault_tolerance.recovery_time_s}s)")
 
 
