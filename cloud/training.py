@@ -145,7 +145,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     ckpt = ray.train.get_checkpoint()
     if ckpt is not None:
         with ckpt.as_directory() as d:
-            st = torch.load(Path(d) / _CKPT_FILE, weights_only=True)
+            st = torch.load(Path(d) / _CKPT_FILE, map_location="cpu", weights_only=True)
         model.load_state_dict(st["model"])
         opt_state, start_step = st["optim"], int(st["step"])
         restored_from = start_step
@@ -392,7 +392,7 @@ class GlobalTrainer:
         if result.checkpoint is None:
             raise TrainingError("global training produced no checkpoint")
         with result.checkpoint.as_directory() as d:
-            st = torch.load(Path(d) / _CKPT_FILE, weights_only=True)
+            st = torch.load(Path(d) / _CKPT_FILE, map_location="cpu", weights_only=True)
         new_base = {k: v.detach().cpu() for k, v in st["model"].items()}
         metrics = read_metrics(run_dir / "metrics" / "metrics.jsonl")
         failures = read_metrics(run_dir / "metrics" / "failures.jsonl")

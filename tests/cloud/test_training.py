@@ -124,9 +124,12 @@ def killed_run(ray_session, tmp_path_factory):
     store = tmp_path_factory.mktemp("train")
     data = make_av_dataset(384, seed=11)
     ds = ray.data.from_items([{k: data[k][i] for k in data} for i in range(len(data["label"]))])
+    # top-k routing with a capacity factor and gradient accumulation over 2 micro-batches (DDP no_sync)
+    run_cfg = load_config(overrides={"precision.image": "fp32", "precision.audio": "fp32",
+                                     "model.capacity_factor": 1.0})
     trainer = GlobalTrainer.from_config(
-        CFG, workers=2, cpus_per_worker=0.5, steps=STEPS, batch_size=32, lr=3e-3, log_every=5,
-        checkpoint_every=EVERY, max_failures=1, storage_path=store, use_gpu="off")
+        run_cfg, workers=2, cpus_per_worker=0.5, steps=STEPS, batch_size=16, grad_accum=2, lr=3e-3,
+        log_every=5, checkpoint_every=EVERY, max_failures=1, storage_path=store, use_gpu="off")
     run_dir = store / "killed"
     kill: dict[str, float] = {}
 
@@ -194,6 +197,7 @@ def test_metrics_per_modality_go_to_jsonl_and_tensorboard(killed_run) -> None:
         for key in (f"loss/{m}", f"accuracy/{m}", f"router_entropy/{m}", f"load_max/{m}", f"load/{m}/e0"):
             assert key in last and np.isfinite(last[key])
     assert list(Path(res.run_dir / "metrics").glob("events.out.tfevents.*"))
+    assert any(r["dropped_tokens"] > 0 for r in res.metrics)  # capacity factor 1.0 drops overflow tokens
     assert (res.run_dir / "result.json").is_file()
 
 
