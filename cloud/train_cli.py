@@ -72,9 +72,10 @@ def train_command(
     import ray
 
     from common.config import ConfigError, load_config, parse_overrides
+    from common.model import model_kwargs
 
     from .curation import cloud_dataset
-    from .training import GlobalTrainer, TrainingError, initial_base
+    from .training import GlobalTrainer, TrainingError, fresh_adapters, initial_base, merge_adapters
 
     try:
         cfg = load_config(toml_path=config, overrides=parse_overrides(overrides or []))
@@ -85,11 +86,25 @@ def train_command(
         if p is not None and not p.is_file():
             typer.echo(f"fedge cloud train: {what} file not found: {p}", err=True)
             raise typer.Exit(2)
+    import zipfile
+
+    from safetensors import SafetensorError
+
     try:
         base_state = _load_state(base) if base is not None else None
         ad_state = _load_state(adapters) if adapters is not None else None
-    except (OSError, ValueError, KeyError, RuntimeError) as e:  # a truncated or foreign file
+    except (OSError, ValueError, KeyError, zipfile.BadZipFile, SafetensorError) as e:  # truncated or foreign
         typer.echo(f"fedge cloud train: cannot read state file: {e}", err=True)
+        raise typer.Exit(2) from None
+    mkw = model_kwargs(cfg)
+    try:  # fail fast, before Ray starts: the states must fit the configured model
+        merge_adapters(base_state if base_state is not None else initial_base(mkw),
+                       ad_state if ad_state is not None else fresh_adapters(initial_base(mkw), mkw=mkw,
+                                                                             rank=cfg.model.lora_rank,
+                                                                             alpha=cfg.model.lora_alpha),
+                       mkw=mkw, rank=cfg.model.lora_rank, alpha=cfg.model.lora_alpha)
+    except TrainingError as e:
+        typer.echo(f"fedge cloud train: {e}", err=True)
         raise typer.Exit(2) from None
     if address:
         ray.init(address=address, log_to_driver=False)

@@ -225,3 +225,36 @@ def test_rebase_args_hand_the_aggregator_numpy_base_and_fresh_adapters(tmp_path)
     b, v, a = res.rebase_args()
     assert v == 12 and set(b) == set(base) and set(a) == set(fresh)
     assert all(isinstance(x, np.ndarray) and x.dtype == np.float32 for x in [*b.values(), *a.values()])
+
+
+# ---------------------------------------------------------------------------------------------- CLI bad input
+def _cli(args: list[str]):
+    import typer
+    from typer.testing import CliRunner
+
+    from cloud.train_cli import train_command
+
+    app = typer.Typer()
+    app.command()(train_command)
+    return CliRunner().invoke(app, args)
+
+
+def test_cli_rejects_bad_input_with_one_line_before_starting_ray(tmp_path) -> None:
+    from safetensors.torch import save_file
+
+    r = _cli(["--set", "training.workers=0"])
+    assert r.exit_code == 2 and "training.workers" in r.output
+    r = _cli(["--base", str(tmp_path / "missing.safetensors")])
+    assert r.exit_code == 2 and "base file not found" in r.output
+    junk = tmp_path / "junk.safetensors"
+    junk.write_bytes(b"not a safetensors file")
+    r = _cli(["--adapters", str(junk)])
+    assert r.exit_code == 2 and "cannot read state file" in r.output
+    bad = dict(_aggregated_adapters())
+    bad["head.fc2.lora_B"] = torch.zeros(3, 3)
+    save_file({k: v.contiguous() for k, v in bad.items()}, str(tmp_path / "bad.safetensors"))
+    r = _cli(["--adapters", str(tmp_path / "bad.safetensors")])
+    assert r.exit_code == 2 and "does not fit" in r.output
+    np.savez(tmp_path / "bad.npz", x=np.zeros(3))
+    r = _cli(["--adapters", str(tmp_path / "bad.npz")])
+    assert r.exit_code == 2 and "does not fit" in r.output
