@@ -54,6 +54,15 @@ class CurationParams:
     audio_stride_s: float = 1.0
     max_keyframes: int = 4  # per clip
 
+    def __post_init__(self) -> None:
+        for k in ("image_size", "n_mels", "audio_frames", "sr", "max_keyframes"):
+            if getattr(self, k) < 1:
+                raise ValueError(f"curation parameter '{k}': must be >= 1")
+        if not 0.0 <= self.min_quality <= 1.0:
+            raise ValueError("curation parameter 'min_quality': must be in [0, 1]")
+        if self.audio_stride_s <= 0:
+            raise ValueError("curation parameter 'audio_stride_s': must be > 0")
+
     @property
     def mel(self) -> MelParams:
         return MelParams(sr=self.sr, n_mels=self.n_mels)
@@ -264,7 +273,7 @@ def synthetic_clips(n: int, *, seed: int, p: CurationParams = CurationParams(), 
     one of: a dark video (cleanable), a lens-cap video (no image), a near-silent microphone (no audio), or
     both at once (rejected); the kind is written into ``clip_id``.
     """
-    from common.synthetic import _prototypes
+    from common.synthetic import _prototypes  # the same class prototypes as the devices' generated data
 
     rng = np.random.default_rng(seed)
     img_p, bands, rates = _prototypes(num_classes, frame_size, p.n_mels, p.audio_frames, proto_seed)

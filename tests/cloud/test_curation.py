@@ -127,3 +127,10 @@ def test_ray_data_pipeline_counts_decisions_and_feeds_the_trainer(ray_session) -
     assert data["mask"].shape == (n, 2) and data["mask"].any(axis=1).all()
     assert np.isfinite(data["audio"]).all() and (0 <= data["image"]).all() and (data["image"] <= 1).all()
     assert set(np.unique(data["label"])) <= set(range(10))
+
+
+def test_curation_params_name_the_bad_value() -> None:
+    with pytest.raises(ValueError, match="min_quality"):
+        CurationParams(min_quality=1.5)
+    with pytest.raises(ValueError, match="audio_frames"):
+        CurationParams(audio_frames=0)
