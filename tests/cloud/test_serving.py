@@ -172,3 +172,24 @@ def test_version_swap_under_a_stream_of_requests_has_zero_failures(shard_server)
     assert failures == []
     assert counts["n"] > 20 and {before, "v2"} <= seen
     assert store.index()["latest"] == "v2"
+
+
+def test_keys_and_token_commands(tmp_path):
+    from typer.testing import CliRunner
+
+    from cloud.serving import token_digest
+    from common.cli import build_app
+    from common.manifest import load_private_key, load_public_key
+
+    r = CliRunner().invoke(build_app(), ["cloud", "keys", "--out", str(tmp_path / "k")])
+    assert r.exit_code == 0, r.output
+    load_private_key(tmp_path / "k" / "manifest.key")
+    load_public_key(tmp_path / "k" / "manifest.pub")
+    r = CliRunner().invoke(build_app(), ["cloud", "keys", "--out", str(tmp_path / "k")])
+    assert r.exit_code == 1 and "already exists" in r.output
+    tokens = tmp_path / "k" / "tokens.json"
+    r = CliRunner().invoke(build_app(), ["cloud", "token", "cam-1", "--tokens", str(tokens)])
+    assert r.exit_code == 0, r.output
+    assert json.loads(tokens.read_text()) == {"cam-1": token_digest(r.output.strip())}
+    r = CliRunner().invoke(build_app(), ["cloud", "token", "bad id", "--tokens", str(tokens)])
+    assert r.exit_code == 1 and "device id" in r.output
