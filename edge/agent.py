@@ -44,7 +44,16 @@ class AgentError(ValueError):
 
 
 def _log(msg: str) -> None:
-    print(f"[fedge-agent] {msg}", flush=True)
+    print(f"[fedge-agent] {time.strftime('%H:%M:%S')} {msg}", flush=True)
+
+
+def _die_with_parent() -> None:
+    """In the child, before exec: on Linux, get SIGTERM when the agent dies, even by SIGKILL (no orphans)."""
+    if sys.platform.startswith("linux"):
+        import ctypes
+
+        pr_set_pdeathsig = 1
+        ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, signal.SIGTERM)
 
 
 def parse_address(address: str) -> tuple[str, int]:
@@ -108,7 +117,9 @@ class Child:
     _started_at: float = field(default=0.0, repr=False)
 
     def start(self) -> None:
-        self.proc = subprocess.Popen(self.argv, env=self.env, start_new_session=True)
+        # preexec_fn: the agent forks from its only thread (signals just set an Event)
+        self.proc = subprocess.Popen(self.argv, env=self.env, start_new_session=True,
+                                     preexec_fn=_die_with_parent)  # noqa: PLW1509
         self.starts += 1
         self._started_at = time.monotonic()
         _log(f"{self.name} started (pid {self.proc.pid}, start #{self.starts})")

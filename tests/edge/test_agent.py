@@ -8,7 +8,9 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
+import numpy as np
 import pytest
 
 from common.config import ConfigError
@@ -143,6 +145,242 @@ def test_sigterm_stops_the_agent_and_its_supernode(tmp_path):
             if p.poll() is None:
                 os.killpg(p.pid, signal.SIGKILL)
     text = log.read_text()
-    assert "supernode stopped" in text and "[fedge-agent] stopped" in text
+    assert "supernode stopped" in text and text.rstrip().endswith(" stopped")
     assert not _alive(sn_pid)
     assert (tmp_path / "store").is_dir()
+
+
+def test_an_agent_killed_hard_takes_its_supernode_along(tmp_path):
+    """SIGKILL leaves no orphan SuperNode behind (Linux: the children ask for SIGTERM when the agent dies)."""
+    log = tmp_path / "agent.log"
+    with open(log, "wb") as fh:
+        p = subprocess.Popen([str(BIN / "fedge"), "edge", "run", "--superlink", f"127.0.0.1:{free_port()}",
+                              "--store", str(tmp_path / "store"), "--port", str(free_port())],
+                             stdout=fh, stderr=subprocess.STDOUT, cwd=ROOT,
+                             env={**child_env(), "FLWR_HOME": str(tmp_path / "flwr")})
+        try:
+            _wait(lambda: "supernode started (pid" in log.read_text(), 60, "the SuperNode to start")
+            sn_pid = int(log.read_text().split("supernode started (pid ")[1].split(",")[0])
+            p.kill()
+            p.wait(timeout=10)
+            _wait(lambda: not _alive(sn_pid), 30, "the orphaned SuperNode to stop")
+        finally:
+            if p.poll() is None:
+                p.kill()
+
+
+# ------------------------------------------------------------------------------------------ real deployment
+CLASSES = 2  # two ingest calls per device keep the test lean
+RATE = 16000
+
+
+def _render_stream(out: Path, label: int, shots: int, rng: np.random.Generator, *, camera: bool, mic: bool):
+    """A generated recording of one class: camera shots of a dark (0) or a bright (1) card under a moving
+    camera, and a microphone hearing a low (0) or a high (1) whistle over noise (AV-digits' kernels)."""
+    from simulations import avdigits
+
+    video = audio = None
+    if camera:
+        ink = np.full((8, 8), 1.0 if label == 0 else 0.0, np.float32)
+        frames = np.concatenate([avdigits.render_shot(ink, 8, size=48, noise=0.03, rng=rng) for _ in range(shots)])
+        video = out / f"cam-{label}.avi"
+        avdigits.write_video(video, frames, 8.0)
+    if mic:
+        t = np.arange(int(0.3 * RATE)) / RATE
+        hz = (400.0, 2000.0)[label]
+        takes = [[np.sin(2 * np.pi * hz * rng.uniform(0.9, 1.1) * t).astype(np.float32) * 0.5 for _ in range(4)]
+                 for _ in range(shots)]
+        audio = out / f"mic-{label}.wav"
+        avdigits.write_wav(audio, avdigits.render_track(takes, rate=RATE, shot_s=1.0, snr_db=10.0, rng=rng), RATE)
+    return SimpleNamespace(label=label, video=video, audio=audio)
+
+
+def _ingest_cli(store: Path, stream, env: dict[str, str]) -> subprocess.Popen:
+    cmd = [str(BIN / "fedge"), "edge", "ingest", "--store", str(store), "--label", str(stream.label)]
+    cmd += ["--video", str(stream.video)] if stream.video else []
+    cmd += ["--audio", str(stream.audio)] if stream.audio else []
+    return subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def _generate_and_ingest(tmp_path: Path, env: dict[str, str]):
+    """Render camera/microphone recordings, fill the device stores with `fedge edge ingest`.
+
+    Returns the stores of the camera+mic device (``a``) and the mic-only device (``b``), the recording the
+    camera+mic agent ingests itself while running, and the cloud's held-out set as NPZ.
+    """
+    from edge.ingest import ingest
+    from edge.store import SampleStore
+
+    rng = np.random.default_rng(7)
+    media = tmp_path / "media"
+    for d in ("a", "b", "h"):
+        (media / d).mkdir(parents=True)
+    a = [_render_stream(media / "a", c, 12, rng, camera=True, mic=True) for c in range(CLASSES)]
+    b = [_render_stream(media / "b", c, 12, rng, camera=False, mic=True) for c in range(CLASSES)]
+    held = [_render_stream(media / "h", c, 15, rng, camera=True, mic=True) for c in range(CLASSES)]
+    store_a, store_b = tmp_path / "store-a", tmp_path / "store-b"
+    procs = [_ingest_cli(store_a, a[0], env), *(_ingest_cli(store_b, s, env) for s in b)]
+    for p in procs:
+        out, _ = p.communicate(timeout=180)
+        assert p.returncode == 0, out[-2000:]
+    with SampleStore(tmp_path / "store-h") as st:  # the cloud's held-out set: same ingest, in process
+        for s in held:
+            ingest(video=s.video, audio=s.audio, store=st, label=s.label)
+        arrays = st.load_arrays(split="train")
+    assert len(arrays["label"]) >= 20
+    np.savez(tmp_path / "heldout.npz", **arrays)
+    return store_a, store_b, a[1], tmp_path / "heldout.npz"
+
+
+@pytest.mark.integration
+def test_devices_train_over_tls_with_node_auth_and_a_killed_supernode_rejoins(tmp_path):
+    """Real SuperLink (TLS + node auth), two `fedge edge run` devices, the async ServerApp via `flwr run`.
+
+    A camera+mic device and a mic-only device, their stores filled by `fedge edge ingest` from generated
+    video and audio; an unregistered device is refused; the mic-only device is killed mid-training (SuperNode
+    and agent, SIGKILL), the server carries on, and the device rejoins when its agent is started again.
+    """
+    import json
+
+    from cloud.certs import CertLayout, generate
+    from common import codec
+    from edge import node_state
+    from tests.deploy.procs import Proc, env_with, flwr_config, port_open, wait_for
+
+    port = free_port()
+    home = tmp_path / "flwr"
+    env = env_with({"FLWR_HOME": str(home)})
+    store_a, store_b, live_stream, heldout = _generate_and_ingest(tmp_path, env)
+    certs = CertLayout(tmp_path / "certs")
+    generate(certs.root, nodes=["cam-mic", "mic", "stranger"])
+    flwr_config(home, "fleet", f"127.0.0.1:{port}", certs.ca_cert)
+    procs: list[Proc] = []
+
+    def agent(name: str, store: Path, *extra: str) -> Proc:
+        cmd = [str(BIN / "fedge"), "edge", "run", "--superlink", f"127.0.0.1:{port}", "--store", str(store),
+               "--root-certificates", str(certs.ca_cert), "--auth-keys", str(certs.node_dir(name)),
+               "--device-id", name, "--port", str(free_port()), "--grace", "5", *extra]
+        p = Proc(cmd, tmp_path / f"agent-{name}-{len(procs)}.log", env)
+        procs.append(p)
+        return p
+
+    run_id = None
+    try:
+        link = Proc([str(BIN / "flower-superlink"), "--ssl-ca-certfile", str(certs.ca_cert),
+                     "--ssl-certfile", str(certs.server_cert), "--ssl-keyfile", str(certs.server_key),
+                     "--enable-supernode-auth", "--disable-runtime-dependency-installation",
+                     "--host", "127.0.0.1", "--port", str(port), "--database", str(tmp_path / "link.db")],
+                    tmp_path / "superlink.log", env)
+        procs.append(link)
+        wait_for(lambda: port_open(port), 60, "the SuperLink", procs)
+        for name in ("cam-mic", "mic"):
+            r = subprocess.run([str(BIN / "flwr"), "supernode", "register", str(certs.node_public_key(name)),
+                                "fleet"], check=False, capture_output=True, text=True, env=env, timeout=60)
+            assert r.returncode == 0, r.stdout + r.stderr
+        # the camera+mic agent keeps ingesting its own sources (the digit-1 recording) while it trains
+        a = agent("cam-mic", store_a, "--video", str(live_stream.video), "--audio", str(live_stream.audio),
+                  "--ingest-arg=--label", f"--ingest-arg={live_stream.label}")
+        b = agent("mic", store_b, "--modalities", "audio")
+        stranger = agent("stranger", tmp_path / "store-s")  # valid TLS, its key never registered
+        for p in (a, b):
+            wait_for(lambda p=p: "SuperNode ID" in p.text(), 90, "a registered device to connect", procs)
+        wait_for(lambda: "Failed to activate SuperNode" in stranger.text(), 90, "the stranger's refusal", procs)
+        stranger.stop()
+        assert "SuperNode ID" not in stranger.text()
+
+        run_dir = tmp_path / "run"
+        cfg = {"aggregation.mode": '"async"', "aggregation.versions": 6, "aggregation.buffer_size": 1,
+               "aggregation.concurrency": 2, "aggregation.min_nodes": 2, "aggregation.reply_timeout_s": 60.0,
+               "aggregation.max_staleness": 20, "model.num_classes": CLASSES, "train.local_steps": 10,
+               "train.lr": 0.01, "data.eval_path": f'"{heldout}"', "run_dir": f'"{run_dir}"'}
+        run = Proc([str(BIN / "flwr"), "run", ".", "fleet", "--stream", "--run-config",
+                    " ".join(f"{k}={v}" for k, v in cfg.items())], tmp_path / "flwr-run.log", env)
+        procs.append(run)
+        metrics = run_dir / "metrics.jsonl"
+
+        def versions() -> list[dict]:
+            return [json.loads(x) for x in metrics.read_text().splitlines()] if metrics.exists() else []
+
+        ledger_b = store_b / "agent-state" / node_state.UPDATES_FILE
+        wait_for(lambda: len(versions()) >= 1 and ledger_b.exists(), 180, "a first version", procs)
+        run_id = run.text().split("Successfully started run ")[1].split()[0]
+        # kill the mic-only device hard: its SuperNode (and any ClientApp it runs), then its agent
+        sn_pid = int(b.text().rsplit("supernode started (pid ", 1)[1].split(",")[0])
+        os.killpg(sn_pid, signal.SIGKILL)
+        os.killpg(b.pid, signal.SIGKILL)
+        b.p.wait(timeout=10)
+        n_at_kill, sent_before = len(versions()), len(node_state.read_jsonl(ledger_b))
+        wait_for(lambda: len(versions()) >= n_at_kill + 1, 120, "a version while a device is down", procs)
+        t_restart = time.time()
+        b2 = agent("mic", store_b, "--modalities", "audio")
+        wait_for(lambda: run.p.poll() is not None, 300, "the run to finish", procs)
+        assert run.p.returncode == 0, run.text()[-3000:]
+
+        hist = versions()
+        assert [h["version"] for h in hist] == list(range(1, 7))
+        # the global model improves over the versions: from the initial adapters (version 0) to the last
+        from cloud.server_app import global_model
+        from common.config import load_config
+        from common.training import evaluate
+
+        with np.load(heldout) as z:
+            v0 = evaluate(global_model(load_config(overrides={"model.num_classes": CLASSES})), dict(z))
+        assert hist[-1]["accuracy"] > v0["accuracy"] and hist[-1]["accuracy"] >= 0.9, (v0, hist)
+        assert hist[-1]["loss"] < 0.5 * v0["loss"], (v0, hist)
+        # the restarted device rejoined with its registered identity and trained again
+        assert "SuperNode ID" in b2.text()
+        after = [x for x in node_state.read_jsonl(ledger_b) if x["time"] > t_restart]
+        assert after and len(node_state.read_jsonl(ledger_b)) > sent_before, b2.text()[-2000:]
+        # the camera+mic agent ingested its own sources into the store it trains from
+        assert "ingest finished" in a.text()
+        # bytes per update: reported by both devices, at the codec's ratio for deltas of these shapes
+        adapters, _ = node_state.load_arrays(store_a / "agent-state" / node_state.ADAPTERS_FILE)
+        rng = np.random.default_rng(0)
+        probe = {k: rng.standard_normal(v.shape).astype(np.float32) for k, v in adapters.items()}
+        ratio = len(codec.encode(probe, codec.CodecParams(topk_ratio=0.05))[0]) / codec.raw_nbytes(probe)
+        cam = node_state.read_jsonl(store_a / "agent-state" / node_state.UPDATES_FILE)
+        mic = node_state.read_jsonl(ledger_b)
+        for x in cam + mic:
+            assert x["raw-bytes"] == codec.raw_nbytes(adapters)
+            assert abs(x["upload-bytes"] / x["raw-bytes"] - ratio) < 0.25 * ratio, (x, ratio)
+        assert sum(h["upload_bytes"] for h in hist) > 0
+        # a mic-only device trains on audio alone; the camera+mic device on both
+        assert all(x["count-image"] == 0 and x["count-audio"] > 0 for x in mic)
+        assert all(x["count-image"] > 0 and x["count-audio"] > 0 for x in cam)
+    finally:
+        if run_id is not None and any(p.alive() for p in procs[:1]):
+            subprocess.run([str(BIN / "flwr"), "stop", run_id, "fleet"], check=False, capture_output=True,
+                           env=env, timeout=60)
+        for p in reversed(procs):
+            p.stop()
+
+
+@pytest.mark.integration
+def test_a_device_reconnects_after_the_superlink_comes_back(tmp_path):
+    """Network loss: the SuperLink dies and returns on the same address; the running agent reconnects."""
+    from tests.deploy.procs import Proc, env_with, port_open, wait_for
+
+    port = free_port()
+    env = env_with({"FLWR_HOME": str(tmp_path / "flwr")})
+
+    def superlink(n: int) -> Proc:
+        return Proc([str(BIN / "flower-superlink"), "--insecure", "--disable-runtime-dependency-installation",
+                     "--host", "127.0.0.1", "--port", str(port), "--database", str(tmp_path / "link.db")],
+                    tmp_path / f"superlink-{n}.log", env)
+
+    procs = [superlink(1)]
+    try:
+        wait_for(lambda: port_open(port), 60, "the SuperLink", procs)
+        a = Proc([str(BIN / "fedge"), "edge", "run", "--superlink", f"127.0.0.1:{port}", "--store",
+                  str(tmp_path / "store"), "--port", str(free_port())], tmp_path / "agent.log", env)
+        procs.append(a)
+        wait_for(lambda: "SuperNode ID" in a.text(), 90, "the device to connect", procs)
+        procs[0].stop()  # the link goes away...
+        wait_for(lambda: "Connection attempt failed" in a.text(), 60, "the device to notice", procs)
+        procs.append(superlink(2))  # ...and comes back
+        wait_for(lambda: "Connection successful" in a.text() or a.text().count("SuperNode ID") > 1, 120,
+                 "the device to reconnect", procs)
+        assert a.alive()
+    finally:
+        for p in reversed(procs):
+            p.stop()
