@@ -84,7 +84,6 @@ def main() -> None:
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
     try:
         url = start_shard_server(store.root, port=_free_port())
-        _wait(url)
         for name, mods in (("camera", ("image",)), ("mic", ("audio",)), ("full", ("image", "audio"))):
             cache = ShardCache(url, tmp / f"cache-{name}", public_key=pub, modalities=mods)
             runner = ShardedRunner(cache)
@@ -174,22 +173,6 @@ class TorchSession:
         with torch.inference_mode():
             out = self.module(*(torch.from_numpy(feeds[n]) for n in self.names))
         return [o.numpy() for o in (out if isinstance(out, tuple) else (out,))]
-
-
-def _wait(url: str, timeout: float = 60.0) -> None:
-    import urllib.request
-
-    deadline = time.time() + timeout
-    while True:
-        try:
-            with urllib.request.urlopen(url + "/v1/models", timeout=5) as r:
-                if r.status == 200:
-                    return
-        except OSError:
-            pass
-        if time.time() > deadline:
-            raise RuntimeError(f"shard server at {url} did not come up")
-        time.sleep(0.5)
 
 
 if __name__ == "__main__":

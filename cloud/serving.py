@@ -248,8 +248,10 @@ def start_shard_server(
     num_replicas: int = 1,
     name: str = APP_NAME,
     route_prefix: str = "/",
+    ready_timeout_s: float = 60.0,
 ) -> str:
-    """Start Serve's HTTP proxy (if it is not running yet) and deploy the ShardServer; return its base URL.
+    """Start Serve's HTTP proxy (if it is not running yet), deploy the ShardServer, wait until it answers and
+    return its base URL.
 
     Needs a running Ray (``ray.init`` or a cluster address). Serve has one HTTP proxy per cluster: when
     Serve is already running, its host, port and TLS settings stay as they are (a warning is logged).
@@ -271,7 +273,30 @@ def start_shard_server(
     serve.run(app, name=name, route_prefix=route_prefix)
     scheme = "https" if ssl_certfile else "http"
     prefix = "" if route_prefix == "/" else route_prefix
-    return f"{scheme}://{host}:{port}{prefix}"
+    url = f"{scheme}://{host}:{port}{prefix}"
+    _wait_ready(url.replace("://0.0.0.0:", "://127.0.0.1:"), timeout=ready_timeout_s)
+    return url
+
+
+def _wait_ready(url: str, *, timeout: float) -> None:
+    """Poll ``GET /v1/models`` until the proxy answers (it may lag ``serve.run`` by a moment)."""
+    import ssl
+    import time
+    import urllib.request
+
+    # a liveness probe of our own loopback proxy: the certificate is checked by clients, not here
+    ctx = ssl._create_unverified_context() if url.startswith("https") else None
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            with urllib.request.urlopen(url + "/v1/models", timeout=5, context=ctx) as r:
+                if r.status == 200:
+                    return
+        except OSError:
+            pass
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"shard server at {url} did not answer within {timeout:.0f} s")
+        time.sleep(0.3)
 
 
 def stop_shard_server(name: str = APP_NAME) -> None:
