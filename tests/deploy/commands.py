@@ -12,6 +12,7 @@ import contextlib
 import importlib
 import importlib.util
 import io
+import re
 import shlex
 import warnings
 from collections.abc import Callable, Iterator
@@ -147,8 +148,9 @@ def script_commands(script: str) -> Iterator[list[str]]:
 
     Operators ``; && || | &`` separate commands; ``exec`` and leading ``VAR=value`` assignments are dropped;
     redirections (``> file``) end a command's arguments; commands that are shell built-ins or coreutils are
-    skipped, as are words that are variables (``$X``, ``${X/..}``).
+    skipped, as are words that are variables (``$X``, ``${X/..}``); ``$(...)`` counts as one word.
     """
+    script = re.sub(r"\$\([^()]*\)", "command-substitution", script)  # $(...) is one word to the outer command
     lex = shlex.shlex(script, posix=True, punctuation_chars=";&|<>")
     lex.whitespace_split = True
     cur: list[str] = []

@@ -160,3 +160,22 @@ def test_edge_image_has_no_ray_and_no_cloud_code():
     assert not any(d.startswith("ray") for d in extras)
     assert "TARGETARCH" in text and "arm64" in text  # multi-arch: CPU torch per architecture
     assert _entrypoint("edge.Dockerfile") == ["fedge"]
+
+
+def test_entry_points_the_images_and_manifests_rely_on_exist():
+    """The console script every container runs, and the Flower app components `flwr run` packs from the image."""
+    from flwr.clientapp import ClientApp
+    from flwr.serverapp import ServerApp
+
+    from .commands import import_path_resolves
+
+    meta = tomllib.loads((ROOT / "pyproject.toml").read_text())
+    assert meta["project"]["scripts"]["fedge"] == "common.cli:main"
+    assert callable(import_path_resolves("common.cli:main"))
+    comps = meta["tool"]["flwr"]["app"]["components"]
+    assert comps == {"serverapp": "cloud.server_app:app", "clientapp": "edge.client_app:app"}
+    assert isinstance(import_path_resolves(comps["serverapp"]), ServerApp)
+    assert isinstance(import_path_resolves(comps["clientapp"]), ClientApp)
+    cloud_copies = " ".join(rest for ins, rest in _dockerfile("cloud.Dockerfile") if ins == "COPY")
+    for pkg in ("common", "edge", "cloud"):  # the app `flwr run` builds in the image holds both components
+        assert f" {pkg} ./{pkg}" in cloud_copies, pkg

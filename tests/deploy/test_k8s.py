@@ -8,6 +8,7 @@ Every command a container runs is parsed by the real program's parser.
 
 from __future__ import annotations
 
+import inspect
 import shutil
 import subprocess
 import tomllib
@@ -21,7 +22,8 @@ from ray.autoscaler._private.kuberay.autoscaling_config import _derive_autoscali
 from ray.serve.schema import ServeDeploySchema
 
 from cloud.certs import server_sans
-from common.config import load_config
+from cloud.state import RAY_ADDRESS_ENV
+from common.config import config_from_context, load_config
 
 from .commands import check_container, check_script, import_path_resolves
 from .guide import guide_env, run_step
@@ -170,7 +172,9 @@ def test_ports_agree_between_superlink_its_service_and_its_clients(rendered):
     head = by[("RayCluster", "fedge-aggregator")]["spec"]["headGroupSpec"]["template"]["spec"]["containers"][0]
     assert f"--runtime-api-address=fedge-superlink:{SUPERLINK_PORT}" in head["args"][0]
     env = {e["name"]: e["value"] for e in head["env"]}
-    assert env["FEDGE_RAY_ADDRESS"] == "auto"  # cloud/state.py joins the head's Ray
+    assert env[RAY_ADDRESS_ENV] == "auto"  # cloud/state.py joins the head's Ray
+    assert env["FEDGE_RUN_CONFIG"] == "/etc/fedge/fedge.toml"
+    assert '"FEDGE_RUN_CONFIG"' in inspect.getsource(config_from_context)  # the variable the ServerApp reads
     submit = by[("Job", "fedge-submit-run")]["spec"]["template"]["spec"]["containers"][0]["args"][0]
     assert f'address = \\"fedge-superlink:{SUPERLINK_PORT}\\"' in submit or \
         f'address = "fedge-superlink:{SUPERLINK_PORT}"' in submit
