@@ -46,7 +46,7 @@ def image_split(seed: int, test_fraction: float = 0.25) -> tuple[np.ndarray, np.
     train, test = [], []
     for c in range(NUM_CLASSES):
         idx = rng.permutation(np.flatnonzero(y == c))
-        k = int(round(len(idx) * test_fraction))
+        k = round(len(idx) * test_fraction)
         test.append(idx[:k])
         train.append(idx[k:])
     return np.sort(np.concatenate(train)), np.sort(np.concatenate(test))
@@ -192,7 +192,7 @@ def render_shot(image: np.ndarray, frames: int, *, size: int, noise: float,
 def augment_clip(clip: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     """A new take of an utterance: speed +-8% (resampled), gain 0.5-1.0."""
     factor = rng.uniform(0.92, 1.08)
-    x = resample(clip, max(8, int(round(len(clip) / factor)))).astype(np.float32)
+    x = resample(clip, max(8, round(len(clip) / factor))).astype(np.float32)
     return x * rng.uniform(0.5, 1.0)
 
 
@@ -205,7 +205,7 @@ def render_track(takes: list[list[np.ndarray]], *, rate: int, shot_s: float, snr
     audio window around a keyframe of the shot hears that shot's digit. Noise is white at ``snr_db`` below
     the mean speech power. Returns float32 mono samples in [-1, 1], ``len(takes) * shot_s`` seconds long.
     """
-    shot = int(round(shot_s * rate))
+    shot = round(shot_s * rate)
     y = np.zeros(shot * len(takes), dtype=np.float32)
     power = []
     for i, shot_takes in enumerate(takes):
@@ -269,7 +269,7 @@ def render_device(plan: DevicePlan, out_dir: Path, *, fps: float, shot_s: float,
     imgs, _ = digit_images()
     _, rate, clips = speech_clips()
     rng = np.random.default_rng(plan.seed)
-    frames_per_shot = max(2, int(round(shot_s * fps)))
+    frames_per_shot = max(2, round(shot_s * fps))
     streams = []
     for label in sorted(set(plan.labels.tolist())):
         rows = np.flatnonzero(plan.labels == label)

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
-from typing import Any, Optional
+from typing import Annotated, Any
 
 import click
 import typer
@@ -45,16 +45,16 @@ def _load(scenario: Path, sets: list[str]):  # type: ignore[no-untyped-def]
 
 @app.command("run")
 def run_cmd(
-    scenario: Path = typer.Argument(DEFAULT_SCENARIO, help="Scenario TOML (simulations/scenarios/*.toml)."),
-    out: Optional[Path] = typer.Option(None, "--out", help="Run directory (default runs/<scenario>-<time>)."),
-    set_: list[str] = typer.Option([], "--set", help="Override a config key, e.g. --set aggregation.versions=5"),
-    nodes: Optional[int] = typer.Option(None, "--nodes", help="Number of virtual devices (= simulation.devices)."),
-    quiet: bool = typer.Option(False, "--quiet", help="No progress bars."),
+    scenario: Annotated[Path, typer.Argument(help="Scenario TOML (simulations/scenarios/*.toml).")] = DEFAULT_SCENARIO,
+    out: Annotated[Path | None, typer.Option("--out", help="Run directory (default runs/<scenario>-<time>).")] = None,
+    set_: Annotated[list[str] | None, typer.Option("--set", help="Override a config key, e.g. --set aggregation.versions=5")] = None,
+    nodes: Annotated[int | None, typer.Option("--nodes", help="Number of virtual devices (= simulation.devices).")] = None,
+    quiet: Annotated[bool, typer.Option("--quiet", help="No progress bars.")] = False,
 ) -> None:
     """Run a scenario: render device streams, ingest them into stores, train federated, write the report."""
     from .runner import run
 
-    cfg = _load(scenario, list(set_) + ([f"simulation.devices={nodes}"] if nodes else []))
+    cfg = _load(scenario, list(set_ or []) + ([f"simulation.devices={nodes}"] if nodes else []))
     out = out or Path("runs") / f"{scenario.stem}-{time.strftime('%Y%m%d-%H%M%S')}"
     run_dir = run(cfg, out_dir=out, progress=not quiet)
     typer.echo(f"run directory: {run_dir}")
@@ -63,22 +63,22 @@ def run_cmd(
 
 @app.command("compare")
 def compare_cmd(
-    a: Path = typer.Argument(..., help="Scenario A (TOML)."),
-    b: Path = typer.Argument(..., help="Scenario B (TOML); may be A again with --set-b overrides."),
-    out: Optional[Path] = typer.Option(None, "--out", help="Output directory (default runs/compare-<time>)."),
-    set_: list[str] = typer.Option([], "--set", help="Override a key in both A and B."),
-    set_a: list[str] = typer.Option([], "--set-a", help="Override a key in A only."),
-    set_b: list[str] = typer.Option([], "--set-b", help="Override a key in B only."),
-    quiet: bool = typer.Option(False, "--quiet", help="No progress bars."),
+    a: Annotated[Path, typer.Argument(help="Scenario A (TOML).")],
+    b: Annotated[Path, typer.Argument(help="Scenario B (TOML); may be A again with --set-b overrides.")],
+    out: Annotated[Path | None, typer.Option("--out", help="Output directory (default runs/compare-<time>).")] = None,
+    set_: Annotated[list[str] | None, typer.Option("--set", help="Override a key in both A and B.")] = None,
+    set_a: Annotated[list[str] | None, typer.Option("--set-a", help="Override a key in A only.")] = None,
+    set_b: Annotated[list[str] | None, typer.Option("--set-b", help="Override a key in B only.")] = None,
+    quiet: Annotated[bool, typer.Option("--quiet", help="No progress bars.")] = False,
 ) -> None:
     """Run A and B on the same devices and data; plot both in one figure (e.g. async vs sync)."""
     from .compare import CompareError, compare
 
-    cfg_a = _load(a, list(set_) + list(set_a))
-    cfg_b = _load(b, list(set_) + list(set_b))
+    cfg_a = _load(a, list(set_ or []) + list(set_a or []))
+    cfg_b = _load(b, list(set_ or []) + list(set_b or []))
     out = out or Path("runs") / f"compare-{time.strftime('%Y%m%d-%H%M%S')}"
     try:
-        path = compare(cfg_a, cfg_b, out_dir=out, names=(_name(a, set_a), _name(b, set_b)), progress=not quiet)
+        path = compare(cfg_a, cfg_b, out_dir=out, names=(_name(a, set_a or []), _name(b, set_b or [])), progress=not quiet)
     except CompareError as e:
         typer.echo(f"fedge simulate compare: {e}", err=True)
         raise typer.Exit(2) from None
@@ -91,25 +91,25 @@ def _name(path: Path, sets: list[str]) -> str:
 
 @app.command("flower-baseline", hidden=True)
 def flower_baseline_cmd(
-    scenario: Path = typer.Argument(..., help="Scenario TOML."),
-    out: Path = typer.Option(..., "--out", help="Run directory."),
-    set_: list[str] = typer.Option([], "--set", help="Override a config key."),
-    quiet: bool = typer.Option(False, "--quiet", help="No progress bars."),
+    scenario: Annotated[Path, typer.Argument(help="Scenario TOML.")],
+    out: Annotated[Path, typer.Option("--out", help="Run directory.")],
+    set_: Annotated[list[str] | None, typer.Option("--set", help="Override a config key.")] = None,
+    quiet: Annotated[bool, typer.Option("--quiet", help="No progress bars.")] = False,
 ) -> None:
     """Benchmark peer: the scenario's devices and data under plain Flower FedAvg (no fedge server or codec)."""
     from . import flower_baseline as fb
     from .runner import run
 
-    cfg = _load(scenario, list(set_))
+    cfg = _load(scenario, list(set_ or []))
     run_dir = run(cfg, out_dir=out, progress=not quiet, report=False, apps=(fb.server_app, fb.client_app))
     typer.echo(f"run directory: {run_dir}")
 
 
 @app.command("prepare")
 def prepare_cmd(
-    scenario: Path = typer.Argument(..., help="Scenario TOML."),
-    out: Path = typer.Option(..., "--out", help="Run directory for `flwr run` (gets config.toml)."),
-    set_: list[str] = typer.Option([], "--set", help="Override a config key."),
+    scenario: Annotated[Path, typer.Argument(help="Scenario TOML.")],
+    out: Annotated[Path, typer.Option("--out", help="Run directory for `flwr run` (gets config.toml).")],
+    set_: Annotated[list[str] | None, typer.Option("--set", help="Override a config key.")] = None,
 ) -> None:
     """Render and ingest a scenario's data, write its resolved config.toml for `flwr run . FED --run-config`."""
     import dataclasses
@@ -117,7 +117,7 @@ def prepare_cmd(
     from .prepare import prepare
     from .runner import default_cache
 
-    cfg = prepare(_load(scenario, list(set_)), default_cache())
+    cfg = prepare(_load(scenario, list(set_ or [])), default_cache())
     run_dir = out.resolve()
     path = dataclasses.replace(cfg, run_dir=str(run_dir)).save(run_dir)
     typer.echo(f"config: {path}")

@@ -84,7 +84,7 @@ def _prepare_synthetic(cfg: FedgeConfig, out: Path) -> dict[str, Any]:
     arrays = make_av_dataset(cfg.data.eval_samples, seed=cfg.seed * 100_003 + 99_991, num_classes=m.num_classes,
                              image_size=m.image_size, n_mels=m.n_mels, frames=m.audio_frames)
     np.savez(out / EVAL_NAME, **arrays)
-    return {"eval_samples": int(len(arrays["label"]))}
+    return {"eval_samples": len(arrays["label"])}
 
 
 def _render_and_ingest(job: tuple[avdigits.DevicePlan, str, str, dict[str, Any], dict[str, Any]]) -> dict[str, Any]:
@@ -93,7 +93,7 @@ def _render_and_ingest(job: tuple[avdigits.DevicePlan, str, str, dict[str, Any],
 
     plan, media, store, render_kw, ingest_kw = job
     streams = avdigits.render_device(plan, Path(media), **render_kw)
-    totals: dict[str, Any] = {"device": plan.pid, "streams": len(streams), "shots": int(len(plan.labels))}
+    totals: dict[str, Any] = {"device": plan.pid, "streams": len(streams), "shots": len(plan.labels)}
     split = "test" if plan.pid < 0 else "train"  # the held-out 'device' has pid -1
     for s in streams:
         counts = stores.ingest_stream(video=s.video, audio=s.audio, store=Path(store), label=s.label,
@@ -144,5 +144,5 @@ def _prepare_avdigits(cfg: FedgeConfig, out: Path, *, workers: int, progress: bo
         for k, v in r.items():
             if k != "device" and isinstance(v, (int, float)):
                 totals[k] = totals.get(k, 0) + v
-    return {"devices": len(plans), "eval_samples": int(len(arrays["label"])), "ingest": totals,
+    return {"devices": len(plans), "eval_samples": len(arrays["label"]), "ingest": totals,
             "per_device": results[:-1]}

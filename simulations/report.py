@@ -11,12 +11,13 @@ what it could not show instead of inventing it.
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 
-from .evaluation import ADAPTERS, load_arrays, model_with, modality_accuracy
+from .evaluation import ADAPTERS, load_arrays, modality_accuracy, model_with
 
 REPORT = "report.md"
 
@@ -189,12 +190,12 @@ def write_report(run_dir: str | Path) -> Path:
     wall = (out / "wall_seconds.txt").read_text().strip() if (out / "wall_seconds.txt").is_file() else "?"
     lines += [
         "| | |", "|---|---|",
-        f"| devices | {cfg.get('simulation.devices', '?')} ({cfg.get('simulation.dataset', '?')}, "
-        f"partition {cfg.get('data.partition', '?')}) |",
-        f"| aggregation | {cfg.get('aggregation.mode', '?')} (K={cfg.get('aggregation.buffer_size', '?')}, "
-        f"C={cfg.get('aggregation.concurrency', '?')}, staleness {cfg.get('aggregation.staleness', '?')}) |",
-        f"| compression | {cfg.get('communication.compression', '?')} "
-        f"(top-k {cfg.get('communication.topk_ratio', '?')}, {cfg.get('communication.quant_bits', '?')} bit) |",
+        (f"| devices | {cfg.get('simulation.devices', '?')} ({cfg.get('simulation.dataset', '?')}, "
+         f"partition {cfg.get('data.partition', '?')}) |"),
+        (f"| aggregation | {cfg.get('aggregation.mode', '?')} (K={cfg.get('aggregation.buffer_size', '?')}, "
+         f"C={cfg.get('aggregation.concurrency', '?')}, staleness {cfg.get('aggregation.staleness', '?')}) |"),
+        (f"| compression | {cfg.get('communication.compression', '?')} "
+         f"(top-k {cfg.get('communication.topk_ratio', '?')}, {cfg.get('communication.quant_bits', '?')} bit) |"),
         f"| global versions | {len(records)} |",
         f"| final accuracy | {s['accuracy'][-1]:.4f} (best {np.nanmax(s['accuracy']):.4f}) |",
         "| virtual time | " + (f"{s['time'][-1]:.1f} s" if has_time else "not reported by the server") + " |",
@@ -224,7 +225,7 @@ def write_report(run_dir: str | Path) -> Path:
     rej = rejections(records)
     lines += ["", "## Rejected updates", ""]
     if rej:
-        lines += [f"![rejected]({_bar({k: float(v) for k, v in rej.items()}, out, 'rejected.png', title='rejected updates', ylabel='updates')})",  # noqa: E501
+        lines += [f"![rejected]({_bar({k: float(v) for k, v in rej.items()}, out, 'rejected.png', title='rejected updates', ylabel='updates')})",
                   "", ", ".join(f"{k}: {v}" for k, v in rej.items()) + f" (total {sum(rej.values())})."]
     else:
         lines.append("None reported.")
@@ -234,12 +235,11 @@ def write_report(run_dir: str | Path) -> Path:
     if not per_mod:
         per_mod = {k[4:]: float(v) for k, v in records[-1].items() if k.startswith("acc-")}
     if per_mod:
-        lines += [f"![per-modality]({_bar(per_mod, out, 'per_modality.png', title='final model, per modality', ylabel='accuracy')})",  # noqa: E501
+        lines += [f"![per-modality]({_bar(per_mod, out, 'per_modality.png', title='final model, per modality', ylabel='accuracy')})",
                   "", "| inputs | accuracy |", "|---|---|"] + [f"| {k} | {v:.4f} |" for k, v in per_mod.items()]
         (out / "per_modality.json").write_text(json.dumps(per_mod, indent=1))
     else:
         lines.append("Not available (the server saved no final adapters).")
-    lines += ["", "Files: `config.toml` (resolved config), `metrics.jsonl`, `tb/` (TensorBoard: "
-              "`tensorboard --logdir tb`)."]
+    lines += ["", "Files: `config.toml` (resolved config), `metrics.jsonl`, `tb/` (TensorBoard: `tensorboard --logdir tb`)."]
     (out / REPORT).write_text("\n".join(lines) + "\n")
     return out / REPORT
