@@ -161,7 +161,9 @@ def iter_render(
         frames = list(_shot_frames(shot, size, rng))
         if k > 0:
             kind, length = joins[k - 1]
-            length = 0 if kind == "cut" else max(2, min(length, len(tail), len(frames)))
+            length = 0 if kind == "cut" else min(length, len(tail), len(frames))
+            if length < 2:  # a neighbouring shot too short to overlap: it becomes a hard cut
+                kind, length = "cut", 0
             keep = len(tail) - length
             for f in tail[:keep]:
                 yield _u8(f)

@@ -91,7 +91,7 @@ GRADUAL_MIN = 0.35  # struct distance between the ends of a gradual transition (
 BLEND_MAX_RESIDUAL = 0.25  # unexplained fraction of the middle frame's block variance
 BLEND_SHARE = (0.15, 0.85)  # the middle frame must hold a real share of both ends
 BLEND_MAX_GAIN = 0.5  # both ends must explain at least half of what the better end alone leaves
-COMPOSITE_MIN = 0.7  # a wipe frame: this fraction of the differing blocks match one end or the other
+COMPOSITE_MIN = 0.6  # a wipe frame: this fraction of the differing blocks match one end or the other
 
 
 @dataclass(frozen=True)
@@ -280,14 +280,38 @@ def composite_fit(a: np.ndarray, m: np.ndarray, b: np.ndarray) -> tuple[float, f
     dam = _block_means(cv2.absdiff(a, m))
     dbm = _block_means(cv2.absdiff(b, m))
     informative = dab > 0.5  # blocks whose ends differ by half a standard deviation per pixel
-    if informative.sum() < 4:
+    if informative.sum() < max(4, dab.size // 2):
+        # two shots differ almost everywhere; ends that differ only here and there (stars passing by in a
+        # pan over a night sky) would let any middle frame look like a patchwork
         return 0.0, 0.5
     near_a = (dam < 0.5 * dab) & informative
     near_b = (dbm < 0.5 * dab) & informative
     n = float(informative.sum())
-    explained = float((near_a | near_b).sum()) / n
+    explained = float((near_a | near_b).sum()) / n * _separability(near_a, near_b)
     share = float(near_b.sum()) / max(1.0, float((near_a | near_b).sum()))
     return explained, share
+
+
+def _separability(near_a: np.ndarray, near_b: np.ndarray) -> float:
+    """Best fraction of labelled blocks that one horizontal or vertical line splits into a-side and b-side.
+
+    A wipe (or a growing split screen) moves one edge across the frame; blocks that happen to match one end
+    or the other all over the frame (sparse detail) do not line up on two sides of an edge.
+    """
+    best = 0.0
+    labelled = near_a ^ near_b
+    near_a, near_b = near_a & labelled, near_b & labelled
+    total = float(labelled.sum())
+    if total == 0:
+        return 0.0
+    for axis in (0, 1):
+        ca = near_a.sum(axis=1 - axis) * 1.0  # labelled-a blocks per row (axis 0) or column (axis 1)
+        cb = near_b.sum(axis=1 - axis) * 1.0
+        for first, second in ((ca, cb), (cb, ca)):
+            # split after position t: `first` should be before, `second` after
+            good = np.cumsum(first) + (second.sum() - np.cumsum(second))
+            best = max(best, float(good.max()) / total)
+    return min(1.0, best)
 
 
 def is_composite(fit: tuple[float, float]) -> bool:
@@ -354,6 +378,12 @@ def blend_fit(a: np.ndarray, m: np.ndarray, b: np.ndarray, block: int = 8, scale
     pa, pb = np.clip(alpha, 0, None) / scale_a, np.clip(beta, 0, None) / scale_b
     share = float(np.mean(pb / np.maximum(pa + pb, 1e-9)))
     return residual, share, min(1.0, gain)
+
+
+def _small_median(v: list[float]) -> float:
+    v = sorted(v)
+    n = len(v)
+    return v[n // 2] if n % 2 else 0.5 * (v[n // 2 - 1] + v[n // 2])
 
 
 @dataclass
@@ -487,8 +517,16 @@ class ShotDetector:
         return s is not None and s.step is not None and s.step.struct < CUT_MIN["struct"]
 
     def _motion(self, rng: range) -> np.ndarray | None:
-        ss = [v for k in rng if (v := self._shift(k)) is not None and self._steady(k)]
-        return np.median(np.stack(ss), axis=0) if ss else None
+        """Median translation over the steady steps in ``rng`` (a few steps: plain Python is faster)."""
+        xs, ys = [], []
+        for k in rng:
+            s = self._get(k)
+            if s is not None and s.step is not None and s.step.struct < CUT_MIN["struct"]:
+                xs.append(s.step.dx)
+                ys.append(s.step.dy)
+        if not xs:
+            return None
+        return np.array([_small_median(xs), _small_median(ys)])
 
     def _jump(self, i: int) -> float:
         """How much the translation at step i departs from the motion both before and after it."""
@@ -645,6 +683,9 @@ class ShotDetector:
         s = self._get(i)
         if s is None or s.step is None or i < 1:
             return
+        cues = self._cues(i)
+        if all(v < CUT_MIN[c] for c, v in cues.items()) and self.trace is None:
+            return  # below every floor: cannot be a cut, skip the baseline (most steps end here)
         base = self._baseline(i)
         recent: dict[str, float] = {}
         for k in range(max(self._shot_start(i - 1) + 1, i - 2), i):
@@ -652,7 +693,7 @@ class ShotDetector:
             if sk is not None and sk.step is not None:
                 for c, v in self._cues(k).items():
                     recent[c] = max(recent.get(c, 0.0), v)
-        z = self._fires(self._cues(i), base, recent)
+        z = self._fires(cues, base, recent)
         if self.trace is not None:
             self.trace.append((s.frame, {c: round(v, 3) for c, v in self._cues(i).items()},
                                [{c: (round(m, 3), round(sp, 3)) for c, (m, sp) in side.items()} for side in base], z))
@@ -662,6 +703,16 @@ class ShotDetector:
             frame = prev.frame + (s.frame - prev.frame + 1) // 2
             self._cuts.append(i)
             self._ready.append((i, Boundary(frame=frame, kind="cut", score=round(float(z), 3))))
+
+    def _travel(self, a: int, b: int) -> float:
+        """Distance the view moved between samples a and b (sum of step translations, in frame widths)."""
+        x = y = 0.0
+        for k in range(a + 1, b + 1):
+            s = self._get(k)
+            if s is not None and s.step is not None and s.step.response > 0.2 and s.step.struct < CUT_MIN["struct"]:
+                x += s.step.dx  # only translations that explain their step (not a transition's noise)
+                y += s.step.dy
+        return float(np.hypot(x, y))
 
     def _struct(self, a: int, b: int) -> float | None:
         fa, fb = self._get(a), self._get(b)
@@ -682,6 +733,8 @@ class ShotDetector:
                 spans = []
         for h in spans:
             a, m = b - 2 * h, b - h
+            if self._travel(a, b) > 0.25:
+                break  # the camera moved too far to tell a transition from motion (wider spans: further)
             fit = self._blend(a, m, b)
             if fit is None:
                 continue
@@ -690,16 +743,17 @@ class ShotDetector:
                 continue
             residual, share, _ = fit
             # The change must be confined to [a, b]: the same span before a and after b changes much less.
-            # A zoom or a steady camera move changes every window alike; a transition joins two calmer shots.
+            # A zoom or a steady camera move changes every window alike; a transition joins calmer shots.
             outside = [self._struct(x, y) for x, y in ((a - 2 * h, a), (b, b + 2 * h))
                        if not self._cut_between(x, y) and x >= 0 and y < self._n]
             known = [o for o in outside if o is not None]
             out_d = max(known, default=0.0)
+            calm = min(known, default=0.0)
             if self.trace is not None:
                 self.trace.append(("g", self._get(a).frame, self._get(m).frame, fb.frame,  # type: ignore[union-attr]
                                    round(d, 3), round(residual, 3), round(share, 3), round(out_d, 3)))
-            if d < 2.0 * out_d:
-                continue
+            if d < 2.0 * calm or d < 1.25 * out_d:
+                continue  # at least one side much calmer (a shaky shot may end in a still one), none as busy
             if not known and d < 2 * GRADUAL_MIN:
                 continue  # nothing around to compare with (cuts or the stream's ends): ask for more change
             if self._group and m - min(g[2] for g in self._group) > 2 * self._H:
@@ -715,8 +769,8 @@ class ShotDetector:
         best = min(group)
         lo, hi = min(g[3] for g in group), max(g[4] for g in group)
         self._grad_block = max(self._grad_block, hi)
-        if any(lo <= c <= hi for c in self._cuts):
-            return  # a cut inside the same transition was already reported
+        if any(lo < c <= hi or abs(c - best[2]) <= 2 for c in self._cuts):
+            return  # a cut inside (or right next to) the same transition was already reported
         m = self._get(best[2])
         if m is not None:
             self._ready.append((best[2], Boundary(frame=m.frame, kind="gradual", score=round(float(best[5]), 3))))
