@@ -63,10 +63,12 @@ def _port_busy(host: str, port: int) -> bool:
         return s.connect_ex((host, port)) == 0
 
 
-def wait_port(host: str, port: int, timeout_s: float) -> None:
-    """Block until ``host:port`` accepts TCP connections."""
+def wait_port(host: str, port: int, timeout_s: float, proc: subprocess.Popen[bytes] | None = None) -> None:
+    """Block until ``host:port`` accepts TCP connections (fail at once if ``proc`` exits meanwhile)."""
     t0 = time.monotonic()
     while time.monotonic() - t0 < timeout_s:
+        if proc is not None and proc.poll() is not None:
+            raise RuntimeError(f"the process meant to listen on {host}:{port} exited with code {proc.returncode}")
         with socket.socket() as s:
             s.settimeout(0.5)
             if s.connect_ex((host, port)) == 0:
@@ -113,7 +115,9 @@ def start(cfg: FedgeConfig, o: LaunchOptions, *, echo=print) -> int:  # type: ig
     o.run_dir.mkdir(parents=True, exist_ok=True)
     cfg = replace(cfg, run_dir=str(o.run_dir))
     cfg_path = cfg.save(o.run_dir)
-    env = {**os.environ, "FEDGE_RUN_CONFIG": str(cfg_path), "RAY_USAGE_STATS_ENABLED": "0"}
+    env = {**os.environ, "FEDGE_RUN_CONFIG": str(cfg_path), "RAY_USAGE_STATS_ENABLED": "0",
+           # the SuperLink starts flower-superexec / flwr-serverapp by name: this environment's first
+           "PATH": os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")])}
     home = o.run_dir / ".flwr"
     home.mkdir(exist_ok=True)
     (home / "config.toml").write_text(federation_toml(o))
@@ -149,7 +153,10 @@ def start(cfg: FedgeConfig, o: LaunchOptions, *, echo=print) -> int:  # type: ig
             link = subprocess.Popen(superlink_command(o), env=env, stdout=link_log, stderr=subprocess.STDOUT)
         procs.append(link)
         (o.run_dir / PIDS_FILE).write_text(json.dumps({"launcher": os.getpid(), "superlink": link.pid}))
-        wait_port(o.host, o.port, 60.0)
+        try:
+            wait_port(o.host, o.port, 60.0, link)
+        except (RuntimeError, TimeoutError) as e:
+            raise RuntimeError(f"SuperLink did not start ({e}); see {o.run_dir / 'superlink.log'}") from None
         echo(f"[fedge] SuperLink on {o.host}:{o.port} ({'TLS' if o.ssl_certfile else 'insecure'}), "
              f"run dir {o.run_dir}")
         for key in o.auth_public_keys:
@@ -167,10 +174,56 @@ def start(cfg: FedgeConfig, o: LaunchOptions, *, echo=print) -> int:  # type: ig
         echo("[fedge] stopping: the ServerApp checkpoints, then SuperLink and Ray stop")
     finally:
         signal.signal(signal.SIGTERM, prev)
+        if interrupted:  # the ServerApp first, while Ray still runs: it checkpoints on SIGTERM
+            _stop_serverapps(o.host, o.port)
         _stop(procs, graceful=interrupted)
         if ray.is_initialized():
             ray.shutdown()
     return code
+
+
+def serverapp_pids(host: str, port: int) -> list[int]:
+    """PIDs of the ``flwr-serverapp`` processes attached to the SuperLink at ``host:port`` (Linux ``/proc``).
+
+    Flower's SuperExec starts them in sessions of their own, and the SuperLink does not stop them when it
+    stops, so the launcher finds them by their ``--runtime-api-address``.
+    """
+    out: list[int] = []
+    proc = Path("/proc")
+    if not proc.is_dir():
+        return out
+    for d in proc.iterdir():
+        if not d.name.isdigit():
+            continue
+        try:
+            argv = (d / "cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        text = [a.decode(errors="replace") for a in argv]
+        if any(a.endswith("flwr-serverapp") for a in text[:2]) and f"{host}:{port}" in text:
+            out.append(int(d.name))
+    return out
+
+
+def _stop_serverapps(host: str, port: int, timeout_s: float = 30.0) -> None:
+    """SIGTERM the run's ServerApp processes and give them ``timeout_s`` to checkpoint and exit."""
+    pids = serverapp_pids(host, port)
+    for pid in pids:
+        try:
+            os.kill(pid, signal.SIGTERM)
+        except ProcessLookupError:
+            pass
+    t0 = time.monotonic()
+    while pids and time.monotonic() - t0 < timeout_s:
+        pids = [p for p in pids if Path(f"/proc/{p}").exists() and not _zombie(p)]
+        time.sleep(0.2)
+
+
+def _zombie(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z"
+    except OSError:
+        return False
 
 
 def _stop(procs: list[subprocess.Popen[bytes]], *, graceful: bool) -> None:

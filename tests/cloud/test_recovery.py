@@ -116,3 +116,33 @@ def test_kill_9_server_mid_run_then_restart_resumes_from_checkpoint(tmp_path):
                     os.killpg(p.pid, signal.SIGKILL)
         for pid in _serverapps(port):
             os.kill(pid, signal.SIGKILL)
+
+
+def test_launcher_builds_superlink_and_federation_for_tls_and_insecure(tmp_path):
+    from cloud.launcher import LaunchOptions, federation_toml, superlink_command
+
+    o = LaunchOptions(run_dir=tmp_path, port=9555)
+    cmd = superlink_command(o)
+    assert "--insecure" in cmd and "--disable-runtime-dependency-installation" in cmd
+    assert cmd[cmd.index("--port") + 1] == "9555" and cmd[cmd.index("--host") + 1] == "127.0.0.1"
+    assert 'insecure = true' in federation_toml(o)
+    files = []
+    for n in ("ca.crt", "s.crt", "s.key", "n.pub"):
+        (tmp_path / n).write_text("x")
+        files.append(tmp_path / n)
+    o = LaunchOptions(run_dir=tmp_path, ssl_ca_certfile=files[0], ssl_certfile=files[1], ssl_keyfile=files[2],
+                      auth_public_keys=[files[3]])
+    cmd = superlink_command(o)
+    assert "--insecure" not in cmd and "--enable-supernode-auth" in cmd
+    assert f'root-certificates = "{files[0]}"' in federation_toml(o)
+
+
+@pytest.mark.parametrize("args, msg", [
+    (["--ssl-certfile", "x.crt"], "TLS needs"),
+    (["--auth-public-key", "n.pub"], "needs TLS"),
+    (["--set", "aggregation.bogus=1"], "aggregation.bogus"),
+])
+def test_cloud_start_refuses_bad_options_with_one_line(tmp_path, args, msg):
+    r = subprocess.run([sys.executable, "-m", "common.cli", "cloud", "start", "--run-dir", str(tmp_path), *args],
+                       cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2 and msg in r.stderr, r.stderr[-500:]
