@@ -24,6 +24,8 @@ from pathlib import Path
 import numpy as np
 from scipy.signal import resample_poly
 
+from simulations.avdigits import write_wav
+
 WORDS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
 RATE = 16_000
 # (name, espeak-ng voice[+variant], pitch 0-99, speed words/min): ten clearly different speakers
@@ -61,17 +63,6 @@ def synthesize(word: str, voice: str, pitch: int, speed: int) -> np.ndarray:
     return (0.9 * x / max(float(np.abs(x).max()), 1e-6)).astype(np.float32)
 
 
-def write_wav(path: Path, x: np.ndarray, rate: int = RATE) -> None:
-    """Write float samples in [-1, 1] as 16-bit PCM mono."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    pcm = np.clip(np.round(x * 32767.0), -32768, 32767).astype("<i2")
-    with wave.open(str(path), "wb") as w:
-        w.setnchannels(1)
-        w.setsampwidth(2)
-        w.setframerate(rate)
-        w.writeframes(pcm.tobytes())
-
-
 def main() -> None:
     """Regenerate the speech assets."""
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -84,7 +75,8 @@ def main() -> None:
     meta = []
     for name, voice, pitch, speed in SPEAKERS:
         for digit, word in enumerate(WORDS):
-            write_wav(args.out / name / f"{digit}.wav", synthesize(word, voice, pitch, speed))
+            (args.out / name).mkdir(parents=True, exist_ok=True)
+            write_wav(args.out / name / f"{digit}.wav", synthesize(word, voice, pitch, speed), RATE)
         meta.append({"speaker": name, "voice": voice, "pitch": pitch, "speed_wpm": speed})
     (args.out / "speakers.json").write_text(json.dumps({"rate": RATE, "words": WORDS, "speakers": meta}, indent=1))
     total = sum(p.stat().st_size for p in args.out.rglob("*.wav"))
