@@ -3,7 +3,8 @@
 Two supervised child processes, each in its own process group:
 
 * **ingest** — ``fedge edge ingest`` from the device's camera / microphone sources into the store; restarted
-  with backoff when it fails, left alone when it finishes a finite source;
+  with backoff when it fails, and when a live source (camera index, device, URL) ends; a recorded file that
+  has been read to its end is done;
 * **supernode** — ``flower-supernode`` with this package's ClientApp against the SuperLink; node config
   ``device-id``, ``store``, ``modalities``, ``profile``, ``threads`` (see :mod:`edge.node_config`). The SuperNode
   itself retries a lost connection (unlimited by default); should it exit anyway, the agent restarts it with
@@ -236,8 +237,11 @@ def build_agent(*, superlink: str, store: Path, video: str | None = None, audio:
     children = [Child("supernode", supernode_command(superlink=superlink, node=node, port=port,
                                                      root_certificates=root_certificates, auth_key=key), env)]
     if video or audio:
+        # recorded files end and are done; a live source (camera index, device, URL) is reopened when it ends
+        files = all(Path(s).is_file() for s in (video, audio) if s)
         children.insert(0, Child("ingest", ingest_command(store=store, video=video, audio=audio,
-                                                          extra=ingest_args), env, restart="on-failure"))
+                                                          extra=ingest_args), env,
+                                 restart="on-failure" if files else "always"))
     return Agent(children, grace_s=grace_s)
 
 

@@ -124,6 +124,10 @@ def test_modalities_default_to_the_sources_given(tmp_path):
     assert [c.name for c in a.children] == ["ingest", "supernode"]
     ing = a.children[0].argv
     assert ing[ing.index("--audio") + 1] == "mic.wav" and "--video" not in ing
+    assert a.children[0].restart == "always"  # not a file here: a live source is reopened when it ends
+    (tmp_path / "rec.wav").write_bytes(b"RIFF")
+    rec = build_agent(superlink="h:1", store=tmp_path / "s", audio=str(tmp_path / "rec.wav"))
+    assert rec.children[0].restart == "on-failure"  # a recording, once read to its end, is done
 
 
 def test_sigterm_stops_the_agent_and_its_supernode(tmp_path):
