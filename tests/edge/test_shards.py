@@ -212,3 +212,27 @@ def test_corrupted_cache_file_is_fetched_again(shard_server, tmp_path):
     fresh = _cache(shard_server, tmp_path, ("audio",))
     assert fresh.path("head").stat().st_size == fresh.manifest().file("head").bytes
     assert fresh.stats.downloaded_bytes == fresh.manifest().file("head").bytes
+
+
+def test_runner_follows_a_new_version_without_refetching_unchanged_shards(shard_server, tmp_path):
+    store = shard_server.store.store
+    latest = store.index()["latest"]
+    cache = _cache(shard_server, tmp_path, ("audio",))
+    runner = ShardedRunner(cache)
+    _, audio = _inputs(seed=2)
+    before = runner.predict(audio=audio)
+    fetched = cache.stats.downloaded_bytes
+    # republish the same weights under a new version name (a version whose shards did not change)
+    copy = tmp_path / "republish"
+    shutil.copytree(store.version_dir(latest), copy)
+    body = json.loads((copy / "manifest.json").read_bytes())["manifest"]
+    body["version"] = f"re-{tmp_path.name}"
+    (copy / "manifest.json").write_bytes(sign_manifest(Manifest.from_dict(body), shard_server.store.private))
+    store.publish_dir(copy, body["version"])
+    try:
+        assert runner.refresh() == body["version"]
+        after = runner.predict(audio=audio)
+    finally:
+        store.set_latest(latest)
+    assert after.version == body["version"] and np.allclose(after.logits, before.logits)
+    assert cache.stats.downloaded_bytes == fetched  # content-addressed: nothing fetched twice
