@@ -12,13 +12,14 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import torch
 
 IMAGE_SIZE, AUDIO_FRAMES = 32, 32
 
 
 def make_model(seed: int) -> Any:
     """A LoRA-wrapped model with non-zero adapters (export must merge them)."""
+    import torch
+
     from common.lora import apply_lora
     from common.model import build_model
 
