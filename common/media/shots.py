@@ -756,7 +756,7 @@ class ShotDetector:
                 continue  # at least one side much calmer (a shaky shot may end in a still one), none as busy
             if not known and d < 2 * GRADUAL_MIN:
                 continue  # nothing around to compare with (cuts or the stream's ends): ask for more change
-            if self._group and (m > max(g[4] for g in self._group)
+            if self._group and (m > max(g[4] for g in self._group) + 2
                                 or self._cut_between(max(g[2] for g in self._group), m)):
                 self._close_group()  # past every triple of the open transition (or across a cut): a new one
             self._group.append((abs(share - 0.5), -d, m, a, b, d * (1 - residual)))
