@@ -57,6 +57,10 @@ class ShardAuthError(ShardError):
     """The server refused the device's token (HTTP 401/403)."""
 
 
+class ShardTLSError(ShardError):
+    """The server's TLS certificate does not verify against the pinned CA."""
+
+
 class ShardUnavailableError(ShardError):
     """A shard or manifest is neither reachable nor in the cache."""
 
@@ -148,6 +152,12 @@ class ShardCache:
                 raise ShardAuthError(f"{path}: refused ({e.code}): {detail}") from None
             if e.code == 404:
                 raise ShardUnavailableError(f"{path}: not on the server: {detail}") from None
+            raise
+        except urllib.error.URLError as e:
+            # a certificate that does not verify is misconfiguration or an attack, never "offline"
+            if isinstance(e.reason, ssl.SSLCertVerificationError):
+                raise ShardTLSError(f"{self.url}: TLS certificate not trusted ({e.reason.verify_message}); "
+                                    "pin the server's CA with ca_file") from None
             raise
 
     def _auth_headers(self) -> dict[str, str]:
@@ -375,5 +385,6 @@ __all__ = [
     "ShardDownloadError",
     "ShardError",
     "ShardIntegrityError",
+    "ShardTLSError",
     "ShardUnavailableError",
 ]

@@ -17,6 +17,7 @@ from edge.shards import (
     ShardAuthError,
     ShardCache,
     ShardIntegrityError,
+    ShardTLSError,
     ShardUnavailableError,
 )
 
@@ -236,3 +237,12 @@ def test_runner_follows_a_new_version_without_refetching_unchanged_shards(shard_
         store.set_latest(latest)
     assert after.version == body["version"] and np.allclose(after.logits, before.logits)
     assert cache.stats.downloaded_bytes == fetched  # content-addressed: nothing fetched twice
+
+
+def test_untrusted_tls_certificate_is_an_error_not_offline(shard_server, tmp_path):
+    cache = _cache(shard_server, tmp_path, ("audio",))
+    cache.ensure_base()  # a verified manifest is cached now
+    untrusting = ShardCache(shard_server.url, tmp_path / "cache", public_key=shard_server.store.public_pem,
+                            modalities=("audio",), retries=0)  # system trust store: our CA is not in it
+    with pytest.raises(ShardTLSError, match="not trusted"):
+        untrusting.manifest()
