@@ -154,6 +154,60 @@ def test_sigterm_stops_the_agent_and_its_supernode(tmp_path):
     assert (tmp_path / "store").is_dir()
 
 
+def test_sigterm_mid_ingest_loses_no_stored_sample_and_no_adapter_state(tmp_path):
+    """SIGTERM while the agent ingests a long recording: every sample seen stays, the store is intact, the
+    device's saved adapter state is untouched."""
+    import sqlite3
+
+    from edge import node_state
+    from edge.store import DB_NAME, SampleStore
+
+    rate = 16000
+    rng = np.random.default_rng(0)
+    wav = tmp_path / "mic.wav"
+    from simulations.avdigits import write_wav
+
+    write_wav(wav, (0.1 * rng.standard_normal(240 * rate)).astype(np.float32), rate)  # four minutes
+    store = tmp_path / "store"
+    state = store / "agent-state"
+    saved = {"x.lora_A": rng.standard_normal((4, 8)).astype(np.float32)}
+    node_state.save_arrays(state / node_state.ADAPTERS_FILE, saved, {"base_version": 7})
+    before = (state / node_state.ADAPTERS_FILE).read_bytes()
+    log = tmp_path / "agent.log"
+
+    def count() -> int:
+        if not (store / DB_NAME).exists():
+            return 0
+        try:
+            with sqlite3.connect(f"file:{store / DB_NAME}?mode=ro", uri=True, timeout=5) as c:
+                return int(c.execute("SELECT COUNT(*) FROM samples").fetchone()[0])
+        except sqlite3.OperationalError:  # the ingest has not created the table yet
+            return 0
+
+    with open(log, "wb") as fh:
+        p = subprocess.Popen([str(BIN / "fedge"), "edge", "run", "--superlink", f"127.0.0.1:{free_port()}",
+                              "--store", str(store), "--audio", str(wav), "--port", str(free_port()),
+                              "--ingest-arg=--mic-stride", "--ingest-arg=0.25"],
+                             stdout=fh, stderr=subprocess.STDOUT, cwd=ROOT, start_new_session=True,
+                             env={**child_env(), "FLWR_HOME": str(tmp_path / "flwr")})
+        try:
+            _wait(lambda: count() >= 20, 120, "the ingest to store samples")
+            seen = count()
+            p.send_signal(signal.SIGTERM)
+            assert p.wait(timeout=60) == 0, log.read_text()
+        finally:
+            if p.poll() is None:
+                os.killpg(p.pid, signal.SIGKILL)
+    text = log.read_text()
+    assert "ingest stopped" in text and "ingest finished" not in text  # stopped mid-recording
+    with sqlite3.connect(store / DB_NAME) as c:
+        assert c.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
+    with SampleStore(store) as st:
+        arrays = st.load_arrays(split="train")  # every stored sample decodes
+    assert len(arrays["label"]) >= seen
+    assert (state / node_state.ADAPTERS_FILE).read_bytes() == before
+
+
 def test_an_agent_killed_hard_takes_its_supernode_along(tmp_path):
     """SIGKILL leaves no orphan SuperNode behind (Linux: the children ask for SIGTERM when the agent dies)."""
     log = tmp_path / "agent.log"
