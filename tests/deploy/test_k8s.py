@@ -30,6 +30,8 @@ from .guide import guide_env, run_step
 from .kuberay_schema import SCHEMAS, cluster_specs
 from .procs import BIN, ROOT
 
+pytestmark = pytest.mark.integration  # runs the guide's fedge commands and kubectl as real processes
+
 OVERLAYS = ("dev", "gpu")
 CORE = {"Namespace": "V1Namespace", "ConfigMap": "V1ConfigMap", "Secret": "V1Secret", "Service": "V1Service",
         "PersistentVolumeClaim": "V1PersistentVolumeClaim", "Deployment": "V1Deployment", "Job": "V1Job",
