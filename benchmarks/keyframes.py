@@ -31,8 +31,8 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from common.media.scenes import Shot, Transition, iter_render, match  # noqa: E402
-from edge.keyframes import extract_keyframes  # noqa: E402
+from common.media.scenes import Shot, Transition, iter_render, match
+from edge.keyframes import extract_keyframes
 
 PHOTOS = ["astronaut", "coffee", "chelsea", "rocket", "camera", "moon", "hubble_deep_field",
           "immunohistochemistry", "coins", "clock", "grass", "gravel", "brick", "retina", "horse", "page",
@@ -41,7 +41,7 @@ PHOTOS = ["astronaut", "coffee", "chelsea", "rocket", "camera", "moon", "hubble_
 
 def load_photos() -> tuple[dict[str, np.ndarray], tuple[np.ndarray, np.ndarray]]:
     """Real photos from scikit-image's wheel as BGR uint8 (no download), and the stereo motorcycle pair."""
-    import skimage.data as data
+    from skimage import data
 
     def bgr(x: np.ndarray) -> np.ndarray:
         if x.dtype == bool:

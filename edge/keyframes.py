@@ -32,9 +32,10 @@ import json
 import sys
 import time
 from collections import deque
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any
 
 import cv2
 import numpy as np
@@ -90,7 +91,7 @@ class KeyframeReport:
 
 def default_stride(fps: float) -> int:
     """Analyse about :data:`ANALYSIS_RATE` frames per second."""
-    return max(1, int(round(fps / ANALYSIS_RATE)))
+    return max(1, round(fps / ANALYSIS_RATE))
 
 
 def _score(feat: FrameFeatures, motion: float) -> float:

@@ -13,14 +13,14 @@ what decoded is kept and :attr:`VideoSource.error` says at which frame it broke.
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator
 
 os.environ.setdefault("OPENCV_FFMPEG_LOGLEVEL", "-8")  # FFmpeg's per-packet warnings; we report one line
 
-import cv2  # noqa: E402
-import numpy as np  # noqa: E402
+import cv2
+import numpy as np
 
 __all__ = ["VideoSource", "VideoSourceError", "open_video", "parse_source"]
 
@@ -135,7 +135,7 @@ class VideoSource:
         """Release the capture."""
         self._cap.release()
 
-    def __enter__(self) -> "VideoSource":
+    def __enter__(self) -> VideoSource:
         return self
 
     def __exit__(self, *exc: object) -> None:

@@ -10,8 +10,8 @@ of the new shot).
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import Iterator
 
 import cv2
 import numpy as np
@@ -92,14 +92,14 @@ def _view(shot: Shot, t: int, size: tuple[int, int], jitter: np.ndarray) -> np.n
     cx = shot.center[0] * iw + (shot.pan[0] * t + jitter[0]) * s
     cy = shot.center[1] * ih + (shot.pan[1] * t + jitter[1]) * s
     # output (u, v) -> source (cx + (u - w/2) s, cy + (v - h/2) s)
-    m = np.float32([[s, 0, cx - w / 2 * s], [0, s, cy - h / 2 * s]])
+    m = np.array([[s, 0, cx - w / 2 * s], [0, s, cy - h / 2 * s]], dtype=np.float32)
     return cv2.warpAffine(shot.image, m, (w, h), flags=cv2.INTER_LINEAR | cv2.WARP_INVERSE_MAP,
                           borderMode=cv2.BORDER_REFLECT)
 
 
 def _shot_frames(shot: Shot, size: tuple[int, int], rng: np.random.Generator) -> Iterator[np.ndarray]:
     w, h = size
-    flash = set()
+    flash: set[int] = set()
     for f in shot.flashes:
         flash.update(range(f, f + shot.flash_len))
     for t in range(shot.frames):
@@ -107,7 +107,7 @@ def _shot_frames(shot: Shot, size: tuple[int, int], rng: np.random.Generator) ->
         img = _view(shot, t, size, jitter).astype(np.float32)
         if shot.sprite is not None:
             sh, sw = shot.sprite.shape[:2]
-            x = int(round(-sw + shot.sprite_speed * t)) % (w + sw) - sw
+            x = round(-sw + shot.sprite_speed * t) % (w + sw) - sw
             y = (h - sh) // 2
             x0, x1 = max(0, x), min(w, x + sw)
             if x1 > x0:
@@ -154,7 +154,7 @@ def iter_render(
         raise ValueError("need exactly one join between consecutive shots")
     truth = [] if truth is None else truth
     rng = np.random.default_rng(seed)
-    w, h = size
+    w, _h = size
     n = 0
     tail: list[np.ndarray] = []  # frames of the current shot not yet written (kept for an overlap)
     for k, shot in enumerate(shots):
@@ -180,7 +180,7 @@ def iter_render(
                     elif kind == "fade":
                         mix = a * max(0.0, 1 - 2 * p) if p < 0.5 else b * max(0.0, 2 * p - 1)
                     elif kind == "wipe":
-                        edge = int(round(p * w))
+                        edge = round(p * w)
                         mix = b.copy()
                         mix[:, edge:] = a[:, edge:]
                     else:

@@ -48,7 +48,7 @@ accepted triples of one transition, the one whose blend is closest to half-and-h
 from __future__ import annotations
 
 from collections import deque
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import cv2
 import numpy as np
@@ -61,10 +61,10 @@ __all__ = [
     "ShotDetector",
     "blend_fit",
     "composite_fit",
-    "is_blend",
-    "is_composite",
     "detect_boundaries",
     "frame_features",
+    "is_blend",
+    "is_composite",
     "pair_scores",
     "struct_distance",
     "thumbnail",
@@ -168,7 +168,7 @@ def thumbnail(frame: np.ndarray, width: int = THUMB_WIDTH) -> np.ndarray:
     """
     h, w = frame.shape[:2]
     tw = min(width, w)
-    th = max(4, int(round(h * tw / w)))
+    th = max(4, round(h * tw / w))
     step = max(1, w // (2 * tw))
     small = frame[::step, ::step] if step > 1 else frame
     return cv2.resize(small, (tw, th), interpolation=cv2.INTER_AREA)
@@ -214,7 +214,7 @@ def _median_block(diff: np.ndarray) -> float:
 def _block_means(diff: np.ndarray) -> np.ndarray:
     h, w = diff.shape
     gw = min(_GRID, w)
-    gh = max(1, int(round(gw * h / w)))
+    gh = max(1, round(gw * h / w))
     return cv2.resize(diff, (gw, gh), interpolation=cv2.INTER_AREA)
 
 
@@ -251,7 +251,7 @@ def struct_distance(a: np.ndarray, b: np.ndarray) -> tuple[float, float, float, 
     h, w = a.shape
     if abs(dx) < 0.3 and abs(dy) < 0.3 or abs(dx) > w / 3 or abs(dy) > h / 3:
         return _local_match(a, b), dx, dy, resp
-    warp = np.float32([[1, 0, dx], [0, 1, dy]])  # sample b at x + d: aligns b onto a
+    warp = np.array([[1, 0, dx], [0, 1, dy]], dtype=np.float32)  # sample b at x + d: aligns b onto a
     bw = cv2.warpAffine(b, warp, (w, h), flags=cv2.INTER_LINEAR | cv2.WARP_INVERSE_MAP,
                         borderMode=cv2.BORDER_REPLICATE)
     mx, my = int(np.ceil(abs(dx))), int(np.ceil(abs(dy)))
@@ -433,8 +433,8 @@ class ShotDetector:
         if self.z <= 0 or self.window_s <= 0 or self.max_gradual_s <= 0 or self.flash_samples < 0:
             raise ValueError("z, window_s and max_gradual_s must be > 0 and flash_samples >= 0")
         self.lookahead = max(self.lookahead, self.flash_samples + 1, 4)
-        self._past = max(8, int(round(self.window_s * self.rate)))
-        hmax = max(1, int(round(self.max_gradual_s * self.rate / 2)))
+        self._past = max(8, round(self.window_s * self.rate))
+        hmax = max(1, round(self.max_gradual_s * self.rate / 2))
         spans, h = [], 1
         while h < hmax:
             spans.append(h)
@@ -578,10 +578,10 @@ class ShotDetector:
             if len(vals["struct"]) < 3:
                 continue  # too few steps on this side to say what is usual there
             side = {}
-            for c, v in vals.items():
-                if len(v) < 3:
+            for c, vs in vals.items():
+                if len(vs) < 3:
                     continue
-                arr = np.asarray(v)
+                arr = np.asarray(vs)
                 med = float(np.median(arr))
                 mad = float(np.median(np.abs(arr - med))) * 1.4826
                 side[c] = (med, max(mad, SPREAD_FLOOR[c], 0.1 * med))
