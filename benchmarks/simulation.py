@@ -159,7 +159,7 @@ def centralized_accuracy(cfg_path: Path, steps: int) -> float:
 
 def degraded_eval(cfg_path: Path, adapters: Path, snr_db: float, cache: Path) -> dict[str, float]:
     """Fused / image-only / audio-only accuracy of the final model on a held-out set with audio at ``snr_db``."""
-    import dataclasses
+    import shutil
 
     from common.config import load_config
     from simulations import avdigits, stores
@@ -169,13 +169,13 @@ def degraded_eval(cfg_path: Path, adapters: Path, snr_db: float, cache: Path) ->
     s, m = cfg.simulation, cfg.model
     plan = avdigits.heldout_plan(cfg.data.eval_samples, seed=cfg.seed)
     work = cache / f"degraded-{snr_db:g}dB"
+    shutil.rmtree(work, ignore_errors=True)  # a store appends: start empty
     streams = avdigits.render_device(plan, work / "media", fps=s.fps, shot_s=s.shot_seconds, size=s.frame_size,
                                      image_noise=s.image_noise, snr_db=snr_db)
     opts = stores.ingest_options(cfg)
     for st in streams:
         stores.ingest_stream(video=st.video, audio=st.audio, store=work / "store", label=st.label, **opts)
     arrays = stores.store_arrays(work / "store", image_size=m.image_size, n_mels=m.n_mels, frames=m.audio_frames)
-    del dataclasses
     return modality_accuracy(model_with(cfg, load_arrays(adapters)), arrays)
 
 
