@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -130,30 +132,43 @@ def test_modalities_default_to_the_sources_given(tmp_path):
     assert rec.children[0].restart == "on-failure"  # a recording, once read to its end, is done
 
 
-def test_sigterm_stops_the_agent_and_its_supernode(tmp_path):
-    """`fedge edge run` against a SuperLink that is not there: the SuperNode keeps retrying until SIGTERM."""
+@contextlib.contextmanager
+def _agent(tmp_path: Path, *extra: str) -> Iterator[tuple[subprocess.Popen, Path]]:
+    """`fedge edge run` against a SuperLink that is not there (its SuperNode keeps retrying); killed at exit."""
     log = tmp_path / "agent.log"
     with open(log, "wb") as fh:
         p = subprocess.Popen([str(BIN / "fedge"), "edge", "run", "--superlink", f"127.0.0.1:{free_port()}",
-                              "--store", str(tmp_path / "store"), "--port", str(free_port()), "--grace", "10"],
+                              "--port", str(free_port()), *extra],
                              stdout=fh, stderr=subprocess.STDOUT, cwd=ROOT, start_new_session=True,
                              env={**child_env(), "FLWR_HOME": str(tmp_path / "flwr")})
         try:
-            _wait(lambda: "supernode started (pid" in log.read_text(), 60, "the SuperNode to start")
-            sn_pid = int(log.read_text().split("supernode started (pid ")[1].split(",")[0])
-            time.sleep(2.0)
-            assert _alive(sn_pid), log.read_text()  # retrying, not crashed
-            p.send_signal(signal.SIGTERM)
-            assert p.wait(timeout=30) == 0, log.read_text()
+            yield p, log
         finally:
             if p.poll() is None:
                 os.killpg(p.pid, signal.SIGKILL)
+
+
+def _supernode_pid(log: Path) -> int:
+    _wait(lambda: "supernode started (pid" in log.read_text(), 60, "the SuperNode to start")
+    return int(log.read_text().split("supernode started (pid ")[1].split(",")[0])
+
+
+@pytest.mark.integration
+def test_sigterm_stops_the_agent_and_its_supernode(tmp_path):
+    """`fedge edge run` against a SuperLink that is not there: the SuperNode keeps retrying until SIGTERM."""
+    with _agent(tmp_path, "--store", str(tmp_path / "store"), "--grace", "10") as (p, log):
+        sn_pid = _supernode_pid(log)
+        time.sleep(2.0)
+        assert _alive(sn_pid), log.read_text()  # retrying, not crashed
+        p.send_signal(signal.SIGTERM)
+        assert p.wait(timeout=30) == 0, log.read_text()
     text = log.read_text()
     assert "supernode stopped" in text and text.rstrip().endswith(" stopped")
     assert not _alive(sn_pid)
     assert (tmp_path / "store").is_dir()
 
 
+@pytest.mark.integration
 def test_sigterm_mid_ingest_loses_no_stored_sample_and_no_adapter_state(tmp_path):
     """SIGTERM while the agent ingests a long recording: every sample seen stays, the store is intact, the
     device's saved adapter state is untouched."""
@@ -173,7 +188,6 @@ def test_sigterm_mid_ingest_loses_no_stored_sample_and_no_adapter_state(tmp_path
     saved = {"x.lora_A": rng.standard_normal((4, 8)).astype(np.float32)}
     node_state.save_arrays(state / node_state.ADAPTERS_FILE, saved, {"base_version": 7})
     before = (state / node_state.ADAPTERS_FILE).read_bytes()
-    log = tmp_path / "agent.log"
 
     def count() -> int:
         if not (store / DB_NAME).exists():
@@ -184,20 +198,12 @@ def test_sigterm_mid_ingest_loses_no_stored_sample_and_no_adapter_state(tmp_path
         except sqlite3.OperationalError:  # the ingest has not created the table yet
             return 0
 
-    with open(log, "wb") as fh:
-        p = subprocess.Popen([str(BIN / "fedge"), "edge", "run", "--superlink", f"127.0.0.1:{free_port()}",
-                              "--store", str(store), "--audio", str(wav), "--port", str(free_port()),
-                              "--ingest-arg=--mic-stride", "--ingest-arg=0.25"],
-                             stdout=fh, stderr=subprocess.STDOUT, cwd=ROOT, start_new_session=True,
-                             env={**child_env(), "FLWR_HOME": str(tmp_path / "flwr")})
-        try:
-            _wait(lambda: count() >= 20, 120, "the ingest to store samples")
-            seen = count()
-            p.send_signal(signal.SIGTERM)
-            assert p.wait(timeout=60) == 0, log.read_text()
-        finally:
-            if p.poll() is None:
-                os.killpg(p.pid, signal.SIGKILL)
+    with _agent(tmp_path, "--store", str(store), "--audio", str(wav), "--ingest-arg=--mic-stride",
+                "--ingest-arg=0.25") as (p, log):
+        _wait(lambda: count() >= 20, 120, "the ingest to store samples")
+        seen = count()
+        p.send_signal(signal.SIGTERM)
+        assert p.wait(timeout=60) == 0, log.read_text()
     text = log.read_text()
     assert "ingest stopped" in text and "ingest finished" not in text  # stopped mid-recording
     with sqlite3.connect(store / DB_NAME) as c:
@@ -208,23 +214,14 @@ def test_sigterm_mid_ingest_loses_no_stored_sample_and_no_adapter_state(tmp_path
     assert (state / node_state.ADAPTERS_FILE).read_bytes() == before
 
 
+@pytest.mark.integration
 def test_an_agent_killed_hard_takes_its_supernode_along(tmp_path):
     """SIGKILL leaves no orphan SuperNode behind (Linux: the children ask for SIGTERM when the agent dies)."""
-    log = tmp_path / "agent.log"
-    with open(log, "wb") as fh:
-        p = subprocess.Popen([str(BIN / "fedge"), "edge", "run", "--superlink", f"127.0.0.1:{free_port()}",
-                              "--store", str(tmp_path / "store"), "--port", str(free_port())],
-                             stdout=fh, stderr=subprocess.STDOUT, cwd=ROOT,
-                             env={**child_env(), "FLWR_HOME": str(tmp_path / "flwr")})
-        try:
-            _wait(lambda: "supernode started (pid" in log.read_text(), 60, "the SuperNode to start")
-            sn_pid = int(log.read_text().split("supernode started (pid ")[1].split(",")[0])
-            p.kill()
-            p.wait(timeout=10)
-            _wait(lambda: not _alive(sn_pid), 30, "the orphaned SuperNode to stop")
-        finally:
-            if p.poll() is None:
-                p.kill()
+    with _agent(tmp_path, "--store", str(tmp_path / "store")) as (p, log):
+        sn_pid = _supernode_pid(log)
+        p.kill()  # the agent alone, not its group
+        p.wait(timeout=10)
+        _wait(lambda: not _alive(sn_pid), 30, "the orphaned SuperNode to stop")
 
 
 # ------------------------------------------------------------------------------------------ real deployment
@@ -385,6 +382,9 @@ def test_devices_train_over_tls_with_node_auth_and_a_killed_supernode_rejoins(tm
             v0 = evaluate(global_model(load_config(overrides={"model.num_classes": CLASSES})), dict(z))
         assert hist[-1]["accuracy"] > v0["accuracy"] and hist[-1]["accuracy"] >= 0.9, (v0, hist)
         assert hist[-1]["loss"] < 0.5 * v0["loss"], (v0, hist)
+        # the server counted the killed device's lost update and carried on without it
+        lost = json.loads((run_dir / "summary.json").read_text())["rejections"]
+        assert set(lost) & {"node_left", "reply_error", "timeout"}, lost
         # the restarted device rejoined with its registered identity and trained again
         assert "SuperNode ID" in b2.text()
         after = [x for x in node_state.read_jsonl(ledger_b) if x["time"] > t_restart]
