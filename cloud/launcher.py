@@ -6,8 +6,9 @@ and export its address as ``$FEDGE_RAY_ADDRESS`` so the ServerApp process joins 
 SuperNode authentication when certificates and keys are given, ``--disable-runtime-dependency-installation``
 (else it ``uv sync``s a CUDA torch) and a SQLite database in the run dir; write a federation into a
 ``FLWR_HOME`` it manages; submit the app with ``flwr run --stream`` and wait for the run to end.
-Ctrl-C (or SIGTERM) stops ``flwr run`` and the SuperLink with SIGINT (then SIGTERM, SIGKILL); the SuperLink
-stops its SuperExec and the ServerApp, which checkpoints on SIGTERM / SIGINT; then Ray stops. Restarting with the same ``--run-dir`` resumes from the checkpoint.
+Ctrl-C (or SIGTERM) first sends SIGTERM to the run's ServerApp (Flower starts it in a session of its own and
+the SuperLink leaves it running), which checkpoints and exits; then ``flwr run`` and the SuperLink get SIGINT
+(then SIGTERM, SIGKILL), and Ray stops. Restarting with the same ``--run-dir`` resumes from the checkpoint.
 """
 
 from __future__ import annotations
@@ -227,14 +228,14 @@ def _zombie(pid: int) -> bool:
 
 
 def _stop(procs: list[subprocess.Popen[bytes]], *, graceful: bool) -> None:
-    """SIGINT each process group (the ServerApp checkpoints on it), then SIGTERM, then SIGKILL."""
+    """SIGINT each process (``flwr run``, then the SuperLink), then SIGTERM, then SIGKILL."""
     for p in reversed(procs):
         if p.poll() is not None:
             continue
         for sig, wait in ((signal.SIGINT, 20.0 if graceful else 5.0), (signal.SIGTERM, 10.0),
                           (signal.SIGKILL, 5.0)):
             try:
-                p.send_signal(sig)  # the SuperLink stops its SuperExec, which stops the ServerApp
+                p.send_signal(sig)  # the SuperLink stops its SuperExec (the ServerApp was stopped before)
             except ProcessLookupError:
                 break
             try:

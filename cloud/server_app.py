@@ -175,6 +175,8 @@ class ServerLoop:
     def _dispatch(self, nodes: list[int]) -> None:
         if not nodes:
             return
+        if self._get(self.actor.get_version.remote()) != self.version:  # e.g. a rebase by global training
+            self.version, self.params = self._get(self.actor.snapshot.remote())
         t = self.clock.now()
         down = int(sum(v.nbytes for v in self.params.values()))
         msgs, slots = [], []

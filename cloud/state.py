@@ -34,6 +34,7 @@ from .validation import RawUpdate, Reason, RejectionCounter, UpdateRejected, val
 CHECKPOINT_NAME = "aggregator.npz"
 FORMAT = 1
 RAY_ADDRESS_ENV = "FEDGE_RAY_ADDRESS"
+ACTOR_NAME = "fedge-aggregator"  # ray.get_actor(ACTOR_NAME).rebase.remote(base_state, base_version)
 RAY_ADDRESS_FILE = "ray-address"  # in the run dir, written by `fedge cloud start` on every start
 
 
@@ -321,16 +322,21 @@ def ensure_ray(*, wait_for_simulation_s: float = 0.0, num_cpus: int | None = Non
     return "local"
 
 
-def start_actor(state: AggregatorState | None = None, **kwargs: Any) -> Any:
-    """Run an :class:`AggregatorState` as a Ray actor (0 CPUs: it must not take a simulated node's slot).
+def start_actor(state: AggregatorState | None = None, *, name: str = ACTOR_NAME, **kwargs: Any) -> Any:
+    """Run an :class:`AggregatorState` as a named Ray actor (0 CPUs: it must not take a simulated node's slot).
 
     Pass a built ``state`` (e.g. from :meth:`AggregatorState.restore`, shipped to the actor) or the
-    constructor's keyword arguments.
+    constructor's keyword arguments. Other jobs on the cluster reach it with ``ray.get_actor(name)``
+    (global training calls ``rebase``); a leftover actor of that name (a crashed server's) is replaced.
     """
     import ray
 
+    try:
+        ray.kill(ray.get_actor(name))
+    except ValueError:
+        pass
     actor_cls = ray.remote(num_cpus=0)(_ActorState)  # one call at a time: updates apply in order
-    return actor_cls.remote(state, kwargs)
+    return actor_cls.options(name=name).remote(state, kwargs)
 
 
 class _ActorState(AggregatorState):

@@ -1,6 +1,7 @@
 """A ClientApp for tests: the real edge ClientApp, except that some partitions send hostile updates.
 
-partition 0: a NaN, 1: an Inf, 2: garbage bytes, 3: a wrong shape, 4: a huge norm; others are honest.
+The first five devices that are not stragglers (cloud/clock.py profiles, so their updates are never too stale
+to be looked at) send: a NaN, an Inf, garbage bytes, a wrong shape, a huge norm; the others are honest.
 """
 
 from __future__ import annotations
@@ -12,7 +13,9 @@ import numpy as np
 from flwr.app import Context, Message
 from flwr.clientapp import ClientApp
 
+from cloud.clock import device_profile
 from common import codec, wire
+from common.config import FedgeConfig, config_from_context
 from edge.client_app import app as edge_app
 
 app = ClientApp()
@@ -44,11 +47,20 @@ def hostile_payload(kind: int, delta: dict[str, np.ndarray]) -> bytes:
 @app.train()
 def train(msg: Message, context: Context) -> Message:
     reply = edge_app(msg, context)  # the real ClientApp, mods included
-    pid = int(context.node_config.get("partition-id", 99))
-    if pid > 4:
+    pid = int(context.node_config.get("partition-id", 0))
+    kind = _hostile_kinds(config_from_context(context.run_config), int(context.node_config["num-partitions"]))
+    if pid not in kind:
         return reply
     upd = reply.content[wire.UPDATE]
     delta = codec.decode(upd[wire.DELTA])
     metrics = {k: float(v) for k, v in reply.content[wire.METRICS].items()}
     return Message(wire.update_content(base_version=int(upd[wire.BASE_VERSION]),
-                                       payload=hostile_payload(pid, delta), metrics=metrics), reply_to=msg)
+                                       payload=hostile_payload(kind[pid], delta), metrics=metrics), reply_to=msg)
+
+
+def _hostile_kinds(cfg: FedgeConfig, n: int) -> dict[int, int]:
+    p = cfg.profiles
+    fast = [i for i in range(n) if not device_profile(
+        i, n, seed=cfg.seed, straggler_fraction=p.straggler_fraction,
+        straggler_slowdown_min=p.straggler_slowdown_min, straggler_slowdown_max=p.straggler_slowdown_max).straggler]
+    return {pid: k for k, pid in enumerate(fast[:5])}

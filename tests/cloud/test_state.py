@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from cloud.state import AggregatorState, CheckpointError, atomic_write, start_actor
+from cloud.state import ACTOR_NAME, AggregatorState, CheckpointError, atomic_write, start_actor
 from cloud.validation import RawUpdate
 from common import codec, wire
 
@@ -100,7 +100,9 @@ def test_state_runs_as_a_ray_actor(ray_session, tmp_path):
     v, params = ray.get(actor.snapshot.remote())
     assert v == 1 and params["a"][0, 0] == pytest.approx(1.1)
     restored = AggregatorState.restore(str(tmp_path))
-    actor2 = start_actor(restored)
+    actor2 = start_actor(restored, name="fedge-test-aggregator-2")
     assert ray.get(actor2.get_version.remote()) == 1
+    named = ray.get_actor(ACTOR_NAME)  # how global training finds the aggregator to rebase it
+    assert ray.get(named.rebase.remote({"w": np.ones(1, np.float32)}, 1)) == 2
     ray.kill(actor)
     ray.kill(actor2)
