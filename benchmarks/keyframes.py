@@ -230,7 +230,7 @@ def main() -> None:
         print(f"{m:9s} precision={p:.3f} recall={r:.3f} F1={f:.3f} (tp={tp} fp={fp} fn={fn})")
     fps = {m: total_frames / t for m, t in times.items()}
     print("frames per second: " + ", ".join(f"{m} {v:.0f}" for m, v in fps.items()))
-    print(f"f1={f1['fedge']:.3f} content_f1={f1['content']:.3f} adaptive_f1={f1['adaptive']:.3f} "
+    print(f"f1={f1['fedge']:.4f} content_f1={f1['content']:.4f} adaptive_f1={f1['adaptive']:.4f} "
           f"speed_vs_decode={fps['fedge'] / fps['decode']:.2f} speed_vs_content={fps['fedge'] / fps['content']:.2f}")
 
 
