@@ -145,6 +145,8 @@ class ModelConfig:
     dense: bool = False
     lora_rank: int = 4
     lora_alpha: float = 8.0
+    expert_affinity: Literal["shared", "modality"] = "shared"  # "modality": one expert group per modality
+    shared_experts: int = 0  # with "modality": experts (the last ones) that every modality may use
 
     def __post_init__(self) -> None:
         for k in ("dim", "num_experts", "expert_hidden", "image_size", "n_mels", "audio_frames", "lora_rank"):
@@ -153,6 +155,20 @@ class ModelConfig:
         _check(1 <= self.top_k <= self.num_experts, "model.top_k", "must be in [1, model.num_experts]")
         _check(self.capacity_factor >= 0, "model.capacity_factor", "must be >= 0")
         _check(self.lora_alpha > 0, "model.lora_alpha", "must be > 0")
+        _check(self.expert_affinity in ("shared", "modality"), "model.expert_affinity",
+               "must be 'shared' or 'modality'")
+        _check(self.shared_experts >= 0, "model.shared_experts", "must be >= 0")
+        if self.expert_affinity == "shared":
+            _check(self.shared_experts == 0, "model.shared_experts",
+                   "needs model.expert_affinity = 'modality' (with 'shared' every expert is shared)")
+        else:
+            private = self.num_experts - self.shared_experts
+            _check(private >= len(MODALITIES) and private % len(MODALITIES) == 0, "model.shared_experts",
+                   f"model.num_experts - model.shared_experts ({private}) must be a positive multiple of the "
+                   f"{len(MODALITIES)} modalities (one private expert group each)")
+            group = private // len(MODALITIES) + self.shared_experts
+            _check(self.top_k <= group, "model.top_k",
+                   f"must be <= the {group} experts of a modality's group (model.expert_affinity = 'modality')")
 
 
 @dataclass(frozen=True)

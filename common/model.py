@@ -11,6 +11,14 @@ Data flow for a batch of B samples and M modalities (order: :data:`common.config
 
 A missing modality is a mask: its encoder does not run and its token takes part in neither routing nor
 fusion (never a zero tensor pretending to be data).
+
+Expert affinity (``expert_affinity``): ``"shared"`` (default) lets every token route to any of the E experts.
+``"modality"`` is a hierarchical layout: the experts are partitioned into one private group per modality
+(image: experts ``0..g-1``, audio: ``g..2g-1``) plus ``shared_experts`` experts at the end that every modality
+may use; the router's logits outside a token's group are masked to ``-inf`` before the softmax and the top-k, so a
+token only ever reaches its own group (see :func:`expert_groups`). A device that has only some modalities then
+needs only those groups' experts. In dense mode with modality affinity every token mixes all the experts of its
+group (softmax over the group), not all E.
 """
 
 from __future__ import annotations
@@ -25,6 +33,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 MODALITIES: tuple[str, ...] = ("image", "audio")
+AFFINITIES: tuple[str, ...] = ("shared", "modality")
 _DTYPES = {"fp32": None, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
@@ -149,15 +158,61 @@ def load_balancing_loss(probs: Tensor, topk_idx: Tensor, num_experts: int) -> Te
     return num_experts * torch.sum(f * p)
 
 
-def top_k_gating(logits: Tensor, k: int) -> tuple[Tensor, Tensor, Tensor]:
+def top_k_gating(logits: Tensor, k: int, allowed: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
     """Softmax router with top-k selection; gates renormalised over the chosen k (Shazeer et al.).
+
+    Parameters
+    ----------
+    logits : (N, E) router scores.
+    k : experts per token.
+    allowed : optional (N, E) bool, True where a token may use an expert (modality affinity). Logits outside are
+        set to ``-inf`` before the softmax, so their probability is exactly 0, and the top-k is taken over the
+        masked logits, so a token never selects a disallowed expert (even when in-group probabilities underflow).
+        Each row needs at least ``k`` allowed experts.
 
     Returns (probs (N, E), topk_idx (N, k), gates (N, k)).
     """
-    probs = logits.float().softmax(dim=-1)
-    top_p, top_i = probs.topk(k, dim=-1)
+    if allowed is None:
+        probs = logits.float().softmax(dim=-1)
+        top_p, top_i = probs.topk(k, dim=-1)
+    else:
+        masked = logits.float().masked_fill(~allowed, float("-inf"))
+        probs = masked.softmax(dim=-1)
+        top_i = masked.topk(k, dim=-1).indices
+        top_p = probs.gather(-1, top_i)
     gates = top_p / top_p.sum(dim=-1, keepdim=True).clamp_min(1e-9)
     return probs, top_i, gates
+
+
+def expert_groups(
+    num_experts: int, *, affinity: str = "shared", shared_experts: int = 0
+) -> dict[str, tuple[int, ...]]:
+    """The experts each modality's tokens may route to, in :data:`MODALITIES` order.
+
+    ``"shared"``: every modality may use all experts (``shared_experts`` must be 0). ``"modality"``: the first
+    ``num_experts - shared_experts`` experts are split into equal consecutive private groups, one per modality,
+    and the last ``shared_experts`` experts join every group.
+
+    Raises
+    ------
+    ValueError
+        Unknown affinity, or the private experts do not split evenly into one non-empty group per modality.
+    """
+    if affinity not in AFFINITIES:
+        raise ValueError(f"expert_affinity={affinity!r} must be one of {AFFINITIES}")
+    if affinity == "shared":
+        if shared_experts != 0:
+            raise ValueError("shared_experts needs expert_affinity='modality' (with 'shared' every expert is shared)")
+        return {m: tuple(range(num_experts)) for m in MODALITIES}
+    private = num_experts - shared_experts
+    if shared_experts < 0 or private < len(MODALITIES) or private % len(MODALITIES):
+        raise ValueError(
+            f"expert_affinity='modality' needs num_experts - shared_experts ({num_experts} - {shared_experts}) to be "
+            f"a positive multiple of the {len(MODALITIES)} modalities"
+        )
+    g = private // len(MODALITIES)
+    shared = tuple(range(private, num_experts))
+    return {m: (*range(j * g, (j + 1) * g), *shared) for j, m in enumerate(MODALITIES)}
 
 
 class MultimodalMoE(nn.Module):
@@ -175,12 +230,25 @@ class MultimodalMoE(nn.Module):
         capacity_factor: float = 0.0,
         dense: bool = False,
         precision: dict[str, str] | None = None,
+        expert_affinity: str = "shared",
+        shared_experts: int = 0,
     ) -> None:
         super().__init__()
         if not 1 <= top_k <= num_experts:
             raise ValueError(f"top_k={top_k} must be in [1, num_experts={num_experts}]")
+        groups = expert_groups(num_experts, affinity=expert_affinity, shared_experts=shared_experts)
+        group_size = min(len(g) for g in groups.values())
+        if top_k > group_size:
+            raise ValueError(f"top_k={top_k} must be <= the {group_size} experts of a modality's group")
         self.dim, self.num_experts, self.top_k = dim, num_experts, top_k
         self.capacity_factor, self.dense = capacity_factor, dense
+        self.expert_affinity, self.shared_experts = expert_affinity, shared_experts
+        self.groups = groups
+        # (M, E) True where modality m's tokens may use expert e; not in the state dict (derived from the shape)
+        allowed = torch.zeros(len(MODALITIES), num_experts, dtype=torch.bool)
+        for j, m in enumerate(MODALITIES):
+            allowed[j, list(groups[m])] = True
+        self.register_buffer("expert_allowed", allowed, persistent=False)
         self.precision = {m: "fp32" for m in MODALITIES} | dict(precision or {})
         self.encoders = nn.ModuleDict(
             {"image": ImageEncoder(dim=dim), "audio": AudioEncoder(dim=dim, n_mels=n_mels)}
@@ -190,6 +258,13 @@ class MultimodalMoE(nn.Module):
         self.experts = nn.ModuleList([Expert(dim=dim, hidden=expert_hidden) for _ in range(num_experts)])
         self.fusion_gate = nn.Linear(dim + 1, 1)
         self.head = Head(dim=dim, num_classes=num_classes)
+
+    @property
+    def experts_per_token(self) -> int:
+        """Experts each token mixes: ``top_k``, or in dense mode every expert it may use (E, or its group's)."""
+        if not self.dense:
+            return self.top_k
+        return min(len(g) for g in self.groups.values())
 
     # ------------------------------------------------------------------ pieces
     def encode(self, inputs: dict[str, Tensor | None], mask: Tensor) -> Tensor:
@@ -206,19 +281,53 @@ class MultimodalMoE(nn.Module):
             tokens[present, j] = z.float()
         return tokens + self.modality_embed.unsqueeze(0)
 
-    def route(self, x: Tensor, q: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor, int]:
+    def route(
+        self, x: Tensor, q: Tensor, modality: Tensor | None = None
+    ) -> tuple[Tensor, Tensor, Tensor, Tensor, int]:
         """Mixture of experts over present tokens x (N, d) with quality q (N,).
 
-        Returns (out (N, d), aux_loss, probs (N, E), topk_idx (N, k), dropped tokens).
+        ``modality`` (N,) int64 is each token's index in :data:`MODALITIES`; required with modality affinity
+        (it selects the token's expert group), ignored with shared experts.
+
+        Returns (out (N, d), aux_loss, probs (N, E), topk_idx (N, k), dropped tokens). In dense mode topk_idx
+        lists every expert a token mixes: all E (shared) or its group's (modality affinity).
         """
         n = x.shape[0]
         logits = self.router(x, q)
+        if self.expert_affinity == "modality":
+            if modality is None:
+                raise ValueError("route needs each token's modality index with expert_affinity='modality'")
+            return self._route_grouped(x, logits, self.expert_allowed[modality.to(torch.long)], modality)
         if self.dense:
             probs = logits.float().softmax(dim=-1)
             out = x + sum(probs[:, e : e + 1] * self.experts[e](x) for e in range(self.num_experts))
             idx = torch.arange(self.num_experts, device=x.device).expand(n, -1)
             return out, x.new_zeros(()), probs, idx, 0
         probs, idx, gates = top_k_gating(logits, self.top_k)
+        return self._dispatch(x, probs, idx, gates)
+
+    def _route_grouped(
+        self, x: Tensor, logits: Tensor, allowed: Tensor, modality: Tensor
+    ) -> tuple[Tensor, Tensor, Tensor, Tensor, int]:
+        """Modality affinity: top-k (or dense: all of the group) over the experts ``allowed`` (N, E) per token."""
+        if self.dense:
+            groups = torch.tensor([self.groups[m] for m in MODALITIES], device=x.device)  # (M, G): equal sizes
+            idx = groups[modality.to(torch.long)]  # (N, G): every expert of the token's group
+            probs = logits.float().masked_fill(~allowed, float("-inf")).softmax(dim=-1)
+            out = x.clone()
+            for e in range(self.num_experts):
+                tok = allowed[:, e].nonzero(as_tuple=True)[0]
+                if tok.numel():
+                    out = out.index_add(0, tok, probs[tok, e : e + 1].to(x.dtype) * self.experts[e](x[tok]))
+            return out, x.new_zeros(()), probs, idx, 0
+        probs, idx, gates = top_k_gating(logits, self.top_k, allowed)
+        return self._dispatch(x, probs, idx, gates)
+
+    def _dispatch(
+        self, x: Tensor, probs: Tensor, idx: Tensor, gates: Tensor
+    ) -> tuple[Tensor, Tensor, Tensor, Tensor, int]:
+        """Send each token to its chosen experts (capacity-limited) and add the gated outputs to the residual."""
+        n = x.shape[0]
         aux = load_balancing_loss(probs, idx, self.num_experts)
         capacity = n * self.top_k  # unlimited
         if self.capacity_factor > 0:
@@ -281,7 +390,8 @@ class MultimodalMoE(nn.Module):
         present = mask.reshape(-1)
         x = tokens.reshape(-1, self.dim)[present]  # (N, d)
         q = quality.reshape(-1)[present]  # (N,)
-        y, aux, probs, idx, dropped = self.route(x, q)
+        mod = torch.arange(len(MODALITIES), device=dev).expand(b, -1).reshape(-1)[present]  # (N,)
+        y, aux, probs, idx, dropped = self.route(x, q, mod)
 
         routed = tokens.new_zeros(b * len(MODALITIES), self.dim)
         routed[present] = y
@@ -313,6 +423,8 @@ def build_model(
     capacity_factor: float = 0.0,
     dense: bool = False,
     precision: dict[str, str] | None = None,
+    expert_affinity: str = "shared",
+    shared_experts: int = 0,
     seed: int = 0,
 ) -> MultimodalMoE:
     """Build the model with deterministic initial weights for ``seed`` (every party builds the same base)."""
@@ -329,6 +441,8 @@ def build_model(
             capacity_factor=capacity_factor,
             dense=dense,
             precision=precision,
+            expert_affinity=expert_affinity,
+            shared_experts=shared_experts,
         )
 
 
@@ -346,6 +460,8 @@ def model_kwargs(cfg: object) -> dict[str, object]:
         "capacity_factor": m.capacity_factor,
         "dense": m.dense,
         "precision": {"image": p.image, "audio": p.audio},
+        "expert_affinity": m.expert_affinity,
+        "shared_experts": m.shared_experts,
         "seed": cfg.seed,  # type: ignore[attr-defined]
     }
 

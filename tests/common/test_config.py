@@ -70,3 +70,25 @@ def test_pyproject_flower_config_lists_every_key_and_is_valid():
     cfg = load_config(run_config=flat)  # valid
     assert set(flat) == set(FedgeConfig().to_flat()), "pyproject config and common/config.py differ"
     assert cfg.to_flat() == flat
+
+
+@pytest.mark.parametrize("flat,key", [
+    ({"model.expert_affinity": "speaker"}, "model.expert_affinity"),
+    ({"model.expert_affinity": "modality", "model.top_k": 3}, "model.top_k"),  # groups of 2 experts
+    ({"model.expert_affinity": "modality", "model.shared_experts": 1}, "model.shared_experts"),  # 3 private
+    ({"model.expert_affinity": "modality", "model.shared_experts": -2}, "model.shared_experts"),
+    ({"model.shared_experts": 2}, "model.shared_experts"),  # only meaningful with 'modality'
+])
+def test_expert_affinity_layouts_are_validated_naming_the_key(flat, key):
+    with pytest.raises(ConfigError, match=f"'{key}'"):
+        load_config(run_config=flat)
+
+
+def test_modality_affinity_config_reaches_the_model():
+    from common.model import build_model, model_kwargs
+
+    cfg = load_config(run_config={"model.expert_affinity": "modality", "model.num_experts": 6,
+                                  "model.shared_experts": 2, "model.top_k": 4})
+    model = build_model(**model_kwargs(cfg))  # type: ignore[arg-type]
+    assert model.expert_affinity == "modality" and model.groups["audio"] == (2, 3, 4, 5)
+    assert FedgeConfig().model.expert_affinity == "shared" and FedgeConfig().model.shared_experts == 0

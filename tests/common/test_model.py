@@ -100,3 +100,76 @@ def test_build_model_is_deterministic_per_seed():
     sa, sb, sc = a.state_dict(), b.state_dict(), c.state_dict()
     assert all(torch.equal(sa[k], sb[k]) for k in sa)
     assert not all(torch.equal(sa[k], sc[k]) for k in sa)
+
+
+# ---------------------------------------------------------------------- modality-affine experts
+def _groups_of(model):
+    return [set(model.groups[m]) for m in ("image", "audio")]
+
+
+@pytest.mark.parametrize("num_experts,shared,k", [(4, 0, 1), (4, 0, 2), (6, 2, 3), (5, 1, 2)])
+def test_modality_affinity_routes_every_token_to_exactly_k_experts_of_its_group(num_experts, shared, k):
+    model = build_model(num_experts=num_experts, shared_experts=shared, top_k=k, expert_affinity="modality", seed=1)
+    img, aud = _inputs()
+    masks = torch.tensor(list(itertools.islice(itertools.cycle([[1, 1], [1, 0], [0, 1]]), B)), dtype=torch.bool)
+    out = model(image=img, audio=aud, mask=masks)
+    token_mod = torch.arange(2).expand(B, 2).reshape(-1)[masks.reshape(-1)]  # sample-major, as the model routes
+    groups = _groups_of(model)
+    assert out.topk_idx.shape == (int(masks.sum()), k)
+    for row, j in zip(out.topk_idx.tolist(), token_mod.tolist()):
+        assert len(set(row)) == k and set(row) <= groups[j]
+    for p, j in zip(out.router_probs.detach(), token_mod.tolist()):
+        outside = [e for e in range(num_experts) if e not in groups[j]]
+        assert torch.all(p[outside] == 0) and float(p.sum()) == pytest.approx(1.0)
+    (out.logits.sum() + out.aux_loss).backward()
+    assert model.router.gate.weight.grad is not None and torch.isfinite(model.router.gate.weight.grad).all()
+
+
+def test_modality_groups_partition_private_experts_and_share_the_last_ones():
+    model = build_model(num_experts=6, shared_experts=2, top_k=2, expert_affinity="modality", seed=0)
+    assert model.groups == {"image": (0, 1, 4, 5), "audio": (2, 3, 4, 5)}
+    assert build_model(seed=0).groups == {"image": (0, 1, 2, 3), "audio": (0, 1, 2, 3)}
+
+
+def test_modality_affinity_stays_in_group_even_when_outside_logits_dominate():
+    # in-group probabilities underflow to 0 in float32: the top-k must still come from the allowed experts
+    logits = torch.tensor([[500.0, 400.0, 0.0, -1.0]])
+    allowed = torch.tensor([[False, False, True, True]])
+    probs, idx, gates = top_k_gating(logits, 2, allowed)
+    assert sorted(idx[0].tolist()) == [2, 3] and torch.all(probs[0, :2] == 0)
+    assert torch.allclose(gates.sum(-1), torch.ones(1))
+
+
+def test_dense_modality_mode_mixes_every_expert_of_the_group():
+    model = build_model(num_experts=6, shared_experts=2, dense=True, expert_affinity="modality", seed=0)
+    img, aud = _inputs()
+    out = model(image=img, audio=aud)
+    assert out.topk_idx.shape == (2 * B, 4)  # the group: 2 private + 2 shared experts
+    assert out.topk_idx[0].tolist() == [0, 1, 4, 5] and out.topk_idx[1].tolist() == [2, 3, 4, 5]
+    assert model.experts_per_token == 4 and float(out.aux_loss) == 0.0
+    # it equals top-k with k = the group size (what the exported router computes)
+    sparse = build_model(num_experts=6, shared_experts=2, top_k=4, expert_affinity="modality", seed=0)
+    assert torch.allclose(sparse(image=img, audio=aud).logits, out.logits, atol=1e-5)
+
+
+def test_shared_affinity_is_the_default_and_adds_nothing_to_the_state():
+    a, b = build_model(seed=5), build_model(seed=5, expert_affinity="shared")
+    img, aud = _inputs()
+    assert torch.equal(a(image=img, audio=aud).logits, b(image=img, audio=aud).logits)
+    grouped = build_model(seed=5, expert_affinity="modality")
+    assert list(grouped.state_dict()) == list(a.state_dict())  # same federated/LoRA state, no routing buffer
+    assert all(torch.equal(grouped.state_dict()[k], v) for k, v in a.state_dict().items())
+
+
+def test_modality_affinity_refuses_bad_layouts_and_needs_token_modalities():
+    with pytest.raises(ValueError, match="top_k=3 must be <= the 2 experts"):
+        build_model(num_experts=4, top_k=3, expert_affinity="modality")
+    with pytest.raises(ValueError, match="positive multiple"):
+        build_model(num_experts=4, shared_experts=1, top_k=1, expert_affinity="modality")
+    with pytest.raises(ValueError, match="needs expert_affinity='modality'"):
+        build_model(shared_experts=1)
+    with pytest.raises(ValueError, match="must be one of"):
+        build_model(expert_affinity="per-speaker")
+    model = build_model(expert_affinity="modality", seed=0)
+    with pytest.raises(ValueError, match="modality index"):
+        model.route(torch.zeros(2, model.dim), torch.ones(2))
