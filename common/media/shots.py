@@ -672,8 +672,8 @@ class ShotDetector:
         if before and after and low < DIP_RATIO * min(max(before), max(after)):
             return True
         start = self._shot_start(i - 1)
-        triples = [(i - 1, i, i + k) for k in range(1, 5)]
-        triples += [(i - 1 - k, i - 1, i) for k in range(1, 5) if i - 1 - k >= start]
+        triples = [(i - 1, i, i + k) for k in range(1, 3)]
+        triples += [(i - 1 - k, i - 1, i) for k in range(1, 3) if i - 1 - k >= start]
         for a, m, b in triples:
             if self._blend(a, m, b) is not None:
                 return True
