@@ -24,6 +24,10 @@ the speed limit being decode); ``on_boundary`` (callback per detected boundary f
 
 Selection: the frames of a shot (or of each ``max_interval`` chunk of a long shot) compete on ``score``; the
 winner is the keyframe. Frames inside a transition score low (no contrast, motion), so they rarely win.
+
+Streaming and memory: boundaries are certain at most ``ShotDetector.max_delay`` analysed frames (about 5 s)
+after the fact, so keyframes come out that far behind the stream; the analysed frames of that window are kept
+(decimated to about twice ``max_side``), plus one candidate per open shot: bounded, whatever the stream length.
 """
 
 from __future__ import annotations
