@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 
+from cloud.launcher import wait_port
 from tests.conftest import free_port
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -73,13 +74,14 @@ def test_kill_9_server_mid_run_then_restart_resumes_from_checkpoint(tmp_path):
     run_dir.mkdir()
     env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0", "OMP_NUM_THREADS": "1",
            "PATH": f"{BIN}:{os.environ['PATH']}"}
-    nodes = [subprocess.Popen(
-        [str(BIN / "flower-supernode"), "--insecure", "--superlink", f"127.0.0.1:{port}", "--port",
-         str(free_port()), "--node-config", f"partition-id={i} num-partitions=2"],
-        cwd=ROOT, env=env, start_new_session=True, stdout=open(tmp_path / f"node{i}.log", "ab"),
-        stderr=subprocess.STDOUT) for i in range(2)]
-    cloud = _cloud(run_dir, port, env)
+    cloud, nodes = _cloud(run_dir, port, env), []
     try:
+        wait_port("127.0.0.1", port, 120.0)  # nodes after the SuperLink: no reconnect back-off to sit out
+        nodes = [subprocess.Popen(
+            [str(BIN / "flower-supernode"), "--insecure", "--superlink", f"127.0.0.1:{port}", "--port",
+             str(free_port()), "--node-config", f"partition-id={i} num-partitions=2"],
+            cwd=ROOT, env=env, start_new_session=True, stdout=open(tmp_path / f"node{i}.log", "ab"),
+            stderr=subprocess.STDOUT) for i in range(2)]
         t0 = time.monotonic()
         while len(_versions(run_dir)) < 2:
             assert time.monotonic() - t0 < 240, "no versions before the kill"
