@@ -3,7 +3,7 @@
 Shards and what each computes (B samples, M modalities, N = present tokens, d width, E experts, k top-k)::
 
     encoder.<m>   x_m (B, ...)                          -> token (B, d)   encoder + modality embedding
-    router        token (N, d), quality (N,)            -> probs (N, E), topk_idx (N, k), gates (N, k)
+    router        token (N, d), quality (N,) [, allowed (N, E) bool] -> probs (N, E), topk_idx (N, k), gates (N, k)
     expert.<e>    token (N, d)                          -> out (N, d)     one FFN expert
     head          routed (B, M, d), quality (B, M), mask (B, M) -> logits (B, C), fusion_weights (B, M)
 
@@ -12,6 +12,13 @@ A runner chains them: ``routed = token + sum_k gates_k * expert_{idx_k}(token)``
 reproduce :meth:`MultimodalMoE.forward` in fp32 with unlimited expert capacity (capacity limits are a training
 device; at inference every routed token is served). Every ONNX file is checked against its torch module
 (max abs diff <= 1e-4) before it is written into the manifest.
+
+With modality-affine experts (``expert_affinity="modality"``) the manifest's model shape records each modality's
+expert group (``expert_groups``), each private expert's shard carries its group's modality, and the router shard
+takes a third input ``allowed`` (N, E): the runner builds it from the manifest's groups and the token's
+modality, and the graph masks the logits outside it to ``-inf`` before the softmax and top-k, exactly as
+:meth:`MultimodalMoE.route` does. ``top_k`` in the manifest is the experts a token mixes (in dense mode: its
+whole group).
 """
 
 from __future__ import annotations
@@ -75,6 +82,16 @@ class RouterShard(nn.Module):
         return probs, idx, gates
 
 
+class GroupedRouterShard(RouterShard):
+    """Router for modality-affine experts: the logits outside ``allowed`` (N, E) bool are masked to ``-inf``."""
+
+    def forward(  # type: ignore[override]
+        self, token: Tensor, quality: Tensor, allowed: Tensor
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        probs, idx, gates = top_k_gating(self.router(token, quality), self.top_k, allowed)
+        return probs, idx, gates
+
+
 class ExpertShard(nn.Module):
     """One expert FFN: token (N, d) -> out (N, d)."""
 
@@ -110,13 +127,16 @@ def model_shape(model: MultimodalMoE, *, image_size: int, audio_frames: int) -> 
     return {
         "dim": int(model.dim),
         "num_experts": int(model.num_experts),
-        "top_k": int(model.num_experts if model.dense else model.top_k),
+        "top_k": int(model.experts_per_token),
         "expert_hidden": int(expert_fc1.out_features),
         "num_classes": int(head_fc2.out_features),
         "n_mels": int(audio_conv.in_channels),
         "image_size": int(image_size),
         "audio_frames": int(audio_frames),
         "modalities": list(MODALITIES),
+        "expert_affinity": str(model.expert_affinity),
+        "shared_experts": int(model.shared_experts),
+        "expert_groups": {m: list(g) for m, g in model.groups.items()},
     }
 
 
@@ -139,6 +159,8 @@ def plain_model(model: MultimodalMoE) -> MultimodalMoE:
         num_classes=shape["num_classes"],
         n_mels=shape["n_mels"],
         dense=m.dense,
+        expert_affinity=m.expert_affinity,
+        shared_experts=m.shared_experts,
     )
     plain.load_state_dict(base_state(m), strict=True)
     return plain.eval()
@@ -147,25 +169,36 @@ def plain_model(model: MultimodalMoE) -> MultimodalMoE:
 def shard_modules(model: MultimodalMoE) -> dict[str, tuple[nn.Module, str, str | None, dict[str, Tensor]]]:
     """Shard name -> (module, kind, modality, safetensors state under the model's own parameter names)."""
     model = model.eval()
-    top_k = model.num_experts if model.dense else model.top_k
+    top_k = model.experts_per_token
+    owner = {e: ms[0] for e, ms in _expert_modalities(model.groups).items() if len(ms) == 1}
     out: dict[str, tuple[nn.Module, str, str | None, dict[str, Tensor]]] = {}
     for j, m in enumerate(MODALITIES):
         enc = model.encoders[m]
         state = {f"encoders.{m}.{k}": v for k, v in enc.state_dict().items()}
         state[f"modality_embed.{m}"] = model.modality_embed[j]
         out[f"encoder.{m}"] = (EncoderShard(enc, model.modality_embed[j]), "encoder", m, state)
+    router_cls = GroupedRouterShard if model.expert_affinity == "modality" else RouterShard
     out["router"] = (
-        RouterShard(model.router, top_k=top_k),
+        router_cls(model.router, top_k=top_k),
         "router",
         None,
         {f"router.{k}": v for k, v in model.router.state_dict().items()},
     )
     for e, expert in enumerate(model.experts):
         state = {f"experts.{e}.{k}": v for k, v in expert.state_dict().items()}
-        out[expert_shard(e)] = (ExpertShard(expert), "expert", None, state)
+        out[expert_shard(e)] = (ExpertShard(expert), "expert", owner.get(e), state)
     head_state = {f"fusion_gate.{k}": v for k, v in model.fusion_gate.state_dict().items()}
     head_state |= {f"head.{k}": v for k, v in model.head.state_dict().items()}
     out["head"] = (HeadShard(model.fusion_gate, model.head), "head", None, head_state)
+    return out
+
+
+def _expert_modalities(groups: dict[str, tuple[int, ...]]) -> dict[int, list[str]]:
+    """Expert -> the modalities whose group holds it."""
+    out: dict[int, list[str]] = {}
+    for m, ids in groups.items():
+        for e in ids:
+            out.setdefault(e, []).append(m)
     return out
 
 
@@ -181,7 +214,14 @@ def example_inputs(
     if name == "encoder.audio":
         return {"x": torch.randn(batch, shape["n_mels"], shape["audio_frames"], generator=g) * 10 - 40}
     if name == "router":
-        return {"token": torch.randn(batch, d, generator=g), "quality": torch.rand(batch, generator=g)}
+        args = {"token": torch.randn(batch, d, generator=g), "quality": torch.rand(batch, generator=g)}
+        if shape.get("expert_affinity", "shared") == "modality":
+            groups = shape["expert_groups"]
+            allowed = torch.zeros(len(MODALITIES), shape["num_experts"], dtype=torch.bool)
+            for j, mod in enumerate(MODALITIES):
+                allowed[j, list(groups[mod])] = True
+            args["allowed"] = allowed[torch.randint(len(MODALITIES), (batch,), generator=g)]
+        return args
     if name.startswith("expert."):
         return {"token": torch.randn(batch, d, generator=g)}
     if name == "head":
@@ -419,6 +459,8 @@ def build_from_manifest(directory: str | Path, manifest: Manifest) -> Multimodal
         expert_hidden=s["expert_hidden"],
         num_classes=s["num_classes"],
         n_mels=s["n_mels"],
+        expert_affinity=s.get("expert_affinity", "shared"),
+        shared_experts=int(s.get("shared_experts", 0)),
     )
     model.load_state_dict(load_state_from_shards(directory, manifest), strict=True)
     return model.eval()

@@ -61,7 +61,9 @@ class ShardFile:
     """One file of one shard.
 
     ``name`` is the shard (``encoder.image``, ``router``, ``expert.2``, ``head``), ``file`` the name it is
-    served and cached under (``<name>.<ext>``); ``modality`` is set for encoders only.
+    served and cached under (``<name>.<ext>``); ``modality`` is set for encoders and, with modality-affine experts
+    (``model.expert_affinity = "modality"``), for each expert private to one modality's group (a shared expert
+    has none).
     """
 
     name: str
@@ -119,7 +121,10 @@ class ShardFile:
 @dataclass(frozen=True)
 class Manifest:
     """A model version: its shape (``model``: dim, num_experts, top_k, num_classes, image_size, n_mels,
-    audio_frames, modalities) and its shard files."""
+    audio_frames, modalities, expert_affinity, shared_experts, expert_groups) and its shard files.
+
+    ``expert_groups`` maps each modality to the experts its tokens may route to (all of them with the
+    ``"shared"`` affinity); manifests written before the key existed mean ``"shared"``."""
 
     version: str
     model: Mapping[str, Any]
@@ -232,6 +237,38 @@ def base_shards(manifest: Manifest, modalities: Iterable[str]) -> tuple[str, ...
 def expert_shard(index: int) -> str:
     """Shard name of expert ``index``."""
     return f"expert.{index}"
+
+
+def expert_groups(manifest: Manifest) -> dict[str, tuple[int, ...]]:
+    """Modality -> the experts its tokens may route to, as recorded in the manifest's model shape.
+
+    Manifests without ``expert_groups`` (the ``"shared"`` layout) let every modality use every expert.
+    """
+    n = int(manifest.model["num_experts"])
+    recorded = manifest.model.get("expert_groups")
+    if recorded is None:
+        return {m: tuple(range(n)) for m in MODALITIES}
+    groups: dict[str, tuple[int, ...]] = {}
+    for m in MODALITIES:
+        if m not in recorded:
+            raise ManifestError(f"manifest {manifest.version}: expert_groups lacks modality {m!r}")
+        ids = tuple(int(e) for e in recorded[m])
+        if not ids or any(not 0 <= e < n for e in ids):
+            raise ManifestError(f"manifest {manifest.version}: expert_groups[{m!r}] = {list(ids)} is not a "
+                                f"non-empty subset of the {n} experts")
+        groups[m] = ids
+    return groups
+
+
+def device_experts(manifest: Manifest, modalities: Iterable[str]) -> tuple[str, ...]:
+    """Expert shards a device with ``modalities`` can ever route to (the union of its modalities' groups)."""
+    groups = expert_groups(manifest)
+    ids: set[int] = set()
+    for m in modalities:
+        if m not in groups:
+            raise ManifestError(f"unknown modality {m!r}; known: {MODALITIES}")
+        ids |= set(groups[m])
+    return tuple(expert_shard(e) for e in sorted(ids))
 
 
 # ---------------------------------------------------------------------- signing

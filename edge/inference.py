@@ -7,6 +7,11 @@ For a batch of B samples (M modalities, N present tokens, width d)::
     expert.<e> for each expert some token chose (downloaded the first time) -> routed tokens
     head(routed (B, M, d), quality, mask) -> logits (B, C)
 
+With modality-affine experts the glue also gives the router ``allowed`` (N, E): row n is the expert group
+(from the signed manifest's ``expert_groups``) of token n's modality, and the router graph masks the logits
+outside it to ``-inf`` before the softmax and top-k, as :meth:`common.model.MultimodalMoE.route` does, so a
+token never reaches (and the device never downloads) another modality's experts.
+
 It reproduces :meth:`common.model.MultimodalMoE.forward` (fp32, unlimited capacity) to ~1e-6.
 """
 
@@ -20,7 +25,7 @@ from typing import Protocol
 import numpy as np
 
 from common.config import MODALITIES
-from common.manifest import Manifest, ShardFile
+from common.manifest import Manifest, ManifestError, ShardFile, expert_groups
 
 from .shards import ShardCache
 
@@ -55,6 +60,15 @@ def combine_experts(
         g = (gates[tok] * sel).sum(axis=1, dtype=np.float32)  # (n_e,)
         out[tok] += g[:, None] * outputs[e]  # rows of tok are distinct: plain fancy-index add is exact
     return out
+
+
+def group_mask(manifest: Manifest) -> np.ndarray:
+    """(M, E) bool: True where modality m's tokens may use expert e (the manifest's ``expert_groups``)."""
+    groups = expert_groups(manifest)
+    allowed = np.zeros((len(MODALITIES), int(manifest.model["num_experts"])), bool)
+    for j, m in enumerate(MODALITIES):
+        allowed[j, list(groups[m])] = True
+    return allowed
 
 
 class Session(Protocol):
@@ -103,6 +117,13 @@ class ShardedRunner:
         self._entries = {f.name: f for f in manifest.shards()}
         self._by_name = {}
         self._dim, self._nm = int(manifest.model["dim"]), len(MODALITIES)
+        self._allowed: np.ndarray | None = None
+        if manifest.model.get("expert_affinity", "shared") == "modality":
+            router = self._entries.get("router")
+            if router is None or not any(t.name == "allowed" for t in router.inputs):
+                raise ManifestError(f"manifest {manifest.version}: modality-affine experts but the router shard "
+                                    "has no 'allowed' input")
+            self._allowed = group_mask(manifest)
 
     def refresh(self) -> str:
         """Follow the server's latest version (keeping sessions of shards that did not change)."""
@@ -176,7 +197,10 @@ class ShardedRunner:
             tokens[:, c] = self._session(f"encoder.{m}").run(None, {m: arrays[m]})[0]
         x = tokens.reshape(-1, d)  # (N, d)
         qx = np.ascontiguousarray(q[:, cols]).reshape(-1)
-        _, idx, gates = self._session("router").run(None, {"token": x, "quality": qx})
+        feeds = {"token": x, "quality": qx}
+        if self._allowed is not None:  # modality-affine experts: each token keeps to its modality's group
+            feeds["allowed"] = np.ascontiguousarray(self._allowed[np.tile(np.asarray(cols), b)])
+        _, idx, gates = self._session("router").run(None, feeds)
         outputs, rows = {}, {}
         for e in sorted(set(idx.ravel().tolist())):
             tok = np.flatnonzero((idx == e).any(axis=1))

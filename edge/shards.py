@@ -1,7 +1,10 @@
 """ShardCache: fetch only the model shards a device needs, verify them, keep them in an on-disk LRU.
 
 A device with modalities ``{audio}`` downloads the audio encoder, the router and the head; an expert only when
-its router first routes a token to it. Every manifest is checked against the Ed25519 public key pinned in the
+its router first routes a token to it. With modality-affine experts (``model.expert_affinity = "modality"``)
+the router can only reach the experts of the device's modalities' groups, so the other groups' experts are
+never fetched (and :meth:`ShardCache.path` refuses an expert recorded for a modality the device lacks);
+:meth:`ShardCache.ensure_experts` prefetches the device's groups. Every manifest is checked against the Ed25519 public key pinned in the
 device's config before any hash in it is trusted; every shard against its manifest sha256 (a mismatch is
 deleted and refused). Files are content-addressed (``shards/<sha256>.<ext>``), so a shard that did not change
 between versions is never downloaded twice. The cache stays within a byte budget by evicting the least
@@ -34,6 +37,7 @@ from common.manifest import (
     ManifestError,
     ShardFile,
     base_shards,
+    device_experts,
     expert_shard,
     load_public_key,
     verify_manifest,
@@ -227,6 +231,14 @@ class ShardCache:
     def ensure_base(self, progress: Callable[[str, int], None] | None = None) -> dict[str, Path]:
         """Make the device's base shards available locally; shard name -> path."""
         return {n: self.path(n, progress=progress) for n in self.required()}
+
+    def device_experts(self) -> tuple[str, ...]:
+        """Expert shards this device's router can ever select (its modalities' groups; all with shared experts)."""
+        return device_experts(self.manifest(), self.modalities)
+
+    def ensure_experts(self, progress: Callable[[str, int], None] | None = None) -> dict[str, Path]:
+        """Prefetch every expert of the device's modality groups (e.g. before going offline); name -> path."""
+        return {n: self.path(n, progress=progress) for n in self.device_experts()}
 
     def expert(self, index: int) -> Path:
         """Local path of expert ``index`` (downloaded the first time the router selects it)."""

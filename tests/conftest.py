@@ -31,4 +31,4 @@ def ray_session():
     ray.shutdown()
 
 
-from tests.shard_server import shard_server, shard_store  # noqa: E402,F401  (issue 7: shared Serve + store)
+from tests.shard_server import modality_version, shard_server, shard_store  # noqa: E402,F401  (issue 7)

@@ -16,14 +16,14 @@ import pytest
 IMAGE_SIZE, AUDIO_FRAMES = 32, 32
 
 
-def make_model(seed: int) -> Any:
-    """A LoRA-wrapped model with non-zero adapters (export must merge them)."""
+def make_model(seed: int, **kw: Any) -> Any:
+    """A LoRA-wrapped model with non-zero adapters (export must merge them); ``kw`` go to ``build_model``."""
     import torch
 
     from common.lora import apply_lora
     from common.model import build_model
 
-    m = build_model(seed=seed, precision={"image": "fp32", "audio": "fp32"})
+    m = build_model(seed=seed, precision={"image": "fp32", "audio": "fp32"}, **kw)
     apply_lora(m)
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
@@ -78,6 +78,22 @@ def shard_store(tmp_path_factory) -> Store:
     store.publish(model, version="v1", private_key=private, image_size=IMAGE_SIZE, audio_frames=AUDIO_FRAMES,
                   public_key=private.public_key())
     return Store(root=root, store=store, private=private, public_pem=pub_path, model=model)
+
+
+MODALITY_VERSION = "v1-modality"
+
+
+@pytest.fixture(scope="session")
+def modality_version(shard_store) -> str:
+    """Version ``v1-modality`` of a model with modality-affine experts (image: 0-1, audio: 2-3, shared: 4),
+    published into the shared store without moving ``latest`` (other tests keep following it)."""
+    store = shard_store.store
+    latest = store.index()["latest"]
+    model = make_model(seed=3, num_experts=5, shared_experts=1, top_k=2, expert_affinity="modality")
+    store.publish(model, version=MODALITY_VERSION, private_key=shard_store.private, image_size=IMAGE_SIZE,
+                  audio_frames=AUDIO_FRAMES, public_key=shard_store.private.public_key())
+    store.set_latest(latest)
+    return MODALITY_VERSION
 
 
 @pytest.fixture(scope="session")

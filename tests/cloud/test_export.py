@@ -80,3 +80,38 @@ def _copy_version(shard_store, dst):
     shutil.copytree(shard_store.store.version_dir("v1"), dst)
     assert json.loads((dst / "manifest.json").read_bytes())["manifest"]["version"] == "v1"
     return dst
+
+
+def test_modality_affine_export_records_groups_and_every_onnx_shard_agrees(shard_store, modality_version):
+    store = shard_store.store
+    man = store.manifest(modality_version)
+    assert man.model["expert_affinity"] == "modality"
+    assert man.model["expert_groups"] == {"image": [0, 1, 4], "audio": [2, 3, 4]}
+    assert [(f.name, f.modality) for f in man.shards() if f.kind == "expert"] == [
+        ("expert.0", "image"), ("expert.1", "image"), ("expert.2", "audio"), ("expert.3", "audio"), ("expert.4", None)]
+    router = man.file("router")
+    assert [(t.name, t.dtype, t.shape) for t in router.inputs][2] == ("allowed", "bool", (None, 5))
+    rebuilt = build_from_manifest(store.version_dir(modality_version), man)
+    modules = shard_modules(rebuilt)
+    for name, (module, _, _, _) in modules.items():
+        entry = man.file(name)
+        sess = ort.InferenceSession(str(store.version_dir(modality_version) / entry.file),
+                                    providers=["CPUExecutionProvider"])
+        args = example_inputs(name, man.model, 9, seed=7)
+        got = sess.run(None, {spec.name: a.numpy() for spec, a in zip(entry.inputs, args.values())})
+        with torch.no_grad():
+            want = module(*args.values())
+        want = want if isinstance(want, tuple) else (want,)
+        for g, w in zip(got, want):
+            if g.dtype.kind == "i":  # topk_idx: the same experts, all inside each token's group
+                assert np.array_equal(g, w.numpy()), name
+            else:
+                assert np.max(np.abs(g - w.numpy()), initial=0.0) <= 1e-4, name
+        if name == "router":
+            allowed = args["allowed"].numpy()
+            assert np.take_along_axis(allowed, got[1], axis=1).all()  # never outside the group
+    g = torch.Generator().manual_seed(6)
+    img, aud = torch.rand(6, 3, 32, 32, generator=g), torch.randn(6, 40, 32, generator=g) * 10 - 40
+    with torch.no_grad():
+        want = make_model(seed=3, num_experts=5, shared_experts=1, top_k=2, expert_affinity="modality")(img, aud)
+        assert torch.allclose(rebuilt(img, aud).logits, want.logits, atol=1e-5)

@@ -120,3 +120,29 @@ def test_edge_predict_runs_on_a_real_video_and_audio_file(shard_server, tmp_path
     r = CliRunner().invoke(build_app(), ["edge", "predict", "--audio", str(wav), *common])
     assert r.exit_code == 0, r.output
     assert len([ln for ln in r.output.splitlines() if ln.startswith("window ")]) == 3  # one per second
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize("given", [("image", "audio"), ("audio",)])
+def test_sharded_runner_reproduces_a_modality_affine_model(shard_server, modality_version, tmp_path, given):
+    from cloud.export import build_from_manifest
+
+    cache = ShardCache(shard_server.url, tmp_path / "cache", public_key=shard_server.store.public_pem,
+                       modalities=("image", "audio"), token=shard_server.token, device=shard_server.device,
+                       ca_file=shard_server.ca_file, version=modality_version)
+    runner = ShardedRunner(cache)
+    model = build_from_manifest(shard_server.store.store.version_dir(modality_version), runner.manifest)
+    g = torch.Generator().manual_seed(8)
+    img, aud = torch.rand(7, 3, 32, 32, generator=g), torch.randn(7, 40, 32, generator=g) * 10 - 40
+    q = torch.rand(7, 2, generator=g)
+    kw = {"image": img if "image" in given else None, "audio": aud if "audio" in given else None}
+    with torch.no_grad():
+        want = model(**kw, quality=q)
+    got = runner.predict(**{k: (v.numpy() if v is not None else None) for k, v in kw.items()}, quality=q.numpy())
+    assert np.max(np.abs(got.logits - want.logits.numpy())) <= 1e-4
+    assert (got.predictions == want.logits.argmax(1).numpy()).all()
+    # the same experts as torch chose, per sample, each inside its token's group
+    torch_experts = [sorted(set(r)) for r in want.topk_idx.reshape(7, -1).tolist()]
+    assert got.experts == torch_experts
+    allowed = set(model.groups["audio"]) | (set(model.groups["image"]) if "image" in given else set())
+    assert {e for es in got.experts for e in es} <= allowed

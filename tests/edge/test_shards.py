@@ -16,6 +16,7 @@ from edge.shards import (
     CacheBudgetError,
     ShardAuthError,
     ShardCache,
+    ShardError,
     ShardIntegrityError,
     ShardTLSError,
     ShardUnavailableError,
@@ -246,3 +247,29 @@ def test_untrusted_tls_certificate_is_an_error_not_offline(shard_server, tmp_pat
                             modalities=("audio",), retries=0)  # system trust store: our CA is not in it
     with pytest.raises(ShardTLSError, match="not trusted"):
         untrusting.manifest()
+
+
+def test_mic_only_device_with_modality_affine_experts_never_fetches_image_shards(shard_server, modality_version,
+                                                                                 tmp_path):
+    cache = _cache(shard_server, tmp_path, ("audio",), version=modality_version)
+    man = cache.manifest()
+    assert man.version == modality_version
+    image_shards = {"encoder.image", "expert.0", "expert.1"}  # the image encoder and the image group
+    runner = ShardedRunner(cache)
+    used: set[int] = set()
+    for seed in range(6):  # a stream of windows over varied inputs
+        _, audio = _inputs(n=8, seed=seed)
+        out = runner.predict(audio=audio, quality=np.random.default_rng(seed).random((8, 2), dtype=np.float32))
+        used |= {e for es in out.experts for e in es}
+    assert used and used <= {2, 3, 4}
+    base = ["encoder.audio", "router", "head"]
+    assert cache.cached_files() == _files(cache, base + [f"expert.{e}" for e in sorted(used)])
+    assert not {man.file(n).sha256 for n in image_shards} & {f.split(".")[0] for f in cache.cached_files()}
+    with pytest.raises(ShardError, match="modality 'image'"):
+        cache.path("expert.0")  # an image-group expert is refused outright
+    # prefetching by group fetches exactly the audio group, still no image shard
+    assert cache.device_experts() == ("expert.2", "expert.3", "expert.4")
+    cache.ensure_experts()
+    assert cache.cached_files() == _files(cache, base + ["expert.2", "expert.3", "expert.4"])
+    # everything but the image encoder and the image group: the most a mic-only device can ever download
+    assert cache.stats.downloaded_bytes == man.total_bytes("onnx") - sum(man.file(n).bytes for n in image_shards)
