@@ -57,8 +57,11 @@ def test_loopback_rehearsal_runs_the_guide_end_to_end(tmp_path):
         assert [r["version"] for r in recs][-1] >= 3
         assert sum(r["updates"] for r in recs) >= 3
         assert (work / "cloud" / "global_adapters.npz").is_file()
-        for e in edges:  # both devices connected over TLS with their registered keys and trained
+        # asynchronous: an update trained on an older version was still applied after newer versions existed
+        assert any(s > 0 for r in recs for s in r["staleness"]), recs
+        for e in edges:  # both devices connected over TLS with their registered keys, trained and replied
             assert e.alive(), e.text()[-3000:]
+            assert "Sending: train message" in e.text(), e.text()[-3000:]
         for e in edges:
             assert e.stop(timeout=40) in (0, -15, 143), e.text()[-3000:]
 
