@@ -1,16 +1,21 @@
 """Sharded edge inference: onnxruntime shard chain vs torch eager, and what a mic-only device downloads.
 
-One run: train the MoE briefly on the generated audio-visual task, publish it as signed shards into a
-ModelStore, serve it with the real Ray Serve ShardServer on 127.0.0.1, then
+One run: train the MoE briefly on the generated audio-visual task in both expert layouts from the same initial
+weights — ``shared`` (any token may use any expert) and ``modality`` (``model.expert_affinity = "modality"``:
+image tokens route only to experts 0-1, audio tokens only to 2-3) — publish both as signed shards into a
+ModelStore, serve them with the real Ray Serve ShardServer on 127.0.0.1, then
 
-* latency: per-keyframe (batch 1, image + audio) inference of the full sharded model. ``ort_speedup`` compares
-  the same shard chain (``edge.inference.ShardedRunner``, identical glue) with onnxruntime sessions against
-  torch eager modules of the same shards; the monolithic ``MultimodalMoE.forward`` in torch eager is printed
-  as a second peer. One thread each, interleaved calls, median over many calls;
+* accuracy: held-out accuracy of each trained layout with both modalities, image only and audio only;
 * download: camera-only, mic-only and full devices stream their windows through ``ShardedRunner`` from an empty
-  cache; bytes they downloaded / ONNX bytes of the whole model.
+  cache; bytes they downloaded / ONNX bytes of the whole model. The shared layout is printed for comparison;
+  the modality layout is the deployed configuration that the figures on the last line are measured on;
+* latency (deployed layout): per-keyframe (batch 1, image + audio) inference of the full sharded model.
+  ``ort_speedup`` compares the same shard chain (``edge.inference.ShardedRunner``, identical glue) with
+  onnxruntime sessions against torch eager modules of the same shards; the monolithic
+  ``MultimodalMoE.forward`` in torch eager is printed as a second peer. One thread each, interleaved calls,
+  median over many calls.
 
-Last line: ``ort_speedup=… mic_only_bytes_fraction=…``.
+Last line: ``ort_speedup=… mic_only_bytes_fraction=…`` (deployed = modality layout).
 """
 
 from __future__ import annotations
@@ -23,12 +28,17 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import numpy as np
 import torch
+
+LAYOUTS = ("shared", "modality")
+DEPLOYED = "modality"
+SUBSETS = {"image+audio": (True, True), "image": (True, False), "audio": (False, True)}
 
 
 def _free_port() -> int:
@@ -37,12 +47,53 @@ def _free_port() -> int:
         return int(s.getsockname()[1])
 
 
+def _accuracy_by_subset(model: Any, test: dict[str, np.ndarray]) -> dict[str, float]:
+    """Held-out accuracy with each modality subset present (the same samples, the rest masked out)."""
+    from common.training import evaluate
+
+    out = {}
+    for name, keep in SUBSETS.items():
+        data = dict(test)
+        data["mask"] = np.asarray(test["mask"], bool) & np.array(keep)
+        rows = data["mask"].any(axis=1)
+        out[name] = evaluate(model, {k: v[rows] for k, v in data.items()})["accuracy"]
+    return out
+
+
+def _downloads(url: str, version: str, pub: Path, test: dict[str, np.ndarray], windows: int, tmp: Path,
+               total: int, label: str) -> tuple[dict[str, float], dict[str, Any]]:
+    """Camera-only, mic-only and full devices classify ``windows`` windows each from an empty cache."""
+    from edge.inference import ShardedRunner
+    from edge.shards import ShardCache
+
+    fractions: dict[str, float] = {}
+    caches: dict[str, Any] = {}
+    for name, mods in (("camera", ("image",)), ("mic", ("audio",)), ("full", ("image", "audio"))):
+        cache = ShardCache(url, tmp / f"cache-{version}-{name}", public_key=pub, modalities=mods, version=version)
+        runner = ShardedRunner(cache)
+        used: set[int] = set()
+        after: dict[int, int] = {}
+        for i in range(windows):  # a stream over all classes: one keyframe / window at a time
+            out = runner.predict(image=test["image"][i : i + 1] if "image" in mods else None,
+                                 audio=test["audio"][i : i + 1] if "audio" in mods else None)
+            used |= set(out.experts[0])
+            if i + 1 in (1, 8, windows):
+                after[i + 1] = cache.stats.downloaded_bytes
+        fractions[name] = cache.stats.downloaded_bytes / total
+        caches[name] = cache
+        curve = ", ".join(f"{k} windows {v / total:.1%}" for k, v in after.items())
+        print(f"[{label}] {name:6s} device: downloaded {cache.stats.downloaded_bytes:7d} of {total} bytes "
+              f"({fractions[name]:.1%}); experts used {sorted(used)}; after {curve}")
+    return fractions, caches
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--train-steps", type=int, default=150)
     ap.add_argument("--windows", type=int, default=64, help="windows each device classifies (download part)")
     ap.add_argument("--iters", type=int, default=300, help="timed calls per runtime (latency part)")
     ap.add_argument("--batch", type=int, default=1, help="samples per call in the latency part")
+    ap.add_argument("--seed", type=int, default=0, help="initial weights of both layouts (the same for both)")
     args = ap.parse_args()
 
     import ray
@@ -54,68 +105,69 @@ def main() -> None:
     from common.manifest import generate_keypair, load_private_key
     from common.model import build_model
     from common.synthetic import make_av_dataset
-    from common.training import evaluate, train_steps
+    from common.training import train_steps
     from edge.inference import ShardedRunner
     from edge.shards import ShardCache
 
     torch.set_num_threads(1)
     tmp = Path(tempfile.mkdtemp(prefix="fedge-bench-edge-"))
 
-    # ---------------------------------------------------------------- a trained model version
-    t0 = time.perf_counter()
+    # ---------------------------------------------------------------- trained model versions, both layouts
     data = make_av_dataset(1024, seed=0)
     test = make_av_dataset(256, seed=1)
-    model = build_model(seed=0, precision={"image": "fp32", "audio": "fp32"})
-    train_steps(model, data, steps=args.train_steps, batch_size=32, lr=3e-3, modality_dropout_p=0.3)
-    acc = evaluate(model, test)["accuracy"]
-    print(f"trained {args.train_steps} steps in {time.perf_counter() - t0:.1f}s: test accuracy {acc:.3f}")
-
     priv, pub = generate_keypair(tmp / "keys")
     store = ModelStore(tmp / "store")
-    t0 = time.perf_counter()
-    manifest = store.publish(model, version="v1", private_key=load_private_key(priv), image_size=32,
-                             audio_frames=32)
+    models, manifests = {}, {}
+    for layout in LAYOUTS:
+        t0 = time.perf_counter()
+        model = build_model(seed=args.seed, precision={"image": "fp32", "audio": "fp32"}, expert_affinity=layout)
+        train_steps(model, data, steps=args.train_steps, batch_size=32, lr=3e-3, modality_dropout_p=0.3)
+        acc = _accuracy_by_subset(model, test)
+        accs = ", ".join(f"{k} {v:.3f}" for k, v in acc.items())
+        print(f"[{layout}] trained {args.train_steps} steps in {time.perf_counter() - t0:.1f}s: held-out "
+              f"accuracy {accs}")
+        t0 = time.perf_counter()
+        manifests[layout] = store.publish(model, version=layout, private_key=load_private_key(priv),
+                                          image_size=32, audio_frames=32)
+        models[layout] = model
+        print(f"[{layout}] exported {len(manifests[layout].shards())} ONNX shards "
+              f"({manifests[layout].total_bytes('onnx')} bytes) in {time.perf_counter() - t0:.1f}s; expert groups "
+              f"{manifests[layout].model['expert_groups']}")
+    model, manifest = models[DEPLOYED], manifests[DEPLOYED]
     total = manifest.total_bytes("onnx")
-    print(f"exported {len(manifest.shards())} ONNX shards ({total} bytes) in {time.perf_counter() - t0:.1f}s")
 
     # ---------------------------------------------------------------- downloads through the real ShardServer
-    fractions: dict[str, float] = {}
+    results: dict[str, dict[str, float]] = {}
     caches: dict[str, ShardCache] = {}
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
     try:
         url = start_shard_server(store.root, port=_free_port())
-        for name, mods in (("camera", ("image",)), ("mic", ("audio",)), ("full", ("image", "audio"))):
-            cache = ShardCache(url, tmp / f"cache-{name}", public_key=pub, modalities=mods)
-            runner = ShardedRunner(cache)
-            used: set[int] = set()
-            after: dict[int, int] = {}
-            for i in range(args.windows):  # a stream over all classes: one keyframe / window at a time
-                out = runner.predict(image=test["image"][i : i + 1] if "image" in mods else None,
-                                     audio=test["audio"][i : i + 1] if "audio" in mods else None)
-                used |= set(out.experts[0])
-                if i + 1 in (1, 8, args.windows):
-                    after[i + 1] = cache.stats.downloaded_bytes
-            fractions[name] = cache.stats.downloaded_bytes / total
-            caches[name] = cache
-            curve = ", ".join(f"{k} windows {v / total:.1%}" for k, v in after.items())
-            print(f"{name:6s} device: downloaded {cache.stats.downloaded_bytes:7d} of {total} bytes "
-                  f"({fractions[name]:.1%}); experts used {sorted(used)}; after {curve}")
+        for layout in LAYOUTS:
+            label = f"{layout}, deployed" if layout == DEPLOYED else f"{layout}, comparison"
+            results[layout], c = _downloads(url, layout, pub, test, args.windows, tmp,
+                                            manifests[layout].total_bytes("onnx"), label)
+            if layout == DEPLOYED:
+                caches = c
         # context: mic-only devices that hear only a few classes (Dirichlet(0.5) label mix, non-IID)
         rng = np.random.default_rng(0)
         noniid = []
         for dev in range(8):
             p = rng.dirichlet(np.full(10, 0.5))
             rows = rng.choice(len(test["label"]), size=args.windows, p=p[test["label"]] / p[test["label"]].sum())
-            cache = ShardCache(url, tmp / f"cache-mic-{dev}", public_key=pub, modalities=("audio",))
+            cache = ShardCache(url, tmp / f"cache-mic-{dev}", public_key=pub, modalities=("audio",),
+                               version=DEPLOYED)
             runner = ShardedRunner(cache)
             for r in rows:
                 runner.predict(audio=test["audio"][r : r + 1])
             noniid.append(cache.stats.downloaded_bytes / total)
-        print(f"non-IID mic-only devices (8, Dirichlet 0.5 over classes): downloaded fraction mean "
-              f"{np.mean(noniid):.3f} (min {min(noniid):.3f}, max {max(noniid):.3f})")
+        print(f"[{DEPLOYED}, deployed] non-IID mic-only devices (8, Dirichlet 0.5 over classes): downloaded "
+              f"fraction mean {np.mean(noniid):.3f} (min {min(noniid):.3f}, max {max(noniid):.3f})")
     finally:
         serve.shutdown()
         ray.shutdown()
+    fractions = results[DEPLOYED]
+    print(f"shared layout (comparison): mic_only_bytes_fraction={results['shared']['mic']:.3f} "
+          f"camera_only_bytes_fraction={results['shared']['camera']:.3f}")
 
     # ---------------------------------------------------------------- latency, offline from the cache (no Ray)
     plain = plain_model(model)
@@ -154,11 +206,12 @@ def main() -> None:
                     if rnd >= 2:  # warm-up rounds
                         times[key].append(time.perf_counter() - t)
     ort_ms, chain_ms, mono_ms = (statistics.median(times[k]) * 1e3 for k in ("ort", "chain", "mono"))
-    print(f"latency per call (batch {b}, image+audio, 1 thread, median of {len(times['ort'])}): onnxruntime "
+    print(f"[{DEPLOYED}, deployed] latency per call (batch {b}, image+audio, 1 thread, median of {len(times['ort'])}): onnxruntime "
           f"shards {ort_ms:.3f} ms | torch eager shards {chain_ms:.3f} ms | torch eager MultimodalMoE.forward "
           f"{mono_ms:.3f} ms")
     print(f"speedup vs torch eager MultimodalMoE.forward: {mono_ms / ort_ms:.2f}")
-    print(f"camera_only_bytes_fraction={fractions['camera']:.3f} full_bytes_fraction={fractions['full']:.3f}")
+    print(f"deployed layout: expert_affinity={DEPLOYED} camera_only_bytes_fraction={fractions['camera']:.3f} "
+          f"full_bytes_fraction={fractions['full']:.3f}")
     print(f"ort_speedup={chain_ms / ort_ms:.2f} mic_only_bytes_fraction={fractions['mic']:.3f}")
 
 
