@@ -64,3 +64,13 @@ def test_guide_names_the_ports_the_code_uses():
         assert row in text, row
     # the SuperLink's port in the guide's one-server/VM commands is the one deploy/ files use
     assert "--superlink cloud.example.org:9093" in text and "--port 9093" in text
+
+
+def test_default_ports_in_the_guide_are_the_codes_defaults():
+    import inspect
+
+    from cloud.serving import start_shard_server
+    from edge.agent import run_command
+
+    assert inspect.signature(run_command).parameters["port"].default == 9094  # SuperNode ClientApp API
+    assert inspect.signature(start_shard_server).parameters["port"].default == 8000  # Serve's HTTP proxy
