@@ -28,17 +28,19 @@ def test_combine_experts_matches_the_torch_moe_route():
     assert np.allclose(got, want.numpy(), atol=1e-6)
 
 
-def _cache(srv, tmp_path, modalities):
+def _cache(srv, tmp_path, modalities, **kw):
     return ShardCache(srv.url, tmp_path / "cache", public_key=srv.store.public_pem, modalities=modalities,
-                      token=srv.token, device=srv.device, ca_file=srv.ca_file)
+                      token=srv.token, device=srv.device, ca_file=srv.ca_file, **kw)
 
 
 @pytest.mark.integration
+@pytest.mark.parametrize("layout", ["shared", "modality"])  # modality: expert_affinity='modality' (ORT mask)
 @pytest.mark.parametrize("given", [("image", "audio"), ("image",), ("audio",)])
-def test_sharded_runner_reproduces_the_model(shard_server, tmp_path, given):
+def test_sharded_runner_reproduces_the_model(shard_server, request, tmp_path, given, layout):
     from cloud.export import build_from_manifest
 
-    runner = ShardedRunner(_cache(shard_server, tmp_path, ("image", "audio")))
+    version = request.getfixturevalue("modality_version") if layout == "modality" else "latest"
+    runner = ShardedRunner(_cache(shard_server, tmp_path, ("image", "audio"), version=version))
     store = shard_server.store.store
     model = build_from_manifest(store.version_dir(runner.manifest.version), runner.manifest)
     g = torch.Generator().manual_seed(4)
@@ -51,6 +53,10 @@ def test_sharded_runner_reproduces_the_model(shard_server, tmp_path, given):
     assert np.max(np.abs(got.logits - want.logits.numpy())) <= 1e-4
     assert np.allclose(got.fusion_weights, want.fusion_weights.numpy(), atol=1e-5)
     assert (got.predictions == want.logits.argmax(1).numpy()).all()
+    # the same experts as torch, per sample; with modality affinity all inside the given modalities' groups
+    assert got.experts == [sorted(set(r)) for r in want.topk_idx.reshape(5, -1).tolist()]
+    reachable = set().union(*(model.groups[m] for m in given))
+    assert {e for es in got.experts for e in es} <= reachable
 
 
 @pytest.mark.integration
@@ -120,29 +126,3 @@ def test_edge_predict_runs_on_a_real_video_and_audio_file(shard_server, tmp_path
     r = CliRunner().invoke(build_app(), ["edge", "predict", "--audio", str(wav), *common])
     assert r.exit_code == 0, r.output
     assert len([ln for ln in r.output.splitlines() if ln.startswith("window ")]) == 3  # one per second
-
-
-@pytest.mark.integration
-@pytest.mark.parametrize("given", [("image", "audio"), ("audio",)])
-def test_sharded_runner_reproduces_a_modality_affine_model(shard_server, modality_version, tmp_path, given):
-    from cloud.export import build_from_manifest
-
-    cache = ShardCache(shard_server.url, tmp_path / "cache", public_key=shard_server.store.public_pem,
-                       modalities=("image", "audio"), token=shard_server.token, device=shard_server.device,
-                       ca_file=shard_server.ca_file, version=modality_version)
-    runner = ShardedRunner(cache)
-    model = build_from_manifest(shard_server.store.store.version_dir(modality_version), runner.manifest)
-    g = torch.Generator().manual_seed(8)
-    img, aud = torch.rand(7, 3, 32, 32, generator=g), torch.randn(7, 40, 32, generator=g) * 10 - 40
-    q = torch.rand(7, 2, generator=g)
-    kw = {"image": img if "image" in given else None, "audio": aud if "audio" in given else None}
-    with torch.no_grad():
-        want = model(**kw, quality=q)
-    got = runner.predict(**{k: (v.numpy() if v is not None else None) for k, v in kw.items()}, quality=q.numpy())
-    assert np.max(np.abs(got.logits - want.logits.numpy())) <= 1e-4
-    assert (got.predictions == want.logits.argmax(1).numpy()).all()
-    # the same experts as torch chose, per sample, each inside its token's group
-    torch_experts = [sorted(set(r)) for r in want.topk_idx.reshape(7, -1).tolist()]
-    assert got.experts == torch_experts
-    allowed = set(model.groups["audio"]) | (set(model.groups["image"]) if "image" in given else set())
-    assert {e for es in got.experts for e in es} <= allowed
