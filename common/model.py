@@ -218,6 +218,8 @@ def expert_groups(
 class MultimodalMoE(nn.Module):
     """The fedge model: encoders per modality, quality-aware top-k router over E experts, fusion, head."""
 
+    expert_allowed: Tensor  # (M, E) bool buffer: modality m's tokens may use expert e
+
     def __init__(
         self,
         *,
