@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import shutil
 import threading
 import time
 from pathlib import Path
@@ -76,7 +77,11 @@ def run(cfg: FedgeConfig, *, out_dir: str | Path, num_nodes: int | None = None, 
 
     run_dir = Path(out_dir).resolve()
     run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / METRICS).unlink(missing_ok=True)
+    # a simulation starts afresh: an earlier run's outputs in the same directory would mix in (and its aggregator
+    # checkpoint would make the server resume instead of start)
+    for name in (METRICS, "events.jsonl", "summary.json", "global_adapters.npz"):
+        (run_dir / name).unlink(missing_ok=True)
+    shutil.rmtree(run_dir / "checkpoints", ignore_errors=True)
     if num_nodes is not None:
         cfg = dataclasses.replace(cfg, simulation=dataclasses.replace(cfg.simulation, devices=num_nodes))
     cfg = prepare(cfg, Path(cache) if cache is not None else default_cache(), progress=progress)
