@@ -256,6 +256,8 @@ def struct_distance(a: np.ndarray, b: np.ndarray) -> tuple[float, float, float, 
                         borderMode=cv2.BORDER_REPLICATE)
     mx, my = int(np.ceil(abs(dx))), int(np.ceil(abs(dy)))
     comp = _local_match(a[my:h - my, mx:w - mx], bw[my:h - my, mx:w - mx])
+    if comp < 0.2:  # the translation explains the pair: the uncompensated match cannot be much lower
+        return comp, dx, dy, resp
     return min(_local_match(a, b), comp), dx, dy, resp
 
 
