@@ -733,6 +733,8 @@ class ShotDetector:
             # cheap pre-filter: the ends of the widest span barely differ (no compensation needed to say so)
             if fa is None or _median_block(cv2.absdiff(fa.feat.luma, fb.feat.luma)) < GRADUAL_MIN:
                 spans = []
+            elif (self._struct(b - 2 * spans[-1], b) or 0.0) < GRADUAL_MIN:
+                spans = []  # only motion between the widest ends (a pan): no shot change inside
         for h in spans:
             a, m = b - 2 * h, b - h
             if self._travel(a, b) > 0.25:
