@@ -10,9 +10,10 @@ Ray, devices' streams rendered and ingested into stores) in this one program:
     train), with its peak memory (RSS of the whole process tree) printed beside it.
 (c) ``async_speedup``: virtual time to the target accuracy, sync FedAvg over async FedBuff, with 20% of the
     devices 5-10x slower (target >= 3).
-(d) ``fed_vs_central``: final federated accuracy over centralized training of the same adapters on the pooled
-    device data (target >= 0.95); ``missing30_drop_pts``: accuracy points lost when 30% of the devices miss a
-    modality (target <= 3).
+(d) ``fed_vs_central``: final federated accuracy over centralized training of the same adapters (LoRA factors,
+    router, fusion gate, modality embeddings) on the pooled device data, from the same starting point: the base the
+    cloud pretrained on its curated share (``model.base_path`` of the federated run; target >= 0.95);
+    ``missing30_drop_pts``: accuracy points lost when 30% of the devices miss a modality (target <= 3).
 (e) ``degraded_vs_best_single``: on a held-out set whose audio is at 5 dB SNR (rendered and ingested like the
     rest), fused accuracy over the better single modality (target >= 1: fusion never below its best input).
 
@@ -136,7 +137,11 @@ def time_to(recs: list[dict], target: float) -> float | None:
 
 
 def centralized_accuracy(cfg_path: Path, steps: int) -> float:
-    """Train the same adapters on the pooled data of every device's store; accuracy on the same held-out set."""
+    """Train the same adapters on the pooled data of every device's store; accuracy on the same held-out set.
+
+    The model starts where the federated run started: the run's base (``model.base_path``, the cloud-pretrained
+    base) with the initial adapters; only the adapter state trains, as on devices.
+    """
     import torch
 
     from common.config import load_config

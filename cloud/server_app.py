@@ -30,6 +30,7 @@ from flwr.app import Context, Message, MessageType
 from flwr.serverapp import Grid, ServerApp
 
 from common import wire
+from common.base_weights import load_base_file
 from common.config import FedgeConfig, config_from_context
 from common.lora import adapter_state, apply_lora, load_adapter_state
 from common.model import MultimodalMoE, build_model, model_kwargs
@@ -47,9 +48,12 @@ CHECKPOINT_SUBDIR = "checkpoints"
 
 
 def global_model(cfg: FedgeConfig) -> MultimodalMoE:
-    """The global model: the deterministic base with LoRA applied (same construction as on devices)."""
+    """The global model: the base (the seed's init, or ``model.base_path``) with LoRA applied, as on devices."""
     m = build_model(**model_kwargs(cfg))  # type: ignore[arg-type]
-    return apply_lora(m, rank=cfg.model.lora_rank, alpha=cfg.model.lora_alpha)  # type: ignore[return-value]
+    apply_lora(m, rank=cfg.model.lora_rank, alpha=cfg.model.lora_alpha)
+    if cfg.model.base_path:
+        load_base_file(m, cfg.model.base_path)
+    return m
 
 
 def heldout_data(cfg: FedgeConfig) -> dict[str, np.ndarray]:
@@ -297,7 +301,10 @@ class ServerLoop:
     # ------------------------------------------------------------------ versions
     def _on_version(self, v: int, t: float) -> None:
         self.version, self.params = self._get(self.actor.snapshot.remote())
-        if v % self.agg.eval_every and v < self.agg.versions:
+        budget = self.cfg.simulation.time_budget_s
+        if self.clock.virtual and 0 < budget <= t:  # simulation.time_budget_s: virtual time is up
+            self.done = True
+        if v % self.agg.eval_every and v < self.agg.versions and not self.done:
             return
         load_adapter_state(self.model, {k: torch.from_numpy(np.array(a)) for k, a in self.params.items()})
         res = evaluate(self.model, self.eval_data)

@@ -147,6 +147,7 @@ class ModelConfig:
     lora_alpha: float = 8.0
     expert_affinity: Literal["shared", "modality"] = "shared"  # "modality": one expert group per modality
     shared_experts: int = 0  # with "modality": experts (the last ones) that every modality may use
+    base_path: str = ""  # published base weights (safetensors) every party loads; "" = the seed's init
 
     def __post_init__(self) -> None:
         for k in ("dim", "num_experts", "expert_hidden", "image_size", "n_mels", "audio_frames", "lora_rank"):
@@ -298,6 +299,9 @@ class SimulationConfig:
     time_budget_s: float = 0.0  # stop after this much virtual time (0 = run aggregation.versions)
     client_cpus: float = 1.0  # Ray CPUs per virtual client
     num_cpus: int = 0  # Ray CPUs for the whole simulation (0 = all, at most 4)
+    pretrain_steps: int = 300  # cloud pretrains the base on its curated share before the run (0 = off)
+    cloud_samples: int = 240  # size of the cloud's curated share (rendered + ingested like a device's)
+    pretrain_lr: float = 0.003  # Adam learning rate of the cloud's base pretraining
 
     def __post_init__(self) -> None:
         _check(self.devices >= 1, "simulation.devices", "must be >= 1")
@@ -310,6 +314,9 @@ class SimulationConfig:
         _check(self.time_budget_s >= 0, "simulation.time_budget_s", "must be >= 0")
         _check(self.client_cpus > 0, "simulation.client_cpus", "must be > 0")
         _check(self.num_cpus >= 0, "simulation.num_cpus", "must be >= 0")
+        _check(self.pretrain_steps >= 0, "simulation.pretrain_steps", "must be >= 0")
+        _check(self.cloud_samples >= 1, "simulation.cloud_samples", "must be >= 1")
+        _check(self.pretrain_lr > 0, "simulation.pretrain_lr", "must be > 0")
 
 
 @dataclass(frozen=True)

@@ -14,6 +14,7 @@ The same app runs under Flower's simulation engine (node config ``partition-id``
 from __future__ import annotations
 
 import logging
+import os
 import time
 from typing import Any
 
@@ -23,6 +24,7 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricR
 from flwr.clientapp import ClientApp
 
 from common import wire
+from common.base_weights import load_base_file
 from common.config import MODALITIES, FedgeConfig, config_from_context
 from common.lora import adapter_state, apply_lora, load_adapter_state
 from common.model import MultimodalMoE, build_model, model_kwargs
@@ -51,17 +53,21 @@ def device_setup(cfg: FedgeConfig, node: NodeConfig) -> tuple[torch.device, dict
 def get_model(cfg: FedgeConfig, node: NodeConfig | None = None) -> MultimodalMoE:
     """The base model with LoRA applied, on the node's device, built once per process and config.
 
-    The base is deterministic from the config seed, so every party holds the same frozen weights and only
-    adapter states travel.
+    The base is deterministic from the config seed, or the published base weights in ``model.base_path``
+    (:mod:`common.base_weights`), so every party holds the same frozen weights and only adapter states travel.
     """
     node = node or NodeConfig()
     dev, prec = device_setup(cfg, node)
     kwargs = {**model_kwargs(cfg), "precision": prec}
-    key = repr((kwargs, cfg.model.lora_rank, cfg.model.lora_alpha, str(dev)))
+    base = cfg.model.base_path
+    stamp = os.stat(base).st_mtime_ns if base and os.path.exists(base) else 0
+    key = repr((kwargs, cfg.model.lora_rank, cfg.model.lora_alpha, str(dev), base, stamp))
     torch.set_num_threads(node.threads)
     if key not in _MODELS:
         m = build_model(**kwargs)  # type: ignore[arg-type]
         apply_lora(m, rank=cfg.model.lora_rank, alpha=cfg.model.lora_alpha)
+        if base:
+            load_base_file(m, base)
         _MODELS[key] = m.to(dev)
     return _MODELS[key]
 

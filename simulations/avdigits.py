@@ -127,6 +127,28 @@ def plan_devices(
     return plans
 
 
+def cloud_plan(samples: int, *, seed: int, devices: list[DevicePlan]) -> DevicePlan:
+    """The cloud's curated, labelled share (pid -2): training images no device records (never held-out ones).
+
+    Labels are balanced; where the devices already use every training image of a digit, the cloud falls back to
+    that digit's training images (its own speakers' takes and augmentation still differ).
+    """
+    _, y = digit_images()
+    train_idx, _ = image_split(seed)
+    used = set(np.concatenate([p.images for p in devices]).tolist()) if devices else set()
+    rng = np.random.default_rng([seed, 1601])
+    labels = np.arange(samples, dtype=np.int64) % NUM_CLASSES
+    rng.shuffle(labels)
+    by_class = []
+    for c in range(NUM_CLASSES):
+        cls = train_idx[y[train_idx] == c]
+        free = np.array([i for i in cls if int(i) not in used], dtype=np.int64)
+        by_class.append(free if len(free) else cls)
+    images = np.array([rng.choice(by_class[c]) for c in labels], dtype=np.int64)
+    speakers = rng.integers(0, len(speech_clips()[0]), size=samples).astype(np.int64)
+    return DevicePlan(pid=-2, labels=labels, images=images, speakers=speakers, seed=int(rng.integers(2**31)))
+
+
 def heldout_plan(samples: int, *, seed: int) -> DevicePlan:
     """A held-out 'device' with both sensors: unseen images, every speaker, fresh augmentation."""
     _, y = digit_images()

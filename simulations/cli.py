@@ -52,11 +52,17 @@ def run_cmd(
     quiet: Annotated[bool, typer.Option("--quiet", help="No progress bars.")] = False,
 ) -> None:
     """Run a scenario: render device streams, ingest them into stores, train federated, write the report."""
+    from common.base_weights import BaseWeightsError
+
     from .runner import run
 
     cfg = _load(scenario, list(set_ or []) + ([f"simulation.devices={nodes}"] if nodes else []))
     out = out or Path("runs") / f"{scenario.stem}-{time.strftime('%Y%m%d-%H%M%S')}"
-    run_dir = run(cfg, out_dir=out, progress=not quiet)
+    try:
+        run_dir = run(cfg, out_dir=out, progress=not quiet)
+    except BaseWeightsError as e:
+        typer.echo(f"fedge simulate: {e}", err=True)
+        raise typer.Exit(2) from None
     typer.echo(f"run directory: {run_dir}")
     typer.echo(f"report: {run_dir / 'report.md'}")
 

@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from common.base_weights import load_base_file
 from common.config import MODALITIES, FedgeConfig
 from common.lora import apply_lora, load_adapter_state
 from common.model import MultimodalMoE, build_model, model_kwargs
@@ -23,9 +24,11 @@ def load_arrays(path: str | Path) -> dict[str, np.ndarray]:
 
 
 def model_with(cfg: FedgeConfig, adapters: Mapping[str, np.ndarray] | None) -> MultimodalMoE:
-    """The deterministic base model of ``cfg`` with LoRA, loaded with ``adapters`` (initial ones if None)."""
+    """The base model of ``cfg`` (seed init or ``model.base_path``) with LoRA, loaded with ``adapters`` (initial ones if None)."""
     m = build_model(**model_kwargs(cfg))  # type: ignore[arg-type]
     apply_lora(m, rank=cfg.model.lora_rank, alpha=cfg.model.lora_alpha)
+    if cfg.model.base_path:
+        load_base_file(m, cfg.model.base_path)
     if adapters is not None:
         load_adapter_state(m, {k: torch.from_numpy(np.asarray(v, dtype=np.float32)) for k, v in adapters.items()})
     return m

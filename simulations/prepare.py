@@ -6,6 +6,10 @@ keyframes, log-mel, alignment, quality gate) into its own SampleStore at ``<stor
 which the ClientApp opens with ``data.source = "store"``. A held-out device is rendered and ingested the same way
 and exported as an NPZ (``data.eval_path``) for the server, which must not import edge code.
 
+With ``simulation.pretrain_steps > 0`` the cloud's curated share (``simulation.cloud_samples`` labelled samples of
+training images no device records) is rendered and ingested the same way, and the cloud pretrains the base on it
+(:mod:`simulations.pretrain`); the returned config's ``model.base_path`` points every party at that base.
+
 Prepared data is cached under a key of every setting that shapes it, so ``fedge simulate compare`` and repeated
 runs reuse the same devices and data.
 """
@@ -28,7 +32,15 @@ from common.config import FedgeConfig
 from . import avdigits
 
 EVAL_NAME = "heldout.npz"
+CLOUD_NAME = "cloud.npz"  # the cloud's curated share (simulation.pretrain_steps > 0)
 DONE = "prepared.json"
+
+
+def pretrains(cfg: FedgeConfig) -> bool:
+    """Whether the cloud pretrains the base: ``simulation.pretrain_steps > 0``, AV digits, no ``model.base_path``
+    given (a base the user names is used as it is)."""
+    s = cfg.simulation
+    return s.pretrain_steps > 0 and s.dataset == "avdigits" and not cfg.model.base_path
 
 
 def data_key(cfg: FedgeConfig) -> dict[str, Any]:
@@ -40,6 +52,7 @@ def data_key(cfg: FedgeConfig) -> dict[str, Any]:
         "missing_image": d.missing_image, "missing_audio": d.missing_audio, "fps": s.fps,
         "shot_s": s.shot_seconds, "size": s.frame_size, "noise": s.image_noise, "snr": s.snr_db,
         "image_size": m.image_size, "n_mels": m.n_mels, "frames": m.audio_frames, "format": 3,
+        **({"cloud": s.cloud_samples} if pretrains(cfg) else {}),
     }
 
 
@@ -51,13 +64,23 @@ def data_dir_for(cfg: FedgeConfig, cache_root: str | Path) -> Path:
 
 
 def with_data(cfg: FedgeConfig, data_dir: Path) -> FedgeConfig:
-    """``cfg`` pointed at prepared data: stores (avdigits) and the held-out NPZ."""
+    """``cfg`` pointed at prepared data: stores (avdigits), the held-out NPZ and the pretrained base, if any."""
     data = dataclasses.replace(
         cfg.data, eval_path=str(data_dir / EVAL_NAME),
         **({"source": "store", "store_root": str(data_dir / "stores")}
            if cfg.simulation.dataset == "avdigits" else {}),
     )
-    return dataclasses.replace(cfg, data=data)
+    cfg = dataclasses.replace(cfg, data=data)
+    if pretrains(cfg) and (data_dir / CLOUD_NAME).is_file():
+        from .pretrain import ensure_base
+
+        with np.load(data_dir / CLOUD_NAME) as z:
+            cloud = {k: z[k] for k in z.files}
+        with np.load(data_dir / EVAL_NAME) as z:
+            held = {k: z[k] for k in z.files}
+        base = ensure_base(cfg, data_dir.resolve(), cloud, held)  # absolute: Ray workers may run elsewhere
+        cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, base_path=str(base)))
+    return cfg
 
 
 def prepare(cfg: FedgeConfig, cache_root: str | Path, *, workers: int = 0, progress: bool = True) -> FedgeConfig:
@@ -94,7 +117,7 @@ def _render_and_ingest(job: tuple[avdigits.DevicePlan, str, str, dict[str, Any],
     plan, media, store, render_kw, ingest_kw = job
     streams = avdigits.render_device(plan, Path(media), **render_kw)
     totals: dict[str, Any] = {"device": plan.pid, "streams": len(streams), "shots": len(plan.labels)}
-    split = "test" if plan.pid < 0 else "train"  # the held-out 'device' has pid -1
+    split = "test" if plan.pid == -1 else "train"  # the held-out 'device' has pid -1, the cloud's share -2
     for s in streams:
         counts = stores.ingest_stream(video=s.video, audio=s.audio, store=Path(store), label=s.label,
                                       split=split, **ingest_kw)
@@ -122,6 +145,10 @@ def _prepare_avdigits(cfg: FedgeConfig, out: Path, *, workers: int, progress: bo
              ingest_kw) for p in plans]
     held = avdigits.heldout_plan(d.eval_samples, seed=cfg.seed)
     jobs.append((held, str(out / "media" / "heldout"), str(out / "heldout-store"), render_kw, ingest_kw))
+    cloud = pretrains(cfg)
+    if cloud:  # the cloud's curated, labelled share: images no device records, never held-out ones
+        jobs.insert(-1, (avdigits.cloud_plan(s.cloud_samples, seed=cfg.seed, devices=plans),
+                         str(out / "media" / "cloud"), str(out / "cloud-store"), render_kw, ingest_kw))
     n = workers or max(1, min(os.cpu_count() or 1, 4))
     results = []
     bar = tqdm(total=len(jobs), desc="render+ingest devices", unit="dev", disable=not progress)
@@ -139,10 +166,17 @@ def _prepare_avdigits(cfg: FedgeConfig, out: Path, *, workers: int, progress: bo
     arrays = stores.store_arrays(out / "heldout-store", image_size=m.image_size, n_mels=m.n_mels,
                                         frames=m.audio_frames)
     np.savez(out / EVAL_NAME, **arrays)
+    extra: dict[str, Any] = {}
+    if cloud:
+        c = stores.store_arrays(out / "cloud-store", image_size=m.image_size, n_mels=m.n_mels,
+                                frames=m.audio_frames)
+        np.savez(out / CLOUD_NAME, **c)
+        extra["cloud_samples"] = len(c["label"])
+    results = results[:len(plans)]
     totals: dict[str, Any] = {}
-    for r in results[:-1]:
+    for r in results:
         for k, v in r.items():
             if k != "device" and isinstance(v, (int, float)):
                 totals[k] = totals.get(k, 0) + v
-    return {"devices": len(plans), "eval_samples": len(arrays["label"]), "ingest": totals,
-            "per_device": results[:-1]}
+    return {"devices": len(plans), "eval_samples": len(arrays["label"]), **extra, "ingest": totals,
+            "per_device": results}

@@ -84,7 +84,15 @@ def run(cfg: FedgeConfig, *, out_dir: str | Path, num_nodes: int | None = None, 
     shutil.rmtree(run_dir / "checkpoints", ignore_errors=True)
     if num_nodes is not None:
         cfg = dataclasses.replace(cfg, simulation=dataclasses.replace(cfg.simulation, devices=num_nodes))
+    if cfg.model.base_path:  # a named base must exist before any data is prepared
+        from common.base_weights import read_base
+
+        read_base(cfg.model.base_path)
     cfg = prepare(cfg, Path(cache) if cache is not None else default_cache(), progress=progress)
+    if cfg.model.base_path:  # every party loads it: a file that does not fit fails here, in one line
+        from .evaluation import model_with
+
+        model_with(cfg, None)
     prepared = Path(cfg.data.eval_path).parent / DONE
     (run_dir / "prepared.json").write_text(prepared.read_text())
     cfg = dataclasses.replace(cfg, run_dir=str(run_dir))

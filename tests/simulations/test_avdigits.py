@@ -77,3 +77,13 @@ def test_speech_is_loud_inside_each_shot_and_camera_only_devices_get_no_audio(tm
 def test_unknown_partition_is_refused():
     with pytest.raises(ValueError, match="partition"):
         avdigits.plan_devices(2, samples_per_device=2, seed=0, partition="bogus")
+
+
+def test_cloud_share_uses_training_images_no_device_records():
+    train, test = avdigits.image_split(0)
+    plans = avdigits.plan_devices(4, samples_per_device=30, seed=0)
+    cloud = avdigits.cloud_plan(100, seed=0, devices=plans)
+    used = set(np.concatenate([p.images for p in plans]).tolist())
+    assert set(cloud.images.tolist()) <= set(train.tolist()) - used
+    _, y = avdigits.digit_images()
+    assert np.array_equal(y[cloud.images], cloud.labels) and np.bincount(cloud.labels, minlength=10).min() == 10

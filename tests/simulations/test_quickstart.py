@@ -39,6 +39,21 @@ def test_tiny_scenario_runs_end_to_end_and_the_same_seed_gives_the_same_data(tmp
     assert "report.md" in r.stdout
     (data_dir,) = list(cache.iterdir())
     assert sorted(p.name for p in (data_dir / "stores").iterdir()) == ["device-0", "device-1", "device-2"]
+    assert prepared["cloud_samples"] > 0  # the cloud's curated share went through ingest too
+
+    # the cloud pretrained the base; the resolved config points both apps at it; version 0 is above chance
+    from cloud.server_app import global_model, heldout_data
+    from common.config import load_config as _load
+    from common.lora import base_state
+    from common.training import evaluate
+    from edge.client_app import get_model
+
+    cfg = _load(toml_path=run / "config.toml")
+    assert Path(cfg.model.base_path).parent == data_dir and Path(cfg.model.base_path).is_file()
+    server = global_model(cfg)
+    sb, cb = base_state(server), base_state(get_model(cfg))
+    assert all(np.array_equal(sb[k].numpy(), cb[k].cpu().numpy()) for k in sb)
+    assert evaluate(server, heldout_data(cfg))["accuracy"] > 0.3  # 10 classes: chance is 0.1
 
     # the same seed renders and ingests the very same samples (a second, independent preparation)
     from common.config import load_config
