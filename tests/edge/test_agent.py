@@ -344,7 +344,8 @@ def test_devices_train_over_tls_with_node_auth_and_a_killed_supernode_rejoins(tm
         assert "SuperNode ID" not in stranger.text()
 
         run_dir = tmp_path / "run"
-        cfg = {"aggregation.mode": '"async"', "aggregation.versions": 6, "aggregation.buffer_size": 1,
+        VERSIONS = 14  # noqa: N806 - long enough that the killed device can rejoin before the run ends
+        cfg = {"aggregation.mode": '"async"', "aggregation.versions": VERSIONS, "aggregation.buffer_size": 1,
                "aggregation.concurrency": 2, "aggregation.min_nodes": 2, "aggregation.reply_timeout_s": 60.0,
                "aggregation.max_staleness": 20, "model.num_classes": CLASSES, "train.local_steps": 10,
                "train.lr": 0.01, "data.eval_path": f'"{heldout}"', "run_dir": f'"{run_dir}"'}
@@ -368,11 +369,14 @@ def test_devices_train_over_tls_with_node_auth_and_a_killed_supernode_rejoins(tm
         wait_for(lambda: len(versions()) >= n_at_kill + 1, 120, "a version while a device is down", procs)
         t_restart = time.time()
         b2 = agent("mic", store_b, "--modalities", "audio")
+        # the restarted device must get back in while the run still goes on (enough versions are left for it:
+        # the SuperLink refuses the same identity until the killed session's heartbeat has expired)
+        wait_for(lambda: "SuperNode ID" in b2.text() or run.p.poll() is not None, 180, "the device to rejoin", procs)
         wait_for(lambda: run.p.poll() is not None, 300, "the run to finish", procs)
         assert run.p.returncode == 0, run.text()[-3000:]
 
         hist = versions()
-        assert [h["version"] for h in hist] == list(range(1, 7))
+        assert [h["version"] for h in hist] == list(range(1, VERSIONS + 1))
         # the global model improves over the versions: from the initial adapters (version 0) to the last
         from cloud.server_app import global_model
         from common.config import load_config
