@@ -299,9 +299,9 @@ class SimulationConfig:
     time_budget_s: float = 0.0  # stop after this much virtual time (0 = run aggregation.versions)
     client_cpus: float = 1.0  # Ray CPUs per virtual client
     num_cpus: int = 0  # Ray CPUs for the whole simulation (0 = all, at most 4)
-    pretrain_steps: int = 300  # cloud pretrains the base on its curated share before the run (0 = off)
-    cloud_samples: int = 240  # size of the cloud's curated share (rendered + ingested like a device's)
-    pretrain_lr: float = 0.003  # Adam learning rate of the cloud's base pretraining
+    pretrain_steps: int = 600  # cloud pretrains the base on its curated share before the run (0 = off)
+    cloud_samples: int = 400  # size of the cloud's curated share (rendered + ingested like a device's)
+    pretrain_lr: float = 0.001  # Adam learning rate of the cloud's base pretraining
 
     def __post_init__(self) -> None:
         _check(self.devices >= 1, "simulation.devices", "must be >= 1")

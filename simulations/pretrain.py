@@ -25,13 +25,16 @@ from common.model import MultimodalMoE, build_model, model_kwargs
 from common.training import evaluate, train_steps
 
 BATCH_SIZE = 32
+# each present modality is dropped this often (at least training.modality_dropout): the image path, slower to
+# learn than speech, must be trained on its own too, or fusion leans on audio alone
+MIN_DROPOUT = 0.5
 
 
 def base_key(cfg: FedgeConfig) -> dict[str, Any]:
     """Every setting that shapes the pretrained base besides the data (which keys the folder it lives in)."""
     s = cfg.simulation
     return {"steps": s.pretrain_steps, "lr": s.pretrain_lr, "batch": BATCH_SIZE, "seed": cfg.seed,
-            "dropout": cfg.training.modality_dropout, "model": model_kwargs(cfg), "format": 1}
+            "dropout": max(cfg.training.modality_dropout, MIN_DROPOUT), "model": model_kwargs(cfg), "format": 1}
 
 
 def base_name(cfg: FedgeConfig) -> str:
@@ -41,13 +44,13 @@ def base_name(cfg: FedgeConfig) -> str:
 
 
 def pretrain_base(cfg: FedgeConfig, data: Mapping[str, np.ndarray], *, steps: int) -> MultimodalMoE:
-    """The seed's model with every parameter trained for ``steps`` Adam steps on ``data`` (``training.modality_dropout``)."""
+    """The seed's model with every parameter trained for ``steps`` Adam steps on ``data`` (at least :data:`MIN_DROPOUT`)."""
     torch.manual_seed(cfg.seed)
     model = build_model(**model_kwargs(cfg))  # type: ignore[arg-type]
     for p in model.parameters():
         p.requires_grad = True
     train_steps(model, data, steps=steps, batch_size=BATCH_SIZE, lr=cfg.simulation.pretrain_lr, seed=cfg.seed,
-                modality_dropout_p=cfg.training.modality_dropout)
+                modality_dropout_p=max(cfg.training.modality_dropout, MIN_DROPOUT))
     model.eval()
     return model
 

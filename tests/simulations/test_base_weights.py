@@ -72,3 +72,13 @@ def test_simulate_with_a_missing_base_file_fails_with_one_line(tmp_path):
     assert r.returncode == 2, r.stderr[-2000:]
     assert "missing.safetensors not found" in r.stderr and "Traceback" not in r.stderr
     assert not (tmp_path / "data").exists()  # nothing prepared for a run that cannot start
+
+
+def test_pretraining_is_off_with_zero_steps_or_a_named_base():
+    from simulations.prepare import data_key, pretrains
+
+    tiny = ROOT / "simulations" / "scenarios" / "tiny.toml"
+    assert pretrains(load_config(toml_path=tiny)) and "cloud" in data_key(load_config(toml_path=tiny))
+    for over in ({"simulation.pretrain_steps": 0}, {"model.base_path": "/some/base.safetensors"}):
+        cfg = load_config(toml_path=tiny, overrides=over)
+        assert not pretrains(cfg) and "cloud" not in data_key(cfg)
