@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.fedge-installed
 
-.PHONY: setup demo test test-fast bench lint clean
+.PHONY: setup demo test test-fast lint clean
 
 setup: $(STAMP)
 
