@@ -55,6 +55,15 @@ def test_tiny_scenario_runs_end_to_end_and_the_same_seed_gives_the_same_data(tmp
     assert all(np.array_equal(sb[k].numpy(), cb[k].cpu().numpy()) for k in sb)
     assert evaluate(server, heldout_data(cfg))["accuracy"] > 0.3  # 10 classes: chance is 0.1
 
+    # simulation.time_budget_s stops the server once the virtual clock reaches it (same prepared data, reused)
+    budget = recs[1]["virtual_time"]  # reached by version 2, long before 30 versions
+    r = _simulate(TINY, "--out", tmp_path / "b", "--set", "aggregation.versions=30", "--set",
+                  f"simulation.time_budget_s={budget}", cache=cache)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    rb = [json.loads(x) for x in (tmp_path / "b" / "metrics.jsonl").read_text().splitlines()]
+    assert rb[-1]["virtual_time"] >= budget and all(x["virtual_time"] < budget for x in rb[:-1])
+    assert len(rb) < 10
+
     # the same seed renders and ingests the very same samples (a second, independent preparation)
     from common.config import load_config
     from edge.data import local_data
