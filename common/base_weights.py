@@ -31,6 +31,7 @@ def read_base(path: str | Path) -> dict[str, Tensor]:
     BaseWeightsError
         The file is missing or not a safetensors file.
     """
+    from safetensors import SafetensorError
     from safetensors.torch import load_file
 
     p = str(Path(path).resolve())
@@ -43,7 +44,7 @@ def read_base(path: str | Path) -> dict[str, Tensor]:
         return hit[2]
     try:
         state = load_file(p)
-    except Exception as e:  # safetensors raises several types for a bad header
+    except (SafetensorError, OSError, ValueError) as e:
         raise BaseWeightsError(f"model.base_path: {path} is not a safetensors file ({e})") from None
     _CACHE[p] = (st.st_mtime_ns, st.st_size, state)
     return state

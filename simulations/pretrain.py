@@ -62,7 +62,7 @@ def ensure_base(cfg: FedgeConfig, data_dir: Path, cloud: Mapping[str, np.ndarray
     if not path.is_file():
         model = pretrain_base(cfg, cloud, steps=cfg.simulation.pretrain_steps)
         save_base(model, path)
-        info: dict[str, Any] = {"key": base_key(cfg), "cloud_samples": int(len(cloud["label"])),
+        info: dict[str, Any] = {"key": base_key(cfg), "cloud_samples": len(cloud["label"]),
                                 "cloud_accuracy": evaluate(model, dict(cloud))["accuracy"]}
         if heldout is not None:
             info["heldout_accuracy"] = evaluate(model, dict(heldout))["accuracy"]

@@ -80,7 +80,7 @@ def test_unknown_partition_is_refused():
 
 
 def test_cloud_share_uses_training_images_no_device_records():
-    train, test = avdigits.image_split(0)
+    train, _ = avdigits.image_split(0)
     plans = avdigits.plan_devices(4, samples_per_device=30, seed=0)
     cloud = avdigits.cloud_plan(100, seed=0, devices=plans)
     used = set(np.concatenate([p.images for p in plans]).tolist())
