@@ -344,9 +344,9 @@ def test_devices_train_over_tls_with_node_auth_and_a_killed_supernode_rejoins(tm
         assert "SuperNode ID" not in stranger.text()
 
         run_dir = tmp_path / "run"
-        VERSIONS = 14  # noqa: N806 - long enough that the killed device can rejoin before the run ends
+        VERSIONS = 16  # noqa: N806 - long enough that the killed device can rejoin before the run ends
         cfg = {"aggregation.mode": '"async"', "aggregation.versions": VERSIONS, "aggregation.buffer_size": 1,
-               "aggregation.concurrency": 2, "aggregation.min_nodes": 2, "aggregation.reply_timeout_s": 60.0,
+               "aggregation.concurrency": 2, "aggregation.min_nodes": 2, "aggregation.reply_timeout_s": 30.0,
                "aggregation.max_staleness": 20, "model.num_classes": CLASSES, "train.local_steps": 10,
                "train.lr": 0.01, "data.eval_path": f'"{heldout}"', "run_dir": f'"{run_dir}"'}
         run = Proc([str(BIN / "flwr"), "run", ".", "fleet", "--stream", "--run-config",
