@@ -27,6 +27,7 @@ import contextlib
 import math
 from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -414,38 +415,14 @@ class MultimodalMoE(nn.Module):
         )
 
 
-def build_model(
-    *,
-    dim: int = 64,
-    num_experts: int = 4,
-    top_k: int = 2,
-    expert_hidden: int = 128,
-    num_classes: int = 10,
-    n_mels: int = 40,
-    capacity_factor: float = 0.0,
-    dense: bool = False,
-    precision: dict[str, str] | None = None,
-    expert_affinity: str = "shared",
-    shared_experts: int = 0,
-    seed: int = 0,
-) -> MultimodalMoE:
-    """Build the model with deterministic initial weights for ``seed`` (every party builds the same base)."""
-    g = torch.random.fork_rng()
-    with g:
+def build_model(*, seed: int = 0, **kwargs: Any) -> MultimodalMoE:
+    """Build the model with deterministic initial weights for ``seed`` (every party builds the same base).
+
+    ``kwargs`` are :class:`MultimodalMoE`'s keyword arguments (``dim``, ``num_experts``, ``top_k``, ...).
+    """
+    with torch.random.fork_rng():
         torch.manual_seed(seed)
-        return MultimodalMoE(
-            dim=dim,
-            num_experts=num_experts,
-            top_k=top_k,
-            expert_hidden=expert_hidden,
-            num_classes=num_classes,
-            n_mels=n_mels,
-            capacity_factor=capacity_factor,
-            dense=dense,
-            precision=precision,
-            expert_affinity=expert_affinity,
-            shared_experts=shared_experts,
-        )
+        return MultimodalMoE(**kwargs)
 
 
 def model_kwargs(cfg: object) -> dict[str, object]:
