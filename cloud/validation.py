@@ -140,7 +140,8 @@ def validate(
     Raises
     ------
     UpdateRejected
-        With the first reason that applies, checked cheapest first.
+        With the first reason that applies: size and version window first (no decoding), then the content
+        (decode, keys, shapes, finiteness, norm bound), then staleness.
     """
     if len(raw.payload) > max_payload_bytes(reference):
         raise UpdateRejected(Reason.OVERSIZED_PAYLOAD,
@@ -149,9 +150,6 @@ def validate(
     if not oldest_version <= b <= current_version:
         raise UpdateRejected(Reason.UNKNOWN_VERSION,
                              f"base version {b} not in [{oldest_version}, {current_version}]")
-    staleness = current_version - b
-    if staleness > max_staleness:
-        raise UpdateRejected(Reason.STALE, f"staleness {staleness} > max_staleness {max_staleness}")
     try:
         delta = codec.decode(raw.payload)
     except codec.CodecError as e:
@@ -176,6 +174,11 @@ def validate(
             raise UpdateRejected(Reason.NORM, f"norm {norm:.4g} > max_norm {max_norm:.4g}")
         delta, _ = clip_by_norm(delta, max_norm)
         clipped = True
+    # staleness after the content checks: a poisoned or malformed update is reported as such even when it is
+    # also stale (that is the signal an operator needs); decoding it is cheap, bounded by the size check above
+    staleness = current_version - b
+    if staleness > max_staleness:
+        raise UpdateRejected(Reason.STALE, f"staleness {staleness} > max_staleness {max_staleness}")
     n = float(raw.metrics.get(wire.NUM_EXAMPLES, 1.0))
     if not math.isfinite(n) or n <= 0:
         raise UpdateRejected(Reason.MALFORMED, f"'{wire.NUM_EXAMPLES}' is {n!r}")
