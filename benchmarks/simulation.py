@@ -203,7 +203,8 @@ def main() -> None:
 
     # (c) async vs sync with stragglers, same devices and data, from the seed's base (no pretraining)
     target = args.target
-    nopre = ["simulation.pretrain_steps=0"]
+    # from a random base both modes train from scratch: a larger local step than the fine-tuning default
+    nopre = ["simulation.pretrain_steps=0", "train.lr=0.01"]
     wall_async, _ = simulate(base, work / "async-seedbase", [f"simulation.target_accuracy={target}", *nopre, *q],
                              env)
     wall_sync, _ = simulate(SCEN / "sync.toml", work / "sync-seedbase",
