@@ -92,6 +92,9 @@ def test_kill_9_server_mid_run_then_restart_resumes_from_checkpoint(tmp_path):
         cloud.wait(timeout=30)
         for p in _serverapps(port):  # and the ServerApp (Flower starts it in a session of its own)
             os.kill(p, signal.SIGKILL)
+        t_kill = time.monotonic()  # SIGKILL is delivered asynchronously: give the kernel a moment to end it
+        while _alive(pids["superlink"]) and time.monotonic() - t_kill < 10:
+            time.sleep(0.1)
         assert not _alive(pids["superlink"])
         ckpt = [e for e in _events(run_dir)]
         assert not any(e["event"] == "stopped" for e in ckpt)
