@@ -115,15 +115,17 @@ class ArrivalQueue:
     def __init__(self, clock: RealClock | VirtualClock) -> None:
         self.clock = clock
         self._inflight: dict[str, float] = {}
-        self._ready: list[tuple[float, int, Any]] = []
+        self._ready: list[tuple[float, int, int, Any]] = []
         self._seq = itertools.count()
 
     def dispatched(self, key: str, lower_bound: float) -> None:
         self._inflight[key] = float(lower_bound)
 
-    def arrived(self, key: str, t: float, item: Any) -> None:
+    def arrived(self, key: str, t: float, item: Any, *, order: int | None = None) -> None:
+        """A reply is in; ``order`` breaks ties in ``t`` (e.g. the dispatch index), else the arrival order."""
         self._inflight.pop(key, None)
-        heapq.heappush(self._ready, (float(t), next(self._seq), item))
+        seq = next(self._seq)
+        heapq.heappush(self._ready, (float(t), seq if order is None else int(order), seq, item))
 
     def cancel(self, key: str) -> None:
         self._inflight.pop(key, None)
@@ -147,5 +149,5 @@ class ArrivalQueue:
             if t > self.horizon():
                 return None
             self.clock.advance_to(t)
-        t, _, item = heapq.heappop(self._ready)
+        t, _, _, item = heapq.heappop(self._ready)
         return t, item

@@ -142,12 +142,36 @@ class ServerLoop:
         if now - self._nodes_read < (0.0 if self.clock.virtual else 1.0):
             return
         self._nodes_read = now
-        self.nodes = sorted(int(n) for n in self.grid.get_node_ids())
+        nodes = sorted(int(n) for n in self.grid.get_node_ids())
+        if self.clock.virtual:
+            self._discover([n for n in nodes if n not in self.node_pid])
+            # dispatch order by partition, not by the engine's random node ids: the same seed, the same run
+            nodes.sort(key=lambda n: (self.node_pid.get(n, -1) < 0, self.node_pid.get(n, -1), n))
+        self.nodes = nodes
         present = set(self.nodes)
         for mid, slot in list(self.inflight.items()):
             if slot.node_id not in present:
                 log.warning("node %d left while training; its update is lost", slot.node_id)
                 self._give_up(mid, Reason.NODE_LEFT)
+
+    def _discover(self, nodes: list[int]) -> None:
+        """Ask new nodes which simulated device (partition) they are, before any work goes to them.
+
+        Flower's simulation engine gives nodes random ids; the partition id keys the device profile of the
+        virtual clock and the dispatch order. A node that does not answer (or is no simulated device) is
+        recorded as -1: no profile, dispatched after the others.
+        """
+        if not nodes:
+            return
+        msgs = [Message(wire.query_message_content(), dst_node_id=int(n), message_type=MessageType.QUERY)
+                for n in nodes]
+        for n in nodes:
+            self.node_pid[n] = -1
+        for reply in self.grid.send_and_receive(msgs, timeout=self.agg.reply_timeout_s):
+            if reply.has_error() or wire.METRICS not in reply.content:
+                continue
+            pid = reply.content.metric_records[wire.METRICS].get(wire.PARTITION_ID, -1)
+            self.node_pid[int(reply.metadata.src_node_id)] = int(pid)  # type: ignore[arg-type]
 
     def _give_up(self, mid: str, reason: Reason) -> None:
         slot = self.inflight.pop(mid)
@@ -210,7 +234,7 @@ class ServerLoop:
             if self.round_open or self.queue.inflight or len(self.queue) or not idle:
                 return
             k = min(self.agg.concurrency, len(idle))
-            chosen = sorted(idle[i] for i in self.rng.permutation(len(idle))[:k])  # ids > int64: index
+            chosen = [idle[i] for i in sorted(self.rng.permutation(len(idle))[:k])]  # in partition order
             self.round_open = True
             self._dispatch(chosen)
             return
@@ -244,7 +268,7 @@ class ServerLoop:
                         self.node_pid[slot.node_id] = int(pid)
                 except UpdateRejected as e:
                     ev.reason, ev.detail = e.reason.value, e.detail
-            self.queue.arrived(mid, self._arrival(slot, upload, ev), ev)
+            self.queue.arrived(mid, self._arrival(slot, upload, ev), ev, order=slot.index)
         return got
 
     def _arrival(self, slot: _Slot, upload: int, ev: _Event) -> float:

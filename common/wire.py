@@ -4,6 +4,8 @@ A TRAIN message carries ``ARRAYS`` (the global adapter state as an ``ArrayRecord
 ``ConfigRecord``: global version and the round's hyper-parameters). A reply carries ``UPDATE`` (a
 ``ConfigRecord``: the base version it was trained from and the codec-encoded adapter delta) and ``METRICS``
 (a ``MetricRecord``). An EVALUATE message carries ``ARRAYS`` and ``ROUND``; its reply ``METRICS``.
+A QUERY message carries ``INFO`` (an empty ``ConfigRecord``); its reply ``METRICS`` with ``PARTITION_ID``
+(-1 outside a simulation): the server learns which simulated device a node is before it dispatches work.
 No bare key strings elsewhere: import these constants.
 """
 
@@ -19,6 +21,7 @@ ARRAYS = "adapters"
 ROUND = "round"
 UPDATE = "update"
 METRICS = "metrics"
+INFO = "info"
 
 # keys inside ROUND
 VERSION = "version"
@@ -71,6 +74,11 @@ def round_record(
         {VERSION: int(version), LR: float(lr), LOCAL_STEPS: int(local_steps), BATCH_SIZE: int(batch_size),
          SEED: int(seed)}
     )
+
+
+def query_message_content() -> RecordDict:
+    """Content of a QUERY message (what a node is; see :data:`PARTITION_ID`)."""
+    return RecordDict({INFO: ConfigRecord({})})
 
 
 def train_message_content(adapters: Mapping[str, object], rnd: ConfigRecord) -> RecordDict:

@@ -5,7 +5,7 @@ router, fusion gate, modality embeddings; see :mod:`common.lora`) on this device
 autocast precision and modality-importance-weighted gradient accumulation, and reply with the float delta.
 The mods (:mod:`edge.mods`) turn that reply into the wire format: DP, codec + error feedback, byte accounting.
 EVALUATE: accuracy of the received adapters on this device's local evaluation split, overall and per
-modality subset.
+modality subset. QUERY: the node's simulation partition id, so that a simulated run dispatches by partition.
 
 The same app runs under Flower's simulation engine (node config ``partition-id``) and in a real SuperNode
 (node config ``store``; see :mod:`edge.node_config`).
@@ -122,6 +122,13 @@ def train(msg: Message, context: Context) -> Message:
     log.info("device %s: trained from version %d on %d samples in %.2fs, loss %.3f",
              node.name, version, n, train_s, stats["loss"])
     return Message(content, reply_to=msg)
+
+
+@app.query()
+def query(msg: Message, context: Context) -> Message:
+    """QUERY: what this node is; the simulation's partition id (-1 on a real device) keys its virtual profile."""
+    pid = float(context.node_config.get(PARTITION_ID, -1))
+    return Message(RecordDict({wire.METRICS: MetricRecord({wire.PARTITION_ID: pid})}), reply_to=msg)
 
 
 @app.evaluate()

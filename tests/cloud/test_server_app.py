@@ -48,6 +48,15 @@ def test_virtual_queue_releases_replies_in_virtual_time_order_only():
     assert q.inflight == 0 and q.pop() is None
 
 
+def test_virtual_queue_breaks_ties_by_dispatch_order_not_by_arrival():
+    q = clk.ArrivalQueue(clk.VirtualClock())
+    for key in ("a", "b"):
+        q.dispatched(key, 0.0)
+    q.arrived("b", 1.0, "B", order=1)  # same virtual time; b's reply happened to come back first
+    q.arrived("a", 1.0, "A", order=0)
+    assert [q.pop(), q.pop()] == [(1.0, "A"), (1.0, "B")]
+
+
 def test_real_queue_releases_in_arrival_order():
     q = clk.ArrivalQueue(clk.RealClock())
     q.dispatched("x", 0.0)

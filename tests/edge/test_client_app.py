@@ -44,6 +44,15 @@ def _initial(ctx: Context) -> dict[str, np.ndarray]:
     return {k: v.numpy().copy() for k, v in adapter_state(m).items()}
 
 
+def test_query_answers_the_partition_id_and_minus_one_on_a_real_device():
+    md = Metadata(run_id=1, message_id="q", src_node_id=1, dst_node_id=7, reply_to_message_id="", group_id="",
+                  created_at=time.time(), ttl=3600, message_type=MessageType.QUERY)
+    for nc, want in (({"partition-id": 5, "num-partitions": 8}, 5.0), ({}, -1.0)):
+        reply = app(Message(content=wire.query_message_content(), metadata=md), _ctx(node_config=nc))
+        assert not reply.has_error(), reply.error
+        assert reply.content.metric_records[wire.METRICS][wire.PARTITION_ID] == want
+
+
 def test_rounds_of_local_training_lower_the_loss_and_raise_local_accuracy():
     ctx = _ctx()
     state = _initial(ctx)
