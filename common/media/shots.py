@@ -163,20 +163,29 @@ class Boundary:
 def thumbnail(frame: np.ndarray, width: int = THUMB_WIDTH) -> np.ndarray:
     """Downscale a (H, W, 3) or (H, W) uint8 frame to ``width`` pixels wide (aspect kept).
 
-    Rows and columns are first decimated to about twice the target (a strided view: no work on the pixels
-    that are skipped), then area-averaged, which averages sensor noise away at little cost.
+    Area averaging over every source pixel (up to 30x the width; wider frames are first decimated by a strided
+    view) divides sensor noise by the decimation factor: a noisy, low-contrast shot keeps a clean thumbnail.
+    Pure OpenCV (it releases the GIL), so a reader thread can run it next to the analysis.
     """
     h, w = frame.shape[:2]
     tw = min(width, w)
     th = max(4, round(h * tw / w))
-    step = max(1, w // (2 * tw))
+    step = max(1, w // (30 * tw))
     small = frame[::step, ::step] if step > 1 else frame
     return cv2.resize(small, (tw, th), interpolation=cv2.INTER_AREA)
 
 
-def frame_features(frame: np.ndarray, width: int = THUMB_WIDTH) -> FrameFeatures:
-    """Features of one frame: (H, W, 3) uint8 BGR (OpenCV order) or (H, W) grey."""
-    thumb = thumbnail(frame, width)
+def frame_features(frame: np.ndarray | None, width: int = THUMB_WIDTH,
+                   thumb: np.ndarray | None = None) -> FrameFeatures:
+    """Features of one frame: (H, W, 3) uint8 BGR (OpenCV order) or (H, W) grey.
+
+    ``thumb``: the frame's :func:`thumbnail`, when already computed (e.g. by a reader thread); ``frame`` is
+    then not looked at.
+    """
+    if thumb is None:
+        if frame is None:
+            raise ValueError("frame_features needs a frame or its thumbnail")
+        thumb = thumbnail(frame, width)
     if thumb.ndim == 2:
         gray = thumb
         thumb = cv2.cvtColor(thumb, cv2.COLOR_GRAY2BGR)
@@ -662,6 +671,8 @@ class ShotDetector:
         prev, cur = self._get(i - 1), self._get(i)
         if prev is None or cur is None:
             return True
+        if self._level_step(i):
+            return False  # a fade changes contrast over several frames, a cut (to a dark shot too) at once
         # Next to a frame without contrast (the bottom of a fade), structure emerges from quantisation and
         # noise step by step: those steps belong to the fade, which the gradual test reports once.
         if any(x is not None and x.feat.flat for x in map(self._get, range(i - 4, i + 4))):
@@ -680,6 +691,21 @@ class ShotDetector:
             if self._blend(a, m, b) is not None:
                 return True
         return False
+
+    def _level_step(self, i: int) -> bool:
+        """Contrast and brightness are steady over the two samples before step i and the two from i on, but
+        differ across it: one step from one exposure to another, which a fade (gradual by definition) is not."""
+        xs = [self._get(k) for k in (i - 2, i - 1, i, i + 1)]
+        if any(x is None for x in xs) or self._cut_between(i - 2, i - 1) or self._cut_between(i, i + 1):
+            return False
+        c = [x.feat.contrast for x in xs]  # type: ignore[union-attr]
+        m = [x.feat.mean for x in xs]  # type: ignore[union-attr]
+
+        def same(p: float, q: float, tol: float) -> bool:
+            return abs(p - q) <= tol * max(p, q) + 1.0
+
+        steady = same(c[0], c[1], 0.15) and same(c[2], c[3], 0.15) and same(m[0], m[1], 0.1) and same(m[2], m[3], 0.1)
+        return steady and not (same(c[1], c[2], 0.3) and same(m[1], m[2], 0.2))
 
     def _decide_cut(self, i: int) -> None:
         s = self._get(i)
