@@ -565,7 +565,8 @@ class ShotDetector:
         assert s is not None and s.step is not None
         jump = self._jump_of(i)
         out = {"hist": s.step.hist, "struct": s.step.struct}
-        if jump is not None:
+        prev = self._get(i - 1)
+        if jump is not None and prev is not None and not (prev.feat.flat or s.feat.flat):  # noise has no shift
             out["jump"] = jump
         return out
 
@@ -674,15 +675,19 @@ class ShotDetector:
         if self._level_step(i):
             return False  # a fade changes contrast over several frames, a cut (to a dark shot too) at once
         # Next to a frame without contrast (the bottom of a fade), structure emerges from quantisation and
-        # noise step by step: those steps belong to the fade, which the gradual test reports once.
-        if any(x is not None and x.feat.flat for x in map(self._get, range(i - 4, i + 4))):
+        # noise step by step: those steps belong to the fade, which the gradual test reports once. Only steps
+        # between two dim frames, though: a step to or from a lit frame next to a fade or a flash is a cut.
+        around = [x.feat for x in map(self._get, range(i - 4, i + 4)) if x is not None]
+        peak = max(f.contrast for f in around)
+        if max(prev.feat.contrast, cur.feat.contrast) < DIP_RATIO * peak and any(f.flat for f in around):
             return True
         # A step at the bottom of a contrast valley (much more contrast a few frames before and after): a fade
-        # through black that the sampling caught without a black frame.
-        low = min(prev.feat.contrast, cur.feat.contrast)
+        # through black that the sampling caught without a black frame. Both frames of the step are dim: in a
+        # fade the content changes where there is least contrast.
+        high = max(prev.feat.contrast, cur.feat.contrast)
         before = [x.feat.contrast for x in map(self._get, range(i - 5, i - 1)) if x is not None]
         after = [x.feat.contrast for x in map(self._get, range(i + 1, i + 5)) if x is not None]
-        if before and after and low < DIP_RATIO * min(max(before), max(after)):
+        if before and after and high < DIP_RATIO * min(max(before), max(after)):
             return True
         start = self._shot_start(i - 1)
         triples = [(i - 1, i, i + k) for k in range(1, 3)]
