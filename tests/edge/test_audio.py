@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 import wave
@@ -52,6 +53,10 @@ PARAMS = [
     MelParams(n_fft=400, win_length=300, hop_length=160, window="hamming", htk=True, fmin=50.0, fmax=7000.0,
               norm=None, power=1.0),
     MelParams(sr=8000, n_fft=256, hop_length=None, n_mels=24, norm=2.0),
+    MelParams(fft="scipy"),
+    MelParams(n_fft=400, win_length=300, hop_length=160, window="hamming", htk=True, fmin=50.0, fmax=7000.0,
+              norm=None, power=1.0, fft="scipy"),
+    MelParams(sr=8000, n_fft=255, hop_length=100, n_mels=24),  # odd n_fft: no Nyquist bin
 ]
 
 
@@ -63,7 +68,7 @@ def test_mel_filterbank_matches_librosa(kw):
     np.testing.assert_allclose(mel_filterbank(**kw), librosa.filters.mel(**kw), rtol=1e-6, atol=1e-9)
 
 
-@pytest.mark.parametrize("p", PARAMS, ids=lambda p: f"sr{p.sr}-fft{p.n_fft}-{p.window}-c{int(p.center)}")
+@pytest.mark.parametrize("p", PARAMS, ids=lambda p: f"sr{p.sr}-fft{p.n_fft}-{p.window}-c{int(p.center)}-{p.fft}")
 def test_logmel_and_mfcc_match_librosa(p):
     y = _test_signal(p.sr, 3.0)
     ref = librosa.power_to_db(_librosa_mel(y, p), ref=np.max, top_db=None)
@@ -96,6 +101,38 @@ def test_stream_in_random_chunks_equals_offline_exactly(p):
     assert s.frames_out == streamed.shape[1] == p.n_frames(len(y))
 
 
+@pytest.mark.parametrize("p", [MelParams(), MelParams(pad_mode="reflect", fft="scipy"),
+                               MelParams(pad_mode="edge", power=1.0, n_fft=401, hop_length=160)],
+                         ids=lambda p: f"{p.pad_mode}-{p.fft}-fft{p.n_fft}")
+def test_long_signal_padded_only_at_the_ends_equals_stream_and_librosa(p):
+    # long enough that the offline path pads copies of the two ends only and reads the middle in place
+    y = _test_signal(p.sr, 31.0, seed=3)
+    s = MelStream(p)
+    streamed = np.concatenate([s.push(y[i : i + 12345]) for i in range(0, len(y), 12345)] + [s.flush()], axis=1)
+    offline = mel_power(y, p)
+    assert np.array_equal(streamed, offline)
+    ref = _librosa_mel(y, p)
+    top = ref >= ref.max() * 1e-8  # the top 80 dB
+    assert np.abs(10 * np.log10(offline[top] / ref[top])).max() <= 0.01
+
+
+def test_features_run_in_the_calling_thread_only():
+    # OpenCV starts its worker pool on the first parallel call: the kernel stays under its threshold
+    code = (
+        "import os, numpy as np\n"
+        "from common.media.audio import MelParams, MelStream, logmel, mfcc\n"
+        "y = np.random.default_rng(0).standard_normal(16000 * 30).astype(np.float32)\n"
+        "before = len(os.listdir('/proc/self/task'))\n"
+        "for p in (MelParams(), MelParams(sr=22050, n_fft=2048, hop_length=512, n_mels=128)):\n"
+        "    logmel(y, p); mfcc(y, p); s = MelStream(p); s.push(y); s.flush()\n"
+        "print(before, len(os.listdir('/proc/self/task')))\n"
+    )
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1"}
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True,
+                         timeout=120, check=True).stdout.split()
+    assert out[0] == out[1], f"threads before/after: {out}"
+
+
 def test_stream_shorter_than_one_frame_and_tiny_chunks():
     p = MelParams(pad_mode="reflect")
     y = _test_signal(p.sr, 0.02)  # 320 samples < n_fft
@@ -115,6 +152,8 @@ def test_bad_signals_give_one_line_errors():
         MelParams(fmin=9000.0)
     with pytest.raises(ValueError, match="audio parameter 'window'"):
         MelParams(window="no-such-window")
+    with pytest.raises(ValueError, match="audio parameter 'fft'"):
+        MelParams(fft="fftw")
     s = MelStream()
     with pytest.raises(ValueError, match="non-finite"):
         s.push(np.array([0.0, np.inf], np.float32))
