@@ -6,9 +6,14 @@ librosa's defaults, HTK mel with a band limit and a Hamming window), the largest
 fedge's and librosa's log-mel spectrogram over the top 80 dB (cells within 80 dB of the spectrogram's
 maximum, ``ref=np.max``), and the largest MFCC difference (both with librosa's defaults, ``top_db=80``).
 
-Speed: seconds of audio turned into log-mel dB per second of wall time, fedge vs librosa on the same signal
-(fedge's model parameters: 16 kHz, n_fft 512, hop 256, 40 mels), single thread, librosa warmed up first,
-runs interleaved and the fastest of each kept (40 by default: robust on a busy machine). fedge's streaming extractor (0.5 s chunks) is reported too.
+Speed: seconds of audio turned into log-mel dB per second of wall time, fedge vs librosa on the same float32
+signal with the same parameters (fedge's model input: 16 kHz, n_fft 512, hop 256, 40 mels), each called as a
+user calls it (``librosa.power_to_db(librosa.feature.melspectrogram(...))`` against ``logmel``), one thread
+each (BLAS pinned to one thread; fedge's kernel never leaves the calling thread, and its CPU time per wall
+second is printed to show it), both warmed up, runs interleaved and the fastest of each kept (40 by default:
+robust on a busy machine; the median ratio is printed too). Also timed the same way: MFCC from the signal
+(``librosa.feature.mfcc(y=...)`` against ``mfcc``, n_mfcc 20), fedge with SciPy's FFT (``fft="scipy"``) and
+fedge's streaming extractor (0.5 s chunks).
 
 Last line: ``max_db_diff=… max_mfcc_diff=… speed_vs_librosa=…``.
 """
@@ -16,8 +21,10 @@ Last line: ``max_db_diff=… max_mfcc_diff=… speed_vs_librosa=…``.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import time
+from collections.abc import Callable
 
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
@@ -95,16 +102,12 @@ def accuracy(seconds: float) -> tuple[float, float]:
     return worst_db, worst_mfcc
 
 
-def speed(seconds: float, repeats: int) -> tuple[float, float, float]:
+def speed(seconds: float, repeats: int) -> dict[str, tuple[float, float, float]]:
+    """name -> (fastest, median, CPU seconds per wall second) over ``repeats`` interleaved runs."""
     p = PARAM_SETS["fedge"]
+    p_scipy = dataclasses.replace(p, fft="scipy")
     y = signals(p.sr, seconds)["voice"]
     chunk = p.sr // 2
-
-    def run_librosa() -> np.ndarray:
-        return librosa.power_to_db(librosa_mel(y, p))
-
-    def run_fedge() -> np.ndarray:
-        return logmel(y, p)
 
     def run_stream() -> np.ndarray:
         s = MelStream(p)
@@ -112,15 +115,29 @@ def speed(seconds: float, repeats: int) -> tuple[float, float, float]:
         parts.append(s.flush())
         return power_to_db(np.concatenate(parts, axis=1))
 
-    for f in (run_librosa, run_fedge, run_stream):  # warm-up (librosa's numba paths, FFT plans)
+    runs: dict[str, Callable[[], np.ndarray]] = {
+        "librosa": lambda: librosa.power_to_db(librosa_mel(y, p)),
+        "fedge": lambda: logmel(y, p),
+        "librosa mfcc": lambda: librosa.feature.mfcc(
+            y=y, sr=p.sr, n_mfcc=20, n_fft=p.n_fft, hop_length=p.hop, win_length=p.win_len, window=p.window,
+            center=p.center, pad_mode=p.pad_mode, power=p.power, n_mels=p.n_mels, fmin=p.fmin, fmax=p.fmax,
+            htk=p.htk, mel_norm=p.norm),
+        "fedge mfcc": lambda: mfcc(y, p, n_mfcc=20),
+        "fedge scipy-fft": lambda: logmel(y, p_scipy),
+        "fedge stream": run_stream,
+    }
+    np.testing.assert_allclose(runs["fedge mfcc"](), runs["librosa mfcc"](), atol=0.01)  # same work, same result
+    for f in runs.values():  # warm-up (librosa's numba paths, FFT plans, fedge's cached filterbank)
         f()
-    best = {f: float("inf") for f in (run_librosa, run_fedge, run_stream)}
+    times: dict[str, list[float]] = {k: [] for k in runs}
+    cpu: dict[str, float] = dict.fromkeys(runs, 0.0)
     for _ in range(repeats):
-        for f in list(best):
-            t0 = time.perf_counter()
+        for k, f in runs.items():
+            c0, t0 = time.process_time(), time.perf_counter()
             f()
-            best[f] = min(best[f], time.perf_counter() - t0)
-    return seconds / best[run_librosa], seconds / best[run_fedge], seconds / best[run_stream]
+            times[k].append(time.perf_counter() - t0)
+            cpu[k] += time.process_time() - c0
+    return {k: (min(v), float(np.median(v)), cpu[k] / sum(v)) for k, v in times.items()}
 
 
 def main() -> None:
@@ -132,11 +149,15 @@ def main() -> None:
     print(f"librosa {librosa.__version__}, numpy {np.__version__}")
     print("accuracy against librosa:")
     db, mf = accuracy(a.seconds)
-    lib, ours, stream = speed(a.speed_seconds, a.repeats)
-    print(f"speed (log-mel dB, {a.speed_seconds:.0f} s of 16 kHz audio, fastest of {a.repeats}):")
-    print(f"  librosa {lib:,.0f} s/s   fedge offline {ours:,.0f} s/s   fedge streaming (0.5 s chunks) "
-          f"{stream:,.0f} s/s")
-    print(f"max_db_diff={db:.6f} max_mfcc_diff={mf:.6f} speed_vs_librosa={ours / lib:.2f}")
+    t = speed(a.speed_seconds, a.repeats)
+    print(f"speed ({a.speed_seconds:.0f} s of 16 kHz audio; seconds of audio per second, fastest of {a.repeats}; "
+          "median in brackets; CPU s per wall s):")
+    for k, (fast, med, c) in t.items():
+        print(f"  {k:16s} {a.speed_seconds / fast:9,.0f} s/s  ({a.speed_seconds / med:9,.0f})  cpu {c:.2f}")
+    for ours, peer in (("fedge", "librosa"), ("fedge mfcc", "librosa mfcc"), ("fedge scipy-fft", "librosa"),
+                       ("fedge stream", "librosa")):
+        print(f"  {ours} vs {peer}: {t[peer][0] / t[ours][0]:.2f}x fastest, {t[peer][1] / t[ours][1]:.2f}x median")
+    print(f"max_db_diff={db:.6f} max_mfcc_diff={mf:.6f} speed_vs_librosa={t['librosa'][0] / t['fedge'][0]:.2f}")
 
 
 if __name__ == "__main__":
