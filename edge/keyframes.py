@@ -20,7 +20,9 @@ Options (keyword-only): ``min_interval`` (s, default 0.25): no two keyframes clo
 ``max_interval`` (s, default 4.0): a long shot gets a keyframe at least this often; ``max_side`` (px, 320);
 ``jpeg_quality`` (90); ``stride`` (analyse every n-th frame; default ``round(fps / 10)``, i.e. about 10
 analysed frames per second: every frame is still decoded, but only analysed ones are converted to pixels,
-the speed limit being decode); ``on_boundary`` (callback per detected boundary frame).
+the speed limit being decode); ``on_boundary`` (callback per detected boundary frame); ``read_ahead``
+(default 4: a reader thread decodes and thumbnails up to this many analysed frames ahead of the detector, so
+decode and analysis overlap on a multi-core device; 0: decode inline, one thread).
 
 Selection: the frames of a shot (or of each ``max_interval`` chunk of a long shot) compete on ``score``; the
 winner is the keyframe. Frames inside a transition score low (no contrast, motion), so they rarely win.
@@ -36,7 +38,7 @@ import json
 import sys
 import time
 from collections import deque
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Generator, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -46,7 +48,7 @@ import numpy as np
 import typer
 from tqdm import tqdm
 
-from common.media.shots import Boundary, FrameFeatures, ShotDetector, frame_features
+from common.media.shots import Boundary, FrameFeatures, ShotDetector, frame_features, thumbnail
 from edge.sources import VideoSource, open_video
 
 __all__ = ["Keyframe", "KeyframeReport", "default_stride", "extract_keyframes", "iter_keyframes"]
@@ -166,12 +168,15 @@ def iter_keyframes(
     jpeg_quality: int = 90,
     stride: int | None = None,
     on_boundary: Callable[[Boundary], None] | None = None,
+    read_ahead: int = 4,
 ) -> Iterator[Keyframe]:
     """Yield keyframes in time order while decoding ``src`` (see the module docstring for the options)."""
     if min_interval < 0 or max_interval <= 0 or max_interval < min_interval:
         raise ValueError("need 0 <= min_interval <= max_interval and max_interval > 0")
     if max_side < 8:
         raise ValueError("max_side must be >= 8")
+    if read_ahead < 0:
+        raise ValueError("read_ahead must be >= 0")
     video = src if isinstance(src, VideoSource) else open_video(src)
     step = stride or default_stride(video.fps)
     if step < 1:
@@ -191,9 +196,14 @@ def iter_keyframes(
             yield from sel.close()
 
     prev: FrameFeatures | None = None
+    stream: Generator[tuple[int, float, np.ndarray, Any], None, None]
+    if read_ahead:
+        stream = video.read_ahead(step, read_ahead, thumbnail)
+    else:
+        stream = ((i, t, f, None) for i, t, f in video.frames(every=step))
     try:
-        for idx, t, frame in video.frames(every=step):
-            feat = frame_features(frame)
+        for idx, t, frame, thumb in stream:
+            feat = frame_features(frame, thumb=thumb)
             bs = det.push(idx, feat)
             motion = det.last_step.struct if det.last_step is not None else 0.0
             # keep at most ~2x max_side of pixels per pending candidate (bounded memory on 4K streams)
@@ -209,6 +219,7 @@ def iter_keyframes(
             yield from sel.add(pending.popleft())
         yield from sel.close()
     finally:
+        stream.close()  # with read_ahead: stops and joins the reader thread
         if not isinstance(src, VideoSource):
             video.close()
     del prev

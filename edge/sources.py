@@ -5,6 +5,11 @@ decodes every frame with ``grab()`` but converts to pixels (``retrieve()``) only
 ``grab()`` alone is 2-2.5x faster than ``read()`` (STACK.md), so a detector that looks at every n-th frame does
 not pay the colour conversion for the others.
 
+:meth:`VideoSource.read_ahead` does the same in a reader thread that runs ahead of the consumer by a bounded
+number of frames (OpenCV releases the GIL while it decodes and converts), optionally applying a pure-OpenCV
+``prepare`` step (a thumbnail) there too: decode and analysis then overlap on a multi-core device. The thread is
+stopped and joined when the consumer stops early, raises, or closes the source.
+
 Errors are one line (:class:`VideoSourceError`): a missing file, a file that is not a video, a stream that cannot
 be opened. A stream that breaks part-way (a truncated or corrupt file) is not an exception: iteration stops,
 what decoded is kept and :attr:`VideoSource.error` says at which frame it broke.
@@ -13,9 +18,12 @@ what decoded is kept and :attr:`VideoSource.error` says at which frame it broke.
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator
+import queue
+import threading
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 os.environ.setdefault("OPENCV_FFMPEG_LOGLEVEL", "-8")  # FFmpeg's per-packet warnings; we report one line
 
@@ -33,6 +41,7 @@ _STREAM_PREFIXES = ("rtsp://", "rtsps://", "rtmp://", "http://", "https://", "ud
 # FFmpeg's "tty" demuxer renders any text file as a video of its characters: that is not a video to us.
 _NOT_VIDEO_FOURCC = {b"ansi", b"tty\x00"}
 DEFAULT_FPS = 30.0  # cameras and some streams report 0 fps; timestamps then assume this rate
+_END = object()  # end of a read-ahead stream
 
 
 class VideoSourceError(RuntimeError):
@@ -90,6 +99,8 @@ class VideoSource:
     _cap: cv2.VideoCapture = field(repr=False)
     frames_read: int = 0
     error: str | None = None
+    _stop: threading.Event | None = field(default=None, repr=False)
+    _reader: threading.Thread | None = field(default=None, repr=False)
 
     def frames(self, every: int = 1) -> Iterator[tuple[int, float, np.ndarray]]:
         """Yield ``(index, time_s, frame)`` for every ``every``-th frame (index 0, every, 2*every, ...).
@@ -116,6 +127,73 @@ class VideoSource:
                 frame = cv2.cvtColor(frame, cv2.COLOR_GRAY2BGR)
             yield i, i / self.fps, frame
 
+    def read_ahead(
+        self, every: int = 1, depth: int = 4, prepare: Callable[[np.ndarray], Any] | None = None,
+    ) -> Iterator[tuple[int, float, np.ndarray, Any]]:
+        """Like :meth:`frames`, but decoded by a reader thread up to ``depth`` yielded frames ahead.
+
+        Yields ``(index, time_s, frame, prepare(frame) or None)``; ``prepare`` runs in the reader thread
+        (keep it to OpenCV calls, which release the GIL). Memory: at most ``depth + 2`` frames in flight. The
+        thread stops and is joined when iteration ends, when the consumer breaks off or raises (the generator
+        is closed), and in :meth:`close`. An exception in the reader (e.g. in ``prepare``) is re-raised here
+        after the frames before it; a broken stream ends iteration with :attr:`error` set, as in :meth:`frames`.
+        """
+        if every < 1:
+            raise ValueError("every must be >= 1")
+        if depth < 1:
+            raise ValueError("depth must be >= 1")
+        if self._reader is not None:
+            raise RuntimeError(f"{self.name}: a reader thread is already running on this source")
+        q: queue.Queue[Any] = queue.Queue(maxsize=depth)
+        stop = threading.Event()
+        failure: list[BaseException] = []
+
+        def put(item: Any) -> bool:
+            while not stop.is_set():
+                try:
+                    q.put(item, timeout=0.05)
+                    return True
+                except queue.Full:
+                    continue
+            return False
+
+        def work() -> None:
+            try:
+                for i, t, frame in self.frames(every):
+                    if not put((i, t, frame, prepare(frame) if prepare is not None else None)):
+                        return
+            except BaseException as e:  # handed to the consumer, raised there
+                failure.append(e)
+            finally:
+                put(_END)
+
+        reader = threading.Thread(target=work, name=f"fedge-video-reader:{self.name}", daemon=True)
+        self._stop, self._reader = stop, reader
+        reader.start()
+        try:
+            while True:
+                try:
+                    item = q.get(timeout=0.1)
+                except queue.Empty:
+                    if (stop.is_set() or not reader.is_alive()) and q.empty():
+                        break  # the source was closed under us (or the reader is gone): nothing more comes
+                    continue
+                if item is _END:
+                    break
+                yield item
+            if failure:
+                raise failure[0]
+        finally:
+            self._stop_reader()
+
+    def _stop_reader(self) -> None:
+        if self._reader is None or self._stop is None:
+            return
+        self._stop.set()
+        if self._reader is not threading.current_thread():
+            self._reader.join()
+        self._stop, self._reader = None, None
+
     def skip_to_end(self) -> None:
         """Decode (grab) the remaining frames without converting them, to count them and find breaks."""
         for _ in self.frames(every=1 << 62):
@@ -132,7 +210,8 @@ class VideoSource:
             )
 
     def close(self) -> None:
-        """Release the capture."""
+        """Stop a reader thread (if any), then release the capture."""
+        self._stop_reader()
         self._cap.release()
 
     def __enter__(self) -> VideoSource:

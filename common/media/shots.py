@@ -217,14 +217,30 @@ def _window(shape: tuple[int, int]) -> np.ndarray:
 
 
 def _median_block(diff: np.ndarray) -> float:
-    return float(np.median(_block_means(diff)))
+    return _median(_block_means(diff))
+
+
+def _median(x: np.ndarray) -> float:
+    """Median of a small array (a sorted list beats ``np.median``'s overhead below a few hundred values)."""
+    v = sorted(x.ravel().tolist())
+    n = len(v)
+    return float(v[n // 2] if n % 2 else 0.5 * (v[n // 2 - 1] + v[n // 2]))
+
+
+def _grid(h: int, w: int) -> tuple[int, int, int, int]:
+    """(rows, cols, y0, x0): the block grid for an (h, w) array and the offset of its centred whole-block crop."""
+    gw = min(_GRID, w)
+    gh = max(1, round(gw * h / w))
+    bh, bw = max(1, h // gh), max(1, w // gw)
+    return gh, gw, (h - gh * bh) // 2, (w - gw * bw) // 2
 
 
 def _block_means(diff: np.ndarray) -> np.ndarray:
+    """Mean of ``diff`` per block of a grid about :data:`_GRID` blocks wide (the few border pixels past whole
+    blocks are left out: an integer area reduction, OpenCV's fast path)."""
     h, w = diff.shape
-    gw = min(_GRID, w)
-    gh = max(1, round(gw * h / w))
-    return cv2.resize(diff, (gw, gh), interpolation=cv2.INTER_AREA)
+    gh, gw, y0, x0 = _grid(h, w)
+    return cv2.resize(diff[y0:h - y0, x0:w - x0] if (y0 or x0) else diff, (gw, gh), interpolation=cv2.INTER_AREA)
 
 
 def _local_match(a: np.ndarray, b: np.ndarray, r: int = 1) -> float:
@@ -234,14 +250,19 @@ def _local_match(a: np.ndarray, b: np.ndarray, r: int = 1) -> float:
     parallax, an object moving) while a different image still differs at every shift.
     """
     h, w = a.shape
-    core = a[r:h - r, r:w - r]
+    ch, cw = h - 2 * r, w - 2 * r
+    gh, gw, y0, x0 = _grid(ch, cw)
+    H, W = ch - 2 * y0, cw - 2 * x0  # whole blocks only
+    oy, ox = r + y0, r + x0
+    core = a[oy:oy + H, ox:ox + W]
     best = None
     for dy in range(-r, r + 1):
         for dx in range(-r, r + 1):
-            m = _block_means(cv2.absdiff(core, b[r + dy:h - r + dy, r + dx:w - r + dx]))
-            best = m if best is None else np.minimum(best, m)
+            d = cv2.absdiff(core, b[oy + dy:oy + dy + H, ox + dx:ox + dx + W])
+            m = cv2.resize(d, (gw, gh), interpolation=cv2.INTER_AREA)
+            best = m if best is None else cv2.min(best, m)
     assert best is not None
-    return float(np.median(best))
+    return _median(best)
 
 
 def struct_distance(a: np.ndarray, b: np.ndarray) -> tuple[float, float, float, float]:
@@ -593,9 +614,8 @@ class ShotDetector:
             for c, vs in vals.items():
                 if len(vs) < 3:
                     continue
-                arr = np.asarray(vs)
-                med = float(np.median(arr))
-                mad = float(np.median(np.abs(arr - med))) * 1.4826
+                med = _small_median(vs)
+                mad = _small_median([abs(v - med) for v in vs]) * 1.4826
                 side[c] = (med, max(mad, SPREAD_FLOOR[c], 0.1 * med))
             sides.append(side)
         return sides
