@@ -471,7 +471,8 @@ class MelStream:
     """Chunked mel power: :meth:`push` samples as they come, :meth:`flush` at the end.
 
     The concatenation of everything returned equals :func:`mel_power` of the concatenated input exactly
-    (same kernel, same blocks). Memory is bounded: at most one block of frames plus one chunk is buffered.
+    (same kernel, same blocks). Memory is bounded: at most one block of frames plus one chunk is buffered,
+    in a buffer that grows by doubling (appending a chunk copies the chunk only).
     Frame ``i`` of the output is centred at ``params.frame_time(i)`` seconds.
     """
 
@@ -480,7 +481,8 @@ class MelStream:
         self._k = _kernel(params)
         self._pad = params.n_fft // 2 if params.center else 0
         self._head: np.ndarray | None = np.empty(0, np.float32)  # raw samples until the left pad is built
-        self._buf = np.empty(0, np.float32)  # padded samples from frame ``self.frames_out`` on
+        self._buf = np.empty(0, np.float32)  # self._buf[:self._n]: padded samples from frame ``frames_out`` on
+        self._n = 0
         self._tail = np.empty(0, np.float32)  # last pad+1 raw samples (right reflect/edge padding)
         self.frames_out = 0
         self.samples_in = 0
@@ -493,14 +495,14 @@ class MelStream:
         x = _check_signal(chunk)
         self.samples_in += len(x)
         keep = self._pad + 1
-        self._tail = np.concatenate([self._tail, x])[-keep:]
+        self._tail = x[-keep:].copy() if len(x) >= keep else np.concatenate([self._tail, x])[-keep:]
         if self._head is not None:
             # the left pad of reflect/edge modes needs the first pad+1 samples: hold input until then
             self._head = np.concatenate([self._head, x])
             if len(self._head) < keep:
                 return self._empty()
             x, self._head = _pad(self._head, self._pad, 0, self.params.pad_mode), None
-        self._buf = np.concatenate([self._buf, x])
+        self._append(x)
         return self._drain(final=False)
 
     def flush(self) -> np.ndarray:
@@ -512,27 +514,40 @@ class MelStream:
         if self._head is not None:  # too short for the streaming path: the offline one on what there is
             if p.n_frames(len(self._head)) == 0:
                 return self._empty()
-            self._buf = _pad(self._head, self._pad, self._pad, p.pad_mode)
+            self._append(_pad(self._head, self._pad, self._pad, p.pad_mode))
             self._head = None
         elif self._pad:
-            right = _pad(self._tail, 0, self._pad, p.pad_mode)[len(self._tail) :]
-            self._buf = np.concatenate([self._buf, right])
+            self._append(_pad(self._tail, 0, self._pad, p.pad_mode)[len(self._tail) :])
         return self._drain(final=True)
+
+    def _append(self, x: np.ndarray) -> None:
+        need = self._n + len(x)
+        if need > len(self._buf):
+            grown = np.empty(max(need, 2 * len(self._buf)), np.float32)
+            grown[: self._n] = self._buf[: self._n]
+            self._buf = grown
+        self._buf[self._n : need] = x
+        self._n = need
 
     def _empty(self) -> np.ndarray:
         return np.empty((self.params.n_mels, 0), np.float32)
 
     def _drain(self, *, final: bool) -> np.ndarray:
         p = self.params
-        avail = 0 if len(self._buf) < p.n_fft else 1 + (len(self._buf) - p.n_fft) // p.hop
+        avail = 0 if self._n < p.n_fft else 1 + (self._n - p.n_fft) // p.hop
         todo = avail if final else avail - avail % BLOCK
         if todo == 0:
             return self._empty()
         out = np.empty((p.n_mels, todo), dtype=np.float32)
+        frames = _frames(self._buf[: self._n], p.n_fft, p.hop, todo)
         for s in range(0, todo, BLOCK):
-            n = min(BLOCK, todo - s)
-            self._k.block(_frames(self._buf[s * p.hop :], p.n_fft, p.hop, n), out[:, s : s + n])
-        self._buf = self._buf[todo * p.hop :].copy()  # drop the consumed prefix
+            self._k.block(frames[s : s + BLOCK], out[:, s : s + BLOCK])
+        rest = self._n - todo * p.hop  # drop the consumed prefix
+        if len(self._buf) > 4 * (BLOCK * p.hop + p.n_fft) + 2 * rest:  # after a large chunk: shrink
+            self._buf = self._buf[todo * p.hop : self._n].copy()
+        else:
+            self._buf[:rest] = self._buf[todo * p.hop : self._n]  # numpy copies overlapping ranges safely
+        self._n = rest
         self.frames_out += todo
         return out
 
