@@ -231,12 +231,13 @@ class _Kernel:
             j = min(n, i + self.rows)
             buf = self._buf[i:j]
             np.multiply(frames[i:j], self.window, out=buf)
+            sq = self._sq[i:j]
             if self.p.fft == "opencv":
-                cv2.dft(buf, dst=self._sq[i:j], flags=cv2.DFT_ROWS)
+                cv2.dft(buf, dst=sq, flags=cv2.DFT_ROWS)
             else:
-                self._sq[i:j] = scipy.fft.rfft(buf, axis=-1, workers=1).view(np.float32)
+                sq[...] = scipy.fft.rfft(buf, axis=-1, workers=1).view(np.float32)
+            np.square(sq, out=sq)  # while it is in cache
         sq = self._sq[:n]
-        np.square(sq, out=sq)
         if not self.packed:
             pw = self._pow[:n]
             if self.p.fft == "opencv":  # re, im of bins 1..m in columns 1..2m; bin n_fft/2 (even n_fft) last
@@ -300,18 +301,29 @@ def _kernel(p: MelParams) -> _Kernel:
     return _Kernel(p)
 
 
-def _check_signal(y: np.ndarray) -> np.ndarray:
+def _check_signal(y: np.ndarray, *, finite: bool = True) -> np.ndarray:
+    """Mono float signal -> contiguous float32; with ``finite``, also :func:`_check_finite`."""
     y = np.asarray(y)
     if y.ndim != 1:
         raise ValueError(f"audio must be mono 1-D, got shape {y.shape}")
     if not np.issubdtype(y.dtype, np.floating):
         raise ValueError(f"audio must be floating point, got {y.dtype}")
     y = np.ascontiguousarray(y, dtype=np.float32)
-    # one BLAS pass: a NaN or inf makes the sum of squares non-finite (so can overflow: then look closer)
-    if not np.isfinite(np.dot(y, y)) and not np.isfinite(y).all():
+    if finite:
+        _check_finite(y, y)
+    return y
+
+
+def _check_finite(part: np.ndarray, y: np.ndarray) -> None:
+    """Raise if ``part`` (a piece of ``y``, or of ``y`` padded) has a NaN or inf, naming the first one in ``y``.
+
+    One BLAS pass: a NaN or inf makes the sum of squares non-finite (so can an overflow: then look closer).
+    """
+    with np.errstate(over="ignore", invalid="ignore"):
+        fine = np.isfinite(np.dot(part, part))
+    if not fine and not np.isfinite(y).all():
         bad = int(np.flatnonzero(~np.isfinite(y))[0])
         raise ValueError(f"audio has non-finite samples (first at index {bad})")
-    return y
 
 
 def _pad(y: np.ndarray, left: int, right: int, mode: str) -> np.ndarray:
@@ -362,19 +374,22 @@ def mel_power(y: np.ndarray, params: MelParams = MelParams()) -> np.ndarray:
     Same result as ``librosa.feature.melspectrogram`` with the same parameters (to float32 rounding).
     Raises ``ValueError`` for non-finite samples or a signal too short for one frame.
     """
-    y = _check_signal(y)
+    y = _check_signal(y, finite=False)  # checked block by block below, while each block is in cache
     k = _kernel(params)
     p = params
     pad = p.n_fft // 2 if p.center else 0
     t = p.n_frames(len(y))
     if t == 0:
+        _check_finite(y, y)
         raise ValueError(f"audio too short: {len(y)} samples give no frame of n_fft={p.n_fft}")
+    _check_finite(y[max(0, (t - 1) * p.hop + p.n_fft - pad) :], y)  # the samples after the last frame
     span = (BLOCK - 1) * p.hop + p.n_fft  # samples under one block of frames
     yp = _Padded(y, pad, p.pad_mode, span)
     out = np.empty((p.n_mels, t), dtype=np.float32)
     for s in range(0, t, BLOCK):
         n = min(BLOCK, t - s)
         seg = yp[s * p.hop : s * p.hop + (n - 1) * p.hop + p.n_fft]
+        _check_finite(seg, y)
         k.block(_frames(seg, p.n_fft, p.hop, n), out[:, s : s + n])
     return out
 

@@ -141,6 +141,21 @@ def test_stream_shorter_than_one_frame_and_tiny_chunks():
     assert np.array_equal(np.concatenate(parts, axis=1), mel_power(y, p))
 
 
+@pytest.mark.parametrize("center", [True, False])
+def test_non_finite_sample_anywhere_is_found(center):
+    p = MelParams(center=center)
+    y = _test_signal(p.sr, 20.0)  # long: padded ends, a middle read in place, samples after the last frame
+    for i in (0, 3, 70000, 150000, len(y) - 300, len(y) - 1):
+        for bad in (np.nan, np.inf, -np.inf):
+            z = y.copy()
+            z[i] = bad
+            with pytest.raises(ValueError, match=rf"non-finite samples \(first at index {i}\)"):
+                mel_power(z, p)
+    z = y[:20000].copy()
+    z[[0, 9000, -1]] = 3e38  # finite, but squares overflow the fast check: not an error
+    assert mel_power(z, p).shape == (p.n_mels, p.n_frames(len(z)))
+
+
 def test_bad_signals_give_one_line_errors():
     with pytest.raises(ValueError, match=r"non-finite samples \(first at index 5\)"):
         mel_power(np.r_[np.zeros(5, np.float32), np.nan, np.zeros(600, np.float32)])
