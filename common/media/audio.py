@@ -306,7 +306,7 @@ def _check_signal(y: np.ndarray, *, finite: bool = True) -> np.ndarray:
     y = np.asarray(y)
     if y.ndim != 1:
         raise ValueError(f"audio must be mono 1-D, got shape {y.shape}")
-    if not np.issubdtype(y.dtype, np.floating):
+    if y.dtype.kind != "f":
         raise ValueError(f"audio must be floating point, got {y.dtype}")
     y = np.ascontiguousarray(y, dtype=np.float32)
     if finite:
