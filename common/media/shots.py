@@ -48,7 +48,7 @@ accepted triples of one transition, the one whose blend is closest to half-and-h
 from __future__ import annotations
 
 from collections import deque
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import cv2
 import numpy as np
@@ -63,6 +63,7 @@ __all__ = [
     "composite_fit",
     "detect_boundaries",
     "frame_features",
+    "hist_distance",
     "is_blend",
     "is_composite",
     "pair_scores",
@@ -78,6 +79,7 @@ CONTRAST_FLOOR = 1.5
 # Hue x saturation bins of pixels that have a colour (V and S above _CHROMA_MIN), plus one bin for grey
 # pixels; dark pixels are left out. Brightness changes (fades, exposure, flashes) barely move this histogram.
 HIST_BINS = (8, 4)
+LEVEL_BINS = 16
 _CHROMA_MIN = 24
 _GRID = 8  # blocks across the thumbnail for the median block difference
 
@@ -87,6 +89,7 @@ CUT_MIN = {"hist": 0.30, "struct": 0.35, "jump": 0.04}
 SPREAD_FLOOR = {"hist": 0.02, "struct": 0.03, "jump": 0.006}
 DIP_RATIO = 0.5  # a frame with less than half the contrast of both sides is inside a fade
 RECENT_RATIO = 1.5  # a cut exceeds the shot's last two steps by this factor
+HIST_GRADUAL_MIN = 0.3  # histogram change between the ends of a gradual transition (a cut's hist floor)
 GRADUAL_MIN = 0.35  # struct distance between the ends of a gradual transition (as for a cut)
 BLEND_MAX_RESIDUAL = 0.25  # unexplained fraction of the middle frame's block variance
 BLEND_SHARE = (0.15, 0.85)  # the middle frame must hold a real share of both ends
@@ -109,6 +112,9 @@ class FrameFeatures:
         Mean and standard deviation of the grey thumbnail in grey levels (0-255).
     sharpness : float
         Mean absolute Laplacian of the grey thumbnail, in grey levels (a blur/detail measure).
+    levels : np.ndarray
+        (16,) float32 histogram of grey levels, summing to 1: with ``hist``, what a gradual transition
+        changes and camera motion over one scene mostly does not (see :func:`hist_distance`).
     """
 
     luma: np.ndarray
@@ -116,6 +122,7 @@ class FrameFeatures:
     mean: float
     contrast: float
     sharpness: float
+    levels: np.ndarray = field(default_factory=lambda: np.zeros(LEVEL_BINS, np.float32), repr=False)
 
     @property
     def scale(self) -> float:
@@ -203,7 +210,16 @@ def frame_features(frame: np.ndarray | None, width: int = THUMB_WIDTH,
     hist = np.bincount(bins, minlength=hb * sb + 1).astype(np.float32)
     hist *= 1.0 / max(float(hist.sum()), 1.0)  # all dark: an empty histogram, compared as "no evidence"
     sharp = float(np.abs(cv2.Laplacian(g, cv2.CV_32F)).mean())
-    return FrameFeatures(luma=luma, hist=hist, mean=mean, contrast=sd, sharpness=sharp)
+    levels = np.bincount((gray >> 4).ravel(), minlength=LEVEL_BINS).astype(np.float32)
+    levels *= 1.0 / max(float(levels.sum()), 1.0)
+    return FrameFeatures(luma=luma, hist=hist, mean=mean, contrast=sd, sharpness=sharp, levels=levels)
+
+
+def hist_distance(a: FrameFeatures, b: FrameFeatures) -> float:
+    """Half L1 distance of the colour histograms or of the grey-level histograms, whichever is larger, in
+    [0, 1]: the share of pixels whose colour or grey level changed bin, wherever they moved to."""
+    hd = 0.5 * float(np.abs(a.hist - b.hist).sum()) if a.hist.any() and b.hist.any() else 0.0
+    return max(hd, 0.5 * float(np.abs(a.levels - b.levels).sum()))
 
 
 _WINDOWS: dict[tuple[int, int], np.ndarray] = {}
@@ -815,8 +831,60 @@ class ShotDetector:
                                 or self._cut_between(max(g[2] for g in self._group), m)):
                 self._close_group()  # past every triple of the open transition (or across a cut): a new one
             self._group.append((abs(share - 0.5), -d, m, a, b, d * (1 - residual)))
+        self._hist_gradual(b)
         if self._group and b - max(g[4] for g in self._group) > self._H:
             self._close_group()
+
+    def _hist_gradual(self, b: int) -> None:
+        """Transitions seen in the histograms: motion-blind, so a dissolve into or out of a moving shot counts.
+
+        Over ``[a, b]`` (2h samples) the colour or grey-level histogram changes like two shots do, spread over
+        several steps (no step carries half of it: not a cut), through a middle frame that lies between the ends
+        (both halves carry a real part and add up to about the whole), while the same span before ``a`` and
+        after ``b`` changes much less (camera motion over one scene that drifts the histogram keeps drifting).
+        The structure differs too (:data:`GRADUAL_MIN`), so a slow change of light is no transition.
+        """
+        for h in self._spans:
+            a, m = b - 2 * h, b - h
+            if h < 2 or a < self._grad_block or self._cut_between(a, b):
+                continue
+            xs = [self._get(k) for k in range(a, b + 1)]
+            if any(x is None for x in xs):
+                continue
+            f = [x.feat for x in xs]  # type: ignore[union-attr]
+            dab = hist_distance(f[0], f[-1])
+            if dab < HIST_GRADUAL_MIN:
+                continue
+            if max(hist_distance(f[k - 1], f[k]) for k in range(1, len(f))) > 0.5 * dab:
+                continue
+            dam, dmb = hist_distance(f[0], f[h]), hist_distance(f[h], f[-1])
+            if min(dam, dmb) < 0.2 * dab or dam + dmb > 1.25 * dab:
+                continue
+            # Steady motion drifts the histogram at a steady pace: the steps inside must be clearly faster than
+            # the steps of the same span on a side without a cut (at least one side must be known).
+            inside = dab / (2 * h)
+            outside = []
+            for x, y in ((a - 2 * h, a), (b, b + 2 * h)):
+                if x < 0 or y >= self._n or self._cut_between(x, y):
+                    continue
+                fs = [self._get(k) for k in range(x, y + 1)]
+                if any(q is None for q in fs):
+                    continue
+                steps = [hist_distance(fs[k - 1].feat, fs[k].feat) for k in range(1, len(fs))]  # type: ignore[union-attr]
+                outside.append(sum(steps) / len(steps))
+            if not outside or inside < 2.0 * max(outside) + 0.01:
+                continue
+            d = self._struct(a, b)
+            if d is None or d < GRADUAL_MIN:
+                continue
+            share = dam / (dam + dmb)
+            if self.trace is not None:
+                self.trace.append(("h", self._get(a).frame, self._get(m).frame, self._get(b).frame,  # type: ignore[union-attr]
+                                   round(dab, 3), round(share, 3), round(inside, 3), [round(o, 3) for o in outside]))
+            if self._group and (m > max(g[4] for g in self._group) + 2
+                                or self._cut_between(max(g[2] for g in self._group), m)):
+                self._close_group()
+            self._group.append((abs(share - 0.5), -d, m, a, b, dab))
 
     def _close_group(self) -> None:
         group, self._group = self._group, []
