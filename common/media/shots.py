@@ -886,6 +886,12 @@ class ShotDetector:
                 self._close_group()
             self._group.append((abs(share - 0.5), -d, m, a, b, dab))
 
+    def _part_of(self, c: int, hi: int) -> bool:
+        """The cut at sample c carries at most half of the structural change from c - 1 to ``hi``: it was the
+        first step of the gradual transition that ends at ``hi``, not a cut before it."""
+        step, whole = self._struct(c - 1, c), self._struct(c - 1, hi)
+        return step is not None and whole is not None and step <= 0.5 * whole
+
     def _close_group(self) -> None:
         group, self._group = self._group, []
         if not group:
@@ -893,7 +899,7 @@ class ShotDetector:
         best = min(group)
         lo, hi = min(g[3] for g in group), max(g[4] for g in group)
         self._grad_block = max(self._grad_block, hi)
-        if any(lo < c <= hi or abs(c - best[2]) <= 2 for c in self._cuts):
+        if any(lo < c <= hi or abs(c - best[2]) <= 2 or (c == lo and self._part_of(c, hi)) for c in self._cuts):
             return  # a cut inside (or right next to) the same transition was already reported
         m = self._get(best[2])
         if m is not None:
