@@ -26,6 +26,7 @@ be applied to a stream before it ends; :func:`power_to_db` applies them to any w
 from __future__ import annotations
 
 import math
+import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 from functools import lru_cache
@@ -220,26 +221,34 @@ class _Kernel:
             weights = self.basis
         self.groups = [(a, b, lo, hi, np.ascontiguousarray(weights[a:b, lo:hi]))
                        for a, b, lo, hi in _band_groups(weights)]
-        self._buf = np.empty((BLOCK, n_fft), dtype=np.float32)  # windowed frames
-        self._sq = np.empty((BLOCK, self.n_cols), dtype=np.float32)  # squared spectra
-        self._pow = np.empty((0 if self.packed else BLOCK, self.n_bins), dtype=np.float32)  # |X|**power
+        self._local = threading.local()  # scratch buffers, one set per thread
+
+    def _scratch(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """This thread's windowed frames, squared spectra and ``|X|**power`` buffers (64-byte aligned, so
+        that every thread's FFT calls see the same alignment and return the same bits)."""
+        s = getattr(self._local, "s", None)
+        if s is None:
+            s = self._local.s = (_aligned((BLOCK, self.p.n_fft)), _aligned((BLOCK, self.n_cols)),
+                                 _aligned((0 if self.packed else BLOCK, self.n_bins)))
+        return s
 
     def block(self, frames: np.ndarray, out: np.ndarray) -> None:
         """Mel power of up to BLOCK frames: (n, n_fft) float32 view -> ``out`` (n_mels, n) float32."""
         n = frames.shape[0]
+        bufs, sqs, pows = self._scratch()
         for i in range(0, n, self.rows):
             j = min(n, i + self.rows)
-            buf = self._buf[i:j]
+            buf = bufs[i:j]
             np.multiply(frames[i:j], self.window, out=buf)
-            sq = self._sq[i:j]
+            sq = sqs[i:j]
             if self.p.fft == "opencv":
                 cv2.dft(buf, dst=sq, flags=cv2.DFT_ROWS)
             else:
                 sq[...] = scipy.fft.rfft(buf, axis=-1, workers=1).view(np.float32)
             np.square(sq, out=sq)  # while it is in cache
-        sq = self._sq[:n]
+        sq = sqs[:n]
         if not self.packed:
-            pw = self._pow[:n]
+            pw = pows[:n]
             if self.p.fft == "opencv":  # re, im of bins 1..m in columns 1..2m; bin n_fft/2 (even n_fft) last
                 m = (self.p.n_fft - 1) // 2
                 pw[:, 0] = sq[:, 0]
@@ -258,6 +267,14 @@ class _Kernel:
                 np.matmul(w, sq[:, lo:hi].T, out=out[a:b])
             else:
                 out[a:b] = 0.0
+
+
+def _aligned(shape: tuple[int, int], align: int = 64) -> np.ndarray:
+    """Uninitialised float32 array whose first element sits on an ``align``-byte boundary."""
+    size = shape[0] * shape[1]
+    raw = np.empty(size + align // 4, dtype=np.float32)
+    off = (-raw.ctypes.data % align) // 4
+    return raw[off : off + size].reshape(shape)
 
 
 def _band_groups(weights: np.ndarray, overhead: int = 512) -> list[tuple[int, int, int, int]]:

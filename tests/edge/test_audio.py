@@ -116,6 +116,17 @@ def test_long_signal_padded_only_at_the_ends_equals_stream_and_librosa(p):
     assert np.abs(10 * np.log10(offline[top] / ref[top])).max() <= 0.01
 
 
+def test_threads_sharing_one_parameter_set_get_the_same_bits():
+    from concurrent.futures import ThreadPoolExecutor
+
+    p = MelParams()
+    ys = [_test_signal(p.sr, 9.0, seed=s) for s in range(6)]
+    want = [mel_power(y, p) for y in ys]
+    with ThreadPoolExecutor(max_workers=3) as ex:  # the kernel's scratch buffers are per thread
+        got = list(ex.map(lambda y: mel_power(y, p), ys * 3))
+    assert all(np.array_equal(g, want[i % len(ys)]) for i, g in enumerate(got))
+
+
 def test_features_run_in_the_calling_thread_only():
     # OpenCV starts its worker pool on the first parallel call: the kernel stays under its threshold
     code = (
