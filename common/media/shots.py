@@ -85,6 +85,7 @@ _GRID = 8  # blocks across the thumbnail for the median block difference
 
 # What a shot change means physically (see the module docstring); the adaptive z-test does the real work.
 CUT_MIN = {"hist": 0.30, "struct": 0.35, "jump": 0.04}
+STEADY_MAX = 0.35  # a step whose compensated struct distance is below this is camera motion within a shot
 # Spread floors for the z-test: the smallest MAD we trust (a static synthetic shot has MAD ~ 0).
 SPREAD_FLOOR = {"hist": 0.02, "struct": 0.03, "jump": 0.006}
 DIP_RATIO = 0.5  # a frame with less than half the contrast of both sides is inside a fade
@@ -315,8 +316,12 @@ def pair_scores(a: FrameFeatures, b: FrameFeatures) -> PairScores:
     return PairScores(hist=hd, struct=sd, dx=dx / w, dy=dy / w, response=float(resp))
 
 
-def composite_fit(a: np.ndarray, m: np.ndarray, b: np.ndarray) -> tuple[float, float]:
+def composite_fit(a: np.ndarray, m: np.ndarray, b: np.ndarray, min_diff: float = 0.5) -> tuple[float, float]:
     """How much ``m`` is a patchwork of ``a`` and ``b`` (a wipe, a split screen growing): block by block.
+
+    ``min_diff``: the mean absolute difference per pixel (in the arrays' units) above which a block of ``a``
+    and ``b`` counts as different. Compare grey levels rather than per-frame normalised luma when the
+    parts come from shots of different brightness: a wipe frame's contrast mixes both and normalises neither.
 
     Returns
     -------
@@ -327,7 +332,7 @@ def composite_fit(a: np.ndarray, m: np.ndarray, b: np.ndarray) -> tuple[float, f
     dab = _block_means(cv2.absdiff(a, b))
     dam = _block_means(cv2.absdiff(a, m))
     dbm = _block_means(cv2.absdiff(b, m))
-    informative = dab > 0.5  # blocks whose ends differ by half a standard deviation per pixel
+    informative = dab > min_diff  # e.g. blocks whose ends differ by half a standard deviation per pixel
     if informative.sum() < max(4, dab.size // 2):
         # two shots differ almost everywhere; ends that differ only here and there (stars passing by in a
         # pan over a night sky) would let any middle frame look like a patchwork
@@ -426,6 +431,11 @@ def blend_fit(a: np.ndarray, m: np.ndarray, b: np.ndarray, block: int = 8, scale
     pa, pb = np.clip(alpha, 0, None) / scale_a, np.clip(beta, 0, None) / scale_b
     share = float(np.mean(pb / np.maximum(pa + pb, 1e-9)))
     return residual, share, min(1.0, gain)
+
+
+def _grey(f: FrameFeatures) -> np.ndarray:
+    """The thumbnail in grey levels again (undo the contrast normalisation)."""
+    return f.luma * np.float32(f.scale) + np.float32(f.mean)
 
 
 def _small_median(v: list[float]) -> float:
@@ -562,14 +572,14 @@ class ShotDetector:
     def _steady(self, k: int) -> bool:
         """Step k is within a shot: its translation explains it (small compensated distance)."""
         s = self._get(k)
-        return s is not None and s.step is not None and s.step.struct < CUT_MIN["struct"]
+        return s is not None and s.step is not None and s.step.struct < STEADY_MAX
 
     def _motion(self, rng: range) -> np.ndarray | None:
         """Median translation over the steady steps in ``rng`` (a few steps: plain Python is faster)."""
         xs, ys = [], []
         for k in rng:
             s = self._get(k)
-            if s is not None and s.step is not None and s.step.struct < CUT_MIN["struct"]:
+            if s is not None and s.step is not None and s.step.struct < STEADY_MAX:
                 xs.append(s.step.dx)
                 ys.append(s.step.dy)
         if not xs:
@@ -698,7 +708,8 @@ class ShotDetector:
         fit = blend_fit(fa.feat.luma, fm.feat.luma, fb.feat.luma, scale_a=fa.feat.scale, scale_b=fb.feat.scale)
         if is_blend(fit):
             return fit
-        comp = composite_fit(fa.feat.luma, fm.feat.luma, fb.feat.luma)
+        comp = composite_fit(*(_grey(f.feat) for f in (fa, fm, fb)),
+                             min_diff=max(3.0, 0.5 * min(fa.feat.contrast, fb.feat.contrast)))
         if is_composite(comp):
             return 1.0 - comp[0], comp[1], 0.0
         return None
@@ -778,7 +789,7 @@ class ShotDetector:
         x = y = 0.0
         for k in range(a + 1, b + 1):
             s = self._get(k)
-            if s is not None and s.step is not None and s.step.response > 0.2 and s.step.struct < CUT_MIN["struct"]:
+            if s is not None and s.step is not None and s.step.response > 0.2 and s.step.struct < STEADY_MAX:
                 x += s.step.dx  # only translations that explain their step (not a transition's noise)
                 y += s.step.dy
         return float(np.hypot(x, y))
