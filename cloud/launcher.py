@@ -28,6 +28,7 @@ from typing import Annotated
 import typer
 
 from common.config import FedgeConfig
+from common.procs import escalate
 
 from .state import RAY_ADDRESS_ENV, RAY_ADDRESS_FILE
 
@@ -229,20 +230,8 @@ def _zombie(pid: int) -> bool:
 
 def _stop(procs: list[subprocess.Popen[bytes]], *, graceful: bool) -> None:
     """SIGINT each process (``flwr run``, then the SuperLink), then SIGTERM, then SIGKILL."""
-    for p in reversed(procs):
-        if p.poll() is not None:
-            continue
-        for sig, wait in ((signal.SIGINT, 20.0 if graceful else 5.0), (signal.SIGTERM, 10.0),
-                          (signal.SIGKILL, 5.0)):
-            try:
-                p.send_signal(sig)  # the SuperLink stops its SuperExec (the ServerApp was stopped before)
-            except ProcessLookupError:
-                break
-            try:
-                p.wait(timeout=wait)
-                break
-            except subprocess.TimeoutExpired:
-                continue
+    for p in reversed(procs):  # the SuperLink stops its SuperExec (the ServerApp was stopped before)
+        escalate(p, ((signal.SIGINT, 20.0 if graceful else 5.0), (signal.SIGTERM, 10.0), (signal.SIGKILL, 5.0)))
 
 
 def start_command(

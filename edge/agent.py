@@ -34,6 +34,7 @@ from typing import Annotated
 import typer
 
 from common.config import MODALITIES
+from common.procs import escalate
 
 from .node_config import NodeConfig
 
@@ -153,16 +154,8 @@ class Child:
         p = self.proc
         if p is None:
             return None
-        for sig, wait in ((signal.SIGTERM, grace_s), (signal.SIGKILL, 5.0)):
-            try:
-                os.killpg(p.pid, sig)
-            except ProcessLookupError:
-                break
-            try:
-                p.wait(timeout=wait)
-                break
-            except subprocess.TimeoutExpired:
-                _log(f"{self.name} (pid {p.pid}) ignored {sig.name}")
+        escalate(p, ((signal.SIGTERM, grace_s), (signal.SIGKILL, 5.0)), send=lambda sig: os.killpg(p.pid, sig),
+                 on_ignored=lambda sig: _log(f"{self.name} (pid {p.pid}) ignored {sig.name}"))
         try:  # stragglers of the group (e.g. a ClientApp process mid-round)
             os.killpg(p.pid, signal.SIGKILL)
         except ProcessLookupError:
