@@ -647,22 +647,29 @@ class ShotDetector:
         return sides
 
     def _fires(self, cues: dict[str, float], base: list[dict[str, tuple[float, float]]],
-               recent: dict[str, float] | None = None) -> float:
+               recent: dict[str, float] | None = None, level: bool = False) -> float:
         """The largest z (the smaller of before/after) among cues that pass the floor and the z-test, or 0.
 
         ``recent``: the largest value of each cue over the last steps of the shot; a cut must clearly exceed
         them (a shot that turned noisy or fast a moment ago, before the baseline caught up, is not a cut).
+        A busy shot (fast pan, heavy noise) next to the step makes its side's z small; the step still fires
+        when the other side's z passes and either ``level`` (exposure steady on both sides, different across:
+        :meth:`_level_step`) or the step is several times what is usual on the busy side.
         """
         best = 0.0
         for c, v in cues.items():
             if v < CUT_MIN[c]:
                 continue
-            if len(base) < 2 and v < 2 * CUT_MIN[c]:
+            if len(base) < 2 and v < 2 * CUT_MIN[c] and not level:
                 continue  # one side unknown (a short shot, the stream's start or end): ask for more
-            if recent is not None and c in recent and v < RECENT_RATIO * recent[c]:
+            if recent is not None and c in recent and v < RECENT_RATIO * recent[c] and not level:
                 continue
-            zs = [(v - side[c][0]) / side[c][1] for side in base if c in side] or [v / SPREAD_FLOOR[c]]
+            sides = [side[c] for side in base if c in side]
+            zs = [(v - med) / spread for med, spread in sides] or [v / SPREAD_FLOOR[c]]
             zc = min(zs)
+            if zc < self.z and max(zs) >= self.z and (
+                    level or (v >= 2 * CUT_MIN[c] and all(v >= 3 * med for med, _ in sides) and zc >= self.z / 2)):
+                zc = max(zs)
             if zc >= self.z:
                 best = max(best, zc)
         return best
@@ -773,7 +780,7 @@ class ShotDetector:
             if sk is not None and sk.step is not None:
                 for c, v in self._cues(k).items():
                     recent[c] = max(recent.get(c, 0.0), v)
-        z = self._fires(cues, base, recent)
+        z = self._fires(cues, base, recent, level=self._level_step(i))
         if self.trace is not None:
             self.trace.append((s.frame, {c: round(v, 3) for c, v in self._cues(i).items()},
                                [{c: (round(m, 3), round(sp, 3)) for c, (m, sp) in side.items()} for side in base], z))
