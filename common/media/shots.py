@@ -80,6 +80,7 @@ CONTRAST_FLOOR = 1.5
 # pixels; dark pixels are left out. Brightness changes (fades, exposure, flashes) barely move this histogram.
 HIST_BINS = (8, 4)
 LEVEL_BINS = 16
+HIST_MIN_SHARE = 0.25  # the colour histogram needs at least this share of non-dark pixels
 _CHROMA_MIN = 24
 _GRID = 8  # blocks across the thumbnail for the median block difference
 
@@ -209,7 +210,9 @@ def frame_features(frame: np.ndarray | None, width: int = THUMB_WIDTH,
     bins = np.where(s_ < _CHROMA_MIN, hb * sb, (h * hb // 180) * sb + s_ * sb // 256)
     bins = bins[v >= _CHROMA_MIN]
     hist = np.bincount(bins, minlength=hb * sb + 1).astype(np.float32)
-    hist *= 1.0 / max(float(hist.sum()), 1.0)  # all dark: an empty histogram, compared as "no evidence"
+    if hist.sum() < HIST_MIN_SHARE * hsv.shape[0]:
+        hist[:] = 0.0  # mostly dark: a histogram of a few noisy pixels is no evidence (compared as such)
+    hist *= 1.0 / max(float(hist.sum()), 1.0)
     sharp = float(np.abs(cv2.Laplacian(g, cv2.CV_32F)).mean())
     levels = np.bincount((gray >> 4).ravel(), minlength=LEVEL_BINS).astype(np.float32)
     levels *= 1.0 / max(float(levels.sum()), 1.0)
