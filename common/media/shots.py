@@ -876,7 +876,8 @@ class ShotDetector:
             dab = hist_distance(f[0], f[-1])
             if dab < HIST_GRADUAL_MIN:
                 continue
-            if max(hist_distance(f[k - 1], f[k]) for k in range(1, len(f))) > 0.5 * dab:
+            steps_in = [hist_distance(f[k - 1], f[k]) for k in range(1, len(f))]
+            if max(steps_in) > 0.5 * dab:
                 continue
             dam, dmb = hist_distance(f[0], f[h]), hist_distance(f[h], f[-1])
             if min(dam, dmb) < 0.2 * dab or dam + dmb > 1.25 * dab:

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import threading
+import time
 from pathlib import Path
 
 import cv2
@@ -118,6 +120,8 @@ def test_bad_options_are_refused(edited):
         extract_keyframes(path, min_interval=2.0, max_interval=1.0)
     with pytest.raises(ValueError):
         extract_keyframes(path, max_side=2)
+    with pytest.raises(ValueError):
+        extract_keyframes(path, read_ahead=-1)
 
 
 # ---------------------------------------------------------------------------------------------- sources
@@ -130,6 +134,75 @@ def test_source_decodes_every_frame_but_converts_only_those_asked_for(edited):
     assert got[1][1] == pytest.approx(3 / FPS)
     assert got[0][2].shape == (SIZE[1], SIZE[0], 3)
     assert default_stride(FPS) == 3 and default_stride(10) == 1
+
+
+def _readers() -> list[threading.Thread]:
+    return [t for t in threading.enumerate() if t.name.startswith("fedge-video-reader")]
+
+
+def test_read_ahead_yields_what_frames_yields_with_prepare_run_in_the_reader(edited):
+    path, frames, _ = edited
+    with open_video(path) as v0:
+        plain = list(v0.frames(every=3))
+    where: set[str] = set()
+
+    def prepare(f: np.ndarray) -> tuple[int, ...]:
+        where.add(threading.current_thread().name)
+        return f.shape
+
+    with open_video(path) as v1:
+        ahead = list(v1.read_ahead(every=3, depth=2, prepare=prepare))
+        assert v1.frames_read == len(frames) and v1.error is None
+    assert [a[0] for a in ahead] == [p[0] for p in plain]
+    assert all(np.array_equal(a[2], p[2]) and a[3] == p[2].shape for a, p in zip(ahead, plain))
+    assert len(where) == 1 and next(iter(where)).startswith("fedge-video-reader")
+    assert not _readers()
+
+
+def test_read_ahead_is_bounded_and_stops_its_thread_on_early_exit_and_on_close(edited):
+    path, frames, _ = edited
+    video = open_video(path)
+    it = video.read_ahead(every=1, depth=2)
+    assert [next(it)[0], next(it)[0]] == [0, 1]
+    assert len(_readers()) == 1
+    time.sleep(0.2)
+    assert video.frames_read <= 2 + 2 + 1  # taken + queued + one in the reader's hands: memory stays bounded
+    it.close()  # the consumer stops early
+    assert not _readers()
+    it2 = video.read_ahead(every=1, depth=2)  # the source goes on from where it was
+    first = next(it2)[0]
+    assert 2 <= first < len(frames)
+    video.close()  # closing the source stops a reader that is still running
+    assert not _readers()
+    assert len(list(it2)) <= 2  # what was already queued, then the end
+
+
+def test_read_ahead_reraises_a_reader_error_after_the_frames_before_it(edited):
+    path, _, _ = edited
+    calls = [0]
+
+    def prepare(f: np.ndarray) -> None:
+        calls[0] += 1
+        if calls[0] == 3:
+            raise RuntimeError("boom in the reader")
+
+    got = []
+    with open_video(path) as video, pytest.raises(RuntimeError, match="boom in the reader"):
+        for item in video.read_ahead(every=1, depth=4, prepare=prepare):
+            got.append(item[0])
+    assert got == [0, 1]
+    assert not _readers()
+
+
+def test_an_error_in_the_consumer_stops_the_reader(edited):
+    path, _, _ = edited
+
+    def fail(_b: object) -> None:
+        raise KeyError("consumer failed")
+
+    with open_video(path) as video, pytest.raises(KeyError):
+        list(iter_keyframes(video, on_boundary=fail))
+    assert not _readers()
 
 
 def test_parse_source_accepts_camera_indices_and_urls(tmp_path):
@@ -166,6 +239,18 @@ def test_truncated_avi_keeps_what_decoded_and_says_where_it_broke(tmp_path, edit
     assert report.error is not None and f"broke at frame {report.frames}" in report.error
     assert "\n" not in report.error
     assert report.keyframes  # what decoded was used
+
+
+def test_truncated_video_reports_the_same_with_and_without_the_reader_thread(tmp_path, edited):
+    _, frames, _ = edited
+    data = _write(tmp_path / "good.avi", frames, "MJPG").read_bytes()
+    cut = tmp_path / "cut.avi"
+    cut.write_bytes(data[: len(data) * 2 // 3])
+    threaded, inline = extract_keyframes(cut), extract_keyframes(cut, read_ahead=0)
+    assert 0 < threaded.frames < len(frames) and threaded.error is not None
+    assert (threaded.frames, threaded.error, threaded.boundaries) == (inline.frames, inline.error, inline.boundaries)
+    assert [k.frame for k in threaded.keyframes] == [k.frame for k in inline.keyframes]
+    assert not _readers()
 
 
 def test_corrupt_mp4_keeps_what_decoded(tmp_path, edited):

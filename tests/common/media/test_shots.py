@@ -15,6 +15,7 @@ from common.media.shots import (
     composite_fit,
     detect_boundaries,
     frame_features,
+    hist_distance,
     is_blend,
     is_composite,
     pair_scores,
@@ -221,3 +222,37 @@ def test_random_textures_cut_without_photos():
     shots = [Shot(texture(rng), 40, noise=4) for _ in range(4)]
     truth, found, _ = _detect(shots, [("cut", 0)] * 3)
     _assert_found(truth, found)
+
+
+# ---------------------------------------------------------------------------------------------- motion, exposure
+def test_dissolve_out_of_a_fast_pan():
+    # (into a pan this fast, whose histogram drifts as fast as the dissolve changes it, is still missed)
+    pan = Shot(P["astronaut"], 80, zoom=2.5, center=(0.3, 0.5), pan=(9.0, 0))
+    truth, found, _ = _detect([pan, Shot(P["chelsea"], 70)], [("dissolve", 24)])
+    _assert_found(truth, found)
+
+
+def test_cuts_into_and_out_of_a_short_dark_shot_are_not_a_fade():
+    shots = [Shot(P["astronaut"], 45), Shot(P["coffee"], 12, grade=(8, 0.1)), Shot(P["rocket"], 45)]
+    truth, found, _ = _detect(shots, [("cut", 0)] * 2)
+    _assert_found(truth, found)
+
+
+def test_cut_from_a_fast_noisy_pan_into_a_still_shot():
+    shots = [Shot(P["gravel"], 60, zoom=2.5, pan=(12.0, 0), noise=8), Shot(P["coffee"], 60)]
+    truth, found, _ = _detect(shots, [("cut", 0)])
+    _assert_found(truth, found)
+
+
+def test_wipe_from_a_dark_shot_to_a_bright_one():
+    shots = [Shot(P["gravel"], 60, grade=(6, 0.15)), Shot(P["page"], 60), Shot(P["chelsea"], 40)]
+    truth, found, _ = _detect(shots, [("wipe", 15), ("cut", 0)])
+    _assert_found(truth, found)
+
+
+def test_histogram_distance_sees_grey_images_and_ignores_a_dark_frames_few_colours():
+    a, b = frame_features(cv2.resize(P["camera"], SIZE)), frame_features(cv2.resize(P["page"], SIZE))
+    assert not a.hist.any() or a.hist.sum() == pytest.approx(1.0)
+    assert hist_distance(a, b) > 0.3  # two grey photos: only the grey-level histogram tells them apart
+    dark = frame_features((cv2.resize(P["astronaut"], SIZE) * 0.05).astype(np.uint8))
+    assert not dark.hist.any()  # almost no pixel bright enough for a colour: no colour evidence at all
