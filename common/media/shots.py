@@ -453,6 +453,7 @@ class _Sample:
     feat: FrameFeatures
     step: PairScores | None  # cues from the previous sample to this one
     jump: float | None = None  # computed once the motion after it is known
+    hstep: float = 0.0  # hist_distance from the previous sample
 
 
 @dataclass
@@ -525,7 +526,8 @@ class ShotDetector:
     def push(self, frame: int, feat: FrameFeatures) -> list[Boundary]:
         """Add one analysed frame; return the boundaries that became certain (in frame order)."""
         step = pair_scores(self._buf[-1].feat, feat) if self._buf else None
-        self._buf.append(_Sample(frame, feat, step))
+        hstep = hist_distance(self._buf[-1].feat, feat) if self._buf else 0.0
+        self._buf.append(_Sample(frame, feat, step, hstep=hstep))
         self._n += 1
         while self._decided < self._n - self.lookahead:
             self._advance(self._decided)
@@ -876,8 +878,7 @@ class ShotDetector:
             dab = hist_distance(f[0], f[-1])
             if dab < HIST_GRADUAL_MIN:
                 continue
-            steps_in = [hist_distance(f[k - 1], f[k]) for k in range(1, len(f))]
-            if max(steps_in) > 0.5 * dab:
+            if max(x.hstep for x in xs[1:]) > 0.5 * dab:  # type: ignore[union-attr]
                 continue
             dam, dmb = hist_distance(f[0], f[h]), hist_distance(f[h], f[-1])
             if min(dam, dmb) < 0.2 * dab or dam + dmb > 1.25 * dab:
@@ -889,11 +890,10 @@ class ShotDetector:
             for x, y in ((a - 2 * h, a), (b, b + 2 * h)):
                 if x < 0 or y >= self._n or self._cut_between(x, y):
                     continue
-                fs = [self._get(k) for k in range(x, y + 1)]
+                fs = [self._get(k) for k in range(x + 1, y + 1)]
                 if any(q is None for q in fs):
                     continue
-                steps = [hist_distance(fs[k - 1].feat, fs[k].feat) for k in range(1, len(fs))]  # type: ignore[union-attr]
-                outside.append(sum(steps) / len(steps))
+                outside.append(sum(q.hstep for q in fs) / len(fs))  # type: ignore[union-attr]
             if not outside or inside < 2.0 * max(outside) + 0.01:
                 continue
             d = self._struct(a, b)
