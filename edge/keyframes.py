@@ -53,6 +53,7 @@ from edge.sources import VideoSource, open_video
 
 __all__ = ["Keyframe", "KeyframeReport", "default_stride", "extract_keyframes", "iter_keyframes"]
 
+READ_AHEAD = 4  # analysed frames the reader thread may decode ahead of the detector
 ANALYSIS_RATE = 10.0  # analysed frames per second: cuts located to +-1 frame at 30 fps, 2-frame flashes seen
 
 
@@ -168,7 +169,7 @@ def iter_keyframes(
     jpeg_quality: int = 90,
     stride: int | None = None,
     on_boundary: Callable[[Boundary], None] | None = None,
-    read_ahead: int = 4,
+    read_ahead: int = READ_AHEAD,
 ) -> Iterator[Keyframe]:
     """Yield keyframes in time order while decoding ``src`` (see the module docstring for the options)."""
     if min_interval < 0 or max_interval <= 0 or max_interval < min_interval:
@@ -177,7 +178,7 @@ def iter_keyframes(
         raise ValueError("max_side must be >= 8")
     if read_ahead < 0:
         raise ValueError("read_ahead must be >= 0")
-    video = src if isinstance(src, VideoSource) else open_video(src)
+    video = src if isinstance(src, VideoSource) else open_video(src, decode_threads=1 if read_ahead else None)
     step = stride or default_stride(video.fps)
     if step < 1:
         raise ValueError("stride must be >= 1")
@@ -234,7 +235,8 @@ def extract_keyframes(src: str | int | Path | VideoSource, **options: Any) -> Ke
         The source cannot be opened (missing file, not a video).
     """
     t0 = time.perf_counter()
-    video = src if isinstance(src, VideoSource) else open_video(src)
+    threaded = options.get("read_ahead", READ_AHEAD) > 0
+    video = src if isinstance(src, VideoSource) else open_video(src, decode_threads=1 if threaded else None)
     boundaries: list[int] = []
     try:
         user_cb = options.pop("on_boundary", None)
@@ -266,7 +268,7 @@ def keyframes_command(
     from edge.sources import VideoSourceError
 
     try:
-        video_src = open_video(video)
+        video_src = open_video(video, decode_threads=1)  # decoded in extract_keyframes' reader thread
     except VideoSourceError as e:
         typer.echo(f"error: {e}", err=True)
         raise typer.Exit(1) from None

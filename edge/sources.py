@@ -221,8 +221,12 @@ class VideoSource:
         self.close()
 
 
-def open_video(src: str | int | Path) -> VideoSource:
+def open_video(src: str | int | Path, decode_threads: int | None = None) -> VideoSource:
     """Open a video file, a camera index or a stream URL.
+
+    ``decode_threads``: threads FFmpeg may use to decode (None: OpenCV's default, one per core). A consumer
+    that decodes in its own reader thread (:meth:`VideoSource.read_ahead`) asks for 1: its analysis already
+    occupies the other core, and one decoder thread spends less CPU per frame than several.
 
     Raises
     ------
@@ -231,7 +235,8 @@ def open_video(src: str | int | Path) -> VideoSource:
     """
     s = parse_source(src)
     live = isinstance(s, int) or str(s).lower().startswith(_STREAM_PREFIXES)
-    cap = cv2.VideoCapture(s) if isinstance(s, int) else cv2.VideoCapture(s, cv2.CAP_FFMPEG)
+    params = [cv2.CAP_PROP_N_THREADS, int(decode_threads)] if decode_threads else []
+    cap = cv2.VideoCapture(s) if isinstance(s, int) else cv2.VideoCapture(s, cv2.CAP_FFMPEG, params)
     if not cap.isOpened() and not isinstance(s, int):
         cap = cv2.VideoCapture(s)  # let OpenCV pick another backend (e.g. image sequences)
     if not cap.isOpened():
