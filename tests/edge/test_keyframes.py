@@ -159,6 +159,14 @@ def test_read_ahead_yields_what_frames_yields_with_prepare_run_in_the_reader(edi
     assert not _readers()
 
 
+def test_one_decoder_thread_decodes_the_same_frames(edited):
+    path, frames, _ = edited
+    with open_video(path) as v_default, open_video(path, decode_threads=1) as v_one:
+        a, b = list(v_default.frames(every=5)), list(v_one.frames(every=5))
+    assert len(a) == len(b) == len(range(0, len(frames), 5))
+    assert all(x[0] == y[0] and np.array_equal(x[2], y[2]) for x, y in zip(a, b))
+
+
 def test_read_ahead_is_bounded_and_stops_its_thread_on_early_exit_and_on_close(edited):
     path, frames, _ = edited
     video = open_video(path)
