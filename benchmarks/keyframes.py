@@ -10,8 +10,11 @@ frames long. Videos are written with OpenCV's mp4v encoder, so every detector se
 Scoring (per the issue): a hard cut is found by a detection within +-2 frames; a gradual transition by a
 detection anywhere inside it +-2 frames; each detection counts once. Speed: frames per second over the same
 files, including decode, for fedge's whole keyframe extraction (detection + keyframe JPEGs), for each
-PySceneDetect detector (its own OpenCV backend, default settings) and for a plain ``cv2.VideoCapture.read()``
-loop (the decode limit).
+PySceneDetect detector (its own OpenCV backend, default settings) and for a plain single-thread
+``cv2.VideoCapture.read()`` loop in Python (the decode limit; OpenCV's FFmpeg backend decodes with its default
+threads there). fedge runs as shipped: a reader thread decodes (FFmpeg on one thread) and thumbnails up to 4
+analysed frames ahead while the main thread detects, so on a machine with a free core decode and analysis
+overlap; on a saturated machine the ratio falls to what the CPU time allows.
 
 Run: ``.venv/bin/python benchmarks/keyframes.py`` (about 2-4 minutes; ``--videos`` and ``--shots`` make it
 shorter or longer). Last line: ``f1=... content_f1=... adaptive_f1=... speed_vs_decode=... speed_vs_content=...``
