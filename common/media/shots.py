@@ -511,6 +511,7 @@ class ShotDetector:
         self._grad_block = 0  # gradual triples must start at or after this sample (end of the last transition)
         self._group: list[tuple[float, float, int, int, int, float]] = []  # (|share-.5|, -d, m, a, b, score)
         self._ready: list[tuple[int, Boundary]] = []  # (sample, boundary) decided but not yet released
+        self._struct_cache: dict[tuple[int, int], float] = {}
 
     @property
     def max_delay(self) -> int:
@@ -807,10 +808,18 @@ class ShotDetector:
         return float(np.hypot(x, y))
 
     def _struct(self, a: int, b: int) -> float | None:
+        """Structural distance of samples a and b (cached: the gradual test asks for most pairs three times)."""
+        d = self._struct_cache.get((a, b))
+        if d is not None:
+            return d
         fa, fb = self._get(a), self._get(b)
         if fa is None or fb is None:
             return None
-        return struct_distance(fa.feat.luma, fb.feat.luma)[0]
+        d = self._struct_cache[(a, b)] = struct_distance(fa.feat.luma, fb.feat.luma)[0]
+        if len(self._struct_cache) > 4 * self._buf.maxlen:  # type: ignore[operator]
+            oldest = self._n - len(self._buf)
+            self._struct_cache = {k: v for k, v in self._struct_cache.items() if k[0] >= oldest}
+        return d
 
     def _gradual(self, b: int) -> None:
         """Look for transitions whose triple ends at sample b (frames up to b + 2*H are known)."""
@@ -829,11 +838,11 @@ class ShotDetector:
             a, m = b - 2 * h, b - h
             if self._travel(a, b) > 0.25:
                 break  # the camera moved too far to tell a transition from motion (wider spans: further)
+            d = self._struct(a, b)  # (cached, so asked before the blend fit)
+            if d is None or d < GRADUAL_MIN:
+                continue
             fit = self._blend(a, m, b)
             if fit is None:
-                continue
-            d = self._struct(a, b)
-            if d is None or d < GRADUAL_MIN:
                 continue
             residual, share, _ = fit
             # The change must be confined to [a, b]: the same span before a and after b changes much less.
