@@ -12,8 +12,8 @@ detection anywhere inside it +-2 frames; each detection counts once. Speed: fram
 files, including decode, for fedge's whole keyframe extraction (detection + keyframe JPEGs), for each
 PySceneDetect detector (its own OpenCV backend, default settings) and for a plain single-thread
 ``cv2.VideoCapture.read()`` loop in Python (the decode limit; OpenCV's FFmpeg backend decodes with its default
-threads there). fedge runs as shipped: a reader thread decodes (FFmpeg on one thread) and thumbnails up to 4
-analysed frames ahead while the main thread detects, so on a machine with a free core decode and analysis
+threads there). fedge runs as shipped: a reader thread decodes (FFmpeg on one thread) up to 4 analysed frames
+ahead while the main thread thumbnails and detects, so on a machine with a free core decode and analysis
 overlap; on a saturated machine the ratio falls to what the CPU time allows.
 
 Run: ``.venv/bin/python benchmarks/keyframes.py`` (about 2-4 minutes; ``--videos`` and ``--shots`` make it

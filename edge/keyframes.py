@@ -21,8 +21,8 @@ Options (keyword-only): ``min_interval`` (s, default 0.25): no two keyframes clo
 ``jpeg_quality`` (90); ``stride`` (analyse every n-th frame; default ``round(fps / 10)``, i.e. about 10
 analysed frames per second: every frame is still decoded, but only analysed ones are converted to pixels,
 the speed limit being decode); ``on_boundary`` (callback per detected boundary frame); ``read_ahead``
-(default 4: a reader thread decodes and thumbnails up to this many analysed frames ahead of the detector, so
-decode and analysis overlap on a multi-core device; 0: decode inline, one thread).
+(default 4: a reader thread decodes up to this many analysed frames ahead of the detector, FFmpeg on one
+thread, so decode and analysis overlap on a multi-core device; 0: decode inline, FFmpeg's default threads).
 
 Selection: the frames of a shot (or of each ``max_interval`` chunk of a long shot) compete on ``score``; the
 winner is the keyframe. Frames inside a transition score low (no contrast, motion), so they rarely win.
@@ -48,7 +48,7 @@ import numpy as np
 import typer
 from tqdm import tqdm
 
-from common.media.shots import Boundary, FrameFeatures, ShotDetector, frame_features, thumbnail
+from common.media.shots import Boundary, FrameFeatures, ShotDetector, frame_features
 from edge.sources import VideoSource, open_video
 
 __all__ = ["Keyframe", "KeyframeReport", "default_stride", "extract_keyframes", "iter_keyframes"]
@@ -199,7 +199,7 @@ def iter_keyframes(
     prev: FrameFeatures | None = None
     stream: Generator[tuple[int, float, np.ndarray, Any], None, None]
     if read_ahead:
-        stream = video.read_ahead(step, read_ahead, thumbnail)
+        stream = video.read_ahead(step, read_ahead)  # thumbnails below: the reader is the busier thread
     else:
         stream = ((i, t, f, None) for i, t, f in video.frames(every=step))
     try:
