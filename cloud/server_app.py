@@ -30,9 +30,9 @@ from flwr.app import Context, Message, MessageType
 from flwr.serverapp import Grid, ServerApp
 
 from common import wire
-from common.base_weights import load_base_file
+from common.base_weights import load_base_file, save_base
 from common.config import FedgeConfig, config_from_context
-from common.lora import adapter_state, apply_lora, load_adapter_state
+from common.lora import adapter_state, apply_lora, base_state, load_adapter_state, load_base_state
 from common.model import MultimodalMoE, build_model, model_kwargs
 from common.synthetic import make_av_dataset
 from common.training import evaluate
@@ -127,6 +127,13 @@ class ServerLoop:
         self.done = False  # aggregation.stop_at_accuracy reached
         self.nodes: list[int] = []
         self._nodes_read = -math.inf
+        # the base the current version's adapters belong to, as devices load it; global training replaces it
+        self.base_path = cfg.model.base_path
+        self.last_trained = self.version
+        base_version, base = self._get(self.actor.get_base.remote())
+        if base is not None:  # resumed after a global training: devices and the evaluation need its base
+            self._install_base(base_version, base)
+            self.last_trained = self.version
         self.poll_s = 0.02 if clock.virtual else 0.25
         self.t_wall0 = time.monotonic()
 
@@ -211,7 +218,7 @@ class ServerLoop:
         for n in nodes:
             rnd = wire.round_record(version=self.version, lr=self.cfg.train.lr,
                                     local_steps=self.cfg.train.local_steps, batch_size=self.cfg.train.batch_size,
-                                    seed=self.cfg.seed * 7919 + self.dispatches)
+                                    seed=self.cfg.seed * 7919 + self.dispatches, base_path=self.base_path)
             msgs.append(Message(wire.train_message_content(self.params, rnd), dst_node_id=int(n),
                                 message_type=MessageType.TRAIN))
             slots.append(_Slot(node_id=int(n), version=self.version, dispatch_t=t,
@@ -324,6 +331,10 @@ class ServerLoop:
 
     # ------------------------------------------------------------------ versions
     def _on_version(self, v: int, t: float) -> None:
+        self._record_version(v, t)
+        self._maybe_train(v, t)
+
+    def _record_version(self, v: int, t: float) -> None:
         self.version, self.params = self._get(self.actor.snapshot.remote())
         budget = self.cfg.simulation.time_budget_s
         if self.clock.virtual and 0 < budget <= t:  # simulation.time_budget_s: virtual time is up
@@ -353,6 +364,59 @@ class ServerLoop:
                 f.write(json.dumps(rec) + "\n")
         if 0 < self.agg.stop_at_accuracy <= res["accuracy"]:
             self.done = True
+
+    # ------------------------------------------------------------------ global training
+    def _maybe_train(self, v: int, t: float) -> None:
+        """Every ``training.every_versions`` versions: global training on Ray Train, then a new base.
+
+        The newest adapters are merged into the base, the whole model trains on the cloud's data
+        (``training.data_path`` or generated), and the aggregator is rebased: the next version holds fresh
+        adapters for the new base, updates trained on the old base are refused as ``unknown_version``, and
+        every later message tells devices where the new base is (``wire.BASE_PATH``). The loop waits for it;
+        with a virtual clock it costs no virtual time. A failed training run is reported and the federation
+        goes on with the old base.
+        """
+        from .training import TrainingError, run_global_training, training_due
+
+        tr = self.cfg.training
+        if self.done or v >= self.agg.versions or not training_due(v, tr.every_versions, self.last_trained):
+            return
+        import ray
+
+        self.last_trained = v
+        print(f"[fedge] global training on version {v} ({tr.steps} steps, {tr.workers} Ray Train worker(s))",
+              flush=True)
+        over: dict[str, Any] = {}
+        free = float(ray.available_resources().get("CPU", 0.0))
+        if tr.workers * tr.cpus_per_worker > free:  # e.g. a simulation's nodes hold the CPUs: share them
+            over["cpus_per_worker"] = 0.0
+        try:
+            res = run_global_training(self.cfg, base_state(self.model), self.params, base_version=v, **over)
+        except TrainingError as e:
+            log.error("global training on version %d failed, keeping the base: %s", v, e)
+            _event(self.run_dir, event="global_training_failed", version=v, error=str(e)[:500])
+            return
+        base, bv, fresh = res.rebase_args()
+        new_v = int(self._get(self.actor.rebase.remote(base, bv, adapters=fresh)))
+        path = self._install_base(bv, base)
+        self.last_trained = new_v
+        loss = (res.first_loss(), res.last_loss()) if res.metrics else (math.nan, math.nan)
+        _event(self.run_dir, event="global_training", base_version=bv, version=new_v, steps=res.steps,
+               seconds=res.seconds, loss_first=loss[0], loss_last=loss[1], base=path,
+               failures=len(res.failures))
+        print(f"[fedge] global training: {res.steps} steps in {res.seconds:.1f} s, loss {loss[0]:.3f} -> "
+              f"{loss[1]:.3f}; base {bv} -> version {new_v}", flush=True)
+        self._record_version(new_v, t)
+
+    def _install_base(self, base_version: int, base: dict[str, np.ndarray]) -> str:
+        """Load ``base`` into the evaluation model and save it where devices load it from; return the path."""
+        load_base_state(self.model, {k: torch.from_numpy(np.array(a, dtype=np.float32)) for k, a in base.items()})
+        root = self.run_dir if self.run_dir else Path(self.cfg.training.storage_path or "runs/train")
+        path = (root / "bases" / f"base-{base_version:06d}.safetensors").resolve()
+        if not path.is_file():
+            save_base(self.model, path)
+        self.base_path = str(path)
+        return self.base_path
 
     # ------------------------------------------------------------------ main loop
     def run(self) -> None:

@@ -121,6 +121,10 @@ class AggregatorState:
             "last_checkpoint_version": self.last_checkpoint_version,
         }
 
+    def get_base(self) -> tuple[int, dict[str, np.ndarray] | None]:
+        """``(base_version, base_state)``; the state is ``None`` until a global training rebased."""
+        return self.base_version, self.base_state
+
     def get_history(self) -> list[dict[str, Any]]:
         return [dict(h) for h in self.history]
 

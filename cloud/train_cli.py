@@ -74,8 +74,14 @@ def train_command(
     from common.config import ConfigError, load_config, parse_overrides
     from common.model import model_kwargs
 
-    from .curation import cloud_dataset
-    from .training import GlobalTrainer, TrainingError, fresh_adapters, initial_base, merge_adapters
+    from .training import (
+        GlobalTrainer,
+        TrainingError,
+        fresh_adapters,
+        initial_base,
+        merge_adapters,
+        training_dataset,
+    )
 
     try:
         cfg = load_config(toml_path=config, overrides=parse_overrides(overrides or []))
@@ -116,8 +122,9 @@ def train_command(
     bar = threading.Thread(target=_progress, args=(trainer.storage_path / name / "metrics" / "metrics.jsonl",
                                                    trainer.steps, stop), daemon=True)
     try:
-        typer.echo(f"curating {cfg.training.samples} samples of cloud data on Ray Data ...")
-        ds = cloud_dataset(cfg)
+        typer.echo(f"reading the cloud data in {cfg.training.data_path} ..." if cfg.training.data_path else
+                   f"curating {cfg.training.samples} samples of cloud data on Ray Data ...")
+        ds = training_dataset(cfg)
         bar.start()
         res = trainer.train(base_state if base_state is not None else initial_base(trainer.mkw), ad_state, ds,
                             base_version=base_version, name=name)

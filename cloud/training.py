@@ -47,6 +47,9 @@ _COLUMNS = ("image", "audio", "label", "mask", "quality")
 _CKPT_FILE = "state.pt"
 
 
+ZERO_CPU_WORKER_MEMORY = 256 * 2**20  # bytes of Ray's memory resource a worker asks for with cpus_per_worker=0
+
+
 class TrainingError(RuntimeError):
     """Global training could not produce a new base (bad input state, or the run failed for good)."""
 
@@ -325,6 +328,13 @@ class GlobalTrainer:
         kw.update(overrides)
         return cls(**kw)
 
+    def _resources(self) -> dict[str, float]:
+        """Each worker's Ray resources. ``cpus_per_worker=0`` (workers share CPUs other actors hold, e.g. a
+        simulation's nodes): Ray needs some non-zero resource in a bundle, so a little memory instead."""
+        if self.cpus_per_worker > 0:
+            return {"CPU": self.cpus_per_worker}
+        return {"CPU": 0.0, "memory": float(ZERO_CPU_WORKER_MEMORY)}
+
     def _gpu(self) -> bool:
         import ray
 
@@ -364,7 +374,7 @@ class GlobalTrainer:
             train_loop_per_worker,
             train_loop_config=loop_cfg,
             scaling_config=ScalingConfig(num_workers=self.workers, use_gpu=gpu,
-                                         resources_per_worker={"CPU": self.cpus_per_worker}),
+                                         resources_per_worker=self._resources()),
             run_config=RunConfig(
                 name=name, storage_path=str(self.storage_path),
                 failure_config=FailureConfig(max_failures=self.max_failures),
@@ -434,13 +444,39 @@ def run_global_training(cfg: FedgeConfig, base: StateDict | None, adapters: Stat
     if base is None:
         base = initial_base(trainer.mkw)
     if dataset is None:
+        dataset = training_dataset(cfg)
+    return trainer.train(base, adapters, dataset, base_version=base_version)
+
+
+def training_dataset(cfg: FedgeConfig) -> Any:
+    """The cloud's training data as a ``ray.data.Dataset`` (Ray must be initialised).
+
+    ``training.data_path`` set: that NPZ (the trainer's columns, e.g. a simulation's curated cloud share);
+    else ``training.samples`` generated clips curated on Ray Data (:func:`cloud.curation.cloud_dataset`).
+    """
+    import ray
+
+    path = cfg.training.data_path
+    if not path:
         from .curation import cloud_dataset
 
-        dataset = cloud_dataset(cfg)
-    return trainer.train(base, adapters, dataset, base_version=base_version)
+        return cloud_dataset(cfg)
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            cols = {k: z[k] for k in z.files}
+    except (OSError, ValueError) as e:
+        raise TrainingError(f"training.data_path {path!r}: not a readable NPZ ({e})") from e
+    missing = [c for c in _COLUMNS if c not in cols]
+    if missing:
+        raise TrainingError(f"training.data_path {path!r}: lacks the column(s) {', '.join(missing)}")
+    n = len(cols["label"])
+    if n == 0 or any(len(cols[c]) != n for c in _COLUMNS):
+        raise TrainingError(f"training.data_path {path!r}: empty, or columns of different lengths")
+    return ray.data.from_items([{c: cols[c][i] for c in _COLUMNS} for i in range(n)]).materialize()
 
 
 __all__ = [
     "GlobalTrainer", "TrainResult", "TrainingError", "fresh_adapters", "initial_base", "lora_model",
-    "merge_adapters", "recovery_seconds", "run_global_training", "train_loop_per_worker", "training_due",
+    "merge_adapters", "recovery_seconds", "run_global_training", "train_loop_per_worker", "training_dataset",
+    "training_due",
 ]

@@ -253,7 +253,9 @@ class DataConfig:
 class TrainingConfig:
     """Global MoE training on the cloud (Ray Train): experts, router, encoders on the cloud's own data."""
 
-    every_versions: int = 10  # N: train after every N aggregated global versions (0 = only on demand)
+    # N: the aggregator runs a global training every N aggregated versions and hands devices the new base
+    # (0 = only on demand: `fedge cloud train`)
+    every_versions: int = 0
     workers: int = 2  # Ray Train workers (DDP)
     use_gpu: Literal["auto", "on", "off"] = "auto"  # auto: one GPU per worker when the cluster has them
     cpus_per_worker: float = 1.0
@@ -266,13 +268,16 @@ class TrainingConfig:
     log_every: int = 10  # steps between metric reports (TensorBoard + JSONL)
     samples: int = 800  # cloud-side curated samples when the data is generated
     storage_path: str = ""  # persistent Ray Train storage ("" = <run_dir or ./runs>/train)
+    # the cloud's own training data: "" = generated and curated on Ray Data (cloud.curation), else an NPZ with
+    # the trainer's columns image, audio, label, mask, quality (a simulation's curated cloud share)
+    data_path: str = ""
     health_check_s: float = 0.5  # Ray Train controller poll: bounds report latency and failure detection
 
     def __post_init__(self) -> None:
         _check(self.every_versions >= 0, "training.every_versions", "must be >= 0")
         _check(self.workers >= 1, "training.workers", "must be >= 1")
         _check(self.use_gpu in ("auto", "on", "off"), "training.use_gpu", "must be 'auto', 'on' or 'off'")
-        _check(self.cpus_per_worker > 0, "training.cpus_per_worker", "must be > 0")
+        _check(self.cpus_per_worker >= 0, "training.cpus_per_worker", "must be >= 0 (0: share CPUs other actors hold)")
         _check(self.steps >= 1, "training.steps", "must be >= 1")
         _check(self.batch_size >= 1, "training.batch_size", "must be >= 1")
         _check(self.lr > 0, "training.lr", "must be > 0")

@@ -29,6 +29,7 @@ LR = "lr"
 LOCAL_STEPS = "local-steps"
 BATCH_SIZE = "batch-size"
 SEED = "seed"
+BASE_PATH = "base-path"  # where the base of this version is ("" = the config's model.base_path)
 
 # keys inside UPDATE
 BASE_VERSION = "base-version"
@@ -67,12 +68,16 @@ def _to_numpy(v: object) -> np.ndarray:
 
 
 def round_record(
-    *, version: int, lr: float, local_steps: int, batch_size: int, seed: int
+    *, version: int, lr: float, local_steps: int, batch_size: int, seed: int, base_path: str = ""
 ) -> ConfigRecord:
-    """The per-round config that travels inside each message (Flower's third config scope)."""
+    """The per-round config that travels inside each message (Flower's third config scope).
+
+    ``base_path``: the base the version's adapters belong to, once global training has replaced the
+    configured one (a file on storage the devices share; "" = ``model.base_path``).
+    """
     return ConfigRecord(
         {VERSION: int(version), LR: float(lr), LOCAL_STEPS: int(local_steps), BATCH_SIZE: int(batch_size),
-         SEED: int(seed)}
+         SEED: int(seed), BASE_PATH: str(base_path)}
     )
 
 

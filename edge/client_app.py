@@ -13,6 +13,7 @@ The same app runs under Flower's simulation engine (node config ``partition-id``
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import time
@@ -40,6 +41,7 @@ log = logging.getLogger("fedge.edge")
 # size accounting wraps every handler; DP and compression only concern TRAIN replies (outermost first)
 app = ClientApp(mods=[size_mod])
 _MODELS: dict[str, MultimodalMoE] = {}
+MAX_MODELS = 2  # models kept per process (a global training switches bases; runs may differ in config)
 
 
 def device_setup(cfg: FedgeConfig, node: NodeConfig) -> tuple[torch.device, dict[str, str]]:
@@ -64,12 +66,28 @@ def get_model(cfg: FedgeConfig, node: NodeConfig | None = None) -> MultimodalMoE
     key = repr((kwargs, cfg.model.lora_rank, cfg.model.lora_alpha, str(dev), base, stamp))
     torch.set_num_threads(node.threads)
     if key not in _MODELS:
+        while len(_MODELS) >= MAX_MODELS:  # e.g. the base before a global training: oldest out
+            _MODELS.pop(next(iter(_MODELS)))
         m = build_model(**kwargs)  # type: ignore[arg-type]
         apply_lora(m, rank=cfg.model.lora_rank, alpha=cfg.model.lora_alpha)
         if base:
             load_base_file(m, base)
         _MODELS[key] = m.to(dev)
     return _MODELS[key]
+
+
+def round_config(cfg: FedgeConfig, msg: Message) -> FedgeConfig:
+    """The run config with the base the message's version belongs to (global training may have replaced it)."""
+    rnd = msg.content.config_records.get(wire.ROUND)
+    if rnd is None:
+        return cfg
+    path = str(rnd.get(wire.BASE_PATH, ""))
+    if not path or path == cfg.model.base_path:
+        return cfg
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"base {path!r} of global version {rnd.get(wire.VERSION)!r} is not on this "
+                                "device (global training hands devices the new base on shared storage)")
+    return dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, base_path=path))
 
 
 def _load_global(model: MultimodalMoE, msg: Message) -> dict[str, np.ndarray]:
@@ -82,7 +100,7 @@ def _load_global(model: MultimodalMoE, msg: Message) -> dict[str, np.ndarray]:
 @app.train(mods=[compression_mod, dp_mod])
 def train(msg: Message, context: Context) -> Message:
     """TRAIN: train the adapters from the received global version; reply with the float delta and metrics."""
-    cfg = config_from_context(context.run_config)
+    cfg = round_config(config_from_context(context.run_config), msg)
     node = parse_node_config(context.node_config)
     rnd = msg.content.config_records[wire.ROUND]
     version = int(rnd[wire.VERSION])  # type: ignore[arg-type]
@@ -134,7 +152,7 @@ def query(msg: Message, context: Context) -> Message:
 @app.evaluate()
 def evaluate_(msg: Message, context: Context) -> Message:
     """EVALUATE: accuracy of the received adapters on local evaluation data, overall and per modality subset."""
-    cfg = config_from_context(context.run_config)
+    cfg = round_config(config_from_context(context.run_config), msg)
     node = parse_node_config(context.node_config)
     model = get_model(cfg, node)
     _load_global(model, msg)

@@ -80,6 +80,9 @@ def with_data(cfg: FedgeConfig, data_dir: Path) -> FedgeConfig:
             held = {k: z[k] for k in z.files}
         base = ensure_base(cfg, data_dir.resolve(), cloud, held)  # absolute: Ray workers may run elsewhere
         cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, base_path=str(base)))
+        if not cfg.training.data_path:  # global training during the run (training.every_versions) uses it too
+            cfg = dataclasses.replace(cfg, training=dataclasses.replace(
+                cfg.training, data_path=str((data_dir / CLOUD_NAME).resolve())))
     return cfg
 
 

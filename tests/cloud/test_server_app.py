@@ -99,3 +99,36 @@ def test_async_over_simulation_engine_with_stragglers_and_hostile_nodes(tmp_path
     assert recs[-1]["accuracy"] > 0.2  # chance is 0.1: the refused updates never reached the model
     events = [json.loads(x) for x in (run_dir / "events.jsonl").read_text().splitlines()]
     assert events[-1]["event"] == "stopped" and events[-1]["last_checkpoint_version"] == 8
+
+
+def test_a_server_resumed_after_global_training_evaluates_and_dispatches_the_new_base(tmp_path, ray_session):
+    """A checkpoint taken after a rebase holds the trained base: a restarted server loads it for its own
+    evaluation and writes it where its messages tell devices to load it from."""
+    import torch
+
+    from cloud.server_app import ServerLoop, _state_kwargs, global_model
+    from cloud.state import AggregatorState, start_actor
+    from cloud.training import fresh_adapters
+    from common.config import load_config
+    from common.lora import adapter_state, base_state
+    from common.model import build_model, model_kwargs
+
+    cfg = load_config()
+    mkw = model_kwargs(cfg)
+    initial = {k: v.numpy() for k, v in adapter_state(global_model(cfg)).items()}
+    st = AggregatorState(initial, **_state_kwargs(cfg, str(tmp_path / "ck")))
+    trained = {k: v.numpy() for k, v in base_state(build_model(**{**mkw, "seed": 77})).items()}
+    fresh = {k: v.numpy() for k, v in fresh_adapters(trained, mkw=mkw, rank=cfg.model.lora_rank,
+                                                       alpha=cfg.model.lora_alpha).items()}
+    assert st.rebase(trained, 2, adapters=fresh) == 1
+    restored = AggregatorState.restore(**_state_kwargs(cfg, str(tmp_path / "ck")))
+    actor = start_actor(restored, name="fedge-aggregator-resume-test")
+    loop = ServerLoop(None, cfg, actor=actor, clock=clk.VirtualClock(), run_dir=tmp_path, eval_data={},
+                      model=global_model(cfg), num_partitions=1)
+    assert loop.base_path == str((tmp_path / "bases" / "base-000002.safetensors").resolve())
+    assert Path(loop.base_path).is_file() and loop.version == 1
+    got = base_state(loop.model)
+    assert all(torch.equal(got[k], torch.from_numpy(trained[k])) for k in trained)
+    import ray
+
+    ray.kill(actor)

@@ -22,6 +22,7 @@ from cloud.training import (
     lora_model,
     merge_adapters,
     recovery_seconds,
+    training_dataset,
     training_due,
 )
 from common.config import ConfigError, load_config
@@ -258,3 +259,21 @@ def test_cli_rejects_bad_input_with_one_line_before_starting_ray(tmp_path) -> No
     np.savez(tmp_path / "bad.npz", x=np.zeros(3))
     r = _cli(["--adapters", str(tmp_path / "bad.npz")])
     assert r.exit_code == 2 and "does not fit" in r.output
+
+
+def test_training_data_path_is_read_and_bad_files_get_one_clear_error(tmp_path, ray_session) -> None:
+    cfg = load_config()
+    d = make_av_dataset(24, seed=3, num_classes=cfg.model.num_classes, image_size=cfg.model.image_size,
+                        n_mels=cfg.model.n_mels, frames=cfg.model.audio_frames)
+    good = tmp_path / "cloud.npz"
+    np.savez(good, **d)
+    ds = training_dataset(load_config(overrides={"training.data_path": str(good)}))
+    rows = ds.take_all()
+    assert len(rows) == 24 and sorted(rows[0]) == ["audio", "image", "label", "mask", "quality"]
+    np.savez(tmp_path / "partial.npz", image=d["image"], label=d["label"])
+    (tmp_path / "junk.npz").write_bytes(b"not a zip")
+    for name, what in (("partial.npz", "lacks the column(s) audio, mask, quality"), ("junk.npz", "not a readable"),
+                       ("missing.npz", "not a readable")):
+        with pytest.raises(TrainingError, match=r"training\.data_path") as e:
+            training_dataset(load_config(overrides={"training.data_path": str(tmp_path / name)}))
+        assert what in str(e.value) and "\n" not in str(e.value)

@@ -20,9 +20,15 @@ def _simulate(*args, cache, timeout=300):
                           env=env, capture_output=True, text=True, timeout=timeout, check=False)
 
 
+@pytest.fixture(scope="module")
+def tiny_cache(tmp_path_factory):
+    """One prepared-data cache for the tiny scenario, shared by this module's runs."""
+    return tmp_path_factory.mktemp("tiny-cache")
+
+
 @pytest.mark.integration
-def test_tiny_scenario_runs_end_to_end_and_the_same_seed_gives_the_same_result(tmp_path):
-    cache = tmp_path / "data"
+def test_tiny_scenario_runs_end_to_end_and_the_same_seed_gives_the_same_result(tmp_path, tiny_cache):
+    cache = tiny_cache
     r = _simulate(TINY, "--out", tmp_path / "a", cache=cache)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     run = tmp_path / "a"
@@ -92,6 +98,29 @@ def test_tiny_scenario_runs_end_to_end_and_the_same_seed_gives_the_same_result(t
         db = local_data(cfg_b, NodeConfig(partition_id=i, num_partitions=3))
         diff = [k for k in da if da[k].shape != db[k].shape or not np.array_equal(da[k], db[k])]
         assert not diff, (i, diff, {k: (da[k].shape, db[k].shape) for k in diff})
+
+
+@pytest.mark.integration
+def test_global_training_every_n_versions_hands_devices_a_new_base(tmp_path, tiny_cache):
+    """training.every_versions: Ray Train trains the merged model on the cloud share, the aggregator rebases,
+    devices load the new base from the path in their messages and their updates are accepted against it."""
+    r = _simulate(TINY, "--out", tmp_path / "g", "--set", "training.every_versions=2", "--set",
+                  "aggregation.versions=5", "--set", "training.steps=10", "--set", "training.workers=1",
+                  "--set", "training.log_every=5", cache=tiny_cache, timeout=600)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    run = tmp_path / "g"
+    events = [json.loads(x) for x in (run / "events.jsonl").read_text().splitlines()]
+    (gt,) = [e for e in events if e["event"] == "global_training"]
+    assert gt["base_version"] == 2 and gt["version"] == 3 and gt["steps"] == 10
+    assert Path(gt["base"]).is_file() and Path(gt["base"]).parent == run / "bases"
+    recs = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [x["version"] for x in recs] == [1, 2, 3, 4, 5]
+    assert recs[2]["updates"] == 0  # version 3 is the rebase: the trained base with fresh adapters
+    assert recs[3]["updates"] + recs[4]["updates"] >= 2  # devices trained on the new base; accepted
+    stopped = events[-1]
+    assert stopped["event"] == "stopped" and stopped["base_version"] == 2
+    # the cloud trained on its curated share (the prepared cloud.npz), not on generated data
+    assert json.loads((run / "config.json").read_text())["training.data_path"].endswith("cloud.npz")
 
 
 def test_fedge_help_lists_groups():
