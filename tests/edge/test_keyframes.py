@@ -38,6 +38,14 @@ def _write(path: Path, frames: list[np.ndarray], fourcc: str = "mp4v") -> Path:
     return path
 
 
+def _truncated_avi(tmp_path: Path, frames: list[np.ndarray], keep: float) -> Path:
+    """An MJPG AVI of ``frames`` cut after the fraction ``keep`` of its bytes."""
+    data = _write(tmp_path / "good.avi", frames, "MJPG").read_bytes()
+    cut = tmp_path / "cut.avi"
+    cut.write_bytes(data[: int(len(data) * keep)])
+    return cut
+
+
 @pytest.fixture(scope="module")
 def edited(tmp_path_factory):
     """Six shots: a cut, a dissolve, a fade through black, a cut into a short shot and one out of it."""
@@ -238,10 +246,7 @@ def test_a_text_file_is_not_a_video(tmp_path):
 
 def test_truncated_avi_keeps_what_decoded_and_says_where_it_broke(tmp_path, edited):
     _, frames, _ = edited
-    good = _write(tmp_path / "good.avi", frames, "MJPG")
-    data = good.read_bytes()
-    cut = tmp_path / "cut.avi"
-    cut.write_bytes(data[: len(data) // 2])
+    cut = _truncated_avi(tmp_path, frames, 1 / 2)
     report = extract_keyframes(cut)
     assert 0 < report.frames < len(frames)
     assert report.error is not None and f"broke at frame {report.frames}" in report.error
@@ -251,9 +256,7 @@ def test_truncated_avi_keeps_what_decoded_and_says_where_it_broke(tmp_path, edit
 
 def test_truncated_video_reports_the_same_with_and_without_the_reader_thread(tmp_path, edited):
     _, frames, _ = edited
-    data = _write(tmp_path / "good.avi", frames, "MJPG").read_bytes()
-    cut = tmp_path / "cut.avi"
-    cut.write_bytes(data[: len(data) * 2 // 3])
+    cut = _truncated_avi(tmp_path, frames, 2 / 3)
     threaded, inline = extract_keyframes(cut), extract_keyframes(cut, read_ahead=0)
     assert 0 < threaded.frames < len(frames) and threaded.error is not None
     assert (threaded.frames, threaded.error, threaded.boundaries) == (inline.frames, inline.error, inline.boundaries)
@@ -318,10 +321,7 @@ def test_cli_bad_input_exits_non_zero_with_one_line(kind, tmp_path):
 
 def test_cli_truncated_video_reports_the_break(tmp_path, edited):
     _, frames, _ = edited
-    good = _write(tmp_path / "good.avi", frames, "MJPG")
-    data = good.read_bytes()
-    cut = tmp_path / "cut.avi"
-    cut.write_bytes(data[: len(data) // 3])
+    cut = _truncated_avi(tmp_path, frames, 1 / 3)
     res = CliRunner().invoke(build_app(), ["edge", "keyframes", str(cut), "--json"])
     assert res.exit_code == 0
     obj = json.loads(res.stdout)
