@@ -376,9 +376,11 @@ class ServerLoop:
         with a virtual clock it costs no virtual time. A failed training run is reported and the federation
         goes on with the old base.
         """
+        tr = self.cfg.training
+        if tr.every_versions <= 0:  # on demand only (the default)
+            return
         from .training import TrainingError, run_global_training, training_due
 
-        tr = self.cfg.training
         if self.done or v >= self.agg.versions or not training_due(v, tr.every_versions, self.last_trained):
             return
         import ray
