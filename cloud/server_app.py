@@ -444,6 +444,27 @@ def _state_kwargs(cfg: FedgeConfig, ckpt_dir: str | None) -> dict[str, Any]:
             "checkpoint_dir": ckpt_dir, "checkpoint_every": cfg.fault_tolerance.checkpoint_every}
 
 
+def bound_reply_pulls(max_time_s: float) -> bool:
+    """Bound how long Flower's grid waits for the objects of one reply; return whether the bound is set.
+
+    A SuperNode killed while uploading a reply leaves the reply listed at the SuperLink with objects that never
+    arrive; Flower 1.42's ``pull_messages`` then retries them for up to ``PULL_MAX_TIME`` (2 h) and the whole
+    aggregation loop stalls. With a bound, the pull gives up after ``max_time_s`` and hands back an error
+    reply (``MESSAGE_UNAVAILABLE``) that the loop counts as a lost update, as for a node that left. This sets
+    the keyword default of ``flwr.supercore.inflatable.inflatable_utils.pull_objects`` for this process (the
+    ServerApp's own); a Flower without that function or keyword leaves its default alone.
+    """
+    try:
+        from flwr.supercore.inflatable import inflatable_utils
+    except ImportError:
+        return False
+    kw = getattr(inflatable_utils.pull_objects, "__kwdefaults__", None)
+    if not kw or "max_time" not in kw:
+        return False
+    kw["max_time"] = float(max_time_s)
+    return True
+
+
 def _event(run_dir: Path | None, **rec: Any) -> None:
     if run_dir:
         with open(run_dir / "events.jsonl", "a") as f:
@@ -469,6 +490,9 @@ def main(grid: Grid, context: Context) -> None:
     if run_dir:
         cfg.save(run_dir)
     sim = is_simulation(grid)
+    if not sim and not bound_reply_pulls(cfg.aggregation.reply_timeout_s):
+        log.warning("cannot bound Flower's wait for a reply's objects: a device killed mid-upload may stall "
+                    "the loop")
     nodes = _wait_nodes(grid, cfg.aggregation.min_nodes, 120.0)
     if not nodes:
         raise RuntimeError("no SuperNodes connected")

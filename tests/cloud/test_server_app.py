@@ -132,3 +132,27 @@ def test_a_server_resumed_after_global_training_evaluates_and_dispatches_the_new
     import ray
 
     ray.kill(actor)
+
+
+def test_a_reply_whose_objects_never_arrive_is_given_up_after_the_bound():
+    """A SuperNode killed mid-upload: Flower would retry the reply's objects for 2 h; bounded, it gives up."""
+    import time
+
+    from flwr.supercore.inflatable import inflatable_utils as iu
+
+    from cloud.server_app import bound_reply_pulls
+
+    saved = dict(iu.pull_objects.__kwdefaults__)
+    try:
+        assert bound_reply_pulls(1.5)
+
+        def never(object_id: str) -> bytes:
+            raise iu.ObjectUnavailableError(object_id)
+
+        t0 = time.monotonic()
+        with pytest.raises(iu.ObjectPullError):
+            iu.pull_objects(["lost-object"], never)
+        assert time.monotonic() - t0 < 15  # backoff 1 s, 2 s, ... : a few seconds, not PULL_MAX_TIME (7200 s)
+    finally:
+        iu.pull_objects.__kwdefaults__.clear()
+        iu.pull_objects.__kwdefaults__.update(saved)
