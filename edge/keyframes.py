@@ -21,8 +21,9 @@ Options (keyword-only): ``min_interval`` (s, default 0.25): no two keyframes clo
 ``jpeg_quality`` (90); ``stride`` (analyse every n-th frame; default ``round(fps / 10)``, i.e. about 10
 analysed frames per second: every frame is still decoded, but only analysed ones are converted to pixels,
 the speed limit being decode); ``on_boundary`` (callback per detected boundary frame); ``read_ahead``
-(default 4: a reader thread decodes up to this many analysed frames ahead of the detector, FFmpeg on one
-thread, so decode and analysis overlap on a multi-core device; 0: decode inline, FFmpeg's default threads).
+(analysed frames a reader thread decodes ahead of the detector, FFmpeg on one thread, so decode and analysis
+overlap on a multi-core device; default :func:`default_read_ahead`, about 24 MiB of frames; 0: decode inline,
+FFmpeg's default threads).
 
 Selection: the frames of a shot (or of each ``max_interval`` chunk of a long shot) compete on ``score``; the
 winner is the keyframe. Frames inside a transition score low (no contrast, motion), so they rarely win.
@@ -51,9 +52,12 @@ from tqdm import tqdm
 from common.media.shots import Boundary, FrameFeatures, ShotDetector, frame_features
 from edge.sources import VideoSource, open_video
 
-__all__ = ["Keyframe", "KeyframeReport", "default_stride", "extract_keyframes", "iter_keyframes"]
+__all__ = [
+    "Keyframe", "KeyframeReport", "default_read_ahead", "default_stride", "extract_keyframes", "iter_keyframes",
+]
 
-READ_AHEAD = 4  # analysed frames the reader thread may decode ahead of the detector
+READ_AHEAD_BYTES = 24 << 20  # decoded frames the reader thread may hold ahead of the detector, in bytes
+READ_AHEAD_MAX = 32  # ... and in analysed frames (about 3 s of video at 10 analysed frames per second)
 ANALYSIS_RATE = 10.0  # analysed frames per second: cuts located to +-1 frame at 30 fps, 2-frame flashes seen
 
 
@@ -94,6 +98,18 @@ class KeyframeReport:
         if self.error:
             out["error"] = self.error
         return out
+
+
+def default_read_ahead(width: int, height: int) -> int:
+    """Analysed frames the reader thread may decode ahead: :data:`READ_AHEAD_BYTES` of BGR frames, 4 to
+    :data:`READ_AHEAD_MAX` (32 at 640x360, 9 at 720p, 4 at 1080p and above).
+
+    The detector's work comes in bursts (a cut's checks, a transition's blend fits, a shot's keyframe JPEG)
+    while decoding runs at an even pace: a deeper queue lets the reader keep decoding through a burst, so
+    both cores stay busy and decode stays the speed limit.
+    """
+    frame_bytes = max(1, int(width) * int(height) * 3)
+    return int(min(READ_AHEAD_MAX, max(4, READ_AHEAD_BYTES // frame_bytes))) if width and height else 4
 
 
 def default_stride(fps: float) -> int:
@@ -169,16 +185,18 @@ def iter_keyframes(
     jpeg_quality: int = 90,
     stride: int | None = None,
     on_boundary: Callable[[Boundary], None] | None = None,
-    read_ahead: int = READ_AHEAD,
+    read_ahead: int | None = None,
 ) -> Iterator[Keyframe]:
     """Yield keyframes in time order while decoding ``src`` (see the module docstring for the options)."""
     if min_interval < 0 or max_interval <= 0 or max_interval < min_interval:
         raise ValueError("need 0 <= min_interval <= max_interval and max_interval > 0")
     if max_side < 8:
         raise ValueError("max_side must be >= 8")
-    if read_ahead < 0:
+    if read_ahead is not None and read_ahead < 0:
         raise ValueError("read_ahead must be >= 0")
-    video = src if isinstance(src, VideoSource) else open_video(src, decode_threads=1 if read_ahead else None)
+    video = src if isinstance(src, VideoSource) else open_video(src, decode_threads=1 if read_ahead != 0 else None)
+    if read_ahead is None:
+        read_ahead = default_read_ahead(video.width, video.height)
     step = stride or default_stride(video.fps)
     if step < 1:
         raise ValueError("stride must be >= 1")
@@ -199,7 +217,8 @@ def iter_keyframes(
     prev: FrameFeatures | None = None
     stream: Generator[tuple[int, float, np.ndarray, Any], None, None]
     if read_ahead:
-        stream = video.read_ahead(step, read_ahead)  # thumbnails below: the reader is the busier thread
+        # thumbnails in this thread: the reader (decode) is the busier one
+        stream = video.read_ahead(step, read_ahead)
     else:
         stream = ((i, t, f, None) for i, t, f in video.frames(every=step))
     try:
@@ -235,7 +254,7 @@ def extract_keyframes(src: str | int | Path | VideoSource, **options: Any) -> Ke
         The source cannot be opened (missing file, not a video).
     """
     t0 = time.perf_counter()
-    threaded = options.get("read_ahead", READ_AHEAD) > 0
+    threaded = options.get("read_ahead") != 0
     video = src if isinstance(src, VideoSource) else open_video(src, decode_threads=1 if threaded else None)
     boundaries: list[int] = []
     try:

@@ -15,7 +15,14 @@ from typer.testing import CliRunner
 
 from common.cli import build_app
 from common.media.scenes import Shot, match, render
-from edge.keyframes import Keyframe, default_stride, extract_keyframes, iter_keyframes
+from edge.keyframes import (
+    READ_AHEAD_BYTES,
+    Keyframe,
+    default_read_ahead,
+    default_stride,
+    extract_keyframes,
+    iter_keyframes,
+)
 from edge.sources import VideoSourceError, open_video, parse_source
 
 SIZE = (160, 120)
@@ -252,6 +259,24 @@ def test_truncated_avi_keeps_what_decoded_and_says_where_it_broke(tmp_path, edit
     assert report.error is not None and f"broke at frame {report.frames}" in report.error
     assert "\n" not in report.error
     assert report.keyframes  # what decoded was used
+
+
+@pytest.mark.parametrize("size", [(160, 120), (640, 360), (1280, 720), (1920, 1080), (3840, 2160), (0, 0)])
+def test_read_ahead_depth_is_bounded_by_memory(size):
+    depth = default_read_ahead(*size)
+    assert 4 <= depth <= 32
+    frame_bytes = size[0] * size[1] * 3
+    assert depth == 4 or depth * frame_bytes <= READ_AHEAD_BYTES  # never more than the budget beyond 4 frames
+    if frame_bytes and 4 * frame_bytes < READ_AHEAD_BYTES // 2:
+        assert depth > 4  # small frames: deep enough to ride out the detector's bursts
+
+
+def test_deep_and_shallow_read_ahead_and_inline_decoding_agree(edited):
+    path, _, _ = edited
+    reports = [extract_keyframes(path, read_ahead=r) for r in (None, 1, 0)]
+    assert len({tuple(r.boundaries) for r in reports}) == 1
+    assert len({tuple(k.frame for k in r.keyframes) for r in reports}) == 1
+    assert not _readers()
 
 
 def test_truncated_video_reports_the_same_with_and_without_the_reader_thread(tmp_path, edited):

@@ -11,6 +11,7 @@ from common.media.scenes import Shot, render, texture
 from common.media.shots import (
     CONTRAST_FLOOR,
     ShotDetector,
+    _local_match,
     blend_fit,
     composite_fit,
     detect_boundaries,
@@ -20,6 +21,7 @@ from common.media.shots import (
     is_composite,
     pair_scores,
     struct_distance,
+    thumbnail,
 )
 
 SIZE = (160, 120)
@@ -256,3 +258,71 @@ def test_histogram_distance_sees_grey_images_and_ignores_a_dark_frames_few_colou
     assert hist_distance(a, b) > 0.3  # two grey photos: only the grey-level histogram tells them apart
     dark = frame_features((cv2.resize(P["astronaut"], SIZE) * 0.05).astype(np.uint8))
     assert not dark.hist.any()  # almost no pixel bright enough for a colour: no colour evidence at all
+
+
+# ------------------------------------------------------------------------- fast paths against plain references
+
+
+@pytest.mark.parametrize("shape", [(360, 640), (1080, 1920), (2160, 3840), (480, 640), (363, 645), (37, 65), (20, 30)])
+def test_thumbnail_is_the_area_average_of_the_whole_frame(shape):
+    # the halving chain must give what one area resize over every pixel gives, up to uint8 rounding
+    rng = np.random.default_rng(0)
+    img = cv2.resize(P["astronaut"], shape[::-1], interpolation=cv2.INTER_LINEAR)
+    noisy = np.clip(img + rng.normal(0, 12, img.shape), 0, 255).astype(np.uint8)
+    th = thumbnail(noisy)
+    tw = min(64, shape[1])
+    h, w = shape
+    assert th.shape == (max(4, round(h * tw / w)), tw, 3)
+    k, hh, ww = 0, h, w  # halvings; each drops an odd last row or column
+    while ww >= 8 * tw and hh >= 16:
+        k, hh, ww = k + 1, hh // 2, ww // 2
+    crop = (slice(0, h - h % 2**k), slice(0, w - w % 2**k))
+    ref = cv2.resize(noisy[crop], th.shape[1::-1], interpolation=cv2.INTER_AREA)
+    diff = np.abs(th.astype(int) - ref.astype(int))
+    assert diff.mean() < 0.75 and diff.max() <= 8  # uint8 rounding after each halving
+    # sensor noise is averaged away like in one big area average: what is left is far below the 12 levels
+    clean = cv2.resize(img[crop], th.shape[1::-1], interpolation=cv2.INTER_AREA)
+    if w >= 10 * tw:
+        assert np.std(th.astype(float) - clean) < 2.5
+    grey = cv2.cvtColor(noisy, cv2.COLOR_BGR2GRAY)
+    assert thumbnail(grey).shape == th.shape[:2]
+
+
+def _hist_reference(thumb: np.ndarray) -> np.ndarray:
+    """The colour histogram written out pixel by pixel (what frame_features computes with calcHist)."""
+    hsv = cv2.cvtColor(thumb, cv2.COLOR_BGR2HSV).reshape(-1, 3).astype(np.int64)
+    h, s, v = hsv[:, 0], hsv[:, 1], hsv[:, 2]
+    bins = np.where(s < 24, 32, (h * 8 // 180) * 4 + s * 4 // 256)[v >= 24]
+    hist = np.bincount(bins, minlength=33).astype(np.float64)
+    if hist.sum() < 0.25 * len(hsv):
+        return np.zeros(33)
+    return hist / max(hist.sum(), 1.0)
+
+
+@pytest.mark.parametrize("name", ["astronaut", "coffee", "camera", "moon", "hubble_deep_field", "colour-noise"])
+def test_frame_histograms_match_a_pixel_by_pixel_reference(name):
+    rng = np.random.default_rng(1)
+    img = rng.integers(0, 256, (36, 64, 3), dtype=np.uint8) if name == "colour-noise" else cv2.resize(P[name], (64, 36))
+    for frame in (img, (img * 0.3).astype(np.uint8), (img * 0.08).astype(np.uint8)):
+        f = frame_features(None, thumb=frame)
+        np.testing.assert_allclose(f.hist, _hist_reference(frame), atol=1e-6)
+        grey = cv2.cvtColor(frame, cv2.COLOR_BGR2GRAY)
+        np.testing.assert_allclose(f.levels, np.bincount((grey >> 4).ravel(), minlength=16) / grey.size, atol=1e-6)
+
+
+def test_local_match_equals_the_shift_by_shift_definition():
+    rng = np.random.default_rng(2)
+    for h, w in ((36, 64), (48, 64), (37, 61), (12, 16)):
+        a = rng.standard_normal((h, w)).astype(np.float32)
+        b = np.roll(a, 1, axis=1) + 0.3 * rng.standard_normal((h, w)).astype(np.float32)
+        gw = min(8, w - 2)
+        gh = max(1, round(gw * (h - 2) / (w - 2)))
+        bh, bw = (h - 2) // gh, (w - 2) // gw
+        y0, x0 = 1 + ((h - 2) - gh * bh) // 2, 1 + ((w - 2) - gw * bw) // 2
+        best = np.full((gh, gw), np.inf)
+        for dy in (-1, 0, 1):
+            for dx in (-1, 0, 1):
+                d = np.abs(a[y0:y0 + gh * bh, x0:x0 + gw * bw].astype(np.float64)
+                           - b[y0 + dy:y0 + dy + gh * bh, x0 + dx:x0 + dx + gw * bw])
+                best = np.minimum(best, d.reshape(gh, bh, gw, bw).mean(axis=(1, 3)))
+        assert _local_match(a, b) == pytest.approx(float(np.median(best)), rel=1e-5)
