@@ -108,8 +108,17 @@ def default_read_ahead(width: int, height: int) -> int:
     while decoding runs at an even pace: a deeper queue lets the reader keep decoding through a burst, so
     both cores stay busy and decode stays the speed limit.
     """
-    frame_bytes = max(1, int(width) * int(height) * 3)
-    return int(min(READ_AHEAD_MAX, max(4, READ_AHEAD_BYTES // frame_bytes))) if width and height else 4
+    if width <= 0 or height <= 0:  # some streams report no size before their first frame
+        return 4
+    return int(min(READ_AHEAD_MAX, max(4, READ_AHEAD_BYTES // (int(width) * int(height) * 3))))
+
+
+def _open(src: str | int | Path | VideoSource, read_ahead: int | None) -> VideoSource:
+    """``src`` as a source: FFmpeg on one thread when a reader thread decodes (read_ahead != 0), else its
+    default threads."""
+    if isinstance(src, VideoSource):
+        return src
+    return open_video(src, decode_threads=1 if read_ahead != 0 else None)
 
 
 def default_stride(fps: float) -> int:
@@ -194,7 +203,7 @@ def iter_keyframes(
         raise ValueError("max_side must be >= 8")
     if read_ahead is not None and read_ahead < 0:
         raise ValueError("read_ahead must be >= 0")
-    video = src if isinstance(src, VideoSource) else open_video(src, decode_threads=1 if read_ahead != 0 else None)
+    video = _open(src, read_ahead)
     if read_ahead is None:
         read_ahead = default_read_ahead(video.width, video.height)
     step = stride or default_stride(video.fps)
@@ -254,8 +263,7 @@ def extract_keyframes(src: str | int | Path | VideoSource, **options: Any) -> Ke
         The source cannot be opened (missing file, not a video).
     """
     t0 = time.perf_counter()
-    threaded = options.get("read_ahead") != 0
-    video = src if isinstance(src, VideoSource) else open_video(src, decode_threads=1 if threaded else None)
+    video = _open(src, options.get("read_ahead"))
     boundaries: list[int] = []
     try:
         user_cb = options.pop("on_boundary", None)
