@@ -148,6 +148,10 @@ class AggregatorState:
             self.rejections.add(e.reason)
             return {"accepted": False, "reason": e.reason.value, "detail": e.detail,
                     "staleness": self.version - raw.base_version, "new_version": None}
+        except Exception as e:  # noqa: BLE001 - a hostile update must never take the loop down
+            self.rejections.add(Reason.INVALID)
+            return {"accepted": False, "reason": Reason.INVALID.value, "detail": f"{type(e).__name__}: {e}",
+                    "staleness": self.version - raw.base_version, "new_version": None}
         self.accepted += 1
         self.clipped += int(upd.clipped)
         self.bytes_accepted += upd.upload_bytes

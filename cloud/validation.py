@@ -38,6 +38,7 @@ class Reason(str, enum.Enum):
     NORM = "norm"  # norm above aggregation.max_norm with norm_action = "reject"
     TIMEOUT = "timeout"  # no reply within aggregation.reply_timeout_s (a lost update, counted alike)
     NODE_LEFT = "node_left"  # the node left the federation while training
+    INVALID = "invalid"  # any other failure while checking the update (e.g. out of memory): refused, counted
 
 
 class UpdateRejected(ValueError):
@@ -151,7 +152,9 @@ def validate(
         raise UpdateRejected(Reason.UNKNOWN_VERSION,
                              f"base version {b} not in [{oldest_version}, {current_version}]")
     try:
-        delta = codec.decode(raw.payload)
+        delta = codec.decode(raw.payload, expected={k: np.shape(v) for k, v in reference.items()})
+    except codec.LayoutError as e:
+        raise UpdateRejected(Reason.KEYS if e.field == "keys" else Reason.SHAPE, str(e)) from None
     except codec.CodecError as e:
         reason = Reason.NONFINITE if "non-finite" in str(e) else Reason.DECODE
         raise UpdateRejected(reason, str(e)) from None

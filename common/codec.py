@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 import struct
 import zlib
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -30,6 +31,14 @@ MAX_ELEMENTS = 1 << 31
 
 class CodecError(ValueError):
     """A payload is corrupt, truncated, of an unknown version, or holds non-finite values."""
+
+
+class LayoutError(CodecError):
+    """A payload's declared tensors differ from the layout the reader expects (``field``: "keys" or "shape")."""
+
+    def __init__(self, field: str, detail: str) -> None:
+        super().__init__(detail)
+        self.field = field
 
 
 @dataclass(frozen=True)
@@ -191,8 +200,13 @@ def encode(
     return body + struct.pack("<I", zlib.crc32(body)), new_res
 
 
-def decode(payload: bytes) -> dict[str, np.ndarray]:
-    """Decode a payload from :func:`encode`; raises :class:`CodecError` on anything malformed."""
+def decode(payload: bytes, expected: Mapping[str, Sequence[int]] | None = None) -> dict[str, np.ndarray]:
+    """Decode a payload from :func:`encode`; raises :class:`CodecError` on anything malformed.
+
+    ``expected`` (tensor name -> shape) is the layout the reader will accept. Give it whenever the payload
+    comes from someone else: the declared names and shapes are compared with it before anything is allocated,
+    so a few hostile header bytes cannot make the reader allocate what they declare (:class:`LayoutError`).
+    """
     if not isinstance(payload, (bytes, bytearray, memoryview)):
         raise CodecError(f"payload must be bytes, got {type(payload).__name__}")
     payload = bytes(payload)
@@ -232,6 +246,8 @@ def decode(payload: bytes) -> dict[str, np.ndarray]:
         sizes.append(int(np.prod(shape, dtype=np.int64)))
     if len({t[0] for t in tensors}) != len(tensors):
         raise CodecError("a tensor name appears twice")
+    if expected is not None:
+        _check_layout(tensors, expected)
     if sum(sizes) != n or sum(t[3] for t in tensors) != k:
         raise CodecError("tensor sizes or kept counts do not add up")
     vlens = [_value_bytes(t[3], bits) for t in tensors]
@@ -263,6 +279,17 @@ def decode(payload: bytes) -> dict[str, np.ndarray]:
         flat[idx[bounds[t] : bounds[t + 1]] - offsets[t]] = vals
         out[name] = flat.reshape(shape).astype(dtype)
     return out
+
+
+def _check_layout(tensors: list[tuple[str, list[int], str, int, float]],
+                  expected: Mapping[str, Sequence[int]]) -> None:
+    names = {t[0] for t in tensors}
+    if names != set(expected):
+        missing, extra = sorted(set(expected) - names), sorted(names - set(expected))
+        raise LayoutError("keys", f"missing={missing[:3]} unexpected={extra[:3]}")
+    for name, shape, *_ in tensors:
+        if tuple(shape) != tuple(int(d) for d in expected[name]):
+            raise LayoutError("shape", f"{name!r}: {tuple(shape)} != {tuple(expected[name])}")
 
 
 def raw_nbytes(delta: dict[str, np.ndarray]) -> int:

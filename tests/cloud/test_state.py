@@ -106,3 +106,16 @@ def test_state_runs_as_a_ray_actor(ray_session, tmp_path):
     assert ray.get(named.rebase.remote({"w": np.ones(1, np.float32)}, 1)) == 2
     ray.kill(actor)
     ray.kill(actor2)
+
+
+def test_any_failure_while_checking_an_update_is_a_counted_refusal_not_an_exception(monkeypatch):
+    import cloud.state as state_mod
+
+    def boom(*a, **kw):
+        raise MemoryError("declared 8 GiB")
+
+    st = _state(buffer_size=1)
+    monkeypatch.setattr(state_mod, "validate", boom)
+    r = st.submit(_raw(0))
+    assert not r["accepted"] and r["reason"] == "invalid" and "MemoryError" in r["detail"]
+    assert st.stats()["rejections"] == {"invalid": 1} and st.version == 0 and not st.buffer

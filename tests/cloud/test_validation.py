@@ -1,5 +1,6 @@
 """cloud/validation.py: every bad update is refused with its reason, a good one passes (clipped if asked)."""
 
+import json
 import struct
 import zlib
 
@@ -104,3 +105,12 @@ def test_rejection_counter_counts_per_reason():
     for r in (Reason.NONFINITE, Reason.NONFINITE, Reason.STALE):
         c.add(r)
     assert c.as_dict() == {"nonfinite": 2, "stale": 1} and c.total == 3
+
+
+def test_header_bomb_is_refused_by_shape_without_allocating_what_it_declares():
+    header = {"bits": 8, "n": 1 << 31, "k": 0, "idx_len": 0, "val_len": 0,
+              "tensors": [["a", [1 << 30, 2], "float32", 0, 1.0]]}
+    h = zlib.compress(json.dumps(header).encode(), 9)
+    body = codec.MAGIC + struct.pack("<BI", codec.FORMAT_VERSION, len(h)) + h
+    bomb = body + struct.pack("<I", zlib.crc32(body))
+    assert _reason(bomb) == Reason.KEYS  # "b" is missing; names are compared first

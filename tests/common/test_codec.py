@@ -1,3 +1,4 @@
+import json
 import struct
 import zlib
 
@@ -111,3 +112,25 @@ def test_float32_payload_with_inf_value_refused():
     raw[-4:] = struct.pack("<f", float("inf"))
     with pytest.raises(CodecError, match="non-finite"):
         decode(_recrc(bytes(raw)))
+
+
+def _header_bomb(elements: int = 1 << 31) -> bytes:
+    """A well-formed ~100-byte payload whose header declares one huge all-zero tensor (k = 0)."""
+    header = {"bits": 8, "n": elements, "k": 0, "idx_len": 0, "val_len": 0,
+              "tensors": [["a", [elements], "float32", 0, 1.0]]}
+    h = zlib.compress(json.dumps(header).encode(), 9)
+    body = codec.MAGIC + struct.pack("<BI", codec.FORMAT_VERSION, len(h)) + h
+    return body + struct.pack("<I", zlib.crc32(body))
+
+
+def test_declared_sizes_are_checked_against_the_expected_layout_before_any_allocation():
+    bomb = _header_bomb()
+    assert len(bomb) < 200
+    with pytest.raises(codec.LayoutError) as e:
+        decode(bomb, expected={"a": (4, 3)})
+    assert e.value.field == "shape"
+    with pytest.raises(codec.LayoutError) as e:
+        decode(bomb, expected={"b": (1 << 31,)})
+    assert e.value.field == "keys"
+    small = _header_bomb(12)
+    np.testing.assert_array_equal(decode(small, expected={"a": (12,)})["a"], np.zeros(12, np.float32))
