@@ -379,6 +379,29 @@ class ShardsConfig:
 
 
 @dataclass(frozen=True)
+class DashboardConfig:
+    """The live view of a running aggregator (cloud/dashboard): web page, ``/api/state``, ``/metrics``, TensorBoard.
+
+    ``address``: ``[HOST:]PORT`` the ServerApp serves the dashboard on ("" = off; a bare port means
+    127.0.0.1). Beyond loopback a token is required: ``$FEDGE_DASHBOARD_TOKEN`` or any device/operator token
+    of ``tokens_file`` (the shard server's tokens file); ``public`` serves without one. Tokens are secrets:
+    they never go in the config. ``tensorboard``: write TensorBoard scalars per version into ``run_dir/tb``
+    while the run goes on.
+    """
+
+    address: str = ""
+    public: bool = False
+    tokens_file: str = ""
+    tensorboard: bool = True
+
+    def __post_init__(self) -> None:
+        if self.address:
+            host, _, port = self.address.rpartition(":")
+            _check(port.isdigit() and 0 <= int(port) <= 65535, "dashboard.address",
+                   f"must be [HOST:]PORT with a port in 0..65535, got {self.address!r}")
+
+
+@dataclass(frozen=True)
 class FedgeConfig:
     """The whole run config."""
 
@@ -398,6 +421,7 @@ class FedgeConfig:
     simulation: SimulationConfig = field(default_factory=SimulationConfig)
     profiles: ProfilesConfig = field(default_factory=ProfilesConfig)
     shards: ShardsConfig = field(default_factory=ShardsConfig)
+    dashboard: DashboardConfig = field(default_factory=DashboardConfig)
 
     def __post_init__(self) -> None:
         mt = self.modal_types
