@@ -31,3 +31,7 @@ app.command("keyframes")(keyframes_command)
 from .ingest import ingest_command  # noqa: E402  (issue 3b: streams -> SampleStore)
 
 app.command("ingest")(ingest_command)
+
+from .store_cli import app as store_app  # noqa: E402  (look into a store, export it)
+
+app.add_typer(store_app, name="store")

@@ -316,6 +316,10 @@ def ingest(
         if vsrc is not None:
             vsrc.close()
     rep.rejected = dict(Counter(gate.counts))
+    try:  # the store keeps the gate's removals for `fedge edge store stats`
+        st.add_rejections(rep.rejected)
+    except StoreError as e:
+        rep.error = rep.error or str(e)
     rep.seconds = time.perf_counter() - t_wall
     return rep
 

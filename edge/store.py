@@ -19,7 +19,7 @@ from __future__ import annotations
 import os
 import sqlite3
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Self
@@ -27,6 +27,7 @@ from typing import Any, Self
 import numpy as np
 
 from common.config import MODALITIES
+from common.dataset import DB_NAME, decode_image, empty_arrays, fill_row
 
 __all__ = [
     "DB_NAME",
@@ -37,9 +38,9 @@ __all__ = [
     "StoreBudgetError",
     "StoreError",
     "StoreFullError",
+    "decode_image",
 ]
 
-DB_NAME = "samples.db"
 ROW_OVERHEAD = 96  # bytes counted per row on top of its blobs (ids, times, scores, index entries)
 SPLITS = ("train", "val", "test")
 
@@ -65,6 +66,8 @@ CREATE TABLE IF NOT EXISTS samples (
 );
 CREATE INDEX IF NOT EXISTS samples_split ON samples(split);
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+-- what the ingest's quality gate removed, by "<modality>:<reason>" (a store made before it gains it empty)
+CREATE TABLE IF NOT EXISTS gate_rejections (reason TEXT PRIMARY KEY, count INTEGER NOT NULL);
 -- the payload total, kept by triggers inside each write's transaction (no scan per write)
 INSERT OR IGNORE INTO meta VALUES ('payload_bytes', (SELECT COALESCE(SUM(nbytes), 0) FROM samples));
 CREATE TRIGGER IF NOT EXISTS samples_ins AFTER INSERT ON samples BEGIN
@@ -260,6 +263,20 @@ class SampleStore:
             "nbytes": nbytes,
         }
 
+    def add_rejections(self, counts: Mapping[str, int]) -> None:
+        """Add the quality gate's removals (``"<modality>:<reason>"`` -> count) to the store's totals."""
+        rows = [(str(k), int(v)) for k, v in counts.items() if int(v) > 0]
+        if not rows:
+            return
+        conn = self._db()
+        try:
+            with conn:
+                conn.execute("BEGIN IMMEDIATE")
+                conn.executemany("INSERT INTO gate_rejections VALUES (?, ?) ON CONFLICT(reason) DO UPDATE SET"
+                                 " count = count + excluded.count", rows)
+        except sqlite3.OperationalError as e:
+            raise StoreError(f"sample store write failed ({e}): {self.path}") from None
+
     def _make_room(self, conn: sqlite3.Connection, need: int) -> None:
         if self.budget_bytes is None:
             return
@@ -284,19 +301,35 @@ class SampleStore:
         return int(self._db().execute("SELECT COUNT(*) FROM samples").fetchone()[0])
 
     def stats(self) -> dict[str, Any]:
-        """Samples, payload bytes, file bytes, budget, evicted count, samples per modality set and split."""
+        """What the store holds: samples, bytes, budget, evictions, and samples by modality set, split and label
+        (``"unlabeled"`` for none), per split by label and modality set, the quality gate's removals by reason,
+        and the capture time span (device time, epoch seconds; None when empty)."""
         conn = self._db()
-        n, used = conn.execute("SELECT COUNT(*), COALESCE(SUM(nbytes), 0) FROM samples").fetchone()
+        n, used, t0, t1 = conn.execute(
+            "SELECT COUNT(*), COALESCE(SUM(nbytes), 0), MIN(device_time), MAX(device_time) FROM samples").fetchone()
         kept = int(conn.execute("SELECT value FROM meta WHERE key = 'payload_bytes'").fetchone()[0])
         if kept != used:  # cannot happen while the triggers run in every write's transaction
             raise StoreError(f"payload total out of step ({kept} != {used}): {self.path}")
         mods = dict(conn.execute("SELECT modalities, COUNT(*) FROM samples GROUP BY modalities").fetchall())
         splits = dict(conn.execute("SELECT split, COUNT(*) FROM samples GROUP BY split").fetchall())
+        labels = {("unlabeled" if label is None else str(label)): c for label, c in conn.execute(
+            "SELECT label, COUNT(*) FROM samples GROUP BY label ORDER BY label IS NULL, label")}
+        by_split: dict[str, dict[str, dict[str, int]]] = {}
+        for split, label, m, c in conn.execute(
+                "SELECT split, label, modalities, COUNT(*) FROM samples GROUP BY split, label, modalities"
+                " ORDER BY split, label IS NULL, label, modalities"):
+            name = "unlabeled" if label is None else str(label)
+            per = by_split.setdefault(split, {"labels": {}, "modalities": {}})
+            per["labels"][name] = per["labels"].get(name, 0) + c
+            per["modalities"][m] = per["modalities"].get(m, 0) + c
+        rejected = dict(conn.execute("SELECT reason, count FROM gate_rejections ORDER BY reason").fetchall())
         ev = conn.execute("SELECT value FROM meta WHERE key = 'evicted'").fetchone()
         files = sum(p.stat().st_size for p in self.root.glob(DB_NAME + "*") if p.is_file())
         return {"samples": int(n), "payload_bytes": int(used), "file_bytes": int(files),
                 "budget_bytes": self.budget_bytes, "evicted": int(ev[0]) if ev else 0, "modalities": mods,
-                "splits": splits}
+                "splits": splits, "labels": labels, "by_split": by_split, "rejected": rejected,
+                "time_span": None if t0 is None else {"first": float(t0), "last": float(t1),
+                                                      "seconds": float(t1) - float(t0)}}
 
     def ids(self, split: str | None = None) -> list[int]:
         """Ids in insertion order, optionally of one split."""
@@ -335,9 +368,9 @@ class SampleStore:
             A stored audio window has another shape than (n_mels, frames).
         """
         ids = self.ids(split)
-        out = _empty_arrays(len(ids), image_size, n_mels, frames)
+        out = empty_arrays(len(ids), image_size, n_mels, frames)
         for i, s in enumerate(self.iter_samples(split)):
-            _fill(out, i, s, image_size, n_mels, frames)
+            _fill(out, i, s, image_size)
         return out
 
 
@@ -350,36 +383,11 @@ def _sample(row: tuple) -> Sample:
                   None if label is None else int(label), (float(qi), float(qa)), split, st, src)
 
 
-def _empty_arrays(n: int, s: int, n_mels: int, frames: int) -> dict[str, np.ndarray]:
-    return {"image": np.zeros((n, 3, s, s), np.float32), "audio": np.zeros((n, n_mels, frames), np.float32),
-            "label": np.full(n, -1, np.int64), "mask": np.zeros((n, 2), bool),
-            "quality": np.zeros((n, 2), np.float32)}
-
-
-def decode_image(jpeg: bytes, size: int) -> np.ndarray:
-    """JPEG -> (3, size, size) float32 RGB in [0, 1] (area resize)."""
-    import cv2
-
-    bgr = cv2.imdecode(np.frombuffer(jpeg, np.uint8), cv2.IMREAD_COLOR)
-    if bgr is None:
-        raise StoreError("a stored keyframe is not a decodable JPEG")
-    if bgr.shape[:2] != (size, size):
-        bgr = cv2.resize(bgr, (size, size), interpolation=cv2.INTER_AREA)
-    return (bgr[:, :, ::-1].transpose(2, 0, 1) / 255.0).astype(np.float32)
-
-
-def _fill(out: dict[str, np.ndarray], i: int, s: Sample, size: int, n_mels: int, frames: int) -> None:
-    if s.image_jpeg is not None:
-        out["image"][i] = decode_image(s.image_jpeg, size)
-        out["mask"][i, 0] = True
-    if s.audio is not None:
-        if s.audio.shape != (n_mels, frames):
-            raise StoreError(f"sample {s.id} has an audio window of shape {s.audio.shape}, expected "
-                             f"({n_mels}, {frames})")
-        out["audio"][i] = s.audio
-        out["mask"][i, 1] = True
-    out["label"][i] = -1 if s.label is None else s.label
-    out["quality"][i] = s.quality
+def _fill(out: dict[str, np.ndarray], i: int, s: Sample, size: int) -> None:
+    try:
+        fill_row(out, i, image_jpeg=s.image_jpeg, audio=s.audio, label=s.label, quality=s.quality, size=size)
+    except ValueError as e:
+        raise StoreError(f"sample {s.id}: {e}") from None
 
 
 class SampleDataset:
@@ -405,6 +413,6 @@ class SampleDataset:
     def __getitem__(self, i: int) -> dict[str, Any]:
         import torch
 
-        out = _empty_arrays(1, self.size, self.n_mels, self.frames)
-        _fill(out, 0, self.store.get(self.ids[i]), self.size, self.n_mels, self.frames)
+        out = empty_arrays(1, self.size, self.n_mels, self.frames)
+        _fill(out, 0, self.store.get(self.ids[i]), self.size)
         return {k: torch.as_tensor(v[0]) for k, v in out.items()}
