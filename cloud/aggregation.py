@@ -8,6 +8,10 @@ no Ray, no I/O, so each rule is unit-tested against a NumPy reference.
   ``n_i`` this is the paper's ``(1/K) Σ w(s_i) Δ_i``), then ``m ← β m + Δ``, ``x ← x + η m``.
 * FedAsync (Xie et al., 2019) is FedBuff with ``K = 1``: ``x ← x + η w(s) Δ``.
 * Synchronous FedAvg is the same rule with every staleness 0 (``w = 1``) and ``K`` = nodes per round.
+* Server optimizers (Reddi et al., "Adaptive Federated Optimization", ICLR 2021) treat the aggregated delta
+  ``Δ`` as a pseudo-gradient step (:func:`server_opt_step`): ``sgd`` ``x ← x + η Δ``; ``avgm`` (FedAvgM)
+  ``m ← β1 m + Δ``, ``x ← x + η m``; ``adam`` / ``yogi`` ``m ← β1 m + (1-β1) Δ``, ``v`` by Adam's or Yogi's
+  rule, ``x ← x + η m / (√v + τ)`` with ``v`` starting at ``τ²`` (the paper's Algorithm 2, no bias correction).
 * Robust combiners replace the weighted mean: coordinate-wise median and trimmed mean over the
   staleness-scaled deltas (unweighted by examples, as robust statistics are). Norm clipping bounds any
   single update first (:func:`clip_by_norm`).
@@ -159,3 +163,52 @@ def server_step(
         new_m[k] = m.astype(np.float32)
         new_p[k] = (np.asarray(p, np.float32) + np.float32(lr) * new_m[k]).astype(np.float32)
     return new_p, new_m
+
+
+ServerOpt = Literal["sgd", "avgm", "adam", "yogi"]
+SERVER_OPTS: tuple[str, ...] = ("sgd", "avgm", "adam", "yogi")
+OptState = dict[str, State]  # slot ("m", "v") -> name -> array
+
+
+def server_opt_step(
+    params: Mapping[str, np.ndarray],
+    delta: Mapping[str, np.ndarray],
+    opt_state: Mapping[str, Mapping[str, np.ndarray]] | None,
+    *,
+    opt: str = "sgd",
+    lr: float = 1.0,
+    beta1: float = 0.9,
+    beta2: float = 0.99,
+    tau: float = 1e-3,
+) -> tuple[State, OptState]:
+    """Apply one aggregated delta with a server optimizer; return the new parameters and optimizer state.
+
+    ``opt_state`` holds the optimizer's slots per tensor (``{}`` / ``None`` before the first step):
+    ``m`` (first moment or momentum) and ``v`` (second moment, adam / yogi). ``sgd`` keeps no state.
+    """
+    if set(params) != set(delta):
+        raise ValueError("delta keys differ from the parameters")
+    if opt not in SERVER_OPTS:
+        raise ValueError(f"unknown server optimizer {opt!r} (known: {SERVER_OPTS})")
+    if opt in ("sgd", "avgm"):
+        m_prev = dict((opt_state or {}).get("m", {})) if opt == "avgm" else None
+        new_p, new_m = server_step(params, delta, m_prev, lr=lr, beta=beta1 if opt == "avgm" else 0.0)
+        return new_p, ({"m": new_m} if opt == "avgm" else {})
+    prev_m, prev_v = (opt_state or {}).get("m", {}), (opt_state or {}).get("v", {})
+    b1, b2, t = np.float32(beta1), np.float32(beta2), np.float32(tau)
+    out_p: State = {}
+    out_m: State = {}
+    out_v: State = {}
+    for k, p in params.items():
+        d = np.asarray(delta[k], np.float32)
+        m0 = np.asarray(prev_m[k], np.float32) if k in prev_m else np.zeros_like(d)
+        v0 = np.asarray(prev_v[k], np.float32) if k in prev_v else np.full_like(d, t * t)
+        m = b1 * m0 + (np.float32(1) - b1) * d
+        d2 = d * d
+        if opt == "adam":
+            v = b2 * v0 + (np.float32(1) - b2) * d2
+        else:  # yogi: v moves towards d² additively, by at most (1-β2) d² per step
+            v = v0 - (np.float32(1) - b2) * d2 * np.sign(v0 - d2)
+        out_m[k], out_v[k] = m.astype(np.float32), v.astype(np.float32)
+        out_p[k] = (np.asarray(p, np.float32) + np.float32(lr) * m / (np.sqrt(v) + t)).astype(np.float32)
+    return out_p, {"m": out_m, "v": out_v}

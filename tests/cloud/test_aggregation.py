@@ -90,6 +90,52 @@ def test_server_step_with_momentum_matches_heavy_ball_reference():
     np.testing.assert_allclose(m["a"], ref_m, rtol=1e-6)
 
 
+def _reference_opt(opt, deltas, *, lr, beta1, beta2, tau):
+    """Reddi et al. Algorithm 2 (and FedAvgM), written out in float64 NumPy."""
+    x, m, v = np.zeros(3), np.zeros(3), np.full(3, tau**2)
+    for d in deltas:
+        if opt == "sgd":
+            x = x + lr * d
+            continue
+        if opt == "avgm":
+            m = beta1 * m + d
+            x = x + lr * m
+            continue
+        m = beta1 * m + (1 - beta1) * d
+        if opt == "adam":
+            v = beta2 * v + (1 - beta2) * d**2
+        else:
+            v = v - (1 - beta2) * d**2 * np.sign(v - d**2)
+        x = x + lr * m / (np.sqrt(v) + tau)
+    return x, m, v
+
+
+@pytest.mark.parametrize("opt", ["sgd", "avgm", "adam", "yogi"])
+def test_server_optimizers_match_numpy_reference(opt):
+    rng = np.random.default_rng(3)
+    deltas = [rng.normal(0, s, 3) for s in (1.0, 0.1, 2.0, 0.5, 0.01)]
+    kw = dict(lr=0.3, beta1=0.8, beta2=0.95, tau=1e-2)
+    p, st = {"a": np.zeros(3, np.float32)}, {}
+    for d in deltas:
+        p, st = agg.server_opt_step(p, {"a": d.astype(np.float32)}, st, opt=opt, **kw)
+    x, m, v = _reference_opt(opt, deltas, **kw)
+    np.testing.assert_allclose(p["a"], x, rtol=1e-4, atol=1e-6)
+    if opt != "sgd":
+        np.testing.assert_allclose(st["m"]["a"], m, rtol=1e-4, atol=1e-7)
+    if opt in ("adam", "yogi"):
+        np.testing.assert_allclose(st["v"]["a"], v, rtol=1e-4, atol=1e-9)
+    assert opt != "sgd" or st == {}
+
+
+def test_adaptive_server_step_is_bounded_per_coordinate():
+    # adam's first step moves every coordinate by about lr, however large or small its delta
+    p, _ = agg.server_opt_step({"a": np.zeros(2, np.float32)}, {"a": np.array([1e3, 1e-1], np.float32)}, None,
+                               opt="adam", lr=0.01, beta1=0.9, beta2=0.99, tau=1e-3)
+    assert np.all(np.abs(p["a"]) <= 0.01 * 0.1 / np.sqrt(0.01) + 1e-6)
+    with pytest.raises(ValueError):
+        agg.server_opt_step({"a": np.zeros(1)}, {"a": np.zeros(1)}, None, opt="lamb")
+
+
 def test_bad_inputs_raise():
     with pytest.raises(ValueError):
         agg.fedbuff_delta([], [])
