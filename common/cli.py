@@ -1,4 +1,5 @@
-"""The ``fedge`` command: groups ``edge``, ``cloud`` and ``simulate``, each from its own package.
+"""The ``fedge`` command: groups ``edge``, ``cloud`` and ``simulate``, each from its own package, and
+``fedge evaluate`` (:mod:`common.evaluate_cli`).
 
 A group whose package (or its extra's dependencies) is not installed is left out with a note, so that an
 edge device without Ray still gets ``fedge edge``. Groups are looked up by module name so that ``common``
@@ -42,6 +43,9 @@ def build_app() -> typer.Typer:
             root.add_typer(missing, name=name)
             continue
         root.add_typer(group, name=name, help=help_)
+    from .evaluate_cli import evaluate_command
+
+    root.command("evaluate")(evaluate_command)
     return root
 
 

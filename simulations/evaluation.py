@@ -6,13 +6,13 @@ from collections.abc import Mapping
 from pathlib import Path
 
 import numpy as np
-import torch
 
-from common.base_weights import load_base_file
-from common.config import MODALITIES, FedgeConfig
-from common.lora import apply_lora, load_adapter_state
-from common.model import MultimodalMoE, build_model, model_kwargs
+from common.config import MODALITIES
+from common.evaluation import fused, model_with, only
+from common.model import MultimodalMoE
 from common.training import evaluate
+
+__all__ = ["ADAPTERS", "fused", "load_arrays", "modality_accuracy", "model_with", "only"]
 
 ADAPTERS = "global_adapters.npz"
 
@@ -21,34 +21,6 @@ def load_arrays(path: str | Path) -> dict[str, np.ndarray]:
     """Arrays saved with ``np.savez`` (image, audio, label, mask, quality)."""
     with np.load(path) as z:
         return {k: z[k] for k in z.files}
-
-
-def model_with(cfg: FedgeConfig, adapters: Mapping[str, np.ndarray] | None) -> MultimodalMoE:
-    """The base model of ``cfg`` (seed init or ``model.base_path``) with LoRA, loaded with ``adapters`` (initial ones if None)."""
-    m = build_model(**model_kwargs(cfg))  # type: ignore[arg-type]
-    apply_lora(m, rank=cfg.model.lora_rank, alpha=cfg.model.lora_alpha)
-    if cfg.model.base_path:
-        load_base_file(m, cfg.model.base_path)
-    if adapters is not None:
-        load_adapter_state(m, {k: torch.from_numpy(np.asarray(v, dtype=np.float32)) for k, v in adapters.items()})
-    return m
-
-
-def only(arrays: Mapping[str, np.ndarray], modality: str) -> dict[str, np.ndarray]:
-    """The samples that carry ``modality``, with every other modality masked out."""
-    j = MODALITIES.index(modality)
-    rows = np.asarray(arrays["mask"], dtype=bool)[:, j]
-    out = {k: np.asarray(v)[rows] for k, v in arrays.items()}
-    mask = np.zeros_like(out["mask"], dtype=bool)
-    mask[:, j] = True
-    out["mask"] = mask
-    return out
-
-
-def fused(arrays: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
-    """The samples that carry every modality."""
-    rows = np.asarray(arrays["mask"], dtype=bool).all(axis=1)
-    return {k: np.asarray(v)[rows] for k, v in arrays.items()}
 
 
 def modality_accuracy(model: MultimodalMoE, arrays: Mapping[str, np.ndarray]) -> dict[str, float]:
