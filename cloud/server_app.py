@@ -304,7 +304,7 @@ class ServerLoop:
                 log.warning("update from node %d refused: %s %s", ev.slot.node_id, ev.reason, ev.detail)
                 self._get(self.actor.reject.remote(ev.reason))
             else:
-                res = self._get(self.actor.submit.remote(ev.raw, t))
+                res = self._get(self.actor.submit.remote(ev.raw, t, ev.slot.version))
                 if not res["accepted"]:
                     log.warning("update from node %d refused: %s %s", ev.slot.node_id, res["reason"],
                                 res["detail"])
@@ -441,6 +441,9 @@ def _state_kwargs(cfg: FedgeConfig, ckpt_dir: str | None) -> dict[str, Any]:
             "staleness_a": a.staleness_a, "staleness_b": a.staleness_b, "max_staleness": a.max_staleness,
             "server_lr": a.server_lr, "server_momentum": a.server_momentum, "max_norm": a.max_norm,
             "norm_action": a.norm_action, "robust": a.robust, "trim_ratio": a.trim_ratio,
+            "norm_factor": a.norm_factor, "norm_warmup": a.norm_warmup, "examples_factor": a.examples_factor,
+            "max_examples": a.max_examples, "window": a.window, "outlier_threshold": a.outlier_threshold,
+            "replay_window": a.replay_window,
             "checkpoint_dir": ckpt_dir, "checkpoint_every": cfg.fault_tolerance.checkpoint_every}
 
 

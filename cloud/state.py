@@ -6,9 +6,16 @@ Every update goes through :meth:`AggregatorState.submit`, which validates it (:m
 buffers it and, after ``K`` accepted updates, produces a new version (:mod:`cloud.aggregation`).
 
 Checkpoints are one ``.npz`` file (arrays + a JSON header) written atomically: a temporary file in the
-same directory, ``fsync``, ``os.replace``, ``fsync`` of the directory. A checkpoint holds the buffer too,
-so no update accepted before it is lost on a crash. It is written every ``checkpoint_every`` versions and
-on shutdown; :meth:`AggregatorState.restore` reads it back.
+same directory, ``fsync``, ``os.replace``, ``fsync`` of the directory. A checkpoint holds the buffer too.
+It is written every ``checkpoint_every`` versions and on shutdown. Between checkpoints every accepted update
+is appended to a write-ahead log next to it (:data:`WAL_NAME`, one CRC-framed record per update, ``fsync``
+before :meth:`AggregatorState.submit` returns) and the log is emptied by the next checkpoint, so nothing
+acknowledged is lost to a crash: :meth:`AggregatorState.restore` reads the checkpoint back and submits the
+logged updates again (the same checks on the same state give the same versions).
+
+What a client cannot be trusted with is bounded by default (:mod:`cloud.robust`): example counts are capped
+relative to the recent claims, norms clipped relative to the recent accepted norms, a base version other
+than the one the server dispatched to that node is refused, and so is a payload already accepted.
 
 Ray: in a simulation (Flower's ``run_simulation`` or a ``--simulation`` SuperLink) the simulation engine
 starts Ray in the ServerApp's own process; :func:`ensure_ray` joins it. In deployment the ServerApp process
@@ -21,7 +28,10 @@ from __future__ import annotations
 import io
 import json
 import os
+import struct
 import time
+import zlib
+from collections import deque
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -29,9 +39,12 @@ from typing import Any
 import numpy as np
 
 from . import aggregation as agg
+from . import robust as rb
 from .validation import RawUpdate, Reason, RejectionCounter, UpdateRejected, validate
 
 CHECKPOINT_NAME = "aggregator.npz"
+WAL_NAME = "aggregator.wal"  # accepted updates since the checkpoint: (len, crc32) + JSON line + payload each
+_FRAME = struct.Struct("<II")
 FORMAT = 1
 RAY_ADDRESS_ENV = "FEDGE_RAY_ADDRESS"
 ACTOR_NAME = "fedge-aggregator"  # ray.get_actor(ACTOR_NAME).rebase.remote(base_state, base_version)
@@ -50,7 +63,8 @@ class AggregatorState:
     initial:
         The initial global adapters (name -> array); also what :meth:`rebase` resets to.
     buffer_size, staleness, staleness_a, staleness_b, max_staleness, server_lr, server_momentum, max_norm,
-    norm_action, robust, trim_ratio:
+    norm_action, robust, trim_ratio, norm_factor, norm_warmup, examples_factor, max_examples, window,
+    outlier_threshold, replay_window:
         See :class:`common.config.AggregationConfig`.
     checkpoint_dir:
         Where checkpoints go (``None``: no checkpoints).
@@ -73,6 +87,13 @@ class AggregatorState:
         norm_action: str = "clip",
         robust: str = "none",
         trim_ratio: float = 0.1,
+        norm_factor: float = 2.0,
+        norm_warmup: int = 4,
+        examples_factor: float = 2.0,
+        max_examples: float = 0.0,
+        window: int = 32,
+        outlier_threshold: float = 0.0,
+        replay_window: int = 4096,
         checkpoint_dir: str | None = None,
         checkpoint_every: int = 5,
     ) -> None:
@@ -80,7 +101,9 @@ class AggregatorState:
             "buffer_size": buffer_size, "staleness": staleness, "staleness_a": staleness_a,
             "staleness_b": staleness_b, "max_staleness": max_staleness, "server_lr": server_lr,
             "server_momentum": server_momentum, "max_norm": max_norm, "norm_action": norm_action,
-            "robust": robust, "trim_ratio": trim_ratio,
+            "robust": robust, "trim_ratio": trim_ratio, "norm_factor": norm_factor, "norm_warmup": norm_warmup,
+            "examples_factor": examples_factor, "max_examples": max_examples, "window": window,
+            "outlier_threshold": outlier_threshold, "replay_window": replay_window,
         }
         self.initial = {k: np.array(v, dtype=np.float32) for k, v in sorted(initial.items())}
         self.params = {k: v.copy() for k, v in self.initial.items()}
@@ -89,15 +112,24 @@ class AggregatorState:
         self.oldest_version = 0  # first version on the current base
         self.base_version = 0  # which base model the adapters belong to (issue 6 rebases)
         self.base_state: dict[str, np.ndarray] | None = None
-        self.buffer: list[dict[str, Any]] = []  # {"delta", "staleness", "num_examples", "base_version"}
+        # {"delta", "staleness", "num_examples", "base_version", "norm"}
+        self.buffer: list[dict[str, Any]] = []
+        # what recently accepted updates looked like: the reference of the relative bounds (cloud/robust.py)
+        self.recent_norms: deque[float] = deque(maxlen=window)
+        self.recent_claims: deque[float] = deque(maxlen=window)
+        self.recent_deltas: deque[dict[str, np.ndarray]] = deque(maxlen=window if outlier_threshold > 0 else 0)
+        self.replays = rb.ReplayGuard(replay_window)
         self.rejections = RejectionCounter()
         self.accepted = 0
         self.clipped = 0
+        self.outliers = 0  # accepted updates left out of their version as outliers
         self.bytes_accepted = 0
         self.history: list[dict[str, Any]] = [{"version": 0, "time": 0.0, "updates": 0, "base_version": 0}]
         self.checkpoint_dir = checkpoint_dir
         self.checkpoint_every = checkpoint_every
         self.last_checkpoint_version = -1
+        self._replaying = False
+        self.replayed = 0  # updates restore() took from the write-ahead log
 
     # ------------------------------------------------------------------ reading
     def snapshot(self) -> tuple[int, dict[str, np.ndarray]]:
@@ -113,6 +145,7 @@ class AggregatorState:
             "version": self.version,
             "accepted": self.accepted,
             "clipped": self.clipped,
+            "outliers": self.outliers,
             "buffered": len(self.buffer),
             "rejected": self.rejections.total,
             "rejections": self.rejections.as_dict(),
@@ -133,17 +166,23 @@ class AggregatorState:
         """Count an update lost outside validation (a reply error, a timeout, a node that left)."""
         self.rejections.add(Reason(reason))
 
-    def submit(self, raw: RawUpdate, now: float = 0.0) -> dict[str, Any]:
+    def submit(self, raw: RawUpdate, now: float = 0.0, dispatched_version: int | None = None) -> dict[str, Any]:
         """Validate one update and buffer it; aggregate when the buffer holds ``K``.
 
+        ``dispatched_version`` is the version the server sent to the node (``None``: not known, the claim
+        is taken). An accepted update is in the write-ahead log (fsync'd) before this returns.
         Returns ``{"accepted", "reason", "detail", "staleness", "new_version"}`` (``new_version`` is the
         version produced by this update, else ``None``). Never raises on a bad update: it is counted.
         """
         o = self.opts
         try:
+            digest = rb.payload_digest(raw.payload)
+            if digest in self.replays:
+                raise UpdateRejected(Reason.REPLAY, f"payload {digest[:12]} was accepted before")
             upd = validate(raw, reference=self.params, current_version=self.version,
                            oldest_version=self.oldest_version, max_staleness=o["max_staleness"],
-                           max_norm=o["max_norm"], norm_action=o["norm_action"])
+                           max_norm=o["max_norm"], norm_action=o["norm_action"],
+                           dispatched_version=dispatched_version)
         except UpdateRejected as e:
             self.rejections.add(e.reason)
             return {"accepted": False, "reason": e.reason.value, "detail": e.detail,
@@ -152,11 +191,22 @@ class AggregatorState:
             self.rejections.add(Reason.INVALID)
             return {"accepted": False, "reason": Reason.INVALID.value, "detail": f"{type(e).__name__}: {e}",
                     "staleness": self.version - raw.base_version, "new_version": None}
+        # max_norm (with norm_action) bounds every update; the bound relative to the recent norms clips only, so
+        # an honest update a little larger than usual still counts
+        delta, clipped = upd.delta, upd.clipped
+        bound = rb.norm_bound(self.recent_norms, factor=o["norm_factor"], warmup=o["norm_warmup"],
+                              max_norm=o["max_norm"])
+        if upd.norm > bound:
+            delta, _ = agg.clip_by_norm(delta, bound)
+            clipped = True
+        self._log(raw, now, dispatched_version)
         self.accepted += 1
-        self.clipped += int(upd.clipped)
+        self.replays.add(digest)
+        self.recent_norms.append(upd.norm)
+        self.clipped += int(clipped)
         self.bytes_accepted += upd.upload_bytes
-        self.buffer.append({"delta": upd.delta, "staleness": upd.staleness, "num_examples": upd.num_examples,
-                            "base_version": upd.base_version})
+        self.buffer.append({"delta": delta, "staleness": upd.staleness, "num_examples": upd.num_examples,
+                            "base_version": upd.base_version, "norm": upd.norm})
         new_version = self.aggregate(now) if len(self.buffer) >= o["buffer_size"] else None
         return {"accepted": True, "reason": None, "detail": "", "staleness": upd.staleness,
                 "new_version": new_version}
@@ -167,8 +217,18 @@ class AggregatorState:
             return None
         o = self.opts
         buf, self.buffer = self.buffer, []
+        kept = buf
+        if o["outlier_threshold"] > 0:
+            scores = rb.outlier_scores([b["delta"] for b in buf], list(self.recent_deltas))
+            kept = [b for b, s in zip(buf, scores) if s <= o["outlier_threshold"]] or buf
+            self.outliers += len(buf) - len(kept)
+            self.recent_deltas.extend(b["delta"] for b in kept)
+        claims = [b["num_examples"] for b in kept]
+        weights = rb.capped_examples(claims, self.recent_claims, factor=o["examples_factor"],
+                                     max_examples=o["max_examples"])
+        self.recent_claims.extend(claims)
         delta = agg.fedbuff_delta(
-            [b["delta"] for b in buf], [b["staleness"] for b in buf], [b["num_examples"] for b in buf],
+            [b["delta"] for b in kept], [b["staleness"] for b in kept], weights,
             fn=o["staleness"], a=o["staleness_a"], b=o["staleness_b"], robust=o["robust"],
             trim_ratio=o["trim_ratio"],
         )
@@ -180,7 +240,7 @@ class AggregatorState:
             "mean_staleness": float(np.mean([b["staleness"] for b in buf])),
             "max_staleness": int(max(b["staleness"] for b in buf)), "base_version": self.base_version,
         })
-        if self.checkpoint_dir and self.version % self.checkpoint_every == 0:
+        if self.checkpoint_dir and self.version % self.checkpoint_every == 0 and not self._replaying:
             self.checkpoint()
         return self.version
 
@@ -231,10 +291,17 @@ class AggregatorState:
         for i, b in enumerate(self.buffer):
             for k, v in b["delta"].items():
                 arrays[f"buffer/{i}/{k}"] = v
+        for i, dl in enumerate(self.recent_deltas):
+            for k, v in dl.items():
+                arrays[f"recent/{i}/{k}"] = v
         header = {
             "format": FORMAT, "version": self.version, "oldest_version": self.oldest_version,
             "base_version": self.base_version, "opts": self.opts,
-            "buffer": [{k: b[k] for k in ("staleness", "num_examples", "base_version")} for b in self.buffer],
+            "buffer": [{k: b[k] for k in ("staleness", "num_examples", "base_version", "norm")}
+                       for b in self.buffer],
+            "recent_norms": list(self.recent_norms), "recent_claims": list(self.recent_claims),
+            "recent_deltas": len(self.recent_deltas), "replays": self.replays.digests(),
+            "outliers": self.outliers,
             "rejections": self.rejections.as_dict(), "accepted": self.accepted, "clipped": self.clipped,
             "bytes_accepted": self.bytes_accepted, "history": self.history,
             "has_momentum": self.momentum is not None, "has_base": self.base_state is not None,
@@ -243,8 +310,47 @@ class AggregatorState:
         bio = io.BytesIO()
         np.savez(bio, **arrays)  # type: ignore[arg-type]
         atomic_write(d / CHECKPOINT_NAME, bio.getvalue())
+        # the checkpoint holds every logged update now; a crash before this truncation replays records that
+        # restore() skips by sequence number
+        with open(d / WAL_NAME, "wb") as f:
+            os.fsync(f.fileno())
         self.last_checkpoint_version = self.version
         return str(d / CHECKPOINT_NAME)
+
+    def _log(self, raw: RawUpdate, now: float, dispatched_version: int | None) -> None:
+        """Append an accepted update (sequence number: ``accepted`` after it) to the write-ahead log, fsync'd."""
+        if not self.checkpoint_dir or self._replaying:
+            return
+        d = Path(self.checkpoint_dir)
+        if self.last_checkpoint_version < 0 and not (d / CHECKPOINT_NAME).is_file():
+            self.checkpoint()  # the log replays onto a checkpoint: the first update needs the initial one
+        meta = {"seq": self.accepted + 1, "base_version": raw.base_version, "metrics": raw.metrics,
+                "dispatched_version": dispatched_version, "now": now}
+        body = json.dumps(meta).encode() + b"\n" + raw.payload
+        with open(d / WAL_NAME, "ab") as f:
+            f.write(_FRAME.pack(len(body), zlib.crc32(body)) + body)
+            f.flush()
+            os.fsync(f.fileno())
+
+    def _replay_log(self) -> int:
+        """Submit again the logged updates that the checkpoint does not hold; return how many."""
+        assert self.checkpoint_dir
+        records = read_wal(Path(self.checkpoint_dir) / WAL_NAME)
+        self._replaying = True
+        n = 0
+        try:
+            for meta, payload in records:
+                if int(meta["seq"]) <= self.accepted:
+                    continue  # already in the checkpoint (a crash between checkpoint and truncation)
+                raw = RawUpdate(payload=payload, base_version=int(meta["base_version"]),
+                                metrics={str(k): float(v) for k, v in meta["metrics"].items()})
+                self.submit(raw, float(meta["now"]), meta["dispatched_version"])
+                n += 1
+        finally:
+            self._replaying = False
+        if n:
+            self.checkpoint()
+        return n
 
     @classmethod
     def restore(cls, checkpoint_dir: str, *, checkpoint_every: int = 5, **opts: Any) -> AggregatorState:
@@ -279,13 +385,38 @@ class AggregatorState:
         st.base_state = section("base/") if header["has_base"] else None
         st.version, st.oldest_version = int(header["version"]), int(header["oldest_version"])
         st.base_version = int(header["base_version"])
-        st.buffer = [{**meta, "delta": section(f"buffer/{i}/")} for i, meta in enumerate(header["buffer"])]
+        st.buffer = [{"norm": 0.0, **meta, "delta": section(f"buffer/{i}/")}
+                     for i, meta in enumerate(header["buffer"])]
+        st.recent_norms.extend(header.get("recent_norms", []))
+        st.recent_claims.extend(header.get("recent_claims", []))
+        st.recent_deltas.extend(section(f"recent/{i}/") for i in range(int(header.get("recent_deltas", 0))))
+        for dg in header.get("replays", []):
+            st.replays.add(dg)
+        st.outliers = int(header.get("outliers", 0))
         st.rejections = RejectionCounter(dict(header["rejections"]))
         st.accepted, st.clipped = int(header["accepted"]), int(header["clipped"])
         st.bytes_accepted = int(header["bytes_accepted"])
         st.history = list(header["history"])
         st.last_checkpoint_version = st.version
+        st.replayed = st._replay_log()
         return st
+
+
+def read_wal(path: str | Path) -> list[tuple[dict[str, Any], bytes]]:
+    """The intact records of a write-ahead log, in order; reading stops at a torn or corrupt tail."""
+    p = Path(path)
+    data = p.read_bytes() if p.is_file() else b""
+    out: list[tuple[dict[str, Any], bytes]] = []
+    pos = 0
+    while pos + _FRAME.size <= len(data):
+        n, crc = _FRAME.unpack_from(data, pos)
+        body = data[pos + _FRAME.size: pos + _FRAME.size + n]
+        if len(body) < n or zlib.crc32(body) != crc:
+            break  # the write the crash interrupted: it was never acknowledged
+        head, _, payload = body.partition(b"\n")
+        out.append((json.loads(head), payload))
+        pos += _FRAME.size + n
+    return out
 
 
 def atomic_write(path: str | Path, data: bytes) -> None:

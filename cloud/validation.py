@@ -39,6 +39,8 @@ class Reason(str, enum.Enum):
     TIMEOUT = "timeout"  # no reply within aggregation.reply_timeout_s (a lost update, counted alike)
     NODE_LEFT = "node_left"  # the node left the federation while training
     INVALID = "invalid"  # any other failure while checking the update (e.g. out of memory): refused, counted
+    VERSION_MISMATCH = "version_mismatch"  # the claimed base version is not the one the server sent that node
+    REPLAY = "replay"  # the very payload of an update already accepted
 
 
 class UpdateRejected(ValueError):
@@ -131,12 +133,15 @@ def validate(
     max_staleness: int,
     max_norm: float,
     norm_action: str = "clip",
+    dispatched_version: int | None = None,
 ) -> ValidUpdate:
     """Check one update against the global adapters ``reference`` and the version window.
 
     ``oldest_version`` is the first version produced on the current base (see
     :meth:`cloud.state.AggregatorState.rebase`); base versions outside ``[oldest_version, current_version]``
-    are unknown. Returns the decoded (and, with ``norm_action="clip"``, clipped) update.
+    are unknown. ``dispatched_version`` is the version the server sent to this node: a claim that differs is
+    refused (a client claiming a newer base would escape its staleness weight). Returns the decoded (and,
+    with ``norm_action="clip"``, clipped) update.
 
     Raises
     ------
@@ -179,6 +184,8 @@ def validate(
         clipped = True
     # staleness after the content checks: a poisoned or malformed update is reported as such even when it is
     # also stale (that is the signal an operator needs); decoding it is cheap, bounded by the size check above
+    if dispatched_version is not None and b != dispatched_version:
+        raise UpdateRejected(Reason.VERSION_MISMATCH, f"claims base version {b}, was sent {dispatched_version}")
     staleness = current_version - b
     if staleness > max_staleness:
         raise UpdateRejected(Reason.STALE, f"staleness {staleness} > max_staleness {max_staleness}")

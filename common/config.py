@@ -95,6 +95,14 @@ class AggregationConfig:
     norm_action: Literal["clip", "reject"] = "clip"
     robust: Literal["none", "median", "trimmed_mean"] = "none"
     trim_ratio: float = 0.1
+    # bounds relative to the recently accepted updates (cloud/robust.py); 0 turns a bound off
+    norm_factor: float = 2.0  # clip each update to this x the median norm of the last `window` accepted ones
+    norm_warmup: int = 4  # accepted norms needed before norm_factor applies (max_norm alone until then)
+    examples_factor: float = 2.0  # weigh an update by min(claimed examples, this x the median recent claim)
+    max_examples: float = 0.0  # an absolute cap on the example count an update is weighed by
+    window: int = 32  # recent accepted updates the relative bounds look at (they span versions)
+    outlier_threshold: float = 0.0  # leave out buffered updates whose Krum-style score exceeds this
+    replay_window: int = 4096  # digests of accepted payloads kept to refuse replays
     min_nodes: int = 1
     reply_timeout_s: float = 600.0
     eval_every: int = 1
@@ -121,6 +129,12 @@ class AggregationConfig:
             "must be 'none', 'median' or 'trimmed_mean'",
         )
         _check(0.0 <= self.trim_ratio < 0.5, "aggregation.trim_ratio", "must be in [0, 0.5)")
+        for k in ("norm_factor", "examples_factor", "max_examples", "outlier_threshold"):
+            v = getattr(self, k)
+            _check(v == v and 0.0 <= v < float("inf"), f"aggregation.{k}", "must be finite and >= 0 (0 = off)")
+        _check(self.norm_warmup >= 0, "aggregation.norm_warmup", "must be >= 0")
+        _check(self.window >= 1, "aggregation.window", "must be >= 1")
+        _check(self.replay_window >= 1, "aggregation.replay_window", "must be >= 1")
         _check(self.min_nodes >= 1, "aggregation.min_nodes", "must be >= 1")
         _check(self.reply_timeout_s > 0, "aggregation.reply_timeout_s", "must be > 0")
         _check(self.eval_every >= 1, "aggregation.eval_every", "must be >= 1")

@@ -1,5 +1,7 @@
 """cloud/state.py: buffering, versions, refusals that leave the model alone, checkpoints, rebase, Ray actor."""
 
+import itertools
+
 import numpy as np
 import pytest
 
@@ -11,8 +13,13 @@ INIT = {"a": np.ones((2, 3), np.float32), "b": np.zeros(4, np.float32)}
 DENSE = codec.CodecParams(topk_ratio=1.0, bits=32, error_feedback=False)
 
 
+_UNIQUE = itertools.count(1)
+
+
 def _raw(base, value=0.1, n=10.0):
+    """An update of ``value`` everywhere; the last value of "b" differs a little per call (no replays)."""
     delta = {k: np.full(v.shape, value, np.float32) for k, v in INIT.items()}
+    delta["b"][-1] += np.float32(1e-6 * next(_UNIQUE))
     return RawUpdate(payload=codec.encode(delta, DENSE)[0], base_version=base, metrics={wire.NUM_EXAMPLES: n})
 
 
