@@ -19,9 +19,10 @@ import shutil
 import subprocess
 import tempfile
 import wave
-from collections.abc import Iterator
+from collections.abc import Generator, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import IO
 
 import numpy as np
 
@@ -74,12 +75,16 @@ class AudioSource:
     bytes_in : int
         Size of the file on disk (raw bytes in).
     via : str
-        ``"soundfile"``, ``"wave"`` or ``"ffmpeg"``.
+        ``"soundfile"``, ``"wave"``, ``"ffmpeg"`` or ``"ffmpeg-live"``.
     samples_out : int
         Mono samples at ``sr`` delivered so far.
     error : str | None
-        Set when a video's audio track broke part-way (truncated / corrupt): what decoded is kept, this line
-        says where it stopped.
+        Set when a video's audio track broke part-way (truncated / corrupt) or a live source ended with an
+        error: what decoded is kept, this line says where it stopped.
+    live : bool
+        A device, generator or FIFO (:mod:`edge.live_audio`): it has no end of its own.
+    max_seconds : float | None
+        Deliver at most this many seconds, then close the stream (None: to its end).
     """
 
     name: str
@@ -92,7 +97,10 @@ class AudioSource:
     chunk_s: float = 1.0
     samples_out: int = 0
     error: str | None = None
+    live: bool = False
+    max_seconds: float | None = None
     _reader: Iterator[np.ndarray | str] | None = field(default=None, repr=False)
+    _active: Iterator[np.ndarray | str] | None = field(default=None, repr=False)  # the reader chunks() reads
 
     @property
     def seconds_out(self) -> float:
@@ -100,40 +108,65 @@ class AudioSource:
         return self.samples_out / self.sr
 
     def chunks(self) -> Iterator[np.ndarray]:
-        """Mono float32 chunks at ``sr`` (about ``chunk_s`` seconds each) until the end of the file.
+        """Mono float32 chunks at ``sr`` (about ``chunk_s`` seconds each) until the end of the stream, or until
+        ``max_seconds`` have been delivered (the reader, and a live source's ffmpeg, are then closed).
 
         Raises
         ------
         AudioSourceError
-            Non-finite samples (naming the time), or a file that holds no samples at all.
+            Non-finite samples (naming the time), or a stream that holds no samples at all.
         """
         if self._reader is None:
             raise AudioSourceError(f"audio source already consumed: {self.name}")
         reader, self._reader = self._reader, None
+        self._active = reader
         rs = StreamResampler(self.native_sr, self.sr)
+        limit = None if self.max_seconds is None else round(self.max_seconds * self.sr)
         native_done = 0
-        for block in reader:  # (n, channels) float32 at native_sr; a str: the stream broke here
-            if isinstance(block, str):
-                self.error = f"{block} after {native_done / self.native_sr:.3f} s of audio: {self.name}"
-                break
-            if block.size == 0:
-                continue
-            if not np.isfinite(block).all():
-                bad = int(np.flatnonzero(~np.isfinite(block).all(axis=1))[0]) + native_done
-                raise AudioSourceError(
-                    f"audio has non-finite samples at {bad / self.native_sr:.3f} s: {self.name}")
-            native_done += len(block)
-            mono = block.mean(axis=1, dtype=np.float64) if block.shape[1] > 1 else block[:, 0]
-            out = rs.push(mono)
-            if len(out):
-                self.samples_out += len(out)
-                yield out
+        try:
+            for block in reader:  # (n, channels) float32 at native_sr; a str: the stream broke here
+                if isinstance(block, str):
+                    self.error = f"{block} after {native_done / self.native_sr:.3f} s of audio: {self.name}"
+                    break
+                if block.size == 0:
+                    continue
+                if not np.isfinite(block).all():
+                    bad = int(np.flatnonzero(~np.isfinite(block).all(axis=1))[0]) + native_done
+                    raise AudioSourceError(
+                        f"audio has non-finite samples at {bad / self.native_sr:.3f} s: {self.name}")
+                native_done += len(block)
+                mono = block.mean(axis=1, dtype=np.float64) if block.shape[1] > 1 else block[:, 0]
+                out = rs.push(mono)
+                if limit is not None:
+                    out = out[: max(0, limit - self.samples_out)]
+                if len(out):
+                    self.samples_out += len(out)
+                    yield out
+                if limit is not None and self.samples_out >= limit:
+                    return
+        finally:
+            self._active = None
+            close = getattr(reader, "close", None)
+            if close is not None:  # stops a live source's ffmpeg when the consumer is done
+                close()
         if native_done == 0:
+            if self.live and self.error:  # the device failed before its first sample: ffmpeg's reason
+                raise AudioSourceError(self.error)
             raise AudioSourceError(f"audio has zero length (no samples): {self.name}")
         tail = rs.flush()
+        if limit is not None:
+            tail = tail[: max(0, limit - self.samples_out)]
         if len(tail):
             self.samples_out += len(tail)
             yield tail
+
+    def close(self) -> None:
+        """Release the stream before its end (a live source's ffmpeg is stopped); idempotent."""
+        for reader in (self._reader, self._active):
+            close = getattr(reader, "close", None)
+            if close is not None:
+                close()
+        self._reader = self._active = None
 
     def read_all(self) -> np.ndarray:
         """The whole signal (for short files and tests): mono float32 at ``sr``."""
@@ -141,7 +174,7 @@ class AudioSource:
         return np.concatenate(parts) if parts else np.empty(0, np.float32)
 
 
-def _check_rate(rate: int, name: str, min_sr: int) -> None:
+def check_rate(rate: int, name: str, min_sr: int) -> None:
     if not min_sr <= rate <= MAX_SAMPLE_RATE:
         raise AudioSourceError(
             f"unexpected sample rate {rate} Hz (accepted: {min_sr}..{MAX_SAMPLE_RATE} Hz): {name}")
@@ -154,41 +187,56 @@ def open_audio(
     chunk_s: float = 1.0,
     min_sr: int = MIN_SAMPLE_RATE,
     ffmpeg: str | None = None,
+    max_seconds: float | None = None,
 ) -> AudioSource:
-    """Open an audio file or the audio track of a video file.
+    """Open an audio file, the audio track of a video file, or a live source (a microphone, see
+    :mod:`edge.live_audio`).
 
     Parameters
     ----------
-    src : path of a WAV/FLAC/OGG file or of a video container with an audio track.
+    src : path of a WAV/FLAC/OGG file or of a video container with an audio track; or a live source:
+        ``alsa:DEVICE`` (also a bare ``hw:1`` / ``plughw:1,0``), ``pulse:DEVICE``, ``lavfi:GRAPH``, a FIFO.
     sr : the rate to deliver (resampled with a polyphase filter when the file's rate differs).
     chunk_s : seconds per block read from the file.
     min_sr : lowest accepted native rate; a lower one is an error (its content would stop far below the
         mel bank's top band).
     ffmpeg : path of an ffmpeg executable (default: looked up, see the module docstring).
+    max_seconds : deliver at most this many seconds (None: to the end; a live source runs until stopped).
 
     Raises
     ------
     AudioSourceError
-        Missing file, directory, not audio, no audio track, unexpected sample rate, ffmpeg needed but absent.
+        Missing file, directory, not audio, no audio track, unexpected sample rate, ffmpeg needed but absent;
+        a live device that does not exist or that the ffmpeg found cannot capture.
     """
     name = str(src)
+    if sr < 1:
+        raise AudioSourceError(f"output sample rate must be >= 1 Hz, got {sr}")
+    if max_seconds is not None and not (np.isfinite(max_seconds) and max_seconds > 0):
+        raise AudioSourceError(f"max_seconds must be a finite number > 0, got {max_seconds}: {name}")
+    from edge.live_audio import open_live_audio, parse_live_audio
+
+    live = parse_live_audio(name)
+    if live is not None:
+        opened = open_live_audio(live, sr=sr, chunk_s=chunk_s, min_sr=min_sr, ffmpeg=ffmpeg)
+        opened.max_seconds = max_seconds
+        return opened
     if not os.path.exists(name):
         raise AudioSourceError(f"audio not found: {name}")
     if os.path.isdir(name):
         raise AudioSourceError(f"audio path is a directory, not a file: {name}")
-    if sr < 1:
-        raise AudioSourceError(f"output sample rate must be >= 1 Hz, got {sr}")
     size = os.path.getsize(name)
     if size == 0:
         raise AudioSourceError(f"audio has zero length (empty file): {name}")
     for opener in (_open_soundfile, _open_wave):
-        opened = opener(name, chunk_s)
-        if opened is not None:
-            native_sr, channels, duration, reader, via = opened
-            _check_rate(native_sr, name, min_sr)
+        opened_file = opener(name, chunk_s)
+        if opened_file is not None:
+            native_sr, channels, duration, reader, via = opened_file
+            check_rate(native_sr, name, min_sr)
             if duration == 0:
                 raise AudioSourceError(f"audio has zero length (no samples): {name}")
-            return AudioSource(name, sr, native_sr, channels, duration, size, via, chunk_s, _reader=reader)
+            return AudioSource(name, sr, native_sr, channels, duration, size, via, chunk_s,
+                               max_seconds=max_seconds, _reader=reader)
     exe = find_ffmpeg(ffmpeg)
     if exe is None:
         where = f" at {ffmpeg}" if ffmpeg else " (install ffmpeg or the imageio-ffmpeg package)"
@@ -196,8 +244,8 @@ def open_audio(
             f"cannot read audio: not WAV/FLAC/OGG, and ffmpeg (needed for a video's audio track) is not "
             f"available{where}: {name}")
     native_sr, duration = _probe_ffmpeg(exe, name)
-    _check_rate(native_sr, name, min_sr)
-    return AudioSource(name, sr, native_sr, 1, duration, size, "ffmpeg", chunk_s,
+    check_rate(native_sr, name, min_sr)
+    return AudioSource(name, sr, native_sr, 1, duration, size, "ffmpeg", chunk_s, max_seconds=max_seconds,
                        _reader=_ffmpeg_blocks(exe, name, native_sr, chunk_s))
 
 
@@ -303,28 +351,81 @@ def _ffmpeg_blocks(exe: str, name: str, rate: int, chunk_s: float) -> Iterator[n
     averaging the channels, as the file readers do)."""
     cmd = [exe, "-hide_banner", "-nostdin", "-v", "error", "-i", name, "-map", "0:a:0", "-vn",
            "-ac", "1", "-f", "f32le", "-acodec", "pcm_f32le", "pipe:1"]
-    errf = tempfile.TemporaryFile()  # noqa: SIM115 - closed below; a file: ffmpeg cannot block on a full pipe
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=errf)
-    assert proc.stdout is not None
-    n_bytes = 4 * max(1, int(rate * chunk_s))
-    pending = b""
-    try:
-        while True:
-            data = proc.stdout.read(n_bytes)
-            if not data:
-                break
-            data = pending + data
-            cut = len(data) - len(data) % 4
-            pending = data[cut:]
-            yield np.frombuffer(data[:cut], np.float32).reshape(-1, 1)
-        code = proc.wait()
-        errf.seek(0)
-        err = errf.read().decode(errors="replace").strip().splitlines()
-        if code != 0 or err:
-            yield f"audio track broken ({err[-1] if err else f'ffmpeg exit status {code}'})"
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
-        proc.stdout.close()
-        errf.close()
+    # stderr in a file (closed by FfmpegBlocks): ffmpeg cannot block on a full pipe
+    errf = tempfile.TemporaryFile()  # noqa: SIM115
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=errf, bufsize=0)
+    yield from FfmpegBlocks(proc, errf, rate, chunk_s, "audio track broken")
+
+
+def read_exact(f: IO[bytes], n: int) -> bytes:
+    """``n`` bytes from an unbuffered pipe, fewer only at its end."""
+    parts: list[bytes] = []
+    while n > 0:
+        b = f.read(n)
+        if not b:
+            break
+        parts.append(b)
+        n -= len(b)
+    return b"".join(parts)
+
+
+def ffmpeg_error_line(errf: IO[bytes], *, first: bool = True) -> str | None:
+    """ffmpeg's first (at opening, the most specific) or last error line, without its ``[... @ 0x...]``
+    prefix."""
+    errf.seek(0)
+    lines = [_FFMPEG_PREFIX.sub("", ln).strip() for ln in errf.read().decode(errors="replace").splitlines()]
+    lines = [ln for ln in lines if ln]
+    return (lines[0] if first else lines[-1]) if lines else None
+
+
+_FFMPEG_PREFIX = re.compile(r"^\[[^\]]*@ 0x[0-9a-f]+\]\s*")
+
+
+class FfmpegBlocks:
+    """Mono float32 blocks of ``chunk_s`` seconds from an ffmpeg process writing f32le to an unbuffered
+    stdout; a str ``"<broken> (<ffmpeg's error>)"`` last when ffmpeg failed.
+
+    :meth:`close` kills ffmpeg (if still running) and closes its pipes, also before the first block was read:
+    a consumer that stops early, raises, or never starts leaves no process behind.
+    """
+
+    def __init__(self, proc: subprocess.Popen[bytes], errf: IO[bytes], rate: int, chunk_s: float, broken: str,
+                 *, first_error: bool = False) -> None:
+        self.proc, self.errf = proc, errf
+        self._gen = self._blocks(4 * max(1, int(rate * chunk_s)), broken, first_error)
+
+    def __iter__(self) -> FfmpegBlocks:
+        return self
+
+    def __next__(self) -> np.ndarray | str:
+        return next(self._gen)
+
+    def _blocks(self, n_bytes: int, broken: str, first_error: bool) -> Generator[np.ndarray | str, None, None]:
+        assert self.proc.stdout is not None
+        try:
+            while True:
+                data = read_exact(self.proc.stdout, n_bytes)
+                cut = len(data) - len(data) % 4
+                if cut:
+                    yield np.frombuffer(data[:cut], np.float32).reshape(-1, 1)
+                if len(data) < n_bytes:
+                    break
+            code = self.proc.wait()
+            err = ffmpeg_error_line(self.errf, first=first_error)
+            if code != 0 or err:
+                yield f"{broken} ({err or f'ffmpeg exit status {code}'})"
+        finally:
+            self._release()
+
+    def close(self) -> None:
+        """Stop ffmpeg and release its pipes (idempotent)."""
+        self._gen.close()
+        self._release()
+
+    def _release(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+        if self.proc.stdout is not None:
+            self.proc.stdout.close()
+        self.errf.close()

@@ -1,0 +1,164 @@
+"""Live audio sources (edge/live_audio.py): an ffmpeg lavfi generator and a FIFO written in real time stand in
+for a microphone; device names; one-line errors for devices that do not exist or an ffmpeg that cannot
+capture them; ffmpeg stopped when the consumer stops."""
+
+from __future__ import annotations
+
+import os
+import stat
+import struct
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from edge.audio_source import AudioSourceError, find_ffmpeg, open_audio
+from edge.live_audio import LiveAudio, is_live_audio, parse_live_audio
+
+SINE = "lavfi:sine=frequency=440:sample_rate=44100"
+
+
+def _peak_hz(y: np.ndarray, sr: int) -> float:
+    spec = np.abs(np.fft.rfft(y * np.hanning(len(y))))
+    return float(np.argmax(spec) * sr / len(y))
+
+
+def _wav_stream_header(sr: int, channels: int) -> bytes:
+    """A 16-bit PCM WAV header with unknown sizes, as `arecord -t wav` writes to a pipe."""
+    fmt = struct.pack("<HHIIHH", 1, channels, sr, sr * 2 * channels, 2 * channels, 16)
+    return (b"RIFF" + struct.pack("<I", 0xFFFFFFFF) + b"WAVE" + b"fmt " + struct.pack("<I", len(fmt)) + fmt
+            + b"data" + struct.pack("<I", 0xFFFFFFFF))
+
+
+def write_fifo_in_real_time(path: Path, seconds: float, sr: int = 22050, freq: float = 500.0,
+                            step_s: float = 0.1) -> threading.Thread:
+    """Start a thread that writes a stereo WAV stream of a tone into the FIFO at real-time pace."""
+
+    def run() -> None:
+        t = np.arange(int(sr * seconds)) / sr
+        y = (0.3 * np.sin(2 * np.pi * freq * t) * 32767).astype(np.int16)
+        pcm = np.stack([y, y], 1)
+        step = int(sr * step_s)
+        with open(path, "wb") as f:
+            f.write(_wav_stream_header(sr, 2))
+            for i in range(0, len(pcm), step):
+                f.write(pcm[i : i + step].tobytes())
+                f.flush()
+                time.sleep(step_s)
+
+    th = threading.Thread(target=run, daemon=True)
+    th.start()
+    return th
+
+
+@pytest.fixture()
+def fifo(tmp_path) -> Path:
+    p = tmp_path / "mic.fifo"
+    os.mkfifo(p)
+    return p
+
+
+def test_device_names_parse_to_ffmpeg_inputs(tmp_path, fifo):
+    assert parse_live_audio("alsa:hw:1") == LiveAudio("alsa", "hw:1", "alsa:hw:1")
+    assert parse_live_audio("hw:1") == LiveAudio("alsa", "hw:1", "hw:1")  # the README's form
+    assert parse_live_audio("plughw:1,0").kind == "alsa"
+    assert parse_live_audio("alsa:default").input_args() == ["-f", "alsa", "-i", "default"]
+    assert parse_live_audio("pulse:default").input_args() == ["-f", "pulse", "-i", "default"]
+    assert parse_live_audio(SINE).input_args()[:3] == ["-re", "-f", "lavfi"]  # paced like a device
+    assert parse_live_audio(str(fifo)).kind == "fifo"
+    assert parse_live_audio("clip.wav") is None and parse_live_audio("0") is None
+    (tmp_path / "hw:1").write_bytes(b"x")  # an existing file always wins over a device name
+    assert parse_live_audio(str(tmp_path / "hw:1")) is None
+    assert is_live_audio("pulse:default") and is_live_audio(str(fifo)) and not is_live_audio(None)
+    with pytest.raises(AudioSourceError, match="names no device"):
+        parse_live_audio("alsa:")
+
+
+def test_generator_streams_in_real_time_one_second_blocks_resampled(tmp_path):
+    t0 = time.monotonic()
+    src = open_audio(SINE, sr=16000, max_seconds=1.25)
+    assert src.live and src.native_sr == 44100 and src.via == "ffmpeg-live"
+    arrivals, parts = [], []
+    for c in src.chunks():
+        arrivals.append(time.monotonic() - t0)
+        parts.append(c)
+    y = np.concatenate(parts)
+    assert len(y) == 20000 and src.seconds_out == pytest.approx(1.25) and src.error is None
+    assert [len(p) for p in parts[1:-1]] == [16000] * (len(parts) - 2)  # whole seconds between the ends
+    assert arrivals[-1] >= 0.7  # paced like a device (after ffmpeg's initial 0.5 s burst), not as fast as possible
+    assert abs(_peak_hz(y, 16000) - 440) < 2
+
+
+def test_fifo_written_in_real_time_is_read_as_it_arrives(fifo):
+    writer = write_fifo_in_real_time(fifo, seconds=1.6)
+    t0 = time.monotonic()
+    src = open_audio(str(fifo), sr=16000)
+    assert src.live and src.native_sr == 22050 and src.channels == 1  # ffmpeg downmixed the stereo stream
+    first = None
+    parts = []
+    for c in src.chunks():
+        first = time.monotonic() - t0 if first is None else first
+        parts.append(c)
+    total = time.monotonic() - t0
+    writer.join(5)
+    y = np.concatenate(parts)
+    assert src.seconds_out == pytest.approx(1.6, abs=0.05) and src.error is None
+    assert first is not None and first < total - 0.3  # the first second came before the writer finished
+    assert abs(_peak_hz(y, 16000) - 500) < 2
+
+
+def test_closing_a_live_source_stops_ffmpeg_whether_read_or_not():
+    unread = open_audio(SINE)
+    proc = unread._reader.proc  # type: ignore[union-attr]
+    unread.close()
+    assert proc.poll() is not None
+    reading = open_audio(SINE)
+    chunks = reading.chunks()
+    next(chunks)
+    proc = reading._active.proc  # type: ignore[union-attr]
+    reading.close()
+    assert proc.poll() is not None
+
+
+def test_device_that_does_not_exist_is_one_line_naming_it():
+    # with the imageio-ffmpeg build (no ALSA) this says so; with an ALSA-capable ffmpeg, that there is no hw:99
+    with pytest.raises(AudioSourceError) as e:
+        open_audio("alsa:hw:99")
+    msg = str(e.value)
+    assert "\n" not in msg and "alsa:hw:99" in msg
+    with pytest.raises(AudioSourceError, match=r"cannot open live audio source lavfi:nosuchfilter") as e:
+        open_audio("lavfi:nosuchfilter")
+    assert "\n" not in str(e.value)
+    with pytest.raises(AudioSourceError, match="unexpected sample rate 1000 Hz"):
+        open_audio("lavfi:sine=sample_rate=1000")
+
+
+def _fake_ffmpeg(tmp_path: Path, devices: str, stderr: str) -> str:
+    exe = tmp_path / "ffmpeg"
+    exe.write_text(f"""#!/bin/sh
+if [ "$3" = "-devices" ]; then printf '%s' '{devices}'; exit 0; fi
+printf '%s' '{stderr}' >&2
+exit 1
+""")
+    exe.chmod(exe.stat().st_mode | stat.S_IXUSR)
+    return str(exe)
+
+
+def test_missing_alsa_device_with_an_alsa_capable_ffmpeg_is_one_line(tmp_path):
+    devices = "Devices:\n D. = Demuxing supported\n ---\n DE alsa            ALSA audio output\n"
+    stderr = ("[alsa @ 0x55d0c8] cannot open audio device hw:99 (No such file or directory)\n"
+              "[in#0 @ 0x55d0c9] Error opening input: No such file or directory\n"
+              "Error opening input file hw:99.\n")
+    with pytest.raises(AudioSourceError) as e:
+        open_audio("alsa:hw:99", ffmpeg=_fake_ffmpeg(tmp_path, devices, stderr))
+    assert str(e.value) == ("cannot open audio device alsa:hw:99 "
+                            "(cannot open audio device hw:99 (No such file or directory))")
+
+
+def test_ffmpeg_without_alsa_names_what_is_missing(tmp_path):
+    devices = "Devices:\n D. = Demuxing supported\n ---\n D  lavfi           Libavfilter\n DE pulse   Pulse\n"
+    with pytest.raises(AudioSourceError, match=r"has no 'alsa' input device.*or use pulse:DEVICE$"):
+        open_audio("hw:1", ffmpeg=_fake_ffmpeg(tmp_path, devices, ""))
+    assert find_ffmpeg() is not None
