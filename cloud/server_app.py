@@ -32,8 +32,9 @@ from flwr.serverapp import Grid, ServerApp
 from common import wire
 from common.base_weights import load_base_file, save_base
 from common.config import FedgeConfig, config_from_context
-from common.lora import adapter_state, apply_lora, base_state, load_adapter_state, load_base_state
+from common.lora import apply_lora, base_state, load_base_state
 from common.model import MultimodalMoE, build_model, model_kwargs
+from common.scope import load_trainable_state, trainable_state
 from common.synthetic import make_av_dataset
 from common.training import evaluate
 
@@ -218,6 +219,7 @@ class ServerLoop:
         for n in nodes:
             rnd = wire.round_record(version=self.version, lr=self.cfg.train.lr,
                                     local_steps=self.cfg.train.local_steps, batch_size=self.cfg.train.batch_size,
+                                    local_epochs=self.cfg.train.local_epochs,
                                     seed=self.cfg.seed * 7919 + self.dispatches, base_path=self.base_path)
             msgs.append(Message(wire.train_message_content(self.params, rnd), dst_node_id=int(n),
                                 message_type=MessageType.TRAIN))
@@ -229,7 +231,7 @@ class ServerLoop:
             self.busy.add(slot.node_id)
             prof = self._profile(slot.node_id) if self.clock.virtual else None
             lb = t if prof is None else t + slot.download_bytes * 8.0 / prof.bandwidth_bps + \
-                self.cfg.train.local_steps * prof.step_s
+                self._min_steps() * prof.step_s
             self.queue.dispatched(mid, lb)
             self.bytes_down += down
 
@@ -288,8 +290,17 @@ class ServerLoop:
         if clk.dropped(prof, seed=self.cfg.seed, partition_id=pid, dispatch_index=slot.index):
             ev.raw, ev.reason, ev.detail = None, Reason.TIMEOUT.value, "device dropped out (simulated)"
             return slot.dispatch_t + self.agg.reply_timeout_s
-        return clk.arrival_time(slot.dispatch_t, prof, local_steps=self.cfg.train.local_steps,
+        steps = self._min_steps()
+        if ev.raw is not None and self.cfg.train.local_epochs > 0:  # the work scales with the device's data
+            steps = max(steps, int(ev.raw.metrics.get(wire.TRAIN_STEPS, steps)))
+        return clk.arrival_time(slot.dispatch_t, prof, local_steps=steps,
                                 download_bytes=slot.download_bytes, upload_bytes=upload)
+
+    def _min_steps(self) -> int:
+        """The fewest optimizer steps a device takes per update (the dispatch-time lower bound of its work)."""
+        t = self.cfg.train
+        return min(t.local_steps, t.max_local_steps) if t.local_epochs > 0 and t.max_local_steps > 0 \
+            else t.local_steps
 
     def _apply_ready(self) -> int:
         applied = 0
@@ -341,7 +352,8 @@ class ServerLoop:
             self.done = True
         if v % self.agg.eval_every and v < self.agg.versions and not self.done:
             return
-        load_adapter_state(self.model, {k: torch.from_numpy(np.array(a)) for k, a in self.params.items()})
+        load_trainable_state(self.model, {k: torch.from_numpy(np.array(a)) for k, a in self.params.items()},
+                             self.cfg.train.scope)
         res = evaluate(self.model, self.eval_data)
         st = self._get(self.actor.stats.remote())
         rec: dict[str, Any] = {
@@ -439,7 +451,8 @@ def _state_kwargs(cfg: FedgeConfig, ckpt_dir: str | None) -> dict[str, Any]:
     k = a.concurrency if a.mode == "sync" else a.buffer_size  # sync: the round barrier flushes the buffer
     return {"buffer_size": k, "staleness": a.staleness if a.mode == "async" else "constant",
             "staleness_a": a.staleness_a, "staleness_b": a.staleness_b, "max_staleness": a.max_staleness,
-            "server_lr": a.server_lr, "server_momentum": a.server_momentum, "max_norm": a.max_norm,
+            "server_opt": a.server_opt, "server_lr": a.server_lr, "beta1": a.beta1, "beta2": a.beta2, "tau": a.tau,
+            "max_norm": a.max_norm,
             "norm_action": a.norm_action, "robust": a.robust, "trim_ratio": a.trim_ratio,
             "norm_factor": a.norm_factor, "norm_warmup": a.norm_warmup, "examples_factor": a.examples_factor,
             "max_examples": a.max_examples, "window": a.window, "outlier_threshold": a.outlier_threshold,
@@ -509,7 +522,7 @@ def main(grid: Grid, context: Context) -> None:
     if restored is not None:
         actor = start_actor(restored)
     else:
-        initial = {k: v.numpy() for k, v in adapter_state(model).items()}
+        initial = {k: v.numpy() for k, v in trainable_state(model, cfg.train.scope).items()}
         actor = start_actor(None, initial=initial, **kwargs)
     import ray
 

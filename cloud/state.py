@@ -1,4 +1,4 @@
-"""The aggregator's state (global adapters, version, buffer, momentum, counters, history) and its checkpoints.
+"""The aggregator's state (global state, version, buffer, server optimizer, counters, history) and its checkpoints.
 
 :class:`AggregatorState` is a plain class: the ServerApp runs it as a Ray actor (:func:`start_actor`) so the
 state lives in the cluster, apart from the loop that talks to Flower, and unit tests use it directly.
@@ -56,13 +56,14 @@ class CheckpointError(RuntimeError):
 
 
 class AggregatorState:
-    """Global adapters + version + FedBuff buffer + server momentum + counters + version history.
+    """Global adapters + version + FedBuff buffer + server optimizer state + counters + version history.
 
     Parameters
     ----------
     initial:
         The initial global adapters (name -> array); also what :meth:`rebase` resets to.
-    buffer_size, staleness, staleness_a, staleness_b, max_staleness, server_lr, server_momentum, max_norm,
+    buffer_size, staleness, staleness_a, staleness_b, max_staleness, server_opt, server_lr, beta1, beta2, tau,
+    max_norm,
     norm_action, robust, trim_ratio, norm_factor, norm_warmup, examples_factor, max_examples, window,
     outlier_threshold, replay_window:
         See :class:`common.config.AggregationConfig`.
@@ -81,8 +82,11 @@ class AggregatorState:
         staleness_a: float = 0.5,
         staleness_b: int = 4,
         max_staleness: int = 10,
+        server_opt: str = "sgd",
         server_lr: float = 1.0,
-        server_momentum: float = 0.0,
+        beta1: float = 0.9,
+        beta2: float = 0.99,
+        tau: float = 1e-3,
         max_norm: float = 100.0,
         norm_action: str = "clip",
         robust: str = "none",
@@ -99,15 +103,15 @@ class AggregatorState:
     ) -> None:
         self.opts: dict[str, Any] = {
             "buffer_size": buffer_size, "staleness": staleness, "staleness_a": staleness_a,
-            "staleness_b": staleness_b, "max_staleness": max_staleness, "server_lr": server_lr,
-            "server_momentum": server_momentum, "max_norm": max_norm, "norm_action": norm_action,
+            "staleness_b": staleness_b, "max_staleness": max_staleness, "server_opt": server_opt,
+            "server_lr": server_lr, "beta1": beta1, "beta2": beta2, "tau": tau, "max_norm": max_norm, "norm_action": norm_action,
             "robust": robust, "trim_ratio": trim_ratio, "norm_factor": norm_factor, "norm_warmup": norm_warmup,
             "examples_factor": examples_factor, "max_examples": max_examples, "window": window,
             "outlier_threshold": outlier_threshold, "replay_window": replay_window,
         }
         self.initial = {k: np.array(v, dtype=np.float32) for k, v in sorted(initial.items())}
         self.params = {k: v.copy() for k, v in self.initial.items()}
-        self.momentum: dict[str, np.ndarray] | None = None
+        self.opt_state: agg.OptState = {}  # the server optimizer's slots (m, v), reset by a rebase
         self.version = 0
         self.oldest_version = 0  # first version on the current base
         self.base_version = 0  # which base model the adapters belong to (issue 6 rebases)
@@ -232,8 +236,9 @@ class AggregatorState:
             fn=o["staleness"], a=o["staleness_a"], b=o["staleness_b"], robust=o["robust"],
             trim_ratio=o["trim_ratio"],
         )
-        self.params, self.momentum = agg.server_step(self.params, delta, self.momentum, lr=o["server_lr"],
-                                                     beta=o["server_momentum"])
+        self.params, self.opt_state = agg.server_opt_step(
+            self.params, delta, self.opt_state, opt=o["server_opt"], lr=o["server_lr"], beta1=o["beta1"],
+            beta2=o["beta2"], tau=o["tau"])
         self.version += 1
         self.history.append({
             "version": self.version, "time": float(now), "updates": len(buf),
@@ -250,7 +255,7 @@ class AggregatorState:
 
         Produces a new version whose adapters are reset (to ``adapters`` or the initial adapters); updates
         trained on any earlier version are then refused as ``unknown_version`` (they belong to the old
-        base), the buffer and momentum are cleared, and version numbers stay monotonic so staleness keeps
+        base), the buffer and the server optimizer state are cleared, and version numbers stay monotonic so staleness keeps
         its meaning. Returns the new version.
         """
         if base_version <= self.base_version:
@@ -261,7 +266,7 @@ class AggregatorState:
         self.base_state = {k: np.array(v, dtype=np.float32) for k, v in base_state.items()}
         self.base_version = int(base_version)
         self.params = {k: np.array(reset[k], dtype=np.float32) for k in sorted(reset)}
-        self.momentum = None
+        self.opt_state = {}
         dropped = len(self.buffer)
         self.buffer = []
         self.version += 1
@@ -284,8 +289,9 @@ class AggregatorState:
             arrays[f"params/{k}"] = v
         for k, v in self.initial.items():
             arrays[f"initial/{k}"] = v
-        for k, v in (self.momentum or {}).items():
-            arrays[f"momentum/{k}"] = v
+        for slot, tensors in self.opt_state.items():
+            for k, v in tensors.items():
+                arrays[f"opt/{slot}/{k}"] = v
         for k, v in (self.base_state or {}).items():
             arrays[f"base/{k}"] = v
         for i, b in enumerate(self.buffer):
@@ -304,7 +310,7 @@ class AggregatorState:
             "outliers": self.outliers,
             "rejections": self.rejections.as_dict(), "accepted": self.accepted, "clipped": self.clipped,
             "bytes_accepted": self.bytes_accepted, "history": self.history,
-            "has_momentum": self.momentum is not None, "has_base": self.base_state is not None,
+            "opt_slots": sorted(self.opt_state), "has_base": self.base_state is not None,
         }
         arrays["__header__"] = np.frombuffer(json.dumps(header).encode(), dtype=np.uint8)
         bio = io.BytesIO()
@@ -381,7 +387,7 @@ class AggregatorState:
         st = cls(section("initial/"), **{**header["opts"], **opts}, checkpoint_dir=checkpoint_dir,
                  checkpoint_every=checkpoint_every)
         st.params = section("params/")
-        st.momentum = section("momentum/") if header["has_momentum"] else None
+        st.opt_state = {slot: section(f"opt/{slot}/") for slot in header.get("opt_slots", [])}
         st.base_state = section("base/") if header["has_base"] else None
         st.version, st.oldest_version = int(header["version"]), int(header["oldest_version"])
         st.base_version = int(header["base_version"])

@@ -32,12 +32,13 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 from common.config import FedgeConfig
-from common.lora import adapter_state, apply_lora, base_state, load_adapter_state, load_base_state, merge_lora
-from common.model import MultimodalMoE, build_model, model_kwargs
+from common.lora import apply_lora, base_state, load_base_state, merge_lora
+from common.model import MultimodalMoE, build_model, fusion_loss, model_kwargs
+from common.scope import ScopeError, load_trainable_state, trainable_state
+from common.augment import augment_batch
 from common.training import forward_batch, modality_dropout, to_batch
 
 from .metrics import MetricsLogger, modality_eval, read_metrics, routing_stats
@@ -71,28 +72,30 @@ def initial_base(mkw: Mapping[str, Any]) -> dict[str, Tensor]:
 
 
 def lora_model(base: StateDict, adapters: StateDict | None, *, mkw: Mapping[str, Any], rank: int,
-               alpha: float) -> torch.nn.Module:
-    """The model devices run: ``base`` with LoRA applied and ``adapters`` loaded (fresh ones when None)."""
+               alpha: float, scope: str = "adapters") -> torch.nn.Module:
+    """The model devices run: ``base`` with LoRA applied and the global state of ``scope`` loaded
+    (``adapters``; fresh adapters when None)."""
     m = apply_lora(build_model(**mkw), rank=rank, alpha=alpha)
     try:
         load_base_state(m, _tensors(base, "base"))
         if adapters is not None:
-            load_adapter_state(m, _tensors(adapters, "adapter"))
-    except (KeyError, ValueError, RuntimeError) as e:
+            load_trainable_state(m, _tensors(adapters, "adapter"), scope)
+    except (KeyError, ValueError, RuntimeError, ScopeError) as e:
         raise TrainingError(f"state does not fit the model: {e}") from None
     return m
 
 
 def merge_adapters(base: StateDict, adapters: StateDict, *, mkw: Mapping[str, Any], rank: int,
-                   alpha: float) -> dict[str, Tensor]:
-    """Fold global adapters into the base: the plain weights whose outputs equal base + adapters."""
-    m = lora_model(base, adapters, mkw=mkw, rank=rank, alpha=alpha)
+                   alpha: float, scope: str = "adapters") -> dict[str, Tensor]:
+    """Fold the global state of ``scope`` into the base: the plain weights whose outputs equal base + it."""
+    m = lora_model(base, adapters, mkw=mkw, rank=rank, alpha=alpha, scope=scope)
     return base_state(merge_lora(m))
 
 
-def fresh_adapters(base: StateDict, *, mkw: Mapping[str, Any], rank: int, alpha: float) -> dict[str, Tensor]:
-    """Adapters reset against ``base``: deterministic A, zero B, router/fusion taken from the base."""
-    return adapter_state(lora_model(base, None, mkw=mkw, rank=rank, alpha=alpha))
+def fresh_adapters(base: StateDict, *, mkw: Mapping[str, Any], rank: int, alpha: float,
+                   scope: str = "adapters") -> dict[str, Tensor]:
+    """The global state of ``scope`` reset against ``base``: deterministic A, zero B, the rest from the base."""
+    return trainable_state(lora_model(base, None, mkw=mkw, rank=rank, alpha=alpha), scope)
 
 
 def training_due(version: int, every_versions: int, last_trained_version: int = 0) -> bool:
@@ -126,6 +129,7 @@ def _step_batch(data: Mapping[str, np.ndarray], *, seed: int, rank: int, step: i
     b = to_batch(data, rng.integers(0, n, size=min(batch_size, n)))
     gen = torch.Generator().manual_seed(int(rng.integers(0, 2**62)))
     mask = modality_dropout(b["mask"], dropout, gen)
+    b = augment_batch(b, gen)
     return {k: v.to(device) for k, v in b.items()}, mask.to(device)
 
 
@@ -177,7 +181,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             sync = contextlib.nullcontext() if micro == accum - 1 or world == 1 else ddp.no_sync()  # type: ignore[operator]
             with sync:
                 out = forward_batch(ddp, b, mask)  # type: ignore[arg-type]
-                ce = F.cross_entropy(out.logits.float(), b["label"])
+                ce = fusion_loss(out, b["label"], mask).mean()
                 loss = ce + config["aux_weight"] * out.aux_loss
                 (loss / accum).backward()
             win_loss += float(ce.detach()) * len(b["label"])
@@ -288,6 +292,7 @@ class GlobalTrainer:
     mkw : keyword arguments of :func:`common.model.build_model` (``model_kwargs(cfg)``); decide dense mode,
         top-k, capacity factor and per-modality precision.
     lora_rank, lora_alpha : the adapters' shape (to merge and to reset them).
+    scope : the federation's ``train.scope``: which global state is merged in and handed back fresh.
     workers : Ray Train workers (DDP world size).
     use_gpu : "auto" (a GPU per worker when the cluster has enough), "on" or "off".
     storage_path : persistent storage for checkpoints and metrics (a shared path on a cluster).
@@ -300,11 +305,11 @@ class GlobalTrainer:
                  lr: float = 3e-3, grad_accum: int = 1, aux_weight: float = 0.01, modality_dropout: float = 0.2,
                  log_every: int = 10, checkpoint_every: int = 5, max_failures: int = 1,
                  storage_path: str | Path = "runs/train", seed: int = 0, eval_rows: int = 128,
-                 health_check_s: float = 0.5) -> None:
+                 health_check_s: float = 0.5, scope: str = "adapters") -> None:
         if use_gpu not in ("auto", "on", "off"):
             raise ValueError(f"use_gpu must be 'auto', 'on' or 'off', got {use_gpu!r}")
         self.mkw = dict(mkw)
-        self.lora_rank, self.lora_alpha = lora_rank, lora_alpha
+        self.lora_rank, self.lora_alpha, self.scope = lora_rank, lora_alpha, scope
         self.workers, self.use_gpu, self.cpus_per_worker = workers, use_gpu, cpus_per_worker
         self.steps, self.batch_size, self.lr, self.grad_accum = steps, batch_size, lr, grad_accum
         self.aux_weight, self.modality_dropout, self.log_every = aux_weight, modality_dropout, log_every
@@ -319,6 +324,7 @@ class GlobalTrainer:
         storage = t.storage_path or str(Path(cfg.run_dir or "runs") / "train")
         kw: dict[str, Any] = {
             "mkw": model_kwargs(cfg), "lora_rank": cfg.model.lora_rank, "lora_alpha": cfg.model.lora_alpha,
+            "scope": cfg.train.scope,
             "workers": t.workers, "use_gpu": t.use_gpu, "cpus_per_worker": t.cpus_per_worker, "steps": t.steps,
             "batch_size": t.batch_size, "lr": t.lr, "grad_accum": t.grad_accum, "aux_weight": t.aux_weight,
             "modality_dropout": t.modality_dropout, "log_every": t.log_every,
@@ -357,7 +363,8 @@ class GlobalTrainer:
         from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
         from ray.train.torch import TorchTrainer
 
-        merged = (merge_adapters(base, adapters, mkw=self.mkw, rank=self.lora_rank, alpha=self.lora_alpha)
+        merged = (merge_adapters(base, adapters, mkw=self.mkw, rank=self.lora_rank, alpha=self.lora_alpha,
+                                 scope=self.scope)
                   if adapters is not None else _tensors(base, "base"))
         name = name or f"base-{base_version:06d}-{time.strftime('%Y%m%d-%H%M%S')}"
         run_dir = self.storage_path / name
@@ -408,7 +415,8 @@ class GlobalTrainer:
         failures = read_metrics(run_dir / "metrics" / "failures.jsonl")
         res = TrainResult(
             base_version=base_version, base_state=new_base,
-            adapters=fresh_adapters(new_base, mkw=self.mkw, rank=self.lora_rank, alpha=self.lora_alpha),
+            adapters=fresh_adapters(new_base, mkw=self.mkw, rank=self.lora_rank, alpha=self.lora_alpha,
+                                    scope=self.scope),
             steps=int(st["step"]), run_dir=run_dir, metrics=metrics, failures=failures,
             seconds=time.perf_counter() - t0,
             recovery_s=[recovery_seconds(metrics, float(f["time"])) for f in failures],

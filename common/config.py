@@ -21,6 +21,9 @@ from typing import Any, Literal
 MODALITIES: tuple[str, ...] = ("image", "audio")
 PRECISIONS = ("fp32", "fp16", "bf16")
 STALENESS_FNS = ("constant", "sqrt", "polynomial", "hinge")
+SERVER_OPTS = ("sgd", "avgm", "adam", "yogi")
+SCOPES = ("adapters", "partial", "full")  # common.scope: what devices train and send
+LR_SCHEDULES = ("constant", "cosine")
 
 
 class ConfigError(ValueError):
@@ -89,8 +92,13 @@ class AggregationConfig:
     staleness_a: float = 0.5  # polynomial exponent: (1+s)^-a
     staleness_b: int = 4  # hinge: w=1 for s<=b, then 1/(a(s-b)+1)
     max_staleness: int = 10
+    # server optimizer on each aggregated delta (Reddi et al., Adaptive Federated Optimization): sgd x += lr*d;
+    # avgm: heavy-ball momentum beta1; adam / yogi: per-coordinate steps lr*m/(sqrt(v)+tau)
+    server_opt: Literal["sgd", "avgm", "adam", "yogi"] = "sgd"
     server_lr: float = 1.0
-    server_momentum: float = 0.0
+    beta1: float = 0.9
+    beta2: float = 0.99
+    tau: float = 1e-3
     max_norm: float = 100.0  # update-norm bound
     norm_action: Literal["clip", "reject"] = "clip"
     robust: Literal["none", "median", "trimmed_mean"] = "none"
@@ -120,7 +128,10 @@ class AggregationConfig:
         _check(self.staleness_b >= 0, "aggregation.staleness_b", "must be >= 0")
         _check(self.max_staleness >= 0, "aggregation.max_staleness", "must be >= 0")
         _check(self.server_lr > 0, "aggregation.server_lr", "must be > 0")
-        _check(0.0 <= self.server_momentum < 1.0, "aggregation.server_momentum", "must be in [0, 1)")
+        _check(self.server_opt in SERVER_OPTS, "aggregation.server_opt", f"must be one of {SERVER_OPTS}")
+        _check(0.0 <= self.beta1 < 1.0, "aggregation.beta1", "must be in [0, 1)")
+        _check(0.0 <= self.beta2 < 1.0, "aggregation.beta2", "must be in [0, 1)")
+        _check(self.tau > 0, "aggregation.tau", "must be > 0")
         _check(self.max_norm > 0, "aggregation.max_norm", "must be > 0")
         _check(self.norm_action in ("clip", "reject"), "aggregation.norm_action", "must be 'clip' or 'reject'")
         _check(
@@ -190,14 +201,24 @@ class ModelConfig:
 class TrainConfig:
     """Local training on a device."""
 
-    local_steps: int = 20
+    scope: Literal["adapters", "partial", "full"] = "adapters"  # parameters devices train and send
+    local_steps: int = 20  # optimizer steps per update (a floor when local_epochs is set)
+    local_epochs: float = 0.0  # > 0: passes over the device's samples per update (steps scale with its data)
+    max_local_steps: int = 0  # > 0: cap on the steps local_epochs asks for (bounds a large device's round)
     batch_size: int = 32
     lr: float = 0.01
+    lr_schedule: Literal["constant", "cosine"] = "constant"  # cosine: decays to 0 over an update's steps
+    prox_mu: float = 0.0  # FedProx: (mu/2)||w - w_global||^2 keeps non-IID devices near the received weights
     grad_accum: int = 1
     modality_dropout: float = 0.2
 
     def __post_init__(self) -> None:
+        _check(self.scope in SCOPES, "train.scope", f"must be one of {SCOPES}")
         _check(self.local_steps >= 1, "train.local_steps", "must be >= 1")
+        _check(self.local_epochs >= 0, "train.local_epochs", "must be >= 0")
+        _check(self.max_local_steps >= 0, "train.max_local_steps", "must be >= 0")
+        _check(self.lr_schedule in LR_SCHEDULES, "train.lr_schedule", f"must be one of {LR_SCHEDULES}")
+        _check(self.prox_mu >= 0, "train.prox_mu", "must be >= 0")
         _check(self.batch_size >= 1, "train.batch_size", "must be >= 1")
         _check(self.lr > 0, "train.lr", "must be > 0")
         _check(self.grad_accum >= 1, "train.grad_accum", "must be >= 1")

@@ -18,8 +18,9 @@ import torch
 
 from .base_weights import load_base_file
 from .config import MODALITIES, FedgeConfig
-from .lora import apply_lora, load_adapter_state
+from .lora import apply_lora
 from .model import MultimodalMoE, build_model, model_kwargs
+from .scope import load_trainable_state
 from .training import forward_batch, to_batch
 
 __all__ = ["SUBSETS", "confusion_matrix", "evaluation_report", "fused", "model_with", "only", "predict"]
@@ -36,8 +37,9 @@ def model_with(cfg: FedgeConfig, adapters: Mapping[str, Any] | None, *,
     base = cfg.model.base_path if base_path is None else base_path
     if base:
         load_base_file(m, base)
-    if adapters is not None:
-        load_adapter_state(m, {k: torch.as_tensor(np.asarray(v, dtype=np.float32)) for k, v in adapters.items()})
+    if adapters is not None:  # the global state of the run's train.scope (the adapters, or more)
+        load_trainable_state(m, {k: torch.as_tensor(np.asarray(v, dtype=np.float32)) for k, v in adapters.items()},
+                             cfg.train.scope)
     return m
 
 

@@ -27,6 +27,7 @@ INFO = "info"
 VERSION = "version"
 LR = "lr"
 LOCAL_STEPS = "local-steps"
+LOCAL_EPOCHS = "local-epochs"  # > 0: passes over the device's data (local-steps is then a floor)
 BATCH_SIZE = "batch-size"
 SEED = "seed"
 BASE_PATH = "base-path"  # where the base of this version is ("" = the config's model.base_path)
@@ -40,6 +41,7 @@ NUM_EXAMPLES = "num-examples"
 LOSS = "loss"
 ACCURACY = "accuracy"
 TRAIN_SECONDS = "train-seconds"
+TRAIN_STEPS = "train-steps"  # optimizer steps the device took (local epochs make it depend on its data)
 UPLOAD_BYTES = "upload-bytes"
 RAW_BYTES = "raw-bytes"
 PARTITION_ID = "partition-id"  # the simulated device's partition: the server's virtual clock derives its profile
@@ -68,7 +70,8 @@ def _to_numpy(v: object) -> np.ndarray:
 
 
 def round_record(
-    *, version: int, lr: float, local_steps: int, batch_size: int, seed: int, base_path: str = ""
+    *, version: int, lr: float, local_steps: int, batch_size: int, seed: int, base_path: str = "",
+    local_epochs: float = 0.0,
 ) -> ConfigRecord:
     """The per-round config that travels inside each message (Flower's third config scope).
 
@@ -77,7 +80,7 @@ def round_record(
     """
     return ConfigRecord(
         {VERSION: int(version), LR: float(lr), LOCAL_STEPS: int(local_steps), BATCH_SIZE: int(batch_size),
-         SEED: int(seed), BASE_PATH: str(base_path)}
+         SEED: int(seed), BASE_PATH: str(base_path), LOCAL_EPOCHS: float(local_epochs)}
     )
 
 

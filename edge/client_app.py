@@ -1,8 +1,10 @@
-"""The edge ClientApp (Flower Message API): trains LoRA adapters locally and replies with a compressed delta.
+"""The edge ClientApp (Flower Message API): trains the model's trainable scope locally, replies with a compressed delta.
 
-TRAIN: load the global adapters and their version from the message, train the adapter state (LoRA factors,
-router, fusion gate, modality embeddings; see :mod:`common.lora`) on this device's samples with per-modality
-autocast precision and modality-importance-weighted gradient accumulation, and reply with the float delta.
+TRAIN: load the global state of the run's ``train.scope`` and its version from the message (the adapters:
+LoRA factors, router, fusion gate, modality embeddings; or more, see :mod:`common.scope`), train it on this
+device's samples for a step budget that may scale with them (``train.local_epochs``), with the configured
+learning-rate schedule and FedProx term, per-modality autocast precision and modality-importance-weighted
+gradient accumulation, and reply with the float delta.
 The mods (:mod:`edge.mods`) turn that reply into the wire format: DP, codec + error feedback, byte accounting.
 EVALUATE: accuracy of the received adapters on this device's local evaluation split, overall and per
 modality subset. QUERY: the node's simulation partition id, so that a simulated run dispatches by partition.
@@ -27,9 +29,10 @@ from flwr.clientapp import ClientApp
 from common import wire
 from common.base_weights import load_base_file
 from common.config import MODALITIES, FedgeConfig, config_from_context
-from common.lora import adapter_state, apply_lora, load_adapter_state
+from common.lora import apply_lora
 from common.model import MultimodalMoE, build_model, model_kwargs
-from common.training import evaluate, train_steps
+from common.scope import load_trainable_state, set_trainable, trainable_state
+from common.training import evaluate, local_step_budget, train_steps
 
 from . import node_state
 from .data import PARTITION_ID, local_data, modality_counts
@@ -63,7 +66,7 @@ def get_model(cfg: FedgeConfig, node: NodeConfig | None = None) -> MultimodalMoE
     kwargs = {**model_kwargs(cfg), "precision": prec}
     base = cfg.model.base_path
     stamp = os.stat(base).st_mtime_ns if base and os.path.exists(base) else 0
-    key = repr((kwargs, cfg.model.lora_rank, cfg.model.lora_alpha, str(dev), base, stamp))
+    key = repr((kwargs, cfg.model.lora_rank, cfg.model.lora_alpha, cfg.train.scope, str(dev), base, stamp))
     torch.set_num_threads(node.threads)
     if key not in _MODELS:
         while len(_MODELS) >= MAX_MODELS:  # e.g. the base before a global training: oldest out
@@ -72,6 +75,7 @@ def get_model(cfg: FedgeConfig, node: NodeConfig | None = None) -> MultimodalMoE
         apply_lora(m, rank=cfg.model.lora_rank, alpha=cfg.model.lora_alpha)
         if base:
             load_base_file(m, base)
+        set_trainable(m, cfg.train.scope)
         _MODELS[key] = m.to(dev)
     return _MODELS[key]
 
@@ -90,10 +94,10 @@ def round_config(cfg: FedgeConfig, msg: Message) -> FedgeConfig:
     return dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, base_path=path))
 
 
-def _load_global(model: MultimodalMoE, msg: Message) -> dict[str, np.ndarray]:
+def _load_global(model: MultimodalMoE, msg: Message, scope: str) -> dict[str, np.ndarray]:
     state = wire.record_to_adapters(msg.content.array_records[wire.ARRAYS])
     dev = next(model.parameters()).device
-    load_adapter_state(model, {k: torch.from_numpy(v).to(dev) for k, v in state.items()})
+    load_trainable_state(model, {k: torch.from_numpy(v).to(dev) for k, v in state.items()}, scope)
     return state
 
 
@@ -105,21 +109,27 @@ def train(msg: Message, context: Context) -> Message:
     rnd = msg.content.config_records[wire.ROUND]
     version = int(rnd[wire.VERSION])  # type: ignore[arg-type]
     model = get_model(cfg, node)
-    global_state = _load_global(model, msg)
+    global_state = _load_global(model, msg, cfg.train.scope)
     data = local_data(cfg, node, "train")
     n = len(data["label"])
     if n == 0:
         raise ValueError(f"device {node.name}: no training samples with modalities {node.modalities} yet")
 
+    batch_size = int(rnd[wire.BATCH_SIZE])  # type: ignore[arg-type]
+    steps = local_step_budget(n, local_steps=int(rnd[wire.LOCAL_STEPS]),  # type: ignore[arg-type]
+                              local_epochs=float(rnd.get(wire.LOCAL_EPOCHS, 0.0)),  # type: ignore[arg-type]
+                              batch_size=batch_size, grad_accum=cfg.train.grad_accum,
+                              max_local_steps=cfg.train.max_local_steps)
     t0 = time.perf_counter()
     stats = train_steps(
-        model, data, steps=int(rnd[wire.LOCAL_STEPS]), batch_size=int(rnd[wire.BATCH_SIZE]),  # type: ignore[arg-type]
+        model, data, steps=steps, batch_size=batch_size,
         lr=float(rnd[wire.LR]), seed=int(rnd[wire.SEED]),  # type: ignore[arg-type]
         modality_dropout_p=cfg.train.modality_dropout, grad_accum=cfg.train.grad_accum,
         modality_weights={m: float(getattr(cfg.importance, m)) for m in MODALITIES},
+        lr_schedule=cfg.train.lr_schedule, prox_mu=cfg.train.prox_mu,
     )
     train_s = time.perf_counter() - t0
-    new = {k: v.detach().cpu().float().numpy() for k, v in adapter_state(model).items()}
+    new = {k: v.detach().cpu().float().numpy() for k, v in trainable_state(model, cfg.train.scope).items()}
     delta = {k: new[k] - global_state[k] for k in new}
     if node.state_path is not None:  # the device's latest adapters survive a restart
         node_state.save_arrays(node.state_path / node_state.ADAPTERS_FILE, new, {"base_version": version})
@@ -129,6 +139,7 @@ def train(msg: Message, context: Context) -> Message:
         wire.NUM_EXAMPLES: float(n),
         wire.LOSS: stats["loss"],
         wire.TRAIN_SECONDS: train_s,
+        wire.TRAIN_STEPS: float(steps),
         wire.PARTITION_ID: float(context.node_config.get(PARTITION_ID, -1)),  # the virtual clock's key
         **{f"{wire.COUNT_PREFIX}{m}": float(counts[m]) for m in MODALITIES},
     }
@@ -155,7 +166,7 @@ def evaluate_(msg: Message, context: Context) -> Message:
     cfg = round_config(config_from_context(context.run_config), msg)
     node = parse_node_config(context.node_config)
     model = get_model(cfg, node)
-    _load_global(model, msg)
+    _load_global(model, msg, cfg.train.scope)
     data = local_data(cfg, node, "eval")
     res = evaluate(model, data)
     res[wire.NUM_EXAMPLES] = res.pop("examples")

@@ -60,7 +60,7 @@ def test_bad_update_leaves_model_and_buffer_untouched():
 
 
 def test_checkpoint_roundtrip_keeps_buffer_momentum_and_counters(tmp_path):
-    st = _state(tmp_path, server_momentum=0.5)
+    st = _state(tmp_path, server_opt="avgm", beta1=0.5)
     st.submit(_raw(0))
     st.submit(_raw(0))  # version 1, checkpointed
     st.submit(_raw(1, 0.2))  # buffered
@@ -69,10 +69,38 @@ def test_checkpoint_roundtrip_keeps_buffer_momentum_and_counters(tmp_path):
     back = AggregatorState.restore(str(tmp_path), checkpoint_every=1)
     assert back.version == 1 and len(back.buffer) == 1 and back.stats()["rejections"] == {"decode": 1}
     np.testing.assert_array_equal(back.params["a"], st.params["a"])
-    np.testing.assert_array_equal(back.momentum["b"], st.momentum["b"])
+    np.testing.assert_array_equal(back.opt_state["m"]["b"], st.opt_state["m"]["b"])
     np.testing.assert_array_equal(back.buffer[0]["delta"]["a"], st.buffer[0]["delta"]["a"])
     assert back.submit(_raw(1, 0.2))["new_version"] == 2  # the buffered update was not lost
     assert not list(tmp_path.glob(".*tmp*"))
+
+
+@pytest.mark.parametrize("opt", ["avgm", "adam", "yogi"])
+def test_server_optimizer_state_survives_checkpoint_and_resume(tmp_path, opt):
+    # Prepare: a state checkpointed after version 2
+    straight = _state(tmp_path, server_opt=opt, server_lr=0.1, buffer_size=1)
+    for i, value in enumerate((0.1, -0.3)):
+        straight.submit(_raw(i, value))
+    straight.checkpoint()
+    # Execute: the resumed state and the uninterrupted one take the same third step
+    back = AggregatorState.restore(str(tmp_path), checkpoint_every=1)
+    back.submit(_raw(2, 0.2))
+    straight.submit(_raw(2, 0.2))
+    # Assert: the same slots and parameters (a lost first or second moment would change the step by far more)
+    assert sorted(back.opt_state) == sorted(straight.opt_state) != []
+    for slot in straight.opt_state:
+        for k in INIT:
+            np.testing.assert_allclose(back.opt_state[slot][k], straight.opt_state[slot][k], rtol=1e-4, atol=1e-6)
+    for k in INIT:
+        np.testing.assert_allclose(back.params[k], straight.params[k], rtol=1e-4, atol=1e-6)
+
+
+def test_rebase_clears_the_server_optimizer_state():
+    st = _state(server_opt="adam", server_lr=0.1, buffer_size=1)
+    st.submit(_raw(0))
+    assert st.opt_state
+    st.rebase({"w": np.zeros(2, np.float32)}, 1)
+    assert st.opt_state == {}
 
 
 def test_restore_refuses_missing_and_corrupt_checkpoints(tmp_path):

@@ -114,3 +114,22 @@ def test_header_bomb_is_refused_by_shape_without_allocating_what_it_declares():
     body = codec.MAGIC + struct.pack("<BI", codec.FORMAT_VERSION, len(h)) + h
     bomb = body + struct.pack("<I", zlib.crc32(body))
     assert _reason(bomb) == Reason.KEYS  # "b" is missing; names are compared first
+
+
+@pytest.mark.parametrize(("run_scope", "sent_scope"), [("full", "adapters"), ("adapters", "partial"),
+                                                       ("partial", "full")])
+def test_an_update_of_another_train_scope_is_refused_with_keys(run_scope, sent_scope):
+    """The server's reference is the global state of the run's scope; a device on another scope is refused."""
+    from common.lora import apply_lora
+    from common.model import build_model
+    from common.scope import trainable_state
+
+    m = apply_lora(build_model(seed=0), rank=4, alpha=8.0)
+    ref = {k: v.numpy() for k, v in trainable_state(m, run_scope).items()}
+    sent = {k: np.full_like(v.numpy(), 1e-3) for k, v in trainable_state(m, sent_scope).items()}
+    same = {k: np.full_like(v, 1e-3) for k, v in ref.items()}
+    wire_codec = codec.CodecParams(topk_ratio=0.05, bits=8, error_feedback=False)  # as devices send them
+    assert _check(_payload(same, wire_codec), reference=ref, max_norm=1e9).delta.keys() == ref.keys()
+    with pytest.raises(UpdateRejected) as e:
+        _check(_payload(sent, wire_codec), reference=ref, max_norm=1e9)
+    assert e.value.reason is Reason.KEYS and ("missing" in e.value.detail or "unexpected" in e.value.detail)

@@ -128,6 +128,25 @@ def test_reply_metrics_report_examples_loss_counts_time_and_bytes():
     assert RESIDUAL in ctx.state
 
 
+def test_full_scope_trains_every_parameter_for_the_local_epochs_the_round_asks():
+    from common.scope import scope_keys, trainable_state
+
+    ctx = _ctx({"train.scope": "full"})
+    cfg = load_config(run_config=ctx.run_config)
+    m = apply_lora(build_model(**model_kwargs(cfg)), rank=cfg.model.lora_rank, alpha=cfg.model.lora_alpha)
+    state = {k: v.numpy().copy() for k, v in trainable_state(m, "full").items()}
+    msg = _msg(state, MessageType.TRAIN, steps=1)
+    msg.content.config_records[wire.ROUND][wire.LOCAL_EPOCHS] = 0.5
+    reply = app(msg, ctx)
+    assert not reply.has_error(), reply.error
+    metrics = reply.content.metric_records[wire.METRICS]
+    # 120 samples, batch 32: half an epoch is ceil(60 / 32) = 2 optimizer steps, above the floor of 1
+    assert metrics[wire.NUM_EXAMPLES] == 120 and metrics[wire.TRAIN_STEPS] == 2
+    d = codec.decode(reply.content.config_records[wire.UPDATE][wire.DELTA])
+    assert set(d) == scope_keys(m, "full")
+    assert np.abs(d["encoders.image.conv.0.weight"]).max() > 0  # a base weight the adapters scope never moves
+
+
 @pytest.mark.parametrize("mods", ["audio", "image"])
 def test_a_single_modality_device_trains_on_what_it_has(mods):
     ctx = _ctx(node_config={"partition-id": 1, "num-partitions": 2, "modalities": mods})
