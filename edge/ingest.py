@@ -4,16 +4,27 @@ The device's data-governance path (DESIGN.md): modality detection -> per-modalit
 the video, a streaming log-mel from the audio) -> alignment -> quality gate -> accept / clean / reject ->
 store.
 
-Alignment: each keyframe at time ``t`` is paired with the audio-feature window of ``frames`` log-mel frames
-centred on ``t + audio_offset`` (shifted inwards at the ends of the audio; none when ``t`` lies outside the
-audio). With the default parameters (16 kHz, n_fft 512, hop 256, 40 mels, 32 frames) a window spans 0.53 s
-and is exactly the model's audio input. The window's dB are ``power_to_db(mel, ref=1, top_db=80)`` applied to
-that window alone (a stream has no global maximum). A camera-only device (no audio given, and no audio track
-in the video) stores image-only samples; a microphone-only device stores audio-only windows every
-``mic_stride`` seconds. The report says which modalities the device had and why.
+Alignment (``align="shot"``, the default): a keyframe represents a time span, its shot (or, in a long shot or
+a camera without cuts, its ``max_interval`` chunk); its audio is the window of ``frames`` log-mel frames inside
+that span (shifted by ``audio_offset``) where the sound is (:mod:`edge.align`: the loudest window, and with
+``max_per_shot > 1`` one more window per further separate sound above the stream's own noise floor, each
+stored as a sample with the same keyframe). ``align="keyframe"``: the window centred on the keyframe's time
+(shifted inwards at the ends of the audio; none when the time lies outside the audio). A microphone-only
+device stores windows every ``mic_stride`` seconds: centred on each stride instant, or (``"shot"``, when the
+stride is longer than a window) chosen like a shot's in each span ``[k * mic_stride, (k + 1) * mic_stride)``. With the default parameters
+(16 kHz, n_fft 512, hop 256, 40 mels, 32 frames) a window spans 0.53 s and is exactly the model's audio input.
+The window's dB are ``power_to_db(mel, ref=1, top_db=80)`` applied to that window alone (a stream has no global
+maximum). A camera-only device (no audio given, and no audio track in the video) stores image-only samples.
+The report says which modalities the device had and why.
 
-Both streams are consumed incrementally: the audio is featurised only as far as the latest keyframe needs,
-and features older than a few seconds are released, so memory stays bounded on an hour-long recording.
+Labels: one ``label`` for every sample, or labelled time spans (:mod:`edge.labels`): a sample takes the label
+of the span its stream time falls in (the keyframe's time; a microphone-only window's centre), none outside
+every span; a span past the end of the recording is reported as the run's error once the stream has ended
+(what was stored stays).
+
+Both streams are consumed incrementally: the audio is featurised only as far as the latest keyframe's span
+needs (a shot's samples are stored when the keyframe detector closes the shot), and features older than a few
+seconds are released, so memory stays bounded on an hour-long recording.
 """
 
 from __future__ import annotations
@@ -31,13 +42,17 @@ import numpy as np
 import typer
 
 from common.media.audio import MelParams, MelStream, power_to_db
+from edge.align import NoiseFloor, choose_windows, frame_energy_db
 from edge.audio_source import AudioSource, AudioSourceError, open_audio
+from edge.labels import Labels
 from edge.quality import QualityGate
 from edge.store import SampleStore, StoreBudgetError, StoreError, StoreFullError
 
 __all__ = ["IngestError", "IngestReport", "ingest", "ingest_command"]
 
 _KEEP_S = 10.0  # seconds of audio features kept behind the latest keyframe (keyframes arrive in time order)
+_FLOOR_S = 30.0  # seconds of recent frame energies that set the noise floor
+ALIGN_MODES = ("shot", "keyframe")
 
 
 class IngestError(RuntimeError):
@@ -92,6 +107,9 @@ class IngestReport:
         return "\n".join(lines)
 
 
+Window = tuple[np.ndarray, np.ndarray, int]  # (dB (n_mels, frames), raw samples it covers, start frame)
+
+
 class _AudioWindows:
     """Streaming log-mel of one audio source with random access to recent windows."""
 
@@ -104,6 +122,7 @@ class _AudioWindows:
         self.raw = np.empty(0, np.float32)  # samples [raw_base, ...)
         self.raw_base = 0
         self.done = False
+        self.floor = NoiseFloor(round(_FLOOR_S * params.sr / params.hop))
 
     @property
     def end(self) -> int:
@@ -119,11 +138,23 @@ class _AudioWindows:
             self.raw = np.concatenate([self.raw, c])
         if new.shape[1]:
             self.mel = np.concatenate([self.mel, new], axis=1)
+            self.floor.push(frame_energy_db(new))
 
-    def window(self, t: float, *, clamp_end: bool = True) -> tuple[np.ndarray, np.ndarray, int] | None:
-        """(dB window (n_mels, frames), raw samples it covers, start frame) centred at ``t`` s, or None."""
+    def _frame(self, t: float) -> int:
+        return round(t * self.p.sr / self.p.hop)
+
+    def _at(self, start: int) -> Window:
+        m = self.mel[:, start - self.base : start - self.base + self.frames]
+        db = power_to_db(m, ref=1.0, amin=1e-10, top_db=self.top_db).astype(np.float32)
+        s0 = max(0, start * self.p.hop - self.p.n_fft // 2)
+        s1 = (start + self.frames - 1) * self.p.hop + self.p.n_fft // 2
+        raw = self.raw[max(0, s0 - self.raw_base) : max(0, s1 - self.raw_base)]
+        return db, raw, start
+
+    def window(self, t: float, *, clamp_end: bool = True) -> Window | None:
+        """The window centred at ``t`` s, or None."""
         half = self.frames // 2
-        c = round(t * self.p.sr / self.p.hop)
+        c = self._frame(t)
         start = c - half
         while not self.done and self.end < start + self.frames:
             self._pull()
@@ -132,12 +163,22 @@ class _AudioWindows:
         start = max(start, 0)
         if start < self.base or start + self.frames > self.end or abs(c - (start + half)) > half:
             return None
-        m = self.mel[:, start - self.base : start - self.base + self.frames]
-        db = power_to_db(m, ref=1.0, amin=1e-10, top_db=self.top_db).astype(np.float32)
-        s0 = max(0, start * self.p.hop - self.p.n_fft // 2)
-        s1 = (start + self.frames - 1) * self.p.hop + self.p.n_fft // 2
-        raw = self.raw[max(0, s0 - self.raw_base) : max(0, s1 - self.raw_base)]
-        return db, raw, start
+        return self._at(start)
+
+    def span(self, t0: float, t1: float, max_windows: int, *, clamp_end: bool = True) -> list[Window]:
+        """The windows inside the span ``[t0, t1)`` s where the sound is (:func:`edge.align.choose_windows`);
+        a span shorter than a window (or with too little audio) gives the window centred on it, if any."""
+        a, b = max(self._frame(t0), self.base), self._frame(t1)
+        while not self.done and self.end < b:
+            self._pull()
+        b = min(b, self.end)
+        if b - a <= self.frames:
+            w = self.window((t0 + t1) / 2, clamp_end=clamp_end)
+            return [] if w is None else [w]
+        energy = frame_energy_db(self.mel[:, a - self.base : b - self.base])
+        starts = choose_windows(energy, frames=self.frames, threshold=self.floor.threshold(),
+                                max_windows=max_windows)
+        return [self._at(a + k) for k in starts]
 
     def release_before(self, frame: int) -> None:
         """Forget features before ``frame`` and the samples they need."""
@@ -184,6 +225,9 @@ def ingest(
     keyframe_options: dict[str, Any] | None = None,
     start_time: float | None = None,
     progress: Callable[[float], None] | None = None,
+    align: str = "shot",
+    max_per_shot: int = 1,
+    labels: Labels | None = None,
 ) -> IngestReport:
     """Turn a video and/or an audio stream into samples in ``store``.
 
@@ -201,6 +245,12 @@ def ingest(
     keyframe_options : passed to ``edge.keyframes.iter_keyframes`` (min_interval, max_interval, max_side, ...).
     start_time : device time (epoch seconds) of stream time 0 (default: now).
     progress : called with the stream seconds processed so far.
+    align : ``"shot"``: each keyframe's audio where the sound is in its shot; ``"keyframe"``: the window
+        centred on the keyframe's time (see the module docstring).
+    max_per_shot : with ``align="shot"``, at most this many samples per shot (same keyframe, one per separate
+        sound).
+    labels : labelled time spans (:func:`edge.labels.load_labels`) instead of one ``label``; a span that ends
+        after the recording sets the report's ``error`` once the stream has ended.
 
     Raises
     ------
@@ -216,6 +266,12 @@ def ingest(
         raise IngestError("nothing to ingest: give a video source, an audio source, or both")
     if frames < 1 or mic_stride <= 0:
         raise IngestError("frames must be >= 1 and mic_stride > 0")
+    if align not in ALIGN_MODES:
+        raise IngestError(f"align must be one of {', '.join(ALIGN_MODES)}, got {align!r}")
+    if max_per_shot < 1:
+        raise IngestError(f"max_per_shot must be >= 1, got {max_per_shot}")
+    if labels is not None and label is not None:
+        raise IngestError("give one label for every sample or labelled spans, not both")
     st = store if isinstance(store, SampleStore) else SampleStore(store)
     gate = gate or QualityGate()
     params = MelParams(sr=sr, n_fft=n_fft, hop_length=hop_length, n_mels=n_mels, fmin=fmin, fmax=fmax)
@@ -248,23 +304,43 @@ def ingest(
         rep.modalities = tuple(m for m, on in (("image", vsrc is not None), ("audio", asrc is not None)) if on)
         windows = _AudioWindows(asrc, params, frames, top_db) if asrc is not None else None
 
-        def store_one(image: Any, jpeg: bytes | None, win: tuple[np.ndarray, np.ndarray, int] | None,
-                      stream_t: float, source: str) -> None:
-            res = gate.assess(image=image, audio=None if win is None else win[1])
+        def store_one(image: Any, jpeg: bytes | None, win: Window | None, stream_t: float, source: str, *,
+                      loudest: bool = False, image_quality: float | None = None) -> float | None:
+            """Gate and store one sample; the quality of its image when this call gated and kept one.
+            ``image_quality``: the image was gated already (another window of the same keyframe): attach it
+            without gating it again."""
+            res = gate.assess(image=image if image_quality is None else None,
+                              audio=None if win is None else win[1], audio_is_loudest_of_shot=loudest)
             if not res.accepted:
                 rep.samples_rejected += 1
-                return
-            keep_img = "image" in res.modalities
+                return None
+            keep_img = "image" in res.modalities or image_quality is not None
             keep_aud = "audio" in res.modalities and win is not None
+            quality = res.quality if image_quality is None else (image_quality, res.quality[1])
             sid = st.put(image_jpeg=jpeg if keep_img else None, audio=win[0] if keep_aud and win else None,
-                         label=label, quality=res.quality, split=split, device_time=t0 + stream_t,
-                         stream_time=stream_t, source=source)
+                         label=label if labels is None else labels.label_at(stream_t), quality=quality,
+                         split=split, device_time=t0 + stream_t, stream_time=stream_t, source=source)
             rep.samples_stored += 1
             rep.keyframes_kept += int(keep_img)
             rep.audio_windows += int(keep_aud)
             rep.bytes_stored += (len(jpeg) if keep_img and jpeg else 0) + (2 * win[0].size if keep_aud and win else 0)
             rep.first_id = sid if rep.first_id is None else rep.first_id
             rep.last_id = sid
+            return res.quality[0] if keep_img and image_quality is None else None
+
+        def store_shot(image: Any, jpeg: bytes | None, wins: list[Window], stream_t: float, source: str, *,
+                       whole_shot: bool) -> None:
+            """One sample per window, the first (the loudest) with the keyframe gated, the others sharing it.
+            ``whole_shot``: the windows were chosen from the keyframe's whole shot."""
+            if not wins:
+                store_one(image, jpeg, None, stream_t, source)
+                return
+            loudest = int(np.argmax([float(np.mean(w[1] ** 2)) if w[1].size else 0.0 for w in wins]))
+            order = [loudest] + [i for i in range(len(wins)) if i != loudest]
+            q_img = store_one(image, jpeg, wins[loudest], stream_t, source, loudest=whole_shot)
+            for i in order[1:]:
+                store_one(None if q_img is None else image, None if q_img is None else jpeg, wins[i], stream_t,
+                          source, image_quality=q_img)
 
         try:
             if vsrc is not None:
@@ -272,11 +348,19 @@ def ingest(
 
                 for kf in iter_keyframes(vsrc, **(keyframe_options or {})):
                     rep.keyframes += 1
-                    win = None
+                    wins: list[Window] = []
+                    by_shot = align == "shot" and kf.start is not None and kf.end is not None
                     if windows is not None:
-                        win = windows.window(kf.time + audio_offset)
-                        windows.release_before(int((kf.time + audio_offset - _KEEP_S) * sr / hop_length))
-                    store_one(kf.image, kf.jpeg, win, kf.time, rep.video or "")
+                        t_from = kf.time + audio_offset
+                        if by_shot:
+                            assert kf.start is not None and kf.end is not None
+                            wins = windows.span(kf.start + audio_offset, kf.end + audio_offset, max_per_shot)
+                            t_from = min(t_from, kf.start + audio_offset)
+                        else:
+                            win = windows.window(kf.time + audio_offset)
+                            wins = [] if win is None else [win]
+                        windows.release_before(int((t_from - _KEEP_S) * sr / hop_length))
+                    store_shot(kf.image, kf.jpeg, wins, kf.time, rep.video or "", whole_shot=by_shot)
                     rep.frames_decoded = vsrc.frames_read
                     if progress:
                         progress(kf.time)
@@ -286,14 +370,22 @@ def ingest(
                 if windows is not None:
                     windows.drain()
             elif windows is not None:
-                for c in _mic_centres(params, frames, mic_stride):
-                    win = windows.window(c, clamp_end=False)
-                    if win is None:
+                # stride spans longer than a window: where the sound is in each; else the window at each instant
+                by_span = align == "shot" and mic_stride * sr / hop_length > frames
+                for k, c in enumerate(_mic_centres(params, frames, mic_stride)):
+                    if by_span:
+                        wins = windows.span(k * mic_stride, (k + 1) * mic_stride, max_per_shot, clamp_end=False)
+                    else:
+                        win = windows.window(c, clamp_end=False)
+                        wins = [] if win is None else [win]
+                    if not wins:
                         if windows.done:
                             break
                         continue
-                    windows.release_before(win[2])
-                    store_one(None, None, win, c, rep.audio or "")
+                    windows.release_before(min(w[2] for w in wins))
+                    for w in wins:
+                        store_one(None, None, w, (w[2] + frames // 2) * hop_length / sr if by_span else c,
+                                  rep.audio or "")
                     if progress:
                         progress(c)
                 windows.drain()
@@ -304,6 +396,10 @@ def ingest(
                 if rep.audio_seconds * sr < frames * hop_length:
                     rep.notes.append(f"audio too short for one window of {frames} frames "
                                      f"({frames * hop_length / sr:.2f} s)")
+            if labels is not None:  # the recording's length is known now that the streams have ended
+                bad = labels.past_end(*_duration(vsrc, asrc, hop_length / sr))
+                if bad is not None:
+                    rep.error = str(bad)
         except StoreBudgetError:
             raise
         except (StoreFullError, StoreError, AudioSourceError) as e:
@@ -324,6 +420,16 @@ def ingest(
     return rep
 
 
+def _duration(vsrc: Any, asrc: AudioSource | None, audio_step: float) -> tuple[float, float]:
+    """(seconds, tolerance) of a recording that has ended: its longer stream, give or take one frame."""
+    secs, tol = 0.0, audio_step
+    if vsrc is not None and vsrc.fps > 0:
+        secs, tol = vsrc.frames_read / vsrc.fps, 1.0 / vsrc.fps
+    if asrc is not None:
+        secs = max(secs, asrc.seconds_out)
+    return secs, tol
+
+
 def _mic_centres(p: MelParams, frames: int, stride_s: float) -> Iterator[float]:
     """Centre times of microphone-only windows: the first starts at frame 0, then every ``stride_s``."""
     first = (frames // 2) * p.hop / p.sr
@@ -334,6 +440,31 @@ def _mic_centres(p: MelParams, frames: int, stride_s: float) -> Iterator[float]:
 
 
 # ----------------------------------------------------------------------------------------- CLI
+def _checked_labels(label: int | None, labels_file: Path | None, *, config: Path | None,
+                    overrides: list[str]) -> Labels | None:
+    """The labelled spans of ``--labels`` (or None), with ``--label`` and every span's label checked against
+    the config's ``model.num_classes``.
+
+    Raises
+    ------
+    ValueError
+        One line: both options given, a bad config, a bad labels file (:class:`edge.labels.LabelsError`), or a
+        label outside ``model.num_classes``.
+    """
+    from common.config import ConfigError, load_config, parse_overrides
+    from edge.labels import load_labels
+
+    if label is not None and labels_file is not None:
+        raise ValueError("give --label or --labels, not both")
+    try:
+        n = load_config(toml_path=config, overrides=parse_overrides(overrides)).model.num_classes
+    except (ConfigError, FileNotFoundError) as e:
+        raise ValueError(str(e)) from None
+    if label is not None and not 0 <= label < n:
+        raise ValueError(f"--label {label} is outside model.num_classes = {n} (0..{n - 1})")
+    return None if labels_file is None else load_labels(labels_file, num_classes=n)
+
+
 def ingest_command(
     video: str | None = typer.Option(None, "--video", help="Video file, camera index (0) or stream URL."),
     audio: str | None = typer.Option(None, "--audio",
@@ -341,6 +472,11 @@ def ingest_command(
                                           "video's own track when it has one."),
     store: Path = typer.Option(..., "--store", help="SampleStore directory (created if missing)."),  # noqa: B008
     label: int | None = typer.Option(None, "--label", help="Class index of every sample (default: unlabeled)."),
+    labels_file: Path | None = typer.Option(  # noqa: B008
+        None, "--labels", help="Labelled time spans instead of --label: a CSV (start_s,end_s,label; header "
+                               "optional) or a JSON list of {start_s, end_s, label}. A sample takes the label of "
+                               "the span its keyframe (or a microphone-only window's centre) falls in; outside "
+                               "every span it is unlabeled."),
     budget_mb: float | None = typer.Option(None, "--budget-mb",
                                            help="Byte budget of the store in MB (oldest samples are evicted)."),
     split: str = typer.Option("train", "--split", help="train, val or test."),
@@ -349,6 +485,16 @@ def ingest_command(
     mic_stride: float = typer.Option(1.0, "--mic-stride", help="Seconds between windows of a microphone-only device."),
     audio_offset: float = typer.Option(0.0, "--audio-offset", help="Seconds from video time to audio time."),
     as_json: bool = typer.Option(False, "--json", help="Print the report as one JSON object."),
+    align: str = typer.Option("shot", "--align",
+                              help="Where a keyframe's audio comes from: 'shot' (where the sound is in the "
+                                   "keyframe's shot) or 'keyframe' (the window centred on the keyframe)."),
+    max_per_shot: int = typer.Option(1, "--max-per-shot", min=1,
+                                     help="With --align shot: up to this many samples per shot, one per separate "
+                                          "sound (same keyframe)."),
+    config: Path | None = typer.Option(None, "--config",  # noqa: B008
+                                       help="Run config TOML: model.num_classes bounds --label and --labels."),
+    set_: list[str] | None = typer.Option(None, "--set",  # noqa: B008
+                                          help="Config override KEY=VALUE, repeatable (e.g. model.num_classes=5)."),
 ) -> None:
     """Ingest a camera and/or microphone stream into a SampleStore: keyframes + aligned log-mel windows,
     quality-gated. Prints a summary (frames decoded, keyframes kept, seconds of audio, samples stored, rejected
@@ -363,6 +509,11 @@ def ingest_command(
         typer.echo(f"error: {msg}", err=True)
         raise typer.Exit(code)
 
+    spans = None
+    try:  # labels are checked before anything is opened or stored
+        spans = _checked_labels(label, labels_file, config=config, overrides=set_ or [])
+    except ValueError as e:
+        fail(str(e), 2)
     try:
         st = SampleStore(store, budget_bytes=None if budget_mb is None else int(budget_mb * 1e6))
     except StoreError as e:
@@ -379,7 +530,7 @@ def ingest_command(
     try:
         rep = ingest(video=video, audio=audio, store=st, label=label, split=split,
                      audio_from_video=not no_video_audio, mic_stride=mic_stride, audio_offset=audio_offset,
-                     progress=progress)
+                     progress=progress, align=align, max_per_shot=max_per_shot, labels=spans)
     except (IngestError, VideoSourceError, AudioSourceError, StoreError, ValueError) as e:
         bar.close()
         fail(str(e), 2 if isinstance(e, (IngestError, ValueError)) else 1)

@@ -6,10 +6,11 @@ Public API (stable; ``edge/ingest.py`` builds on it)
     Streams keyframes in time order while the video decodes (bounded memory on an hour-long stream).
 ``extract_keyframes(src, **options) -> KeyframeReport``
     Runs the whole video and collects the result.
-``Keyframe(frame, time, score, image, jpeg)``
+``Keyframe(frame, time, score, image, jpeg, start, end)``
     ``frame``: 0-based frame index; ``time``: seconds (frame / fps); ``score``: representativeness in [0, 1]
     (contrast x detail x stillness); ``image``: (h, w, 3) uint8 RGB, longer side <= ``max_side``;
-    ``jpeg``: the same image JPEG-encoded, ready for storage.
+    ``jpeg``: the same image JPEG-encoded, ready for storage; ``start``, ``end``: the time span in seconds the
+    keyframe represents, its shot or, for a long shot (or a camera without cuts), its ``max_interval`` chunk.
 ``KeyframeReport(video, fps, frames, boundaries, keyframes, seconds, error)``
     ``boundaries``: first frame of each new shot (0-based, PySceneDetect's scene-start convention; for a
     gradual transition a frame inside it); ``seconds``: wall time spent decoding and detecting; ``error``: one
@@ -70,6 +71,8 @@ class Keyframe:
     score: float
     image: np.ndarray = field(repr=False)
     jpeg: bytes = field(repr=False)
+    start: float | None = None  # span represented: [start, end) s (None: built without one)
+    end: float | None = None
 
 
 @dataclass
@@ -142,7 +145,7 @@ class _Cand:
     pixels: np.ndarray  # BGR frame as decoded (a reference, not a copy)
 
 
-def _encode(c: _Cand, max_side: int, quality: int) -> Keyframe:
+def _encode(c: _Cand, max_side: int, quality: int, span: tuple[float, float]) -> Keyframe:
     img = c.pixels
     h, w = img.shape[:2]
     scale = min(1.0, max_side / max(h, w))
@@ -152,17 +155,23 @@ def _encode(c: _Cand, max_side: int, quality: int) -> Keyframe:
     if not ok:  # pragma: no cover - OpenCV always encodes uint8 BGR
         raise RuntimeError(f"JPEG encoding failed for frame {c.frame}")
     rgb = np.ascontiguousarray(img[:, :, ::-1])
-    return Keyframe(frame=c.frame, time=c.time, score=round(c.score, 6), image=rgb, jpeg=buf.tobytes())
+    return Keyframe(frame=c.frame, time=c.time, score=round(c.score, 6), image=rgb, jpeg=buf.tobytes(),
+                    start=span[0], end=span[1])
 
 
 class _Selector:
-    """Keeps the best candidate of the current shot chunk; emits on boundaries and every ``max_interval``."""
+    """Keeps the best candidate of the current shot chunk; emits on boundaries and every ``max_interval``.
 
-    def __init__(self, min_interval: float, max_interval: float, max_side: int, quality: int) -> None:
+    A chunk spans from its first analysed frame to the boundary, the next chunk's first frame, or (at the end
+    of the stream) one analysis step past its last frame: the span its keyframe represents.
+    """
+
+    def __init__(self, min_interval: float, max_interval: float, max_side: int, quality: int, step_s: float) -> None:
         self.min_interval, self.max_interval = min_interval, max_interval
-        self.max_side, self.quality = max_side, quality
+        self.max_side, self.quality, self.step_s = max_side, quality, step_s
         self.best: _Cand | None = None
         self.chunk_start: float | None = None
+        self.chunk_last = -np.inf
         self.last_time = -np.inf
 
     def add(self, c: _Cand) -> list[Keyframe]:
@@ -170,16 +179,19 @@ class _Selector:
         if self.chunk_start is None:
             self.chunk_start = c.time
         elif c.time - self.chunk_start >= self.max_interval:
-            out += self.close()
+            out += self.close(c.time)
             self.chunk_start = c.time
         if c.time - self.last_time >= self.min_interval and (self.best is None or c.score > self.best.score):
             self.best = c
+        self.chunk_last = c.time
         return out
 
-    def close(self) -> list[Keyframe]:
+    def close(self, end: float | None = None) -> list[Keyframe]:
+        """Emit the chunk's keyframe; ``end``: where the chunk ends (default: one step past its last frame)."""
         out: list[Keyframe] = []
-        if self.best is not None:
-            out.append(_encode(self.best, self.max_side, self.quality))
+        if self.best is not None and self.chunk_start is not None:
+            stop = self.chunk_last + self.step_s if end is None else max(end, self.chunk_last)
+            out.append(_encode(self.best, self.max_side, self.quality, (self.chunk_start, stop)))
             self.last_time = self.best.time
         self.best, self.chunk_start = None, None
         return out
@@ -213,7 +225,7 @@ def iter_keyframes(
     # Boundaries can still be reported this many analysed frames back: only older candidates are settled.
     delay = det.max_delay
     pending: deque[_Cand] = deque()
-    sel = _Selector(min_interval, max_interval, max_side, jpeg_quality)
+    sel = _Selector(min_interval, max_interval, max_side, jpeg_quality, step / video.fps)
 
     def on_boundaries(bs: list[Boundary]) -> Iterator[Keyframe]:
         for b in bs:
@@ -221,7 +233,8 @@ def iter_keyframes(
                 on_boundary(b)
             while pending and pending[0].frame < b.frame:
                 yield from sel.add(pending.popleft())
-            yield from sel.close()
+            # the shot ends where the next one's first analysed frame starts
+            yield from sel.close(pending[0].time if pending else None)
 
     prev: FrameFeatures | None = None
     stream: Generator[tuple[int, float, np.ndarray, Any], None, None]

@@ -3,8 +3,9 @@
 For each candidate sample the gate looks at the modalities it carries (a keyframe, an audio window, or
 both) and checks each: a keyframe can be ``blurred`` (Laplacian variance below ``blur_min``), ``dark`` or
 ``overexposed`` (too many crushed / blown pixels), or a ``duplicate`` of a recently kept keyframe (pHash
-Hamming distance <= ``dup_max_hamming``); an audio window can be ``silent`` (RMS below ``silence_dbfs``) or
-``clipped`` (more than ``max_clipped`` of its samples at full scale). A failing modality is removed from the
+Hamming distance <= ``dup_max_hamming``); an audio window can be ``silent`` (RMS below ``silence_dbfs``;
+``silent-shot`` when the window is the loudest of its shot, so the whole shot is silent) or ``clipped`` (more
+than ``max_clipped`` of its samples at full scale). A failing modality is removed from the
 sample (cleaned); a sample left with no modality is rejected. Every removal is counted under
 ``"<modality>:<reason>"``; the scores of what is kept go to the store and, from there, to the model's router.
 """
@@ -101,8 +102,13 @@ class QualityGate:
             return "clipped", score
         return None, score
 
-    def assess(self, *, image: np.ndarray | None = None, audio: np.ndarray | None = None) -> GateResult:
-        """Check every modality present, clean failing ones, count, and remember a kept keyframe's hash."""
+    def assess(self, *, image: np.ndarray | None = None, audio: np.ndarray | None = None,
+               audio_is_loudest_of_shot: bool = False) -> GateResult:
+        """Check every modality present, clean failing ones, count, and remember a kept keyframe's hash.
+
+        ``audio_is_loudest_of_shot``: the window is the loudest of its shot, so a silent one means a silent
+        shot (reason ``silent-shot``).
+        """
         kept: list[str] = []
         reasons: list[str] = []
         q = {"image": 0.0, "audio": 0.0}
@@ -114,6 +120,8 @@ class QualityGate:
             else:
                 assert audio is not None
                 reason, score = self.check_audio(audio)
+                if reason == "silent" and audio_is_loudest_of_shot:
+                    reason = "silent-shot"
             if reason is None:
                 kept.append(m)
                 q[m] = score

@@ -71,10 +71,11 @@ def _tone_at(t: float) -> float:
 
 
 @pytest.mark.parametrize("audio_key", [None, "wav", "wav44"])
-def test_keyframes_are_paired_with_the_audio_window_at_their_time(tmp_path, media, audio_key):
+def test_keyframe_alignment_pairs_keyframes_with_the_audio_window_at_their_time(tmp_path, media, audio_key):
     video = media["av"] if audio_key is None else media["video"]
     st = SampleStore(tmp_path / "s")
-    rep = ingest(video=video, audio=None if audio_key is None else media[audio_key], store=st, label=1)
+    rep = ingest(video=video, audio=None if audio_key is None else media[audio_key], store=st, label=1,
+                 align="keyframe")
     assert rep.modalities == ("image", "audio") and rep.error is None
     assert rep.frames_decoded == 4 * SHOT_S * FPS and rep.keyframes >= 4
     assert rep.audio_seconds == pytest.approx(4 * SHOT_S, abs=0.01)
