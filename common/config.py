@@ -267,6 +267,9 @@ class DataConfig:
     missing_image: float = 0.0  # fraction of devices without a camera
     missing_audio: float = 0.0  # fraction of devices without a microphone
     eval_path: str = ""  # held-out arrays (NPZ: image, audio, label, mask, quality) the server evaluates on
+    # AV digits: who speaks on the held-out device: "train" (the devices' speakers), "unseen" (English speakers no
+    # device hears), "other" (speakers of other languages)
+    eval_voices: Literal["train", "unseen", "other"] = "train"
 
     def __post_init__(self) -> None:
         _check(self.source in ("synthetic", "store"), "data.source", "must be 'synthetic' or 'store'")
@@ -275,6 +278,8 @@ class DataConfig:
         _check(self.partition in ("iid", "dirichlet", "speaker"), "data.partition",
                "must be 'iid', 'dirichlet' or 'speaker'")
         _check(self.dirichlet_alpha > 0, "data.dirichlet_alpha", "must be > 0")
+        _check(self.eval_voices in ("train", "unseen", "other"), "data.eval_voices",
+               "must be 'train', 'unseen' or 'other'")
         for k in ("missing_image", "missing_audio"):
             _check(0.0 <= getattr(self, k) <= 1.0, f"data.{k}", "must be in [0, 1]")
         _check(

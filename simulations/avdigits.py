@@ -25,6 +25,7 @@ import numpy as np
 from scipy.signal import resample
 
 ASSETS = Path(__file__).parent / "assets" / "speech"
+HELDOUT_ASSETS = ASSETS / "heldout"
 NUM_CLASSES = 10
 MODALITIES = ("image", "audio")
 
@@ -52,20 +53,59 @@ def image_split(seed: int, test_fraction: float = 0.25) -> tuple[np.ndarray, np.
     return np.sort(np.concatenate(train)), np.sort(np.concatenate(test))
 
 
-@lru_cache(maxsize=1)
-def speech_clips() -> tuple[tuple[str, ...], int, tuple[tuple[np.ndarray, ...], ...]]:
-    """The shipped utterances: speaker names, sample rate, clips[speaker][digit] float32 mono."""
-    meta = json.loads((ASSETS / "speakers.json").read_text())
-    names = tuple(s["speaker"] for s in meta["speakers"])
+def _read_clips(folder: Path, names: tuple[str, ...]) -> tuple[tuple[np.ndarray, ...], ...]:
+    """clips[speaker][digit] float32 mono from ``folder/<speaker>/<digit>.wav``."""
     clips = []
     for name in names:
         row = []
         for digit in range(NUM_CLASSES):
-            with wave.open(str(ASSETS / name / f"{digit}.wav")) as w:
+            with wave.open(str(folder / name / f"{digit}.wav")) as w:
                 pcm = np.frombuffer(w.readframes(w.getnframes()), dtype="<i2")
             row.append(pcm.astype(np.float32) / 32768.0)
         clips.append(tuple(row))
-    return names, int(meta["rate"]), tuple(clips)
+    return tuple(clips)
+
+
+@lru_cache(maxsize=1)
+def speech_clips() -> tuple[tuple[str, ...], int, tuple[tuple[np.ndarray, ...], ...]]:
+    """The shipped training utterances: speaker names, sample rate, clips[speaker][digit] float32 mono."""
+    meta = json.loads((ASSETS / "speakers.json").read_text())
+    names = tuple(s["speaker"] for s in meta["speakers"])
+    return names, int(meta["rate"]), _read_clips(ASSETS, names)
+
+
+@lru_cache(maxsize=1)
+def heldout_speech() -> tuple[tuple[str, ...], tuple[str, ...], int, tuple[tuple[np.ndarray, ...], ...]]:
+    """Speakers no simulated device or cloud share hears: names, languages, sample rate, clips[speaker][digit].
+
+    English speakers with voices unlike any training speaker's, and speakers of other languages saying their
+    language's digit words (``simulations/assets/speech/heldout``, see ``make_speech_assets.py``).
+    """
+    meta = json.loads((HELDOUT_ASSETS / "voices.json").read_text())
+    names = tuple(s["speaker"] for s in meta["speakers"])
+    langs = tuple(s["language"] for s in meta["speakers"])
+    return names, langs, int(meta["rate"]), _read_clips(HELDOUT_ASSETS, names)
+
+
+def voice_set(voices: str) -> tuple[tuple[str, ...], int, tuple[tuple[np.ndarray, ...], ...]]:
+    """A named set of speakers: names, sample rate, clips[speaker][digit].
+
+    ``train``: the training speakers; ``unseen``: the held-out English speakers; ``other``: every held-out speaker
+    of another language; a language code (``de``, ``es``, ``fr``): the held-out speakers of that language.
+    """
+    if voices == "train":
+        return speech_clips()
+    names, langs, rate, clips = heldout_speech()
+    if voices == "unseen":
+        keep = [i for i, lang in enumerate(langs) if lang == "en"]
+    elif voices == "other":
+        keep = [i for i, lang in enumerate(langs) if lang != "en"]
+    else:
+        keep = [i for i, lang in enumerate(langs) if lang == voices]
+    if not keep:
+        known = sorted({"train", "unseen", "other", *langs})
+        raise ValueError(f"unknown voice set {voices!r} (one of {', '.join(known)})")
+    return tuple(names[i] for i in keep), rate, tuple(clips[i] for i in keep)
 
 
 # ---------------------------------------------------------------------------------------------- devices
@@ -149,8 +189,12 @@ def cloud_plan(samples: int, *, seed: int, devices: list[DevicePlan]) -> DeviceP
     return DevicePlan(pid=-2, labels=labels, images=images, speakers=speakers, seed=int(rng.integers(2**31)))
 
 
-def heldout_plan(samples: int, *, seed: int) -> DevicePlan:
-    """A held-out 'device' with both sensors: unseen images, every speaker, fresh augmentation."""
+def heldout_plan(samples: int, *, seed: int, voices: str = "train") -> DevicePlan:
+    """A held-out 'device' with both sensors: unseen images, every speaker of ``voices``, fresh augmentation.
+
+    ``voices`` names the speaker set (:func:`voice_set`); the labels and images depend on ``seed`` and
+    ``samples`` only, so held-out devices of several voice sets show the same images.
+    """
     _, y = digit_images()
     _, test_idx = image_split(seed)
     rng = np.random.default_rng([seed, 977])
@@ -158,7 +202,7 @@ def heldout_plan(samples: int, *, seed: int) -> DevicePlan:
     rng.shuffle(labels)
     by_class = [test_idx[y[test_idx] == c] for c in range(NUM_CLASSES)]
     images = np.array([rng.choice(by_class[c]) for c in labels], dtype=np.int64)
-    speakers = rng.integers(0, len(speech_clips()[0]), size=samples).astype(np.int64)
+    speakers = rng.integers(0, len(voice_set(voices)[0]), size=samples).astype(np.int64)
     return DevicePlan(pid=-1, labels=labels, images=images, speakers=speakers, seed=int(rng.integers(2**31)))
 
 
@@ -281,15 +325,16 @@ class Stream:
 
 
 def render_device(plan: DevicePlan, out_dir: Path, *, fps: float, shot_s: float, size: int,
-                  image_noise: float, snr_db: float) -> list[Stream]:
+                  image_noise: float, snr_db: float, voices: str = "train") -> list[Stream]:
     """Render one device's streams into ``out_dir``: one video/WAV pair per digit it records.
 
     A camera-only device gets no WAV and a microphone-only device no video. Each stream holds all the
     device's shots of one digit, so the ingest can label the samples it produces with ``--label``.
+    ``plan.speakers`` index the speakers of ``voices`` (:func:`voice_set`).
     """
     out_dir.mkdir(parents=True, exist_ok=True)
     imgs, _ = digit_images()
-    _, rate, clips = speech_clips()
+    _, rate, clips = voice_set(voices)
     rng = np.random.default_rng(plan.seed)
     frames_per_shot = max(2, round(shot_s * fps))
     streams = []

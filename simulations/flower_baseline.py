@@ -12,6 +12,7 @@ import json
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
@@ -22,7 +23,7 @@ from common.config import config_from_context
 from common.lora import adapter_state, load_adapter_state
 from common.training import evaluate, train_steps
 
-from .evaluation import load_arrays, model_with
+from .evaluation import ADAPTERS, load_arrays, model_with
 
 client_app = ClientApp()
 server_app = ServerApp()
@@ -74,5 +75,9 @@ def _main(grid: Grid, context: Context) -> None:
         return MetricRecord({"accuracy": res["accuracy"]})
 
     strategy = FedAvg(fraction_train=frac, fraction_evaluate=0.0, min_train_nodes=k, min_available_nodes=n)
-    strategy.start(grid=grid, initial_arrays=ArrayRecord(adapter_state(model)), num_rounds=cfg.aggregation.versions,
-                   timeout=cfg.aggregation.reply_timeout_s, train_config=ConfigRecord({}), evaluate_fn=evaluate_fn)
+    result = strategy.start(grid=grid, initial_arrays=ArrayRecord(adapter_state(model)),
+                            num_rounds=cfg.aggregation.versions, timeout=cfg.aggregation.reply_timeout_s,
+                            train_config=ConfigRecord({}), evaluate_fn=evaluate_fn)
+    # the final global state, where fedge's server leaves its own: per-modality evaluation reads either the same way
+    final = {k: v.numpy() for k, v in result.arrays.to_torch_state_dict().items()}
+    np.savez(run_dir / ADAPTERS, **final)

@@ -1,14 +1,21 @@
 """Generate the spoken-digit WAVs shipped in ``simulations/assets/speech/`` (run once; needs espeak-ng).
 
 Each "speaker" is an espeak-ng voice with its own variant, pitch and speed. For every speaker and digit it
-synthesizes the English number word, resamples to 16 kHz mono, trims leading/trailing silence, normalizes the
-peak and writes ``speech/<speaker>/<digit>.wav`` (16-bit PCM) plus ``speech/speakers.json`` (what made each voice).
+synthesizes the number word, resamples to 16 kHz mono, trims leading/trailing silence, normalizes the peak and
+writes a 16-bit PCM WAV. Two sets:
+
+- training speakers (``--set train``): English, ``speech/<speaker>/<digit>.wav`` plus ``speech/speakers.json``;
+  simulated devices and the cloud hear only these;
+- held-out speakers (``--set heldout``): voices no device has, ``speech/heldout/<speaker>/<digit>.wav`` plus
+  ``speech/heldout/voices.json``: English speakers built from espeak-ng variants, pitches and speeds that no
+  training speaker uses, and German, Spanish and French speakers saying the digit words of their language (audio
+  the model was never trained on, for the speaker-split learning benchmark).
 
 Usage (Debian/Ubuntu: ``apt-get install -y espeak-ng``)::
 
-    .venv/bin/python simulations/make_speech_assets.py            # rewrites simulations/assets/speech/
+    .venv/bin/python simulations/make_speech_assets.py --set all   # rewrites simulations/assets/speech/
 
-The WAVs are committed, so neither CI nor a fresh machine needs espeak-ng; rerun only to change the set.
+The WAVs are committed, so neither CI nor a fresh machine needs espeak-ng; rerun only to change a set.
 """
 
 from __future__ import annotations
@@ -41,7 +48,31 @@ SPEAKERS: tuple[tuple[str, str, int, int], ...] = (
     ("s08", "en-gb-x-gbcwmd+m4", 45, 170),
     ("s09", "en-us+klatt", 60, 155),
 )
+# Held-out speakers: (name, language, espeak-ng voice[+variant], pitch, speed). The English ones use variants
+# (m2, m5, m6, m8, f5, klatt3) and pitch/speed pairs that no training speaker has; the others speak their own
+# language's digit words.
+HELDOUT: tuple[tuple[str, str, str, int, int], ...] = (
+    ("u00", "en", "en-us+m2", 45, 150),
+    ("u01", "en", "en-gb+f5", 65, 160),
+    ("u02", "en", "en-gb-x-rp+m6", 30, 170),
+    ("u03", "en", "en-029+m5", 52, 135),
+    ("u04", "en", "en-us-nyc+klatt3", 58, 180),
+    ("u05", "en", "en-gb-scotland+m8", 38, 158),
+    ("g00", "de", "de+m2", 48, 150),
+    ("g01", "de", "de+f5", 68, 165),
+    ("e00", "es", "es+m6", 40, 160),
+    ("e01", "es", "es-419+f5", 62, 150),
+    ("f00", "fr", "fr-fr+m5", 45, 155),
+    ("f01", "fr", "fr-fr+f5", 70, 165),
+)
+HELDOUT_WORDS: dict[str, tuple[str, ...]] = {
+    "en": WORDS,
+    "de": ("null", "eins", "zwei", "drei", "vier", "fünf", "sechs", "sieben", "acht", "neun"),
+    "es": ("cero", "uno", "dos", "tres", "cuatro", "cinco", "seis", "siete", "ocho", "nueve"),
+    "fr": ("zéro", "un", "deux", "trois", "quatre", "cinq", "six", "sept", "huit", "neuf"),
+}
 DEFAULT_OUT = Path(__file__).parent / "assets" / "speech"
+HELDOUT_DIR = "heldout"
 
 
 def synthesize(word: str, voice: str, pitch: int, speed: int) -> np.ndarray:
@@ -63,24 +94,53 @@ def synthesize(word: str, voice: str, pitch: int, speed: int) -> np.ndarray:
     return (0.9 * x / max(float(np.abs(x).max()), 1e-6)).astype(np.float32)
 
 
+def _write_speaker(folder: Path, words: tuple[str, ...], voice: str, pitch: int, speed: int) -> None:
+    folder.mkdir(parents=True, exist_ok=True)
+    for digit, word in enumerate(words):
+        write_wav(folder / f"{digit}.wav", synthesize(word, voice, pitch, speed), RATE)
+
+
+def write_training(out: Path) -> int:
+    """The training speakers into ``out`` (their folders and ``speakers.json`` replaced); returns the WAV count."""
+    meta = []
+    for name, voice, pitch, speed in SPEAKERS:
+        shutil.rmtree(out / name, ignore_errors=True)
+        _write_speaker(out / name, WORDS, voice, pitch, speed)
+        meta.append({"speaker": name, "voice": voice, "pitch": pitch, "speed_wpm": speed})
+    (out / "speakers.json").write_text(json.dumps({"rate": RATE, "words": WORDS, "speakers": meta}, indent=1))
+    return len(SPEAKERS) * len(WORDS)
+
+
+def write_heldout(out: Path) -> int:
+    """The held-out speakers into ``out/heldout`` (replaced); returns the WAV count."""
+    root = out / HELDOUT_DIR
+    shutil.rmtree(root, ignore_errors=True)
+    meta = []
+    for name, lang, voice, pitch, speed in HELDOUT:
+        _write_speaker(root / name, HELDOUT_WORDS[lang], voice, pitch, speed)
+        meta.append({"speaker": name, "language": lang, "voice": voice, "pitch": pitch, "speed_wpm": speed,
+                     "words": HELDOUT_WORDS[lang]})
+    (root / "voices.json").write_text(json.dumps({"rate": RATE, "speakers": meta}, indent=1, ensure_ascii=False))
+    return len(HELDOUT) * len(WORDS)
+
+
 def main() -> None:
     """Regenerate the speech assets."""
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--out", type=Path, default=DEFAULT_OUT, help="output folder (replaced)")
+    ap.add_argument("--out", type=Path, default=DEFAULT_OUT, help="the speech assets folder")
+    ap.add_argument("--set", dest="which", choices=("train", "heldout", "all"), default="all",
+                    help="which speakers to (re)generate: training, held-out or both")
     args = ap.parse_args()
     if shutil.which("espeak-ng") is None:
         raise SystemExit("make_speech_assets: espeak-ng not found (apt-get install -y espeak-ng)")
-    if args.out.exists():
-        shutil.rmtree(args.out)
-    meta = []
-    for name, voice, pitch, speed in SPEAKERS:
-        for digit, word in enumerate(WORDS):
-            (args.out / name).mkdir(parents=True, exist_ok=True)
-            write_wav(args.out / name / f"{digit}.wav", synthesize(word, voice, pitch, speed), RATE)
-        meta.append({"speaker": name, "voice": voice, "pitch": pitch, "speed_wpm": speed})
-    (args.out / "speakers.json").write_text(json.dumps({"rate": RATE, "words": WORDS, "speakers": meta}, indent=1))
+    args.out.mkdir(parents=True, exist_ok=True)
+    n = 0
+    if args.which in ("train", "all"):
+        n += write_training(args.out)
+    if args.which in ("heldout", "all"):
+        n += write_heldout(args.out)
     total = sum(p.stat().st_size for p in args.out.rglob("*.wav"))
-    print(f"wrote {len(SPEAKERS) * len(WORDS)} WAVs, {total / 1e6:.2f} MB, to {args.out}")
+    print(f"wrote {n} WAVs; the folder holds {total / 1e6:.2f} MB of WAVs, in {args.out}")
 
 
 if __name__ == "__main__":

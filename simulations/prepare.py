@@ -53,6 +53,7 @@ def data_key(cfg: FedgeConfig) -> dict[str, Any]:
         "shot_s": s.shot_seconds, "size": s.frame_size, "noise": s.image_noise, "snr": s.snr_db,
         "image_size": m.image_size, "n_mels": m.n_mels, "frames": m.audio_frames, "format": 3,
         **({"cloud": s.cloud_samples} if pretrains(cfg) else {}),
+        **({"eval_voices": d.eval_voices} if d.eval_voices != "train" else {}),
     }
 
 
@@ -113,6 +114,13 @@ def _prepare_synthetic(cfg: FedgeConfig, out: Path) -> dict[str, Any]:
     return {"eval_samples": len(arrays["label"])}
 
 
+def render_options(cfg: FedgeConfig, **changes: Any) -> dict[str, Any]:
+    """Keyword arguments of :func:`simulations.avdigits.render_device` from the run config, with ``changes``."""
+    s = cfg.simulation
+    return {"fps": s.fps, "shot_s": s.shot_seconds, "size": s.frame_size, "image_noise": s.image_noise,
+            "snr_db": s.snr_db, **changes}
+
+
 def _render_and_ingest(job: tuple[avdigits.DevicePlan, str, str, dict[str, Any], dict[str, Any]]) -> dict[str, Any]:
     """Worker: render one device's streams into ``media``, ingest them into ``store``; return ingest counts."""
     from . import stores
@@ -141,13 +149,13 @@ def _prepare_avdigits(cfg: FedgeConfig, out: Path, *, workers: int, progress: bo
         s.devices, samples_per_device=d.samples_per_device, seed=cfg.seed, partition=d.partition,
         dirichlet_alpha=d.dirichlet_alpha, missing_image=d.missing_image, missing_audio=d.missing_audio,
     )
-    render_kw = {"fps": s.fps, "shot_s": s.shot_seconds, "size": s.frame_size, "image_noise": s.image_noise,
-                 "snr_db": s.snr_db}
+    render_kw = render_options(cfg)
     ingest_kw = stores.ingest_options(cfg)
     jobs = [(p, str(out / "media" / f"device-{p.pid}"), str(out / "stores" / f"device-{p.pid}"), render_kw,
              ingest_kw) for p in plans]
-    held = avdigits.heldout_plan(d.eval_samples, seed=cfg.seed)
-    jobs.append((held, str(out / "media" / "heldout"), str(out / "heldout-store"), render_kw, ingest_kw))
+    held = avdigits.heldout_plan(d.eval_samples, seed=cfg.seed, voices=d.eval_voices)
+    jobs.append((held, str(out / "media" / "heldout"), str(out / "heldout-store"),
+                 {**render_kw, "voices": d.eval_voices}, ingest_kw))
     cloud = pretrains(cfg)
     if cloud:  # the cloud's curated, labelled share: images no device records, never held-out ones
         jobs.insert(-1, (avdigits.cloud_plan(s.cloud_samples, seed=cfg.seed, devices=plans),
@@ -183,3 +191,21 @@ def _prepare_avdigits(cfg: FedgeConfig, out: Path, *, workers: int, progress: bo
                 totals[k] = totals.get(k, 0) + v
     return {"devices": len(plans), "eval_samples": len(arrays["label"]), **extra, "ingest": totals,
             "per_device": results}
+
+
+def heldout_arrays(cfg: FedgeConfig, out: str | Path, *, voices: str, snr_db: float) -> dict[str, np.ndarray]:
+    """Another take of the held-out device of ``cfg``: the same images, spoken by ``voices`` at ``snr_db``.
+
+    Rendered and ingested by the edge pipeline like every device (into ``out``, replaced), for evaluating a model
+    on audio conditions the run's own held-out set does not have (another noise level, unseen speakers, another
+    language). Returns the store's samples as arrays.
+    """
+    from . import stores
+
+    m = cfg.model
+    out = Path(out)
+    shutil.rmtree(out, ignore_errors=True)  # a store appends: start empty
+    plan = avdigits.heldout_plan(cfg.data.eval_samples, seed=cfg.seed, voices=voices)
+    render_kw = render_options(cfg, snr_db=snr_db, voices=voices)
+    _render_and_ingest((plan, str(out / "media"), str(out / "store"), render_kw, stores.ingest_options(cfg)))
+    return stores.store_arrays(out / "store", image_size=m.image_size, n_mels=m.n_mels, frames=m.audio_frames)

@@ -36,6 +36,7 @@ def test_precedence_run_config_then_toml_then_overrides(tmp_path):
     ({"fault_tolerance.checkpoint_every": 0}, "fault_tolerance.checkpoint_every"),
     ({"train.lr": -1}, "train.lr"),
     ({"aggregation.versions": True}, "aggregation.versions"),
+    ({"data.eval_voices": "martian"}, "data.eval_voices"),
 ])
 def test_bad_keys_and_values_fail_naming_the_key(flat, key):
     with pytest.raises(ConfigError, match=f"'{key}'"):

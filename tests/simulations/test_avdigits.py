@@ -1,5 +1,6 @@
 """AV digits: device plans, rendered camera/microphone streams, held-out split (fast unit tests)."""
 
+import json
 import wave
 
 import cv2
@@ -87,3 +88,28 @@ def test_cloud_share_uses_training_images_no_device_records():
     assert set(cloud.images.tolist()) <= set(train.tolist()) - used
     _, y = avdigits.digit_images()
     assert np.array_equal(y[cloud.images], cloud.labels) and np.bincount(cloud.labels, minlength=10).min() == 10
+
+
+def test_heldout_voices_are_speakers_no_device_hears():
+    train_names, rate, _ = avdigits.voice_set("train")
+    unseen, other = avdigits.voice_set("unseen"), avdigits.voice_set("other")
+    meta = json.loads((avdigits.HELDOUT_ASSETS / "voices.json").read_text())
+    langs = {s["speaker"]: s["language"] for s in meta["speakers"]}
+    train_voices = {s["voice"] for s in json.loads((avdigits.ASSETS / "speakers.json").read_text())["speakers"]}
+    assert not set(unseen[0]) & set(train_names) and not set(other[0]) & set(train_names)
+    assert not {s["voice"] for s in meta["speakers"]} & train_voices
+    assert {langs[n] for n in unseen[0]} == {"en"} and "en" not in {langs[n] for n in other[0]}
+    assert unseen[1] == other[1] == rate
+    assert all(len(row) == avdigits.NUM_CLASSES and min(len(c) for c in row) > rate // 10 for row in other[2])
+
+
+def test_heldout_device_of_another_voice_set_shows_the_same_images():
+    a = avdigits.heldout_plan(40, seed=3)
+    b = avdigits.heldout_plan(40, seed=3, voices="unseen")
+    assert np.array_equal(a.labels, b.labels) and np.array_equal(a.images, b.images)
+    assert b.speakers.max() < len(avdigits.voice_set("unseen")[0])
+
+
+def test_unknown_voice_set_is_refused_naming_the_known_ones():
+    with pytest.raises(ValueError, match="unknown voice set 'xx'.*unseen"):
+        avdigits.voice_set("xx")
