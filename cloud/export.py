@@ -46,7 +46,7 @@ from common.manifest import (
     sha256_bytes,
     sign_manifest,
 )
-from common.model import MODALITIES, MultimodalMoE, top_k_gating
+from common.model import MODALITIES, MultimodalMoE, fuse, top_k_gating
 
 OPSET = 18
 TOLERANCE = 1e-4
@@ -104,18 +104,16 @@ class ExpertShard(nn.Module):
 
 
 class HeadShard(nn.Module):
-    """Quality-aware fusion over the present modalities, then the classifier (see MultimodalMoE.forward)."""
+    """Quality-aware fusion, per-modality heads and their confidence pooling (:func:`common.model.fuse`)."""
 
-    def __init__(self, fusion_gate: nn.Module, head: nn.Module) -> None:
+    def __init__(self, fusion_gate: nn.Module, head: nn.Module, modality_heads: nn.ModuleDict) -> None:
         super().__init__()
-        self.fusion_gate, self.head = fusion_gate, head
+        self.fusion_gate, self.head, self.modality_heads = fusion_gate, head, modality_heads
 
     def forward(self, routed: Tensor, quality: Tensor, mask: Tensor) -> tuple[Tensor, Tensor]:
-        score = self.fusion_gate(torch.cat([routed, quality.unsqueeze(-1)], dim=-1)).squeeze(-1)  # (B, M)
-        score = score.masked_fill(~mask, float("-inf"))
-        w = score.softmax(dim=1)
-        fused = torch.einsum("bm,bmd->bd", w, routed)
-        return self.head(fused), w
+        logits, w, _, _ = fuse(routed, quality, mask, fusion_gate=self.fusion_gate, head=self.head,
+                               modality_heads=self.modality_heads)
+        return logits, w
 
 
 # ---------------------------------------------------------------------- model helpers
@@ -189,7 +187,8 @@ def shard_modules(model: MultimodalMoE) -> dict[str, tuple[nn.Module, str, str |
         out[expert_shard(e)] = (ExpertShard(expert), "expert", owner.get(e), state)
     head_state = {f"fusion_gate.{k}": v for k, v in model.fusion_gate.state_dict().items()}
     head_state |= {f"head.{k}": v for k, v in model.head.state_dict().items()}
-    out["head"] = (HeadShard(model.fusion_gate, model.head), "head", None, head_state)
+    head_state |= {f"modality_heads.{k}": v for k, v in model.modality_heads.state_dict().items()}
+    out["head"] = (HeadShard(model.fusion_gate, model.head, model.modality_heads), "head", None, head_state)
     return out
 
 

@@ -34,11 +34,11 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from common.augment import augment_batch
 from common.config import FedgeConfig
 from common.lora import apply_lora, base_state, load_base_state, merge_lora
 from common.model import MultimodalMoE, build_model, fusion_loss, model_kwargs
 from common.scope import ScopeError, load_trainable_state, trainable_state
-from common.augment import augment_batch
 from common.training import forward_batch, modality_dropout, to_batch
 
 from .metrics import MetricsLogger, modality_eval, read_metrics, routing_stats
@@ -181,7 +181,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             sync = contextlib.nullcontext() if micro == accum - 1 or world == 1 else ddp.no_sync()  # type: ignore[operator]
             with sync:
                 out = forward_batch(ddp, b, mask)  # type: ignore[arg-type]
-                ce = fusion_loss(out, b["label"], mask).mean()
+                ce = fusion_loss(out, b["label"], mask, b.get("reliable")).mean()
                 loss = ce + config["aux_weight"] * out.aux_loss
                 (loss / accum).backward()
             win_loss += float(ce.detach()) * len(b["label"])

@@ -16,7 +16,7 @@ from torch import Tensor, nn
 # Linear layers that get LoRA factors (module-name prefixes inside MultimodalMoE).
 LORA_TARGETS: tuple[str, ...] = ("experts.", "head.fc1", "head.fc2", "encoders.image.proj", "encoders.audio.proj")
 # Small non-LoRA parameters that devices train directly: they are part of the adapter state.
-TRAINABLE_PREFIXES: tuple[str, ...] = ("router.", "fusion_gate.", "modality_embed")
+TRAINABLE_PREFIXES: tuple[str, ...] = ("router.", "fusion_gate.", "modality_heads.", "modality_embed")
 
 
 class LoRALinear(nn.Module):

@@ -7,7 +7,9 @@ Data flow for a batch of B samples and M modalities (order: :data:`common.config
     image (B, 3, S, S) --ImageEncoder--> (B, d) \
     audio (B, n_mels, T) --AudioEncoder--> (B, d) -> tokens (B, M, d), mask (B, M), quality (B, M)
     present tokens (N, d), N = mask.sum()  --router--> top-k experts per token --> (N, d)
-    fusion: softmax over the present modalities of a quality-aware gate --> (B, d) --head--> logits (B, C)
+    fusion: softmax over the present modalities of a quality-aware gate --> (B, d) --head--> fused (B, C)
+    each present routed token --its modality's head--> (B, C); output: confidence-weighted product of
+    the fused and per-modality distributions (:func:`fuse`) --> logits (B, C)
 
 A missing modality is a mask: its encoder does not run and its token takes part in neither routing nor
 fusion (never a zero tensor pretending to be data).
@@ -49,6 +51,8 @@ class MoEOutput:
     router_probs: Tensor  # (N, E)
     fusion_weights: Tensor  # (B, M) weight of each modality in the fused vector (0 where missing)
     dropped_tokens: int = 0  # tokens over an expert's capacity (pass through on the residual)
+    fused_logits: Tensor | None = None  # (B, C) the fused head's own logits
+    modality_logits: Tensor | None = None  # (B, M, C) each modality's own head (meaningless where missing)
 
 
 def autocast_for(precision: str, device_type: str = "cpu") -> contextlib.AbstractContextManager[None]:
@@ -148,6 +152,97 @@ class Head(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         return self.fc2(F.gelu(self.fc1(self.norm(x))))
+
+
+class ModalityHead(nn.Module):
+    """One modality's own classifier over its routed token: (B, d) -> (B, C)."""
+
+    def __init__(self, *, dim: int, num_classes: int) -> None:
+        super().__init__()
+        self.norm = nn.LayerNorm(dim)
+        self.fc = nn.Linear(dim, num_classes)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.fc(self.norm(x))
+
+
+RELIABILITY_FLOOR = 1e-4  # keeps log(reliability) finite: a useless modality's gate weight is scaled by 1e-4
+
+
+def reliability(logits: Tensor) -> Tensor:
+    """Confidence of a classifier's distribution: 1 - entropy / log C, in [0, 1]. (..., C) -> (...).
+
+    1 for a one-hot prediction, 0 for a uniform one: a head that cannot read its input (noise, an unseen
+    voice it was taught to doubt) says so by spreading its probability, and its vote then counts for little.
+    """
+    logp = logits.float().log_softmax(dim=-1)
+    ent = -(logp.exp() * logp).sum(dim=-1)
+    return (1.0 - ent / math.log(logits.shape[-1])).clamp(0.0, 1.0) ** 2
+
+
+def fuse(
+    routed: Tensor,
+    quality: Tensor,
+    mask: Tensor,
+    *,
+    fusion_gate: nn.Module,
+    head: nn.Module,
+    modality_heads: nn.ModuleDict,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Fusion that does not trust a broken modality: a fused head and one head per modality, pooled by confidence.
+
+    Parameters
+    ----------
+    routed : (B, M, d) routed tokens (anything where missing: never read there).
+    quality : (B, M) quality-gate scores in [0, 1].
+    mask : (B, M) bool, True where present; every row has one.
+
+    1. Each modality's own head classifies its token alone: ``per`` (B, M, C), and its :func:`reliability`
+       ``r_m`` says how sure it is.
+    2. The quality-aware gate mixes the present tokens (softmax over them; exactly 0 where missing) into one
+       vector that the head classifies: ``fused`` (B, C). Each gate weight is multiplied by ``r_m`` (added as
+       ``log r_m`` to the score), so a modality that cannot be read hardly enters the fused vector.
+    3. The output is a confidence-weighted log-linear pool (a weighted product of experts) of the fused and
+       the present modalities' distributions: ``sum_j r_j * log p_j`` with ``r_j`` = :func:`reliability`
+       (0 for a missing modality). A modality whose head is unsure (trained with noisy and dropped inputs,
+       it learns to be) barely moves the result, so a broken input cannot outvote a clean one, while two
+       agreeing inputs sharpen each other.
+
+    Returns (logits (B, C), fusion weights (B, M), fused logits (B, C), per-modality logits (B, M, C)).
+    """
+    per = torch.stack([modality_heads[m](routed[:, j]) for j, m in enumerate(MODALITIES)], dim=1)  # (B, M, C)
+    r_mod = reliability(per).detach()  # (B, M)
+    score = fusion_gate(torch.cat([routed, quality.unsqueeze(-1)], dim=-1)).squeeze(-1)  # (B, M)
+    score = score.float() + torch.log(r_mod.clamp_min(RELIABILITY_FLOOR))  # the gate's weight times reliability
+    w = score.masked_fill(~mask, float("-inf")).softmax(dim=1)  # (B, M): exactly 0 where missing
+    fused = head(torch.einsum("bm,bmd->bd", w.to(routed.dtype), routed))  # (B, C)
+    votes = torch.cat([fused.unsqueeze(1), per], dim=1).float()  # (B, 1+M, C)
+    r = torch.cat([reliability(fused).detach().unsqueeze(1), r_mod * mask.float()], dim=1)  # (B, 1+M)
+    logits = (r.unsqueeze(-1) * votes.log_softmax(dim=-1)).sum(dim=1)  # (B, C)
+    return logits, w, fused, per
+
+
+def fusion_loss(out: MoEOutput, label: Tensor, mask: Tensor, reliable: Tensor | None = None) -> Tensor:
+    """Per-example training loss of :func:`fuse`'s outputs: (B,).
+
+    Cross-entropy of the pooled output, of the fused head and the mean over the present modalities of each
+    modality's own head. The heads must each be right (and calibrated) on their own, or their confidence
+    would not say how far to trust them. ``reliable`` (B, M), 0 where an input was replaced by one that holds
+    no class (:func:`common.augment.augment_batch`): that modality's head is trained towards the uniform
+    distribution instead (outlier exposure), so it learns to answer "I cannot tell".
+    """
+    ce = F.cross_entropy(out.logits, label, reduction="none")
+    if out.fused_logits is None or out.modality_logits is None:
+        return ce
+    ce = ce + F.cross_entropy(out.fused_logits, label, reduction="none")
+    b, m = out.modality_logits.shape[:2]
+    logp = out.modality_logits.float().log_softmax(dim=-1)  # (B, M, C)
+    right = -logp.gather(-1, label.view(b, 1, 1).expand(b, m, 1)).squeeze(-1)  # (B, M)
+    if reliable is not None:
+        r = reliable.to(logp.dtype)
+        right = r * right + (1.0 - r) * -logp.mean(dim=-1)  # CE against the uniform distribution
+    mk = mask.float()
+    return ce + (right * mk).sum(1) / mk.sum(1).clamp_min(1.0)
 
 
 def load_balancing_loss(probs: Tensor, topk_idx: Tensor, num_experts: int) -> Tensor:
@@ -273,6 +368,7 @@ class MultimodalMoE(nn.Module):
         self.experts = nn.ModuleList([Expert(dim=dim, hidden=expert_hidden) for _ in range(num_experts)])
         self.fusion_gate = nn.Linear(dim + 1, 1)
         self.head = Head(dim=dim, num_classes=num_classes)
+        self.modality_heads = nn.ModuleDict({m: ModalityHead(dim=dim, num_classes=num_classes) for m in MODALITIES})
 
     @property
     def experts_per_token(self) -> int:
@@ -411,13 +507,13 @@ class MultimodalMoE(nn.Module):
         routed = tokens.new_zeros(b * len(MODALITIES), self.dim)
         routed[present] = y
         routed = routed.view(b, len(MODALITIES), self.dim)
-        score = self.fusion_gate(torch.cat([routed, quality.unsqueeze(-1)], dim=-1)).squeeze(-1)  # (B, M)
-        score = score.masked_fill(~mask, float("-inf"))
-        w = score.softmax(dim=1)  # (B, M): exactly 0 where missing
-        fused = torch.einsum("bm,bmd->bd", w, routed)
+        logits, w, fused, per = fuse(routed, quality, mask, fusion_gate=self.fusion_gate, head=self.head,
+                                     modality_heads=self.modality_heads)
         counts = torch.bincount(idx.reshape(-1), minlength=self.num_experts)
         return MoEOutput(
-            logits=self.head(fused),
+            logits=logits,
+            fused_logits=fused,
+            modality_logits=per,
             aux_loss=aux,
             expert_counts=counts,
             topk_idx=idx,

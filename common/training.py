@@ -13,8 +13,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .config import MODALITIES
 from .augment import augment_batch
+from .config import MODALITIES
 from .model import MultimodalMoE, fusion_loss
 
 Arrays = Mapping[str, np.ndarray]
@@ -93,8 +93,10 @@ def train_steps(
 
     ``modality_weights`` weights each example's loss by the importance of the modalities it carries
     (the brief's importance-weighted gradient accumulation); examples with several modalities take the
-    mean of their modalities' weights. ``augment`` applies :func:`common.augment.augment_batch` to every batch (camera
-    framing and light, microphone noise, shift and gain); the loss is :func:`common.model.fusion_loss`. ``lr_schedule`` scales the learning rate per step (:func:`lr_factor`).
+    mean of their modalities' weights.
+    ``augment`` applies :func:`common.augment.augment_batch` to every batch (camera framing and light,
+    microphone noise, shift and gain, inputs with no class marked unreliable); the loss is
+    :func:`common.model.fusion_loss`. ``lr_schedule`` scales the learning rate per step (:func:`lr_factor`).
     ``prox_mu > 0`` adds FedProx's ``mu/2 ||w - w0||^2`` with ``w0`` the trained parameters' values on entry
     (the global weights a device just received), which keeps non-IID devices from drifting apart.
 
@@ -127,7 +129,7 @@ def train_steps(
             mask = modality_dropout(b["mask"], modality_dropout_p, gen).to(dev)
             b = {k: v.to(dev) for k, v in b.items()}
             out = forward_batch(model, b, mask)
-            per_ex = fusion_loss(out, b["label"], mask)
+            per_ex = fusion_loss(out, b["label"], mask, b.get("reliable"))
             w = (mask.float() * mw).sum(1) / mask.float().sum(1)
             # clamp: a batch whose modalities all weigh 0 contributes no task loss (not a NaN)
             loss = (per_ex * w).sum() / w.sum().clamp_min(1e-12) + aux_weight * out.aux_loss
