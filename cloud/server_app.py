@@ -32,10 +32,10 @@ from flwr.serverapp import Grid, ServerApp
 from common import wire
 from common.base_weights import load_base_file, save_base
 from common.config import FedgeConfig, config_from_context
+from common.dataset import load_data
 from common.lora import apply_lora, base_state, load_base_state
 from common.model import MultimodalMoE, build_model, model_kwargs
 from common.scope import load_trainable_state, trainable_state
-from common.synthetic import make_av_dataset
 from common.training import evaluate
 
 from . import clock as clk
@@ -57,14 +57,24 @@ def global_model(cfg: FedgeConfig) -> MultimodalMoE:
     return m
 
 
-def heldout_data(cfg: FedgeConfig) -> dict[str, np.ndarray]:
-    """Held-back evaluation data: ``data.eval_path`` (NPZ) when set, else generated with a seed no device uses."""
-    if cfg.data.eval_path:
-        with np.load(cfg.data.eval_path, allow_pickle=False) as z:
-            return {k: z[k] for k in z.files}
+def heldout_data(cfg: FedgeConfig) -> dict[str, np.ndarray] | None:
+    """The held-out evaluation set ``data.eval_path`` (a SampleStore directory or an NPZ), or None without one.
+
+    There is no fallback to generated data: a score on a task the devices do not learn would say nothing.
+
+    Raises
+    ------
+    common.dataset.DataError
+        The set cannot be read, does not fit the model, or has a label outside the model's classes.
+    """
+    if not cfg.data.eval_path:
+        return None
     m = cfg.model
-    return make_av_dataset(cfg.data.eval_samples, seed=cfg.seed * 100_003 + 99_991, num_classes=m.num_classes,
-                           image_size=m.image_size, n_mels=m.n_mels, frames=m.audio_frames)
+    return load_data(cfg.data.eval_path, image_size=m.image_size, n_mels=m.n_mels, frames=m.audio_frames,
+                     num_classes=m.num_classes, what="data.eval_path")
+
+
+NO_EVAL = "no evaluation set (data.eval_path is empty): versions are reported without accuracy"
 
 
 def is_simulation(grid: Grid) -> bool:
@@ -107,7 +117,7 @@ class ServerLoop:
     """The aggregation loop; one instance per ServerApp run."""
 
     def __init__(self, grid: Grid, cfg: FedgeConfig, *, actor: Any, clock: clk.RealClock | clk.VirtualClock,
-                 run_dir: Path | None, eval_data: dict[str, np.ndarray], model: MultimodalMoE,
+                 run_dir: Path | None, eval_data: dict[str, np.ndarray] | None, model: MultimodalMoE,
                  num_partitions: int) -> None:
         self.grid, self.cfg, self.actor, self.clock = grid, cfg, actor, clock
         self.run_dir, self.eval_data, self.model = run_dir, eval_data, model
@@ -352,12 +362,14 @@ class ServerLoop:
             self.done = True
         if v % self.agg.eval_every and v < self.agg.versions and not self.done:
             return
-        load_trainable_state(self.model, {k: torch.from_numpy(np.array(a)) for k, a in self.params.items()},
-                             self.cfg.train.scope)
-        res = evaluate(self.model, self.eval_data)
+        res: dict[str, float] = {}
+        if self.eval_data:  # without an eval set a version is recorded with its counters only
+            load_trainable_state(self.model, {k: torch.from_numpy(np.array(a)) for k, a in self.params.items()},
+                                 self.cfg.train.scope)
+            res = evaluate(self.model, self.eval_data)
         st = self._get(self.actor.stats.remote())
         rec: dict[str, Any] = {
-            "version": v, "accuracy": res["accuracy"], "loss": res["loss"],
+            "version": v, **{k: res[k] for k in ("accuracy", "loss") if k in res},
             **{k: x for k, x in res.items() if k.startswith(wire.ACC_PREFIX)},
             "updates": self.acc.updates, "upload_bytes": self.acc.upload_bytes,
             "virtual_time" if self.clock.virtual else "real_time": t,
@@ -367,14 +379,15 @@ class ServerLoop:
         }
         self.acc = _VersionAcc()
         stale = f"{np.mean(rec['staleness']):.1f}" if rec["staleness"] else "-"
-        print(f"[fedge] version {v:3d}  accuracy {res['accuracy']:.3f}  loss {res['loss']:.3f}  "
+        scores = f"accuracy {res['accuracy']:.3f}  loss {res['loss']:.3f}" if res else "accuracy -  loss -"
+        print(f"[fedge] version {v:3d}  {scores}  "
               f"t {t:8.1f}s{'(virtual)' if self.clock.virtual else ''}  updates {rec['updates']}  "
               f"staleness {stale}  rejected {sum(st['rejections'].values())}  "
               f"uploaded {rec['upload_bytes'] / 1024:.1f} KiB", flush=True)
         if self.run_dir:
             with open(self.run_dir / "metrics.jsonl", "a") as f:
                 f.write(json.dumps(rec) + "\n")
-        if 0 < self.agg.stop_at_accuracy <= res["accuracy"]:
+        if res and 0 < self.agg.stop_at_accuracy <= res["accuracy"]:
             self.done = True
 
     # ------------------------------------------------------------------ global training
@@ -540,7 +553,11 @@ def main(grid: Grid, context: Context) -> None:
         _event(run_dir, event="started", version=version, ray=how, mode=cfg.aggregation.mode,
                clock="virtual" if virtual else "real")
     num_partitions = max(len(nodes), 1)  # simulation: Flower's num-partitions = the number of nodes
-    loop = ServerLoop(grid, cfg, actor=actor, clock=clock, run_dir=run_dir, eval_data=heldout_data(cfg),
+    eval_data = heldout_data(cfg)
+    if eval_data is None:
+        print(f"[fedge] {NO_EVAL}", flush=True)
+        _event(run_dir, event="no_eval_set")
+    loop = ServerLoop(grid, cfg, actor=actor, clock=clock, run_dir=run_dir, eval_data=eval_data,
                       model=model, num_partitions=num_partitions)
     loop.t_wall0 = t_start
     prev = None

@@ -65,6 +65,10 @@ def train_command(
         "--out", help="Directory for base.safetensors, adapters.safetensors (fresh, for the new base) and "
                       "result.json.")] = Path("runs/train/latest"),
     address: Annotated[str, typer.Option("--address", help="Ray cluster to join (default: an embedded Ray).")] = "",
+    data: Annotated[Path | None, typer.Option(
+        "--data", help="The cloud's labelled training data: a SampleStore directory or an NPZ (image, audio, "
+                       "label, mask, quality); sets training.data_path. Default: the config's training.data_path, "
+                       "else generated and curated data.")] = None,
 ) -> None:
     """Merge the global adapters into the MoE base, train experts, router and encoders on curated cloud data
     with Ray Train (DDP, checkpoints, worker-failure recovery), and write the new base with fresh adapters.
@@ -84,7 +88,8 @@ def train_command(
     )
 
     try:
-        cfg = load_config(toml_path=config, overrides=parse_overrides(overrides or []))
+        cfg = load_config(toml_path=config, overrides={**parse_overrides(overrides or []),
+                                                        **({"training.data_path": str(data)} if data else {})})
     except (ConfigError, FileNotFoundError) as e:
         typer.echo(f"fedge cloud train: {e}", err=True)
         raise typer.Exit(2) from None

@@ -459,27 +459,31 @@ def run_global_training(cfg: FedgeConfig, base: StateDict | None, adapters: Stat
 def training_dataset(cfg: FedgeConfig) -> Any:
     """The cloud's training data as a ``ray.data.Dataset`` (Ray must be initialised).
 
-    ``training.data_path`` set: that NPZ (the trainer's columns, e.g. a simulation's curated cloud share);
+    ``training.data_path`` set: that SampleStore directory or NPZ (the trainer's columns, e.g. a simulation's
+    curated cloud share), its labelled samples checked against the model (:func:`common.dataset.load_data`);
     else ``training.samples`` generated clips curated on Ray Data (:func:`cloud.curation.cloud_dataset`).
+
+    Raises
+    ------
+    TrainingError
+        The data cannot be read, does not fit the model, or has a label outside the model's classes (one line).
     """
     import ray
+
+    from common.dataset import DataError, load_data
 
     path = cfg.training.data_path
     if not path:
         from .curation import cloud_dataset
 
         return cloud_dataset(cfg)
+    m = cfg.model
     try:
-        with np.load(path, allow_pickle=False) as z:
-            cols = {k: z[k] for k in z.files}
-    except (OSError, ValueError) as e:
-        raise TrainingError(f"training.data_path {path!r}: not a readable NPZ ({e})") from e
-    missing = [c for c in _COLUMNS if c not in cols]
-    if missing:
-        raise TrainingError(f"training.data_path {path!r}: lacks the column(s) {', '.join(missing)}")
+        cols = load_data(path, image_size=m.image_size, n_mels=m.n_mels, frames=m.audio_frames,
+                         num_classes=m.num_classes, what="training.data_path")
+    except DataError as e:
+        raise TrainingError(str(e)) from None
     n = len(cols["label"])
-    if n == 0 or any(len(cols[c]) != n for c in _COLUMNS):
-        raise TrainingError(f"training.data_path {path!r}: empty, or columns of different lengths")
     return ray.data.from_items([{c: cols[c][i] for c in _COLUMNS} for i in range(n)]).materialize()
 
 

@@ -340,6 +340,7 @@ class SimulationConfig:
     frame_size: int = 96  # rendered camera frames are frame_size x frame_size
     image_noise: float = 0.03  # camera sensor noise (std, fraction of full scale)
     snr_db: float = 20.0  # microphone speech-to-noise ratio
+    speech: Literal["fill", "once"] = "fill"  # the digit spoken through each shot, or once at a random moment
     target_accuracy: float = 0.0  # report virtual time / bytes to reach it (0 = none)
     time_budget_s: float = 0.0  # stop after this much virtual time (0 = run aggregation.versions)
     client_cpus: float = 1.0  # Ray CPUs per virtual client
@@ -355,6 +356,7 @@ class SimulationConfig:
         _check(self.shot_seconds > 0, "simulation.shot_seconds", "must be > 0")
         _check(self.frame_size >= 16, "simulation.frame_size", "must be >= 16")
         _check(0.0 <= self.image_noise <= 1.0, "simulation.image_noise", "must be in [0, 1]")
+        _check(self.speech in ("fill", "once"), "simulation.speech", "must be 'fill' or 'once'")
         _check(0.0 <= self.target_accuracy <= 1.0, "simulation.target_accuracy", "must be in [0, 1]")
         _check(self.time_budget_s >= 0, "simulation.time_budget_s", "must be >= 0")
         _check(self.client_cpus > 0, "simulation.client_cpus", "must be > 0")

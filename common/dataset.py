@@ -22,8 +22,8 @@ import numpy as np
 
 from .config import MODALITIES
 
-__all__ = ["ARRAY_KEYS", "DB_NAME", "DataError", "decode_image", "describe", "empty_arrays", "fill_row",
-           "is_store", "load_data", "validate_arrays"]
+__all__ = ["ARRAY_KEYS", "DB_NAME", "DataError", "check_store_labels", "decode_image", "describe", "empty_arrays",
+           "fill_row", "is_store", "load_data", "validate_arrays"]
 
 ARRAY_KEYS = ("image", "audio", "label", "mask", "quality")
 DB_NAME = "samples.db"  # the SampleStore's database file inside its directory
@@ -168,6 +168,37 @@ def _read_npz(p: Path, *, what: str) -> dict[str, np.ndarray]:
         raise DataError(f"{what} {p}: not a readable NPZ ({str(e).splitlines()[0] if str(e) else e!r})") from None
 
 
+def check_store_labels(path: str | Path, *, num_classes: int, what: str = "store") -> None:
+    """Check that every label of a SampleStore lies in ``[0, num_classes)`` without decoding any sample.
+
+    Raises
+    ------
+    DataError
+        A label outside, naming the store, the first such sample (its source and stream time) and the count.
+    """
+    p = Path(path)
+    try:
+        conn = sqlite3.connect(f"file:{p / DB_NAME}?mode=ro", uri=True, timeout=30.0)
+        try:
+            _check_store_labels(conn, p, num_classes=num_classes, cond="", args=(), what=what)
+        finally:
+            conn.close()
+    except sqlite3.Error as e:
+        raise DataError(f"{what} {p}: cannot read the sample store ({e})") from None
+
+
+def _check_store_labels(conn: sqlite3.Connection, p: Path, *, num_classes: int, cond: str, args: tuple[str, ...],
+                        what: str) -> None:
+    bad = conn.execute(
+        "SELECT id, label, source, stream_time, COUNT(*) OVER () FROM samples WHERE label IS NOT NULL AND"
+        f" (label < 0 OR label >= ?){cond} ORDER BY id LIMIT 1", (num_classes, *args)).fetchone()
+    if bad is not None:
+        sid, label, src, st, count = bad
+        at = f" ({src or 'unknown source'}" + (f" at {st:.2f} s)" if st is not None else ")")
+        raise DataError(f"{what} {p}: sample {sid}{at} has label {label}, outside the model's classes "
+                        f"0..{num_classes - 1} (model.num_classes = {num_classes}); {count} such sample(s)")
+
+
 def _read_store(p: Path, *, image_size: int, n_mels: int, frames: int, num_classes: int, split: str | None,
                 what: str) -> dict[str, np.ndarray]:
     cond = "" if split is None else " AND split = ?"
@@ -178,15 +209,7 @@ def _read_store(p: Path, *, image_size: int, n_mels: int, frames: int, num_class
     except sqlite3.Error as e:
         raise DataError(f"{what} {p}: cannot open the sample store ({e})") from None
     try:
-        bad = conn.execute(
-            "SELECT id, label, source, stream_time, COUNT(*) OVER () FROM samples WHERE label IS NOT NULL AND"
-            f" (label < 0 OR label >= ?){cond} ORDER BY id LIMIT 1",
-            (num_classes, *args)).fetchone()
-        if bad is not None:
-            sid, label, src, st, count = bad
-            at = f" ({src or 'unknown source'}" + (f" at {st:.2f} s)" if st is not None else ")")
-            raise DataError(f"{what} {p}: sample {sid}{at} has label {label}, outside the model's classes "
-                            f"0..{num_classes - 1} (model.num_classes = {num_classes}); {count} such sample(s)")
+        _check_store_labels(conn, p, num_classes=num_classes, cond=cond, args=args, what=what)
         n = int(conn.execute(f"SELECT COUNT(*) FROM samples WHERE label IS NOT NULL{cond}", args).fetchone()[0])
         out = empty_arrays(n, image_size, n_mels, frames)
         rows = conn.execute("SELECT id, image, audio, n_mels, frames, label, q_image, q_audio FROM samples"

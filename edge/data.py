@@ -19,6 +19,7 @@ from pathlib import Path
 import numpy as np
 
 from common.config import MODALITIES, FedgeConfig
+from common.dataset import check_store_labels
 from common.synthetic import device_partition, make_av_dataset
 
 from .node_config import NodeConfig
@@ -60,21 +61,26 @@ def load_store(path: Path, cfg: FedgeConfig, split: str) -> dict[str, np.ndarray
     """The labelled samples of a SampleStore directory (layout of :mod:`common.training`).
 
     ``split="train"`` reads the store's ``train`` split; ``"eval"`` its ``val`` split, or ``test`` when the
-    store holds no ``val`` samples. Unlabelled samples (label -1) and labels outside ``[0, num_classes)`` are
-    left out: local training is supervised.
+    store holds no ``val`` samples. Unlabelled samples (label -1) are left out: local training is supervised.
+
+    Raises
+    ------
+    common.dataset.DataError
+        A label outside ``[0, model.num_classes)``: an error naming the store and the sample, not a silent drop.
     """
     if not path.is_dir():
         raise FileNotFoundError(f"sample store not found: {path}")
     from .store import SampleStore  # the store needs SQLite and OpenCV: import it only when used
 
     m = cfg.model
+    check_store_labels(path, num_classes=m.num_classes)
     with SampleStore(path) as store:
         data = {}
         for name in STORE_SPLITS[split]:
             data = store.load_arrays(image_size=m.image_size, n_mels=m.n_mels, frames=m.audio_frames, split=name)
             if len(data["label"]):
                 break
-    keep = (data["label"] >= 0) & (data["label"] < m.num_classes)
+    keep = data["label"] >= 0
     return {k: v[keep] for k, v in data.items()}
 
 
@@ -93,15 +99,25 @@ def local_data(cfg: FedgeConfig, node: NodeConfig, split: str = "train") -> dict
     if split not in SPLITS:
         raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
     path = store_dir(cfg, node)
+    keep = tuple(mod for mod in node.modalities if mod in cfg.modal_types)
     if path is not None:
         data = load_store(path, cfg, split)
+        if not node.store:  # a simulated device on a given store: data.missing_* takes its camera or microphone
+            keep = tuple(mod for mod in keep if mod in simulated_modalities(cfg, node))
     else:
         m, d = cfg.model, cfg.data
         data = _synthetic(node.partition_id, node.num_partitions, cfg.seed, d.samples_per_device,
                           m.num_classes, m.image_size, m.n_mels, m.audio_frames, d.partition,
                           d.dirichlet_alpha, d.missing_image, d.missing_audio, split)
-    keep = tuple(mod for mod in node.modalities if mod in cfg.modal_types)
     return restrict_modalities(data, keep)
+
+
+def simulated_modalities(cfg: FedgeConfig, node: NodeConfig) -> tuple[str, ...]:
+    """The modalities simulated device ``node.partition_id`` has under ``data.missing_image``/``missing_audio``
+    (the same draw that decides which rendered devices record no video or no audio)."""
+    d = cfg.data
+    return device_partition(node.partition_id, max(node.num_partitions, 1), seed=cfg.seed, samples=1,
+                            missing_image=d.missing_image, missing_audio=d.missing_audio)[1]
 
 
 def modality_counts(data: dict[str, np.ndarray]) -> dict[str, int]:

@@ -53,6 +53,7 @@ def run_cmd(
 ) -> None:
     """Run a scenario: render device streams, ingest them into stores, train federated, write the report."""
     from common.base_weights import BaseWeightsError
+    from common.dataset import DataError
 
     from .runner import run
 
@@ -60,7 +61,7 @@ def run_cmd(
     out = out or Path("runs") / f"{scenario.stem}-{time.strftime('%Y%m%d-%H%M%S')}"
     try:
         run_dir = run(cfg, out_dir=out, progress=not quiet)
-    except BaseWeightsError as e:
+    except (BaseWeightsError, DataError) as e:  # a base or data the user named that cannot be used
         typer.echo(f"fedge simulate: {e}", err=True)
         raise typer.Exit(2) from None
     typer.echo(f"run directory: {run_dir}")

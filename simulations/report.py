@@ -76,6 +76,27 @@ def rejections(records: Sequence[dict[str, Any]]) -> dict[str, int]:
     return tot
 
 
+def data_names(cfg: dict[str, Any], prepared: dict[str, Any]) -> dict[str, str]:
+    """What the run trained, evaluated and pretrained on, in words (``training``, ``evaluation``, ``pretraining``).
+
+    ``prepared`` (the run's ``prepared.json``) names data the user gave; otherwise the names follow from the
+    config: rendered AV digits, or generated synthetic partitions.
+    """
+    dataset, part = cfg.get("simulation.dataset", "?"), cfg.get("data.partition", "?")
+    rendered = {"avdigits": f"AV digits rendered and ingested per device, partition {part}",
+                "synthetic": f"synthetic, generated per device, partition {part}"}
+    out = {"training": str(prepared.get("train") or rendered.get(dataset, f"{dataset}, partition {part}"))}
+    ev = prepared.get("eval") or (f"NPZ {cfg['data.eval_path']}" if cfg.get("data.eval_path") else "")
+    out["evaluation"] = str(ev or "none (data.eval_path is empty: no accuracy)")
+    if prepared.get("eval_samples") and "none" not in out["evaluation"]:
+        out["evaluation"] += f" ({prepared['eval_samples']} labelled samples)"
+    if prepared.get("pretrain"):
+        out["pretraining"] = str(prepared["pretrain"])
+    elif prepared.get("cloud_samples"):
+        out["pretraining"] = f"the cloud's rendered share ({prepared['cloud_samples']} samples)"
+    return out
+
+
 # ------------------------------------------------------------------------------------------------ I/O
 def _plt():  # type: ignore[no-untyped-def]
     import matplotlib
@@ -160,14 +181,17 @@ def _tensorboard(records: list[dict[str, Any]], out: Path) -> None:
 def final_modality_accuracy(run_dir: Path, cfg_flat: dict[str, Any]) -> dict[str, float]:
     """Per-modality accuracy of the final global adapters on the held-out set (empty if not saved)."""
     from common.config import load_config
+    from common.dataset import load_data
 
     path = run_dir / ADAPTERS
     eval_path = cfg_flat.get("data.eval_path", "")
-    if not path.is_file() or not eval_path or not Path(eval_path).is_file():
+    if not path.is_file() or not eval_path or not Path(eval_path).exists():
         return {}
     cfg = load_config(run_config=cfg_flat)
-    model = model_with(cfg, load_arrays(path))
-    return modality_accuracy(model, load_arrays(eval_path))
+    m = cfg.model
+    held = load_data(eval_path, image_size=m.image_size, n_mels=m.n_mels, frames=m.audio_frames,
+                     num_classes=m.num_classes, what="data.eval_path")  # a store or an NPZ
+    return modality_accuracy(model_with(cfg, load_arrays(path)), held)
 
 
 def write_report(run_dir: str | Path) -> Path:
@@ -187,22 +211,24 @@ def write_report(run_dir: str | Path) -> Path:
     plots = plot_curves({cfg.get("aggregation.mode", "run"): records}, out, target=target)
     _tensorboard(records, out)
     has_time = bool(np.isfinite(s["time"]).any())
+    evaluated = bool(np.isfinite(s["accuracy"]).any())
     wall = (out / "wall_seconds.txt").read_text().strip() if (out / "wall_seconds.txt").is_file() else "?"
     lines += [
         "| | |", "|---|---|",
-        (f"| devices | {cfg.get('simulation.devices', '?')} ({cfg.get('simulation.dataset', '?')}, "
-         f"partition {cfg.get('data.partition', '?')}) |"),
+        f"| devices | {cfg.get('simulation.devices', '?')} |",
+        *[f"| {k} data | {v} |" for k, v in data_names(cfg, prepared).items()],
         (f"| aggregation | {cfg.get('aggregation.mode', '?')} (K={cfg.get('aggregation.buffer_size', '?')}, "
          f"C={cfg.get('aggregation.concurrency', '?')}, staleness {cfg.get('aggregation.staleness', '?')}) |"),
         (f"| compression | {cfg.get('communication.compression', '?')} "
          f"(top-k {cfg.get('communication.topk_ratio', '?')}, {cfg.get('communication.quant_bits', '?')} bit) |"),
         f"| global versions | {len(records)} |",
-        f"| final accuracy | {s['accuracy'][-1]:.4f} (best {np.nanmax(s['accuracy']):.4f}) |",
+        ("| final accuracy | " + (f"{s['accuracy'][-1]:.4f} (best {np.nanmax(s['accuracy']):.4f})" if evaluated
+                                   else "none: no evaluation set (data.eval_path is empty)") + " |"),
         "| virtual time | " + (f"{s['time'][-1]:.1f} s" if has_time else "not reported by the server") + " |",
         f"| bytes sent by devices | {s['bytes'][-1] / 1e6:.3f} MB |",
         f"| wall time | {wall} s |",
     ]
-    if target:
+    if target and evaluated:
         t_hit = first_reaching(s["time"] if has_time else s["version"], s["accuracy"], target)
         b_hit = first_reaching(s["bytes"], s["accuracy"], target)
         unit = "s virtual" if has_time else "versions"

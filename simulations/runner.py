@@ -73,6 +73,9 @@ def run(cfg: FedgeConfig, *, out_dir: str | Path, num_nodes: int | None = None, 
     else:
         server_app, client_app = apps
 
+    from common.dataset import describe
+
+    from .given_data import check_given_stores, pretrain_on_given, uses_given_stores
     from .prepare import DONE, prepare
 
     run_dir = Path(out_dir).resolve()
@@ -88,13 +91,25 @@ def run(cfg: FedgeConfig, *, out_dir: str | Path, num_nodes: int | None = None, 
         from common.base_weights import read_base
 
         read_base(cfg.model.base_path)
-    cfg = prepare(cfg, Path(cache) if cache is not None else default_cache(), progress=progress)
+    cache_root = Path(cache) if cache is not None else default_cache()
+    cfg = pretrain_on_given(cfg, cache_root)  # simulation.pretrain_data: the cloud's base on the user's data
+    if uses_given_stores(cfg):  # the user's stores and eval set, as given: nothing rendered
+        summary = check_given_stores(cfg)
+    else:
+        given_eval = cfg.data.eval_path
+        cfg = prepare(cfg, cache_root, progress=progress)
+        summary = json.loads((Path(cfg.data.eval_path).parent / DONE).read_text())
+        summary["eval"] = describe(given_eval or cfg.data.eval_path)
+        if given_eval:  # an eval set the user names replaces the rendered held-out one
+            cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, eval_path=given_eval))
+            summary.pop("eval_samples", None)
+    if cfg.simulation.pretrain_data:
+        summary["pretrain"] = describe(cfg.simulation.pretrain_data)
     if cfg.model.base_path:  # every party loads it: a file that does not fit fails here, in one line
         from .evaluation import model_with
 
         model_with(cfg, None)
-    prepared = Path(cfg.data.eval_path).parent / DONE
-    (run_dir / "prepared.json").write_text(prepared.read_text())
+    (run_dir / "prepared.json").write_text(json.dumps(summary, indent=1))
     cfg = dataclasses.replace(cfg, run_dir=str(run_dir))
     path = cfg.save(run_dir)
     os.environ["FEDGE_RUN_CONFIG"] = str(path)

@@ -272,8 +272,26 @@ def test_training_data_path_is_read_and_bad_files_get_one_clear_error(tmp_path, 
     assert len(rows) == 24 and sorted(rows[0]) == ["audio", "image", "label", "mask", "quality"]
     np.savez(tmp_path / "partial.npz", image=d["image"], label=d["label"])
     (tmp_path / "junk.npz").write_bytes(b"not a zip")
-    for name, what in (("partial.npz", "lacks the column(s) audio, mask, quality"), ("junk.npz", "not a readable"),
-                       ("missing.npz", "not a readable")):
+    for name, what in (("partial.npz", "lacks the array(s) audio, mask, quality"), ("junk.npz", "not a readable"),
+                       ("missing.npz", "not found")):
         with pytest.raises(TrainingError, match=r"training\.data_path") as e:
             training_dataset(load_config(overrides={"training.data_path": str(tmp_path / name)}))
         assert what in str(e.value) and "\n" not in str(e.value)
+
+
+def test_training_data_path_reads_a_sample_store_and_refuses_labels_outside_the_model(tmp_path, ray_session) -> None:
+    import cv2
+
+    from edge.store import SampleStore
+
+    jpeg = cv2.imencode(".jpg", np.full((40, 40, 3), 90, np.uint8))[1].tobytes()
+    with SampleStore(tmp_path / "store") as st:
+        for i in range(5):
+            st.put(image_jpeg=jpeg, audio=np.zeros((40, 32), np.float32), label=i % 3, source="cam.mp4",
+                   stream_time=float(i))
+        st.put(image_jpeg=jpeg, label=None)  # unlabelled: not training data
+    rows = training_dataset(load_config(overrides={"training.data_path": str(tmp_path / "store")})).take_all()
+    assert sorted(int(r["label"]) for r in rows) == [0, 0, 1, 1, 2]
+    with pytest.raises(TrainingError, match=r"store.*sample 3 \(cam\.mp4 at 2\.00 s\) has label 2"):
+        training_dataset(load_config(overrides={"training.data_path": str(tmp_path / "store"),
+                                                "model.num_classes": 2}))
