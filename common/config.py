@@ -348,6 +348,9 @@ class SimulationConfig:
     pretrain_steps: int = 600  # cloud pretrains the base on its curated share before the run (0 = off)
     cloud_samples: int = 400  # size of the cloud's curated share (rendered + ingested like a device's)
     pretrain_lr: float = 0.001  # Adam learning rate of the cloud's base pretraining
+    # the cloud's labelled data for that pretraining, a SampleStore directory or an NPZ ("" = with rendered
+    # AV digits: the cloud's rendered share; with data.source = "store": no pretraining)
+    pretrain_data: str = ""
 
     def __post_init__(self) -> None:
         _check(self.devices >= 1, "simulation.devices", "must be >= 1")
