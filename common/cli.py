@@ -9,6 +9,7 @@ never imports ``edge`` or ``cloud`` (STYLE.md rule 1).
 from __future__ import annotations
 
 import importlib
+import os
 import sys
 
 import typer
@@ -49,10 +50,43 @@ def build_app() -> typer.Typer:
     return root
 
 
+TRACEBACK_ENV = "FEDGE_TRACEBACK"  # set to 1 to see the traceback of an error a command did not expect
+
+
+def run(argv: list[str] | None = None) -> int:
+    """Run the ``fedge`` command on ``argv`` (default: the process arguments); return the exit code.
+
+    Every error is one line on stderr: a bad option value or usage (``error: Invalid value for ...``, exit 2),
+    the errors commands expect (they print their own ``error:`` line), and anything else that escapes a
+    command (``error: <type>: <message>``, exit 1) instead of a traceback.
+    """
+    import click
+
+    try:
+        rv = build_app()(args=argv, prog_name="fedge", standalone_mode=False)
+    except click.exceptions.NoArgsIsHelpError as e:  # a bare group: its help, as click would show it
+        e.show()
+        return e.exit_code
+    except click.ClickException as e:
+        print(f"error: {' '.join(e.format_message().split())}", file=sys.stderr)
+        return e.exit_code
+    except (click.exceptions.Abort, KeyboardInterrupt):
+        print("error: interrupted", file=sys.stderr)
+        return 130
+    except SystemExit as e:
+        return e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+    except Exception as e:  # noqa: BLE001 - the last line of defence of a command-line tool
+        if os.environ.get(TRACEBACK_ENV) == "1":
+            raise
+        msg = " ".join(str(e).split())[:300] or "no details"
+        print(f"error: {type(e).__name__}: {msg} (set {TRACEBACK_ENV}=1 for the traceback)", file=sys.stderr)
+        return 1
+    return rv if isinstance(rv, int) else 0
+
+
 def main() -> None:
     """Console-script entry point."""
-    app = build_app()
-    sys.exit(app())
+    sys.exit(run())
 
 
 if __name__ == "__main__":

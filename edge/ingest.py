@@ -46,13 +46,14 @@ from edge.align import NoiseFloor, choose_windows, frame_energy_db
 from edge.audio_source import AudioSource, AudioSourceError, open_audio
 from edge.labels import Labels
 from edge.quality import QualityGate
-from edge.store import SampleStore, StoreBudgetError, StoreError, StoreFullError
+from edge.store import SampleStore, StoreBudgetError, StoreError, StoreFullError, budget_from_mb
 
 __all__ = ["IngestError", "IngestReport", "ingest", "ingest_command"]
 
 _KEEP_S = 10.0  # seconds of audio features kept behind the latest keyframe (keyframes arrive in time order)
 _FLOOR_S = 30.0  # seconds of recent frame energies that set the noise floor
 ALIGN_MODES = ("shot", "keyframe")
+MAX_SECONDS = 1e6  # bound of a stride or offset in seconds (11.6 days): larger is a typo, and overflows frame maths
 
 
 class IngestError(RuntimeError):
@@ -264,8 +265,10 @@ def ingest(
     t_wall = time.perf_counter()
     if video is None and audio is None:
         raise IngestError("nothing to ingest: give a video source, an audio source, or both")
-    if frames < 1 or mic_stride <= 0:
-        raise IngestError("frames must be >= 1 and mic_stride > 0")
+    if frames < 1 or not 0 < mic_stride < MAX_SECONDS:  # written so that NaN fails too
+        raise IngestError(f"frames must be >= 1 and mic_stride in (0, {MAX_SECONDS:g}) s, got {frames}, {mic_stride}")
+    if not abs(audio_offset) < MAX_SECONDS:
+        raise IngestError(f"audio_offset must be finite, within +-{MAX_SECONDS:g} s, got {audio_offset}")
     if align not in ALIGN_MODES:
         raise IngestError(f"align must be one of {', '.join(ALIGN_MODES)}, got {align!r}")
     if max_per_shot < 1:
@@ -515,7 +518,8 @@ def ingest_command(
     except ValueError as e:
         fail(str(e), 2)
     try:
-        st = SampleStore(store, budget_bytes=None if budget_mb is None else int(budget_mb * 1e6))
+        st = SampleStore(store, budget_bytes=budget_from_mb(budget_mb))
+        evicted0 = st.stats()["evicted"]
     except StoreError as e:
         fail(str(e), 2)
     bar = tqdm(unit="s", desc="ingest", disable=None, file=sys.stderr, leave=False,
@@ -531,6 +535,10 @@ def ingest_command(
         rep = ingest(video=video, audio=audio, store=st, label=label, split=split,
                      audio_from_video=not no_video_audio, mic_stride=mic_stride, audio_offset=audio_offset,
                      progress=progress, align=align, max_per_shot=max_per_shot, labels=spans)
+        evicted = st.stats()["evicted"] - evicted0
+        if evicted:
+            rep.notes.append(f"evicted the {evicted} oldest sample(s) to stay within the store budget of "
+                             f"{st.budget_bytes} bytes")
     except (IngestError, VideoSourceError, AudioSourceError, StoreError, ValueError) as e:
         bar.close()
         fail(str(e), 2 if isinstance(e, (IngestError, ValueError)) else 1)

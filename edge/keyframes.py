@@ -37,6 +37,7 @@ after the fact, so keyframes come out that far behind the stream; the analysed f
 from __future__ import annotations
 
 import json
+import math
 import sys
 import time
 from collections import deque
@@ -209,8 +210,8 @@ def iter_keyframes(
     read_ahead: int | None = None,
 ) -> Iterator[Keyframe]:
     """Yield keyframes in time order while decoding ``src`` (see the module docstring for the options)."""
-    if min_interval < 0 or max_interval <= 0 or max_interval < min_interval:
-        raise ValueError("need 0 <= min_interval <= max_interval and max_interval > 0")
+    if not 0 <= min_interval <= max_interval < math.inf or max_interval <= 0:  # NaN fails too
+        raise ValueError("need 0 <= min_interval <= max_interval, max_interval > 0 and finite")
     if max_side < 8:
         raise ValueError("max_side must be >= 8")
     if read_ahead is not None and read_ahead < 0:
@@ -307,6 +308,12 @@ def keyframes_command(
     """Detect shot boundaries and extract keyframes from VIDEO (``--json``: one JSON object)."""
     from edge.sources import VideoSourceError
 
+    if out is not None:  # before any decoding: a folder that cannot be written wastes no work
+        try:
+            out.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            typer.echo(f"error: cannot create --out folder {out}: {e.strerror or e}", err=True)
+            raise typer.Exit(1) from None
     try:
         video_src = open_video(video, decode_threads=1)  # decoded in extract_keyframes' reader thread
     except VideoSourceError as e:
@@ -333,9 +340,12 @@ def keyframes_command(
         typer.echo(f"error: no frame could be decoded from {video}", err=True)
         raise typer.Exit(1)
     if out is not None:
-        out.mkdir(parents=True, exist_ok=True)
-        for k in report.keyframes:
-            (out / f"frame{k.frame:08d}.jpg").write_bytes(k.jpeg)
+        try:
+            for k in report.keyframes:
+                (out / f"frame{k.frame:08d}.jpg").write_bytes(k.jpeg)
+        except OSError as e:
+            typer.echo(f"error: cannot write keyframes into {out}: {e.strerror or e}", err=True)
+            raise typer.Exit(1) from None
     if as_json:
         typer.echo(json.dumps(report.to_json()))
     else:

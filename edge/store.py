@@ -38,6 +38,7 @@ __all__ = [
     "StoreBudgetError",
     "StoreError",
     "StoreFullError",
+    "budget_from_mb",
     "decode_image",
 ]
 
@@ -107,6 +108,21 @@ class Sample:
     source: str | None
 
 
+def budget_from_mb(mb: float | None) -> int | None:
+    """A budget in bytes from megabytes as an operator types them (``None``: keep the saved budget).
+
+    Raises
+    ------
+    StoreBudgetError
+        Not a finite number > 0, or more bytes than any disk holds.
+    """
+    if mb is None:
+        return None
+    if not 0 < mb < 1e12:  # written so that NaN fails too
+        raise StoreBudgetError(f"store budget must be a finite number of MB in (0, 1e12), got {mb}")
+    return max(1, int(mb * 1e6))
+
+
 def sample_nbytes(image_jpeg: bytes | None, audio: np.ndarray | None) -> int:
     """Bytes a sample counts against the budget."""
     return ROW_OVERHEAD + (len(image_jpeg) if image_jpeg else 0) + (2 * audio.size if audio is not None else 0)
@@ -119,7 +135,8 @@ class SampleStore:
     ----------
     root : directory (created if missing).
     budget_bytes : payload bytes the store may hold; ``None`` keeps the budget saved in the store (or no
-        bound for a new store). A new budget smaller than the content evicts on the next write.
+        bound for a new store). A new budget smaller than the content evicts on the next write. A new budget
+        is saved with the first sample written under it: one too small for any sample is never kept.
     max_pages : SQLite's ``max_page_count``: a hard size limit for the database file. Hitting it behaves
         exactly like a full disk (SQLITE_FULL), which is how the tests exercise that path.
     """
@@ -128,19 +145,20 @@ class SampleStore:
         self.root = Path(root)
         if self.root.exists() and not self.root.is_dir():
             raise StoreError(f"store path is not a directory: {self.root}")
-        self.root.mkdir(parents=True, exist_ok=True)
+        try:
+            self.root.mkdir(parents=True, exist_ok=True)
+        except OSError as e:  # a parent that is a file, a read-only or missing mount
+            raise StoreError(f"cannot create the store directory {self.root}: {e.strerror or e}") from None
         self.path = self.root / DB_NAME
         self._max_pages = max_pages
         self._pid = -1
         self._conn: sqlite3.Connection | None = None
         conn = self._db()
-        if budget_bytes is not None:
-            if budget_bytes < 1:
-                raise StoreBudgetError(f"store budget must be >= 1 byte, got {budget_bytes}")
-            with conn:
-                conn.execute("INSERT OR REPLACE INTO meta VALUES ('budget_bytes', ?)", (str(int(budget_bytes)),))
+        if budget_bytes is not None and budget_bytes < 1:
+            raise StoreBudgetError(f"store budget must be >= 1 byte, got {budget_bytes}")
+        self._unsaved_budget = budget_bytes  # saved in the transaction of the first write under it
         row = conn.execute("SELECT value FROM meta WHERE key = 'budget_bytes'").fetchone()
-        self.budget_bytes: int | None = int(row[0]) if row else None
+        self.budget_bytes: int | None = budget_bytes if budget_bytes is not None else int(row[0]) if row else None
 
     # ------------------------------------------------------------------ connection
     def _db(self) -> sqlite3.Connection:
@@ -215,7 +233,11 @@ class SampleStore:
                         " :source, :modalities, :image, :audio, :n_mels, :frames, :label, :q_image, :q_audio,"
                         " :split, :nbytes)", row)
                     ids.append(int(cur.lastrowid or 0))
+                if self._unsaved_budget is not None:
+                    conn.execute("INSERT OR REPLACE INTO meta VALUES ('budget_bytes', ?)",
+                                 (str(int(self._unsaved_budget)),))
                 conn.execute("COMMIT")
+                self._unsaved_budget = None
             except BaseException:
                 if conn.in_transaction:  # SQLITE_FULL may already have rolled the whole transaction back
                     conn.execute("ROLLBACK")
