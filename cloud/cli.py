@@ -34,3 +34,7 @@ app.command("start")(start_command)
 from .train_cli import train_command  # noqa: E402  (issue 6: global MoE training on Ray Train)
 
 app.command("train")(train_command)
+
+from .status import status_command  # noqa: E402  (also top-level: `fedge status`)
+
+app.command("status")(status_command)

@@ -39,6 +39,8 @@ from common.scope import load_trainable_state, trainable_state
 from common.training import evaluate
 
 from . import clock as clk
+from .dashboard import LiveState
+from .dashboard.watch import watch
 from .state import AggregatorState, ensure_ray, start_actor
 from .validation import Reason, UpdateRejected, extract
 
@@ -118,8 +120,12 @@ class ServerLoop:
 
     def __init__(self, grid: Grid, cfg: FedgeConfig, *, actor: Any, clock: clk.RealClock | clk.VirtualClock,
                  run_dir: Path | None, eval_data: dict[str, np.ndarray] | None, model: MultimodalMoE,
-                 num_partitions: int) -> None:
+                 num_partitions: int, live: LiveState | None = None) -> None:
         self.grid, self.cfg, self.actor, self.clock = grid, cfg, actor, clock
+        # what the dashboard, /metrics, `fedge status` and live TensorBoard read (cloud/dashboard)
+        self.live = live or LiveState(mode=cfg.aggregation.mode, buffer_size=_state_kwargs(cfg, None)["buffer_size"],
+                                      concurrency=cfg.aggregation.concurrency,
+                                      target_versions=cfg.aggregation.versions)
         self.run_dir, self.eval_data, self.model = run_dir, eval_data, model
         self.agg = cfg.aggregation
         self.sync = self.agg.mode == "sync"
@@ -165,6 +171,8 @@ class ServerLoop:
             self._discover([n for n in nodes if n not in self.node_pid])
             # dispatch order by partition, not by the engine's random node ids: the same seed, the same run
             nodes.sort(key=lambda n: (self.node_pid.get(n, -1) < 0, self.node_pid.get(n, -1), n))
+        if nodes != self.nodes:
+            self.live.nodes(nodes, self.node_pid)
         self.nodes = nodes
         present = set(self.nodes)
         for mid, slot in list(self.inflight.items()):
@@ -196,6 +204,7 @@ class ServerLoop:
         self.queue.cancel(mid)
         self.busy.discard(slot.node_id)
         self._get(self.actor.reject.remote(reason.value))
+        self.live.refused_update(slot.node_id, reason.value, lost=True)
 
     def _check_timeouts(self) -> None:
         now = time.monotonic()
@@ -239,6 +248,7 @@ class ServerLoop:
         for mid, slot in zip(self.grid.push_messages(msgs), slots):
             self.inflight[mid] = slot
             self.busy.add(slot.node_id)
+            self.live.dispatched(slot.node_id, slot.version, slot.download_bytes)
             prof = self._profile(slot.node_id) if self.clock.virtual else None
             lb = t if prof is None else t + slot.download_bytes * 8.0 / prof.bandwidth_bps + \
                 self._min_steps() * prof.step_s
@@ -324,12 +334,17 @@ class ServerLoop:
             if ev.reason is not None:
                 log.warning("update from node %d refused: %s %s", ev.slot.node_id, ev.reason, ev.detail)
                 self._get(self.actor.reject.remote(ev.reason))
+                self.live.refused_update(ev.slot.node_id, ev.reason)
             else:
                 res = self._get(self.actor.submit.remote(ev.raw, t, ev.slot.version))
                 if not res["accepted"]:
                     log.warning("update from node %d refused: %s %s", ev.slot.node_id, res["reason"],
                                 res["detail"])
+                    self.live.refused_update(ev.slot.node_id, res["reason"], staleness=res.get("staleness"),
+                                             metrics=ev.raw.metrics)
                 else:
+                    self.live.accepted_update(ev.slot.node_id, staleness=int(res["staleness"]),
+                                              bytes_up=len(ev.raw.payload), metrics=ev.raw.metrics)
                     self.acc.updates += 1
                     self.acc.upload_bytes += len(ev.raw.payload)
                     self.acc.staleness.append(int(res["staleness"]))
@@ -361,6 +376,7 @@ class ServerLoop:
         if self.clock.virtual and 0 < budget <= t:  # simulation.time_budget_s: virtual time is up
             self.done = True
         if v % self.agg.eval_every and v < self.agg.versions and not self.done:
+            self.live.new_version(v, t)
             return
         res: dict[str, float] = {}
         if self.eval_data:  # without an eval set a version is recorded with its counters only
@@ -378,6 +394,7 @@ class ServerLoop:
             "rejected": st["rejections"], "inflight": len(self.inflight), "mode": self.agg.mode,
         }
         self.acc = _VersionAcc()
+        self.live.new_version(v, t, rec)
         stale = f"{np.mean(rec['staleness']):.1f}" if rec["staleness"] else "-"
         scores = f"accuracy {res['accuracy']:.3f}  loss {res['loss']:.3f}" if res else "accuracy -  loss -"
         print(f"[fedge] version {v:3d}  {scores}  "
@@ -422,6 +439,7 @@ class ServerLoop:
         except TrainingError as e:
             log.error("global training on version %d failed, keeping the base: %s", v, e)
             _event(self.run_dir, event="global_training_failed", version=v, error=str(e)[:500])
+            self.live.event("training_failed", version=v, error=str(e)[:500])
             return
         base, bv, fresh = res.rebase_args()
         new_v = int(self._get(self.actor.rebase.remote(base, bv, adapters=fresh)))
@@ -431,6 +449,8 @@ class ServerLoop:
         _event(self.run_dir, event="global_training", base_version=bv, version=new_v, steps=res.steps,
                seconds=res.seconds, loss_first=loss[0], loss_last=loss[1], base=path,
                failures=len(res.failures))
+        self.live.event("training", base_version=bv, version=new_v, steps=res.steps, seconds=res.seconds,
+                        loss_first=loss[0], loss_last=loss[1])
         print(f"[fedge] global training: {res.steps} steps in {res.seconds:.1f} s, loss {loss[0]:.3f} -> "
               f"{loss[1]:.3f}; base {bv} -> version {new_v}", flush=True)
         self._record_version(new_v, t)
@@ -443,6 +463,7 @@ class ServerLoop:
         if not path.is_file():
             save_base(self.model, path)
         self.base_path = str(path)
+        self.live.event("published", base_version=base_version, path=self.base_path)
         return self.base_path
 
     # ------------------------------------------------------------------ main loop
@@ -553,12 +574,19 @@ def main(grid: Grid, context: Context) -> None:
         _event(run_dir, event="started", version=version, ray=how, mode=cfg.aggregation.mode,
                clock="virtual" if virtual else "real")
     num_partitions = max(len(nodes), 1)  # simulation: Flower's num-partitions = the number of nodes
+    watched = watch(cfg.dashboard, run_dir=run_dir, mode=cfg.aggregation.mode, buffer_size=kwargs["buffer_size"],
+                    concurrency=cfg.aggregation.concurrency, target_versions=cfg.aggregation.versions,
+                    clock="virtual" if virtual else "real")
+    watched.live.started(version)
+    if ray_dashboard_url():
+        print(f"[fedge] Ray dashboard: {ray_dashboard_url()}", flush=True)
+        watched.live.link("ray", ray_dashboard_url())
     eval_data = heldout_data(cfg)
     if eval_data is None:
         print(f"[fedge] {NO_EVAL}", flush=True)
         _event(run_dir, event="no_eval_set")
     loop = ServerLoop(grid, cfg, actor=actor, clock=clock, run_dir=run_dir, eval_data=eval_data,
-                      model=model, num_partitions=num_partitions)
+                      model=model, num_partitions=num_partitions, live=watched.live)
     loop.t_wall0 = t_start
     prev = None
     if threading.current_thread() is threading.main_thread():
@@ -568,6 +596,7 @@ def main(grid: Grid, context: Context) -> None:
     finally:
         if prev is not None:
             signal.signal(signal.SIGTERM, prev)
+        watched.close()
         path = ray.get(actor.checkpoint.remote())
         st = ray.get(actor.stats.remote())
         version, params = ray.get(actor.snapshot.remote())
@@ -578,6 +607,17 @@ def main(grid: Grid, context: Context) -> None:
             (run_dir / "summary.json").write_text(json.dumps({**st, "dispatches": loop.dispatches}, indent=2))
         context.state["fedge-final"] = wire.adapters_to_record(params)
         ray.kill(actor)
+
+
+def ray_dashboard_url() -> str:
+    """The URL of Ray's dashboard when the Ray this process joined runs one ("" otherwise)."""
+    import ray
+
+    try:
+        url = ray._private.worker.get_dashboard_url()  # no public getter once Ray is started elsewhere
+    except Exception:  # noqa: BLE001  (not connected, or a Ray without it: no link, no failure)
+        return ""
+    return f"http://{url}" if url and not url.startswith("http") else (url or "")
 
 
 def _raise_interrupt(signum: int, frame: Any) -> None:

@@ -19,6 +19,9 @@ GROUPS = {
     "cloud": ("cloud.cli", "Run the cloud side: aggregator, trainer, shard server."),
     "simulate": ("simulations.cli", "Run the whole federation on this machine (embedded Ray)."),
 }
+COMMANDS = {  # top-level commands, looked up by module name like the groups
+    "status": ("cloud.status", "status_command"),
+}
 
 
 def build_app() -> typer.Typer:
@@ -44,6 +47,11 @@ def build_app() -> typer.Typer:
             root.add_typer(missing, name=name)
             continue
         root.add_typer(group, name=name, help=help_)
+    for name, (module, attr) in COMMANDS.items():
+        try:
+            root.command(name)(getattr(importlib.import_module(module), attr))
+        except ImportError:  # its group's extra is not installed: the group above says so
+            continue
     from .evaluate_cli import evaluate_command
 
     root.command("evaluate")(evaluate_command)

@@ -10,6 +10,7 @@ from typing import Annotated, Any
 import typer
 
 from common.dataset import is_store
+from common.units import human_bytes
 
 app = typer.Typer(no_args_is_help=True, help="Inspect a SampleStore and export it as arrays.")
 
@@ -21,14 +22,6 @@ def _fail(cmd: str, msg: str) -> None:
     raise typer.Exit(2)
 
 
-def _human_bytes(n: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if n < 1024 or unit == "GiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    return f"{n:.1f} GiB"
-
-
 def format_stats(root: Path, st: dict[str, Any]) -> str:
     """The human-readable form of :meth:`edge.store.SampleStore.stats`."""
     def counts(d: dict[str, int]) -> str:
@@ -38,7 +31,7 @@ def format_stats(root: Path, st: dict[str, Any]) -> str:
     when = "-" if span is None else (
         f"{time.strftime('%Y-%m-%d %H:%M:%S', time.gmtime(span['first']))} .. "
         f"{time.strftime('%Y-%m-%d %H:%M:%S', time.gmtime(span['last']))} UTC ({span['seconds']:.1f} s)")
-    budget = "none" if st["budget_bytes"] is None else _human_bytes(st["budget_bytes"])
+    budget = "none" if st["budget_bytes"] is None else human_bytes(st["budget_bytes"])
     lines = [
         f"store       {root}",
         f"samples     {st['samples']}",
@@ -51,7 +44,7 @@ def format_stats(root: Path, st: dict[str, Any]) -> str:
     rej = st["rejected"]
     lines += [
         f"gate        removed {sum(rej.values())}" + (f": {counts(rej)}" if rej else ""),
-        f"bytes       payload {_human_bytes(st['payload_bytes'])}, files {_human_bytes(st['file_bytes'])}, "
+        f"bytes       payload {human_bytes(st['payload_bytes'])}, files {human_bytes(st['file_bytes'])}, "
         f"budget {budget}, evicted {st['evicted']} sample(s)",
         f"time span   {when}",
     ]

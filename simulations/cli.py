@@ -14,6 +14,15 @@ import click
 import typer
 from typer.core import TyperGroup
 
+from cloud.dashboard.options import (
+    DashboardAddress,
+    DashboardPublic,
+    DashboardToken,
+    DashboardTokens,
+    RayDashboard,
+    dashboard_overrides,
+)
+
 DEFAULT_SCENARIO = Path(__file__).parent / "scenarios" / "quickstart.toml"
 
 
@@ -50,17 +59,28 @@ def run_cmd(
     set_: Annotated[list[str] | None, typer.Option("--set", help="Override a config key, e.g. --set aggregation.versions=5")] = None,
     nodes: Annotated[int | None, typer.Option("--nodes", help="Number of virtual devices (= simulation.devices).")] = None,
     quiet: Annotated[bool, typer.Option("--quiet", help="No progress bars.")] = False,
+    dashboard: DashboardAddress = "",
+    dashboard_token: DashboardToken = "",
+    dashboard_tokens: DashboardTokens = "",
+    public: DashboardPublic = False,
+    ray_dashboard: RayDashboard = False,
 ) -> None:
     """Run a scenario: render device streams, ingest them into stores, train federated, write the report."""
+    from cloud.dashboard import DashboardError
     from common.base_weights import BaseWeightsError
     from common.dataset import DataError
 
     from .runner import run
 
-    cfg = _load(scenario, list(set_ or []) + ([f"simulation.devices={nodes}"] if nodes else []))
+    try:
+        watch = dashboard_overrides(dashboard, token=dashboard_token, tokens_file=dashboard_tokens, public=public)
+    except DashboardError as e:
+        typer.echo(f"fedge simulate: {e}", err=True)
+        raise typer.Exit(2) from None
+    cfg = _load(scenario, list(set_ or []) + ([f"simulation.devices={nodes}"] if nodes else []) + watch)
     out = out or Path("runs") / f"{scenario.stem}-{time.strftime('%Y%m%d-%H%M%S')}"
     try:
-        run_dir = run(cfg, out_dir=out, progress=not quiet)
+        run_dir = run(cfg, out_dir=out, progress=not quiet, ray_dashboard=ray_dashboard)
     except (BaseWeightsError, DataError) as e:  # a base or data the user named that cannot be used
         typer.echo(f"fedge simulate: {e}", err=True)
         raise typer.Exit(2) from None

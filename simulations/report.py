@@ -165,8 +165,13 @@ def _staleness_hist(values: list[int], out: Path) -> str:
 
 
 def _tensorboard(records: list[dict[str, Any]], out: Path) -> None:
+    """TensorBoard scalars per version, unless the ServerApp already wrote them live (``dashboard.tensorboard``)."""
     from torch.utils.tensorboard import SummaryWriter
 
+    from cloud.dashboard.tensorboard import has_events
+
+    if has_events(out / "tb"):
+        return
     w = SummaryWriter(str(out / "tb"))
     s = series(records)
     for i, r in enumerate(records):

@@ -54,7 +54,8 @@ def _follow(path: Path, total: int, stop: threading.Event, desc: str) -> None:
 
 
 def run(cfg: FedgeConfig, *, out_dir: str | Path, num_nodes: int | None = None, cache: str | Path | None = None,
-        progress: bool = True, report: bool = True, apps: tuple[Any, Any] | None = None) -> Path:
+        progress: bool = True, report: bool = True, apps: tuple[Any, Any] | None = None,
+        ray_dashboard: bool = False) -> Path:
     """Run one federated simulation; return the run directory.
 
     The run directory holds ``config.toml``/``config.json`` (resolved), ``prepared.json`` (what the ingest
@@ -63,7 +64,8 @@ def run(cfg: FedgeConfig, *, out_dir: str | Path, num_nodes: int | None = None, 
 
     The resolved config travels to the apps through ``$FEDGE_RUN_CONFIG`` (``run_simulation`` carries no run
     config); Ray workers inherit the variable because it is set before Ray starts. ``apps`` replaces fedge's
-    (ServerApp, ClientApp) pair, for a peer run on the very same data (benchmarks).
+    (ServerApp, ClientApp) pair, for a peer run on the very same data (benchmarks). ``ray_dashboard`` starts
+    Ray's own dashboard on 127.0.0.1 (the ServerApp prints its URL); the fedge dashboard is ``cfg.dashboard``.
     """
     from flwr.simulation import run_simulation
 
@@ -75,7 +77,7 @@ def run(cfg: FedgeConfig, *, out_dir: str | Path, num_nodes: int | None = None, 
 
     from common.dataset import describe
 
-    from .given_data import check_given_stores, pretrain_on_given, uses_given_stores
+    from .given_data import absolute_paths, check_given_stores, pretrain_on_given, uses_given_stores
     from .prepare import DONE, prepare
 
     run_dir = Path(out_dir).resolve()
@@ -92,6 +94,7 @@ def run(cfg: FedgeConfig, *, out_dir: str | Path, num_nodes: int | None = None, 
 
         read_base(cfg.model.base_path)
     cache_root = Path(cache) if cache is not None else default_cache()
+    cfg = absolute_paths(cfg)  # the data the user names, wherever the Ray workers run
     cfg = pretrain_on_given(cfg, cache_root)  # simulation.pretrain_data: the cloud's base on the user's data
     if uses_given_stores(cfg):  # the user's stores and eval set, as given: nothing rendered
         summary = check_given_stores(cfg)
@@ -129,7 +132,8 @@ def run(cfg: FedgeConfig, *, out_dir: str | Path, num_nodes: int | None = None, 
             num_supernodes=sim.devices,
             backend_config={
                 "client_resources": {"num_cpus": sim.client_cpus},
-                "init_args": {"num_cpus": cpus, "include_dashboard": False, "log_to_driver": True},
+                "init_args": {"num_cpus": cpus, "include_dashboard": ray_dashboard, "log_to_driver": True,
+                              **({"dashboard_host": "127.0.0.1"} if ray_dashboard else {})},
             },
         )
     finally:
