@@ -184,7 +184,7 @@ def degraded_eval(cfg_path: Path, adapters: Path, snr_db: float, cache: Path) ->
     work = cache / f"degraded-{snr_db:g}dB"
     shutil.rmtree(work, ignore_errors=True)  # a store appends: start empty
     streams = avdigits.render_device(plan, work / "media", fps=s.fps, shot_s=s.shot_seconds, size=s.frame_size,
-                                     image_noise=s.image_noise, snr_db=snr_db)
+                                     image_noise=s.image_noise, snr_db=snr_db, speech=s.speech)
     opts = stores.ingest_options(cfg)
     for st in streams:
         stores.ingest_stream(video=st.video, audio=st.audio, store=work / "store", label=st.label, **opts)

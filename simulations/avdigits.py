@@ -6,8 +6,9 @@ speech is the spoken digit from ``simulations/assets/speech`` (ten espeak-ng spe
 
 What a simulated device "sees" is rendered as real media files: a camera video made of shots, each shot a
 handwritten digit card on a textured background under a slowly panning and zooming camera with sensor noise,
-and a microphone WAV in which the digit of each shot is spoken (repeatedly) during that shot over noise. The edge
-ingest then turns these streams into samples exactly as on a device (keyframes, log-mel, quality gate, store).
+and a microphone WAV in which the digit of each shot is spoken (repeatedly, or once at a random moment:
+``speech``) during that shot over noise. The edge ingest then turns these streams into samples exactly as on a
+device (keyframes, log-mel, alignment, quality gate, store).
 
 The rendering kernels are pure (they return arrays); :func:`render_device` does the file I/O. Everything is
 deterministic in the seeds passed in.
@@ -262,31 +263,63 @@ def augment_clip(clip: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     return x * rng.uniform(0.5, 1.0)
 
 
-def render_track(takes: list[list[np.ndarray]], *, rate: int, shot_s: float, snr_db: float,
-                 rng: np.random.Generator) -> np.ndarray:
-    """A microphone track: during shot i its digit is spoken over and over (``takes[i]``) over noise.
+SPEECH_MODES = ("fill", "once")
+NOISE_COLOURS = ("white", "pink")
 
-    The takes of a shot follow one another with 50-150 ms pauses from a random start in the first 100 ms; a
-    take that would run past the shot's end is left out (at least the first is kept, cut at the end), so any
-    audio window around a keyframe of the shot hears that shot's digit. Noise is white at ``snr_db`` below
-    the mean speech power. Returns float32 mono samples in [-1, 1], ``len(takes) * shot_s`` seconds long.
+
+def speech_track(takes: list[list[np.ndarray]], *, rate: int, shot_s: float, rng: np.random.Generator,
+                 speech: str = "fill") -> tuple[np.ndarray, list[tuple[int, int]], float]:
+    """The speech of a microphone track, without noise: (samples, (start, end) sample span of every take
+    placed, mean power of the takes).
+
+    ``speech="fill"``: during shot i its digit is spoken over and over (``takes[i]``): the takes follow one
+    another with 50-150 ms pauses from a random start in the first 100 ms; a take that would run past the
+    shot's end is left out (at least the first is kept, cut at the end), so any audio window around a keyframe
+    of the shot hears that shot's digit. ``speech="once"``: the first take of each shot, once, at a uniformly
+    random offset that keeps it inside the shot (cut at the end when longer than the shot), as people speak.
     """
+    if speech not in SPEECH_MODES:
+        raise ValueError(f"speech must be one of {', '.join(SPEECH_MODES)}, got {speech!r}")
     shot = round(shot_s * rate)
     y = np.zeros(shot * len(takes), dtype=np.float32)
-    power = []
+    power, spans = [], []
     for i, shot_takes in enumerate(takes):
-        pos = int(rng.uniform(0.0, 0.1) * rate)
+        if speech == "once":
+            pos = int(rng.uniform(0.0, max(0, shot - len(shot_takes[0])))) if shot_takes else shot
+        else:
+            pos = int(rng.uniform(0.0, 0.1) * rate)
         for j, c in enumerate(shot_takes):
             if pos + len(c) > shot and j > 0:
                 break
             c = c[: shot - pos]
             y[i * shot + pos: i * shot + pos + len(c)] += c
             power.append(float(np.mean(c**2)))
+            spans.append((i * shot + pos, i * shot + pos + len(c)))
             pos += len(c) + int(rng.uniform(0.05, 0.15) * rate)
-            if pos >= shot:
+            if pos >= shot or speech == "once":
                 break
-    noise_p = (np.mean(power) if power else 1e-4) / (10 ** (snr_db / 10))
-    y += rng.normal(0, np.sqrt(noise_p), size=y.shape).astype(np.float32)
+    return y, spans, float(np.mean(power)) if power else 1e-4
+
+
+def background_noise(n: int, *, power: float, colour: str, rng: np.random.Generator) -> np.ndarray:
+    """``n`` samples of Gaussian noise of mean ``power``: white, or pink (power falling as 1/f)."""
+    if colour not in NOISE_COLOURS:
+        raise ValueError(f"noise colour must be one of {', '.join(NOISE_COLOURS)}, got {colour!r}")
+    if colour == "white":
+        return rng.normal(0, np.sqrt(power), size=n).astype(np.float32)
+    spec = np.fft.rfft(rng.normal(size=n))
+    spec /= np.sqrt(np.maximum(np.arange(spec.size), 1.0))  # amplitude 1/sqrt(f): power 1/f
+    x = np.fft.irfft(spec, n)
+    return (x * np.sqrt(power) / max(float(x.std()), 1e-12)).astype(np.float32)
+
+
+def render_track(takes: list[list[np.ndarray]], *, rate: int, shot_s: float, snr_db: float,
+                 rng: np.random.Generator, speech: str = "fill", noise: str = "white") -> np.ndarray:
+    """A microphone track: the speech of :func:`speech_track` over ``noise`` (white or pink) at ``snr_db``
+    below the mean speech power. Returns float32 mono samples in [-1, 1], ``len(takes) * shot_s`` seconds
+    long."""
+    y, _, power = speech_track(takes, rate=rate, shot_s=shot_s, rng=rng, speech=speech)
+    y += background_noise(y.size, power=power / (10 ** (snr_db / 10)), colour=noise, rng=rng)
     return np.clip(y, -1, 1)
 
 
@@ -325,12 +358,13 @@ class Stream:
 
 
 def render_device(plan: DevicePlan, out_dir: Path, *, fps: float, shot_s: float, size: int,
-                  image_noise: float, snr_db: float, voices: str = "train") -> list[Stream]:
+                  image_noise: float, snr_db: float, voices: str = "train", speech: str = "fill") -> list[Stream]:
     """Render one device's streams into ``out_dir``: one video/WAV pair per digit it records.
 
     A camera-only device gets no WAV and a microphone-only device no video. Each stream holds all the
     device's shots of one digit, so the ingest can label the samples it produces with ``--label``.
-    ``plan.speakers`` index the speakers of ``voices`` (:func:`voice_set`).
+    ``plan.speakers`` index the speakers of ``voices`` (:func:`voice_set`). ``speech``: the digit is spoken
+    through each shot (``"fill"``) or once at a random moment of it (``"once"``, see :func:`speech_track`).
     """
     out_dir.mkdir(parents=True, exist_ok=True)
     imgs, _ = digit_images()
@@ -348,9 +382,10 @@ def render_device(plan: DevicePlan, out_dir: Path, *, fps: float, shot_s: float,
             write_video(video, frames, fps)
         if "audio" in plan.modalities:
             shot_len = frames_per_shot / fps
-            n_takes = int(np.ceil(shot_len / 0.3)) + 1  # the shortest clip is ~0.3 s
+            n_takes = 1 if speech == "once" else int(np.ceil(shot_len / 0.3)) + 1  # the shortest clip is ~0.3 s
             takes = [[augment_clip(clips[plan.speakers[i]][label], rng) for _ in range(n_takes)] for i in rows]
             audio = out_dir / f"mic-{label}.wav"
-            write_wav(audio, render_track(takes, rate=rate, shot_s=shot_len, snr_db=snr_db, rng=rng), rate)
+            write_wav(audio, render_track(takes, rate=rate, shot_s=shot_len, snr_db=snr_db, rng=rng,
+                                          speech=speech), rate)
         streams.append(Stream(label=int(label), shots=len(rows), video=video, audio=audio))
     return streams

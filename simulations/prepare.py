@@ -51,7 +51,8 @@ def data_key(cfg: FedgeConfig) -> dict[str, Any]:
         "eval": d.eval_samples, "partition": d.partition, "alpha": d.dirichlet_alpha,
         "missing_image": d.missing_image, "missing_audio": d.missing_audio, "fps": s.fps,
         "shot_s": s.shot_seconds, "size": s.frame_size, "noise": s.image_noise, "snr": s.snr_db,
-        "image_size": m.image_size, "n_mels": m.n_mels, "frames": m.audio_frames, "format": 3,
+        "image_size": m.image_size, "n_mels": m.n_mels, "frames": m.audio_frames, "format": 4,
+        **({"speech": s.speech} if s.speech != "fill" else {}),
         **({"cloud": s.cloud_samples} if pretrains(cfg) else {}),
         **({"eval_voices": d.eval_voices} if d.eval_voices != "train" else {}),
     }
@@ -118,7 +119,7 @@ def render_options(cfg: FedgeConfig, **changes: Any) -> dict[str, Any]:
     """Keyword arguments of :func:`simulations.avdigits.render_device` from the run config, with ``changes``."""
     s = cfg.simulation
     return {"fps": s.fps, "shot_s": s.shot_seconds, "size": s.frame_size, "image_noise": s.image_noise,
-            "snr_db": s.snr_db, **changes}
+            "snr_db": s.snr_db, "speech": s.speech, **changes}
 
 
 def _render_and_ingest(job: tuple[avdigits.DevicePlan, str, str, dict[str, Any], dict[str, Any]]) -> dict[str, Any]:

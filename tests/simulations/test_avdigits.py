@@ -113,3 +113,43 @@ def test_heldout_device_of_another_voice_set_shows_the_same_images():
 def test_unknown_voice_set_is_refused_naming_the_known_ones():
     with pytest.raises(ValueError, match="unknown voice set 'xx'.*unseen"):
         avdigits.voice_set("xx")
+
+
+def test_once_mode_speaks_each_shots_digit_once_at_a_random_moment_inside_it():
+    _, rate, clips = avdigits.speech_clips()
+    rng = np.random.default_rng(0)
+    takes = [[clips[k % 10][k % 10]] for k in range(20)]
+    y, spans, power = avdigits.speech_track(takes, rate=rate, shot_s=1.5, rng=rng, speech="once")
+    shot = int(1.5 * rate)
+    assert len(spans) == 20 and y.size == 20 * shot
+    offsets = []
+    for k, (a, b) in enumerate(spans):
+        assert k * shot <= a < b <= (k + 1) * shot and b - a == len(takes[k][0])
+        offsets.append((a - k * shot) / (shot - (b - a)))  # where in the room the take had
+    assert min(offsets) < 0.2 and max(offsets) > 0.8  # start, middle and end of shots all occur
+    silent = np.ones(y.size, bool)
+    for a, b in spans:
+        silent[a:b] = False
+    assert not y[silent].any() and power == pytest.approx(np.mean([np.mean(t[0] ** 2) for t in takes]), rel=1e-5)
+    with pytest.raises(ValueError, match="speech must be one of fill, once"):
+        avdigits.speech_track(takes, rate=rate, shot_s=1.5, rng=rng, speech="twice")
+
+
+def test_render_track_defaults_to_fill_over_white_noise_and_pink_noise_falls_with_frequency(tmp_path):
+    _, rate, clips = avdigits.speech_clips()
+    takes = [[clips[0][3]] * 3, [clips[1][3]] * 3]
+    a = avdigits.render_track(takes, rate=rate, shot_s=1.0, snr_db=20, rng=np.random.default_rng(0))
+    b = avdigits.render_track(takes, rate=rate, shot_s=1.0, snr_db=20, rng=np.random.default_rng(0), speech="fill",
+                              noise="white")
+    np.testing.assert_array_equal(a, b)
+    pink = avdigits.background_noise(1 << 16, power=0.01, colour="pink", rng=np.random.default_rng(1))
+    spec = np.abs(np.fft.rfft(pink)) ** 2
+    f = np.fft.rfftfreq(pink.size, 1 / rate)
+    low, high = spec[(f > 100) & (f < 200)].mean(), spec[(f > 3200) & (f < 6400)].mean()
+    assert pink.var() == pytest.approx(0.01, rel=0.02) and 10 < low / high < 60  # 1/f: ~32x over 5 octaves
+    plan = avdigits.DevicePlan(pid=0, labels=np.array([2, 2, 2]), images=np.array([1, 11, 21]),
+                               speakers=np.array([0, 1, 2]), seed=3)
+    (s,) = avdigits.render_device(plan, tmp_path, fps=8, shot_s=1.0, size=32, image_noise=0.0, snr_db=20,
+                                  speech="once")
+    with wave.open(str(s.audio)) as w:
+        assert w.getnframes() == 3 * rate
