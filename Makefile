@@ -15,6 +15,10 @@ $(STAMP): pyproject.toml constraints.txt
 	$(BIN)/python -m pip install -q -c constraints.txt -e '.[edge,cloud,dev]'
 	# PySceneDetect (benchmark peer) declares the GUI opencv-python: install it without deps
 	$(BIN)/python -m pip install -q -c constraints.txt --no-deps scenedetect==0.7.2
+	# Debian's Chromium for the dashboard's browser test (never `playwright install`: it downloads from a CDN)
+	command -v chromium >/dev/null || { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null && \
+		apt-get update -qq && apt-get install -y -qq --no-install-recommends chromium >/dev/null; } || \
+		echo "note: install Debian's chromium for the dashboard's browser test (it is skipped without it)"
 	touch $(STAMP)
 
 demo: setup
