@@ -230,8 +230,12 @@ def build_agent(*, superlink: str, store: Path, video: str | None = None, audio:
     children = [Child("supernode", supernode_command(superlink=superlink, node=node, port=port,
                                                      root_certificates=root_certificates, auth_key=key), env)]
     if video or audio:
-        # recorded files end and are done; a live source (camera index, device, URL) is reopened when it ends
-        files = all(Path(s).is_file() for s in (video, audio) if s)
+        # recordings (files, image folders) end and are done; a live source (camera index, device, URL,
+        # microphone, FIFO) is reopened when it ends
+        from edge.images import is_image_source
+
+        files = ((not video or Path(video).is_file() or is_image_source(video))
+                 and (not audio or Path(audio).is_file()))
         children.insert(0, Child("ingest", ingest_command(store=store, video=video, audio=audio,
                                                           extra=ingest_args), env,
                                  restart="on-failure" if files else "always"))
@@ -241,10 +245,10 @@ def build_agent(*, superlink: str, store: Path, video: str | None = None, audio:
 def run_command(
     superlink: Annotated[str, typer.Option("--superlink", help="SuperLink Fleet API address, HOST:PORT.")],
     store: Annotated[Path, typer.Option("--store", help="The device's SampleStore directory (created if absent).")],
-    video: Annotated[str | None, typer.Option("--video", help="Camera source to ingest (file, device or URL).")]
-    = None,
-    audio: Annotated[str | None, typer.Option("--audio", help="Microphone source to ingest (file or device).")]
-    = None,
+    video: Annotated[str | None, typer.Option(
+        "--video", help="Camera source to ingest: file, device index, URL, or an image folder or glob.")] = None,
+    audio: Annotated[str | None, typer.Option(
+        "--audio", help="Microphone to ingest: alsa:hw:1 (or hw:1), pulse:default, a FIFO, or a file.")] = None,
     root_certificates: Annotated[Path | None, typer.Option(
         "--root-certificates", help="CA certificate (PEM) to verify the SuperLink: enables TLS.")] = None,
     auth_keys: Annotated[Path | None, typer.Option(

@@ -29,14 +29,17 @@ seconds are released, so memory stays bounded on an hour-long recording.
 
 from __future__ import annotations
 
+import math
 import os
+import signal
 import sys
+import threading
 import time
 from collections import Counter
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import typer
@@ -46,7 +49,11 @@ from edge.align import NoiseFloor, choose_windows, frame_energy_db
 from edge.audio_source import AudioSource, AudioSourceError, open_audio
 from edge.labels import Labels
 from edge.quality import QualityGate
+from edge.resume import resume_point, source_key, track
 from edge.store import SampleStore, StoreBudgetError, StoreError, StoreFullError, budget_from_mb
+
+if TYPE_CHECKING:
+    from edge.images import ImageSource
 
 __all__ = ["IngestError", "IngestReport", "ingest", "ingest_command"]
 
@@ -81,7 +88,9 @@ class IngestReport:
     first_id: int | None = None
     last_id: int | None = None
     seconds: float = 0.0  # wall time
-    error: str | None = None  # set when the run stopped early (disk full, bad samples): what was stored stays
+    # set when the run stopped early (disk full, bad samples) or a labelled span lies past the end of the
+    # recording: what was stored stays
+    error: str | None = None
 
     def to_json(self) -> dict[str, Any]:
         """Plain-JSON form."""
@@ -206,7 +215,7 @@ def _file_size(src: str | None) -> int:
 
 def ingest(
     *,
-    video: str | int | Path | None = None,
+    video: str | int | Path | ImageSource | None = None,
     audio: str | Path | None = None,
     store: SampleStore | str | Path,
     label: int | None = None,
@@ -229,14 +238,19 @@ def ingest(
     align: str = "shot",
     max_per_shot: int = 1,
     labels: Labels | None = None,
+    max_seconds: float | None = None,
+    stop: Callable[[], bool] | None = None,
 ) -> IngestReport:
     """Turn a video and/or an audio stream into samples in ``store``.
 
     Parameters
     ----------
-    video : file, camera index or stream URL (edge/sources.py), or None for a microphone-only device.
-    audio : WAV/FLAC/OGG file or a video file's audio track; None: the video's own track when it has one
-        (and ``audio_from_video``), else a camera-only device.
+    video : file, camera index or stream URL (edge/sources.py); an image folder, glob or file, or an opened
+        :class:`edge.images.ImageSource` (one sample per image, :mod:`edge.images`); None for a
+        microphone-only device.
+    audio : WAV/FLAC/OGG file or a video file's audio track, or a live source (``alsa:hw:1``,
+        ``pulse:default``, ``lavfi:GRAPH``, a FIFO: :mod:`edge.live_audio`); None: the video's own track when it
+        has one (and ``audio_from_video``), else a camera-only device.
     store : an open :class:`SampleStore` or its directory.
     label : class of every sample (None: unlabeled).
     sr, n_fft, hop_length, n_mels, frames, fmin, fmax, top_db : audio features (defaults: the model's input).
@@ -251,7 +265,12 @@ def ingest(
     max_per_shot : with ``align="shot"``, at most this many samples per shot (same keyframe, one per separate
         sound).
     labels : labelled time spans (:func:`edge.labels.load_labels`) instead of one ``label``; a span that ends
-        after the recording sets the report's ``error`` once the stream has ended.
+        after the recording sets the report's ``error`` once the stream has ended. For images, the spans of
+        :meth:`edge.images.ImageSource.labels` (labels by file name).
+    max_seconds : stop after this many seconds of stream (None: at its end; a live source runs until
+        ``stop``).
+    stop : polled between samples; True ends the run like the end of the stream (what was stored stays, the
+        report counts it). A KeyboardInterrupt does the same, but may leave the last stored sample uncounted.
 
     Raises
     ------
@@ -275,6 +294,8 @@ def ingest(
         raise IngestError(f"max_per_shot must be >= 1, got {max_per_shot}")
     if labels is not None and label is not None:
         raise IngestError("give one label for every sample or labelled spans, not both")
+    if max_seconds is not None and not (math.isfinite(max_seconds) and max_seconds > 0):
+        raise IngestError(f"max_seconds must be a finite number > 0, got {max_seconds}")
     st = store if isinstance(store, SampleStore) else SampleStore(store)
     gate = gate or QualityGate()
     params = MelParams(sr=sr, n_fft=n_fft, hop_length=hop_length, n_mels=n_mels, fmin=fmin, fmax=fmax)
@@ -282,30 +303,46 @@ def ingest(
     t0 = time.time() if start_time is None else float(start_time)
 
     vsrc = None
+    images: ImageSource | None = None
     if video is not None:
-        from edge.sources import open_video
+        from edge.images import ImageSource, is_image_source, open_images
 
-        vsrc = open_video(video)
-        rep.bytes_in += _file_size(str(video))
+        if isinstance(video, ImageSource) or is_image_source(video):
+            if audio is not None:
+                raise IngestError("images have no timeline to pair audio with: ingest the audio on its own")
+            images = video if isinstance(video, ImageSource) else open_images(str(video))
+            rep.video = images.name
+        else:
+            from edge.sources import open_video
+
+            vsrc = open_video(video)
+            rep.bytes_in += _file_size(str(video))
     asrc: AudioSource | None = None
     try:
         if audio is not None:
-            asrc = open_audio(audio, sr=sr)
+            asrc = open_audio(audio, sr=sr, max_seconds=max_seconds)
             if str(audio) != str(video):
                 rep.bytes_in += asrc.bytes_in
         elif vsrc is not None and audio_from_video and isinstance(video, (str, Path)) and os.path.isfile(video):
             try:
-                asrc = open_audio(video, sr=sr)
+                asrc = open_audio(video, sr=sr, max_seconds=max_seconds)
                 rep.audio = str(video)
                 rep.notes.append("audio: the video's own audio track")
             except AudioSourceError as e:
                 rep.notes.append(f"camera-only: {e}")
-        elif vsrc is not None:
+        elif vsrc is not None or images is not None:
             rep.notes.append("camera-only: no audio source given")
-        if vsrc is None:
+        if vsrc is None and images is None:
             rep.notes.append(f"microphone-only: audio windows every {mic_stride:g} s")
-        rep.modalities = tuple(m for m, on in (("image", vsrc is not None), ("audio", asrc is not None)) if on)
+        has_image = vsrc is not None or images is not None
+        rep.modalities = tuple(m for m, on in (("image", has_image), ("audio", asrc is not None)) if on)
         windows = _AudioWindows(asrc, params, frames, top_db) if asrc is not None else None
+        # a recording ingested before resumes past its last stored sample (edge/resume.py); live sources do not
+        key = None if images is not None else \
+            source_key(video, audio if audio is not None and str(audio) != str(video) else None)
+        resume = {"t": None if key is None else resume_point(st, key), "skipped": 0}
+        if key is not None:
+            track(st, key, (rep.video if vsrc is not None else rep.audio) or "")
 
         def store_one(image: Any, jpeg: bytes | None, win: Window | None, stream_t: float, source: str, *,
                       loudest: bool = False, image_quality: float | None = None) -> float | None:
@@ -314,6 +351,9 @@ def ingest(
             without gating it again."""
             res = gate.assess(image=image if image_quality is None else None,
                               audio=None if win is None else win[1], audio_is_loudest_of_shot=loudest)
+            if resume["t"] is not None and stream_t <= resume["t"]:  # stored by an earlier run
+                resume["skipped"] += 1
+                return None
             if not res.accepted:
                 rep.samples_rejected += 1
                 return None
@@ -345,11 +385,36 @@ def ingest(
                 store_one(None if q_img is None else image, None if q_img is None else jpeg, wins[i], stream_t,
                           source, image_quality=q_img)
 
+        stopped = False
+
+        def stopping() -> bool:
+            nonlocal stopped
+            stopped = stopped or (stop is not None and stop())
+            return stopped
+
         try:
-            if vsrc is not None:
+            if images is not None:
+                kf_opts = {k: v for k, v in (keyframe_options or {}).items() if k in ("max_side", "jpeg_quality")}
+                for kf in images.keyframes(**kf_opts):
+                    if stopping():
+                        break
+                    rep.keyframes += 1
+                    path = str(images.paths[kf.frame])
+                    rep.bytes_in += _file_size(path)
+                    store_one(kf.image, kf.jpeg, None, kf.time, path)
+                    rep.frames_decoded = images.images_read
+                    if progress:
+                        progress(kf.time)
+                if images.skipped:  # the others are stored; the run still fails, naming what was skipped
+                    more = f" and {len(images.skipped) - 3} more" if len(images.skipped) > 3 else ""
+                    rep.error = (f"skipped {len(images.skipped)} of {len(images.paths)} images that could not "
+                                 f"be read: {', '.join(images.skipped[:3])}{more}")
+            elif vsrc is not None:
                 from edge.keyframes import iter_keyframes
 
                 for kf in iter_keyframes(vsrc, **(keyframe_options or {})):
+                    if stopping() or (max_seconds is not None and kf.time >= max_seconds):
+                        break
                     rep.keyframes += 1
                     wins: list[Window] = []
                     by_shot = align == "shot" and kf.start is not None and kf.end is not None
@@ -370,12 +435,14 @@ def ingest(
                 rep.frames_decoded = vsrc.frames_read
                 if vsrc.error:
                     rep.notes.append(vsrc.error)
-                if windows is not None:
+                if windows is not None and not stopped:
                     windows.drain()
             elif windows is not None:
                 # stride spans longer than a window: where the sound is in each; else the window at each instant
                 by_span = align == "shot" and mic_stride * sr / hop_length > frames
                 for k, c in enumerate(_mic_centres(params, frames, mic_stride)):
+                    if stopping():
+                        break
                     if by_span:
                         wins = windows.span(k * mic_stride, (k + 1) * mic_stride, max_per_shot, clamp_end=False)
                     else:
@@ -391,7 +458,8 @@ def ingest(
                                   rep.audio or "")
                     if progress:
                         progress(c)
-                windows.drain()
+                if not stopped:
+                    windows.drain()
             if asrc is not None:
                 rep.audio_seconds = asrc.seconds_out
                 if asrc.error:
@@ -399,14 +467,22 @@ def ingest(
                 if rep.audio_seconds * sr < frames * hop_length:
                     rep.notes.append(f"audio too short for one window of {frames} frames "
                                      f"({frames * hop_length / sr:.2f} s)")
-            if labels is not None:  # the recording's length is known now that the streams have ended
+            if resume["t"] is not None:
+                rep.notes.append(f"resumed after {resume['t']:.3f} s of stream (stored by an earlier run; "
+                                 f"{resume['skipped']} sample(s) skipped)")
+            if stopped:
+                rep.notes.append("stopped on request; what was stored is kept")
+            if labels is not None and images is None:  # the recording's length is known now that it has ended
                 bad = labels.past_end(*_duration(vsrc, asrc, hop_length / sr))
                 if bad is not None:
                     rep.error = str(bad)
         except StoreBudgetError:
             raise
-        except (StoreFullError, StoreError, AudioSourceError) as e:
-            rep.error = str(e)  # stop here: what was stored stays stored
+        except (StoreFullError, StoreError, AudioSourceError, KeyboardInterrupt) as e:
+            if isinstance(e, KeyboardInterrupt):  # Ctrl-C on a live source: its normal end
+                rep.notes.append("interrupted; what was stored is kept")
+            else:
+                rep.error = str(e)  # stop here: what was stored stays stored
             if asrc is not None:
                 rep.audio_seconds = asrc.seconds_out
             if vsrc is not None:
@@ -414,6 +490,8 @@ def ingest(
     finally:
         if vsrc is not None:
             vsrc.close()
+        if asrc is not None:
+            asrc.close()  # a live source's ffmpeg stops here
     rep.rejected = dict(Counter(gate.counts))
     try:  # the store keeps the gate's removals for `fedge edge store stats`
         st.add_rejections(rep.rejected)
@@ -444,9 +522,9 @@ def _mic_centres(p: MelParams, frames: int, stride_s: float) -> Iterator[float]:
 
 # ----------------------------------------------------------------------------------------- CLI
 def _checked_labels(label: int | None, labels_file: Path | None, *, config: Path | None,
-                    overrides: list[str]) -> Labels | None:
+                    overrides: list[str], images: ImageSource | None = None) -> Labels | None:
     """The labelled spans of ``--labels`` (or None), with ``--label`` and every span's label checked against
-    the config's ``model.num_classes``.
+    the config's ``model.num_classes``. For ``images``, ``--labels`` names files (:mod:`edge.images`).
 
     Raises
     ------
@@ -465,21 +543,31 @@ def _checked_labels(label: int | None, labels_file: Path | None, *, config: Path
         raise ValueError(str(e)) from None
     if label is not None and not 0 <= label < n:
         raise ValueError(f"--label {label} is outside model.num_classes = {n} (0..{n - 1})")
+    if labels_file is not None and images is not None:
+        from edge.images import read_name_labels
+
+        by_name = images.labels(read_name_labels(labels_file), str(labels_file))
+        by_name.check_classes(n)
+        return by_name
     return None if labels_file is None else load_labels(labels_file, num_classes=n)
 
 
 def ingest_command(
-    video: str | None = typer.Option(None, "--video", help="Video file, camera index (0) or stream URL."),
+    video: str | None = typer.Option(None, "--video",
+                                     help="Video file, camera index (0) or stream URL; or images: a folder, a "
+                                          "quoted glob ('photos/*.jpg') or one image file (one sample each)."),
     audio: str | None = typer.Option(None, "--audio",
-                                     help="WAV/FLAC/OGG file or a video file (its audio track). Default: the "
-                                          "video's own track when it has one."),
+                                     help="WAV/FLAC/OGG file or a video file (its audio track), or a live "
+                                          "microphone: alsa:hw:1 (or hw:1), pulse:default, a FIFO, "
+                                          "lavfi:GRAPH (ffmpeg). Default: the video's own track when it has one."),
     store: Path = typer.Option(..., "--store", help="SampleStore directory (created if missing)."),  # noqa: B008
     label: int | None = typer.Option(None, "--label", help="Class index of every sample (default: unlabeled)."),
     labels_file: Path | None = typer.Option(  # noqa: B008
         None, "--labels", help="Labelled time spans instead of --label: a CSV (start_s,end_s,label; header "
                                "optional) or a JSON list of {start_s, end_s, label}. A sample takes the label of "
                                "the span its keyframe (or a microphone-only window's centre) falls in; outside "
-                               "every span it is unlabeled."),
+                               "every span it is unlabeled. For images: labels by file name, a CSV "
+                               "(filename,label) or a JSON object {name: label}."),
     budget_mb: float | None = typer.Option(None, "--budget-mb",
                                            help="Byte budget of the store in MB (oldest samples are evicted)."),
     split: str = typer.Option("train", "--split", help="train, val or test."),
@@ -491,9 +579,17 @@ def ingest_command(
     align: str = typer.Option("shot", "--align",
                               help="Where a keyframe's audio comes from: 'shot' (where the sound is in the "
                                    "keyframe's shot) or 'keyframe' (the window centred on the keyframe)."),
-    max_per_shot: int = typer.Option(1, "--max-per-shot", min=1,
+    max_per_shot: int = typer.Option(1, "--max-per-shot",
                                      help="With --align shot: up to this many samples per shot, one per separate "
                                           "sound (same keyframe)."),
+    min_interval: float = typer.Option(0.25, "--min-interval",
+                                       help="Seconds: no two keyframes closer than this."),
+    max_interval: float = typer.Option(4.0, "--max-interval",
+                                       help="Seconds: a long shot (or a camera without cuts) gets a keyframe at "
+                                            "least this often."),
+    duration: float | None = typer.Option(None, "--duration",
+                                          help="Stop after this many seconds of stream (a live source otherwise "
+                                               "runs until Ctrl-C or SIGTERM, which end it cleanly)."),
     config: Path | None = typer.Option(None, "--config",  # noqa: B008
                                        help="Run config TOML: model.num_classes bounds --label and --labels."),
     set_: list[str] | None = typer.Option(None, "--set",  # noqa: B008
@@ -512,9 +608,24 @@ def ingest_command(
         typer.echo(f"error: {msg}", err=True)
         raise typer.Exit(code)
 
+    from edge.images import ImageSource, is_image_source, open_images
+
+    for name, v in (("--min-interval", min_interval), ("--max-interval", max_interval), ("--duration", duration)):
+        if v is not None and not (math.isfinite(v) and v >= 0):
+            fail(f"{name} must be a finite number of seconds >= 0, got {v}", 2)
+    if max_interval < min_interval or max_interval == 0:
+        fail(f"--max-interval ({max_interval:g}) must be > 0 and >= --min-interval ({min_interval:g})", 2)
+    if duration == 0:
+        fail("--duration must be > 0", 2)
+    source: str | ImageSource | None = video
     spans = None
-    try:  # labels are checked before anything is opened or stored
-        spans = _checked_labels(label, labels_file, config=config, overrides=set_ or [])
+    try:  # images are listed and labels checked before anything is opened or stored
+        if video is not None and is_image_source(video):
+            source = open_images(video)
+        spans = _checked_labels(label, labels_file, config=config, overrides=set_ or [],
+                                images=source if isinstance(source, ImageSource) else None)
+    except VideoSourceError as e:
+        fail(str(e), 1)
     except ValueError as e:
         fail(str(e), 2)
     try:
@@ -531,10 +642,22 @@ def ingest_command(
             bar.update(t - last[0])
             last[0] = t
 
+    # SIGTERM or Ctrl-C ends a live source after its current sample: the report is printed, the store kept;
+    # a second one interrupts at once (e.g. a FIFO still waiting for its writer)
+    stop_requested = threading.Event()
+
+    def on_signal(signum: int, frame: object) -> None:
+        if stop_requested.is_set():
+            raise KeyboardInterrupt
+        stop_requested.set()
+
+    previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGTERM, signal.SIGINT)}
     try:
-        rep = ingest(video=video, audio=audio, store=st, label=label, split=split,
+        rep = ingest(video=source, audio=audio, store=st, label=label, split=split,
                      audio_from_video=not no_video_audio, mic_stride=mic_stride, audio_offset=audio_offset,
-                     progress=progress, align=align, max_per_shot=max_per_shot, labels=spans)
+                     progress=progress, align=align, max_per_shot=max_per_shot, labels=spans,
+                     keyframe_options={"min_interval": min_interval, "max_interval": max_interval},
+                     max_seconds=duration, stop=stop_requested.is_set)
         evicted = st.stats()["evicted"] - evicted0
         if evicted:
             rep.notes.append(f"evicted the {evicted} oldest sample(s) to stay within the store budget of "
@@ -542,7 +665,12 @@ def ingest_command(
     except (IngestError, VideoSourceError, AudioSourceError, StoreError, ValueError) as e:
         bar.close()
         fail(str(e), 2 if isinstance(e, (IngestError, ValueError)) else 1)
+    except KeyboardInterrupt:  # before the streams were open (e.g. a FIFO waiting for its writer)
+        bar.close()
+        fail("interrupted before any stream was read; nothing stored", 1)
     finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
         st.close()
     bar.close()
     typer.echo(json.dumps(rep.to_json()) if as_json else rep.summary())

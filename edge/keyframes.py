@@ -56,6 +56,7 @@ from edge.sources import VideoSource, open_video
 
 __all__ = [
     "Keyframe", "KeyframeReport", "default_read_ahead", "default_stride", "extract_keyframes", "iter_keyframes",
+    "thumbnail",
 ]
 
 READ_AHEAD_BYTES = 24 << 20  # decoded frames the reader thread may hold ahead of the detector, in bytes
@@ -146,17 +147,23 @@ class _Cand:
     pixels: np.ndarray  # BGR frame as decoded (a reference, not a copy)
 
 
-def _encode(c: _Cand, max_side: int, quality: int, span: tuple[float, float]) -> Keyframe:
-    img = c.pixels
+def thumbnail(bgr: np.ndarray, *, max_side: int = 320, jpeg_quality: int = 90) -> tuple[np.ndarray, bytes]:
+    """A stored keyframe's image from a decoded (H, W, 3) uint8 BGR frame or photo: shrunk (area filter) so its
+    longer side is at most ``max_side``, as (h, w, 3) uint8 RGB and as JPEG bytes."""
+    img = bgr
     h, w = img.shape[:2]
     scale = min(1.0, max_side / max(h, w))
     if scale < 1.0:
         img = cv2.resize(img, (max(1, round(w * scale)), max(1, round(h * scale))), interpolation=cv2.INTER_AREA)
-    ok, buf = cv2.imencode(".jpg", img, [cv2.IMWRITE_JPEG_QUALITY, int(quality)])
+    ok, buf = cv2.imencode(".jpg", img, [cv2.IMWRITE_JPEG_QUALITY, int(jpeg_quality)])
     if not ok:  # pragma: no cover - OpenCV always encodes uint8 BGR
-        raise RuntimeError(f"JPEG encoding failed for frame {c.frame}")
-    rgb = np.ascontiguousarray(img[:, :, ::-1])
-    return Keyframe(frame=c.frame, time=c.time, score=round(c.score, 6), image=rgb, jpeg=buf.tobytes(),
+        raise RuntimeError("JPEG encoding failed")
+    return np.ascontiguousarray(img[:, :, ::-1]), buf.tobytes()
+
+
+def _encode(c: _Cand, max_side: int, quality: int, span: tuple[float, float]) -> Keyframe:
+    rgb, jpeg = thumbnail(c.pixels, max_side=max_side, jpeg_quality=quality)
+    return Keyframe(frame=c.frame, time=c.time, score=round(c.score, 6), image=rgb, jpeg=jpeg,
                     start=span[0], end=span[1])
 
 

@@ -446,3 +446,15 @@ def test_a_device_reconnects_after_the_superlink_comes_back(tmp_path):
     finally:
         for p in reversed(procs):
             p.stop()
+
+
+def test_microphones_are_restarted_and_image_folders_are_done(tmp_path):
+    mic = build_agent(superlink="h:1", store=tmp_path / "s", audio="alsa:hw:1")
+    ing = mic.children[0]
+    assert ing.argv[ing.argv.index("--audio") + 1] == "alsa:hw:1" and ing.restart == "always"
+    assert build_agent(superlink="h:1", store=tmp_path / "s", audio="hw:1").children[0].restart == "always"
+    (tmp_path / "photos").mkdir()
+    photos = build_agent(superlink="h:1", store=tmp_path / "s", video=str(tmp_path / "photos"))
+    assert photos.children[0].restart == "on-failure"  # a folder of photos, once stored, is done
+    glob = build_agent(superlink="h:1", store=tmp_path / "s", video=f"{tmp_path}/photos/*.jpg")
+    assert glob.children[0].restart == "on-failure"

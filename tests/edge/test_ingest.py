@@ -207,3 +207,28 @@ def test_truncated_video_keeps_what_decoded_and_says_where_it_broke(tmp_path, me
     assert rep.seconds >= 0 and any("broke" in n or "could not decode" in n for n in rep.notes), rep.notes
     r = _cli("--video", str(cut), "--store", str(tmp_path / "c"))
     assert r.exit_code == 0 and "note:" in r.stdout
+
+
+def test_keyframe_interval_and_duration_options_reach_the_extractor(tmp_path):
+    _write_video(tmp_path / "two.avi", shots=2)  # two 2 s shots
+
+    def keyframes(name: str, *opts: str) -> list[float]:
+        r = _cli("--video", str(tmp_path / "two.avi"), "--store", str(tmp_path / name), *opts)
+        assert r.exit_code == 0, r.output
+        return [s.stream_time or 0.0 for s in SampleStore(tmp_path / name).iter_samples()]
+
+    dense = keyframes("dense", "--max-interval", "0.5", "--duration", "3")  # every 0.5 s at least, up to 3 s
+    sparse = keyframes("sparse", "--min-interval", "3", "--max-interval", "4")
+    assert len(dense) >= 5 and max(dense) < 3
+    assert 1 <= len(sparse) <= 2 and all(np.diff(sparse) >= 3)
+
+
+@pytest.mark.parametrize("opts", [["--min-interval", "-1"], ["--max-interval", "nan"], ["--max-interval", "0"],
+                                  ["--min-interval", "2", "--max-interval", "1"], ["--duration", "0"],
+                                  ["--duration", "inf"]])
+def test_bad_interval_or_duration_is_one_line_naming_the_option(tmp_path, media, opts):
+    r = _cli("--video", str(media["video"]), "--store", str(tmp_path / "s"), *opts)
+    assert r.exit_code == 2
+    err = [ln for ln in r.stderr.splitlines() if ln.startswith("error:")]
+    assert len(err) == 1 and opts[-2] in err[0], r.stderr
+    assert not (tmp_path / "s").exists() or len(SampleStore(tmp_path / "s")) == 0

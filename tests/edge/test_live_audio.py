@@ -4,18 +4,28 @@ capture them; ffmpeg stopped when the consumer stops."""
 
 from __future__ import annotations
 
+import json
 import os
+import signal
 import stat
 import struct
+import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
 
 import numpy as np
 import pytest
+from typer.testing import CliRunner
 
+from common.cli import build_app
 from edge.audio_source import AudioSourceError, find_ffmpeg, open_audio
+from edge.ingest import ingest
 from edge.live_audio import LiveAudio, is_live_audio, parse_live_audio
+from edge.store import SampleStore
+
+ROOT = Path(__file__).resolve().parents[2]
 
 SINE = "lavfi:sine=frequency=440:sample_rate=44100"
 
@@ -162,3 +172,61 @@ def test_ffmpeg_without_alsa_names_what_is_missing(tmp_path):
     with pytest.raises(AudioSourceError, match=r"has no 'alsa' input device.*or use pulse:DEVICE$"):
         open_audio("hw:1", ffmpeg=_fake_ffmpeg(tmp_path, devices, ""))
     assert find_ffmpeg() is not None
+
+
+# ----------------------------------------------------------------------------------------- ingest
+def _ingest_cli(*args: str):
+    return CliRunner().invoke(build_app(), ["edge", "ingest", *args])
+
+
+def test_microphone_only_ingest_of_a_live_source_for_a_bounded_duration(tmp_path):
+    r = _ingest_cli("--audio", "lavfi:sine=frequency=440:sample_rate=16000", "--duration", "1.5",
+                    "--store", str(tmp_path / "s"), "--json")
+    assert r.exit_code == 0, r.output
+    rep = json.loads(r.stdout)
+    assert rep["modalities"] == ["audio"] and rep["audio_seconds"] == pytest.approx(1.5) and rep["error"] is None
+    samples = list(SampleStore(tmp_path / "s").iter_samples())
+    assert len(samples) == rep["samples_stored"] >= 1
+    assert all(s.modalities == ("audio",) and s.source == "lavfi:sine=frequency=440:sample_rate=16000"
+               for s in samples)
+
+
+def test_ingest_reads_a_fifo_written_in_real_time(tmp_path, fifo):
+    writer = write_fifo_in_real_time(fifo, seconds=1.6)
+    rep = ingest(audio=fifo, store=tmp_path / "s", label=2)
+    writer.join(5)
+    assert rep.audio_seconds == pytest.approx(1.6, abs=0.05) and rep.error is None
+    assert rep.samples_stored >= 1 and all(s.label == 2 for s in SampleStore(tmp_path / "s").iter_samples())
+
+
+def test_cli_device_that_does_not_exist_is_one_line(tmp_path):
+    r = _ingest_cli("--audio", "alsa:hw:99", "--store", str(tmp_path / "s"))
+    assert r.exit_code == 1
+    err = [ln for ln in r.stderr.splitlines() if ln.startswith("error:")]
+    assert len(err) == 1 and "alsa:hw:99" in err[0] and "Traceback" not in r.stderr, r.stderr
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def test_signal_ends_a_live_ingest_cleanly_keeping_what_was_stored(tmp_path, sig):
+    store = tmp_path / "s"
+    p = subprocess.Popen([sys.executable, "-m", "common.cli", "edge", "ingest", "--audio", SINE,
+                          "--store", str(store), "--json", "--mic-stride", "0.5"],
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=ROOT,
+                         env={**os.environ, "PYTHONPATH": str(ROOT)})
+    try:
+        deadline = time.monotonic() + 40
+        while time.monotonic() < deadline:  # until the live stream has given a few samples
+            time.sleep(0.5)
+            if store.exists() and len(SampleStore(store)) >= 2:
+                break
+        p.send_signal(sig)
+        out, err = p.communicate(timeout=30)
+    finally:
+        if p.poll() is None:
+            p.kill()
+            p.wait()
+    assert p.returncode == 0, err.decode()
+    rep = json.loads(out)
+    assert rep["samples_stored"] >= 2 and "stopped on request; what was stored is kept" in rep["notes"]
+    assert len(SampleStore(store)) == rep["samples_stored"]
