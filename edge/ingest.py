@@ -651,7 +651,8 @@ def ingest_command(
             raise KeyboardInterrupt
         stop_requested.set()
 
-    previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGTERM, signal.SIGINT)}
+    in_main = threading.current_thread() is threading.main_thread()  # signal handlers can only be set there
+    previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGTERM, signal.SIGINT)} if in_main else {}
     try:
         rep = ingest(video=source, audio=audio, store=st, label=label, split=split,
                      audio_from_video=not no_video_audio, mic_stride=mic_stride, audio_offset=audio_offset,
