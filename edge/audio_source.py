@@ -1,5 +1,7 @@
 """Audio sources: WAV/FLAC/OGG files (soundfile, or the stdlib ``wave`` module for WAV) and the audio track
-of a video file (through an ``ffmpeg`` subprocess), read incrementally, downmixed to mono and resampled.
+of a video file (through an ``ffmpeg`` subprocess), read incrementally, downmixed to mono and resampled; live
+sources (microphones, ffmpeg generators, FIFOs: :mod:`edge.live_audio`) are opened by the same
+:func:`open_audio` and delivered the same way.
 
 Memory stays bounded on an hour-long file: samples are read in blocks of ``chunk_s`` seconds and resampled
 by a streaming polyphase filter (:class:`common.media.audio.StreamResampler`, equal to
