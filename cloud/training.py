@@ -487,8 +487,16 @@ def training_dataset(cfg: FedgeConfig) -> Any:
     return ray.data.from_items([{c: cols[c][i] for c in _COLUMNS} for i in range(n)]).materialize()
 
 
+def arrays_dataset(cols: Mapping[str, np.ndarray]) -> Any:
+    """In-memory arrays with the trainer's columns (image, audio, label, mask, quality, equal lengths) as a
+    materialized ``ray.data.Dataset`` (Ray must be initialised)."""
+    import ray
+
+    return ray.data.from_items([{c: cols[c][i] for c in _COLUMNS} for i in range(len(cols["label"]))]).materialize()
+
+
 __all__ = [
-    "GlobalTrainer", "TrainResult", "TrainingError", "fresh_adapters", "initial_base", "lora_model",
+    "GlobalTrainer", "TrainResult", "TrainingError", "arrays_dataset", "fresh_adapters", "initial_base", "lora_model",
     "merge_adapters", "recovery_seconds", "run_global_training", "train_loop_per_worker", "training_dataset",
     "training_due",
 ]

@@ -7,7 +7,7 @@ Pure compute: no Flower, no Ray, no disk. Arrays use the layout of :func:`common
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 
 import numpy as np
 import torch
@@ -68,7 +68,7 @@ def lr_factor(step: int, steps: int, schedule: str) -> float:
     raise ValueError(f"unknown learning-rate schedule {schedule!r} (known: constant, cosine)")
 
 
-def proximal_term(params: list[torch.Tensor], anchor: list[torch.Tensor]) -> torch.Tensor:
+def proximal_term(params: Sequence[torch.Tensor], anchor: Sequence[torch.Tensor]) -> torch.Tensor:
     """FedProx's ``(1/2) sum ||w - w0||^2`` over the trained parameters and their received values."""
     return 0.5 * sum(((p - a) ** 2).sum() for p, a in zip(params, anchor))  # type: ignore[return-value]
 

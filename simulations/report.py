@@ -183,20 +183,52 @@ def _tensorboard(records: list[dict[str, Any]], out: Path) -> None:
     w.close()
 
 
-def final_modality_accuracy(run_dir: Path, cfg_flat: dict[str, Any]) -> dict[str, float]:
-    """Per-modality accuracy of the final global adapters on the held-out set (empty if not saved)."""
+def heldout_modality_accuracy(cfg_flat: dict[str, Any], state: Any) -> dict[str, float]:
+    """Per-modality accuracy on the run's held-out set of its base with the global ``state`` of its
+    ``train.scope`` loaded (None: the initial state, which changes no output of the base); empty without a set."""
     from common.config import load_config
     from common.dataset import load_data
 
-    path = run_dir / ADAPTERS
     eval_path = cfg_flat.get("data.eval_path", "")
-    if not path.is_file() or not eval_path or not Path(eval_path).exists():
+    if not eval_path or not Path(eval_path).exists():
         return {}
     cfg = load_config(run_config=cfg_flat)
     m = cfg.model
     held = load_data(eval_path, image_size=m.image_size, n_mels=m.n_mels, frames=m.audio_frames,
                      num_classes=m.num_classes, what="data.eval_path")  # a store or an NPZ
-    return modality_accuracy(model_with(cfg, load_arrays(path)), held)
+    return modality_accuracy(model_with(cfg, state), held)
+
+
+def final_modality_accuracy(run_dir: Path, cfg_flat: dict[str, Any]) -> dict[str, float]:
+    """Per-modality accuracy of the final global adapters on the held-out set (empty if not saved)."""
+    path = run_dir / ADAPTERS
+    return heldout_modality_accuracy(cfg_flat, load_arrays(path)) if path.is_file() else {}
+
+
+def base_modality_accuracy(cfg_flat: dict[str, Any]) -> dict[str, float]:
+    """Per-modality accuracy of the model the federation started from (the base, before any version)."""
+    return heldout_modality_accuracy(cfg_flat, None)
+
+
+def gain_lines(base: dict[str, float], final: dict[str, float]) -> list[str]:
+    """Markdown: per input subset the accuracy the base started at, the federation ended at, and what it added;
+    then one sentence on the fused result against each single modality."""
+    rows = ["| inputs | base (start) | federated (end) | added by the federation |", "|---|---|---|---|"]
+    for k, v in final.items():
+        b = base.get(k)
+        rows.append(f"| {k} | {b:.4f} | {v:.4f} | {100 * (v - b):+.1f} points |" if b is not None
+                    else f"| {k} | - | {v:.4f} | - |")
+    fused = final.get("image+audio")
+    singles = {k: v for k, v in final.items() if k != "image+audio"}
+    if fused is not None and singles:
+        worse = [k for k, v in singles.items() if fused < v]
+        rows += ["", ("Fused (image+audio) is at least as accurate as each modality alone." if not worse else
+                      "Fused (image+audio) is below " + " and ".join(f"{k} alone ({singles[k]:.4f})" for k in worse)
+                      + f": {fused:.4f}.")]
+    if fused is not None and "image+audio" in base:
+        rows += ["", f"The base started at {base['image+audio']:.4f} (fused); the federation ended at {fused:.4f}: "
+                     f"{100 * (fused - base['image+audio']):+.1f} points."]
+    return rows
 
 
 def write_report(run_dir: str | Path) -> Path:
@@ -261,14 +293,16 @@ def write_report(run_dir: str | Path) -> Path:
     else:
         lines.append("None reported.")
 
-    lines += ["", "## Per-modality accuracy (held-out set)", ""]
+    lines += ["", "## Per-modality accuracy (held-out set): what the base gave, what the federation added", ""]
     per_mod = final_modality_accuracy(out, cfg)
     if not per_mod:
         per_mod = {k[4:]: float(v) for k, v in records[-1].items() if k.startswith("acc-")}
     if per_mod:
+        base_mod = base_modality_accuracy(cfg)
         lines += [f"![per-modality]({_bar(per_mod, out, 'per_modality.png', title='final model, per modality', ylabel='accuracy')})",
-                  "", "| inputs | accuracy |", "|---|---|"] + [f"| {k} | {v:.4f} |" for k, v in per_mod.items()]
+                  "", *gain_lines(base_mod, per_mod)]
         (out / "per_modality.json").write_text(json.dumps(per_mod, indent=1))
+        (out / "base_per_modality.json").write_text(json.dumps(base_mod, indent=1))
     else:
         lines.append("Not available (the server saved no final adapters).")
     lines += ["", "Files: `config.toml` (resolved config), `metrics.jsonl`, `tb/` (TensorBoard: `tensorboard --logdir tb`)."]

@@ -53,3 +53,16 @@ def test_compare_refuses_settings_with_different_devices_or_data(tmp_path):
     b = load_config(overrides={"simulation.devices": 5, "aggregation.mode": "sync"})
     with pytest.raises(CompareError, match="devices"):
         compare(a, b, out_dir=tmp_path)
+
+
+def test_gain_lines_show_base_final_and_what_the_federation_added():
+    from simulations.report import gain_lines
+
+    base = {"image+audio": 0.60, "image": 0.50, "audio": 0.55}
+    final = {"image+audio": 0.80, "image": 0.70, "audio": 0.75}
+    text = "\n".join(gain_lines(base, final))
+    assert "| image+audio | 0.6000 | 0.8000 | +20.0 points |" in text
+    assert "at least as accurate as each modality alone" in text
+    assert "started at 0.6000 (fused); the federation ended at 0.8000: +20.0 points" in text
+    worse = "\n".join(gain_lines(base, {**final, "image": 0.9}))
+    assert "below image alone (0.9000)" in worse
