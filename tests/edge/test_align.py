@@ -209,3 +209,21 @@ def test_microphone_only_spans_longer_than_a_window_take_the_loudest_window(tmp_
 def test_frame_energy_db_is_the_broadband_level():
     mel = np.full((40, 3), 1e-3 / 40)
     np.testing.assert_allclose(frame_energy_db(mel), [-30.0] * 3, atol=1e-4)
+
+
+def test_cli_max_per_shot_and_bad_alignment_options(tmp_path, video):
+    from typer.testing import CliRunner
+
+    from common.cli import build_app
+
+    y = _track([[0.15, 1.4], [0.8], [0.2, 1.5]], noise_rms=0.003)
+    sf.write(tmp_path / "a.wav", y, SR, subtype="FLOAT")
+    base = ["edge", "ingest", "--video", str(video), "--audio", str(tmp_path / "a.wav")]
+    r = CliRunner().invoke(build_app(), [*base, "--store", str(tmp_path / "s"), "--max-per-shot", "2", "--json"])
+    assert r.exit_code == 0, r.output
+    assert len(SampleStore(tmp_path / "s")) == 5
+    for bad, expect in ((["--align", "middle"], "align must be one of shot, keyframe"),
+                        (["--max-per-shot", "0"], "max_per_shot must be >= 1")):
+        r = CliRunner().invoke(build_app(), [*base, "--store", str(tmp_path / "b"), *bad])
+        errs = [ln for ln in r.stderr.splitlines() if ln.startswith("error:")]
+        assert r.exit_code == 2 and len(errs) == 1 and expect in errs[0], r.stderr
