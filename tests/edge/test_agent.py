@@ -458,3 +458,20 @@ def test_microphones_are_restarted_and_image_folders_are_done(tmp_path):
     assert photos.children[0].restart == "on-failure"  # a folder of photos, once stored, is done
     glob = build_agent(superlink="h:1", store=tmp_path / "s", video=f"{tmp_path}/photos/*.jpg")
     assert glob.children[0].restart == "on-failure"
+
+
+@pytest.mark.integration
+def test_live_microphone_ingest_is_restarted_when_it_ends_and_stops_with_the_agent(tmp_path):
+    """A live source (an ffmpeg generator standing in for `--audio alsa:hw:1`) that ends is reopened, not
+    treated as a finished recording; SIGTERM stops the agent with what was stored kept."""
+    from edge.store import SampleStore
+
+    store = tmp_path / "store"
+    with _agent(tmp_path, "--store", str(store), "--audio", "lavfi:sine=frequency=440:sample_rate=16000",
+                "--ingest-arg=--duration", "--ingest-arg=1.5", "--grace", "10") as (p, log):
+        _wait(lambda: log.read_text().count("ingest started") >= 2, 90, "the ingest to be restarted")
+        p.send_signal(signal.SIGTERM)
+        assert p.wait(timeout=30) == 0, log.read_text()
+    text = log.read_text()
+    assert "ingest exited with 0" in text and "ingest finished" not in text, text  # ended, then reopened
+    assert len(SampleStore(store)) >= 1, text

@@ -167,6 +167,15 @@ def test_missing_alsa_device_with_an_alsa_capable_ffmpeg_is_one_line(tmp_path):
                             "(cannot open audio device hw:99 (No such file or directory))")
 
 
+def test_pulse_without_a_server_says_so_in_one_line(tmp_path):
+    devices = "Devices:\n ---\n DE pulse           Pulse audio output\n"
+    stderr = "[in#0 @ 0x5566] Error opening input: No such process\nError opening input file default.\n"
+    with pytest.raises(AudioSourceError) as e:
+        open_audio("pulse:default", ffmpeg=_fake_ffmpeg(tmp_path, devices, stderr))
+    assert str(e.value) == ("cannot open audio device pulse:default (Error opening input: No such process; is a "
+                            "PulseAudio (or PipeWire) server running for this user?)")
+
+
 def test_ffmpeg_without_alsa_names_what_is_missing(tmp_path):
     devices = "Devices:\n D. = Demuxing supported\n ---\n D  lavfi           Libavfilter\n DE pulse   Pulse\n"
     with pytest.raises(AudioSourceError, match=r"has no 'alsa' input device.*or use pulse:DEVICE$"):
