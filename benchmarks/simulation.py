@@ -19,10 +19,13 @@ Ray, devices' streams rendered and ingested into stores) in this one program:
     ``missing30_drop_pts``: accuracy points lost when 30% of the devices miss a modality (target <= 3).
 (e) ``degraded_vs_best_single``: on a held-out set whose audio is at 5 dB SNR (rendered and ingested like the
     rest), fused accuracy over the better single modality (target >= 1: fusion never below its best input).
+(f) ``dashboard_overhead``: steady-state wall seconds per client update with the live dashboard on (one page's
+    event stream open and ``/metrics`` scraped every second) over the same simulation with it off, minus 1
+    (target < 0.05); the two alternate ``--repeats`` times and each keeps its fastest run.
 
-Run: .venv/bin/python benchmarks/simulation.py [--quick] [--skip-1000] [--repeats N] [--work DIR]
+Run: .venv/bin/python benchmarks/simulation.py [--quick] [--skip-1000] [--repeats N] [--work DIR] [--only dashboard]
 Last line: overhead_vs_flower=… devices_1000_seconds=… async_speedup=… fed_vs_central=… missing30_drop_pts=…
-degraded_vs_best_single=…
+degraded_vs_best_single=… dashboard_overhead=… (with ``--only dashboard``: dashboard_overhead=… alone)
 """
 
 from __future__ import annotations
@@ -192,19 +195,81 @@ def degraded_eval(cfg_path: Path, adapters: Path, snr_db: float, cache: Path) ->
     return modality_accuracy(model_with(cfg, load_arrays(adapters)), arrays)
 
 
+def _watch(url: str, stop: threading.Event) -> None:
+    """What a watcher costs the aggregator: one open event stream (read to the end) and /metrics every second."""
+    import urllib.request
+
+    while not stop.is_set():
+        try:
+            urllib.request.urlopen(url + "api/state", timeout=1).close()
+            break
+        except OSError:
+            time.sleep(0.2)
+
+    def stream() -> None:
+        try:
+            with urllib.request.urlopen(url + "api/events", timeout=30) as r:
+                while not stop.is_set() and r.readline():
+                    pass
+        except OSError:
+            pass
+
+    threading.Thread(target=stream, daemon=True).start()
+    while not stop.wait(1.0):
+        try:
+            urllib.request.urlopen(url + "metrics", timeout=2).read()
+        except OSError:
+            pass
+
+
+def dashboard_overhead(work: Path, env: dict[str, str], repeats: int) -> float:
+    """(f): per-update seconds with the dashboard on and watched over the same run with it off, minus 1."""
+    import socket
+
+    sets = ["aggregation.versions=10", "aggregation.concurrency=8", "profiles.straggler_fraction=0.0"]
+    on, off = [], []
+    for i in range(repeats):
+        sfx = f"-{i}" if i else ""
+        simulate(SCEN / "sync.toml", work / f"dash-off{sfx}", sets, env)
+        off.append(per_update_seconds(metrics(work / f"dash-off{sfx}")))
+        with socket.socket() as sk:
+            sk.bind(("127.0.0.1", 0))
+            port = sk.getsockname()[1]
+        stop = threading.Event()
+        watcher = threading.Thread(target=_watch, args=(f"http://127.0.0.1:{port}/", stop), daemon=True)
+        watcher.start()
+        try:
+            simulate(SCEN / "sync.toml", work / f"dash-on{sfx}", sets, env,
+                     extra=["run", "--dashboard", f"127.0.0.1:{port}"])
+        finally:
+            stop.set()
+            watcher.join(timeout=5)
+        on.append(per_update_seconds(metrics(work / f"dash-on{sfx}")))
+    print(f"(f) wall s per client update: dashboard on {min(on):.4f} (runs {', '.join(f'{x:.4f}' for x in on)}), "
+          f"off {min(off):.4f} (runs {', '.join(f'{x:.4f}' for x in off)})")
+    return min(on) / min(off) - 1.0
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="fewer versions (a smoke run, figures less stable)")
     ap.add_argument("--skip-1000", action="store_true", help="leave out (b), the 1,000-device run")
     ap.add_argument("--work", type=Path, default=None, help="keep runs here (default: a temp dir)")
     ap.add_argument("--target", type=float, default=0.4, help="target accuracy for (c)")
-    ap.add_argument("--repeats", type=int, default=2, help="runs per side for (a); each side keeps its fastest")
+    ap.add_argument("--repeats", type=int, default=2, help="runs per side for (a) and (f); each keeps its fastest")
+    ap.add_argument("--only", choices=("all", "dashboard"), default="all",
+                    help="dashboard: only (f), the live dashboard's cost")
     args = ap.parse_args()
     work = args.work or Path(tempfile.mkdtemp(prefix="fedge-bench-sim-"))
     work.mkdir(parents=True, exist_ok=True)
     cache = work / "data"
     env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0", "FEDGE_SIM_CACHE": str(cache), "OMP_NUM_THREADS": "1"}
     q = ["aggregation.versions=8"] if args.quick else []
+    if args.only == "dashboard":
+        overhead = dashboard_overhead(work, env, args.repeats)
+        print(f"runs in {work}")
+        print(f"dashboard_overhead={overhead:.3f}")
+        return
     base = SCEN / "quickstart.toml"
     results: dict[str, object] = {}
 
@@ -273,10 +338,12 @@ def main() -> None:
         results["devices_1000_seconds"] = wall
         results["devices_1000_peak_gib"] = peak / 2**30
 
+    results["dashboard_overhead"] = dashboard_overhead(work, env, args.repeats)
+
     (work / "results.json").write_text(json.dumps(results, indent=1))
     print(f"runs in {work}")
     keys = ("overhead_vs_flower", "devices_1000_seconds", "async_speedup", "fed_vs_central", "missing30_drop_pts",
-            "degraded_vs_best_single")
+            "degraded_vs_best_single", "dashboard_overhead")
     print(" ".join(f"{k}={float(results[k]):.3f}" for k in keys))  # type: ignore[arg-type]
 
 

@@ -30,6 +30,14 @@ import typer
 from common.config import FedgeConfig
 from common.procs import escalate
 
+from .dashboard.options import (
+    DashboardAddress,
+    DashboardPublic,
+    DashboardToken,
+    DashboardTokens,
+    RayDashboard,
+    dashboard_overrides,
+)
 from .state import RAY_ADDRESS_ENV, RAY_ADDRESS_FILE
 
 APP_DIR = Path(__file__).resolve().parents[1]  # the Flower app: pyproject.toml with [tool.flwr.app]
@@ -52,6 +60,7 @@ class LaunchOptions:
     auth_public_keys: list[Path] = field(default_factory=list)
     app_dir: Path = APP_DIR
     timeout_s: float = 0.0  # 0 = wait for the run however long it takes
+    ray_dashboard: bool = False  # start Ray's own dashboard with the embedded Ray
 
 
 def _bin(name: str) -> str:
@@ -131,9 +140,12 @@ def start(cfg: FedgeConfig, o: LaunchOptions, *, echo=print) -> int:  # type: ig
         address = o.ray_address
         echo(f"[fedge] Ray: joining {address}")
     else:
-        ray.init(num_cpus=o.num_cpus, include_dashboard=False, log_to_driver=False)
+        ctx = ray.init(num_cpus=o.num_cpus, include_dashboard=o.ray_dashboard, log_to_driver=False,
+                       **({"dashboard_host": "127.0.0.1"} if o.ray_dashboard else {}))
         address = ray.get_runtime_context().gcs_address
         echo(f"[fedge] Ray: embedded, {address}")
+        if o.ray_dashboard and ctx.dashboard_url:
+            echo(f"[fedge] Ray dashboard: http://{ctx.dashboard_url}")
     # The ServerApp process is started by Flower's SuperExec, which may outlive a killed launcher and keep
     # its environment: the run dir's file, rewritten on every start, is what the ServerApp trusts first.
     env[RAY_ADDRESS_ENV] = address
@@ -250,15 +262,21 @@ def start_command(
     ssl_keyfile: Annotated[Path | None, typer.Option("--ssl-keyfile", help="SuperLink private key (TLS).")] = None,
     auth_public_keys: Annotated[list[Path] | None, typer.Option(
         "--auth-public-key", help="A SuperNode public key to register (enables SuperNode auth).")] = None,
+    dashboard: DashboardAddress = "",
+    dashboard_token: DashboardToken = "",
+    dashboard_tokens: DashboardTokens = "",
+    public: DashboardPublic = False,
+    ray_dashboard: RayDashboard = False,
 ) -> None:
     """Start the aggregator: embedded Ray, a Flower SuperLink and the fedge run; Ctrl-C checkpoints and stops."""
     from common.config import ConfigError, load_config, parse_overrides
 
-    try:
-        cfg = load_config(toml_path=config, overrides=parse_overrides(set_ or []))
+    try:  # DashboardError is a ValueError: one line, exit 2
+        watch = dashboard_overrides(dashboard, token=dashboard_token, tokens_file=dashboard_tokens, public=public)
+        cfg = load_config(toml_path=config, overrides=parse_overrides(list(set_ or []) + watch))
         opts = LaunchOptions(run_dir=run_dir, host=host, port=port, ray_address=ray_address, num_cpus=num_cpus,
                              ssl_ca_certfile=ssl_ca_certfile, ssl_certfile=ssl_certfile, ssl_keyfile=ssl_keyfile,
-                             auth_public_keys=list(auth_public_keys or []))
+                             auth_public_keys=list(auth_public_keys or []), ray_dashboard=ray_dashboard)
         superlink_command(opts)  # validates the TLS / auth combination before anything starts
     except (ConfigError, FileNotFoundError, ValueError) as e:
         typer.echo(f"fedge cloud start: {e}", err=True)
