@@ -22,7 +22,7 @@ from typing import Any
 from common.config import MODALITIES, FedgeConfig
 from common.dataset import DB_NAME, DataError, check_store_labels, describe, is_store, load_data
 
-__all__ = ["GivenDataError", "check_given_stores", "pretrain_on_given", "uses_given_stores"]
+__all__ = ["GivenDataError", "absolute_paths", "check_given_stores", "pretrain_on_given", "uses_given_stores"]
 
 
 class GivenDataError(DataError):
@@ -32,6 +32,18 @@ class GivenDataError(DataError):
 def uses_given_stores(cfg: FedgeConfig) -> bool:
     """Whether the run trains on the user's stores (``data.source = "store"`` with ``data.store_root``)."""
     return cfg.data.source == "store" and bool(cfg.data.store_root)
+
+
+def absolute_paths(cfg: FedgeConfig) -> FedgeConfig:
+    """``cfg`` with the data paths it names made absolute (relative ones are read from where fedge runs, and
+    the simulation's Ray workers may run elsewhere)."""
+    def absolute(p: str) -> str:
+        return str(Path(p).resolve()) if p else p
+
+    d, s = cfg.data, cfg.simulation
+    return dataclasses.replace(
+        cfg, data=dataclasses.replace(d, store_root=absolute(d.store_root), eval_path=absolute(d.eval_path)),
+        simulation=dataclasses.replace(s, pretrain_data=absolute(s.pretrain_data)))
 
 
 def _train_counts(store: Path) -> dict[str, int]:
