@@ -4,7 +4,9 @@ Two supervised child processes, each in its own process group:
 
 * **ingest** — ``fedge edge ingest`` from the device's camera / microphone sources into the store; restarted
   with backoff when it fails, and when a live source (camera index, device, URL) ends; a recorded file that
-  has been read to its end is done;
+  has been read to its end is done, and one whose ingest fails :data:`INGEST_GIVE_UP` times in a row with the
+  same exit code and error line is given up, with a log line that says so (a restarted ingest resumes where
+  the last one stopped, :mod:`edge.resume`, so a restart only repeats what failed);
 * **supernode** — ``flower-supernode`` with this package's ClientApp against the SuperLink; node config
   ``device-id``, ``store``, ``modalities``, ``profile``, ``threads`` (see :mod:`edge.node_config`). The SuperNode
   itself retries a lost connection (unlimited by default); should it exit anyway, the agent restarts it with
@@ -38,6 +40,7 @@ from common.procs import escalate
 
 from .node_config import NodeConfig
 
+INGEST_GIVE_UP = 3  # a recording whose ingest fails this many times in a row alike is given up
 AUTH_KEY_NAMES = ("auth.key",)  # what `fedge cloud certs` writes per node (OpenSSH ECDSA private key)
 
 
@@ -111,17 +114,28 @@ class Child:
     min_backoff_s: float = 1.0
     max_backoff_s: float = 30.0
     stable_s: float = 60.0  # running this long resets the backoff
+    give_up_after: int = 0  # stop restarting after this many failures in a row that end alike (0: never)
     proc: subprocess.Popen[bytes] | None = None
     starts: int = 0
     done: bool = False
     _backoff: float = field(default=0.0, repr=False)
     _next_start: float = field(default=0.0, repr=False)
     _started_at: float = field(default=0.0, repr=False)
+    _failure: tuple[int, str] | None = field(default=None, repr=False)  # (exit code, last error line)
+    _same_failures: int = field(default=0, repr=False)
+    _last_error: list[str] = field(default_factory=lambda: [""], repr=False)
+    _reader: threading.Thread | None = field(default=None, repr=False)
 
     def start(self) -> None:
         # preexec_fn: the agent forks from its only thread (signals just set an Event)
+        watch = self.give_up_after > 0  # its stderr passes through the agent, which keeps the last error line
         self.proc = subprocess.Popen(self.argv, env=self.env, start_new_session=True,
+                                     stderr=subprocess.PIPE if watch else None,
                                      preexec_fn=_die_with_parent)  # noqa: PLW1509
+        if watch:
+            self._last_error = [""]
+            self._reader = threading.Thread(target=_forward_stderr, args=(self.proc, self._last_error), daemon=True)
+            self._reader.start()
         self.starts += 1
         self._started_at = time.monotonic()
         _log(f"{self.name} started (pid {self.proc.pid}, start #{self.starts})")
@@ -143,6 +157,17 @@ class Child:
             _log(f"{self.name} finished")
             self.done = True
             return
+        if self.give_up_after > 0 and rc != 0:
+            if self._reader is not None:
+                self._reader.join(timeout=5.0)  # the error line the child wrote just before it exited
+            failure = (rc, self._last_error[0])
+            self._same_failures = self._same_failures + 1 if failure == self._failure else 1
+            self._failure = failure
+            if self._same_failures >= self.give_up_after:
+                _log(f"{self.name}: giving up after {self._same_failures} failures in a row that ended alike "
+                     f"(exit {rc}: {failure[1] or 'no error line'}); fix the source and restart the agent")
+                self.done = True
+                return
         self._backoff = self.min_backoff_s if ran >= self.stable_s or not self._backoff else \
             min(self.max_backoff_s, 2 * self._backoff)
         self._next_start = now + self._backoff
@@ -161,6 +186,19 @@ class Child:
         except ProcessLookupError:
             pass
         return p.returncode
+
+
+def _forward_stderr(proc: subprocess.Popen[bytes], last_error: list[str]) -> None:
+    """Copy a child's stderr to the agent's, keeping its last ``error:`` line in ``last_error[0]``."""
+    assert proc.stderr is not None
+    for line in proc.stderr:
+        text = line.decode(errors="replace")
+        sys.stderr.write(text)
+        sys.stderr.flush()
+        text = text.strip()
+        if text.startswith("error:"):
+            last_error[0] = text
+    proc.stderr.close()
 
 
 class Agent:
@@ -238,7 +276,8 @@ def build_agent(*, superlink: str, store: Path, video: str | None = None, audio:
                  and (not audio or Path(audio).is_file()))
         children.insert(0, Child("ingest", ingest_command(store=store, video=video, audio=audio,
                                                           extra=ingest_args), env,
-                                 restart="on-failure" if files else "always"))
+                                 restart="on-failure" if files else "always",
+                                 give_up_after=INGEST_GIVE_UP if files else 0))
     return Agent(children, grace_s=grace_s)
 
 

@@ -30,7 +30,7 @@ def _feed(st, n, start=0):
 
 
 def test_updates_accepted_since_the_checkpoint_are_replayed_on_restore(tmp_path):
-    kw = dict(buffer_size=3, checkpoint_every=5)
+    kw = {"buffer_size": 3, "checkpoint_every": 5}
     st = AggregatorState(INIT, checkpoint_dir=str(tmp_path), **kw)
     _feed(st, 7)  # versions 1, 2 (no checkpoint since the initial one) + 1 buffered
     back = AggregatorState.restore(str(tmp_path), **kw)  # no shutdown checkpoint: as after kill -9
