@@ -70,6 +70,17 @@ def test_photo_takes_the_keyframe_thumbnail_path(tmp_path):
     assert src.images_read == 2 and src.skipped == []
 
 
+def test_exif_orientation_is_applied_as_a_phone_photo_expects(tmp_path):
+    from PIL import Image  # scikit-image's dependency
+
+    img = Image.fromarray(np.zeros((40, 80, 3), np.uint8))
+    exif = img.getexif()
+    exif[0x0112] = 6  # "rotate 90 degrees clockwise to display"
+    img.save(tmp_path / "phone.jpg", exif=exif)
+    (kf,) = open_images(tmp_path / "phone.jpg").keyframes()
+    assert kf.image.shape == (80, 40, 3)
+
+
 def test_unreadable_or_vanished_image_is_skipped_and_named(tmp_path):
     d = _photos(tmp_path / "p", ("a.jpg", "b.jpg", "c.jpg"))
     src = open_images(d)
