@@ -156,10 +156,13 @@ def open_live_audio(live: LiveAudio, *, sr: int, chunk_s: float, min_sr: int,
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=errf, stdin=subprocess.DEVNULL, bufsize=0)
     try:
         assert proc.stdout is not None
-        deadline = None if live.kind == "fifo" else time.monotonic() + open_timeout_s
-        rate, channels = _read_wav_header(proc.stdout, deadline, live.name)
+        rate, channels = _read_wav_header(proc.stdout, None if live.kind == "fifo" else open_timeout_s, live.name)
         if rate is None:
-            proc.wait(timeout=10)
+            try:  # ffmpeg closed its output: it is exiting
+                proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
             why = ffmpeg_error_line(errf) or f"ffmpeg exit status {proc.returncode}"
             what = "audio device" if live.kind in ("alsa", "pulse") else "live audio source"
             if live.kind == "pulse" and any(s in why for s in _NO_SERVER):
@@ -178,22 +181,24 @@ def open_live_audio(live: LiveAudio, *, sr: int, chunk_s: float, min_sr: int,
     return AudioSource(live.name, sr, rate, channels, None, 0, "ffmpeg-live", chunk_s, live=True, _reader=blocks)
 
 
-def _read_wav_header(f: IO[bytes], deadline: float | None, name: str) -> tuple[int | None, int]:
+def _read_wav_header(f: IO[bytes], timeout_s: float | None, name: str) -> tuple[int | None, int]:
     """(native rate, channels) from the WAV header ffmpeg writes to a pipe (sizes unknown there), reading up to
     the start of the samples; (None, 0) when the stream ended first (ffmpeg failed).
 
     Raises
     ------
     AudioSourceError
-        Nothing arrived before ``deadline``, or the header is not float PCM (never from this ffmpeg command).
+        The header did not arrive within ``timeout_s`` (None: no limit), or it is not float PCM (never from
+        this ffmpeg command).
     """
+    deadline = None if timeout_s is None else time.monotonic() + timeout_s
 
     def take(n: int) -> bytes:
         if deadline is not None:
             left = deadline - time.monotonic()
             ready, _, _ = select.select([f], [], [], max(0.0, left))
             if not ready:
-                raise AudioSourceError(f"live audio source gave nothing within {OPEN_TIMEOUT_S:g} s: {name}")
+                raise AudioSourceError(f"live audio source gave nothing within {timeout_s:g} s: {name}")
         return read_exact(f, n)
 
     head = take(12)

@@ -22,7 +22,7 @@ from typer.testing import CliRunner
 from common.cli import build_app
 from edge.audio_source import AudioSourceError, find_ffmpeg, open_audio
 from edge.ingest import ingest
-from edge.live_audio import LiveAudio, is_live_audio, parse_live_audio
+from edge.live_audio import LiveAudio, is_live_audio, open_live_audio, parse_live_audio
 from edge.store import SampleStore
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -174,6 +174,18 @@ def test_pulse_without_a_server_says_so_in_one_line(tmp_path):
         open_audio("pulse:default", ffmpeg=_fake_ffmpeg(tmp_path, devices, stderr))
     assert str(e.value) == ("cannot open audio device pulse:default (Error opening input: No such process; is a "
                             "PulseAudio (or PipeWire) server running for this user?)")
+
+
+def test_device_that_never_starts_is_an_error_and_its_ffmpeg_is_stopped(tmp_path):
+    exe = tmp_path / "ffmpeg"
+    exe.write_text('#!/bin/sh\nif [ "$3" = "-devices" ]; then printf " DE pulse  Pulse\\n"; exit 0; fi\n'
+                   f'echo $$ > {tmp_path / "pid"}\nexec sleep 30\n')
+    exe.chmod(exe.stat().st_mode | stat.S_IXUSR)
+    with pytest.raises(AudioSourceError, match=r"^live audio source gave nothing within 0.5 s: pulse:default$"):
+        open_live_audio(LiveAudio("pulse", "default", "pulse:default"), sr=16000, chunk_s=1.0, min_sr=4000,
+                        ffmpeg=str(exe), open_timeout_s=0.5)
+    pid = int((tmp_path / "pid").read_text())
+    assert not Path(f"/proc/{pid}").exists()  # killed and reaped
 
 
 def test_ffmpeg_without_alsa_names_what_is_missing(tmp_path):
