@@ -44,8 +44,8 @@ def format_stats(root: Path, st: dict[str, Any]) -> str:
     rej = st["rejected"]
     lines += [
         f"gate        removed {sum(rej.values())}" + (f": {counts(rej)}" if rej else ""),
-        f"bytes       payload {human_bytes(st['payload_bytes'])}, files {human_bytes(st['file_bytes'])}, "
-        f"budget {budget}, evicted {st['evicted']} sample(s)",
+        (f"bytes       payload {human_bytes(st['payload_bytes'])}, files {human_bytes(st['file_bytes'])}, "
+         f"budget {budget}, evicted {st['evicted']} sample(s)"),
         f"time span   {when}",
     ]
     return "\n".join(lines)
@@ -100,7 +100,7 @@ def export_command(
         _fail("export", str(e))
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(out.name + ".tmp.npz")
-    np.savez(tmp, **data)
+    np.savez(tmp, **data)  # type: ignore[arg-type]
     tmp.replace(out)
     mods = data["mask"]
     typer.echo(f"{out}: {len(data['label'])} labelled samples ({int(mods.all(1).sum())} image+audio, "

@@ -138,13 +138,20 @@ def prepare_cmd(
     out: Annotated[Path, typer.Option("--out", help="Run directory for `flwr run` (gets config.toml).")],
     set_: Annotated[list[str] | None, typer.Option("--set", help="Override a config key.")] = None,
 ) -> None:
-    """Render and ingest a scenario's data, write its resolved config.toml for `flwr run . FED --run-config`."""
+    """Render and ingest a scenario's data (or check the stores it names), write its resolved config.toml for
+    `flwr run . FED --run-config`."""
     import dataclasses
 
-    from .prepare import prepare
+    from common.dataset import DataError
+
+    from .given_data import resolve_data
     from .runner import default_cache
 
-    cfg = prepare(_load(scenario, list(set_ or [])), default_cache())
+    try:
+        cfg, _ = resolve_data(_load(scenario, list(set_ or [])), default_cache())
+    except DataError as e:  # data the user named that cannot be used
+        typer.echo(f"fedge simulate prepare: {e}", err=True)
+        raise typer.Exit(2) from None
     run_dir = out.resolve()
     path = dataclasses.replace(cfg, run_dir=str(run_dir)).save(run_dir)
     typer.echo(f"config: {path}")

@@ -22,7 +22,8 @@ from typing import Any
 from common.config import MODALITIES, FedgeConfig
 from common.dataset import DB_NAME, DataError, check_store_labels, describe, is_store, load_data
 
-__all__ = ["GivenDataError", "absolute_paths", "check_given_stores", "pretrain_on_given", "uses_given_stores"]
+__all__ = ["GivenDataError", "absolute_paths", "check_given_stores", "pretrain_on_given", "resolve_data",
+           "uses_given_stores"]
 
 
 class GivenDataError(DataError):
@@ -30,8 +31,46 @@ class GivenDataError(DataError):
 
 
 def uses_given_stores(cfg: FedgeConfig) -> bool:
-    """Whether the run trains on the user's stores (``data.source = "store"`` with ``data.store_root``)."""
+    """Whether the run trains on the user's stores (``data.source = "store"`` with ``data.store_root``).
+
+    Raises
+    ------
+    GivenDataError
+        ``data.source = "store"`` without ``data.store_root`` in a run that renders no stores (``simulation.dataset
+        = "synthetic"``): its devices would have no data.
+    """
+    if cfg.data.source == "store" and not cfg.data.store_root and cfg.simulation.dataset != "avdigits":
+        raise GivenDataError(f"data.source = 'store' needs data.store_root (one store per device, device-0 .."
+                             f" device-{cfg.simulation.devices - 1}); simulation.dataset = "
+                             f"'{cfg.simulation.dataset}' renders none")
     return cfg.data.source == "store" and bool(cfg.data.store_root)
+
+
+def resolve_data(cfg: FedgeConfig, cache_root: str | Path, *, progress: bool = True) -> tuple[FedgeConfig,
+                                                                                                 dict[str, Any]]:
+    """``cfg`` pointed at the run's data, and what the run directory's ``prepared.json`` says about it.
+
+    The user's stores when given (checked, nothing rendered), else the scenario's data prepared (rendered and
+    ingested, or generated; cached), with a ``data.eval_path`` the user names kept as given; a base pretrained
+    on ``simulation.pretrain_data`` when named. Paths become absolute.
+    """
+    from .prepare import DONE, prepare
+
+    cfg = absolute_paths(cfg)  # the data the user names, wherever the Ray workers run
+    cfg = pretrain_on_given(cfg, cache_root)  # simulation.pretrain_data: the cloud's base on the user's data
+    if uses_given_stores(cfg):  # the user's stores and eval set, as given: nothing rendered
+        summary = check_given_stores(cfg)
+    else:
+        given_eval = cfg.data.eval_path
+        cfg = prepare(cfg, cache_root, progress=progress)
+        summary = json.loads((Path(cfg.data.eval_path).parent / DONE).read_text())
+        summary["eval"] = describe(given_eval or cfg.data.eval_path)
+        if given_eval:  # an eval set the user names replaces the rendered held-out one
+            cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, eval_path=given_eval))
+            summary.pop("eval_samples", None)
+    if cfg.simulation.pretrain_data:
+        summary["pretrain"] = describe(cfg.simulation.pretrain_data)
+    return cfg, summary
 
 
 def absolute_paths(cfg: FedgeConfig) -> FedgeConfig:

@@ -75,10 +75,7 @@ def run(cfg: FedgeConfig, *, out_dir: str | Path, num_nodes: int | None = None, 
     else:
         server_app, client_app = apps
 
-    from common.dataset import describe
-
-    from .given_data import absolute_paths, check_given_stores, pretrain_on_given, uses_given_stores
-    from .prepare import DONE, prepare
+    from .given_data import resolve_data
 
     run_dir = Path(out_dir).resolve()
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -94,20 +91,7 @@ def run(cfg: FedgeConfig, *, out_dir: str | Path, num_nodes: int | None = None, 
 
         read_base(cfg.model.base_path)
     cache_root = Path(cache) if cache is not None else default_cache()
-    cfg = absolute_paths(cfg)  # the data the user names, wherever the Ray workers run
-    cfg = pretrain_on_given(cfg, cache_root)  # simulation.pretrain_data: the cloud's base on the user's data
-    if uses_given_stores(cfg):  # the user's stores and eval set, as given: nothing rendered
-        summary = check_given_stores(cfg)
-    else:
-        given_eval = cfg.data.eval_path
-        cfg = prepare(cfg, cache_root, progress=progress)
-        summary = json.loads((Path(cfg.data.eval_path).parent / DONE).read_text())
-        summary["eval"] = describe(given_eval or cfg.data.eval_path)
-        if given_eval:  # an eval set the user names replaces the rendered held-out one
-            cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, eval_path=given_eval))
-            summary.pop("eval_samples", None)
-    if cfg.simulation.pretrain_data:
-        summary["pretrain"] = describe(cfg.simulation.pretrain_data)
+    cfg, summary = resolve_data(cfg, cache_root, progress=progress)
     if cfg.model.base_path:  # every party loads it: a file that does not fit fails here, in one line
         from .evaluation import model_with
 

@@ -83,8 +83,8 @@ def test_export_writes_the_eval_npz_of_labelled_samples_of_a_split(store: Path, 
     assert data["image"].shape == (1, 3, 32, 32) and data["audio"].shape == (1, 40, 32)
     # the very arrays the loader reads straight from the store
     direct = load_data(store, image_size=32, n_mels=40, frames=32, num_classes=10, split="test")
-    for k in data:
-        np.testing.assert_array_equal(data[k], direct[k])
+    for k, v in data.items():
+        np.testing.assert_array_equal(v, direct[k])
 
 
 def test_export_all_splits_matches_the_stores_own_arrays(store: Path, tmp_path: Path):

@@ -53,7 +53,8 @@ def _run(*sets: str):
     return CliRunner().invoke(build_app(), args)
 
 
-@pytest.mark.parametrize("case", ["missing-device", "label-outside", "missing-eval", "nothing-to-train"])
+@pytest.mark.parametrize("case", ["missing-device", "label-outside", "missing-eval", "nothing-to-train",
+                                  "store-without-root"])
 def test_given_data_that_cannot_work_fails_in_one_line_before_ray(case: str, tmp_path: Path, monkeypatch):
     monkeypatch.setenv("FEDGE_SIM_CACHE", str(tmp_path / "cache"))
     root = tmp_path / "stores"
@@ -69,6 +70,9 @@ def test_given_data_that_cannot_work_fails_in_one_line_before_ray(case: str, tmp
         _given(tmp_path)
         sets.append(f"data.eval_path={tmp_path / 'nowhere.npz'}")
         want = "data.eval_path"
+    elif case == "store-without-root":  # generated data renders no stores: the devices would have none
+        sets = ["simulation.dataset=synthetic"]
+        want = "data.source = 'store' needs data.store_root"
     else:  # the device data.missing_image takes the camera of holds image-only samples
         _given(tmp_path, modalities=("image",))
         sets.append("data.missing_image=0.5")
@@ -137,3 +141,19 @@ def test_simulate_on_given_stores_renders_nothing_and_the_report_names_the_data(
     assert f"| pretraining data | NPZ {(tmp_path / 'cloud.npz').resolve()} |" in report
     assert "synthetic" not in report and "AV digits" not in report
 
+
+
+def test_prepare_for_flwr_run_checks_given_stores_and_renders_nothing(tmp_path: Path, monkeypatch):
+    monkeypatch.setenv("FEDGE_SIM_CACHE", str(tmp_path / "cache"))
+    monkeypatch.chdir(tmp_path)
+    _given(tmp_path)
+    held = _store(tmp_path / "heldout", 6, seed=5, split="test")
+    r = CliRunner().invoke(build_app(), [
+        "simulate", "prepare", str(TINY), "--out", "run", "--set", "data.source=store", "--set",
+        "data.store_root=stores", "--set", "data.eval_path=heldout", "--set", "simulation.devices=2", "--set",
+        "simulation.pretrain_steps=0"])
+    assert r.exit_code == 0, r.output
+    cfg = load_config(toml_path=tmp_path / "run" / "config.toml")
+    assert cfg.data.store_root == str((tmp_path / "stores").resolve())  # relative paths made absolute
+    assert cfg.data.eval_path == str(held.resolve())
+    assert not (tmp_path / "cache").exists()

@@ -31,7 +31,7 @@ def readme_block(readme: Path = ROOT / "README.md") -> str:
     text = readme.read_text()
     section = text[text.index("## Train on your own data"):]
     section = section[:section.index("\n## ", 3)]
-    m = re.search(r"```bash\n(.*?)```", section, re.S)
+    m = re.search(r"```bash\n(.*?)```", section, re.DOTALL)
     assert m, "no bash block in the section"
     return m.group(1)
 
