@@ -371,12 +371,16 @@ def read_exact(f: IO[bytes], n: int) -> bytes:
     return b"".join(parts)
 
 
-def ffmpeg_error_line(errf: IO[bytes], *, first: bool = True) -> str | None:
-    """ffmpeg's first (at opening, the most specific) or last error line, without its ``[... @ 0x...]``
-    prefix."""
+def ffmpeg_error_lines(errf: IO[bytes]) -> list[str]:
+    """ffmpeg's error lines (from the file its stderr went to), without their ``[... @ 0x...]`` prefixes."""
     errf.seek(0)
     lines = [_FFMPEG_PREFIX.sub("", ln).strip() for ln in errf.read().decode(errors="replace").splitlines()]
-    lines = [ln for ln in lines if ln]
+    return [ln for ln in lines if ln]
+
+
+def ffmpeg_error_line(errf: IO[bytes], *, first: bool = True) -> str | None:
+    """ffmpeg's first (at opening, the most specific) or last error line."""
+    lines = ffmpeg_error_lines(errf)
     return (lines[0] if first else lines[-1]) if lines else None
 
 

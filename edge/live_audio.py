@@ -43,7 +43,7 @@ from edge.audio_source import (
     AudioSourceError,
     FfmpegBlocks,
     check_rate,
-    ffmpeg_error_line,
+    ffmpeg_error_lines,
     find_ffmpeg,
     read_exact,
 )
@@ -54,6 +54,7 @@ KINDS = ("alsa", "pulse", "lavfi")  # the ffmpeg input devices named by a prefix
 OPEN_TIMEOUT_S = 15.0  # a device or generator that has not started within this is an error (a FIFO waits)
 _BARE_ALSA = re.compile(r"^(plug)?hw:\S+$")  # the README's `--audio hw:1`: an ALSA hardware device
 _WAVE_FLOAT, _WAVE_EXTENSIBLE = 3, 0xFFFE
+_ALSA_LIB = re.compile(r"^ALSA lib \S+?\(\w+\) (.+)$")  # alsa-lib's own stderr line: its reason is the tail
 _NO_SERVER = ("No such process", "Connection refused", "Access denied")  # libpulse: no server to talk to
 
 
@@ -118,12 +119,14 @@ def _input_devices(exe: str) -> frozenset[str] | None:
                            timeout=30, check=False)
     except (OSError, subprocess.TimeoutExpired):
         return None
+    if r.returncode != 0:
+        return None  # it cannot even list them: let the capture itself say what is wrong
     names: set[str] = set()
     for line in r.stdout.splitlines():  # " DE pulse           Pulse audio output"; "video4linux2,v4l2"
         parts = line.split(None, 2)
         if len(parts) >= 2 and parts[1] != "=" and "D" in parts[0] and set(parts[0]) <= set("DE."):
             names.update(parts[1].split(","))
-    return frozenset(names)
+    return frozenset(names) or None
 
 
 def open_live_audio(live: LiveAudio, *, sr: int, chunk_s: float, min_sr: int,
@@ -163,7 +166,7 @@ def open_live_audio(live: LiveAudio, *, sr: int, chunk_s: float, min_sr: int,
             except subprocess.TimeoutExpired:
                 proc.kill()
                 proc.wait()
-            why = ffmpeg_error_line(errf) or f"ffmpeg exit status {proc.returncode}"
+            why = _open_error(ffmpeg_error_lines(errf)) or f"ffmpeg exit status {proc.returncode}"
             what = "audio device" if live.kind in ("alsa", "pulse") else "live audio source"
             if live.kind == "pulse" and any(s in why for s in _NO_SERVER):
                 why += "; is a PulseAudio (or PipeWire) server running for this user?"
@@ -179,6 +182,16 @@ def open_live_audio(live: LiveAudio, *, sr: int, chunk_s: float, min_sr: int,
         raise
     blocks = FfmpegBlocks(proc, errf, rate, chunk_s, f"live audio {live.kind} ended", first_error=True)
     return AudioSource(live.name, sr, rate, channels, None, 0, "ffmpeg-live", chunk_s, live=True, _reader=blocks)
+
+
+def _open_error(lines: list[str]) -> str | None:
+    """Why ffmpeg could not open the source, in one line: its own first message, with the reason alsa-lib
+    printed before it (``ALSA lib confmisc.c:165:(snd_config_get_card) Cannot get card index for 99``)."""
+    alsa = [m[1] for m in (_ALSA_LIB.match(ln) for ln in lines) if m]
+    own = [ln for ln in lines if not ln.startswith("ALSA lib ")]
+    if not own:
+        return f"ALSA: {alsa[0]}" if alsa else None
+    return f"{own[0]}; ALSA: {alsa[0]}" if alsa else own[0]
 
 
 def _read_wav_header(f: IO[bytes], timeout_s: float | None, name: str) -> tuple[int | None, int]:

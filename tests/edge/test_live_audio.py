@@ -22,7 +22,7 @@ from typer.testing import CliRunner
 from common.cli import build_app
 from edge.audio_source import AudioSourceError, find_ffmpeg, open_audio
 from edge.ingest import ingest
-from edge.live_audio import LiveAudio, is_live_audio, open_live_audio, parse_live_audio
+from edge.live_audio import LiveAudio, _input_devices, is_live_audio, open_live_audio, parse_live_audio
 from edge.store import SampleStore
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -157,14 +157,36 @@ exit 1
 
 
 def test_missing_alsa_device_with_an_alsa_capable_ffmpeg_is_one_line(tmp_path):
-    devices = "Devices:\n D. = Demuxing supported\n ---\n DE alsa            ALSA audio output\n"
-    stderr = ("[alsa @ 0x55d0c8] cannot open audio device hw:99 (No such file or directory)\n"
-              "[in#0 @ 0x55d0c9] Error opening input: No such file or directory\n"
-              "Error opening input file hw:99.\n")
+    devices = "Devices:\n D. = Demuxing supported\n --\n DE alsa            ALSA audio output\n"
+    stderr = ("ALSA lib confmisc.c:165:(snd_config_get_card) Cannot get card index for 99\n"  # Debian's ffmpeg 5.1
+              "[alsa @ 0x5574bbad78c0] cannot open audio device hw:99 (Invalid argument)\n"
+              "hw:99: Input/output error\n")
     with pytest.raises(AudioSourceError) as e:
         open_audio("alsa:hw:99", ffmpeg=_fake_ffmpeg(tmp_path, devices, stderr))
-    assert str(e.value) == ("cannot open audio device alsa:hw:99 "
-                            "(cannot open audio device hw:99 (No such file or directory))")
+    assert str(e.value) == ("cannot open audio device alsa:hw:99 (cannot open audio device hw:99 (Invalid argument); "
+                            "ALSA: Cannot get card index for 99)")
+
+
+def test_an_ffmpeg_that_cannot_list_its_devices_is_asked_to_capture_anyway(tmp_path):
+    exe = tmp_path / "ffmpeg"
+    exe.write_text("#!/bin/sh\necho 'Unrecognized option devices.' >&2\nexit 1\n")
+    exe.chmod(exe.stat().st_mode | stat.S_IXUSR)
+    with pytest.raises(AudioSourceError, match=r"^cannot open audio device alsa:hw:1 \(Unrecognized option"):
+        open_audio("alsa:hw:1", ffmpeg=str(exe))
+
+
+def _alsa_ffmpeg() -> str | None:
+    exe = find_ffmpeg()
+    return exe if exe is not None and "alsa" in (_input_devices(exe) or ()) else None
+
+
+@pytest.mark.skipif(_alsa_ffmpeg() is None, reason="needs an ffmpeg with ALSA input (e.g. Debian's ffmpeg)")
+def test_real_alsa_capture_from_the_null_device_and_a_missing_card():
+    src = open_audio("alsa:null", max_seconds=0.5)  # alsa-lib's null PCM: no sound card needed
+    assert src.native_sr > 0 and len(src.read_all()) == 8000
+    with pytest.raises(AudioSourceError, match=r"^cannot open audio device alsa:hw:99 \(.*hw:99") as e:
+        open_audio("alsa:hw:99")
+    assert "\n" not in str(e.value)
 
 
 def test_pulse_without_a_server_says_so_in_one_line(tmp_path):
