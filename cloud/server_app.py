@@ -375,8 +375,8 @@ class ServerLoop:
         budget = self.cfg.simulation.time_budget_s
         if self.clock.virtual and 0 < budget <= t:  # simulation.time_budget_s: virtual time is up
             self.done = True
+        self.live.new_version(v, t)
         if v % self.agg.eval_every and v < self.agg.versions and not self.done:
-            self.live.new_version(v, t)
             return
         res: dict[str, float] = {}
         if self.eval_data:  # without an eval set a version is recorded with its counters only
@@ -394,7 +394,7 @@ class ServerLoop:
             "rejected": st["rejections"], "inflight": len(self.inflight), "mode": self.agg.mode,
         }
         self.acc = _VersionAcc()
-        self.live.new_version(v, t, rec)
+        self.live.evaluated(rec)
         stale = f"{np.mean(rec['staleness']):.1f}" if rec["staleness"] else "-"
         scores = f"accuracy {res['accuracy']:.3f}  loss {res['loss']:.3f}" if res else "accuracy -  loss -"
         print(f"[fedge] version {v:3d}  {scores}  "
@@ -490,6 +490,7 @@ def _state_kwargs(cfg: FedgeConfig, ckpt_dir: str | None) -> dict[str, Any]:
             "norm_action": a.norm_action, "robust": a.robust, "trim_ratio": a.trim_ratio,
             "norm_factor": a.norm_factor, "norm_warmup": a.norm_warmup, "examples_factor": a.examples_factor,
             "max_examples": a.max_examples, "window": a.window, "outlier_threshold": a.outlier_threshold,
+            "min_cosine": a.min_cosine,
             "replay_window": a.replay_window,
             "checkpoint_dir": ckpt_dir, "checkpoint_every": cfg.fault_tolerance.checkpoint_every}
 

@@ -156,24 +156,28 @@ class LiveState:
             self._bump()
 
     def new_version(self, version: int, clock_time: float, record: Mapping[str, Any] | None = None) -> None:
-        """A version was made; ``record`` is its evaluation (``metrics.jsonl``'s record) when it was evaluated."""
-        point: dict[str, Any] | None = None
+        """A version was made (the buffer was applied); ``record``: its evaluation, if it comes with it."""
         with self._changed:
             self.version, self.clock_time, self.buffered = int(version), float(clock_time), 0
             self.version_times.append((self.version, time.time()))
-            if record is not None:
-                acc: dict[str, Any] = {FUSED: record.get("accuracy")}
-                acc.update({k[len(wire.ACC_PREFIX):]: v for k, v in record.items() if k.startswith(wire.ACC_PREFIX)})
-                # JSON has no NaN: a figure that is not a finite number is left out (loss: null)
-                point = {"version": self.version, "time": self.clock_time, "wall": time.time(),
-                         "accuracy": {k: float(v) for k, v in acc.items() if _finite(v)},
-                         "loss": float(record["loss"]) if _finite(record.get("loss")) else None,
-                         "updates": int(record.get("updates", 0))}
-                self.versions.append(point)
             self._bump()
         if record is not None:
-            for fn in self._listeners:
-                fn(record)
+            self.evaluated(record)
+
+    def evaluated(self, record: Mapping[str, Any]) -> None:
+        """A version's evaluation: ``metrics.jsonl``'s record (``version``, ``accuracy``, ``acc-*``, ``loss``...)."""
+        with self._changed:
+            acc: dict[str, Any] = {FUSED: record.get("accuracy")}
+            acc.update({k[len(wire.ACC_PREFIX):]: v for k, v in record.items() if k.startswith(wire.ACC_PREFIX)})
+            # JSON has no NaN: a figure that is not a finite number is left out (loss: null)
+            self.versions.append({
+                "version": int(record.get("version", self.version)), "time": self.clock_time, "wall": time.time(),
+                "accuracy": {k: float(v) for k, v in acc.items() if _finite(v)},
+                "loss": float(record["loss"]) if _finite(record.get("loss")) else None,
+                "updates": int(record.get("updates", 0))})
+            self._bump()
+        for fn in self._listeners:
+            fn(record)
 
     def event(self, kind: str, **fields: Any) -> None:
         """A global-training run (``kind="training"``), a published base (``"published"``) or another event."""
@@ -223,7 +227,8 @@ class LiveState:
                 "bytes": dict(self.bytes),
                 "rejections": dict(sorted(self.rejections.items())),
                 "staleness": [{"staleness": s, "count": c} for s, c in sorted(self.staleness.items())],
-                "devices": [asdict(r) for r in sorted(self.devices.values(), key=lambda r: r.id)],
+                # node ids are 64-bit: as strings, since a JavaScript number holds only 53 bits exactly
+                "devices": [{**asdict(r), "id": str(r.id)} for r in sorted(self.devices.values(), key=lambda r: r.id)],
                 "device_states": states,
                 "versions": list(self.versions),
                 "events": list(self.events),

@@ -64,12 +64,18 @@ def test_snapshot_counts_updates_devices_and_accuracy_and_matches_its_schema():
     assert snap["staleness"] == [{"staleness": 0, "count": 1}, {"staleness": 2, "count": 1}]
     assert snap["bytes"] == {"up": 500, "down": 4000}
     rows = {d["id"]: d for d in snap["devices"]}
-    assert rows[11]["modalities"] == ["image"] and rows[12]["modalities"] == ["audio", "image"]
-    assert rows[12]["state"] == "lost" and rows[12]["base_version"] == 1 and rows[12]["last_reason"] == "timeout"
+    assert rows["11"]["modalities"] == ["image"] and rows["12"]["modalities"] == ["audio", "image"]
+    assert rows["12"]["state"] == "lost" and rows["12"]["base_version"] == 1 and rows["12"]["last_reason"] == "timeout"
     assert snap["device_states"] == {"training": 0, "idle": 2, "lost": 1}
     v = snap["versions"][-1]
     assert v["accuracy"] == {"fused": 0.5, "image": 0.4, "image+audio": 0.6} and v["loss"] is None  # no NaN in JSON
     assert snap["federation"]["base_version"] == 1 and snap["events"][-1]["kind"] == "published"
+
+
+def test_64_bit_node_ids_survive_json_for_javascript():
+    live = LiveState(mode="async", buffer_size=1, concurrency=1, target_versions=1)
+    live.nodes([2**63 - 25])
+    assert live.snapshot()["devices"][0]["id"] == "9223372036854775783"
 
 
 def test_a_node_that_leaves_is_lost_and_idle_again_when_it_returns():

@@ -142,6 +142,7 @@ function renderDevices(s) {
   if (q) rows = rows.filter((d) => [d.id, d.partition, d.state, d.modalities.join(" "), d.last_reason || ""].join(" ").toLowerCase().includes(q));
   rows.sort((a, b) => {
     let x = a[sortKey], y = b[sortKey];
+    if (sortKey === "id") { x = BigInt(x); y = BigInt(y); }  // 64-bit node ids travel as strings
     if (Array.isArray(x)) { x = x.join(","); y = y.join(","); }
     if (x === null) return 1; if (y === null) return -1;
     return (x < y ? -1 : x > y ? 1 : 0) * sortDir;
