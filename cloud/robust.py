@@ -8,6 +8,10 @@ recently accepted updates (a window that spans versions, so it works at a small 
   (and an absolute cap when one is configured): a claim of ``1e12`` weighs like an ordinary device.
 * :func:`norm_bound`: an update is clipped to ``factor x median of recent accepted norms`` once ``warmup``
   norms are known (before that only the absolute ``max_norm`` applies).
+* :func:`cosine_to_reference`: each buffered update's cosine with the mean of the buffer and the window (the
+  direction the federation has been moving in; norms are bounded first, so a minority cannot turn it round); an
+  update pointing away from it (a sign flip) is left out of the version. Not the coordinate-wise median: top-k
+  sparsified updates mostly hold different coordinates, and their median is about zero.
 * :func:`outlier_scores`: a Krum-style score (mean squared distance to the nearest neighbours among the
   buffer and the window of recent updates, over the median of those scores); a buffered update scoring
   above a threshold is left out of the version.
@@ -81,6 +85,16 @@ def outlier_scores(buffer: Sequence[Mapping[str, np.ndarray]],
     if not ref > 0:
         return np.ones(len(buffer))
     return raw[: len(buffer)] / ref
+
+
+def cosine_to_reference(buffer: Sequence[Mapping[str, np.ndarray]],
+                        window: Sequence[Mapping[str, np.ndarray]]) -> np.ndarray:
+    """Cosine of each buffered delta with the mean of ``buffer`` + ``window``: ``(N,)``."""
+    x = np.stack([_flat(d) for d in [*buffer, *window]])  # (M, P)
+    ref = x.mean(axis=0)  # (P,)
+    xb = x[: len(buffer)]
+    norms = np.linalg.norm(xb, axis=1) * np.linalg.norm(ref)
+    return np.where(norms > 0, xb @ ref / np.where(norms > 0, norms, 1.0), 0.0)
 
 
 def payload_digest(payload: bytes) -> str:

@@ -490,6 +490,7 @@ def _state_kwargs(cfg: FedgeConfig, ckpt_dir: str | None) -> dict[str, Any]:
             "norm_action": a.norm_action, "robust": a.robust, "trim_ratio": a.trim_ratio,
             "norm_factor": a.norm_factor, "norm_warmup": a.norm_warmup, "examples_factor": a.examples_factor,
             "max_examples": a.max_examples, "window": a.window, "outlier_threshold": a.outlier_threshold,
+            "min_cosine": a.min_cosine,
             "replay_window": a.replay_window,
             "checkpoint_dir": ckpt_dir, "checkpoint_every": cfg.fault_tolerance.checkpoint_every}
 

@@ -65,7 +65,7 @@ class AggregatorState:
     buffer_size, staleness, staleness_a, staleness_b, max_staleness, server_opt, server_lr, beta1, beta2, tau,
     max_norm,
     norm_action, robust, trim_ratio, norm_factor, norm_warmup, examples_factor, max_examples, window,
-    outlier_threshold, replay_window:
+    outlier_threshold, min_cosine, replay_window:
         See :class:`common.config.AggregationConfig`.
     checkpoint_dir:
         Where checkpoints go (``None``: no checkpoints).
@@ -97,6 +97,7 @@ class AggregatorState:
         max_examples: float = 0.0,
         window: int = 32,
         outlier_threshold: float = 0.0,
+        min_cosine: float = -1.0,
         replay_window: int = 4096,
         checkpoint_dir: str | None = None,
         checkpoint_every: int = 5,
@@ -107,7 +108,7 @@ class AggregatorState:
             "server_lr": server_lr, "beta1": beta1, "beta2": beta2, "tau": tau, "max_norm": max_norm, "norm_action": norm_action,
             "robust": robust, "trim_ratio": trim_ratio, "norm_factor": norm_factor, "norm_warmup": norm_warmup,
             "examples_factor": examples_factor, "max_examples": max_examples, "window": window,
-            "outlier_threshold": outlier_threshold, "replay_window": replay_window,
+            "outlier_threshold": outlier_threshold, "min_cosine": min_cosine, "replay_window": replay_window,
         }
         self.initial = {k: np.array(v, dtype=np.float32) for k, v in sorted(initial.items())}
         self.params = {k: v.copy() for k, v in self.initial.items()}
@@ -121,7 +122,8 @@ class AggregatorState:
         # what recently accepted updates looked like: the reference of the relative bounds (cloud/robust.py)
         self.recent_norms: deque[float] = deque(maxlen=window)
         self.recent_claims: deque[float] = deque(maxlen=window)
-        self.recent_deltas: deque[dict[str, np.ndarray]] = deque(maxlen=window if outlier_threshold > 0 else 0)
+        filtering = outlier_threshold > 0 or min_cosine > -1
+        self.recent_deltas: deque[dict[str, np.ndarray]] = deque(maxlen=window if filtering else 0)
         self.replays = rb.ReplayGuard(replay_window)
         self.rejections = RejectionCounter()
         self.accepted = 0
@@ -222,9 +224,14 @@ class AggregatorState:
         o = self.opts
         buf, self.buffer = self.buffer, []
         kept = buf
-        if o["outlier_threshold"] > 0:
-            scores = rb.outlier_scores([b["delta"] for b in buf], list(self.recent_deltas))
-            kept = [b for b, s in zip(buf, scores) if s <= o["outlier_threshold"]] or buf
+        if o["outlier_threshold"] > 0 or o["min_cosine"] > -1:
+            deltas, window = [b["delta"] for b in buf], list(self.recent_deltas)
+            keep = np.ones(len(buf), dtype=bool)
+            if o["outlier_threshold"] > 0:
+                keep &= rb.outlier_scores(deltas, window) <= o["outlier_threshold"]
+            if o["min_cosine"] > -1:
+                keep &= rb.cosine_to_reference(deltas, window) >= o["min_cosine"]
+            kept = [b for b, k in zip(buf, keep) if k] or buf
             self.outliers += len(buf) - len(kept)
             self.recent_deltas.extend(b["delta"] for b in kept)
         claims = [b["num_examples"] for b in kept]

@@ -110,6 +110,7 @@ class AggregationConfig:
     max_examples: float = 0.0  # an absolute cap on the example count an update is weighed by
     window: int = 32  # recent accepted updates the relative bounds look at (they span versions)
     outlier_threshold: float = 0.0  # leave out buffered updates whose Krum-style score exceeds this
+    min_cosine: float = -1.0  # leave out buffered updates whose cosine with the recent mean update is below (-1: off)
     replay_window: int = 4096  # digests of accepted payloads kept to refuse replays
     min_nodes: int = 1
     reply_timeout_s: float = 600.0
@@ -143,6 +144,7 @@ class AggregationConfig:
         for k in ("norm_factor", "examples_factor", "max_examples", "outlier_threshold"):
             v = getattr(self, k)
             _check(v == v and 0.0 <= v < float("inf"), f"aggregation.{k}", "must be finite and >= 0 (0 = off)")
+        _check(-1.0 <= self.min_cosine <= 1.0, "aggregation.min_cosine", "must be in [-1, 1] (-1 = off)")
         _check(self.norm_warmup >= 0, "aggregation.norm_warmup", "must be >= 0")
         _check(self.window >= 1, "aggregation.window", "must be >= 1")
         _check(self.replay_window >= 1, "aggregation.replay_window", "must be >= 1")

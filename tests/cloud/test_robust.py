@@ -110,3 +110,24 @@ def test_outliers_are_left_out_of_the_version_when_the_threshold_is_set():
     st.submit(_raw(st.version, {k: np.full(v.shape, -50.0, np.float32) for k, v in INIT.items()}))
     assert st.outliers == 1 and st.stats()["outliers"] == 1
     assert all(np.all(st.params[k] > before[k]) for k in INIT)  # the flipped, scaled update did not count
+
+
+def test_cosine_to_reference_is_negative_for_a_sign_flip_and_near_zero_for_noise():
+    honest = [_delta() for _ in range(8)]
+    flipped = {k: -v for k, v in _delta().items()}
+    rng = np.random.default_rng(5)
+    noise = {k: rng.normal(0, 0.1, v.shape).astype(np.float32) for k, v in INIT.items()}  # norms are bounded first
+    c = rb.cosine_to_reference([honest[0], flipped, noise], honest[1:])
+    assert c[0] > 0.8 and c[1] < -0.8 and abs(c[2]) < 0.5
+
+
+def test_updates_pointing_away_from_the_median_are_left_out_when_min_cosine_is_set():
+    st = AggregatorState(INIT, buffer_size=4, staleness="constant", min_cosine=0.0)
+    for _ in range(4):
+        st.submit(_raw(st.version))
+    before = {k: v.copy() for k, v in st.params.items()}
+    for _ in range(3):
+        st.submit(_raw(st.version))
+    st.submit(_raw(st.version, {k: -v for k, v in _delta().items()}))  # a plain sign flip: same norm
+    assert st.outliers == 1
+    assert all(np.all(st.params[k] > before[k]) for k in INIT)
