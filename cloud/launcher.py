@@ -9,6 +9,8 @@ SuperNode authentication when certificates and keys are given, ``--disable-runti
 Ctrl-C (or SIGTERM) first sends SIGTERM to the run's ServerApp (Flower starts it in a session of its own and
 the SuperLink leaves it running), which checkpoints and exits; then ``flwr run`` and the SuperLink get SIGINT
 (then SIGTERM, SIGKILL), and Ray stops. Restarting with the same ``--run-dir`` resumes from the checkpoint.
+``--dashboard [HOST:]PORT`` has the ServerApp serve its live dashboard (:mod:`cloud.dashboard`; the token reaches
+it through the environment, never the saved config); ``--ray-dashboard`` starts the embedded Ray's own dashboard.
 """
 
 from __future__ import annotations

@@ -203,3 +203,19 @@ def test_static_assets_ship_as_package_data():
     py = tomllib.loads((Path(__file__).resolve().parents[2] / "pyproject.toml").read_text())
     assert "dashboard/static/*" in py["tool"]["setuptools"]["package-data"]["cloud"]
     assert {p.name for p in STATIC.iterdir()} >= {"index.html", "app.js", "app.css", "state.schema.json"}
+
+
+@pytest.mark.parametrize("group,argv", [("cloud.cli", ["start", "--run-dir", "{tmp}"]),
+                                        ("simulations.cli", ["run", "--out", "{tmp}"])])
+def test_cli_refuses_a_dashboard_beyond_loopback_without_a_token_before_starting_anything(
+        group, argv, tmp_path, monkeypatch):
+    import importlib
+
+    from typer.testing import CliRunner
+
+    monkeypatch.delenv("FEDGE_DASHBOARD_TOKEN", raising=False)
+    app = importlib.import_module(group).app
+    args = [a.replace("{tmp}", str(tmp_path / "run")) for a in argv] + ["--dashboard", "0.0.0.0:0"]
+    res = CliRunner().invoke(app, args)
+    assert res.exit_code == 2 and "reachable from other machines" in res.output
+    assert not (tmp_path / "run").exists()  # nothing started, nothing written
