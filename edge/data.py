@@ -73,8 +73,8 @@ def load_store(path: Path, cfg: FedgeConfig, split: str) -> dict[str, np.ndarray
     from .store import SampleStore  # the store needs SQLite and OpenCV: import it only when used
 
     m = cfg.model
-    check_store_labels(path, num_classes=m.num_classes)
-    with SampleStore(path) as store:
+    with SampleStore(path) as store:  # opening makes an empty directory an empty store
+        check_store_labels(path, num_classes=m.num_classes)
         data = {}
         for name in STORE_SPLITS[split]:
             data = store.load_arrays(image_size=m.image_size, n_mels=m.n_mels, frames=m.audio_frames, split=name)
