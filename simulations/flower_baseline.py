@@ -19,11 +19,12 @@ from flwr.clientapp import ClientApp
 from flwr.serverapp import Grid, ServerApp
 from flwr.serverapp.strategy import FedAvg
 
+from cloud.server_app import heldout_data
 from common.config import config_from_context
 from common.lora import adapter_state, load_adapter_state
 from common.training import evaluate, train_steps
 
-from .evaluation import ADAPTERS, load_arrays, model_with
+from .evaluation import ADAPTERS, model_with
 
 client_app = ClientApp()
 server_app = ServerApp()
@@ -57,7 +58,9 @@ def _main(grid: Grid, context: Context) -> None:
     cfg = config_from_context(context.run_config)
     torch.manual_seed(cfg.seed)
     model = model_with(cfg, None)
-    eval_data = load_arrays(cfg.data.eval_path)
+    eval_data = heldout_data(cfg)  # a store or an NPZ, labels checked against the model
+    if eval_data is None:
+        raise ValueError("the Flower baseline scores every round: it needs data.eval_path")
     n = cfg.simulation.devices
     frac = min(1.0, cfg.aggregation.concurrency / n)
     k = max(1, int(frac * n))
