@@ -40,3 +40,17 @@ def test_grafana_panels_query_only_exported_metrics():
             "fedge_accuracy"} <= used
     ids = [p["id"] for p in dash["panels"]]
     assert len(ids) == len(set(ids))
+
+
+def test_compose_publishes_the_dashboard_that_prometheus_scrapes():
+    from common.config import load_config
+
+    docker = MON.parent / "docker"
+    cfg = load_config(toml_path=docker / "fedge.toml")
+    port = cfg.dashboard.address.rpartition(":")[2]
+    cloud = yaml.safe_load((docker / "compose.yaml").read_text())["services"]["cloud"]
+    assert f"{port}:{port}" in cloud["ports"] and "FEDGE_DASHBOARD_TOKEN" in cloud["environment"]
+    assert cfg.dashboard.tokens_file and not cfg.dashboard.public  # beyond loopback: tokens, never open
+    targets = [t for sc in yaml.safe_load((MON / "prometheus.yml").read_text())["scrape_configs"]
+               for s in sc["static_configs"] for t in s["targets"]]
+    assert f"cloud:{port}" in targets
