@@ -142,8 +142,8 @@ def start(cfg: FedgeConfig, o: LaunchOptions, *, echo=print) -> int:  # type: ig
         address = o.ray_address
         echo(f"[fedge] Ray: joining {address}")
     else:
-        ctx = ray.init(num_cpus=o.num_cpus, include_dashboard=o.ray_dashboard, log_to_driver=False,
-                       **({"dashboard_host": "127.0.0.1"} if o.ray_dashboard else {}))
+        ctx = ray.init(num_cpus=o.num_cpus, include_dashboard=o.ray_dashboard, dashboard_host="127.0.0.1",
+                       log_to_driver=False)
         address = ray.get_runtime_context().gcs_address
         echo(f"[fedge] Ray: embedded, {address}")
         if o.ray_dashboard and ctx.dashboard_url:
