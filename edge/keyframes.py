@@ -171,7 +171,9 @@ class _Selector:
     """Keeps the best candidate of the current shot chunk; emits on boundaries and every ``max_interval``.
 
     A chunk spans from its first analysed frame to the boundary, the next chunk's first frame, or (at the end
-    of the stream) one analysis step past its last frame: the span its keyframe represents.
+    of the stream) one analysis step past its last frame: the span its keyframe represents. A chunk of a long
+    shot that emits no keyframe (every frame too close to the last keyframe) joins the next chunk's span, so
+    the spans of a shot leave no part of it out.
     """
 
     def __init__(self, min_interval: float, max_interval: float, max_side: int, quality: int, step_s: float) -> None:
@@ -179,6 +181,7 @@ class _Selector:
         self.max_side, self.quality, self.step_s = max_side, quality, step_s
         self.best: _Cand | None = None
         self.chunk_start: float | None = None
+        self.span_start: float | None = None  # where the next keyframe's span starts
         self.chunk_last = -np.inf
         self.last_time = -np.inf
 
@@ -187,20 +190,26 @@ class _Selector:
         if self.chunk_start is None:
             self.chunk_start = c.time
         elif c.time - self.chunk_start >= self.max_interval:
-            out += self.close(c.time)
+            out += self.close(c.time, cut=False)
             self.chunk_start = c.time
+        if self.span_start is None:
+            self.span_start = self.chunk_start
         if c.time - self.last_time >= self.min_interval and (self.best is None or c.score > self.best.score):
             self.best = c
         self.chunk_last = c.time
         return out
 
-    def close(self, end: float | None = None) -> list[Keyframe]:
-        """Emit the chunk's keyframe; ``end``: where the chunk ends (default: one step past its last frame)."""
+    def close(self, end: float | None = None, *, cut: bool = True) -> list[Keyframe]:
+        """Emit the chunk's keyframe; ``end``: where the chunk ends (default: one step past its last frame);
+        ``cut``: the shot ends here (else a chunk of a long shot does)."""
         out: list[Keyframe] = []
-        if self.best is not None and self.chunk_start is not None:
+        if self.best is not None and self.span_start is not None:
             stop = self.chunk_last + self.step_s if end is None else max(end, self.chunk_last)
-            out.append(_encode(self.best, self.max_side, self.quality, (self.chunk_start, stop)))
+            out.append(_encode(self.best, self.max_side, self.quality, (self.span_start, stop)))
             self.last_time = self.best.time
+            self.span_start = None
+        elif cut:
+            self.span_start = None  # a shot without a keyframe: its time belongs to no span
         self.best, self.chunk_start = None, None
         return out
 

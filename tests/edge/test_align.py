@@ -227,3 +227,20 @@ def test_cli_max_per_shot_and_bad_alignment_options(tmp_path, video):
         r = CliRunner().invoke(build_app(), [*base, "--store", str(tmp_path / "b"), *bad])
         errs = [ln for ln in r.stderr.splitlines() if ln.startswith("error:")]
         assert r.exit_code == 2 and len(errs) == 1 and expect in errs[0], r.stderr
+
+
+@pytest.mark.parametrize("max_interval", [4.0, 0.8])  # shots, and chunks of a long shot
+def test_keyframe_spans_tile_the_video_and_hold_their_keyframe(video, max_interval):
+    from edge.keyframes import extract_keyframes
+
+    rep = extract_keyframes(str(video), max_interval=max_interval, min_interval=0.25)
+    spans = [(k.start, k.end) for k in rep.keyframes]
+    step = 0.08  # analysed every other frame at 25 fps
+    # at most a shot's last min_interval (no keyframe that close to the previous one) belongs to no span
+    assert spans[0][0] == 0.0 and 3 * SHOT_S - 0.25 - step <= spans[-1][1] <= 3 * SHOT_S + step
+    for k, (a, b), nxt in zip(rep.keyframes, spans, [*spans[1:], None], strict=True):
+        assert a <= k.time < b and b - a <= 2 * max_interval + step
+        assert nxt is None or 0 <= nxt[0] - b <= 0.25 + step
+    if max_interval == 4.0:
+        assert [round(a, 1) for a, _ in spans] == [0.0, 2.0, 4.0]  # the cuts
+        assert all(nxt[0] == b for (_, b), nxt in zip(spans, spans[1:], strict=False))
