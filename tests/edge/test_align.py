@@ -3,6 +3,7 @@ where the sound is, wherever the keyframe lies; silent shots lose their audio; s
 
 from __future__ import annotations
 
+import itertools
 from pathlib import Path
 
 import cv2
@@ -243,4 +244,12 @@ def test_keyframe_spans_tile_the_video_and_hold_their_keyframe(video, max_interv
         assert nxt is None or 0 <= nxt[0] - b <= 0.25 + step
     if max_interval == 4.0:
         assert [round(a, 1) for a, _ in spans] == [0.0, 2.0, 4.0]  # the cuts
-        assert all(nxt[0] == b for (_, b), nxt in zip(spans, spans[1:], strict=False))
+        assert all(nxt[0] == b for (_, b), nxt in itertools.pairwise(spans))
+
+
+def test_a_span_ending_with_the_video_is_fine_one_past_it_is_the_runs_error(tmp_path, video):
+    ok = ingest(video=video, store=tmp_path / "a", labels=parse_labels("0,6.0,1", name="l.csv"))
+    assert ok.error is None and ok.samples_stored == 3
+    late = ingest(video=video, store=tmp_path / "b", labels=parse_labels("0,2,1\n2,6.2,2", name="l.csv"))
+    assert late.error == "labels l.csv: line 2 (2 s to 6.2 s, label 2): ends after the end of the recording (6.000 s)"
+    assert [s.label for s in SampleStore(tmp_path / "b").iter_samples()] == [1, 2, 2]  # stored samples stay
