@@ -15,7 +15,9 @@ two different labels is a one-line error before anything is stored.
 
 An image that cannot be read when its turn comes (deleted meanwhile, truncated, not an image after all) is
 skipped and named in :attr:`ImageSource.skipped`; the rest is stored (the ingest reports the skipped ones as
-its error and exits non-zero, keeping what was stored).
+its error and exits non-zero, keeping what was stored). A photo is a recording of its own for
+:mod:`edge.resume`: one stored by an earlier run (same path, size and modification time) is not stored again,
+so a rerun over a folder that gained photos stores only the new ones.
 """
 
 from __future__ import annotations
@@ -84,18 +86,25 @@ class ImageSource:
         except ValueError:
             return path.as_posix()
 
+    def keyframe(self, i: int, *, max_side: int = 320, jpeg_quality: int = 90) -> Keyframe | None:
+        """Image ``i`` as a keyframe: ``frame`` = ``i``, ``time`` = ``start`` = ``i`` seconds, ``end`` one second
+        later; None when it cannot be read (named in :attr:`skipped`)."""
+        path = self.paths[i]
+        bgr = cv2.imread(str(path), cv2.IMREAD_COLOR) if path.is_file() else None
+        if bgr is None or bgr.size == 0:
+            self.skipped.append(f"{path} ({'cannot decode' if path.is_file() else 'missing'})")
+            return None
+        self.images_read += 1
+        rgb, jpeg = thumbnail(bgr, max_side=max_side, jpeg_quality=jpeg_quality)
+        # a photo is the keyframe of its own one-image shot
+        return Keyframe(frame=i, time=float(i), score=1.0, image=rgb, jpeg=jpeg, start=float(i), end=float(i + 1))
+
     def keyframes(self, *, max_side: int = 320, jpeg_quality: int = 90) -> Iterator[Keyframe]:
-        """One keyframe per readable image: ``frame`` is its index in :attr:`paths`, ``time`` = ``start`` = the
-        index in seconds, ``end`` one second later; unreadable images are skipped and named in :attr:`skipped`."""
-        for i, path in enumerate(self.paths):
-            bgr = cv2.imread(str(path), cv2.IMREAD_COLOR) if path.is_file() else None
-            if bgr is None or bgr.size == 0:
-                self.skipped.append(f"{path} ({'cannot decode' if path.is_file() else 'missing'})")
-                continue
-            self.images_read += 1
-            rgb, jpeg = thumbnail(bgr, max_side=max_side, jpeg_quality=jpeg_quality)
-            # a photo is the keyframe of its own one-image shot
-            yield Keyframe(frame=i, time=float(i), score=1.0, image=rgb, jpeg=jpeg, start=float(i), end=float(i + 1))
+        """:meth:`keyframe` of every readable image, in order."""
+        for i in range(len(self.paths)):
+            kf = self.keyframe(i, max_side=max_side, jpeg_quality=jpeg_quality)
+            if kf is not None:
+                yield kf
 
     def labels(self, names: dict[str, int], source: str) -> Labels:
         """The labels of :func:`read_name_labels` as time spans: image ``i`` (in order) holds ``[i, i + 1)``,

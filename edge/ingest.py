@@ -49,7 +49,7 @@ from edge.align import NoiseFloor, choose_windows, frame_energy_db
 from edge.audio_source import AudioSource, AudioSourceError, open_audio
 from edge.labels import Labels
 from edge.quality import QualityGate
-from edge.resume import resume_point, source_key, track
+from edge.resume import resume_point, source_key, stored_keys, track, track_many
 from edge.store import SampleStore, StoreBudgetError, StoreError, StoreFullError, budget_from_mb
 
 if TYPE_CHECKING:
@@ -338,8 +338,9 @@ def ingest(
         rep.modalities = tuple(m for m, on in (("image", has_image), ("audio", asrc is not None)) if on)
         windows = _AudioWindows(asrc, params, frames, top_db) if asrc is not None else None
         # a recording ingested before resumes past its last stored sample (edge/resume.py); live sources do not
+        recorded = video if isinstance(video, (str, int, Path)) else None  # images have keys of their own
         key = None if images is not None else \
-            source_key(video, audio if audio is not None and str(audio) != str(video) else None)
+            source_key(recorded, audio if audio is not None and str(audio) != str(video) else None)
         resume = {"t": None if key is None else resume_point(st, key), "skipped": 0}
         if key is not None:
             track(st, key, (rep.video if vsrc is not None else rep.audio) or "")
@@ -395,16 +396,29 @@ def ingest(
         try:
             if images is not None:
                 kf_opts = {k: v for k, v in (keyframe_options or {}).items() if k in ("max_side", "jpeg_quality")}
-                for kf in images.keyframes(**kf_opts):
+                # each photo is a recording of its own: one stored by an earlier run is not stored again
+                img_keys = [source_key(p, None) for p in images.paths]
+                done = stored_keys(st, [k for k in img_keys if k is not None])
+                track_many(st, [(k, str(p)) for k, p in zip(img_keys, images.paths, strict=True)
+                                if k is not None and k not in done])
+                stored_before = 0
+                for i, path in enumerate(images.paths):
                     if stopping():
                         break
+                    if img_keys[i] in done:
+                        stored_before += 1
+                        continue
+                    kf = images.keyframe(i, **kf_opts)
+                    if kf is None:
+                        continue
                     rep.keyframes += 1
-                    path = str(images.paths[kf.frame])
-                    rep.bytes_in += _file_size(path)
-                    store_one(kf.image, kf.jpeg, None, kf.time, path)
+                    rep.bytes_in += _file_size(str(path))
+                    store_one(kf.image, kf.jpeg, None, kf.time, str(path))
                     rep.frames_decoded = images.images_read
                     if progress:
                         progress(kf.time)
+                if stored_before:
+                    rep.notes.append(f"{stored_before} image(s) stored by an earlier run were not stored again")
                 if images.skipped:  # the others are stored; the run still fails, naming what was skipped
                     more = f" and {len(images.skipped) - 3} more" if len(images.skipped) > 3 else ""
                     rep.error = (f"skipped {len(images.skipped)} of {len(images.paths)} images that could not "

@@ -18,7 +18,7 @@ from pathlib import Path
 
 from edge.store import SampleStore, StoreError
 
-__all__ = ["resume_point", "source_key", "track"]
+__all__ = ["resume_point", "source_key", "stored_keys", "track", "track_many"]
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS ingest_progress (
@@ -63,16 +63,37 @@ def source_key(video: str | os.PathLike[str] | int | None, audio: str | os.PathL
 
 def track(store: SampleStore, key: str, source: str) -> None:
     """From now on, every sample stored with ``source`` advances the progress of ``key`` (in its transaction)."""
+    track_many(store, [(key, source)])
+
+
+def track_many(store: SampleStore, pairs: list[tuple[str, str]]) -> None:
+    """:func:`track` for many ``(key, source)`` pairs in one transaction (a folder of photos, each a recording
+    with its own source)."""
     conn = store._db()
     try:
         conn.executescript(_SCHEMA)
-        with conn:
-            conn.execute("INSERT OR IGNORE INTO ingest_progress (key, source, stream_time) VALUES (?, ?, ?)",
-                         (key, source, -math.inf))
-            conn.execute("UPDATE ingest_progress SET source = ?, active = (key = ?) WHERE source = ? OR key = ?",
-                         (source, key, source, key))
+        # the store's connection autocommits (isolation_level=None): `with conn` would not open a transaction
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            for key, source in pairs:
+                conn.execute("INSERT OR IGNORE INTO ingest_progress (key, source, stream_time) VALUES (?, ?, ?)",
+                             (key, source, -math.inf))
+                conn.execute("UPDATE ingest_progress SET source = ?, active = (key = ?) WHERE source = ? OR key = ?",
+                             (source, key, source, key))
+            conn.execute("COMMIT")
+        except BaseException:
+            conn.execute("ROLLBACK")
+            raise
     except Exception as e:  # noqa: BLE001 - sqlite3 errors of a store that cannot be written
         raise StoreError(f"cannot record ingest progress in {store.path}: {e}") from None
+
+
+def stored_keys(store: SampleStore, keys: list[str]) -> set[str]:
+    """Those of ``keys`` from which a sample was stored (one query for a whole folder of photos)."""
+    conn = store._db()
+    conn.executescript(_SCHEMA)
+    done = {k for (k,) in conn.execute("SELECT key FROM ingest_progress WHERE stream_time > ?", (-math.inf,))}
+    return done.intersection(keys)
 
 
 def resume_point(store: SampleStore, key: str) -> float | None:

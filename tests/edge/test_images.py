@@ -197,3 +197,16 @@ def test_images_take_no_audio(tmp_path):
     d = _photos(tmp_path / "photos", ("a.jpg",))
     with pytest.raises(IngestError, match="images have no timeline"):
         ingest(video=d, audio=tmp_path / "x.wav", store=tmp_path / "s")
+
+
+def test_rerun_over_a_folder_stores_only_new_or_changed_photos(tmp_path):
+    d = _photos(tmp_path / "photos", ("a.jpg", "b.jpg"))
+    assert ingest(video=d, store=tmp_path / "s").samples_stored == 2
+    cv2.imwrite(str(d / "c.jpg"), skimage.data.rocket()[:, :, ::-1])  # a new photo
+    again = ingest(video=d, store=tmp_path / "s")
+    assert again.samples_stored == 1 and "2 image(s) stored by an earlier run were not stored again" in again.notes
+    cv2.imwrite(str(d / "b.jpg"), skimage.data.coffee()[::2, ::2, ::-1])  # b.jpg replaced: another photo
+    changed = ingest(video=d, store=tmp_path / "s")
+    assert changed.samples_stored == 1
+    assert sorted(Path(s.source or "").name for s in SampleStore(tmp_path / "s").iter_samples()) == \
+        ["a.jpg", "b.jpg", "b.jpg", "c.jpg"]
