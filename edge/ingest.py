@@ -5,8 +5,9 @@ the video, a streaming log-mel from the audio) -> alignment -> quality gate -> a
 store.
 
 Alignment (``align="shot"``, the default): a keyframe represents a time span, its shot (or, in a long shot or
-a camera without cuts, its ``max_interval`` chunk); its audio is the window of ``frames`` log-mel frames inside
-that span (shifted by ``audio_offset``) where the sound is (:mod:`edge.align`: the loudest window, and with
+a camera without cuts, its ``max_interval`` chunk, whose windows may reach half a window past a chunk edge so
+that a word across it is not cut); its audio is the window of ``frames`` log-mel frames inside that span
+(shifted by ``audio_offset``) where the sound is (:mod:`edge.align`: the loudest window, and with
 ``max_per_shot > 1`` one more window per further separate sound above the stream's own noise floor, each
 stored as a sample with the same keyframe). ``align="keyframe"``: the window centred on the keyframe's time
 (shifted inwards at the ends of the audio; none when the time lies outside the audio). A microphone-only
@@ -436,8 +437,12 @@ def ingest(
                         t_from = kf.time + audio_offset
                         if by_shot:
                             assert kf.start is not None and kf.end is not None
-                            wins = windows.span(kf.start + audio_offset, kf.end + audio_offset, max_per_shot)
-                            t_from = min(t_from, kf.start + audio_offset)
+                            # a chunk edge inside a shot may cut a word: windows centred in the span may cross it
+                            half = frames // 2 * hop_length / sr
+                            t0s = kf.start + audio_offset - (half if kf.open_start else 0.0)
+                            t1s = kf.end + audio_offset + (half if kf.open_end else 0.0)
+                            wins = windows.span(t0s, t1s, max_per_shot)
+                            t_from = min(t_from, t0s)
                         else:
                             win = windows.window(kf.time + audio_offset)
                             wins = [] if win is None else [win]

@@ -10,7 +10,9 @@ Public API (stable; ``edge/ingest.py`` builds on it)
     ``frame``: 0-based frame index; ``time``: seconds (frame / fps); ``score``: representativeness in [0, 1]
     (contrast x detail x stillness); ``image``: (h, w, 3) uint8 RGB, longer side <= ``max_side``;
     ``jpeg``: the same image JPEG-encoded, ready for storage; ``start``, ``end``: the time span in seconds the
-    keyframe represents, its shot or, for a long shot (or a camera without cuts), its ``max_interval`` chunk.
+    keyframe represents, its shot or, for a long shot (or a camera without cuts), its ``max_interval`` chunk;
+    ``open_start``, ``open_end``: that side of the span is a chunk edge inside a shot, not a cut (nor the
+    stream's start or end).
 ``KeyframeReport(video, fps, frames, boundaries, keyframes, seconds, error)``
     ``boundaries``: first frame of each new shot (0-based, PySceneDetect's scene-start convention; for a
     gradual transition a frame inside it); ``seconds``: wall time spent decoding and detecting; ``error``: one
@@ -75,6 +77,8 @@ class Keyframe:
     jpeg: bytes = field(repr=False)
     start: float | None = None  # span represented: [start, end) s (None: built without one)
     end: float | None = None
+    open_start: bool = False  # the span starts / ends at a chunk edge inside a shot, not at a cut
+    open_end: bool = False
 
 
 @dataclass
@@ -161,10 +165,11 @@ def thumbnail(bgr: np.ndarray, *, max_side: int = 320, jpeg_quality: int = 90) -
     return np.ascontiguousarray(img[:, :, ::-1]), buf.tobytes()
 
 
-def _encode(c: _Cand, max_side: int, quality: int, span: tuple[float, float]) -> Keyframe:
+def _encode(c: _Cand, max_side: int, quality: int, span: tuple[float, float], open_sides: tuple[bool, bool]
+            ) -> Keyframe:
     rgb, jpeg = thumbnail(c.pixels, max_side=max_side, jpeg_quality=quality)
     return Keyframe(frame=c.frame, time=c.time, score=round(c.score, 6), image=rgb, jpeg=jpeg,
-                    start=span[0], end=span[1])
+                    start=span[0], end=span[1], open_start=open_sides[0], open_end=open_sides[1])
 
 
 class _Selector:
@@ -182,6 +187,7 @@ class _Selector:
         self.best: _Cand | None = None
         self.chunk_start: float | None = None
         self.span_start: float | None = None  # where the next keyframe's span starts
+        self.span_open = False  # ... and whether there is a chunk edge (not a cut) there
         self.chunk_last = -np.inf
         self.last_time = -np.inf
 
@@ -205,11 +211,12 @@ class _Selector:
         out: list[Keyframe] = []
         if self.best is not None and self.span_start is not None:
             stop = self.chunk_last + self.step_s if end is None else max(end, self.chunk_last)
-            out.append(_encode(self.best, self.max_side, self.quality, (self.span_start, stop)))
+            out.append(_encode(self.best, self.max_side, self.quality, (self.span_start, stop),
+                               (self.span_open, not cut)))
             self.last_time = self.best.time
-            self.span_start = None
+            self.span_start, self.span_open = None, not cut
         elif cut:
-            self.span_start = None  # a shot without a keyframe: its time belongs to no span
+            self.span_start, self.span_open = None, False  # a shot without a keyframe: its time is in no span
         self.best, self.chunk_start = None, None
         return out
 

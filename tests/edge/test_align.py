@@ -253,3 +253,21 @@ def test_a_span_ending_with_the_video_is_fine_one_past_it_is_the_runs_error(tmp_
     late = ingest(video=video, store=tmp_path / "b", labels=parse_labels("0,2,1\n2,6.2,2", name="l.csv"))
     assert late.error == "labels l.csv: line 2 (2 s to 6.2 s, label 2): ends after the end of the recording (6.000 s)"
     assert [s.label for s in SampleStore(tmp_path / "b").iter_samples()] == [1, 2, 2]  # stored samples stay
+
+
+def test_a_word_across_a_chunk_edge_of_a_camera_without_cuts_is_not_cut(tmp_path):
+    """One 6 s shot chunked every 2 s: a word spoken across the chunk edge at 2 s is held whole by a window."""
+    p = tmp_path / "still.avi"
+    vw = cv2.VideoWriter(str(p), cv2.VideoWriter_fourcc(*"MJPG"), 25, (160, 120))
+    base = cv2.resize(skimage.data.astronaut(), (160, 120))[:, :, ::-1].astype(np.float32)
+    rng = np.random.default_rng(1)
+    for _ in range(150):
+        vw.write(np.clip(base + rng.normal(0, 3, base.shape), 0, 255).astype(np.uint8))
+    vw.release()
+    y = _track([[1.82], [], []], noise_rms=0.003)  # the word spans 1.82-2.17 s
+    sf.write(tmp_path / "a.wav", y, SR, subtype="FLOAT")
+    st = SampleStore(tmp_path / "s")
+    ingest(video=p, audio=tmp_path / "a.wav", store=st, keyframe_options={"max_interval": 2.0})
+    full = mel_power(y, MelParams())
+    assert any(_holds_word(_locate(s.audio, full), 1.82) for s in st.iter_samples() if s.audio is not None)
+    assert len(st) >= 3
