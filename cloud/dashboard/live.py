@@ -241,7 +241,7 @@ class LiveState:
         if len(self.version_times) < 2:
             return 0.0
         (v0, t0), (v1, t1) = self.version_times[0], self.version_times[-1]
-        return 60.0 * (v1 - v0) / (t1 - t0) if t1 > t0 else 0.0
+        return 60.0 * (v1 - v0) / (t1 - t0) if t1 - t0 >= 1.0 else 0.0  # no rate from a sub-second burst
 
     def _row(self, node: int) -> DeviceRow:
         row = self.devices.get(int(node))

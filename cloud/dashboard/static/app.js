@@ -82,7 +82,8 @@ function drawStaleness(hist) {
   const Y = (c) => pad.t + (1 - c / cmax) * (h - pad.t - pad.b);
   const xs = []; const xstep = Math.max(1, Math.ceil(n / 10));
   for (let s = 0; s < n; s += xstep) xs.push([s, pad.l + (s + 0.5) * bw]);
-  axes(g, w, h, pad, xs, [0, 0.5, 1].map((f) => [Math.round(f * cmax), Y(f * cmax)]), "versions behind");
+  const ticks = [...new Set([0, Math.round(cmax / 2), cmax])];  // whole counts, each once
+  axes(g, w, h, pad, xs, ticks.map((c) => [c, Y(c)]), "versions behind");
   g.fillStyle = "#d29922";
   for (const b of hist) g.fillRect(pad.l + b.staleness * bw + 1, Y(b.count), Math.max(1, bw - 2), h - pad.b - Y(b.count));
   canvas.dataset.bins = String(hist.length);
