@@ -212,7 +212,7 @@ class AggregatorState:
         self.clipped += int(clipped)
         self.bytes_accepted += upd.upload_bytes
         self.buffer.append({"delta": delta, "staleness": upd.staleness, "num_examples": upd.num_examples,
-                            "base_version": upd.base_version, "norm": upd.norm})
+                            "base_version": upd.base_version, "norm": upd.norm, "clipped": clipped})
         new_version = self.aggregate(now) if len(self.buffer) >= o["buffer_size"] else None
         return {"accepted": True, "reason": None, "detail": "", "staleness": upd.staleness,
                 "new_version": new_version}
@@ -223,6 +223,13 @@ class AggregatorState:
             return None
         o = self.opts
         buf, self.buffer = self.buffer, []
+        # the norm bound again, now that the buffer's own norms count: during the warm-up (no bound at submit)
+        # the median of the first buffer still holds a minority of huge updates to the honest scale
+        bound = rb.norm_bound(self.recent_norms, factor=o["norm_factor"], warmup=1, max_norm=o["max_norm"])
+        for b in buf:
+            if agg.global_norm(b["delta"]) > bound:
+                b["delta"], _ = agg.clip_by_norm(b["delta"], bound)
+                self.clipped += int(not b.get("clipped", False))
         kept = buf
         if o["outlier_threshold"] > 0 or o["min_cosine"] > -1:
             deltas, window = [b["delta"] for b in buf], list(self.recent_deltas)

@@ -131,3 +131,13 @@ def test_updates_pointing_away_from_the_median_are_left_out_when_min_cosine_is_s
     st.submit(_raw(st.version, {k: -v for k, v in _delta().items()}))  # a plain sign flip: same norm
     assert st.outliers == 1
     assert all(np.all(st.params[k] > before[k]) for k in INIT)
+
+
+def test_a_huge_update_in_the_very_first_buffer_is_clipped_to_the_buffers_median_norm():
+    st = AggregatorState(INIT, buffer_size=4, staleness="constant", examples_factor=0.0)
+    honest = [_delta(0.1, seed=i) for i in range(3)]
+    for d in honest:
+        st.submit(_raw(0, d))
+    st.submit(_raw(0, {k: v * -500 for k, v in _delta(0.1, seed=9).items()}))  # no norm known yet at submit
+    step = np.sqrt(sum(np.sum(st.params[k] ** 2) for k in INIT))
+    assert st.clipped == 1 and step < 0.5 * max(np.sqrt(sum(np.sum(d[k] ** 2) for k in INIT)) for d in honest)
