@@ -40,8 +40,12 @@ def empty_arrays(n: int, size: int, n_mels: int, frames: int) -> dict[str, np.nd
             "quality": np.zeros((n, 2), np.float32)}
 
 
-def decode_image(jpeg: bytes, size: int) -> np.ndarray:
+def decode_image(jpeg: bytes, size: int, *, crop: bool = True) -> np.ndarray:
     """JPEG -> (3, size, size) float32 RGB in [0, 1] (area resize).
+
+    ``crop``: first cut the frame to its salient region (:func:`common.media.crop.salient_box`: the square
+    around the detail, e.g. a card in a room; the whole frame when nothing stands out), so the model's few
+    pixels go to the object rather than the scene.
 
     Raises
     ------
@@ -53,6 +57,10 @@ def decode_image(jpeg: bytes, size: int) -> np.ndarray:
     bgr = cv2.imdecode(np.frombuffer(jpeg, np.uint8), cv2.IMREAD_COLOR)
     if bgr is None:
         raise ValueError("a stored keyframe is not a decodable JPEG")
+    if crop:
+        from .media.crop import crop_salient
+
+        bgr = crop_salient(bgr)
     if bgr.shape[:2] != (size, size):
         bgr = cv2.resize(bgr, (size, size), interpolation=cv2.INTER_AREA)
     return (bgr[:, :, ::-1].transpose(2, 0, 1) / 255.0).astype(np.float32)

@@ -219,18 +219,18 @@ def _background(rng: np.random.Generator, size: int) -> np.ndarray:
 
 
 def render_shot(image: np.ndarray, frames: int, *, size: int, noise: float,
-                rng: np.random.Generator) -> np.ndarray:
+                rng: np.random.Generator, card_fraction: tuple[float, float] = (0.85, 0.95)) -> np.ndarray:
     """One shot: (frames, size, size, 3) uint8 BGR frames of a digit card under a moving camera.
 
-    The card (dark ink on paper, 85-95% of the frame: the camera frames the digit) sits on a textured
-    background; the camera pans and zooms slowly (a few pixels over the shot) and every frame gets Gaussian
-    sensor noise of ``noise`` (0-1).
+    The card (dark ink on paper, a side of ``card_fraction`` of the frame's, by default 85-95%: the camera
+    frames the digit) sits on a textured background; the camera pans and zooms slowly (a few pixels over the
+    shot) and every frame gets Gaussian sensor noise of ``noise`` (0-1).
     """
     import cv2
 
     canvas = 2 * size
     bg = _background(rng, canvas)
-    card = int(size * rng.uniform(0.85, 0.95))
+    card = int(size * rng.uniform(*card_fraction))
     ink = cv2.resize(image, (card, card), interpolation=cv2.INTER_CUBIC).clip(0, 1)
     paper = rng.uniform(200, 250)
     tint = rng.uniform(0.85, 1.0, size=3)
