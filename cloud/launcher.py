@@ -32,14 +32,7 @@ import typer
 from common.config import FedgeConfig
 from common.procs import escalate
 
-from .dashboard.options import (
-    DashboardAddress,
-    DashboardPublic,
-    DashboardToken,
-    DashboardTokens,
-    RayDashboard,
-    dashboard_overrides,
-)
+from .dashboard import options as dash
 from .state import RAY_ADDRESS_ENV, RAY_ADDRESS_FILE
 
 APP_DIR = Path(__file__).resolve().parents[1]  # the Flower app: pyproject.toml with [tool.flwr.app]
@@ -264,17 +257,17 @@ def start_command(
     ssl_keyfile: Annotated[Path | None, typer.Option("--ssl-keyfile", help="SuperLink private key (TLS).")] = None,
     auth_public_keys: Annotated[list[Path] | None, typer.Option(
         "--auth-public-key", help="A SuperNode public key to register (enables SuperNode auth).")] = None,
-    dashboard: DashboardAddress = "",
-    dashboard_token: DashboardToken = "",
-    dashboard_tokens: DashboardTokens = "",
-    public: DashboardPublic = False,
-    ray_dashboard: RayDashboard = False,
+    dashboard: dash.DashboardAddress = "",
+    dashboard_token: dash.DashboardToken = "",
+    dashboard_tokens: dash.DashboardTokens = "",
+    public: dash.DashboardPublic = False,
+    ray_dashboard: dash.RayDashboard = False,
 ) -> None:
     """Start the aggregator: embedded Ray, a Flower SuperLink and the fedge run; Ctrl-C checkpoints and stops."""
     from common.config import ConfigError, load_config, parse_overrides
 
     try:  # DashboardError is a ValueError: one line, exit 2
-        watch = dashboard_overrides(dashboard, token=dashboard_token, tokens_file=dashboard_tokens, public=public)
+        watch = dash.dashboard_overrides(dashboard, token=dashboard_token, tokens_file=dashboard_tokens, public=public)
         cfg = load_config(toml_path=config, overrides=parse_overrides(list(set_ or []) + watch))
         opts = LaunchOptions(run_dir=run_dir, host=host, port=port, ray_address=ray_address, num_cpus=num_cpus,
                              ssl_ca_certfile=ssl_ca_certfile, ssl_certfile=ssl_certfile, ssl_keyfile=ssl_keyfile,

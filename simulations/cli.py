@@ -14,14 +14,7 @@ import click
 import typer
 from typer.core import TyperGroup
 
-from cloud.dashboard.options import (
-    DashboardAddress,
-    DashboardPublic,
-    DashboardToken,
-    DashboardTokens,
-    RayDashboard,
-    dashboard_overrides,
-)
+from cloud.dashboard import options as dash
 
 DEFAULT_SCENARIO = Path(__file__).parent / "scenarios" / "quickstart.toml"
 
@@ -59,11 +52,11 @@ def run_cmd(
     set_: Annotated[list[str] | None, typer.Option("--set", help="Override a config key, e.g. --set aggregation.versions=5")] = None,
     nodes: Annotated[int | None, typer.Option("--nodes", help="Number of virtual devices (= simulation.devices).")] = None,
     quiet: Annotated[bool, typer.Option("--quiet", help="No progress bars.")] = False,
-    dashboard: DashboardAddress = "",
-    dashboard_token: DashboardToken = "",
-    dashboard_tokens: DashboardTokens = "",
-    public: DashboardPublic = False,
-    ray_dashboard: RayDashboard = False,
+    dashboard: dash.DashboardAddress = "",
+    dashboard_token: dash.DashboardToken = "",
+    dashboard_tokens: dash.DashboardTokens = "",
+    public: dash.DashboardPublic = False,
+    ray_dashboard: dash.RayDashboard = False,
 ) -> None:
     """Run a scenario: render device streams, ingest them into stores, train federated, write the report."""
     from cloud.dashboard import DashboardError
@@ -73,7 +66,7 @@ def run_cmd(
     from .runner import run
 
     try:
-        watch = dashboard_overrides(dashboard, token=dashboard_token, tokens_file=dashboard_tokens, public=public)
+        watch = dash.dashboard_overrides(dashboard, token=dashboard_token, tokens_file=dashboard_tokens, public=public)
     except DashboardError as e:
         typer.echo(f"fedge simulate: {e}", err=True)
         raise typer.Exit(2) from None
