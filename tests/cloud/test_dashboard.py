@@ -219,3 +219,9 @@ def test_cli_refuses_a_dashboard_beyond_loopback_without_a_token_before_starting
     res = CliRunner().invoke(app, args)
     assert res.exit_code == 2 and "reachable from other machines" in res.output
     assert not (tmp_path / "run").exists()  # nothing started, nothing written
+
+
+def test_no_ray_dashboard_link_when_ray_runs_without_its_dashboard(ray_session):
+    from cloud.server_app import ray_dashboard_url
+
+    assert ray_dashboard_url() == ""
