@@ -85,7 +85,9 @@ def resolve_model(target: Path, *, config: Path | None, overrides: dict[str, Any
         raise EvaluateError(f"{target}: unknown model file (expected a run directory, .npz or .safetensors)")
     cfg = load_config(toml_path=config, overrides=overrides)
     state = _state_file(target)
-    if any(is_adapter_key(k) and ("lora_A" in k or "lora_B" in k) for k in state):
+    # an .npz is the aggregator's global state (the adapters, or more under train.scope); a .safetensors with
+    # LoRA factors is adapters (`fedge cloud train`), without them a base
+    if target.suffix == ".npz" or any(is_adapter_key(k) and ("lora_A" in k or "lora_B" in k) for k in state):
         base_path = str(base) if base else cfg.model.base_path
         return cfg, base_path, state, f"adapters {target.resolve()}"
     if base is not None:

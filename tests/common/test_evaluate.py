@@ -82,6 +82,17 @@ def test_run_dir_uses_final_adapters_and_the_newest_base_global_training_saved(t
     assert rep["model"].startswith("run ") and rep["data"].startswith("NPZ ")
 
 
+def test_adapters_file_is_evaluated_on_the_base_named_by_base(tmp_path: Path):
+    cfg = _cfg()
+    adapters = tmp_path / "global_adapters.npz"
+    np.savez(adapters, **{k: v.numpy() for k, v in adapter_state(model_with(cfg, None)).items()})
+    base = _constant_base(tmp_path / "b.safetensors", 0)
+    r = _evaluate(adapters, "--data", _data(tmp_path / "d.npz"), "--base", base, "--json", *SETS)
+    assert r.exit_code == 0, r.output
+    rep = json.loads(r.output)
+    assert rep["accuracy"] == pytest.approx(3 / 12) and rep["model"].startswith("adapters ")
+
+
 def test_table_output_names_subsets_and_prints_the_confusion_matrix(tmp_path: Path):
     base = _constant_base(tmp_path / "base.safetensors", 0)
     r = _evaluate(base, "--data", _data(tmp_path / "d.npz"), *SETS)
