@@ -112,6 +112,11 @@ def _span(start: Any, end: Any, label: Any, where: str, name: str) -> LabelSpan:
     return s
 
 
+def _names_hint(row: list[str]) -> str:
+    """Two fields are most likely labels by file name, which are for images (:mod:`edge.images`)."""
+    return " (filename,label rows label the images of a folder: --video photos/)" if len(row) == 2 else ""
+
+
 def _csv_rows(text: str, name: str) -> list[LabelSpan]:
     rows = [(i, r) for i, r in enumerate(csv.reader(io.StringIO(text)), 1)
             if r and any(c.strip() for c in r) and not r[0].lstrip().startswith("#")]
@@ -124,13 +129,14 @@ def _csv_rows(text: str, name: str) -> list[LabelSpan]:
         except ValueError:  # a header
             if sorted(head) != sorted(COLUMNS):
                 raise LabelsError(f"labels {name}: line {i}: header must name the columns "
-                                  f"{','.join(COLUMNS)}, got {','.join(first)}") from None
+                                  f"{','.join(COLUMNS)}, got {','.join(first)}{_names_hint(first)}") from None
             order = [head.index(c) for c in COLUMNS]
             rows = rows[1:]
     out = []
     for i, r in rows:
         if len(r) != 3:
-            raise LabelsError(f"labels {name}: line {i}: expected 3 fields start_s,end_s,label, got {len(r)}")
+            raise LabelsError(f"labels {name}: line {i}: expected 3 fields start_s,end_s,label, got {len(r)}"
+                              f"{_names_hint(r)}")
         start, end, label = (r[k].strip() for k in order)
         out.append(_span(start, end, label, f"line {i}", name))
     return out

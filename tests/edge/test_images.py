@@ -210,3 +210,11 @@ def test_rerun_over_a_folder_stores_only_new_or_changed_photos(tmp_path):
     assert changed.samples_stored == 1
     assert sorted(Path(s.source or "").name for s in SampleStore(tmp_path / "s").iter_samples()) == \
         ["a.jpg", "b.jpg", "b.jpg", "c.jpg"]
+
+
+def test_file_name_labels_given_for_a_video_say_what_they_are_for(tmp_path):
+    (tmp_path / "names.csv").write_text("a.jpg,1\n")
+    r = _ingest_cli("--video", str(tmp_path / "clip.avi"), "--store", str(tmp_path / "s"),  # checked first:
+                    "--labels", str(tmp_path / "names.csv"))  # the video need not exist
+    assert r.exit_code == 2
+    assert "filename,label rows label the images of a folder" in _one_error_line(r.stderr)
