@@ -4,6 +4,7 @@ appear under their reason, and the page logs no console error."""
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
@@ -21,11 +22,11 @@ CHROMIUM = "/usr/bin/chromium"
 HOSTILE = ("nonfinite", "decode", "keys", "shape", "norm")  # what tests/cloud/adversarial_app.py sends
 
 
-def _wait_up(url: str, proc: subprocess.Popen[str], timeout_s: float) -> None:
+def _wait_up(url: str, proc: subprocess.Popen[str], timeout_s: float, log: Path) -> None:
     t0 = time.monotonic()
     while time.monotonic() - t0 < timeout_s:
         if proc.poll() is not None:
-            raise AssertionError(f"the simulation ended before its dashboard came up:\n{proc.stdout.read()[-3000:]}")
+            raise AssertionError(f"the simulation ended before its dashboard came up:\n{log.read_text()[-3000:]}")
         try:
             urllib.request.urlopen(url + "api/state", timeout=1).close()
             return
@@ -44,16 +45,17 @@ def test_dashboard_page_follows_a_simulation_with_hostile_devices(tmp_path):
     url = f"http://127.0.0.1:{port}/"
     env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0", "OMP_NUM_THREADS": "1"}
     # 6 devices, none a straggler: 5 send hostile updates, 1 is honest and makes every version (K = 1)
+    log = open(tmp_path / "sim.log", "w")  # noqa: SIM115  (closed in the finally below)
     proc = subprocess.Popen(
         [sys.executable, "-m", "tests.cloud.sim_main", str(tmp_path / "run"), "6", "tests.cloud.adversarial_app:app",
          "aggregation.versions=6", "aggregation.buffer_size=1", "aggregation.concurrency=6",
          "aggregation.max_norm=50.0", 'aggregation.norm_action="reject"', "profiles.straggler_fraction=0.0",
          "train.local_steps=3", "data.samples_per_device=40", "data.eval_samples=100",
          f'dashboard.address="127.0.0.1:{port}"'],
-        cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, text=True)  # a file: a full pipe would stall it
     errors: list[str] = []
     try:
-        _wait_up(url, proc, 180.0)
+        _wait_up(url, proc, 180.0, tmp_path / "sim.log")
         with sync_api.sync_playwright() as p:
             browser = p.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox"])
             page = browser.new_page(viewport={"width": 1280, "height": 900})
@@ -73,18 +75,36 @@ def test_dashboard_page_follows_a_simulation_with_hostile_devices(tmp_path):
             assert _accepted(page) > accepted0  # the honest device's row advanced
             reasons = page.eval_on_selector_all("#rejections li[data-reason]", "els => els.map(e => e.dataset.reason)")
             assert set(reasons) & set(HOSTILE)
+            _check_api(url)
             series = page.get_attribute("#accuracy-chart", "data-series") or ""
             assert series.startswith("fused")  # fused first, then one line per modality subset
             page.fill("#filter", "nonfinite")  # the filter narrows the table to the refusing devices
             page.wait_for_function("document.querySelectorAll('#devices tbody tr').length < 6", timeout=10_000)
             page.wait_for_function("document.getElementById('conn').textContent === 'finished'", timeout=90_000)
             browser.close()
-        assert proc.wait(timeout=60) == 0
+        assert proc.wait(timeout=60) == 0, (tmp_path / "sim.log").read_text()[-3000:]
     finally:
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+        log.close()
     assert not errors, errors
+
+
+def _check_api(url: str) -> None:
+    """The real run's /api/state fits its schema; its /metrics parse and count the same refusals."""
+    import jsonschema
+    from prometheus_client.parser import text_string_to_metric_families
+
+    from cloud.dashboard.http import STATIC
+
+    state = json.loads(urllib.request.urlopen(url + "api/state", timeout=5).read())
+    jsonschema.validate(state, json.loads((STATIC / "state.schema.json").read_text()))
+    text = urllib.request.urlopen(url + "metrics", timeout=5).read().decode()
+    refused = {s.labels["reason"]: s.value for f in text_string_to_metric_families(text) if f.name == "fedge_updates"
+               for s in f.samples if s.labels.get("outcome") == "refused"}
+    # read after the state: every count there, at least as high here
+    assert set(refused) & set(HOSTILE) and all(refused.get(r, 0) >= n for r, n in state["rejections"].items())
 
 
 def _accepted(page) -> int:  # type: ignore[no-untyped-def]
