@@ -37,8 +37,11 @@ def uses_given_stores(cfg: FedgeConfig) -> bool:
     ------
     GivenDataError
         ``data.source = "store"`` without ``data.store_root`` in a run that renders no stores (``simulation.dataset
-        = "synthetic"``): its devices would have no data.
+        = "synthetic"``): its devices would have no data; or ``data.store_root`` with another ``data.source``.
     """
+    if cfg.data.store_root and cfg.data.source != "store":  # stores named but not used would go unnoticed
+        raise GivenDataError(f"data.store_root is {cfg.data.store_root!r} but data.source is "
+                             f"'{cfg.data.source}': set data.source = 'store' to train on those stores")
     if cfg.data.source == "store" and not cfg.data.store_root and cfg.simulation.dataset != "avdigits":
         raise GivenDataError(f"data.source = 'store' needs data.store_root (one store per device, device-0 .."
                              f" device-{cfg.simulation.devices - 1}); simulation.dataset = "

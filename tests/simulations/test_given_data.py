@@ -54,7 +54,7 @@ def _run(*sets: str):
 
 
 @pytest.mark.parametrize("case", ["missing-device", "label-outside", "missing-eval", "nothing-to-train",
-                                  "store-without-root"])
+                                  "store-without-root", "root-without-store"])
 def test_given_data_that_cannot_work_fails_in_one_line_before_ray(case: str, tmp_path: Path, monkeypatch):
     monkeypatch.setenv("FEDGE_SIM_CACHE", str(tmp_path / "cache"))
     root = tmp_path / "stores"
@@ -73,6 +73,10 @@ def test_given_data_that_cannot_work_fails_in_one_line_before_ray(case: str, tmp
     elif case == "store-without-root":  # generated data renders no stores: the devices would have none
         sets = ["simulation.dataset=synthetic"]
         want = "data.source = 'store' needs data.store_root"
+    elif case == "root-without-store":  # stores named but generated data trained on would go unnoticed
+        _given(tmp_path)
+        sets.append("data.source=synthetic")
+        want = "set data.source = 'store'"
     else:  # the device data.missing_image takes the camera of holds image-only samples
         _given(tmp_path, modalities=("image",))
         sets.append("data.missing_image=0.5")
