@@ -421,6 +421,8 @@ def ingest(
                 if stored_before:
                     rep.notes.append(f"{stored_before} image(s) stored by an earlier run were not stored again")
                 if images.skipped:  # the others are stored; the run still fails, naming what was skipped
+                    gate.counts["image:unreadable"] += len(images.skipped)  # a reason, kept in the store's stats
+                    rep.samples_rejected += len(images.skipped)
                     more = f" and {len(images.skipped) - 3} more" if len(images.skipped) > 3 else ""
                     rep.error = (f"skipped {len(images.skipped)} of {len(images.paths)} images that could not "
                                  f"be read: {', '.join(images.skipped[:3])}{more}")

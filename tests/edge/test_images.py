@@ -169,6 +169,10 @@ def test_unreadable_image_is_skipped_named_and_fails_the_run_keeping_the_rest(tm
     assert _one_error_line(r.stderr) == f"error: skipped 1 of 3 images that could not be read: {d / 'b.jpg'} " \
                                         "(cannot decode)"
     assert len(SampleStore(tmp_path / "s")) == 1 + 2
+    r = _ingest_cli("--video", f"{d}/*.jpg", "--store", str(tmp_path / "s2"), "--json")
+    rep = json.loads(r.stdout)
+    assert rep["rejected"] == {"image:unreadable": 1} and rep["samples_rejected"] == 1
+    assert SampleStore(tmp_path / "s2").stats()["rejected"] == {"image:unreadable": 1}  # `fedge edge store stats`
 
 
 def test_labels_naming_an_image_not_there_fail_before_anything_is_stored(tmp_path):
