@@ -222,6 +222,27 @@ def _watch(url: str, stop: threading.Event) -> None:
             pass
 
 
+def live_state_costs(devices: int = 1000, updates: int = 20_000) -> tuple[float, float]:
+    """(loop-side microseconds per client update: dispatch + reply events; milliseconds per snapshot as JSON)."""
+    from cloud.dashboard import LiveState
+
+    live = LiveState(mode="async", buffer_size=10, concurrency=100, target_versions=10**6)
+    live.nodes(range(devices))
+    metrics_ = {"count-image": 10.0, "count-audio": 10.0, "partition-id": 3.0}
+    t0 = time.perf_counter()
+    for i in range(updates):
+        n = i % devices
+        live.dispatched(n, i // 10, 20_000)
+        live.accepted_update(n, staleness=i % 4, bytes_up=2_000, metrics=metrics_)
+        if i % 10 == 9:
+            live.new_version(i // 10 + 1, float(i))
+    per_update = (time.perf_counter() - t0) / updates
+    t0 = time.perf_counter()
+    for _ in range(20):
+        json.dumps(live.snapshot())
+    return per_update * 1e6, (time.perf_counter() - t0) / 20 * 1e3
+
+
 def dashboard_overhead(work: Path, env: dict[str, str], repeats: int) -> float:
     """(f): per-update seconds with the dashboard on and watched over the same run with it off, minus 1."""
     import socket
@@ -245,6 +266,9 @@ def dashboard_overhead(work: Path, env: dict[str, str], repeats: int) -> float:
             stop.set()
             watcher.join(timeout=5)
         on.append(per_update_seconds(metrics(work / f"dash-on{sfx}")))
+    us, ms = live_state_costs()
+    print(f"(f) live state: {us:.1f} us of loop time per client update (dispatch + reply events), a 1,000-device "
+          f"snapshot as JSON {ms:.1f} ms (a page gets it at most 4 times a second, less often when it costs more)")
     print(f"(f) wall s per client update: dashboard on {min(on):.4f} (runs {', '.join(f'{x:.4f}' for x in on)}), "
           f"off {min(off):.4f} (runs {', '.join(f'{x:.4f}' for x in off)})")
     return min(on) / min(off) - 1.0

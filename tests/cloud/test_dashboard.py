@@ -225,3 +225,11 @@ def test_no_ray_dashboard_link_when_ray_runs_without_its_dashboard(ray_session):
     from cloud.server_app import ray_dashboard_url
 
     assert ray_dashboard_url() == ""
+
+
+def test_device_rows_in_json_carry_every_field_of_the_row():
+    from dataclasses import fields
+
+    from cloud.dashboard.live import DeviceRow
+
+    assert set(DeviceRow(id=1).as_json()) == {f.name for f in fields(DeviceRow)}
