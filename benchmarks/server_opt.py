@@ -130,7 +130,9 @@ def main() -> None:
                     help="NAME:key=value,... (repeatable; the first is the peer); default: the four server optimizers")
     ap.add_argument("--set", action="append", default=[], help="override a scenario key for every variant")
     ap.add_argument("--out", default="", help="write every run's result as JSON here")
+    ap.add_argument("--threads", type=int, default=1, help="torch CPU threads (one device trains at a time)")
     args = ap.parse_args()
+    torch.set_num_threads(args.threads)
 
     from edge.data import local_data
     from edge.node_config import NodeConfig

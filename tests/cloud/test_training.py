@@ -70,6 +70,26 @@ def test_merged_base_with_fresh_adapters_matches_old_base_with_aggregated_adapte
     assert not torch.allclose(merged["experts.0.fc1.weight"], base["experts.0.fc1.weight"])
 
 
+@pytest.mark.parametrize("scope", ["partial", "full"])
+def test_merging_a_wider_scope_keeps_the_function_and_hands_back_that_scope_fresh(scope: str) -> None:
+    from common.scope import scope_keys, trainable_state
+
+    g = torch.Generator().manual_seed(4)
+    base = initial_base(MKW)
+    start = trainable_state(lora_model(base, None, mkw=MKW, rank=RANK, alpha=ALPHA), scope)
+    state = {k: v + 0.05 * torch.randn(v.shape, generator=g) for k, v in start.items()}
+    data = make_av_dataset(32, seed=6)
+    before = _logits(lora_model(base, state, mkw=MKW, rank=RANK, alpha=ALPHA, scope=scope), data)
+    merged = merge_adapters(base, state, mkw=MKW, rank=RANK, alpha=ALPHA, scope=scope)
+    fresh = fresh_adapters(merged, mkw=MKW, rank=RANK, alpha=ALPHA, scope=scope)
+    after = _logits(lora_model(merged, fresh, mkw=MKW, rank=RANK, alpha=ALPHA, scope=scope), data)
+    torch.testing.assert_close(after, before, atol=1e-5, rtol=1e-5)
+    assert set(fresh) == scope_keys(lora_model(merged, None, mkw=MKW, rank=RANK, alpha=ALPHA), scope)
+    with pytest.raises(TrainingError, match="scope"):  # the adapters alone are not a state of this scope
+        lora_model(base, adapter_state(lora_model(base, None, mkw=MKW, rank=RANK, alpha=ALPHA)), mkw=MKW,
+                   rank=RANK, alpha=ALPHA, scope=scope)
+
+
 def test_merge_rejects_adapters_that_do_not_fit_the_model() -> None:
     base, ad = initial_base(MKW), _aggregated_adapters()
     bad_shape = dict(ad)

@@ -150,3 +150,19 @@ def test_bad_scenario_file_fails_with_key_named(tmp_path, body, key):
     assert r.returncode == 2, r.stderr
     assert key in r.stderr
     assert "Traceback" not in r.stderr
+
+
+@pytest.mark.integration
+def test_full_scope_federation_learns_from_a_random_base(tmp_path, tiny_cache):
+    """train.scope = full: every parameter travels and trains, so a federation with no pretrained base learns."""
+    r = _simulate(TINY, "--out", tmp_path / "f", "--set", "simulation.pretrain_steps=0", "--set", "train.scope=full",
+                  "--set", "aggregation.versions=5", "--set", "train.local_steps=10", "--set", "train.lr=0.003",
+                  cache=tiny_cache)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    recs = [json.loads(x) for x in (tmp_path / "f" / "metrics.jsonl").read_text().splitlines()]
+    acc = [x["accuracy"] for x in recs]
+    assert acc[-1] >= 0.5 and acc[-1] >= acc[0] + 0.15, acc  # 10 classes: chance is 0.1
+    cfg = json.loads((tmp_path / "f" / "config.json").read_text())
+    assert cfg["model.base_path"] == "" and cfg["train.scope"] == "full"
+    final = np.load(tmp_path / "f" / "global_adapters.npz")
+    assert "encoders.image.conv.0.weight" in final.files  # base weights are part of the global state
