@@ -20,6 +20,7 @@ import math
 import signal
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -522,10 +523,13 @@ def _event(run_dir: Path | None, **rec: Any) -> None:
             f.write(json.dumps(rec) + "\n")
 
 
-def _wait_nodes(grid: Grid, n: int, timeout_s: float) -> list[int]:
+def _wait_nodes(grid: Grid, n: int, timeout_s: float,
+                on_nodes: Callable[[list[int]], None] | None = None) -> list[int]:
     t0 = time.monotonic()
     while True:
         nodes = sorted(grid.get_node_ids())
+        if on_nodes is not None:
+            on_nodes(nodes)
         if len(nodes) >= n or time.monotonic() - t0 > timeout_s:
             return nodes
         time.sleep(0.5)
@@ -544,8 +548,14 @@ def main(grid: Grid, context: Context) -> None:
     if not sim and not bound_reply_pulls(cfg.aggregation.reply_timeout_s):
         log.warning("cannot bound Flower's wait for a reply's objects: a device killed mid-upload may stall "
                     "the loop")
-    nodes = _wait_nodes(grid, cfg.aggregation.min_nodes, 120.0)
+    virtual = cfg.aggregation.clock == "virtual" or (cfg.aggregation.clock == "auto" and sim)
+    # the dashboard comes up first: an operator sees devices connect while the server waits for them
+    watched = watch(cfg.dashboard, run_dir=run_dir, mode=cfg.aggregation.mode,
+                    buffer_size=_state_kwargs(cfg, None)["buffer_size"], concurrency=cfg.aggregation.concurrency,
+                    target_versions=cfg.aggregation.versions, clock="virtual" if virtual else "real")
+    nodes = _wait_nodes(grid, cfg.aggregation.min_nodes, 120.0, on_nodes=watched.live.nodes)
     if not nodes:
+        watched.close()
         raise RuntimeError("no SuperNodes connected")
     how = ensure_ray(wait_for_simulation_s=120.0 if sim else 0.0, run_dir=run_dir)
     model = global_model(cfg)
@@ -564,7 +574,6 @@ def main(grid: Grid, context: Context) -> None:
     version, _ = ray.get(actor.snapshot.remote())
     history = ray.get(actor.get_history.remote())
     t0 = float(history[-1]["time"]) if history and math.isfinite(history[-1]["time"]) else 0.0
-    virtual = cfg.aggregation.clock == "virtual" or (cfg.aggregation.clock == "auto" and sim)
     clock: clk.RealClock | clk.VirtualClock = clk.VirtualClock(t0) if virtual else clk.RealClock(t0)
     if restored is not None:
         recovery_s = time.monotonic() - t_start
@@ -575,9 +584,6 @@ def main(grid: Grid, context: Context) -> None:
         _event(run_dir, event="started", version=version, ray=how, mode=cfg.aggregation.mode,
                clock="virtual" if virtual else "real")
     num_partitions = max(len(nodes), 1)  # simulation: Flower's num-partitions = the number of nodes
-    watched = watch(cfg.dashboard, run_dir=run_dir, mode=cfg.aggregation.mode, buffer_size=kwargs["buffer_size"],
-                    concurrency=cfg.aggregation.concurrency, target_versions=cfg.aggregation.versions,
-                    clock="virtual" if virtual else "real")
     watched.live.started(version)
     if ray_dashboard_url():
         print(f"[fedge] Ray dashboard: {ray_dashboard_url()}", flush=True)
