@@ -96,7 +96,7 @@ class AggregatorState:
         examples_factor: float = 2.0,
         max_examples: float = 0.0,
         window: int = 32,
-        outlier_threshold: float = 0.0,
+        outlier_threshold: float = 2.0,
         min_cosine: float = -1.0,
         replay_window: int = 4096,
         checkpoint_dir: str | None = None,

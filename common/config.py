@@ -109,7 +109,7 @@ class AggregationConfig:
     examples_factor: float = 2.0  # weigh an update by min(claimed examples, this x the median recent claim)
     max_examples: float = 0.0  # an absolute cap on the example count an update is weighed by
     window: int = 32  # recent accepted updates the relative bounds look at (they span versions)
-    outlier_threshold: float = 0.0  # leave out buffered updates whose Krum-style score exceeds this
+    outlier_threshold: float = 2.0  # leave out buffered updates whose Krum-style score exceeds this (0: off)
     min_cosine: float = -1.0  # leave out buffered updates whose cosine with the recent mean update is below (-1: off)
     replay_window: int = 4096  # digests of accepted payloads kept to refuse replays
     min_nodes: int = 1

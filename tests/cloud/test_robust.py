@@ -77,7 +77,7 @@ def test_a_claimed_base_version_other_than_the_dispatched_one_is_refused():
 
 
 def test_a_claim_of_a_trillion_examples_weighs_like_twice_an_ordinary_device():
-    st = AggregatorState(INIT, buffer_size=4, staleness="constant", norm_factor=0.0)
+    st = AggregatorState(INIT, buffer_size=4, staleness="constant", norm_factor=0.0, outlier_threshold=0.0)
     honest = [_delta(0.1, seed=i) for i in range(3)]
     evil = {k: np.full(v.shape, -1.0, np.float32) for k, v in INIT.items()}
     for d in honest:
@@ -134,7 +134,7 @@ def test_updates_pointing_away_from_the_median_are_left_out_when_min_cosine_is_s
 
 
 def test_a_huge_update_in_the_very_first_buffer_is_clipped_to_the_buffers_median_norm():
-    st = AggregatorState(INIT, buffer_size=4, staleness="constant", examples_factor=0.0)
+    st = AggregatorState(INIT, buffer_size=4, staleness="constant", examples_factor=0.0, outlier_threshold=0.0)
     honest = [_delta(0.1, seed=i) for i in range(3)]
     for d in honest:
         st.submit(_raw(0, d))
