@@ -139,7 +139,8 @@ class _Handler(BaseHTTPRequestHandler):
             return query["token"][0], device, True
         jar = SimpleCookie(self.headers.get("Cookie", ""))
         tok, dev = jar.get(_COOKIE_TOKEN), jar.get(_COOKIE_DEVICE)
-        return (tok.value if tok else None), (dev.value if dev else None), False
+        unq = urllib.parse.unquote  # set quoted (see _send)
+        return (unq(tok.value) if tok else None), (unq(dev.value) if dev else None), False
 
     def do_GET(self) -> None:
         url = urllib.parse.urlsplit(self.path)

@@ -146,16 +146,16 @@ def test_beyond_loopback_the_dashboard_needs_a_token_or_public(tmp_path, monkeyp
         preflight("localhost:http", public=False)
     tokens = tmp_path / "tokens.json"
     device_token = add_device_token(tokens, "cam-1")
-    server = start_dashboard(_federation(), "0.0.0.0:0", token="s3cret", tokens_file=tokens)
+    server = start_dashboard(_federation(), "0.0.0.0:0", token="s3/cr+t=", tokens_file=tokens)
     try:
         url = f"http://127.0.0.1:{server.port}/"
         for path in ("", "api/state", "metrics", "api/events", "static/app.js"):
             assert _get(url + path)[0] == 401, path
         assert _get(url + "api/state", {"Authorization": "Bearer wrong"})[0] == 401
-        assert _get(url + "metrics", {"Authorization": "Bearer s3cret"})[0] == 200
+        assert _get(url + "metrics", {"Authorization": "Bearer s3/cr+t="})[0] == 200
         assert _get(url + "api/state", {"Authorization": f"Bearer {device_token}", "X-Fedge-Device": "cam-1"})[0] == 200
         assert _get(url + "api/state", {"Authorization": f"Bearer {device_token}", "X-Fedge-Device": "cam-2"})[0] == 401
-        status, _, headers = _get(url + "?token=s3cret")  # the page's URL sets a cookie for its own requests
+        status, _, headers = _get(url + "?token=s3%2Fcr%2Bt%3D")  # the page's URL sets a cookie for its requests
         assert status == 200 and "HttpOnly" in headers["Set-Cookie"]
         cookie = headers["Set-Cookie"].split(";")[0]
         assert _get(url + "static/app.js", {"Cookie": cookie})[0] == 200
