@@ -123,3 +123,21 @@ def test_loader_rejects_npz_with_wrong_shapes_in_one_line(tmp_path: Path):
              label=np.array([0, 1]), mask=np.ones((2, 2), bool), quality=np.ones((2, 2), np.float32))
     with pytest.raises(DataError, match=r"'image' has shape \(2, 3, 16, 16\)"):
         load_data(p, image_size=32, n_mels=40, frames=32, num_classes=10, what="--data")
+
+
+def test_ingest_keeps_the_gates_removals_in_the_store(tmp_path: Path):
+    from edge.ingest import ingest
+
+    rng = np.random.default_rng(0)
+    textures = [cv2.resize(rng.integers(30, 255, (8, 8, 3)).astype(np.uint8), (64, 64),
+                           interpolation=cv2.INTER_NEAREST) for _ in range(2)]
+    video = tmp_path / "ab.avi"
+    out = cv2.VideoWriter(str(video), cv2.VideoWriter_fourcc(*"MJPG"), 4, (64, 64))
+    for i in range(4):  # shots A B A B: the repeats are near-duplicate keyframes
+        for _ in range(4):
+            out.write(textures[i % 2])
+    out.release()
+    rep = ingest(video=video, audio=None, store=tmp_path / "store", label=1, audio_from_video=False)
+    assert rep.error is None and rep.rejected, rep.summary()
+    r = _cli("stats", tmp_path / "store", "--json")
+    assert json.loads(r.output)["rejected"] == rep.rejected
