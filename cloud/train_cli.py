@@ -76,6 +76,7 @@ def train_command(
     import ray
 
     from common.config import ConfigError, load_config, parse_overrides
+    from common.dataset import is_store
     from common.model import model_kwargs
 
     from .training import (
@@ -97,6 +98,9 @@ def train_command(
         if p is not None and not p.is_file():
             typer.echo(f"fedge cloud train: {what} file not found: {p}", err=True)
             raise typer.Exit(2)
+    if data is not None and not (data.is_file() or is_store(data)):  # before Ray starts
+        typer.echo(f"fedge cloud train: --data {data}: neither a sample store directory nor an NPZ file", err=True)
+        raise typer.Exit(2)
     import zipfile
 
     from safetensors import SafetensorError

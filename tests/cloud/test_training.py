@@ -315,3 +315,11 @@ def test_training_data_path_reads_a_sample_store_and_refuses_labels_outside_the_
     with pytest.raises(TrainingError, match=r"store.*sample 3 \(cam\.mp4 at 2\.00 s\) has label 2"):
         training_dataset(load_config(overrides={"training.data_path": str(tmp_path / "store"),
                                                 "model.num_classes": 2}))
+
+
+def test_cli_data_that_is_neither_store_nor_npz_fails_before_ray(tmp_path) -> None:
+    (tmp_path / "empty").mkdir()
+    for bad in (tmp_path / "missing.npz", tmp_path / "empty"):
+        r = _cli(["--data", str(bad)])
+        assert r.exit_code == 2 and "neither a sample store directory nor an NPZ" in r.output
+        assert len(r.output.strip().splitlines()) == 1
