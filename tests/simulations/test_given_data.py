@@ -161,3 +161,18 @@ def test_prepare_for_flwr_run_checks_given_stores_and_renders_nothing(tmp_path: 
     assert cfg.data.store_root == str((tmp_path / "stores").resolve())  # relative paths made absolute
     assert cfg.data.eval_path == str(held.resolve())
     assert not (tmp_path / "cache").exists()
+
+
+def test_report_names_rendered_generated_and_given_data():
+    from simulations.report import data_names
+
+    rendered = data_names({"simulation.dataset": "avdigits", "data.partition": "speaker"},
+                          {"eval": "NPZ /c/heldout.npz", "eval_samples": 60, "cloud_samples": 100})
+    assert rendered == {"training": "AV digits rendered and ingested per device, partition speaker",
+                        "evaluation": "NPZ /c/heldout.npz (60 labelled samples)",
+                        "pretraining": "the cloud's rendered share (100 samples)"}
+    given = data_names({"simulation.dataset": "avdigits"}, {"train": "stores /s/device-0..1",
+                                                            "eval": "none (data.eval_path is empty: no accuracy)"})
+    assert given == {"training": "stores /s/device-0..1", "evaluation": "none (data.eval_path is empty: no accuracy)"}
+    assert data_names({"simulation.dataset": "synthetic", "data.partition": "iid"}, {})["training"] == \
+        "synthetic, generated per device, partition iid"
