@@ -48,8 +48,8 @@ sys.path.insert(0, str(ROOT))
 SCEN = ROOT / "simulations" / "scenarios"
 
 
-def _tree_rss(root: int) -> int:
-    """Summed resident memory (bytes) of ``root`` and all its descendants, from /proc (Linux)."""
+def _descendants(root: int) -> list[int]:
+    """``root`` and all its descendants, from /proc (Linux)."""
     children: dict[int, list[int]] = {}
     for d in Path("/proc").iterdir():
         if d.name.isdigit():
@@ -58,10 +58,18 @@ def _tree_rss(root: int) -> int:
             except (OSError, IndexError, ValueError):
                 continue
             children.setdefault(ppid, []).append(int(d.name))
-    total, todo = 0, [root]
+    out, todo = [], [root]
     while todo:
         pid = todo.pop()
+        out.append(pid)
         todo += children.get(pid, [])
+    return out
+
+
+def _tree_rss(root: int) -> int:
+    """Summed resident memory (bytes) of ``root`` and all its descendants, from /proc (Linux)."""
+    total = 0
+    for pid in _descendants(root):
         try:
             for line in Path(f"/proc/{pid}/status").read_text().splitlines():
                 if line.startswith("VmRSS:"):
@@ -71,6 +79,22 @@ def _tree_rss(root: int) -> int:
     return total
 
 
+def cpu_tree(proc: subprocess.Popen, stop: threading.Event, out: dict[int, float]) -> None:
+    """Sample the CPU seconds (user + system) of ``proc`` and each descendant every 0.5 s into ``out[pid]``.
+
+    The sum over ``out`` is the CPU time of the whole simulation, Ray's raylet and workers included (less at most
+    the last half second of each process); unlike wall time it barely moves when other programs load the machine.
+    """
+    tick = os.sysconf("SC_CLK_TCK")
+    while not stop.wait(0.5):
+        for pid in _descendants(proc.pid):
+            try:
+                f = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+            except (OSError, IndexError):
+                continue
+            out[pid] = max(out.get(pid, 0.0), (int(f[11]) + int(f[12])) / tick)
+
+
 def peak_rss_tree(proc: subprocess.Popen, stop: threading.Event, out: list[float]) -> None:
     """Sample the summed RSS of ``proc`` and all its descendants every 0.5 s; keep the maximum in ``out[0]``.
 
@@ -78,22 +102,6 @@ def peak_rss_tree(proc: subprocess.Popen, stop: threading.Event, out: list[float
     """
     while not stop.wait(0.5):
         out[0] = max(out[0], float(_tree_rss(proc.pid)))
-
-
-def wait_cpu(proc: subprocess.Popen, timeout: float) -> tuple[int, float]:
-    """Wait for ``proc``; return (exit code, CPU seconds of it and every descendant it reaped: Ray's processes).
-
-    CPU time, unlike wall time, barely moves when other programs load the machine.
-    """
-    t0 = time.monotonic()
-    while True:
-        pid, status, ru = os.wait4(proc.pid, os.WNOHANG)
-        if pid == proc.pid:
-            proc.returncode = os.waitstatus_to_exitcode(status)
-            return proc.returncode, ru.ru_utime + ru.ru_stime
-        if time.monotonic() - t0 > timeout:
-            raise subprocess.TimeoutExpired(proc.args, timeout)
-        time.sleep(0.2)
 
 
 def cpu_seconds(out: Path) -> float:
@@ -121,19 +129,23 @@ def simulate(scenario: Path, out: Path, sets: list[str], env: dict[str, str], *,
         with open(out.with_suffix(".log"), "w") as log:
             proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
             peak = [0.0]
+            cpu: dict[int, float] = {}
             stop = threading.Event()
             th = threading.Thread(target=peak_rss_tree, args=(proc, stop, peak), daemon=True)
             th.start()
+            tc = threading.Thread(target=cpu_tree, args=(proc, stop, cpu), daemon=True)
+            tc.start()
             try:
-                rc, cpu = wait_cpu(proc, timeout)
+                rc = proc.wait(timeout=timeout)
             finally:
                 stop.set()
                 th.join()
+                tc.join()
                 if proc.poll() is None:
                     proc.kill()
         wall = time.perf_counter() - t0
         if rc == 0:
-            done.write_text(json.dumps({"wall": wall, "peak": peak[0], "cpu": cpu}))
+            done.write_text(json.dumps({"wall": wall, "peak": peak[0], "cpu": sum(cpu.values())}))
             return wall, peak[0]
         tail = out.with_suffix(".log").read_text()[-3000:]
         if attempt + 1 == attempts:
