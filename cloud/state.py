@@ -205,7 +205,12 @@ class AggregatorState:
         if upd.norm > bound:
             delta, _ = agg.clip_by_norm(delta, bound)
             clipped = True
-        self._log(raw, now, dispatched_version)
+        try:
+            self._log(raw, now, dispatched_version)
+        except OSError as e:  # not durable, so not accepted: the node's update is refused, the loop goes on
+            self.rejections.add(Reason.INVALID)
+            return {"accepted": False, "reason": Reason.INVALID.value, "detail": f"write-ahead log: {e}",
+                    "staleness": upd.staleness, "new_version": None}
         self.accepted += 1
         self.replays.add(digest)
         self.recent_norms.append(upd.norm)

@@ -76,3 +76,13 @@ def test_kill_9_after_acknowledged_updates_loses_none_of_them(tmp_path):
     p.wait()
     back = AggregatorState.restore(str(tmp_path), checkpoint_every=1000)
     assert back.accepted >= acked and back.accepted == back.version * 4 + len(back.buffer)
+
+
+def test_an_update_that_cannot_be_logged_is_refused_not_acknowledged(tmp_path):
+    st = AggregatorState(INIT, buffer_size=2, checkpoint_dir=str(tmp_path))
+    _feed(st, 1)
+    (tmp_path / WAL_NAME).unlink()
+    (tmp_path / WAL_NAME).mkdir()  # the log cannot be appended to (as on a full or failed disk)
+    r = st.submit(_raw(5, st.version))
+    assert not r["accepted"] and r["reason"] == "invalid" and "write-ahead log" in r["detail"]
+    assert st.accepted == 1 and len(st.buffer) == 1
