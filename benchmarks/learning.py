@@ -66,7 +66,7 @@ FUSED, MODS = "image+audio", ("image", "audio")
 # --quick: a smoke run (seconds to a minute); asserts only that every part runs
 QUICK = ("simulation.devices=3", "data.samples_per_device=6", "data.eval_samples=20", "simulation.cloud_samples=20",
          "simulation.pretrain_steps=5", "aggregation.versions=3", "aggregation.concurrency=2",
-         "aggregation.buffer_size=2", "train.local_steps=2", "simulation.fps=4")
+         "aggregation.buffer_size=2", "train.local_steps=2", "simulation.fps=4", "simulation.num_cpus=1")
 KEYS = ("scratch_vs_central", "base_vs_central", "fused_clean", "image_only", "audio_only",
         "min_fused_minus_best_single", "missing30_drop_pts", "time_to_fedavg_final")
 
@@ -175,13 +175,14 @@ def plot(curves: dict[str, list[dict[str, Any]]], central: float, out: Path) -> 
     import matplotlib.pyplot as plt
 
     fig, (ax_t, ax_v) = plt.subplots(1, 2, figsize=(11, 4))
-    for name, recs in curves.items():
+    for i, (name, recs) in enumerate(curves.items()):
         acc = [r["accuracy"] for r in recs]
+        style = {"marker": "o", "ms": 2, "label": name, "color": f"C{i}"}  # one colour per row in both panels
         if recs and "virtual_time" in recs[0]:
-            ax_t.plot([r["virtual_time"] for r in recs], acc, marker="o", ms=2, label=name)
-        ax_v.plot([r["version"] for r in recs], acc, marker="o", ms=2, label=name)
+            ax_t.plot([r["virtual_time"] for r in recs], acc, **style)
+        ax_v.plot([r["version"] for r in recs], acc, **style)
     for ax, xlabel in ((ax_t, "virtual time (s)"), (ax_v, "global version / round")):
-        ax.axhline(central, ls="--", c="gray", lw=1, label="centralized (clean)")
+        ax.axhline(central, ls="--", c="gray", lw=1, label="centralized")
         ax.set_xlabel(xlabel)
         ax.set_ylabel("accuracy, unseen speakers (run's held-out set)")
         ax.grid(alpha=0.3)
@@ -229,7 +230,7 @@ def main() -> None:
     cache = work / "data"
 
     from common.training import evaluate
-    from simulations.evaluation import model_with
+    from simulations.evaluation import load_arrays, model_with
     from simulations.prepare import prepare
     from simulations.report import read_metrics
     from simulations.runner import METRICS, run
@@ -251,7 +252,7 @@ def main() -> None:
     t = time.perf_counter()
     central = centralized(prepared, args.central_steps)
     scores["centralized"] = score(central, subsets)
-    central_curve = evaluate(central, subsets["clean"])["accuracy"]
+    central_curve = evaluate(central, load_arrays(prepared.data.eval_path))["accuracy"]  # the curves' held-out set
     print(f"centralized: {args.central_steps} steps, clean fused {scores['centralized']['clean'].get(FUSED, 0):.3f} "
           f"({time.perf_counter() - t:.0f} s)", flush=True)
 
