@@ -37,6 +37,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from cloud import clock as clk  # noqa: E402
+from cloud.aggregation import default_server_lr  # noqa: E402
 from cloud.state import AggregatorState  # noqa: E402
 from cloud.validation import RawUpdate  # noqa: E402
 from common import codec, wire  # noqa: E402
@@ -45,11 +46,11 @@ from common.evaluation import model_with  # noqa: E402
 from common.scope import load_trainable_state, set_trainable, trainable_state  # noqa: E402
 from common.training import evaluate, local_step_budget, train_steps  # noqa: E402
 
-DEFAULT_VARIANTS = (
+DEFAULT_VARIANTS = (  # each optimizer at its default server_lr (aggregation.server_lr = 0)
     "sgd:aggregation.server_opt=sgd",
-    "avgm:aggregation.server_opt=avgm,aggregation.server_lr=0.5,aggregation.beta1=0.5",
-    "adam:aggregation.server_opt=adam,aggregation.server_lr=0.01",
-    "yogi:aggregation.server_opt=yogi,aggregation.server_lr=0.01",
+    "avgm:aggregation.server_opt=avgm",
+    "adam:aggregation.server_opt=adam",
+    "yogi:aggregation.server_opt=yogi",
 )
 
 
@@ -70,7 +71,7 @@ def run_federation(cfg: FedgeConfig, devices: list[dict[str, np.ndarray]], heldo
     model = set_trainable(model_with(cfg, None), t.scope)
     initial = {k: v.numpy() for k, v in trainable_state(model, t.scope).items()}
     state = AggregatorState(initial, buffer_size=a.buffer_size, staleness=a.staleness, max_staleness=a.max_staleness,
-                            server_opt=a.server_opt, server_lr=a.server_lr, beta1=a.beta1, beta2=a.beta2, tau=a.tau,
+                            server_opt=a.server_opt, server_lr=a.server_lr or default_server_lr(a.server_opt, a.beta1), beta1=a.beta1, beta2=a.beta2, tau=a.tau,
                             max_norm=a.max_norm, norm_action=a.norm_action)
     comm = cfg.communication
     params = codec.CodecParams(topk_ratio=comm.topk_ratio if comm.compression == "topk" else 1.0,

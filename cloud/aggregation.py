@@ -168,6 +168,18 @@ def server_step(
 ServerOpt = Literal["sgd", "avgm", "adam", "yogi"]
 SERVER_OPTS: tuple[str, ...] = ("sgd", "avgm", "adam", "yogi")
 OptState = dict[str, State]  # slot ("m", "v") -> name -> array
+# adam / yogi move every coordinate by about lr per version: measured on the quickstart's devices from the
+# cloud-pretrained base (benchmarks/server_opt.py, 2 seeds), 1e-3 beat sgd, 3e-3 tied it and 1e-2 lost 15 points
+ADAPTIVE_SERVER_LR = 1e-3
+
+
+def default_server_lr(opt: str, beta1: float) -> float:
+    """The server learning rate ``aggregation.server_lr = 0`` stands for: sgd 1 (FedAvg's plain step), avgm
+    ``1 - beta1`` (the momentum then averages deltas with sgd's long-run step size), adam / yogi
+    :data:`ADAPTIVE_SERVER_LR`."""
+    if opt not in SERVER_OPTS:
+        raise ValueError(f"unknown server optimizer {opt!r} (known: {SERVER_OPTS})")
+    return {"sgd": 1.0, "avgm": 1.0 - beta1}.get(opt, ADAPTIVE_SERVER_LR)
 
 
 def server_opt_step(

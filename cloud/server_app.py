@@ -40,6 +40,7 @@ from common.scope import load_trainable_state, trainable_state
 from common.training import evaluate
 
 from . import clock as clk
+from .aggregation import default_server_lr
 from .dashboard import LiveState
 from .dashboard.watch import watch
 from .state import AggregatorState, ensure_ray, start_actor
@@ -486,7 +487,8 @@ def _state_kwargs(cfg: FedgeConfig, ckpt_dir: str | None) -> dict[str, Any]:
     k = a.concurrency if a.mode == "sync" else a.buffer_size  # sync: the round barrier flushes the buffer
     return {"buffer_size": k, "staleness": a.staleness if a.mode == "async" else "constant",
             "staleness_a": a.staleness_a, "staleness_b": a.staleness_b, "max_staleness": a.max_staleness,
-            "server_opt": a.server_opt, "server_lr": a.server_lr, "beta1": a.beta1, "beta2": a.beta2, "tau": a.tau,
+            "server_opt": a.server_opt,
+            "server_lr": a.server_lr or default_server_lr(a.server_opt, a.beta1), "beta1": a.beta1, "beta2": a.beta2, "tau": a.tau,
             "max_norm": a.max_norm,
             "norm_action": a.norm_action, "robust": a.robust, "trim_ratio": a.trim_ratio,
             "norm_factor": a.norm_factor, "norm_warmup": a.norm_warmup, "examples_factor": a.examples_factor,

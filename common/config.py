@@ -95,7 +95,7 @@ class AggregationConfig:
     # server optimizer on each aggregated delta (Reddi et al., Adaptive Federated Optimization): sgd x += lr*d;
     # avgm: heavy-ball momentum beta1; adam / yogi: per-coordinate steps lr*m/(sqrt(v)+tau)
     server_opt: Literal["sgd", "avgm", "adam", "yogi"] = "sgd"
-    server_lr: float = 1.0
+    server_lr: float = 0.0  # 0: the optimizer's default (cloud.aggregation.default_server_lr)
     beta1: float = 0.9
     beta2: float = 0.99
     tau: float = 1e-3
@@ -128,7 +128,7 @@ class AggregationConfig:
         _check(self.staleness_a >= 0, "aggregation.staleness_a", "must be >= 0")
         _check(self.staleness_b >= 0, "aggregation.staleness_b", "must be >= 0")
         _check(self.max_staleness >= 0, "aggregation.max_staleness", "must be >= 0")
-        _check(self.server_lr > 0, "aggregation.server_lr", "must be > 0")
+        _check(self.server_lr >= 0, "aggregation.server_lr", "must be >= 0 (0: the server optimizer's default)")
         _check(self.server_opt in SERVER_OPTS, "aggregation.server_opt", f"must be one of {SERVER_OPTS}")
         _check(0.0 <= self.beta1 < 1.0, "aggregation.beta1", "must be in [0, 1)")
         _check(0.0 <= self.beta2 < 1.0, "aggregation.beta2", "must be in [0, 1)")

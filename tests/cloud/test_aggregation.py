@@ -145,3 +145,11 @@ def test_bad_inputs_raise():
         agg.trimmed_mean(_deltas(2), 0.5)
     with pytest.raises(ValueError):
         agg.server_step({"a": np.zeros(1)}, {"b": np.zeros(1)}, None)
+
+
+def test_default_server_lr_per_optimizer():
+    assert agg.default_server_lr("sgd", 0.9) == 1.0
+    assert agg.default_server_lr("avgm", 0.9) == pytest.approx(0.1)  # momentum with sgd's long-run step size
+    assert agg.default_server_lr("adam", 0.9) == agg.default_server_lr("yogi", 0.0) == agg.ADAPTIVE_SERVER_LR
+    with pytest.raises(ValueError):
+        agg.default_server_lr("lamb", 0.9)
