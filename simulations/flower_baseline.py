@@ -1,8 +1,8 @@
 """The peer for benchmarks: plain Flower FedAvg (``flwr.serverapp.strategy.FedAvg``) on the same model and data.
 
-Same base model with LoRA, same local training (:func:`common.training.train_steps`), same per-device data
-(:func:`edge.data.local_data`, i.e. the same stores), same held-out set; but Flower's own strategy: full float32
-adapters both ways, no codec, no validation, no staleness, no virtual clock. Run through
+Same base model with LoRA, the same trainable scope (``train.scope``, :mod:`common.scope`), same local training
+(:func:`common.training.train_steps`), same per-device data (:func:`edge.data.local_data`, i.e. the same stores),
+same held-out set; but Flower's own strategy: the full float32 trainable state both ways, no codec, no validation, no staleness, no virtual clock. Run through
 ``flwr.simulation.run_simulation`` exactly like fedge's apps.
 """
 
@@ -21,7 +21,7 @@ from flwr.serverapp.strategy import FedAvg
 
 from cloud.server_app import heldout_data
 from common.config import config_from_context
-from common.lora import adapter_state, load_adapter_state
+from common.scope import load_trainable_state, set_trainable, trainable_state
 from common.training import evaluate, train_steps
 
 from .evaluation import ADAPTERS, model_with
@@ -38,15 +38,15 @@ def _train(msg: Message, context: Context) -> Message:
 
     cfg = config_from_context(context.run_config)
     torch.set_num_threads(1)
-    model = model_with(cfg, None)
-    load_adapter_state(model, dict(msg.content["arrays"].to_torch_state_dict()))
+    model = set_trainable(model_with(cfg, None), cfg.train.scope)
+    load_trainable_state(model, dict(msg.content["arrays"].to_torch_state_dict()), cfg.train.scope)
     data = local_data(cfg, parse_node_config(context.node_config), "train")
     rnd = int(msg.content["config"]["server-round"])
     stats = train_steps(model, data, steps=cfg.train.local_steps, batch_size=cfg.train.batch_size,
                         lr=cfg.train.lr, seed=cfg.seed * 7919 + rnd,
                         modality_dropout_p=cfg.train.modality_dropout)
     content = RecordDict({
-        "arrays": ArrayRecord(adapter_state(model)),
+        "arrays": ArrayRecord(trainable_state(model, cfg.train.scope)),
         "metrics": MetricRecord({"num-examples": float(len(data["label"])), "loss": stats["loss"]}),
     })
     return Message(content, reply_to=msg)
@@ -68,7 +68,7 @@ def _main(grid: Grid, context: Context) -> None:
     t0 = time.perf_counter()
 
     def evaluate_fn(server_round: int, arrays: ArrayRecord) -> MetricRecord:
-        load_adapter_state(model, dict(arrays.to_torch_state_dict()))
+        load_trainable_state(model, dict(arrays.to_torch_state_dict()), cfg.train.scope)
         res = evaluate(model, eval_data)
         if server_round > 0:
             rec = {"version": server_round, "accuracy": res["accuracy"], "loss": res["loss"], "updates": k,
@@ -78,7 +78,7 @@ def _main(grid: Grid, context: Context) -> None:
         return MetricRecord({"accuracy": res["accuracy"]})
 
     strategy = FedAvg(fraction_train=frac, fraction_evaluate=0.0, min_train_nodes=k, min_available_nodes=n)
-    result = strategy.start(grid=grid, initial_arrays=ArrayRecord(adapter_state(model)),
+    result = strategy.start(grid=grid, initial_arrays=ArrayRecord(trainable_state(model, cfg.train.scope)),
                             num_rounds=cfg.aggregation.versions, timeout=cfg.aggregation.reply_timeout_s,
                             train_config=ConfigRecord({}), evaluate_fn=evaluate_fn)
     # the final global state, where fedge's server leaves its own: per-modality evaluation reads either the same way
