@@ -121,7 +121,9 @@ def test_evictions_are_reported(tmp_path, media, capfd):
                 str(store)]) == 0
     per = SampleStore(store).stats()["payload_bytes"]
     capfd.readouterr()
-    code = run(["edge", "ingest", "--video", str(media["video"]), "--audio", str(media["wav"]), "--store",
+    import shutil  # a second recording (the same file again would be skipped by the resume point)
+    again = {k: shutil.copy(media[k], tmp_path / f"again-{Path(media[k]).name}") for k in ("video", "wav")}
+    code = run(["edge", "ingest", "--video", str(again["video"]), "--audio", str(again["wav"]), "--store",
                 str(store), "--budget-mb", repr(math.ceil(per * 1.2) / 1e6)])
     out = capfd.readouterr()
     assert code == 0 and "evicted" in out.out + out.err
