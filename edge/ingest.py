@@ -82,6 +82,7 @@ class IngestReport:
     audio_seconds: float = 0.0  # featurised
     audio_windows: int = 0  # stored with audio
     samples_stored: int = 0
+    samples_resumed: int = 0  # stored by an earlier run of the same recording, skipped by its resume point
     samples_rejected: int = 0
     rejected: dict[str, int] = field(default_factory=dict)  # "<modality>:<reason>" -> count
     bytes_in: int = 0  # size of the raw source files
@@ -488,6 +489,7 @@ def ingest(
                 if rep.audio_seconds * sr < frames * hop_length:
                     rep.notes.append(f"audio too short for one window of {frames} frames "
                                      f"({frames * hop_length / sr:.2f} s)")
+            rep.samples_resumed = resume["skipped"]
             if resume["t"] is not None:
                 rep.notes.append(f"resumed after {resume['t']:.3f} s of stream (stored by an earlier run; "
                                  f"{resume['skipped']} sample(s) skipped)")
@@ -698,7 +700,7 @@ def ingest_command(
     typer.echo(json.dumps(rep.to_json()) if as_json else rep.summary())
     if rep.error:
         typer.echo(f"error: {rep.error}", err=True)
-    if rep.samples_stored == 0:
+    if rep.samples_stored == 0 and rep.samples_resumed == 0:  # a finished recording run again stores nothing
         typer.echo("error: no sample was stored", err=True)
         raise typer.Exit(1)
     if rep.error:

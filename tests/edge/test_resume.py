@@ -52,6 +52,12 @@ def test_a_second_ingest_of_the_same_recording_stores_nothing_new(tmp_path):
     assert first.samples_stored >= 4
     again = ingest(video=video, audio=wav, store=tmp_path / "s")
     assert again.samples_stored == 0 and any("resumed after" in n for n in again.notes), again.notes
+    assert again.samples_resumed == first.samples_stored
+    # the CLI says so and succeeds: an agent restarting a finished ingest must not read it as a failure
+    cmd = [sys.executable, "-m", "common.cli", "edge", "ingest", "--video", str(video), "--audio", str(wav),
+           "--store", str(tmp_path / "s")]
+    r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, check=False)
+    assert r.returncode == 0 and "no sample was stored" not in r.stderr and "resumed after" in r.stdout, r
     assert _rows(tmp_path / "s") == (first.samples_stored, first.samples_stored)
     st = SampleStore(tmp_path / "s")
     last = max(s.stream_time for s in st.iter_samples())
