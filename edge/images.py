@@ -22,9 +22,7 @@ so a rerun over a folder that gained photos stores only the new ones.
 
 from __future__ import annotations
 
-import csv
 import glob
-import json
 import os
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -33,7 +31,7 @@ from pathlib import Path, PurePosixPath
 import cv2
 
 from edge.keyframes import Keyframe, thumbnail
-from edge.labels import Labels, LabelsError, LabelSpan
+from edge.labels import Labels, LabelsError, LabelSpan, as_integer, csv_records, read_json, read_text
 from edge.sources import VideoSourceError
 
 __all__ = ["IMAGE_SUFFIXES", "ImageSource", "is_image_source", "open_images", "read_name_labels"]
@@ -191,37 +189,28 @@ def read_name_labels(path: str | Path) -> dict[str, int]:
         integer, one name with two labels, no row at all.
     """
     p = Path(path)
-    try:
-        text = p.read_text(encoding="utf-8-sig")
-    except (OSError, UnicodeDecodeError) as e:
-        raise LabelsError(f"labels {p}: cannot read ({e.__class__.__name__})") from None
+    text = read_text(p)
     rows: list[tuple[str, str, object]] = []  # (where, file name, label as given)
     if p.suffix.lower() == ".json" or text.lstrip().startswith("{"):
-        try:
-            obj = json.loads(text)
-        except json.JSONDecodeError as e:
-            raise LabelsError(f"labels {p}: not valid JSON (line {e.lineno}): {e.msg}") from None
+        obj = read_json(text, str(p))
         if not isinstance(obj, dict):
             raise LabelsError(f"labels {p}: images take a JSON object {{\"file name\": label}}")
         rows = [(f"item {k!r}", str(k), v) for k, v in obj.items()]
     else:
         first = True
-        for n, row in enumerate(csv.reader(text.splitlines()), start=1):
-            cells = [c.strip() for c in row]
-            if not any(cells) or cells[0].startswith("#"):
-                continue
+        for n, cells in csv_records(text):
             if len(cells) != 2:
                 span = " (3 fields are time spans, for a video or audio stream)" if len(cells) == 3 else ""
                 raise LabelsError(f"labels {p}: line {n}: expected 2 fields filename,label{span}, "
                                   f"got {len(cells)}")
-            if first and _integer(cells[1]) is None:
+            if first and as_integer(cells[1]) is None:
                 first = False
                 continue  # a header
             first = False
             rows.append((f"line {n}", cells[0], cells[1]))
     out: dict[str, int] = {}
     for where, name, raw in rows:
-        label = _integer(raw)
+        label = as_integer(raw)
         if not name:
             raise LabelsError(f"labels {p}: {where}: empty file name")
         if label is None:
@@ -234,17 +223,3 @@ def read_name_labels(path: str | Path) -> dict[str, int]:
     if not out:
         raise LabelsError(f"labels {p}: holds no filename,label row")
     return out
-
-
-def _integer(v: object) -> int | None:
-    """``v`` as an int (an int, an integral float, or a string of digits), else None."""
-    if isinstance(v, bool):
-        return None
-    if isinstance(v, int):
-        return v
-    if isinstance(v, float):
-        return int(v) if v.is_integer() else None
-    try:
-        return int(str(v).strip())
-    except ValueError:
-        return None

@@ -89,15 +89,25 @@ def _number(v: Any, what: str, where: str, name: str) -> float:
     return x
 
 
-def _integer(v: Any, where: str, name: str) -> int:
-    if isinstance(v, int) and not isinstance(v, bool):
+def as_integer(v: object) -> int | None:
+    """``v`` as an int (an int, an integral float, or a string of digits), else None."""
+    if isinstance(v, bool):
+        return None
+    if isinstance(v, int):
         return v
-    if isinstance(v, str):
-        try:
-            return int(v.strip())
-        except ValueError:
-            pass
-    raise LabelsError(f"labels {name}: {where}: label {v!r} is not an integer")
+    if isinstance(v, float):
+        return int(v) if v.is_integer() else None
+    try:
+        return int(str(v).strip())
+    except ValueError:
+        return None
+
+
+def _integer(v: Any, where: str, name: str) -> int:
+    i = None if isinstance(v, float) else as_integer(v)  # a span's label is written as an integer
+    if i is None:
+        raise LabelsError(f"labels {name}: {where}: label {v!r} is not an integer")
+    return i
 
 
 def _span(start: Any, end: Any, label: Any, where: str, name: str) -> LabelSpan:
@@ -117,13 +127,37 @@ def _names_hint(row: list[str]) -> str:
     return " (filename,label rows label the images of a folder: --video photos/)" if len(row) == 2 else ""
 
 
+def csv_records(text: str) -> list[tuple[int, list[str]]]:
+    """The ``(line number, stripped cells)`` of a labels CSV, blank lines and ``#`` comments left out."""
+    return [(i, [c.strip() for c in r]) for i, r in enumerate(csv.reader(io.StringIO(text)), 1)
+            if any(c.strip() for c in r) and not r[0].lstrip().startswith("#")]
+
+
+def read_json(text: str, name: str) -> Any:
+    """``text`` parsed as JSON; a :class:`LabelsError` naming the file and line if it is not."""
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as e:
+        raise LabelsError(f"labels {name}: not valid JSON (line {e.lineno}): {e.msg}") from None
+
+
+def read_text(path: str | Path) -> str:
+    """A labels file's text (a UTF-8 byte-order mark dropped); a :class:`LabelsError` if it cannot be read."""
+    p = Path(path)
+    try:
+        return p.read_text(encoding="utf-8-sig")
+    except FileNotFoundError:
+        raise LabelsError(f"labels {p}: file not found") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise LabelsError(f"labels {p}: cannot read: {e}") from None
+
+
 def _csv_rows(text: str, name: str) -> list[LabelSpan]:
-    rows = [(i, r) for i, r in enumerate(csv.reader(io.StringIO(text)), 1)
-            if r and any(c.strip() for c in r) and not r[0].lstrip().startswith("#")]
+    rows = csv_records(text)
     order = list(range(3))
     if rows:
         i, first = rows[0]
-        head = [c.strip().lower() for c in first]
+        head = [c.lower() for c in first]
         try:
             float(head[0])
         except ValueError:  # a header
@@ -137,16 +171,13 @@ def _csv_rows(text: str, name: str) -> list[LabelSpan]:
         if len(r) != 3:
             raise LabelsError(f"labels {name}: line {i}: expected 3 fields start_s,end_s,label, got {len(r)}"
                               f"{_names_hint(r)}")
-        start, end, label = (r[k].strip() for k in order)
+        start, end, label = (r[k] for k in order)
         out.append(_span(start, end, label, f"line {i}", name))
     return out
 
 
 def _json_rows(text: str, name: str) -> list[LabelSpan]:
-    try:
-        data = json.loads(text)
-    except json.JSONDecodeError as e:
-        raise LabelsError(f"labels {name}: not valid JSON: {e}") from None
+    data = read_json(text, name)
     if not isinstance(data, list):
         raise LabelsError(f"labels {name}: expected a JSON list of {{start_s, end_s, label}} objects")
     out = []
@@ -186,11 +217,6 @@ def parse_labels(text: str, *, name: str, fmt: str | None = None, num_classes: i
 def load_labels(path: str | Path, *, num_classes: int | None = None) -> Labels:
     """Read and parse a labels file (``.json``: JSON, ``.csv``: CSV, otherwise by content)."""
     p = Path(path)
-    try:
-        text = p.read_text(encoding="utf-8-sig")
-    except FileNotFoundError:
-        raise LabelsError(f"labels {p}: file not found") from None
-    except (OSError, UnicodeDecodeError) as e:
-        raise LabelsError(f"labels {p}: cannot read: {e}") from None
+    text = read_text(p)
     fmt = {".json": "json", ".csv": "csv"}.get(p.suffix.lower())
     return parse_labels(text, name=str(p), fmt=fmt, num_classes=num_classes)
