@@ -25,7 +25,7 @@ demo: setup
 	RAY_USAGE_STATS_ENABLED=0 $(BIN)/fedge simulate simulations/scenarios/quickstart.toml
 
 test: setup
-	RAY_USAGE_STATS_ENABLED=0 $(BIN)/python -m pytest -q
+	RAY_USAGE_STATS_ENABLED=0 $(BIN)/python -m pytest -q --durations=25
 
 test-fast: setup
 	RAY_USAGE_STATS_ENABLED=0 $(BIN)/python -m pytest -q -m "not integration"
