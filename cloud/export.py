@@ -344,6 +344,7 @@ def export_version(
     opset: int = OPSET,
     tolerance: float = TOLERANCE,
     progress: Callable[[str], None] | None = None,
+    serial: int = 0,
 ) -> Manifest:
     """Export every shard of ``model`` (LoRA merged first) into ``out_dir`` and write the signed manifest.
 
@@ -354,6 +355,7 @@ def export_version(
     version : the model version name recorded in the manifest.
     private_key : an ``Ed25519PrivateKey`` that signs the manifest.
     image_size, audio_frames : input sizes of the encoders (recorded; used for the agreement check).
+    serial : the publication number signed into the manifest (:meth:`ModelStore.next_serial`; 0 = none).
 
     Raises
     ------
@@ -417,6 +419,7 @@ def export_version(
         files=tuple(files),
         created=_dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
         extra=extra,
+        serial=serial,
     )
     (out / MANIFEST_FILE).write_bytes(sign_manifest(manifest, private_key))
     return manifest

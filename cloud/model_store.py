@@ -92,6 +92,14 @@ class ModelStore:
         """Directory of a published version."""
         return self.root / self.resolve(version)
 
+    def next_serial(self) -> int:
+        """The serial the next published version must sign into its manifest (one above every published one).
+
+        Devices refuse a manifest older than the newest they have seen; serials make "older" exact even for
+        versions exported within the same second.
+        """
+        return 1 + max((self.manifest(v).serial for v in self.versions()), default=0)
+
     # ------------------------------------------------------------------ publishing
     def publish(
         self,
@@ -125,6 +133,7 @@ class ModelStore:
                 image_size=image_size,
                 audio_frames=audio_frames,
                 progress=progress,
+                serial=self.next_serial(),
             )
             if public_key is not None:
                 verify_manifest((staging / MANIFEST_FILE).read_bytes(), public_key)
@@ -135,16 +144,24 @@ class ModelStore:
         return manifest
 
     def publish_dir(self, directory: str | Path, version: str) -> None:
-        """Move an exported directory into the store as ``version`` and point ``latest`` at it."""
+        """Move an exported directory into the store as ``version`` and point ``latest`` at it.
+
+        A manifest with a serial must carry one above every published version's (:meth:`next_serial`):
+        devices would refuse it as a rollback otherwise, so two publishers racing cannot both go live.
+        """
         src = Path(directory)
         env = json.loads((src / MANIFEST_FILE).read_bytes())
         if env.get("manifest", {}).get("version") != version:
             raise ManifestError(f"{src}: manifest names version {env.get('manifest', {}).get('version')!r}, "
                                 f"not {version!r}")
+        serial = env["manifest"].get("serial", 0)
         with self._lock():
             dst = self.root / version
             if dst.exists():
                 raise FileExistsError(f"model version {version!r} already exists in {self.root}")
+            if serial and serial < self.next_serial():
+                raise ManifestError(f"{src}: manifest serial {serial} is not above the published versions' "
+                                    f"(next is {self.next_serial()}); export it again")
             os.rename(src, dst)  # atomic on one filesystem
             idx = self.index()
             idx["versions"] = [*idx["versions"], version]
@@ -152,7 +169,10 @@ class ModelStore:
             self._write_index(idx)
 
     def set_latest(self, version: str) -> None:
-        """Point ``latest`` at an already published version (roll back or forward), atomically."""
+        """Point ``latest`` at an already published version, atomically.
+
+        Devices that already hold a newer version refuse the older one (rollback protection): to go back to an
+        older model, publish its weights again as a new version."""
         with self._lock():
             idx = self.index()
             if version not in idx["versions"]:

@@ -237,6 +237,19 @@ def build_app(args: dict[str, Any]) -> Any:
     return ShardServer.options(num_replicas=replicas).bind(store, tokens)  # type: ignore[attr-defined]
 
 
+def check_exposure(host: str, tokens_file: str | Path | None, *, public: bool) -> None:
+    """Refuse to serve beyond loopback without device tokens unless ``public`` (ValueError, one line).
+
+    Without tokens anyone who reaches the port downloads the model and uses ``/v1/predict``; that must be a
+    decision (``--public``), never the result of a missing ``--tokens``.
+    """
+    from .dashboard.http import is_loopback
+
+    if not is_loopback(host) and tokens_file is None and not public:
+        raise ValueError(f"the shard server on {host} would be reachable from other machines without device "
+                         "tokens: pass --tokens (fedge cloud token DEVICE), or --public to serve everyone")
+
+
 def start_shard_server(
     store: str | Path,
     *,
@@ -249,13 +262,16 @@ def start_shard_server(
     name: str = APP_NAME,
     route_prefix: str = "/",
     ready_timeout_s: float = 60.0,
+    public: bool = False,
 ) -> str:
     """Start Serve's HTTP proxy (if it is not running yet), deploy the ShardServer, wait until it answers and
     return its base URL.
 
     Needs a running Ray (``ray.init`` or a cluster address). Serve has one HTTP proxy per cluster: when
     Serve is already running, its host, port and TLS settings stay as they are (a warning is logged).
+    Beyond loopback it needs ``tokens_file`` unless ``public`` (:func:`check_exposure`).
     """
+    check_exposure(host, tokens_file, public=public)
     if (ssl_certfile is None) != (ssl_keyfile is None):
         raise ValueError("TLS needs both ssl_certfile and ssl_keyfile")
     http: dict[str, Any] = {"host": host, "port": int(port)}

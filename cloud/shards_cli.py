@@ -106,8 +106,23 @@ def serve_command(
     address: Annotated[str | None, typer.Option(
         help="Ray cluster address; default: start an embedded Ray.")] = None,
     num_cpus: Annotated[int, typer.Option(help="CPUs of the embedded Ray.")] = 2,
+    public: Annotated[bool, typer.Option(
+        "--public", help="Serve beyond loopback without device tokens (anyone reaching the port may download "
+        "and predict); refused otherwise.")] = False,
 ) -> None:
     """Serve model versions to devices with Ray Serve until interrupted (Ctrl-C)."""
+    from .serving import check_exposure
+
+    try:  # before Ray starts: a refused exposure costs nothing
+        check_exposure(host, tokens, public=public)
+        if tokens is not None and not tokens.is_file():
+            raise ValueError(f"tokens file not found: {tokens} (create it with fedge cloud token DEVICE)")
+    except ValueError as e:
+        typer.echo(f"fedge cloud serve: {e}", err=True)
+        raise typer.Exit(1) from None
+    if not store.is_dir():
+        typer.echo(f"fedge cloud serve: store {store} does not exist (publish a version first)", err=True)
+        raise typer.Exit(1)
     import ray
 
     from common.manifest import ManifestError, verify_manifest
@@ -115,9 +130,6 @@ def serve_command(
     from .model_store import ModelStore, StoreError
     from .serving import start_shard_server
 
-    if not store.is_dir():
-        typer.echo(f"fedge cloud serve: store {store} does not exist (publish a version first)", err=True)
-        raise typer.Exit(1)
     if public_key is not None:
         try:
             verify_manifest(ModelStore(store).manifest_bytes("latest"), load_public_key(public_key))
@@ -131,7 +143,7 @@ def serve_command(
         ray.init(num_cpus=num_cpus, include_dashboard=False)
     try:
         url = start_shard_server(store, host=host, port=port, tokens_file=tokens, ssl_certfile=ssl_certfile,
-                                 ssl_keyfile=ssl_keyfile, num_replicas=replicas)
+                                 ssl_keyfile=ssl_keyfile, num_replicas=replicas, public=public)
     except (ValueError, FileNotFoundError) as e:
         typer.echo(f"fedge cloud serve: {e}", err=True)
         ray.shutdown()

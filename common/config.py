@@ -409,6 +409,7 @@ class ShardsConfig:
     ``public_key`` is the pinned Ed25519 public key (PEM file) that every manifest must be signed with;
     ``ca_file`` pins the server's TLS CA (empty: system trust store); ``budget_mb`` bounds the on-disk cache.
     Per-device tokens are node secrets: they come from the command line or ``FEDGE_SHARD_TOKEN``, never here.
+    ``allow_insecure_http`` lets a token go to a plain ``http://`` url (refused otherwise; trusted networks only).
     """
 
     url: str = ""
@@ -417,6 +418,7 @@ class ShardsConfig:
     budget_mb: float = 64.0
     ca_file: str = ""
     timeout_s: float = 10.0
+    allow_insecure_http: bool = False
 
     def __post_init__(self) -> None:
         _check(self.url == "" or self.url.startswith(("http://", "https://")), "shards.url",

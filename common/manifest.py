@@ -124,7 +124,11 @@ class Manifest:
     audio_frames, modalities, expert_affinity, shared_experts, expert_groups) and its shard files.
 
     ``expert_groups`` maps each modality to the experts its tokens may route to (all of them with the
-    ``"shared"`` affinity); manifests written before the key existed mean ``"shared"``."""
+    ``"shared"`` affinity); manifests written before the key existed mean ``"shared"``.
+
+    ``serial`` is the publication number the model store assigns (1, 2, ... in publish order; 0 = unnumbered,
+    written before serials existed). It is signed, so a device can refuse an older version replayed as current
+    (:func:`release_order`)."""
 
     version: str
     model: Mapping[str, Any]
@@ -132,10 +136,13 @@ class Manifest:
     created: str = ""
     schema: int = SCHEMA
     extra: Mapping[str, Any] = field(default_factory=dict)
+    serial: int = 0
 
     def __post_init__(self) -> None:
         if not self.version or "/" in self.version or self.version.startswith(".") or self.version == "latest":
             raise ManifestError(f"manifest version {self.version!r}: must be a plain name other than 'latest'")
+        if self.serial < 0:
+            raise ManifestError(f"manifest {self.version}: serial must be >= 0, got {self.serial}")
         seen: set[str] = set()
         for f in self.files:
             if f.file in seen:
@@ -174,6 +181,7 @@ class Manifest:
             "model": dict(self.model),
             "files": [f.to_dict() for f in self.files],
             "extra": dict(self.extra),
+            "serial": self.serial,
         }
 
     def canonical_bytes(self) -> bytes:
@@ -193,9 +201,22 @@ class Manifest:
                 created=str(d.get("created", "")),
                 schema=schema,
                 extra=dict(d.get("extra", {})),
+                serial=int(d.get("serial", 0)),
             )
         except KeyError as e:
             raise ManifestError(f"manifest lacks key {e.args[0]!r}") from None
+        except ManifestError:
+            raise
+        except (TypeError, ValueError) as e:  # e.g. a serial that is not a number
+            raise ManifestError(f"manifest has a malformed value: {e}") from None
+
+
+def release_order(manifest: Manifest) -> tuple[int, str]:
+    """Sort key of a version by publication: its signed serial, then its signed creation time.
+
+    A device keeps the largest key it has accepted and refuses any manifest whose key is smaller (a rollback:
+    an older signed version served as the one asked for or as ``latest``)."""
+    return manifest.serial, manifest.created
 
 
 def canonical_json(obj: Any) -> bytes:

@@ -101,6 +101,9 @@ def predict_command(
         help="Device modalities, e.g. 'audio' (default: the inputs given).")] = None,
     version: Annotated[str, typer.Option(help="Model version to use.")] = "latest",
     config: Annotated[Path | None, typer.Option(help="Run config TOML (its shards section).")] = None,
+    allow_insecure_http: Annotated[bool, typer.Option(
+        "--allow-insecure-http", help="Send the token to a plain http:// server (trusted networks only; "
+        "default: shards.allow_insecure_http).")] = False,
 ) -> None:
     """Print the predicted class of each keyframe / audio window, fetching only the shards this device needs."""
     from .inference import ShardedRunner
@@ -129,6 +132,7 @@ def predict_command(
             ca_file=ca_file or (cfg.ca_file or None),
             version=version,
             timeout=cfg.timeout_s,
+            allow_insecure_http=allow_insecure_http or cfg.allow_insecure_http,
         )
         runner = ShardedRunner(cache)
         spec = runner.manifest.model

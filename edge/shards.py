@@ -11,6 +11,13 @@ between versions is never downloaded twice. The cache stays within a byte budget
 recently used files that the current version does not need right now, works offline from what it holds, and
 resumes an interrupted download with an HTTP ``Range`` request (``If-Range`` = the sha256 ETag).
 
+Delivery is hardened against a hostile network or server: a manifest must be the version asked for and never
+older (by its signed serial) than the newest this device has accepted, which is remembered in the cache folder
+across restarts, so a replayed older signed version is refused; the device token never travels in clear text
+(``http://`` with a token is refused unless ``allow_insecure_http``) and is dropped when a redirect leaves the
+server's origin; a download stops one byte past its manifest size; a cached shard is hashed again each time it
+is opened, so a file changed on disk is fetched again rather than trusted.
+
 Network code uses only the standard library (``urllib``): an edge device installs without Ray or HTTP extras.
 """
 
@@ -40,11 +47,15 @@ from common.manifest import (
     device_experts,
     expert_shard,
     load_public_key,
+    release_order,
     verify_manifest,
 )
 
 DEVICE_HEADER = "X-Fedge-Device"
 LATEST = "latest"
+MAX_MANIFEST_BYTES = 8 << 20  # a signed manifest is a few KB; anything near this is not one
+NEWEST_FILE = "newest.json"  # in manifests/: the newest version this device has accepted (rollback guard)
+_CREDENTIAL_HEADERS = ("Authorization", DEVICE_HEADER)
 _NET_ERRORS = (urllib.error.URLError, ConnectionError, TimeoutError, socket.timeout, http.client.HTTPException,
                ssl.SSLError, OSError)
 
@@ -77,6 +88,14 @@ class CacheBudgetError(ShardError):
     """The shards needed right now do not fit in the cache's byte budget."""
 
 
+class ShardVersionError(ShardError):
+    """A manifest is not the version asked for, or is older than the newest this device has accepted."""
+
+
+class ShardInsecureError(ShardError):
+    """The device token would travel in clear text (plain ``http://``) and that was not allowed."""
+
+
 @dataclass
 class CacheStats:
     """What the cache did: bytes over the network, requests, resumed downloads, cache hits."""
@@ -104,6 +123,7 @@ class ShardCache:
     timeout : socket timeout per request, seconds.
     retries : further attempts (each resuming) after an interrupted download.
     chunk_bytes : read size while streaming a download.
+    allow_insecure_http : send the token over plain ``http://`` (only on a network you trust, e.g. loopback).
     """
 
     def __init__(
@@ -121,6 +141,7 @@ class ShardCache:
         timeout: float = 10.0,
         retries: int = 2,
         chunk_bytes: int = 1 << 16,
+        allow_insecure_http: bool = False,
     ) -> None:
         if not url.startswith(("http://", "https://")):
             raise ValueError(f"shard server url {url!r} must start with http:// or https://")
@@ -136,20 +157,29 @@ class ShardCache:
         self.token, self.device = token, device
         self.version = version
         self.timeout, self.retries, self.chunk = float(timeout), int(retries), int(chunk_bytes)
+        self.allow_insecure_http = bool(allow_insecure_http)
         self.stats = CacheStats()
         self._ssl = ssl.create_default_context(cafile=str(ca_file)) if ca_file else None
+        self._opener = urllib.request.build_opener(
+            urllib.request.HTTPSHandler(context=self._ssl), _CredentialSafeRedirect(self))
         self._manifest: Manifest | None = None
         self._pinned: set[str] = set()  # files (sha names) the current version needs now: never evicted
-        self._verified: set[str] = set()  # sha256 of files hashed in this process
+        self._check_transport()
         for sub in ("manifests", "shards", "partial"):
             (self.dir / sub).mkdir(parents=True, exist_ok=True)
 
     # ------------------------------------------------------------------ HTTP
+    def _check_transport(self) -> None:
+        if self.token and self.url.startswith("http://") and not self.allow_insecure_http:
+            raise ShardInsecureError(
+                f"refusing to send the device token in clear text to {self.url}: use an https:// shard server, "
+                "or allow_insecure_http (--allow-insecure-http) on a network you trust")
+
     def _open(self, path: str, headers: dict[str, str] | None = None) -> http.client.HTTPResponse:
         req = urllib.request.Request(self.url + path, headers=headers or {})
         self.stats.requests += 1
         try:
-            return urllib.request.urlopen(req, timeout=self.timeout, context=self._ssl)  # type: ignore[no-any-return]
+            return self._opener.open(req, timeout=self.timeout)  # type: ignore[no-any-return]
         except urllib.error.HTTPError as e:
             detail = _error_detail(e)
             if e.code in (401, 403):
@@ -165,6 +195,7 @@ class ShardCache:
             raise
 
     def _auth_headers(self) -> dict[str, str]:
+        self._check_transport()  # the url may have changed since construction
         h: dict[str, str] = {}
         if self.token:
             h["Authorization"] = f"Bearer {self.token}"
@@ -183,6 +214,8 @@ class ShardCache:
         ------
         SignatureError
             The manifest (from the server or the cache) is not signed by the pinned key.
+        ShardVersionError
+            The manifest is not the pinned version, or is older than the newest this device has accepted.
         ShardUnavailableError
             Offline and nothing cached for this version.
         """
@@ -190,15 +223,50 @@ class ShardCache:
             return self._manifest
         try:
             with self._open(f"/v1/models/{urllib.parse.quote(self.version)}/manifest") as r:
-                envelope = r.read()
+                envelope = r.read(MAX_MANIFEST_BYTES + 1)
+            if len(envelope) > MAX_MANIFEST_BYTES:
+                raise ManifestError(f"{self.url}: the manifest of {self.version} is over {MAX_MANIFEST_BYTES} "
+                                    "bytes; refused")
             manifest = verify_manifest(envelope, self.public_key)  # before anything in it is trusted
+            self._check_release(manifest)  # before it replaces what the cache holds
             self._store_manifest(manifest.version, envelope)
         except _NET_ERRORS as e:
             if isinstance(e, urllib.error.HTTPError) and e.code < 500:
                 raise
             manifest = self._cached_manifest(reason=f"{type(e).__name__}: {e}")
+            self._check_release(manifest)
         self._set_manifest(manifest)
         return manifest
+
+    def newest_seen(self) -> tuple[str, int, str] | None:
+        """(version, serial, created) of the newest manifest this cache folder has accepted; None before any."""
+        path = self.dir / "manifests" / NEWEST_FILE
+        try:
+            d = json.loads(path.read_bytes())
+            return str(d["version"]), int(d["serial"]), str(d["created"])
+        except FileNotFoundError:
+            return None
+        except (ValueError, KeyError, TypeError) as e:
+            # losing this file would silently disable rollback protection: say so instead
+            raise ShardError(f"{path} is unreadable ({type(e).__name__}: {e}); delete it to trust the next "
+                             "manifest again") from None
+
+    def _check_release(self, manifest: Manifest) -> None:
+        """Refuse a manifest that is not the pinned version or goes below the newest accepted; record it."""
+        if self.version != LATEST and manifest.version != self.version:
+            raise ShardVersionError(f"asked for model version {self.version!r} but the signed manifest is "
+                                    f"{manifest.version!r}; refused")
+        newest = self.newest_seen()
+        if newest is not None:
+            version, serial, created = newest
+            if release_order(manifest) < (serial, created):
+                raise ShardVersionError(
+                    f"model version {manifest.version!r} (serial {manifest.serial}) is older than {version!r} "
+                    f"(serial {serial}), which this device already accepted: rollback refused")
+            if release_order(manifest) == (serial, created):
+                return
+        record = {"version": manifest.version, "serial": manifest.serial, "created": manifest.created}
+        _atomic_write(self.dir / "manifests" / NEWEST_FILE, json.dumps(record).encode())
 
     def _set_manifest(self, manifest: Manifest) -> None:
         self._manifest = manifest
@@ -262,15 +330,14 @@ class ShardCache:
         self._pinned.add(cname)
         dest = self.dir / "shards" / cname
         if dest.is_file():
-            if entry.sha256 in self._verified or _sha256_file(dest) == entry.sha256:
-                self._verified.add(entry.sha256)
+            # hashed on every open, not once per process: a file changed on disk since is fetched again
+            if _sha256_file(dest) == entry.sha256:
                 self.stats.hits += 1
                 os.utime(dest)  # LRU clock
                 return dest
-            dest.unlink()  # corrupted on disk: fetch again
+            dest.unlink()  # corrupted or tampered with on disk: fetch again
         self._make_room(entry.bytes)
         self._download(manifest.version, entry, dest, progress)
-        self._verified.add(entry.sha256)
         self._make_room(0)
         return dest
 
@@ -293,17 +360,31 @@ class ShardCache:
                     break
                 with self._open(path, headers) as r:
                     if r.status == 206:
+                        if not _resumes_at(r.headers.get("Content-Range"), have):
+                            part.unlink()  # the next attempt asks for the whole file
+                            raise ShardDownloadError(f"{entry.file}: asked to resume at byte {have}, the server "
+                                                     f"answered the range {r.headers.get('Content-Range')!r}")
                         self.stats.resumed += 1
                         mode = "ab"
                     else:  # 200: the whole file (the server ignored or refused the range)
                         mode, have = "wb", 0
+                    length = r.headers.get("Content-Length")
+                    if length is not None and length.isdigit() and have + int(length) > entry.bytes:
+                        part.unlink(missing_ok=True)
+                        raise _oversize(entry, version, have + int(length))
                     with open(part, mode) as fh:
-                        while block := r.read(self.chunk):
+                        # never more than one byte past the manifest's size, whatever the server streams
+                        while block := r.read(min(self.chunk, entry.bytes + 1 - have)):
                             fh.write(block)
                             self.stats.downloaded_bytes += len(block)
                             have += len(block)
+                            if have > entry.bytes:
+                                break
                             if progress:
                                 progress(entry.name, len(block))
+                    if have > entry.bytes:
+                        part.unlink()
+                        raise _oversize(entry, version, have)
                 if have < entry.bytes:
                     raise ShardDownloadError(f"{entry.file}: connection closed after {have}/{entry.bytes} bytes")
                 break
@@ -366,6 +447,48 @@ def _cache_name(entry: ShardFile) -> str:
     return f"{entry.sha256}.{entry.format}"
 
 
+def _oversize(entry: ShardFile, version: str, got: int) -> ShardIntegrityError:
+    return ShardIntegrityError(
+        f"shard {entry.file} of version {version}: the server sent {'at least ' if got == entry.bytes + 1 else ''}"
+        f"{got} bytes, over the manifest's {entry.bytes} (deleted, refused)")
+
+
+def _resumes_at(content_range: str | None, have: int) -> bool:
+    """Whether a 206's ``Content-Range`` continues exactly where the partial file ends (another span would
+    corrupt it)."""
+    return content_range is not None and content_range.strip().startswith(f"bytes {have}-")
+
+
+def _origin(url: str) -> tuple[str, str, int | None]:
+    u = urllib.parse.urlsplit(url)
+    return u.scheme.lower(), (u.hostname or "").lower(), u.port or {"http": 80, "https": 443}.get(u.scheme.lower())
+
+
+class _CredentialSafeRedirect(urllib.request.HTTPRedirectHandler):
+    """Follow redirects, but send the device's credentials only to the origin they were given for.
+
+    urllib copies every header to the redirected request, the token included; a shard server (or anything
+    between) could otherwise send a device to another host and collect its token. A redirect from ``https`` to
+    ``http`` is refused unless the cache allows plain HTTP.
+    """
+
+    def __init__(self, cache: ShardCache) -> None:
+        self.cache = cache
+
+    def redirect_request(self, req: urllib.request.Request, fp: object, code: int, msg: str,
+                         headers: object, newurl: str) -> urllib.request.Request | None:
+        new = super().redirect_request(req, fp, code, msg, headers, newurl)  # type: ignore[arg-type]
+        if new is None:
+            return None
+        old_scheme = _origin(req.full_url)[0]
+        if old_scheme == "https" and _origin(newurl)[0] != "https" and not self.cache.allow_insecure_http:
+            raise ShardInsecureError(f"{req.full_url} redirected to plain {newurl}; refused")
+        if _origin(newurl) != _origin(req.full_url):
+            for h in _CREDENTIAL_HEADERS:
+                new.remove_header(h.capitalize())  # urllib stores header names capitalize()d
+        return new
+
+
 def _sha256_file(path: Path) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as fh:
@@ -382,7 +505,7 @@ def _atomic_write(path: Path, data: bytes) -> None:
 
 def _error_detail(e: urllib.error.HTTPError) -> str:
     try:
-        body = json.loads(e.read() or b"{}")
+        body = json.loads(e.read(4096) or b"{}")
         return str(body.get("detail", body))
     except (ValueError, OSError):
         return e.reason if isinstance(e.reason, str) else str(e.reason)
@@ -396,7 +519,9 @@ __all__ = [
     "ShardCache",
     "ShardDownloadError",
     "ShardError",
+    "ShardInsecureError",
     "ShardIntegrityError",
     "ShardTLSError",
     "ShardUnavailableError",
+    "ShardVersionError",
 ]

@@ -80,7 +80,7 @@ def test_manifest_signed_by_another_key_is_refused(shard_server, tmp_path):
     forged = tmp_path / "forged"
     shutil.copytree(store.version_dir(latest), forged)
     body = json.loads((forged / "manifest.json").read_bytes())["manifest"]
-    body["version"] = f"forged-{tmp_path.name}"
+    body["version"], body["serial"] = f"forged-{tmp_path.name}", store.next_serial()
     (forged / "manifest.json").write_bytes(sign_manifest(Manifest.from_dict(body), Ed25519PrivateKey.generate()))
     store.publish_dir(forged, body["version"])
     store.set_latest(latest)  # keep other tests on the genuine version
@@ -228,7 +228,7 @@ def test_runner_follows_a_new_version_without_refetching_unchanged_shards(shard_
     copy = tmp_path / "republish"
     shutil.copytree(store.version_dir(latest), copy)
     body = json.loads((copy / "manifest.json").read_bytes())["manifest"]
-    body["version"] = f"re-{tmp_path.name}"
+    body["version"], body["serial"] = f"re-{tmp_path.name}", store.next_serial()
     (copy / "manifest.json").write_bytes(sign_manifest(Manifest.from_dict(body), shard_server.store.private))
     store.publish_dir(copy, body["version"])
     try:
