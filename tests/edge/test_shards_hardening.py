@@ -8,6 +8,7 @@ real ShardCache over real sockets.
 from __future__ import annotations
 
 import hashlib
+import ssl
 import threading
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -103,7 +104,7 @@ def serve() -> Iterator:
     """Start FakeServers on 127.0.0.1 (free ports); all stopped after the test."""
     started: list[ThreadingHTTPServer] = []
 
-    def start() -> FakeServer:
+    def start(tls: tuple[Path, Path] | None = None) -> FakeServer:
         fake = FakeServer()
 
         class Handler(BaseHTTPRequestHandler):
@@ -114,9 +115,13 @@ def serve() -> Iterator:
                 pass
 
         httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        if tls is not None:  # (certificate, key)
+            ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+            ctx.load_cert_chain(*map(str, tls))
+            httpd.socket = ctx.wrap_socket(httpd.socket, server_side=True)
         threading.Thread(target=httpd.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()
         started.append(httpd)
-        fake.url = f"http://127.0.0.1:{httpd.server_address[1]}"
+        fake.url = f"{'https' if tls else 'http'}://127.0.0.1:{httpd.server_address[1]}"
         return fake
 
     yield start
@@ -210,6 +215,21 @@ def test_token_survives_a_redirect_within_the_origin(serve, tmp_path):
     cache.path("head")
     shard_requests = [h for p, h in srv.seen if "/shards/" in p]
     assert len(shard_requests) == 2 and all(h["authorization"] == f"Bearer {TOKEN}" for h in shard_requests)
+
+
+def test_https_redirect_to_plain_http_is_refused(serve, tmp_path):
+    from cloud.certs import generate
+
+    layout = generate(tmp_path / "certs").layout
+    secure, plain = serve((layout.server_cert, layout.server_key)), serve()
+    for srv in (secure, plain):
+        srv.add("v1", 1)
+    secure.redirect = plain.url
+    cache = _cache(secure.url, tmp_path / "c", ca_file=layout.ca_cert, allow_insecure_http=False)
+    assert cache.manifest().version == "v1"  # over verified TLS
+    with pytest.raises(ShardInsecureError, match="redirected to plain http://"):
+        cache.path("head")
+    assert [p for p, _ in plain.seen] == []  # nothing, token or not, went out in clear text
 
 
 def test_token_over_plain_http_is_refused_unless_allowed(serve, tmp_path):
