@@ -35,6 +35,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from common.experts import moe_dense, moe_topk, stack_experts
+
 MODALITIES: tuple[str, ...] = ("image", "audio")
 AFFINITIES: tuple[str, ...] = ("shared", "modality")
 _DTYPES = {"fp32": None, "fp16": torch.float16, "bf16": torch.bfloat16}
@@ -411,7 +413,7 @@ class MultimodalMoE(nn.Module):
             return self._route_grouped(x, logits, self.expert_allowed[modality.to(torch.long)], modality)
         if self.dense:
             probs = logits.float().softmax(dim=-1)
-            out = x + sum(probs[:, e : e + 1] * self.experts[e](x) for e in range(self.num_experts))
+            out = moe_dense(x, probs, stack_experts(self.experts))
             idx = torch.arange(self.num_experts, device=x.device).expand(n, -1)
             return out, x.new_zeros(()), probs, idx, 0
         probs, idx, gates = top_k_gating(logits, self.top_k)
@@ -425,11 +427,7 @@ class MultimodalMoE(nn.Module):
             groups = torch.tensor([self.groups[m] for m in MODALITIES], device=x.device)  # (M, G): equal sizes
             idx = groups[modality.to(torch.long)]  # (N, G): every expert of the token's group
             probs = logits.float().masked_fill(~allowed, float("-inf")).softmax(dim=-1)
-            out = x.clone()
-            for e in range(self.num_experts):
-                tok = allowed[:, e].nonzero(as_tuple=True)[0]
-                if tok.numel():
-                    out = out.index_add(0, tok, probs[tok, e : e + 1].to(x.dtype) * self.experts[e](x[tok]))
+            out, _ = moe_topk(x, idx, probs.gather(1, idx), stack_experts(self.experts))  # group-sized groups
             return out, x.new_zeros(()), probs, idx, 0
         probs, idx, gates = top_k_gating(logits, self.top_k, allowed)
         return self._dispatch(x, probs, idx, gates)
@@ -437,27 +435,13 @@ class MultimodalMoE(nn.Module):
     def _dispatch(
         self, x: Tensor, probs: Tensor, idx: Tensor, gates: Tensor
     ) -> tuple[Tensor, Tensor, Tensor, Tensor, int]:
-        """Send each token to its chosen experts (capacity-limited) and add the gated outputs to the residual."""
+        """Send each token to its chosen experts (capacity-limited, batched by expert) and add the gated outputs."""
         n = x.shape[0]
         aux = load_balancing_loss(probs, idx, self.num_experts)
-        capacity = n * self.top_k  # unlimited
+        capacity = None  # unlimited
         if self.capacity_factor > 0:
             capacity = max(1, math.ceil(self.capacity_factor * n * self.top_k / self.num_experts))
-        out = x.clone()
-        dropped = 0
-        flat_idx = idx.reshape(-1)  # (N*k,) in token-major order: earlier tokens win a full expert
-        flat_tok = torch.arange(n, device=x.device).repeat_interleave(self.top_k)
-        flat_gate = gates.reshape(-1)
-        for e in range(self.num_experts):
-            sel = (flat_idx == e).nonzero(as_tuple=True)[0]
-            if sel.numel() > capacity:
-                dropped += int(sel.numel() - capacity)
-                sel = sel[:capacity]
-            if sel.numel() == 0:
-                continue
-            tok = flat_tok[sel]
-            y = self.experts[e](x[tok]) * flat_gate[sel].unsqueeze(-1).to(x.dtype)
-            out = out.index_add(0, tok, y)
+        out, dropped = moe_topk(x, idx, gates, stack_experts(self.experts), capacity=capacity)
         return out, aux, probs, idx, dropped
 
     # ------------------------------------------------------------------ forward
