@@ -53,15 +53,18 @@ def publish_command(
     checkpoint: Annotated[Path | None, typer.Option(
         help="safetensors file of the plain base state dict; default: the seeded initial model.")] = None,
     config: Annotated[Path | None, typer.Option(help="Run config TOML (model shape, seed).")] = None,
+    onnx: Annotated[bool, typer.Option(help="Export the ONNX inference shards too (--no-onnx: training shards "
+                                            "only).")] = True,
 ) -> None:
-    """Export a model as shards (ONNX + safetensors), sign the manifest and make it the latest version."""
+    """Export a model as shards (ONNX + safetensors, and deltas against the latest version), sign the manifest and
+    make it the latest version."""
     from rich.progress import Progress
 
     from common.config import ConfigError, load_config
     from common.model import build_model, model_kwargs
 
     from .export import ExportError
-    from .model_store import ModelStore
+    from .publisher import BasePublisher
 
     try:
         cfg = load_config(toml_path=config) if config else load_config()
@@ -80,15 +83,16 @@ def publish_command(
             def step(name: str) -> None:
                 bar.update(task, advance=1, description=f"exporting {name}")
 
-            manifest = ModelStore(store).publish(
-                model, version=version, private_key=private, image_size=cfg.model.image_size,
-                audio_frames=cfg.model.audio_frames, public_key=private.public_key(), progress=step,
-            )
+            manifest, _ = BasePublisher(store, private, image_size=cfg.model.image_size,
+                                        audio_frames=cfg.model.audio_frames, onnx=onnx).publish(
+                model, version=version, progress=step)
     except (ConfigError, FileNotFoundError, FileExistsError, ExportError, ValueError, RuntimeError) as e:
         typer.echo(f"fedge cloud publish: {str(e).splitlines()[0]}", err=True)
         raise typer.Exit(1) from None
-    typer.echo(f"published {manifest.version}: {len(manifest.shards())} shards, "
-               f"{manifest.total_bytes()} ONNX bytes, in {Path(store) / manifest.version}")
+    typer.echo(f"published {manifest.version} (serial {manifest.serial}): {len(manifest.shards('safetensors'))} "
+               f"shards, {manifest.total_bytes()} ONNX bytes, {manifest.total_bytes('safetensors')} training bytes, "
+               f"{len(manifest.shards('delta'))} deltas of {manifest.total_bytes('delta')} bytes, in "
+               f"{Path(store) / manifest.version}")
 
 
 def serve_command(

@@ -6,7 +6,7 @@ import os
 import threading
 import time
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 
@@ -50,6 +50,24 @@ def _progress(jsonl: Path, total: int, stop: threading.Event) -> None:
             stop.wait(0.5)
 
 
+def _publish(state: dict, *, store: Path, key: Path, base_version: int, cfg: Any) -> dict:
+    """Publish a trained base as ``base-<base_version>``; return the published weights (torch tensors)."""
+    import torch
+
+    from common.model import model_kwargs
+
+    from .publisher import BasePublisher, base_version_name, plain_from_state
+
+    plain = plain_from_state({k: v.detach().cpu().float().numpy() for k, v in state.items()}, model_kwargs(cfg))
+    manifest, published = BasePublisher(store, key, image_size=cfg.model.image_size,
+                                        audio_frames=cfg.model.audio_frames, onnx=cfg.publish.onnx,
+                                        deltas=cfg.publish.deltas).publish(plain,
+                                                                           version=base_version_name(base_version))
+    typer.echo(f"published {manifest.version} (serial {manifest.serial}) into {store}: "
+               f"{manifest.total_bytes('safetensors')} training bytes, {manifest.total_bytes('delta')} delta bytes")
+    return {k: torch.from_numpy(v) for k, v in published.items()}
+
+
 def train_command(
     config: Annotated[Path | None, typer.Option("--config", "-c", help="Run config TOML (defaults otherwise).")] = None,
     overrides: Annotated[list[str] | None, typer.Option(
@@ -69,6 +87,12 @@ def train_command(
         "--data", help="The cloud's labelled training data: a SampleStore directory or an NPZ (image, audio, "
                        "label, mask, quality); sets training.data_path. Default: the config's training.data_path, "
                        "else generated and curated data.")] = None,
+    publish: Annotated[Path | None, typer.Option(
+        "--publish", help="Model store to publish the new base into (signed, with deltas against its latest "
+                          "version) as base-<base-version>; devices then fetch it by that name.")] = None,
+    key: Annotated[Path, typer.Option(
+        "--key", help="Ed25519 private key that signs the published manifest (with --publish).")] = Path(
+        "keys/manifest.key"),
 ) -> None:
     """Merge the global adapters into the MoE base, train experts, router and encoders on curated cloud data
     with Ray Train (DDP, checkpoints, worker-failure recovery), and write the new base with fresh adapters.
@@ -94,7 +118,7 @@ def train_command(
     except (ConfigError, FileNotFoundError) as e:
         typer.echo(f"fedge cloud train: {e}", err=True)
         raise typer.Exit(2) from None
-    for what, p in (("base", base), ("adapters", adapters)):
+    for what, p in (("base", base), ("adapters", adapters), *((("signing key", key),) if publish else ())):
         if p is not None and not p.is_file():
             typer.echo(f"fedge cloud train: {what} file not found: {p}", err=True)
             raise typer.Exit(2)
@@ -143,6 +167,14 @@ def train_command(
     finally:
         stop.set()
         ray.shutdown()
+    if publish is not None:  # devices rebuild the published weights: the operator's copy is the same
+        try:
+            res.base_state = _publish(res.base_state, store=publish, key=key, base_version=base_version, cfg=cfg)
+        except (FileExistsError, OSError, ValueError, RuntimeError) as e:
+            _save_state(res.base_state, out / "base.safetensors")
+            typer.echo(f"fedge cloud train: publishing failed ({str(e).splitlines()[0]}); the unpublished base is "
+                       f"in {out / 'base.safetensors'}", err=True)
+            raise typer.Exit(1) from None
     _save_state(res.base_state, out / "base.safetensors")
     _save_state(res.adapters, out / "adapters.safetensors")
     (out / "result.json").write_text((res.run_dir / "result.json").read_text())

@@ -89,3 +89,12 @@ def save_base(model: nn.Module, path: str | Path) -> Path:
     save_file({k: v.detach().cpu().contiguous() for k, v in base_state(model).items()}, str(tmp))
     os.replace(tmp, path)
     return path
+
+
+def published_store(*, store: str, run_dir: str, storage_path: str) -> Path:
+    """The model store root that bases are published into (``publish.store``; by default ``models`` in the run
+    folder, else in ``training.storage_path``, else ``runs/train``): the aggregator writes it, a simulation's
+    devices read it in place."""
+    if store:
+        return Path(store)
+    return Path(run_dir or storage_path or "runs/train") / "models"

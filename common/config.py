@@ -428,6 +428,24 @@ class ShardsConfig:
 
 
 @dataclass(frozen=True)
+class PublishConfig:
+    """Where the cloud publishes every new base (cloud/publisher.py) and how devices get it.
+
+    ``store``: the model store root the shard server serves ("" = ``<run_dir or training.storage_path>/models``
+    when global training is on); ``signing_key``: the Ed25519 private key (PEM) that signs manifests ("" = a key
+    generated inside the store, for simulations: devices that pin a key need the real one); ``onnx``: export
+    the ONNX inference shards of each base too; ``deltas``: publish each changed training shard also as a
+    compressed delta against the previous base (a device holding it downloads about a quarter of the bytes).
+    Devices find the shard server in their own node config (``shards-url``), never here.
+    """
+
+    store: str = ""
+    signing_key: str = ""
+    onnx: bool = True
+    deltas: bool = True
+
+
+@dataclass(frozen=True)
 class DashboardConfig:
     """The live view of a running aggregator (cloud/dashboard): web page, ``/api/state``, ``/metrics``, TensorBoard.
 
@@ -470,6 +488,7 @@ class FedgeConfig:
     simulation: SimulationConfig = field(default_factory=SimulationConfig)
     profiles: ProfilesConfig = field(default_factory=ProfilesConfig)
     shards: ShardsConfig = field(default_factory=ShardsConfig)
+    publish: PublishConfig = field(default_factory=PublishConfig)
     dashboard: DashboardConfig = field(default_factory=DashboardConfig)
 
     def __post_init__(self) -> None:

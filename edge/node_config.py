@@ -11,6 +11,13 @@ simulation engine sets ``partition-id`` and ``num-partitions``. Keys (all option
     threads         torch CPU threads for local training
     partition-id    simulation: which partition this virtual device trains on
     num-partitions  simulation: how many partitions there are
+    shards-url      the shard server (https://host:port) the device fetches published bases from
+    shards-public-key  the pinned Ed25519 public key (PEM file) every manifest must be signed with
+    shards-ca       CA (PEM) of the shard server's TLS certificate (default: the system store)
+    shards-cache    the device's shard cache folder (default: <state-dir>/shards)
+    shards-budget-mb  the cache's byte budget in MiB (default 256)
+
+The device's download token is a secret: it comes from ``FEDGE_SHARD_TOKEN``, never from a config.
 
 Unknown keys and bad values raise :class:`common.config.ConfigError` naming the key.
 """
@@ -25,7 +32,8 @@ from typing import Any
 from common.config import MODALITIES, PRECISIONS, ConfigError
 
 PROFILES = ("auto", "cpu", "gpu")
-KEYS = ("device-id", "store", "state-dir", "modalities", "profile", "threads", "partition-id", "num-partitions")
+KEYS = ("device-id", "store", "state-dir", "modalities", "profile", "threads", "partition-id", "num-partitions",
+        "shards-url", "shards-public-key", "shards-ca", "shards-cache", "shards-budget-mb")
 
 
 def _fail(key: str, msg: str) -> None:
@@ -44,8 +52,19 @@ class NodeConfig:
     threads: int = 1
     partition_id: int = 0
     num_partitions: int = 1
+    shards_url: str = ""
+    shards_public_key: str = ""
+    shards_ca: str = ""
+    shards_cache: str = ""
+    shards_budget_mb: float = 256.0
 
     def __post_init__(self) -> None:
+        if self.shards_url and not self.shards_url.startswith(("http://", "https://")):
+            _fail("shards-url", f"must start with https:// (or http://), got {self.shards_url!r}")
+        if self.shards_url and not self.shards_public_key:
+            _fail("shards-public-key", "is needed with shards-url: manifests are checked against a pinned key")
+        if self.shards_budget_mb <= 0:
+            _fail("shards-budget-mb", "must be > 0")
         if not self.modalities:
             _fail("modalities", "must name at least one modality")
         for m in self.modalities:
@@ -79,6 +98,8 @@ class NodeConfig:
         items = {
             "device-id": self.device_id, "store": self.store, "state-dir": self.state_dir,
             "modalities": ",".join(self.modalities), "profile": self.profile, "threads": self.threads,
+            "shards-url": self.shards_url, "shards-public-key": self.shards_public_key, "shards-ca": self.shards_ca,
+            "shards-cache": self.shards_cache,
         }
         out = []
         for k, v in items.items():
@@ -122,7 +143,22 @@ def parse_node_config(raw: Mapping[str, Any]) -> NodeConfig:
         threads=_int("threads", raw.get("threads", 1)),
         partition_id=_int("partition-id", raw.get("partition-id", 0)),
         num_partitions=_int("num-partitions", raw.get("num-partitions", 1)),
+        shards_url=str(raw.get("shards-url", "")),
+        shards_public_key=str(raw.get("shards-public-key", "")),
+        shards_ca=str(raw.get("shards-ca", "")),
+        shards_cache=str(raw.get("shards-cache", "")),
+        shards_budget_mb=_float("shards-budget-mb", raw.get("shards-budget-mb", 256.0)),
     )
+
+
+def _float(key: str, v: Any) -> float:
+    if isinstance(v, bool):
+        _fail(key, f"expected a number, got {v!r}")
+    try:
+        return float(v)
+    except (TypeError, ValueError):
+        _fail(key, f"expected a number, got {v!r}")
+    raise AssertionError  # unreachable: _fail raises
 
 
 def resolve_device(profile: str, *, cuda_available: bool) -> str:

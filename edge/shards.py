@@ -270,7 +270,8 @@ class ShardCache:
 
     def _set_manifest(self, manifest: Manifest) -> None:
         self._manifest = manifest
-        self._pinned = {_cache_name(manifest.file(n)) for n in base_shards(manifest, self.modalities)}
+        needed = set(base_shards(manifest, self.modalities))  # their ONNX files (a training-only base has none)
+        self._pinned = {_cache_name(f) for f in manifest.shards("onnx") if f.name in needed}
 
     def _store_manifest(self, version: str, envelope: bytes) -> None:
         d = self.dir / "manifests"
@@ -441,6 +442,40 @@ class ShardCache:
         m = self.manifest()
         for n in names:
             self._pinned.discard(_cache_name(m.file(n)))
+
+    # ------------------------------------------------------------------ shards rebuilt on the device
+    def cached_content(self, sha256: str, fmt: str) -> Path | None:
+        """The cached file with content ``sha256`` in format ``fmt`` (hashed now), with no request; else None.
+
+        Content-addressed, so it finds a shard of any version this cache holds (e.g. the base shard a delta
+        applies to) without fetching that version's manifest.
+        """
+        path = self.dir / "shards" / f"{sha256}.{fmt}"
+        if not path.is_file() or _sha256_file(path) != sha256:
+            return None
+        self.stats.hits += 1
+        os.utime(path)  # LRU clock
+        return path
+
+    def install(self, name: str, data: bytes, *, fmt: str = "safetensors") -> Path:
+        """Cache bytes rebuilt on the device (a base shard from a delta) as shard ``name`` of this version.
+
+        Raises
+        ------
+        ShardIntegrityError
+            The bytes do not hash to the manifest's sha256 (nothing is written).
+        """
+        entry = self.manifest().file(name, fmt)
+        got = hashlib.sha256(data).hexdigest()
+        if got != entry.sha256:
+            raise ShardIntegrityError(f"rebuilt shard {entry.file}: sha256 {got[:16]}... != manifest "
+                                      f"{entry.sha256[:16]}...; refused")
+        cname = _cache_name(entry)
+        self._pinned.add(cname)
+        self._make_room(len(data))
+        dest = self.dir / "shards" / cname
+        _atomic_write(dest, data)
+        return dest
 
 
 def _cache_name(entry: ShardFile) -> str:

@@ -103,7 +103,7 @@ def test_async_over_simulation_engine_with_stragglers_and_hostile_nodes(tmp_path
 
 def test_a_server_resumed_after_global_training_evaluates_and_dispatches_the_new_base(tmp_path, ray_session):
     """A checkpoint taken after a rebase holds the trained base: a restarted server loads it for its own
-    evaluation and writes it where its messages tell devices to load it from."""
+    evaluation and publishes it as the version its messages name."""
     import torch
 
     from cloud.server_app import ServerLoop, _state_kwargs, global_model
@@ -113,7 +113,7 @@ def test_a_server_resumed_after_global_training_evaluates_and_dispatches_the_new
     from common.lora import adapter_state, base_state
     from common.model import build_model, model_kwargs
 
-    cfg = load_config()
+    cfg = load_config(overrides={"publish.onnx": False})
     mkw = model_kwargs(cfg)
     initial = {k: v.numpy() for k, v in adapter_state(global_model(cfg)).items()}
     st = AggregatorState(initial, **_state_kwargs(cfg, str(tmp_path / "ck")))
@@ -125,8 +125,8 @@ def test_a_server_resumed_after_global_training_evaluates_and_dispatches_the_new
     actor = start_actor(restored, name="fedge-aggregator-resume-test")
     loop = ServerLoop(None, cfg, actor=actor, clock=clk.VirtualClock(), run_dir=tmp_path, eval_data={},
                       model=global_model(cfg), num_partitions=1)
-    assert loop.base_path == str((tmp_path / "bases" / "base-000002.safetensors").resolve())
-    assert Path(loop.base_path).is_file() and loop.version == 1
+    assert loop.base_model == "base-000002" and loop.version == 1  # published: devices fetch it by name
+    assert (tmp_path / "models" / "base-000002" / "manifest.json").is_file()
     got = base_state(loop.model)
     assert all(torch.equal(got[k], torch.from_numpy(trained[k])) for k in trained)
     import ray

@@ -53,29 +53,34 @@ def test_query_answers_the_partition_id_and_minus_one_on_a_real_device():
         assert reply.content.metric_records[wire.METRICS][wire.PARTITION_ID] == want
 
 
-def test_a_message_naming_a_new_base_trains_on_it_and_a_missing_base_is_a_clear_error(tmp_path):
-    """After a global training the server's messages carry the new base's path; devices switch to it."""
+def test_a_message_naming_a_published_base_trains_on_it_and_an_unknown_one_is_a_clear_error(tmp_path):
+    """After a global training the server's messages name the published base; devices fetch it and switch."""
     from dataclasses import replace
 
-    from common.base_weights import save_base
+    from cloud.publisher import BasePublisher
+    from common.manifest import ManifestError, generate_keypair
     from edge.client_app import round_config
 
-    ctx = _ctx()
+    store = tmp_path / "models"
+    key, _ = generate_keypair(store / ".signing")
+    ctx = _ctx({"publish.store": str(store)})
     cfg = load_config(run_config=ctx.run_config)
     new = build_model(**{**model_kwargs(cfg), "seed": 12345})  # a different base than the configured one
-    path = save_base(new, tmp_path / "base-000002.safetensors")
+    BasePublisher(store, key, image_size=cfg.model.image_size, audio_frames=cfg.model.audio_frames,
+                  onnx=False).publish(new, version="base-000002")
     state = _initial(ctx)
     msg = _msg(state, MessageType.TRAIN, version=3, steps=2)
-    msg.content.config_records[wire.ROUND][wire.BASE_PATH] = str(path)
-    assert round_config(cfg, msg).model.base_path == str(path)
+    msg.content.config_records[wire.ROUND][wire.BASE_MODEL] = "base-000002"
+    path = round_config(cfg, msg).model.base_path
+    assert path.startswith(str(store))
     reply = app(msg, ctx)
     assert not reply.has_error(), reply.error
-    used = base_state(get_model(replace(cfg, model=replace(cfg.model, base_path=str(path)))))
+    used = base_state(get_model(replace(cfg, model=replace(cfg.model, base_path=path))))
     want = base_state(new)
     assert all(torch.equal(used[k].cpu(), want[k]) for k in want if not is_adapter_key(k))
 
-    msg.content.config_records[wire.ROUND][wire.BASE_PATH] = str(tmp_path / "gone.safetensors")
-    with pytest.raises(FileNotFoundError, match="is not on this device"):  # the SuperNode replies with it
+    msg.content.config_records[wire.ROUND][wire.BASE_MODEL] = "base-000009"
+    with pytest.raises(ManifestError, match="not in the store"):  # the SuperNode replies with it
         app(msg, ctx)
 
 
