@@ -19,13 +19,21 @@ Ray, devices' streams rendered and ingested into stores) in this one program:
     ``missing30_drop_pts``: accuracy points lost when 30% of the devices miss a modality (target <= 3).
 (e) ``degraded_vs_best_single``: on a held-out set whose audio is at 5 dB SNR (rendered and ingested like the
     rest), fused accuracy over the better single modality (target >= 1: fusion never below its best input).
+(g) ``devices_10000_seconds``, ``devices_10000_peak_gib``: wall seconds and peak memory (RSS of the whole process
+    tree) of a whole 10,000-device run (``scenarios/tenthousand.toml``: a shared pool of rendered and ingested
+    shots dealt out by partition, 300 devices in flight, stragglers and dropout), from a cold data cache;
+    ``scale_seconds_ratio``, ``scale_peak_ratio``: the same scenario at 10,000 over 1,000 devices, each from its
+    own cold cache (10 = linear growth; targets: <= 10, and peak memory under 8 GiB).
 (f) ``dashboard_overhead``: CPU seconds of the whole simulation (its process tree, Ray included) with the live
     dashboard on (one page's event stream open and ``/metrics`` scraped every second) over the same simulation with
     it off, minus 1 (target < 0.05); the two alternate ``--repeats`` times, medians compared.
 
-Run: .venv/bin/python benchmarks/simulation.py [--quick] [--skip-1000] [--repeats N] [--work DIR] [--only dashboard]
+Run: .venv/bin/python benchmarks/simulation.py [--quick] [--skip-1000] [--skip-10000] [--repeats N] [--work DIR]
+[--only dashboard|scale]
 Last line: overhead_vs_flower=… devices_1000_seconds=… async_speedup=… fed_vs_central=… missing30_drop_pts=…
-degraded_vs_best_single=… dashboard_overhead=… (with ``--only dashboard``: dashboard_overhead=… alone)
+degraded_vs_best_single=… dashboard_overhead=… devices_10000_seconds=… devices_10000_peak_gib=…
+scale_seconds_ratio=… scale_peak_ratio=… (with ``--only dashboard``: dashboard_overhead=… alone; with ``--only
+scale``: the four scale figures). ``--quick``: a smoke run; (g) then runs 200 against 2,000 devices on a tiny pool.
 """
 
 from __future__ import annotations
@@ -315,15 +323,43 @@ def dashboard_overhead(work: Path, env: dict[str, str], repeats: int) -> float:
     return float(np.median(on) / np.median(off) - 1.0)
 
 
+def scale(work: Path, env: dict[str, str], *, quick: bool) -> dict[str, float]:
+    """(g): the 10,000-device scenario at 1,000 and 10,000 devices, each from its own cold data cache."""
+    small, large = (200, 2000) if quick else (1000, 10_000)
+    tiny = ["simulation.pool_samples=300", "aggregation.versions=3", "aggregation.concurrency=40",
+            "aggregation.buffer_size=10", "simulation.pretrain_steps=30", "simulation.cloud_samples=40",
+            "data.eval_samples=40"] if quick else []
+    runs = {}
+    for n in (small, large):
+        cold = {**env, "FEDGE_SIM_CACHE": str(work / f"data-scale-{n}")}
+        wall, peak = simulate(SCEN / "tenthousand.toml", work / f"scale-{n}", [f"simulation.devices={n}", *tiny],
+                              cold, timeout=3600)
+        recs = metrics(work / f"scale-{n}")
+        prep = json.loads((work / f"scale-{n}" / "prepared.json").read_text())
+        runs[n] = (wall, peak)
+        print(f"(g) {n:,} devices: {wall:.0f} s wall (pool render+ingest, cloud share, pretraining, "
+              f"{len(recs)} async versions), peak memory {peak / 2**30:.2f} GiB, final acc {recs[-1]['accuracy']:.3f}, "
+              f"pool {prep['pool']['samples']} samples, a sample shared by at most {prep['pool']['reuse']} devices",
+              flush=True)
+    (ws, ps), (wl, pl) = runs[small], runs[large]
+    print(f"(g) {small:,} -> {large:,} devices: wall x{wl / ws:.2f}, peak memory x{pl / ps:.2f} (x10 = linear)")
+    return {"devices_10000_seconds": wl, "devices_10000_peak_gib": pl / 2**30, "scale_seconds_ratio": wl / ws,
+            "scale_peak_ratio": pl / ps}
+
+
+SCALE_KEYS = ("devices_10000_seconds", "devices_10000_peak_gib", "scale_seconds_ratio", "scale_peak_ratio")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="fewer versions (a smoke run, figures less stable)")
     ap.add_argument("--skip-1000", action="store_true", help="leave out (b), the 1,000-device run")
+    ap.add_argument("--skip-10000", action="store_true", help="leave out (g), the 1,000 and 10,000-device pool runs")
     ap.add_argument("--work", type=Path, default=None, help="keep runs here (default: a temp dir)")
     ap.add_argument("--target", type=float, default=0.4, help="target accuracy for (c)")
     ap.add_argument("--repeats", type=int, default=2, help="runs per side for (a) and (f); each keeps its fastest")
-    ap.add_argument("--only", choices=("all", "dashboard"), default="all",
-                    help="dashboard: only (f), the live dashboard's cost")
+    ap.add_argument("--only", choices=("all", "dashboard", "scale"), default="all",
+                    help="dashboard: only (f), the live dashboard's cost; scale: only (g), 1,000 vs 10,000 devices")
     args = ap.parse_args()
     work = args.work or Path(tempfile.mkdtemp(prefix="fedge-bench-sim-"))
     work.mkdir(parents=True, exist_ok=True)
@@ -334,6 +370,11 @@ def main() -> None:
         overhead = dashboard_overhead(work, env, args.repeats)
         print(f"runs in {work}")
         print(f"dashboard_overhead={overhead:.3f}")
+        return
+    if args.only == "scale":
+        figures = scale(work, env, quick=args.quick)
+        print(f"runs in {work}")
+        print(" ".join(f"{k}={figures[k]:.3f}" for k in SCALE_KEYS))
         return
     base = SCEN / "quickstart.toml"
     results: dict[str, object] = {}
@@ -405,10 +446,13 @@ def main() -> None:
 
     results["dashboard_overhead"] = dashboard_overhead(work, env, args.repeats)
 
+    # (g) 1,000 and 10,000 devices drawing from a shared pool
+    results.update(dict.fromkeys(SCALE_KEYS, float("nan")) if args.skip_10000 else scale(work, env, quick=args.quick))
+
     (work / "results.json").write_text(json.dumps(results, indent=1))
     print(f"runs in {work}")
     keys = ("overhead_vs_flower", "devices_1000_seconds", "async_speedup", "fed_vs_central", "missing30_drop_pts",
-            "degraded_vs_best_single", "dashboard_overhead")
+            "degraded_vs_best_single", "dashboard_overhead", *SCALE_KEYS)
     print(" ".join(f"{k}={float(results[k]):.3f}" for k in keys))  # type: ignore[arg-type]
 
 

@@ -258,10 +258,12 @@ class ImportanceConfig:
 
 @dataclass(frozen=True)
 class DataConfig:
-    """Where the data comes from: 'synthetic' (generated per partition) or 'store' (SampleStore dirs)."""
+    """Where the data comes from: 'synthetic' (generated per partition), 'store' (SampleStore dirs) or 'pool'
+    (a simulation's shared pool, :mod:`common.pool`; set by ``simulation.pool_samples``)."""
 
-    source: Literal["synthetic", "store"] = "synthetic"
-    store_root: str = ""  # simulation: <store_root>/device-<partition> ; deployment: node config
+    source: Literal["synthetic", "store", "pool"] = "synthetic"
+    # simulation: <store_root>/device-<partition> (store) or the pool's folder (pool); deployment: node config
+    store_root: str = ""
     samples_per_device: int = 200
     eval_samples: int = 400
     partition: Literal["iid", "dirichlet", "speaker"] = "iid"  # speaker: one device per speaker (AV digits)
@@ -274,7 +276,8 @@ class DataConfig:
     eval_voices: Literal["train", "unseen", "other"] = "train"
 
     def __post_init__(self) -> None:
-        _check(self.source in ("synthetic", "store"), "data.source", "must be 'synthetic' or 'store'")
+        _check(self.source in ("synthetic", "store", "pool"), "data.source",
+               "must be 'synthetic', 'store' or 'pool'")
         _check(self.samples_per_device >= 1, "data.samples_per_device", "must be >= 1")
         _check(self.eval_samples >= 1, "data.eval_samples", "must be >= 1")
         _check(self.partition in ("iid", "dirichlet", "speaker"), "data.partition",
@@ -364,9 +367,15 @@ class SimulationConfig:
         _check(self.speech in ("fill", "once"), "simulation.speech", "must be 'fill' or 'once'")
         _check(0.0 <= self.target_accuracy <= 1.0, "simulation.target_accuracy", "must be in [0, 1]")
         _check(self.time_budget_s >= 0, "simulation.time_budget_s", "must be >= 0")
+    # AV digits at scale: > 0 renders and ingests one shared pool of this many shots (cached, reused by any
+    # device count) and each device draws data.samples_per_device of its samples by data.partition, instead of
+    # every device rendering its own streams; 0 = per-device streams
+    pool_samples: int = 0
         _check(self.client_cpus > 0, "simulation.client_cpus", "must be > 0")
         _check(self.num_cpus >= 0, "simulation.num_cpus", "must be >= 0")
         _check(self.pretrain_steps >= 0, "simulation.pretrain_steps", "must be >= 0")
+        _check(self.pool_samples >= 0, "simulation.pool_samples",
+               "must be >= 0 (0: every device renders its own streams)")
         _check(self.cloud_samples >= 1, "simulation.cloud_samples", "must be >= 1")
         _check(self.pretrain_lr > 0, "simulation.pretrain_lr", "must be > 0")
 

@@ -1,9 +1,11 @@
 """Where a device's training data comes from: its SampleStore in deployment, its partition in simulation.
 
-Three sources, in this order of precedence:
+Four sources, in this order of precedence:
 
 * the node config names a ``store`` (a real device: ``fedge edge run --store DIR``) -> that SampleStore;
 * ``data.source = "store"`` (a simulation built from real streams) -> ``<data.store_root>/device-<partition-id>``;
+* ``data.source = "pool"`` (a large simulation) -> the rows of ``<data.store_root>``'s shared pool assigned to this
+  ``partition-id`` (:mod:`common.pool`; memory-mapped, read only when the device trains or evaluates);
 * ``data.source = "synthetic"`` -> the generated partition of this ``partition-id``.
 
 Whatever the source, only the modalities the device has (node config ``modalities``) and the run uses
@@ -18,6 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
+from common import pool
 from common.config import MODALITIES, FedgeConfig
 from common.dataset import check_store_labels
 from common.synthetic import device_partition, make_av_dataset
@@ -100,7 +103,12 @@ def local_data(cfg: FedgeConfig, node: NodeConfig, split: str = "train") -> dict
         raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
     path = store_dir(cfg, node)
     keep = tuple(mod for mod in node.modalities if mod in cfg.modal_types)
-    if path is not None:
+    if cfg.data.source == "pool" and not node.store:
+        data = pool.device_arrays(cfg.data.store_root, node.partition_id)
+        if split == "eval":  # the pool is training material only, like a rendered device's store
+            data = {k: v[:0] for k, v in data.items()}
+        keep = tuple(mod for mod in keep if mod in simulated_modalities(cfg, node))
+    elif path is not None:
         data = load_store(path, cfg, split)
         if not node.store:  # a simulated device on a given store: data.missing_* takes its camera or microphone
             keep = tuple(mod for mod in keep if mod in simulated_modalities(cfg, node))

@@ -56,6 +56,7 @@ def data_key(cfg: FedgeConfig) -> dict[str, Any]:
         **({"cloud": s.cloud_samples} if pretrains(cfg) else {}),
         **({"eval_voices": d.eval_voices} if d.eval_voices != "train" else {}),
     }
+        **({"pool": s.pool_samples} if s.pool_samples else {}),
 
 
 def data_dir_for(cfg: FedgeConfig, cache_root: str | Path) -> Path:
@@ -69,7 +70,8 @@ def with_data(cfg: FedgeConfig, data_dir: Path) -> FedgeConfig:
     """``cfg`` pointed at prepared data: stores (avdigits), the held-out NPZ and the pretrained base, if any."""
     data = dataclasses.replace(
         cfg.data, eval_path=str(data_dir / EVAL_NAME),
-        **({"source": "store", "store_root": str(data_dir / "stores")}
+        **(({"source": "pool", "store_root": str(data_dir / "pool")} if cfg.simulation.pool_samples else
+            {"source": "store", "store_root": str(data_dir / "stores")})
            if cfg.simulation.dataset == "avdigits" else {}),
     )
     cfg = dataclasses.replace(cfg, data=data)
@@ -96,7 +98,7 @@ def prepare(cfg: FedgeConfig, cache_root: str | Path, *, workers: int = 0, progr
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
         if cfg.simulation.dataset == "avdigits":
-            summary = _prepare_avdigits(cfg, tmp, workers=workers, progress=progress)
+            summary = _prepare_avdigits(cfg, tmp, workers=workers, progress=progress, cache_root=Path(cache_root))
         else:
             summary = _prepare_synthetic(cfg, tmp)
         (tmp / DONE).write_text(json.dumps({"key": data_key(cfg), **summary}, indent=1))
@@ -140,20 +142,34 @@ def _render_and_ingest(job: tuple[avdigits.DevicePlan, str, str, dict[str, Any],
     return totals
 
 
-def _prepare_avdigits(cfg: FedgeConfig, out: Path, *, workers: int, progress: bool) -> dict[str, Any]:
+def _prepare_avdigits(cfg: FedgeConfig, out: Path, *, workers: int, progress: bool,
+                      cache_root: Path) -> dict[str, Any]:
     from tqdm import tqdm
 
-    from . import stores
+    from . import pool, stores
 
     d, s, m = cfg.data, cfg.simulation, cfg.model
-    plans = avdigits.plan_devices(
-        s.devices, samples_per_device=d.samples_per_device, seed=cfg.seed, partition=d.partition,
-        dirichlet_alpha=d.dirichlet_alpha, missing_image=d.missing_image, missing_audio=d.missing_audio,
-    )
     render_kw = render_options(cfg)
     ingest_kw = stores.ingest_options(cfg)
-    jobs = [(p, str(out / "media" / f"device-{p.pid}"), str(out / "stores" / f"device-{p.pid}"), render_kw,
-             ingest_kw) for p in plans]
+    pool_dir = pool_work = None
+    if s.pool_samples:  # devices draw from a shared pool, cached apart: every device count reuses it
+        pool.device_label_counts(0, samples_per_device=1, seed=cfg.seed, partition=d.partition,
+                                 dirichlet_alpha=d.dirichlet_alpha, num_classes=m.num_classes)  # before rendering
+        pool_dir = pool.pool_dir_for(cfg, cache_root)
+        plans = pool.pool_plans(s.pool_samples, seed=cfg.seed)  # the cloud's share avoids the pool's images
+        jobs = []
+        if not (pool_dir / pool.DONE).is_file():
+            pool_work = pool_dir.with_name(pool_dir.name + f".work{os.getpid()}")
+            shutil.rmtree(pool_work, ignore_errors=True)
+            jobs = pool.render_jobs(cfg, pool_work, render_kw, ingest_kw)
+    else:
+        plans = avdigits.plan_devices(
+            s.devices, samples_per_device=d.samples_per_device, seed=cfg.seed, partition=d.partition,
+            dirichlet_alpha=d.dirichlet_alpha, missing_image=d.missing_image, missing_audio=d.missing_audio,
+        )
+        jobs = [(p, str(out / "media" / f"device-{p.pid}"), str(out / "stores" / f"device-{p.pid}"), render_kw,
+                 ingest_kw) for p in plans]
+    own = len(jobs)
     held = avdigits.heldout_plan(d.eval_samples, seed=cfg.seed, voices=d.eval_voices)
     jobs.append((held, str(out / "media" / "heldout"), str(out / "heldout-store"),
                  {**render_kw, "voices": d.eval_voices}, ingest_kw))
@@ -184,7 +200,12 @@ def _prepare_avdigits(cfg: FedgeConfig, out: Path, *, workers: int, progress: bo
                                 frames=m.audio_frames)
         np.savez(out / CLOUD_NAME, **c)
         extra["cloud_samples"] = len(c["label"])
-    results = results[:len(plans)]
+    if pool_dir is not None:
+        if pool_work is not None:
+            pool.finish_pool(cfg, pool_work, pool_dir, results[:own])
+        return {"devices": s.devices, "eval_samples": len(arrays["label"]), **extra,
+                **pool.assign(cfg, pool_dir, out / "pool")}
+    results = results[:own]
     totals: dict[str, Any] = {}
     for r in results:
         for k, v in r.items():
