@@ -356,9 +356,15 @@ class SimulationConfig:
     # the cloud's labelled data for that pretraining, a SampleStore directory or an NPZ ("" = with rendered
     # AV digits: the cloud's rendered share; with data.source = "store": no pretraining)
     pretrain_data: str = ""
+    # AV digits at scale: > 0 renders and ingests one shared pool of this many shots (cached, reused by any
+    # device count) and each device draws data.samples_per_device of its samples by data.partition, instead of
+    # every device rendering its own streams; 0 = per-device streams
+    pool_samples: int = 0
 
     def __post_init__(self) -> None:
         _check(self.devices >= 1, "simulation.devices", "must be >= 1")
+        _check(self.pool_samples >= 0, "simulation.pool_samples",
+               "must be >= 0 (0: every device renders its own streams)")
         _check(self.dataset in ("avdigits", "synthetic"), "simulation.dataset", "must be 'avdigits' or 'synthetic'")
         _check(self.fps > 0, "simulation.fps", "must be > 0")
         _check(self.shot_seconds > 0, "simulation.shot_seconds", "must be > 0")
@@ -367,15 +373,9 @@ class SimulationConfig:
         _check(self.speech in ("fill", "once"), "simulation.speech", "must be 'fill' or 'once'")
         _check(0.0 <= self.target_accuracy <= 1.0, "simulation.target_accuracy", "must be in [0, 1]")
         _check(self.time_budget_s >= 0, "simulation.time_budget_s", "must be >= 0")
-    # AV digits at scale: > 0 renders and ingests one shared pool of this many shots (cached, reused by any
-    # device count) and each device draws data.samples_per_device of its samples by data.partition, instead of
-    # every device rendering its own streams; 0 = per-device streams
-    pool_samples: int = 0
         _check(self.client_cpus > 0, "simulation.client_cpus", "must be > 0")
         _check(self.num_cpus >= 0, "simulation.num_cpus", "must be >= 0")
         _check(self.pretrain_steps >= 0, "simulation.pretrain_steps", "must be >= 0")
-        _check(self.pool_samples >= 0, "simulation.pool_samples",
-               "must be >= 0 (0: every device renders its own streams)")
         _check(self.cloud_samples >= 1, "simulation.cloud_samples", "must be >= 1")
         _check(self.pretrain_lr > 0, "simulation.pretrain_lr", "must be > 0")
 

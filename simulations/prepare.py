@@ -55,8 +55,8 @@ def data_key(cfg: FedgeConfig) -> dict[str, Any]:
         **({"speech": s.speech} if s.speech != "fill" else {}),
         **({"cloud": s.cloud_samples} if pretrains(cfg) else {}),
         **({"eval_voices": d.eval_voices} if d.eval_voices != "train" else {}),
-    }
         **({"pool": s.pool_samples} if s.pool_samples else {}),
+    }
 
 
 def data_dir_for(cfg: FedgeConfig, cache_root: str | Path) -> Path:

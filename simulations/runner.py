@@ -69,12 +69,12 @@ def run(cfg: FedgeConfig, *, out_dir: str | Path, num_nodes: int | None = None, 
     """
     from flwr.simulation import run_simulation
 
-    if apps is None:
-        from cloud.server_app import app as server_app
     from .engine import install
 
     install()  # Flower's engine delivers messages in one scan per pass: 10,000 nodes stay fast
 
+    if apps is None:
+        from cloud.server_app import app as server_app
         from edge.client_app import app as client_app
     else:
         server_app, client_app = apps
@@ -90,12 +90,12 @@ def run(cfg: FedgeConfig, *, out_dir: str | Path, num_nodes: int | None = None, 
     shutil.rmtree(run_dir / "checkpoints", ignore_errors=True)
     if num_nodes is not None:
         cfg = dataclasses.replace(cfg, simulation=dataclasses.replace(cfg.simulation, devices=num_nodes))
-    if cfg.model.base_path:  # a named base must exist before any data is prepared
-        from common.base_weights import read_base
     if cfg.aggregation.min_nodes < cfg.simulation.devices:  # Flower registers nodes while the ServerApp starts:
         # at 10,000 the server would otherwise count the devices (and so their profiles) from the first few
         cfg = dataclasses.replace(cfg, aggregation=dataclasses.replace(cfg.aggregation,
                                                                        min_nodes=cfg.simulation.devices))
+    if cfg.model.base_path:  # a named base must exist before any data is prepared
+        from common.base_weights import read_base
 
         read_base(cfg.model.base_path)
     cache_root = Path(cache) if cache is not None else default_cache()
