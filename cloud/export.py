@@ -5,6 +5,8 @@ Shards and what each computes (B samples, M modalities, N = present tokens, d wi
     encoder.<m>   x_m (B, ...)                          -> token (B, d)   encoder + modality embedding
     router        token (N, d), quality (N,) [, allowed (N, E) bool] -> probs (N, E), topk_idx (N, k), gates (N, k)
     expert.<e>    token (N, d)                          -> out (N, d)     one FFN expert
+    experts[.<m>] token (N, d), topk_idx (N, k), gates (N, k) -> out (N, d)   the MoE residual, every expert of
+                  a group stacked and computed grouped by expert (ONNX only; :mod:`cloud.experts_onnx`)
     head          routed (B, M, d), quality (B, M), mask (B, M) -> logits (B, C), fusion_weights (B, M)
 
 A runner chains them: ``routed = token + sum_k gates_k * expert_{idx_k}(token)`` (the MoE residual of
@@ -28,25 +30,29 @@ import datetime as _dt
 import os
 import tempfile
 import warnings
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
+from safetensors.torch import save as st_save
 from torch import Tensor, nn
 
-from common.base_delta import shard_bytes
 from common.lora import LoRALinear, base_state, merge_lora
 from common.manifest import (
     Manifest,
     ShardFile,
     TensorSpec,
+    batched_experts_shard,
     expert_shard,
     sha256_bytes,
     sign_manifest,
 )
 from common.model import MODALITIES, MultimodalMoE, fuse, top_k_gating
+
+from cloud.experts_onnx import BatchedExperts, batched_expert_groups, batched_experts_onnx
+from cloud.experts_onnx import example_inputs as batched_inputs
 
 OPSET = 18
 TOLERANCE = 1e-4
@@ -345,9 +351,6 @@ def export_version(
     tolerance: float = TOLERANCE,
     progress: Callable[[str], None] | None = None,
     serial: int = 0,
-    onnx: bool = True,
-    graphs: Mapping[str, bytes] | None = None,
-    extra_files: Callable[[dict[str, dict[str, np.ndarray]]], list[tuple[ShardFile, bytes]]] | None = None,
 ) -> Manifest:
     """Export every shard of ``model`` (LoRA merged first) into ``out_dir`` and write the signed manifest.
 
@@ -359,11 +362,6 @@ def export_version(
     private_key : an ``Ed25519PrivateKey`` that signs the manifest.
     image_size, audio_frames : input sizes of the encoders (recorded; used for the agreement check).
     serial : the publication number signed into the manifest (:meth:`ModelStore.next_serial`; 0 = none).
-    onnx : write the ONNX inference shards too (False: training shards only, e.g. a base no device runs).
-    graphs : shard name -> ONNX bytes of an earlier version of the same architecture; each is re-weighted with
-        this model's values (seconds faster than tracing again) and traced afresh when it does not agree.
-    extra_files : called with each shard's training tensors (name -> tensor name -> array); the files it
-        returns (entry, bytes) are written and listed too (e.g. deltas against the previous base).
 
     Raises
     ------
@@ -376,20 +374,10 @@ def export_version(
     out.mkdir(parents=True, exist_ok=True)
     files: list[ShardFile] = []
     extra: dict[str, Any] = {"agreement": {}}
-    graphs_by_kind: dict[str, bytes] = {}
-    tensors: dict[str, dict[str, np.ndarray]] = {}
+    graphs: dict[str, bytes] = {}
     for name, (module, kind, modality, state) in shard_modules(plain).items():
         if progress:
             progress(name)
-        tensors[name] = {k: v.detach().cpu().numpy().copy() for k, v in state.items()}
-        st_bytes = shard_bytes(tensors[name], name)
-        expert = int(name.split(".")[1]) if kind == "expert" else None
-        formats: list[tuple[str, bytes]] = [("safetensors", st_bytes)]
-        inputs: tuple[TensorSpec, ...] = ()
-        outputs: tuple[TensorSpec, ...] = ()
-        if not onnx:
-            _write_files(out, files, name, kind, modality, expert, formats, inputs, outputs, opset)
-            continue
         args = example_inputs(name, shape, 3)
         names = _onnx_input_names(name, args)
 
@@ -398,24 +386,40 @@ def export_version(
 
         # Experts share one architecture: re-weight the first expert's graph instead of tracing each again
         # (the dynamo exporter takes seconds per module); a fresh export whenever that does not agree.
-        earlier = (graphs or {}).get(name) or graphs_by_kind.get(kind)
-        reweighted = reweight_onnx(earlier, module) if earlier is not None else None
+        reweighted = reweight_onnx(graphs[kind], module) if kind in graphs else None
         onnx_bytes = reweighted if reweighted is not None else export_onnx(module, name, kind, args, opset=opset)
         diff = agreement(onnx_bytes)
         if reweighted is not None and not diff <= tolerance:
             onnx_bytes = export_onnx(module, name, kind, args, opset=opset)
             diff = agreement(onnx_bytes)
         if kind == "expert":
-            graphs_by_kind.setdefault(kind, onnx_bytes)
+            graphs.setdefault(kind, onnx_bytes)
         if not diff <= tolerance:
             raise ExportError(f"shard {name!r}: ONNX differs from torch by {diff:.3g} > {tolerance}")
         extra["agreement"][name] = diff
         inputs, outputs = _specs(onnx_bytes)
-        _write_files(out, files, name, kind, modality, expert, [("onnx", onnx_bytes), *formats], inputs, outputs,
-                     opset)
-    for entry, data in (extra_files(tensors) if extra_files else []):
-        (out / entry.file).write_bytes(data)
-        files.append(entry)
+        st_bytes = st_save({k: v.detach().contiguous().clone() for k, v in state.items()},
+                           metadata={"version": version, "shard": name})
+        expert = int(name.split(".")[1]) if kind == "expert" else None
+        for fmt, data in (("onnx", onnx_bytes), ("safetensors", st_bytes)):
+            fname = f"{name}.{fmt}"
+            (out / fname).write_bytes(data)
+            files.append(
+                ShardFile(
+                    name=name,
+                    kind=kind,
+                    modality=modality,
+                    format=fmt,
+                    file=fname,
+                    sha256=sha256_bytes(data),
+                    bytes=len(data),
+                    inputs=inputs if fmt == "onnx" else (),
+                    outputs=outputs if fmt == "onnx" else (),
+                    opset=opset if fmt == "onnx" else None,
+                    expert=expert,
+                )
+            )
+    _export_batched_experts(plain, out, files, extra["agreement"], tolerance=tolerance, opset=opset)
     manifest = Manifest(
         version=version,
         model=shape,
@@ -428,17 +432,24 @@ def export_version(
     return manifest
 
 
-def _write_files(out: Path, files: list[ShardFile], name: str, kind: str, modality: str | None, expert: int | None,
-                 formats: list[tuple[str, bytes]], inputs: tuple[TensorSpec, ...], outputs: tuple[TensorSpec, ...],
-                 opset: int) -> None:
-    """Write one shard's files into ``out`` and append their manifest entries to ``files``."""
-    for fmt, data in formats:
-        fname = f"{name}.{fmt}"
-        (out / fname).write_bytes(data)
-        files.append(ShardFile(name=name, kind=kind, modality=modality, format=fmt, file=fname,
-                               sha256=sha256_bytes(data), bytes=len(data),
-                               inputs=inputs if fmt == "onnx" else (), outputs=outputs if fmt == "onnx" else (),
-                               opset=opset if fmt == "onnx" else None, expert=expert))
+def _export_batched_experts(model: MultimodalMoE, out: Path, files: list[ShardFile], agreement: dict[str, float],
+                            *, tolerance: float, opset: int) -> None:
+    """Write the batched expert shard(s) (ONNX only: the per-expert safetensors already hold their weights)."""
+    top_k = model.experts_per_token
+    for modality, ids in batched_expert_groups(model.groups).items():
+        name = batched_experts_shard(modality)
+        experts = [model.experts[e] for e in ids]
+        data = batched_experts_onnx(experts, ids, model.num_experts, opset=opset)
+        twin = BatchedExperts(experts, ids, model.num_experts)
+        diff = max(onnx_agreement(data, twin, batched_inputs(ids, dim=model.dim, top_k=top_k, batch=b, seed=b),
+                                  ["token", "topk_idx", "gates"]) for b in (1, 5))
+        if not diff <= tolerance:
+            raise ExportError(f"shard {name!r}: ONNX differs from torch by {diff:.3g} > {tolerance}")
+        agreement[name] = diff
+        (out / f"{name}.onnx").write_bytes(data)
+        inputs, outputs = _specs(data)
+        files.append(ShardFile(name=name, kind="experts", modality=modality, format="onnx", file=f"{name}.onnx",
+                               sha256=sha256_bytes(data), bytes=len(data), inputs=inputs, outputs=outputs, opset=opset))
 
 
 def load_state_from_shards(directory: str | Path, manifest: Manifest) -> dict[str, Tensor]:

@@ -17,7 +17,7 @@ The same arithmetic is written as an ONNX graph for devices (:mod:`cloud.experts
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 import torch
@@ -51,10 +51,11 @@ def _linear_weight(layer: nn.Module) -> tuple[Tensor, Tensor]:
     raise TypeError(f"an expert layer must be nn.Linear or LoRALinear, not {type(layer).__name__}")
 
 
-def stack_experts(experts: Sequence[nn.Module]) -> ExpertWeights:
+def stack_experts(experts: Iterable[nn.Module]) -> ExpertWeights:
     """Stack the ``fc1``/``fc2`` of each expert (d -> h -> d) into :class:`ExpertWeights` (gradients flow back)."""
-    l1 = [_linear_weight(e.fc1) for e in experts]
-    l2 = [_linear_weight(e.fc2) for e in experts]
+    experts = list(experts)
+    l1 = [_linear_weight(e.get_submodule("fc1")) for e in experts]
+    l2 = [_linear_weight(e.get_submodule("fc2")) for e in experts]
     return ExpertWeights(
         w1=torch.stack([w.t() for w, _ in l1]),
         b1=torch.stack([b for _, b in l1]),

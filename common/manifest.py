@@ -28,8 +28,9 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey,
 from .config import MODALITIES
 
 SCHEMA = 1
-KINDS: tuple[str, ...] = ("encoder", "router", "expert", "head")
-FORMATS: dict[str, str] = {"onnx": "onnx", "safetensors": "safetensors", "delta": "delta"}  # format -> file extension
+# "experts": every expert of a group stacked in one ONNX graph (cloud.experts_onnx), an alternative to "expert"
+KINDS: tuple[str, ...] = ("encoder", "router", "expert", "head", "experts")
+FORMATS: dict[str, str] = {"onnx": "onnx", "safetensors": "safetensors"}  # format -> file extension
 
 
 class ManifestError(ValueError):
@@ -77,7 +78,6 @@ class ShardFile:
     outputs: tuple[TensorSpec, ...] = ()
     opset: int | None = None
     expert: int | None = None
-    delta_from: str | None = None  # format "delta": sha256 of the safetensors shard this delta applies to
 
     def __post_init__(self) -> None:
         if self.kind not in KINDS:
@@ -90,11 +90,6 @@ class ShardFile:
             raise ManifestError(f"shard file {self.file!r}: sha256 must be 64 lowercase hex digits")
         if self.bytes < 0:
             raise ManifestError(f"shard file {self.file!r}: bytes must be >= 0")
-        if (self.format == "delta") != (self.delta_from is not None):
-            raise ManifestError(f"shard file {self.file!r}: a delta (and only a delta) names the shard it applies to")
-        if self.delta_from is not None and (len(self.delta_from) != 64
-                                            or any(c not in "0123456789abcdef" for c in self.delta_from)):
-            raise ManifestError(f"shard file {self.file!r}: delta_from must be 64 lowercase hex digits")
         if "/" in self.file or "\\" in self.file or self.file.startswith("."):
             raise ManifestError(f"shard file {self.file!r}: must be a plain file name")
 
@@ -102,8 +97,6 @@ class ShardFile:
         d = asdict(self)
         d["inputs"] = [t.to_dict() for t in self.inputs]
         d["outputs"] = [t.to_dict() for t in self.outputs]
-        if d["delta_from"] is None:  # the manifests of versions without deltas keep their exact bytes
-            del d["delta_from"]
         return d
 
     @classmethod
@@ -121,7 +114,6 @@ class ShardFile:
                 outputs=tuple(TensorSpec.from_dict(t) for t in d.get("outputs", ())),
                 opset=d.get("opset"),
                 expert=d.get("expert"),
-                delta_from=d.get("delta_from"),
             )
         except KeyError as e:
             raise ManifestError(f"shard entry lacks key {e.args[0]!r}") from None
@@ -178,8 +170,8 @@ class Manifest:
         return tuple(f for f in self.files if f.format == fmt)
 
     def total_bytes(self, fmt: str = "onnx") -> int:
-        """Size of the whole model in format ``fmt``."""
-        return sum(f.bytes for f in self.shards(fmt))
+        """Size of the whole model in format ``fmt`` (each expert once: batched expert shards repeat them)."""
+        return sum(f.bytes for f in self.shards(fmt) if f.kind != "experts")
 
     # ------------------------------------------------------------------ (de)serialisation
     def to_dict(self) -> dict[str, Any]:
@@ -257,8 +249,7 @@ def base_shards(manifest: Manifest, modalities: Iterable[str]) -> tuple[str, ...
     for m in mods:
         if m not in MODALITIES:
             raise ManifestError(f"unknown modality {m!r}; known: {MODALITIES}")
-    # any format: a base published without ONNX inference shards still has its training shards
-    names = list(dict.fromkeys(f.name for f in manifest.files if f.kind == "encoder" and f.modality in mods))
+    names = [f.name for f in manifest.shards() if f.kind == "encoder" and f.modality in mods]
     missing = [m for m in mods if f"encoder.{m}" not in names]
     if missing:
         raise ManifestError(f"manifest {manifest.version} has no encoder for {missing}")
@@ -268,6 +259,11 @@ def base_shards(manifest: Manifest, modalities: Iterable[str]) -> tuple[str, ...
 def expert_shard(index: int) -> str:
     """Shard name of expert ``index``."""
     return f"expert.{index}"
+
+
+def batched_experts_shard(modality: str | None) -> str:
+    """Shard name of the batched experts of ``modality``'s group (None: all experts, the ``"shared"`` layout)."""
+    return "experts" if modality is None else f"experts.{modality}"
 
 
 def expert_groups(manifest: Manifest) -> dict[str, tuple[int, ...]]:

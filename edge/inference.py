@@ -5,6 +5,7 @@ For a batch of B samples (M modalities, N present tokens, width d)::
     encoder.<m> per present modality -> tokens (B, M, d), mask (B, M)
     router(tokens[mask], quality[mask]) -> top-k experts and gates per token
     expert.<e> for each expert some token chose (downloaded the first time) -> routed tokens
+        or, with ``batched_experts``, the batched expert shard(s): every expert of a group in one call
     head(routed (B, M, d), quality, mask) -> logits (B, C)
 
 With modality-affine experts the glue also gives the router ``allowed`` (N, E): row n is the expert group
@@ -25,7 +26,7 @@ from typing import Protocol
 import numpy as np
 
 from common.config import MODALITIES
-from common.manifest import Manifest, ManifestError, ShardFile, expert_groups
+from common.manifest import Manifest, ManifestError, ShardFile, batched_experts_shard, expert_groups
 
 from .shards import ShardCache
 
@@ -103,10 +104,17 @@ class ShardedRunner:
     cache : the device's shard cache (decides which shards exist locally).
     threads : onnxruntime intra-op threads per session.
     backend : how a shard file becomes a session (default: onnxruntime); benchmarks plug torch in here.
+    batched_experts : run the routed experts with the version's batched expert shards (``experts``, or
+        ``experts.<m>`` per modality group with modality-affine experts): one session call computes every
+        chosen expert, grouped by expert (:mod:`cloud.experts_onnx`), instead of one call per expert. Such a
+        shard holds its whole group, so the first routing downloads all of the group's experts at once.
+        Versions published without them run expert by expert.
     """
 
-    def __init__(self, cache: ShardCache, *, threads: int = 1, backend: Backend | None = None) -> None:
+    def __init__(self, cache: ShardCache, *, threads: int = 1, backend: Backend | None = None,
+                 batched_experts: bool = False) -> None:
         self.cache = cache
+        self.batched_experts = batched_experts
         self._open = backend or onnxruntime_backend(threads=threads)
         self._sessions: dict[str, Session] = {}  # sha256 -> session
         self._by_name: dict[str, Session] = {}
@@ -201,12 +209,14 @@ class ShardedRunner:
         if self._allowed is not None:  # modality-affine experts: each token keeps to its modality's group
             feeds["allowed"] = np.ascontiguousarray(self._allowed[np.tile(np.asarray(cols), b)])
         _, idx, gates = self._session("router").run(None, feeds)
-        outputs, rows = {}, {}
-        for e in sorted(set(idx.ravel().tolist())):
-            tok = np.flatnonzero((idx == e).any(axis=1))
-            outputs[e] = self._session(f"expert.{e}").run(None, {"token": x[tok]})[0]
-            rows[e] = tok
-        y = combine_experts(x, idx, gates, outputs, rows)
+        y = self._run_batched(x, idx, gates, cols) if self.batched_experts else None
+        if y is None:
+            outputs, rows = {}, {}
+            for e in sorted(set(idx.ravel().tolist())):
+                tok = np.flatnonzero((idx == e).any(axis=1))
+                outputs[e] = self._session(f"expert.{e}").run(None, {"token": x[tok]})[0]
+                rows[e] = tok
+            y = combine_experts(x, idx, gates, outputs, rows)
         routed = np.zeros((b, nm, d), np.float32)
         routed[:, cols] = y.reshape(b, len(cols), d)
         logits, w = self._session("head").run(None, {"routed": routed, "quality": q, "mask": mask})
@@ -222,3 +232,18 @@ class ShardedRunner:
             fusion_weights=w,
             experts=experts,
         )
+
+    def _run_batched(self, x: np.ndarray, idx: np.ndarray, gates: np.ndarray, cols: list[int]) -> np.ndarray | None:
+        """The MoE residual (N, d) from the batched expert shard(s), one call each; None when the version has none."""
+        whole = batched_experts_shard(None)
+        if whole in self._entries:
+            return self._session(whole).run(None, {"token": x, "topk_idx": idx, "gates": gates})[0]
+        names = [batched_experts_shard(MODALITIES[j]) for j in cols]
+        if not all(n in self._entries for n in names):
+            return None
+        y = np.empty_like(x)
+        for c, name in enumerate(names):  # tokens are sample-major: modality column c is every len(cols)-th row
+            rows = slice(c, None, len(cols))
+            feeds = {"token": x[rows], "topk_idx": idx[rows], "gates": gates[rows]}
+            y[rows] = self._session(name).run(None, {k: np.ascontiguousarray(v) for k, v in feeds.items()})[0]
+        return y

@@ -18,7 +18,7 @@ def test_every_onnx_shard_agrees_with_torch(shard_store):
     man = store.manifest("v1")
     plain = plain_model(shard_store.model)
     modules = shard_modules(plain)
-    assert {f.name for f in man.shards()} == set(modules)
+    assert {f.name for f in man.shards() if f.kind != "experts"} == set(modules)  # batched: test_experts_onnx
     for name, (module, _, _, _) in modules.items():
         entry = man.file(name)
         sess = ort.InferenceSession(str(store.version_dir("v1") / entry.file), providers=["CPUExecutionProvider"])

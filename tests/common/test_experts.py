@@ -72,7 +72,7 @@ def test_dense_mixing_equals_the_per_expert_sum():
 @pytest.mark.parametrize("affinity,experts,shared", [("shared", 4, 0), ("modality", 6, 2)])
 def test_routing_to_every_expert_gives_the_dense_outputs(affinity, experts, shared):
     group = experts if affinity == "shared" else (experts - shared) // 2 + shared
-    kw = dict(num_experts=experts, expert_affinity=affinity, shared_experts=shared, seed=0)
+    kw = {"num_experts": experts, "expert_affinity": affinity, "shared_experts": shared, "seed": 0}
     dense, routed = build_model(dense=True, **kw).eval(), build_model(top_k=group, **kw).eval()
     img, aud = _inputs()
     mask = torch.tensor([[True, True], [True, False], [False, True]] * 2)

@@ -126,3 +126,28 @@ def test_edge_predict_runs_on_a_real_video_and_audio_file(shard_server, tmp_path
     r = CliRunner().invoke(build_app(), ["edge", "predict", "--audio", str(wav), *common])
     assert r.exit_code == 0, r.output
     assert len([ln for ln in r.output.splitlines() if ln.startswith("window ")]) == 3  # one per second
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize("layout,given", [("shared", ("image", "audio")), ("modality", ("image", "audio")),
+                                          ("modality", ("audio",))])
+def test_batched_experts_runner_reproduces_the_model_in_one_call_per_group(shard_server, request, tmp_path,
+                                                                           layout, given):
+    from cloud.export import build_from_manifest
+
+    version = request.getfixturevalue("modality_version") if layout == "modality" else "latest"
+    cache = _cache(shard_server, tmp_path, given, version=version)
+    runner = ShardedRunner(cache, batched_experts=True)
+    model = build_from_manifest(shard_server.store.store.version_dir(runner.manifest.version), runner.manifest)
+    g = torch.Generator().manual_seed(5)
+    img, aud = torch.rand(4, 3, 32, 32, generator=g), torch.randn(4, 40, 32, generator=g) * 10 - 40
+    kw = {"image": img if "image" in given else None, "audio": aud if "audio" in given else None}
+    with torch.no_grad():
+        want = model(**kw)
+    got = runner.predict(**{k: (v.numpy() if v is not None else None) for k, v in kw.items()})
+    assert np.max(np.abs(got.logits - want.logits.numpy())) <= 1e-4
+    assert got.experts == [sorted(set(r)) for r in want.topk_idx.reshape(4, -1).tolist()]
+    batched = {"experts"} if layout == "shared" else {f"experts.{m}" for m in given}
+    cached = set(cache.cached_files())
+    fetched = {f.name for f in runner.manifest.shards() if f"{f.sha256}.onnx" in cached}
+    assert batched <= fetched and not any(n.startswith("expert.") for n in fetched)  # no per-expert shard
