@@ -30,15 +30,15 @@ import datetime as _dt
 import os
 import tempfile
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-from safetensors.torch import save as st_save
 from torch import Tensor, nn
 
+from common.base_delta import shard_bytes
 from common.lora import LoRALinear, base_state, merge_lora
 from common.manifest import (
     Manifest,
@@ -351,6 +351,9 @@ def export_version(
     tolerance: float = TOLERANCE,
     progress: Callable[[str], None] | None = None,
     serial: int = 0,
+    onnx: bool = True,
+    graphs: Mapping[str, bytes] | None = None,
+    extra_files: Callable[[dict[str, dict[str, np.ndarray]]], list[tuple[ShardFile, bytes]]] | None = None,
 ) -> Manifest:
     """Export every shard of ``model`` (LoRA merged first) into ``out_dir`` and write the signed manifest.
 
@@ -362,6 +365,11 @@ def export_version(
     private_key : an ``Ed25519PrivateKey`` that signs the manifest.
     image_size, audio_frames : input sizes of the encoders (recorded; used for the agreement check).
     serial : the publication number signed into the manifest (:meth:`ModelStore.next_serial`; 0 = none).
+    onnx : write the ONNX inference shards too (False: training shards only, e.g. a base no device runs).
+    graphs : shard name -> ONNX bytes of an earlier version of the same architecture; each is re-weighted with
+        this model's values (seconds faster than tracing again) and traced afresh when it does not agree.
+    extra_files : called with each shard's training tensors (name -> tensor name -> array); the files it
+        returns (entry, bytes) are written and listed too (e.g. deltas against the previous base).
 
     Raises
     ------
@@ -374,10 +382,20 @@ def export_version(
     out.mkdir(parents=True, exist_ok=True)
     files: list[ShardFile] = []
     extra: dict[str, Any] = {"agreement": {}}
-    graphs: dict[str, bytes] = {}
+    graphs_by_kind: dict[str, bytes] = {}
+    tensors: dict[str, dict[str, np.ndarray]] = {}
     for name, (module, kind, modality, state) in shard_modules(plain).items():
         if progress:
             progress(name)
+        tensors[name] = {k: v.detach().cpu().numpy().copy() for k, v in state.items()}
+        st_bytes = shard_bytes(tensors[name], name)
+        expert = int(name.split(".")[1]) if kind == "expert" else None
+        formats: list[tuple[str, bytes]] = [("safetensors", st_bytes)]
+        inputs: tuple[TensorSpec, ...] = ()
+        outputs: tuple[TensorSpec, ...] = ()
+        if not onnx:
+            _write_files(out, files, name, kind, modality, expert, formats, inputs, outputs, opset)
+            continue
         args = example_inputs(name, shape, 3)
         names = _onnx_input_names(name, args)
 
@@ -386,40 +404,26 @@ def export_version(
 
         # Experts share one architecture: re-weight the first expert's graph instead of tracing each again
         # (the dynamo exporter takes seconds per module); a fresh export whenever that does not agree.
-        reweighted = reweight_onnx(graphs[kind], module) if kind in graphs else None
+        earlier = (graphs or {}).get(name) or graphs_by_kind.get(kind)
+        reweighted = reweight_onnx(earlier, module) if earlier is not None else None
         onnx_bytes = reweighted if reweighted is not None else export_onnx(module, name, kind, args, opset=opset)
         diff = agreement(onnx_bytes)
         if reweighted is not None and not diff <= tolerance:
             onnx_bytes = export_onnx(module, name, kind, args, opset=opset)
             diff = agreement(onnx_bytes)
         if kind == "expert":
-            graphs.setdefault(kind, onnx_bytes)
+            graphs_by_kind.setdefault(kind, onnx_bytes)
         if not diff <= tolerance:
             raise ExportError(f"shard {name!r}: ONNX differs from torch by {diff:.3g} > {tolerance}")
         extra["agreement"][name] = diff
         inputs, outputs = _specs(onnx_bytes)
-        st_bytes = st_save({k: v.detach().contiguous().clone() for k, v in state.items()},
-                           metadata={"version": version, "shard": name})
-        expert = int(name.split(".")[1]) if kind == "expert" else None
-        for fmt, data in (("onnx", onnx_bytes), ("safetensors", st_bytes)):
-            fname = f"{name}.{fmt}"
-            (out / fname).write_bytes(data)
-            files.append(
-                ShardFile(
-                    name=name,
-                    kind=kind,
-                    modality=modality,
-                    format=fmt,
-                    file=fname,
-                    sha256=sha256_bytes(data),
-                    bytes=len(data),
-                    inputs=inputs if fmt == "onnx" else (),
-                    outputs=outputs if fmt == "onnx" else (),
-                    opset=opset if fmt == "onnx" else None,
-                    expert=expert,
-                )
-            )
-    _export_batched_experts(plain, out, files, extra["agreement"], tolerance=tolerance, opset=opset)
+        _write_files(out, files, name, kind, modality, expert, [("onnx", onnx_bytes), *formats], inputs, outputs,
+                     opset)
+    if onnx:
+        _export_batched_experts(plain, out, files, extra["agreement"], tolerance=tolerance, opset=opset)
+    for entry, data in (extra_files(tensors) if extra_files else []):
+        (out / entry.file).write_bytes(data)
+        files.append(entry)
     manifest = Manifest(
         version=version,
         model=shape,
@@ -430,6 +434,19 @@ def export_version(
     )
     (out / MANIFEST_FILE).write_bytes(sign_manifest(manifest, private_key))
     return manifest
+
+
+def _write_files(out: Path, files: list[ShardFile], name: str, kind: str, modality: str | None, expert: int | None,
+                 formats: list[tuple[str, bytes]], inputs: tuple[TensorSpec, ...], outputs: tuple[TensorSpec, ...],
+                 opset: int) -> None:
+    """Write one shard's files into ``out`` and append their manifest entries to ``files``."""
+    for fmt, data in formats:
+        fname = f"{name}.{fmt}"
+        (out / fname).write_bytes(data)
+        files.append(ShardFile(name=name, kind=kind, modality=modality, format=fmt, file=fname,
+                               sha256=sha256_bytes(data), bytes=len(data),
+                               inputs=inputs if fmt == "onnx" else (), outputs=outputs if fmt == "onnx" else (),
+                               opset=opset if fmt == "onnx" else None, expert=expert))
 
 
 def _export_batched_experts(model: MultimodalMoE, out: Path, files: list[ShardFile], agreement: dict[str, float],

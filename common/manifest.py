@@ -30,7 +30,7 @@ from .config import MODALITIES
 SCHEMA = 1
 # "experts": every expert of a group stacked in one ONNX graph (cloud.experts_onnx), an alternative to "expert"
 KINDS: tuple[str, ...] = ("encoder", "router", "expert", "head", "experts")
-FORMATS: dict[str, str] = {"onnx": "onnx", "safetensors": "safetensors"}  # format -> file extension
+FORMATS: dict[str, str] = {"onnx": "onnx", "safetensors": "safetensors", "delta": "delta"}  # format -> file extension
 
 
 class ManifestError(ValueError):
@@ -78,6 +78,7 @@ class ShardFile:
     outputs: tuple[TensorSpec, ...] = ()
     opset: int | None = None
     expert: int | None = None
+    delta_from: str | None = None  # format "delta": sha256 of the safetensors shard this delta applies to
 
     def __post_init__(self) -> None:
         if self.kind not in KINDS:
@@ -90,6 +91,11 @@ class ShardFile:
             raise ManifestError(f"shard file {self.file!r}: sha256 must be 64 lowercase hex digits")
         if self.bytes < 0:
             raise ManifestError(f"shard file {self.file!r}: bytes must be >= 0")
+        if (self.format == "delta") != (self.delta_from is not None):
+            raise ManifestError(f"shard file {self.file!r}: a delta (and only a delta) names the shard it applies to")
+        if self.delta_from is not None and (len(self.delta_from) != 64
+                                            or any(c not in "0123456789abcdef" for c in self.delta_from)):
+            raise ManifestError(f"shard file {self.file!r}: delta_from must be 64 lowercase hex digits")
         if "/" in self.file or "\\" in self.file or self.file.startswith("."):
             raise ManifestError(f"shard file {self.file!r}: must be a plain file name")
 
@@ -97,6 +103,8 @@ class ShardFile:
         d = asdict(self)
         d["inputs"] = [t.to_dict() for t in self.inputs]
         d["outputs"] = [t.to_dict() for t in self.outputs]
+        if d["delta_from"] is None:  # the manifests of versions without deltas keep their exact bytes
+            del d["delta_from"]
         return d
 
     @classmethod
@@ -114,6 +122,7 @@ class ShardFile:
                 outputs=tuple(TensorSpec.from_dict(t) for t in d.get("outputs", ())),
                 opset=d.get("opset"),
                 expert=d.get("expert"),
+                delta_from=d.get("delta_from"),
             )
         except KeyError as e:
             raise ManifestError(f"shard entry lacks key {e.args[0]!r}") from None
@@ -249,7 +258,8 @@ def base_shards(manifest: Manifest, modalities: Iterable[str]) -> tuple[str, ...
     for m in mods:
         if m not in MODALITIES:
             raise ManifestError(f"unknown modality {m!r}; known: {MODALITIES}")
-    names = [f.name for f in manifest.shards() if f.kind == "encoder" and f.modality in mods]
+    # any format: a base published without ONNX inference shards still has its training shards
+    names = list(dict.fromkeys(f.name for f in manifest.files if f.kind == "encoder" and f.modality in mods))
     missing = [m for m in mods if f"encoder.{m}" not in names]
     if missing:
         raise ManifestError(f"manifest {manifest.version} has no encoder for {missing}")
