@@ -30,9 +30,9 @@ import torch
 from flwr.app import Context, Message, MessageType
 from flwr.serverapp import Grid, ServerApp
 
+from common import secagg as sa
 from common import wire
-from common.base_weights import load_base_file, published_store
-from common.manifest import generate_keypair
+from common.base_weights import load_base_file, save_base
 from common.config import FedgeConfig, config_from_context
 from common.dataset import load_data
 from common.lora import apply_lora, base_state, load_base_state
@@ -44,6 +44,7 @@ from . import clock as clk
 from .aggregation import default_server_lr
 from .dashboard import LiveState
 from .dashboard.watch import watch
+from .secure_buffer import Group, SecureGroups, group_mean
 from .state import AggregatorState, ensure_ray, start_actor
 from .validation import Reason, UpdateRejected, extract
 
@@ -107,6 +108,7 @@ class _Event:
     raw: Any = None  # validation.RawUpdate
     reason: str | None = None  # a rejection found before the state (reply error, malformed, lost)
     detail: str = ""
+    content: Any = None  # the reply's records (secure aggregation: the sealed shares)
 
 
 @dataclass
@@ -147,19 +149,20 @@ class ServerLoop:
         self.done = False  # aggregation.stop_at_accuracy reached
         self.nodes: list[int] = []
         self._nodes_read = -math.inf
-        # the published base (model store version) the current version's adapters belong to, as devices fetch
-        # it; "" = the config's base, which every party builds itself. Global training publishes a new one.
-        self.base_model = ""
+        # the base the current version's adapters belong to, as devices load it; global training replaces it
+        self.base_path = cfg.model.base_path
         self.last_trained = self.version
         base_version, base = self._get(self.actor.get_base.remote())
-        publishing = cfg.training.every_versions > 0 or bool(cfg.publish.store) or base is not None
-        self.publisher = publisher_for(cfg, run_dir) if publishing else None
         if base is not None:  # resumed after a global training: devices and the evaluation need its base
-            self._install_base(base_version, self._publish(base_version, base))
+            self._install_base(base_version, base)
             self.last_trained = self.version
-        elif self.publisher is not None:  # devices start from it, so that the next base reaches them as deltas
-            self._install_base(0, self._publish(0, {k: v.numpy() for k, v in base_state(self.model).items()}))
         self.poll_s = 0.02 if clock.virtual else 0.25
+        self.secure: SecureGroups | None = None  # aggregation.secure: groups unmasked only as sums
+        self.layout = sa.flatten(self.params)[1]
+        if self.agg.secure:
+            n, comm = sum(int(v.size) for v in self.params.values()), cfg.communication
+            k = max(1, round(comm.topk_ratio * n)) if comm.compression == "topk" else n
+            self.secure = SecureGroups(n=n, k=k, clip=self.agg.secure_clip, threshold=self.agg.secure_threshold)
         self.t_wall0 = time.monotonic()
 
     @staticmethod
@@ -213,6 +216,7 @@ class ServerLoop:
         self.busy.discard(slot.node_id)
         self._get(self.actor.reject.remote(reason.value))
         self.live.refused_update(slot.node_id, reason.value, lost=True)
+        self._secure_lost(slot, self.clock.now())
 
     def _check_timeouts(self) -> None:
         now = time.monotonic()
@@ -235,9 +239,10 @@ class ServerLoop:
                                   bandwidth_mbps=p.bandwidth_mbps, bandwidth_sigma=p.bandwidth_sigma,
                                   dropout=p.dropout)
 
-    def _dispatch(self, nodes: list[int]) -> None:
+    def _dispatch(self, nodes: list[int], records: dict[int, Any] | None = None) -> list[_Slot]:
+        """TRAIN messages to ``nodes`` (``records``: a secure group's record per node); returns their slots."""
         if not nodes:
-            return
+            return []
         if self._get(self.actor.get_version.remote()) != self.version:  # e.g. a rebase by global training
             self.version, self.params = self._get(self.actor.snapshot.remote())
         t = self.clock.now()
@@ -247,9 +252,11 @@ class ServerLoop:
             rnd = wire.round_record(version=self.version, lr=self.cfg.train.lr,
                                     local_steps=self.cfg.train.local_steps, batch_size=self.cfg.train.batch_size,
                                     local_epochs=self.cfg.train.local_epochs,
-                                    seed=self.cfg.seed * 7919 + self.dispatches, base_model=self.base_model)
-            msgs.append(Message(wire.train_message_content(self.params, rnd), dst_node_id=int(n),
-                                message_type=MessageType.TRAIN))
+                                    seed=self.cfg.seed * 7919 + self.dispatches, base_path=self.base_path)
+            content = wire.train_message_content(self.params, rnd)
+            if records is not None:
+                content[wire.SECAGG] = records[n]
+            msgs.append(Message(content, dst_node_id=int(n), message_type=MessageType.TRAIN))
             slots.append(_Slot(node_id=int(n), version=self.version, dispatch_t=t,
                                dispatch_wall=time.monotonic(), index=self.dispatches, download_bytes=down))
             self.dispatches += 1
@@ -262,11 +269,15 @@ class ServerLoop:
                 self._min_steps() * prof.step_s
             self.queue.dispatched(mid, lb)
             self.bytes_down += down
+        return slots
 
     def _fill(self) -> None:
         if self.done or self.version >= self.agg.versions:
             return
         idle = [n for n in self.nodes if n not in self.busy]
+        if self.secure is not None:
+            self._fill_secure(idle)
+            return
         if self.sync:
             if self.round_open or self.queue.inflight or len(self.queue) or not idle:
                 return
@@ -280,6 +291,88 @@ class ServerLoop:
             return
         chosen = [idle[i] for i in self.rng.permutation(len(idle))[: min(free, len(idle))]]
         self._dispatch(chosen)
+
+    def _send(self, msgs: list[Message]) -> list[Message]:
+        return list(self.grid.send_and_receive(msgs, timeout=min(self.agg.reply_timeout_s, 120.0)))
+
+    def _fill_secure(self, idle: list[int]) -> None:
+        """Secure aggregation dispatches whole groups: ``K`` idle nodes at once (sync: the round's nodes),
+        each group after its key round; a group is one buffer, unmasked once all its members are resolved."""
+        assert self.secure is not None
+        if self.sync and (self.round_open or self.queue.inflight or len(self.queue)):
+            return
+        size = min(self.agg.concurrency if self.sync else self.agg.buffer_size, len(self.nodes))
+        while size >= sa.MIN_GROUP and len(idle) >= size and self.agg.concurrency - len(self.busy) >= size:
+            chosen = [idle[i] for i in sorted(self.rng.permutation(len(idle))[:size])]
+            g = self.secure.open(chosen, self._send)
+            if g is None:
+                log.warning("secure group of nodes %s: fewer than %d took part in the key round", chosen,
+                            sa.MIN_GROUP)
+                return
+            recs = {n: self.secure.train_record(g, i) for i, n in enumerate(g.nodes)}
+            for i, slot in enumerate(self._dispatch(g.nodes, recs)):
+                self.secure.bind(g, i, slot.index)
+            if self.sync:
+                self.round_open = True
+                return
+            idle = [n for n in idle if n not in self.busy]
+
+    def _secure_arrived(self, ev: _Event, t: float) -> None:
+        assert self.secure is not None
+        g, reason, detail = self.secure.arrived(ev.slot.index, ev.raw, ev.content,
+                                                dispatched_version=ev.slot.version, current_version=self.version,
+                                                max_staleness=self.agg.max_staleness)
+        if reason is not None:
+            log.warning("update from node %d refused: %s %s", ev.slot.node_id, reason.value, detail)
+            self._get(self.actor.reject.remote(reason.value))
+            self.live.refused_update(ev.slot.node_id, reason.value)
+        else:
+            self.live.accepted_update(ev.slot.node_id, staleness=self.version - ev.raw.base_version,
+                                      bytes_up=len(ev.raw.payload), metrics=ev.raw.metrics)
+        if g is not None and g.complete:
+            self._unmask(g, t)
+
+    def _secure_lost(self, slot: _Slot, t: float) -> None:
+        g = self.secure.lost(slot.index) if self.secure is not None else None
+        if g is not None and g.complete:
+            self._unmask(g, t)
+
+    def _holder_offline(self, g: Group, index: int) -> bool:
+        """Simulation: a holder drops out of the unmasking as it drops out of training (profiles.dropout)."""
+        node = g.nodes[index]
+        prof = self._profile(node) if self.clock.virtual else None
+        return prof is not None and clk.dropped(prof, seed=self.cfg.seed + 1, partition_id=self.node_pid[node],
+                                                dispatch_index=int(g.gid[:8], 16))
+
+    def _unmask(self, g: Group, t: float) -> None:
+        """All members of ``g`` are resolved: unmask its sum with the holders online and apply its mean."""
+        assert self.secure is not None
+        senders = sorted(g.uploads)
+        if len(senders) < sa.MIN_GROUP:
+            self.secure.groups.pop(g.gid, None)
+            for _ in senders:
+                self._get(self.actor.reject.remote(Reason.SECAGG_ALONE.value))
+            return
+        present = set(self.nodes)
+        holders = [i for i, n in enumerate(g.nodes) if n in present and not self._holder_offline(g, i)]
+        try:
+            total = self.secure.finish(g, self._send(self.secure.unmask_messages(g, holders)))
+        except sa.SecAggError as e:
+            log.warning("secure group %s discarded (%d updates): %s", g.gid, len(senders), e)
+            for _ in senders:
+                self._get(self.actor.reject.remote(Reason.SECAGG_DISCARDED.value))
+            _event(self.run_dir, event="secagg_discarded", group=g.gid, senders=len(senders), error=str(e)[:300])
+            return
+        mean = group_mean(total, len(senders), dp_noise=self.agg.secure_dp_noise, clip=self.agg.secure_clip)
+        staleness = [max(0, self.version - g.base_versions[i]) for i in senders]
+        v = self._get(self.actor.apply_sum.remote(sa.unflatten(mean, self.layout), staleness, t, g.upload_bytes))
+        self.acc.updates += len(senders)
+        self.acc.upload_bytes += g.upload_bytes
+        self.acc.staleness.extend(staleness)
+        self.bytes_sent += g.upload_bytes
+        _event(self.run_dir, event="secagg_group", group=g.gid, members=g.spec.size, senders=len(senders),
+               holders=len(holders), threshold=g.spec.t, version=int(v))
+        self._on_version(int(v), t)
 
     # ------------------------------------------------------------------ replies
     def _pull(self) -> int:
@@ -300,6 +393,7 @@ class ServerLoop:
                 try:
                     ev.raw = extract(reply.content)
                     upload = len(ev.raw.payload)
+                    ev.content = reply.content if self.secure is not None else None
                     pid = ev.raw.metrics.get(wire.PARTITION_ID)
                     if pid is not None and pid >= 0:
                         self.node_pid[slot.node_id] = int(pid)
@@ -343,6 +437,9 @@ class ServerLoop:
                 log.warning("update from node %d refused: %s %s", ev.slot.node_id, ev.reason, ev.detail)
                 self._get(self.actor.reject.remote(ev.reason))
                 self.live.refused_update(ev.slot.node_id, ev.reason)
+                self._secure_lost(ev.slot, t)
+            elif self.secure is not None:
+                self._secure_arrived(ev, t)
             else:
                 res = self._get(self.actor.submit.remote(ev.raw, t, ev.slot.version))
                 if not res["accepted"]:
@@ -422,8 +519,7 @@ class ServerLoop:
         The newest adapters are merged into the base, the whole model trains on the cloud's data
         (``training.data_path`` or generated), and the aggregator is rebased: the next version holds fresh
         adapters for the new base, updates trained on the old base are refused as ``unknown_version``, and
-        the new base is published (:mod:`cloud.publisher`) and every later message names it
-        (``wire.BASE_MODEL``): devices fetch it from the shard server. The loop waits for it;
+        every later message tells devices where the new base is (``wire.BASE_PATH``). The loop waits for it;
         with a virtual clock it costs no virtual time. A failed training run is reported and the federation
         goes on with the old base.
         """
@@ -451,12 +547,6 @@ class ServerLoop:
             self.live.event("training_failed", version=v, error=str(e)[:500])
             return
         base, bv, fresh = res.rebase_args()
-        try:
-            base = self._publish(bv, base)  # the weights devices rebuild: the server rebases on exactly those
-        except (OSError, ValueError, RuntimeError) as e:  # e.g. a full disk, an export that disagrees
-            log.error("publishing the base trained on version %d failed, keeping the old base: %s", v, e)
-            _event(self.run_dir, event="publish_failed", version=v, error=str(e)[:500])
-            return
         new_v = int(self._get(self.actor.rebase.remote(base, bv, adapters=fresh)))
         path = self._install_base(bv, base)
         self.last_trained = new_v
@@ -470,42 +560,16 @@ class ServerLoop:
               f"{loss[1]:.3f}; base {bv} -> version {new_v}", flush=True)
         self._record_version(new_v, t)
 
-    def _publish(self, base_version: int, base: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        """Publish ``base`` as the store version of ``base_version`` (once) and name it in later messages.
-
-        Returns the weights devices rebuild from the store: ``base``, except that a shard published as a delta
-        against the previous base holds previous + decoded delta (within half a quantization step of the
-        change); a version already in the store (a resumed run) is read back as published.
-        """
-        assert self.publisher is not None
-        from .export import load_state_from_shards
-        from .publisher import base_version_name, plain_from_state
-
-        name = base_version_name(base_version)
-        have = self.publisher.published(name)
-        if have is not None:
-            state = load_state_from_shards(self.publisher.store.version_dir(name), have)
-            self.base_model = name
-            return {k: v.numpy() for k, v in state.items()}
-        t0 = time.monotonic()
-        manifest, published = self.publisher.publish(plain_from_state(base, model_kwargs(self.cfg)), version=name)
-        seconds = time.monotonic() - t0
-        deltas = manifest.shards("delta")
-        _event(self.run_dir, event="published", base_version=base_version, model=name, serial=manifest.serial,
-               store=str(self.publisher.store.root), seconds=seconds,
-               training_bytes=manifest.total_bytes("safetensors"), delta_bytes=manifest.total_bytes("delta"),
-               deltas=len(deltas))
-        print(f"[fedge] published base {name} (serial {manifest.serial}) in {seconds:.1f} s: "
-              f"{manifest.total_bytes('safetensors')} training bytes, {len(deltas)} deltas of "
-              f"{manifest.total_bytes('delta')} bytes", flush=True)
-        self.base_model = name
-        return published
-
     def _install_base(self, base_version: int, base: dict[str, np.ndarray]) -> str:
-        """Load ``base`` into the evaluation model; return the published version devices fetch it as."""
+        """Load ``base`` into the evaluation model and save it where devices load it from; return the path."""
         load_base_state(self.model, {k: torch.from_numpy(np.array(a, dtype=np.float32)) for k, a in base.items()})
-        self.live.event("published", base_version=base_version, model=self.base_model)
-        return self.base_model
+        root = self.run_dir if self.run_dir else Path(self.cfg.training.storage_path or "runs/train")
+        path = (root / "bases" / f"base-{base_version:06d}.safetensors").resolve()
+        if not path.is_file():
+            save_base(self.model, path)
+        self.base_path = str(path)
+        self.live.event("published", base_version=base_version, path=self.base_path)
+        return self.base_path
 
     # ------------------------------------------------------------------ main loop
     def run(self) -> None:
@@ -556,23 +620,6 @@ def bound_reply_pulls(max_time_s: float) -> bool:
         return False
     kw["max_time"] = float(max_time_s)
     return True
-
-
-def publisher_for(cfg: FedgeConfig, run_dir: Path | None = None) -> Any:
-    """The run's base publisher: ``publish.store`` (default: ``models`` in the run folder) signed with
-    ``publish.signing_key`` (default: a key generated in the store's ``.signing`` folder, for one host)."""
-    from .publisher import BasePublisher
-
-    root = published_store(store=cfg.publish.store, run_dir=str(run_dir or cfg.run_dir),
-                           storage_path=cfg.training.storage_path)
-    key = Path(cfg.publish.signing_key) if cfg.publish.signing_key else root / ".signing" / "manifest.key"
-    if not cfg.publish.signing_key and not key.is_file():
-        try:
-            generate_keypair(key.parent)
-        except FileExistsError:  # another process made it first
-            pass
-    return BasePublisher(root, key, image_size=cfg.model.image_size, audio_frames=cfg.model.audio_frames,
-                         onnx=cfg.publish.onnx, deltas=cfg.publish.deltas)
 
 
 def _event(run_dir: Path | None, **rec: Any) -> None:

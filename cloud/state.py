@@ -268,6 +268,31 @@ class AggregatorState:
             self.checkpoint()
         return self.version
 
+    def apply_sum(self, delta: Mapping[str, np.ndarray], staleness: list[int], now: float = 0.0,
+                  upload_bytes: int = 0) -> int:
+        """Secure aggregation: apply a group's unmasked mean update as a new version (no per-update checks).
+
+        The server never sees the group's updates one by one, so the robust filters and the relative norm
+        bound cannot run; the devices clipped before masking and the group sum was range-checked. The mean
+        gets one staleness weight, the mean of its members' ``w(s_i)``.
+        """
+        o = self.opts
+        w = float(np.mean([agg.staleness_weight(s, fn=o["staleness"], a=o["staleness_a"], b=o["staleness_b"])
+                           for s in staleness]))
+        scaled = {k: np.asarray(v, np.float32) * np.float32(w) for k, v in delta.items()}
+        self.params, self.opt_state = agg.server_opt_step(
+            self.params, scaled, self.opt_state, opt=o["server_opt"], lr=o["server_lr"], beta1=o["beta1"],
+            beta2=o["beta2"], tau=o["tau"])
+        self.accepted += len(staleness)
+        self.bytes_accepted += int(upload_bytes)
+        self.version += 1
+        self.history.append({"version": self.version, "time": float(now), "updates": len(staleness),
+                             "mean_staleness": float(np.mean(staleness)), "max_staleness": int(max(staleness)),
+                             "base_version": self.base_version, "secure": True})
+        if self.checkpoint_dir and self.version % self.checkpoint_every == 0:
+            self.checkpoint()
+        return self.version
+
     def rebase(self, base_state: Mapping[str, np.ndarray], base_version: int,
                adapters: Mapping[str, np.ndarray] | None = None) -> int:
         """Replace the base model (issue 6: global training merged adapters and trained the base).

@@ -41,6 +41,9 @@ class Reason(str, enum.Enum):
     INVALID = "invalid"  # any other failure while checking the update (e.g. out of memory): refused, counted
     VERSION_MISMATCH = "version_mismatch"  # the claimed base version is not the one the server sent that node
     REPLAY = "replay"  # the very payload of an update already accepted
+    SECAGG_INVALID = "secagg_invalid"  # a masked update or its shares malformed (secure aggregation)
+    SECAGG_ALONE = "secagg_alone"  # its group kept fewer than two senders: never unmasked alone
+    SECAGG_DISCARDED = "secagg_discarded"  # its group's sum failed to unmask or its checks (a share, a mask lied)
 
 
 class UpdateRejected(ValueError):

@@ -118,6 +118,11 @@ class AggregationConfig:
     clock: Literal["auto", "real", "virtual"] = "auto"  # auto: virtual under simulation, real in deployment
     resume: bool = True  # restart from run_dir's aggregator checkpoint when there is one
     stop_at_accuracy: float = 0.0  # end the run once an evaluated version reaches it (0 = run all versions)
+    # secure aggregation (docs/secure_aggregation.md): the server unmasks only each group's sum
+    secure: bool = False
+    secure_clip: float = 1.0  # L2 clip each device applies before quantising into the masking ring
+    secure_threshold: float = 0.6  # Shamir threshold as a fraction of the group (1 - it: the dropout tolerated)
+    secure_dp_noise: float = 0.0  # central DP: Gaussian noise std (x secure_clip) the server adds once per sum
 
     def __post_init__(self) -> None:
         _check(self.mode in ("async", "sync"), "aggregation.mode", "must be 'async' or 'sync'")
@@ -154,6 +159,9 @@ class AggregationConfig:
         _check(self.clock in ("auto", "real", "virtual"), "aggregation.clock",
                "must be 'auto', 'real' or 'virtual'")
         _check(0.0 <= self.stop_at_accuracy <= 1.0, "aggregation.stop_at_accuracy", "must be in [0, 1]")
+        _check(self.secure_clip > 0, "aggregation.secure_clip", "must be > 0")
+        _check(0.0 < self.secure_threshold <= 1.0, "aggregation.secure_threshold", "must be in (0, 1]")
+        _check(self.secure_dp_noise >= 0, "aggregation.secure_dp_noise", "must be >= 0")
 
 
 @dataclass(frozen=True)
@@ -258,12 +266,10 @@ class ImportanceConfig:
 
 @dataclass(frozen=True)
 class DataConfig:
-    """Where the data comes from: 'synthetic' (generated per partition), 'store' (SampleStore dirs) or 'pool'
-    (a simulation's shared pool, :mod:`common.pool`; set by ``simulation.pool_samples``)."""
+    """Where the data comes from: 'synthetic' (generated per partition) or 'store' (SampleStore dirs)."""
 
-    source: Literal["synthetic", "store", "pool"] = "synthetic"
-    # simulation: <store_root>/device-<partition> (store) or the pool's folder (pool); deployment: node config
-    store_root: str = ""
+    source: Literal["synthetic", "store"] = "synthetic"
+    store_root: str = ""  # simulation: <store_root>/device-<partition> ; deployment: node config
     samples_per_device: int = 200
     eval_samples: int = 400
     partition: Literal["iid", "dirichlet", "speaker"] = "iid"  # speaker: one device per speaker (AV digits)
@@ -276,8 +282,7 @@ class DataConfig:
     eval_voices: Literal["train", "unseen", "other"] = "train"
 
     def __post_init__(self) -> None:
-        _check(self.source in ("synthetic", "store", "pool"), "data.source",
-               "must be 'synthetic', 'store' or 'pool'")
+        _check(self.source in ("synthetic", "store"), "data.source", "must be 'synthetic' or 'store'")
         _check(self.samples_per_device >= 1, "data.samples_per_device", "must be >= 1")
         _check(self.eval_samples >= 1, "data.eval_samples", "must be >= 1")
         _check(self.partition in ("iid", "dirichlet", "speaker"), "data.partition",
@@ -356,15 +361,9 @@ class SimulationConfig:
     # the cloud's labelled data for that pretraining, a SampleStore directory or an NPZ ("" = with rendered
     # AV digits: the cloud's rendered share; with data.source = "store": no pretraining)
     pretrain_data: str = ""
-    # AV digits at scale: > 0 renders and ingests one shared pool of this many shots (cached, reused by any
-    # device count) and each device draws data.samples_per_device of its samples by data.partition, instead of
-    # every device rendering its own streams; 0 = per-device streams
-    pool_samples: int = 0
 
     def __post_init__(self) -> None:
         _check(self.devices >= 1, "simulation.devices", "must be >= 1")
-        _check(self.pool_samples >= 0, "simulation.pool_samples",
-               "must be >= 0 (0: every device renders its own streams)")
         _check(self.dataset in ("avdigits", "synthetic"), "simulation.dataset", "must be 'avdigits' or 'synthetic'")
         _check(self.fps > 0, "simulation.fps", "must be > 0")
         _check(self.shot_seconds > 0, "simulation.shot_seconds", "must be > 0")
@@ -437,24 +436,6 @@ class ShardsConfig:
 
 
 @dataclass(frozen=True)
-class PublishConfig:
-    """Where the cloud publishes every new base (cloud/publisher.py) and how devices get it.
-
-    ``store``: the model store root the shard server serves ("" = ``<run_dir or training.storage_path>/models``
-    when global training is on); ``signing_key``: the Ed25519 private key (PEM) that signs manifests ("" = a key
-    generated inside the store, for simulations: devices that pin a key need the real one); ``onnx``: export
-    the ONNX inference shards of each base too; ``deltas``: publish each changed training shard also as a
-    compressed delta against the previous base (a device holding it downloads about a quarter of the bytes).
-    Devices find the shard server in their own node config (``shards-url``), never here.
-    """
-
-    store: str = ""
-    signing_key: str = ""
-    onnx: bool = True
-    deltas: bool = True
-
-
-@dataclass(frozen=True)
 class DashboardConfig:
     """The live view of a running aggregator (cloud/dashboard): web page, ``/api/state``, ``/metrics``, TensorBoard.
 
@@ -497,7 +478,6 @@ class FedgeConfig:
     simulation: SimulationConfig = field(default_factory=SimulationConfig)
     profiles: ProfilesConfig = field(default_factory=ProfilesConfig)
     shards: ShardsConfig = field(default_factory=ShardsConfig)
-    publish: PublishConfig = field(default_factory=PublishConfig)
     dashboard: DashboardConfig = field(default_factory=DashboardConfig)
 
     def __post_init__(self) -> None:

@@ -30,7 +30,7 @@ LOCAL_STEPS = "local-steps"
 LOCAL_EPOCHS = "local-epochs"  # > 0: passes over the device's data (local-steps is then a floor)
 BATCH_SIZE = "batch-size"
 SEED = "seed"
-BASE_MODEL = "base-model"  # the published base (model store version) of this version ("" = model.base_path)
+BASE_PATH = "base-path"  # where the base of this version is ("" = the config's model.base_path)
 
 # keys inside UPDATE
 BASE_VERSION = "base-version"
@@ -51,6 +51,33 @@ DOWNLOAD_BYTES = "download-bytes"  # bytes of the TRAIN message's adapter record
 DP_NOISE_STD = "dp-noise-std"  # std of the Gaussian noise the device added per coordinate (0 = no DP)
 DP_EPSILON = "dp-epsilon"  # the device's cumulative epsilon at dp.delta over all updates it has sent
 
+# secure aggregation (common.secagg, docs/secure_aggregation.md): a SECAGG ConfigRecord rides in QUERY and
+# TRAIN messages of a secure run and in their replies; QUERY's SA_OP says which step it is
+SECAGG = "secagg"
+SA_OP = "op"
+OP_REGISTER = "register"  # -> SA_C_PK: the node's long-term share-encryption key
+OP_KEYS = "keys"  # SA_GROUP, SA_INDEX, SA_C_PKS, SA_T -> SA_S_PK, SA_SEALED (one per member), SA_COMMIT
+OP_UNMASK = "unmask"  # + SA_SENDERS, SA_DROPPED, SA_SEALED_B, SA_SEALED_S -> SA_B_SHARES, SA_S_SHARES
+SA_GROUP = "group"
+SA_INDEX = "index"
+SA_C_PK = "c-pk"
+SA_C_PKS = "c-pks"
+SA_S_PK = "s-pk"
+SA_S_PKS = "s-pks"
+SA_T = "t"
+SA_N = "n"
+SA_K = "k"
+SA_CLIP = "clip"
+SA_KEPT = "kept"  # bytes: the group's index set, sorted uint32 (public: chosen from global updates)
+SA_SEALED = "sealed"
+SA_COMMIT = "commit"
+SA_SENDERS = "senders"
+SA_DROPPED = "dropped"
+SA_SEALED_B = "sealed-b"  # aligned with SA_SENDERS
+SA_SEALED_S = "sealed-s"  # aligned with SA_DROPPED
+SA_B_SHARES = "b-shares"
+SA_S_SHARES = "s-shares"
+
 
 def adapters_to_record(state: Mapping[str, object]) -> ArrayRecord:
     """Adapter state (torch tensors or NumPy arrays) -> ArrayRecord, keys sorted."""
@@ -70,17 +97,17 @@ def _to_numpy(v: object) -> np.ndarray:
 
 
 def round_record(
-    *, version: int, lr: float, local_steps: int, batch_size: int, seed: int, base_model: str = "",
+    *, version: int, lr: float, local_steps: int, batch_size: int, seed: int, base_path: str = "",
     local_epochs: float = 0.0,
 ) -> ConfigRecord:
     """The per-round config that travels inside each message (Flower's third config scope).
 
-    ``base_model``: the published base the version's adapters belong to, a model store version that devices
-    fetch from the shard server ("" = ``model.base_path``, or the seed's init).
+    ``base_path``: the base the version's adapters belong to, once global training has replaced the
+    configured one (a file on storage the devices share; "" = ``model.base_path``).
     """
     return ConfigRecord(
         {VERSION: int(version), LR: float(lr), LOCAL_STEPS: int(local_steps), BATCH_SIZE: int(batch_size),
-         SEED: int(seed), BASE_MODEL: str(base_model), LOCAL_EPOCHS: float(local_epochs)}
+         SEED: int(seed), BASE_PATH: str(base_path), LOCAL_EPOCHS: float(local_epochs)}
     )
 
 
