@@ -32,7 +32,8 @@ from flwr.serverapp import Grid, ServerApp
 
 from common import secagg as sa
 from common import wire
-from common.base_weights import load_base_file, save_base
+from common.base_weights import load_base_file, published_store
+from common.manifest import generate_keypair
 from common.config import FedgeConfig, config_from_context
 from common.dataset import load_data
 from common.lora import apply_lora, base_state, load_base_state
@@ -149,13 +150,18 @@ class ServerLoop:
         self.done = False  # aggregation.stop_at_accuracy reached
         self.nodes: list[int] = []
         self._nodes_read = -math.inf
-        # the base the current version's adapters belong to, as devices load it; global training replaces it
-        self.base_path = cfg.model.base_path
+        # the published base (model store version) the current version's adapters belong to, as devices fetch
+        # it; "" = the config's base, which every party builds itself. Global training publishes a new one.
+        self.base_model = ""
         self.last_trained = self.version
         base_version, base = self._get(self.actor.get_base.remote())
+        publishing = cfg.training.every_versions > 0 or bool(cfg.publish.store) or base is not None
+        self.publisher = publisher_for(cfg, run_dir) if publishing else None
         if base is not None:  # resumed after a global training: devices and the evaluation need its base
-            self._install_base(base_version, base)
+            self._install_base(base_version, self._publish(base_version, base))
             self.last_trained = self.version
+        elif self.publisher is not None:  # devices start from it, so that the next base reaches them as deltas
+            self._install_base(0, self._publish(0, {k: v.numpy() for k, v in base_state(self.model).items()}))
         self.poll_s = 0.02 if clock.virtual else 0.25
         self.secure: SecureGroups | None = None  # aggregation.secure: groups unmasked only as sums
         self.layout = sa.flatten(self.params)[1]
@@ -252,7 +258,7 @@ class ServerLoop:
             rnd = wire.round_record(version=self.version, lr=self.cfg.train.lr,
                                     local_steps=self.cfg.train.local_steps, batch_size=self.cfg.train.batch_size,
                                     local_epochs=self.cfg.train.local_epochs,
-                                    seed=self.cfg.seed * 7919 + self.dispatches, base_path=self.base_path)
+                                    seed=self.cfg.seed * 7919 + self.dispatches, base_model=self.base_model)
             content = wire.train_message_content(self.params, rnd)
             if records is not None:
                 content[wire.SECAGG] = records[n]
@@ -519,7 +525,8 @@ class ServerLoop:
         The newest adapters are merged into the base, the whole model trains on the cloud's data
         (``training.data_path`` or generated), and the aggregator is rebased: the next version holds fresh
         adapters for the new base, updates trained on the old base are refused as ``unknown_version``, and
-        every later message tells devices where the new base is (``wire.BASE_PATH``). The loop waits for it;
+        the new base is published (:mod:`cloud.publisher`) and every later message names it
+        (``wire.BASE_MODEL``): devices fetch it from the shard server. The loop waits for it;
         with a virtual clock it costs no virtual time. A failed training run is reported and the federation
         goes on with the old base.
         """
@@ -547,6 +554,12 @@ class ServerLoop:
             self.live.event("training_failed", version=v, error=str(e)[:500])
             return
         base, bv, fresh = res.rebase_args()
+        try:
+            base = self._publish(bv, base)  # the weights devices rebuild: the server rebases on exactly those
+        except (OSError, ValueError, RuntimeError) as e:  # e.g. a full disk, an export that disagrees
+            log.error("publishing the base trained on version %d failed, keeping the old base: %s", v, e)
+            _event(self.run_dir, event="publish_failed", version=v, error=str(e)[:500])
+            return
         new_v = int(self._get(self.actor.rebase.remote(base, bv, adapters=fresh)))
         path = self._install_base(bv, base)
         self.last_trained = new_v
@@ -560,16 +573,42 @@ class ServerLoop:
               f"{loss[1]:.3f}; base {bv} -> version {new_v}", flush=True)
         self._record_version(new_v, t)
 
+    def _publish(self, base_version: int, base: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """Publish ``base`` as the store version of ``base_version`` (once) and name it in later messages.
+
+        Returns the weights devices rebuild from the store: ``base``, except that a shard published as a delta
+        against the previous base holds previous + decoded delta (within half a quantization step of the
+        change); a version already in the store (a resumed run) is read back as published.
+        """
+        assert self.publisher is not None
+        from .export import load_state_from_shards
+        from .publisher import base_version_name, plain_from_state
+
+        name = base_version_name(base_version)
+        have = self.publisher.published(name)
+        if have is not None:
+            state = load_state_from_shards(self.publisher.store.version_dir(name), have)
+            self.base_model = name
+            return {k: v.numpy() for k, v in state.items()}
+        t0 = time.monotonic()
+        manifest, published = self.publisher.publish(plain_from_state(base, model_kwargs(self.cfg)), version=name)
+        seconds = time.monotonic() - t0
+        deltas = manifest.shards("delta")
+        _event(self.run_dir, event="published", base_version=base_version, model=name, serial=manifest.serial,
+               store=str(self.publisher.store.root), seconds=seconds,
+               training_bytes=manifest.total_bytes("safetensors"), delta_bytes=manifest.total_bytes("delta"),
+               deltas=len(deltas))
+        print(f"[fedge] published base {name} (serial {manifest.serial}) in {seconds:.1f} s: "
+              f"{manifest.total_bytes('safetensors')} training bytes, {len(deltas)} deltas of "
+              f"{manifest.total_bytes('delta')} bytes", flush=True)
+        self.base_model = name
+        return published
+
     def _install_base(self, base_version: int, base: dict[str, np.ndarray]) -> str:
-        """Load ``base`` into the evaluation model and save it where devices load it from; return the path."""
+        """Load ``base`` into the evaluation model; return the published version devices fetch it as."""
         load_base_state(self.model, {k: torch.from_numpy(np.array(a, dtype=np.float32)) for k, a in base.items()})
-        root = self.run_dir if self.run_dir else Path(self.cfg.training.storage_path or "runs/train")
-        path = (root / "bases" / f"base-{base_version:06d}.safetensors").resolve()
-        if not path.is_file():
-            save_base(self.model, path)
-        self.base_path = str(path)
-        self.live.event("published", base_version=base_version, path=self.base_path)
-        return self.base_path
+        self.live.event("published", base_version=base_version, model=self.base_model)
+        return self.base_model
 
     # ------------------------------------------------------------------ main loop
     def run(self) -> None:
@@ -620,6 +659,23 @@ def bound_reply_pulls(max_time_s: float) -> bool:
         return False
     kw["max_time"] = float(max_time_s)
     return True
+
+
+def publisher_for(cfg: FedgeConfig, run_dir: Path | None = None) -> Any:
+    """The run's base publisher: ``publish.store`` (default: ``models`` in the run folder) signed with
+    ``publish.signing_key`` (default: a key generated in the store's ``.signing`` folder, for one host)."""
+    from .publisher import BasePublisher
+
+    root = published_store(store=cfg.publish.store, run_dir=str(run_dir or cfg.run_dir),
+                           storage_path=cfg.training.storage_path)
+    key = Path(cfg.publish.signing_key) if cfg.publish.signing_key else root / ".signing" / "manifest.key"
+    if not cfg.publish.signing_key and not key.is_file():
+        try:
+            generate_keypair(key.parent)
+        except FileExistsError:  # another process made it first
+            pass
+    return BasePublisher(root, key, image_size=cfg.model.image_size, audio_frames=cfg.model.audio_frames,
+                         onnx=cfg.publish.onnx, deltas=cfg.publish.deltas)
 
 
 def _event(run_dir: Path | None, **rec: Any) -> None:

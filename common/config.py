@@ -266,10 +266,12 @@ class ImportanceConfig:
 
 @dataclass(frozen=True)
 class DataConfig:
-    """Where the data comes from: 'synthetic' (generated per partition) or 'store' (SampleStore dirs)."""
+    """Where the data comes from: 'synthetic' (generated per partition), 'store' (SampleStore dirs) or 'pool'
+    (a simulation's shared pool, :mod:`common.pool`; set by ``simulation.pool_samples``)."""
 
-    source: Literal["synthetic", "store"] = "synthetic"
-    store_root: str = ""  # simulation: <store_root>/device-<partition> ; deployment: node config
+    source: Literal["synthetic", "store", "pool"] = "synthetic"
+    # simulation: <store_root>/device-<partition> (store) or the pool's folder (pool); deployment: node config
+    store_root: str = ""
     samples_per_device: int = 200
     eval_samples: int = 400
     partition: Literal["iid", "dirichlet", "speaker"] = "iid"  # speaker: one device per speaker (AV digits)
@@ -282,7 +284,8 @@ class DataConfig:
     eval_voices: Literal["train", "unseen", "other"] = "train"
 
     def __post_init__(self) -> None:
-        _check(self.source in ("synthetic", "store"), "data.source", "must be 'synthetic' or 'store'")
+        _check(self.source in ("synthetic", "store", "pool"), "data.source",
+               "must be 'synthetic', 'store' or 'pool'")
         _check(self.samples_per_device >= 1, "data.samples_per_device", "must be >= 1")
         _check(self.eval_samples >= 1, "data.eval_samples", "must be >= 1")
         _check(self.partition in ("iid", "dirichlet", "speaker"), "data.partition",
@@ -361,9 +364,15 @@ class SimulationConfig:
     # the cloud's labelled data for that pretraining, a SampleStore directory or an NPZ ("" = with rendered
     # AV digits: the cloud's rendered share; with data.source = "store": no pretraining)
     pretrain_data: str = ""
+    # AV digits at scale: > 0 renders and ingests one shared pool of this many shots (cached, reused by any
+    # device count) and each device draws data.samples_per_device of its samples by data.partition, instead of
+    # every device rendering its own streams; 0 = per-device streams
+    pool_samples: int = 0
 
     def __post_init__(self) -> None:
         _check(self.devices >= 1, "simulation.devices", "must be >= 1")
+        _check(self.pool_samples >= 0, "simulation.pool_samples",
+               "must be >= 0 (0: every device renders its own streams)")
         _check(self.dataset in ("avdigits", "synthetic"), "simulation.dataset", "must be 'avdigits' or 'synthetic'")
         _check(self.fps > 0, "simulation.fps", "must be > 0")
         _check(self.shot_seconds > 0, "simulation.shot_seconds", "must be > 0")
@@ -436,6 +445,24 @@ class ShardsConfig:
 
 
 @dataclass(frozen=True)
+class PublishConfig:
+    """Where the cloud publishes every new base (cloud/publisher.py) and how devices get it.
+
+    ``store``: the model store root the shard server serves ("" = ``<run_dir or training.storage_path>/models``
+    when global training is on); ``signing_key``: the Ed25519 private key (PEM) that signs manifests ("" = a key
+    generated inside the store, for simulations: devices that pin a key need the real one); ``onnx``: export
+    the ONNX inference shards of each base too; ``deltas``: publish each changed training shard also as a
+    compressed delta against the previous base (a device holding it downloads about a quarter of the bytes).
+    Devices find the shard server in their own node config (``shards-url``), never here.
+    """
+
+    store: str = ""
+    signing_key: str = ""
+    onnx: bool = True
+    deltas: bool = True
+
+
+@dataclass(frozen=True)
 class DashboardConfig:
     """The live view of a running aggregator (cloud/dashboard): web page, ``/api/state``, ``/metrics``, TensorBoard.
 
@@ -478,6 +505,7 @@ class FedgeConfig:
     simulation: SimulationConfig = field(default_factory=SimulationConfig)
     profiles: ProfilesConfig = field(default_factory=ProfilesConfig)
     shards: ShardsConfig = field(default_factory=ShardsConfig)
+    publish: PublishConfig = field(default_factory=PublishConfig)
     dashboard: DashboardConfig = field(default_factory=DashboardConfig)
 
     def __post_init__(self) -> None:

@@ -30,7 +30,7 @@ LOCAL_STEPS = "local-steps"
 LOCAL_EPOCHS = "local-epochs"  # > 0: passes over the device's data (local-steps is then a floor)
 BATCH_SIZE = "batch-size"
 SEED = "seed"
-BASE_PATH = "base-path"  # where the base of this version is ("" = the config's model.base_path)
+BASE_MODEL = "base-model"  # the published base (model store version) of this version ("" = model.base_path)
 
 # keys inside UPDATE
 BASE_VERSION = "base-version"
@@ -97,17 +97,17 @@ def _to_numpy(v: object) -> np.ndarray:
 
 
 def round_record(
-    *, version: int, lr: float, local_steps: int, batch_size: int, seed: int, base_path: str = "",
+    *, version: int, lr: float, local_steps: int, batch_size: int, seed: int, base_model: str = "",
     local_epochs: float = 0.0,
 ) -> ConfigRecord:
     """The per-round config that travels inside each message (Flower's third config scope).
 
-    ``base_path``: the base the version's adapters belong to, once global training has replaced the
-    configured one (a file on storage the devices share; "" = ``model.base_path``).
+    ``base_model``: the published base the version's adapters belong to, a model store version that devices
+    fetch from the shard server ("" = ``model.base_path``, or the seed's init).
     """
     return ConfigRecord(
         {VERSION: int(version), LR: float(lr), LOCAL_STEPS: int(local_steps), BATCH_SIZE: int(batch_size),
-         SEED: int(seed), BASE_PATH: str(base_path), LOCAL_EPOCHS: float(local_epochs)}
+         SEED: int(seed), BASE_MODEL: str(base_model), LOCAL_EPOCHS: float(local_epochs)}
     )
 
 

@@ -27,20 +27,22 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricR
 from flwr.clientapp import ClientApp
 
 from common import wire
-from common.base_weights import load_base_file
+from common.base_weights import load_base_file, published_store
 from common.config import MODALITIES, FedgeConfig, config_from_context
-from common.lora import apply_lora
+from common.lora import apply_lora, base_state
 from common.model import MultimodalMoE, build_model, model_kwargs
 from common.scope import load_trainable_state, set_trainable, trainable_state
 from common.training import evaluate, local_step_budget, train_steps
 
 from . import node_state
+from .base_fetch import HttpSource, ShardSource, StoreSource, fetch_base
 from .data import PARTITION_ID, local_data, modality_counts
 from .mods import RAW_DELTA, compression_mod, dp_mod, size_mod
 from .node_config import NodeConfig, parse_node_config, resolve_device, resolve_precision
 from .secagg_mod import handle_query, secagg_mod
 
 log = logging.getLogger("fedge.edge")
+TOKEN_ENV = "FEDGE_SHARD_TOKEN"  # the device's download token (a secret: never in a config)
 
 # size accounting wraps every handler; DP and compression only concern TRAIN replies (outermost first)
 app = ClientApp(mods=[size_mod])
@@ -81,18 +83,55 @@ def get_model(cfg: FedgeConfig, node: NodeConfig | None = None) -> MultimodalMoE
     return _MODELS[key]
 
 
-def round_config(cfg: FedgeConfig, msg: Message) -> FedgeConfig:
-    """The run config with the base the message's version belongs to (global training may have replaced it)."""
+_SOURCES: dict[tuple[str, ...], tuple[ShardSource, Path]] = {}
+
+
+def base_source(cfg: FedgeConfig, node: NodeConfig) -> tuple[ShardSource, Path]:
+    """Where this node fetches published bases, and the folder it keeps the rebuilt base files in.
+
+    A device with ``shards-url`` in its node config: its shard server over HTTPS, with its pinned key, CA,
+    cache folder and ``FEDGE_SHARD_TOKEN``. Otherwise (a simulation on the publisher's host): the model store
+    read in place. One source per process, so the cache's statistics and manifests carry over between rounds.
+    """
+    if node.shards_url:
+        cache = Path(node.shards_cache) if node.shards_cache else (
+            (node.state_path or Path.home() / ".cache" / "fedge") / "shards")
+        key: tuple[str, ...] = ("http", node.shards_url, str(cache), node.shards_public_key)
+        if key not in _SOURCES:
+            src: ShardSource = HttpSource(
+                node.shards_url, cache, public_key=node.shards_public_key, modalities=node.modalities,
+                budget_bytes=int(node.shards_budget_mb * (1 << 20)), token=os.environ.get(TOKEN_ENV) or None,
+                device=node.device_id or node.name, ca_file=node.shards_ca or None, timeout=cfg.shards.timeout_s)
+            _SOURCES[key] = (src, cache / "bases")
+        return _SOURCES[key]
+    root = published_store(store=cfg.publish.store, run_dir=cfg.run_dir, storage_path=cfg.training.storage_path)
+    key = ("store", str(root.resolve()), cfg.shards.public_key)
+    if key not in _SOURCES:
+        _SOURCES[key] = (StoreSource(root, public_key=cfg.shards.public_key or None), root / ".device-bases")
+    return _SOURCES[key]
+
+
+def round_config(cfg: FedgeConfig, msg: Message, node: NodeConfig | None = None) -> FedgeConfig:
+    """The run config with the base the message's version belongs to (global training may have replaced it).
+
+    The message names a published base (a model store version); the node fetches the training shards it
+    needs (:func:`edge.base_fetch.fetch_base`: held, rebuilt from a delta, or downloaded) and trains on it.
+    """
     rnd = msg.content.config_records.get(wire.ROUND)
     if rnd is None:
         return cfg
-    path = str(rnd.get(wire.BASE_PATH, ""))
-    if not path or path == cfg.model.base_path:
+    version = str(rnd.get(wire.BASE_MODEL, ""))
+    if not version:
         return cfg
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"base {path!r} of global version {rnd.get(wire.VERSION)!r} is not on this "
-                                "device (global training hands devices the new base on shared storage)")
-    return dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, base_path=path))
+    node = node or NodeConfig()
+    source, out = base_source(cfg, node)
+    plain = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, base_path=""))
+    report = fetch_base(source, version, node.modalities, out,
+                        fill=lambda: base_state(build_model(**model_kwargs(plain))))  # type: ignore[arg-type]
+    if report.held >= 0:
+        log.info("device %s: base %s fetched (%d held, %d from deltas, %d whole; %d bytes downloaded)",
+                 node.name, version, report.held, report.from_delta, report.full, report.downloaded_bytes)
+    return dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, base_path=str(report.path)))
 
 
 def _load_global(model: MultimodalMoE, msg: Message, scope: str) -> dict[str, np.ndarray]:
@@ -105,8 +144,8 @@ def _load_global(model: MultimodalMoE, msg: Message, scope: str) -> dict[str, np
 @app.train(mods=[compression_mod, secagg_mod, dp_mod])
 def train(msg: Message, context: Context) -> Message:
     """TRAIN: train the adapters from the received global version; reply with the float delta and metrics."""
-    cfg = round_config(config_from_context(context.run_config), msg)
     node = parse_node_config(context.node_config)
+    cfg = round_config(config_from_context(context.run_config), msg, node)
     rnd = msg.content.config_records[wire.ROUND]
     version = int(rnd[wire.VERSION])  # type: ignore[arg-type]
     model = get_model(cfg, node)
@@ -168,8 +207,8 @@ def query(msg: Message, context: Context) -> Message:
 @app.evaluate()
 def evaluate_(msg: Message, context: Context) -> Message:
     """EVALUATE: accuracy of the received adapters on local evaluation data, overall and per modality subset."""
-    cfg = round_config(config_from_context(context.run_config), msg)
     node = parse_node_config(context.node_config)
+    cfg = round_config(config_from_context(context.run_config), msg, node)
     model = get_model(cfg, node)
     _load_global(model, msg, cfg.train.scope)
     data = local_data(cfg, node, "eval")
