@@ -148,7 +148,7 @@ def _timings(args: argparse.Namespace) -> dict[str, float]:
     keys_s = med(lambda: sa.member_keys(spec.group_id, 0, cs[0][0], spec.c_pks, spec.t))
     ups = {i: sa.member_mask(flats[i], spec, i, cs[i][0], keys[i][0], rng)[0] for i in range(args.k - 1)}
     dropped = [args.k - 1]
-    reveal = lambda h: sa.member_reveal(spec, h, cs[h][0], {i: ups[i].sealed_b[h] for i in ups},  # noqa: E731
+    reveal = lambda h: sa.member_reveal(spec, h, cs[h][0], {i: ups[i].sealed_b[h] for i in ups},
                                         {j: keys[j][1].sealed_s[h] for j in dropped}, sorted(ups), dropped)
     reveal_s = med(lambda: reveal(0))
     answers = {h: reveal(h) for h in range(spec.t)}

@@ -27,7 +27,7 @@ from flwr.app import ConfigRecord, Message, MessageType, RecordDict
 from common import secagg as sa
 from common import wire
 
-from .validation import Reason, RawUpdate
+from .validation import RawUpdate, Reason
 
 log = logging.getLogger("fedge.server")
 
@@ -122,7 +122,7 @@ class SecureGroups:
                           sealed_s=[tuple(r[wire.SA_SEALED]) for r in recs],  # type: ignore[arg-type]
                           commits_s=[bytes(r[wire.SA_COMMIT]) for r in recs])  # type: ignore[arg-type]
                 # what each member uploaded in the key round counts towards the group's bytes
-                g.upload_bytes = sum(32 + 32 + sum(len(x) for x in r[wire.SA_SEALED]) for r in recs)  # type: ignore[union-attr]
+                g.upload_bytes = sum(32 + 32 + sum(len(x) for x in r[wire.SA_SEALED]) for r in recs)  # type: ignore[union-attr, misc, arg-type]
                 self.groups[gid] = g
                 return g
             members = ok
@@ -204,8 +204,8 @@ class SecureGroups:
         answers: dict[int, tuple[dict[int, int], dict[int, int]]] = {}
         for node, rec in _answers(replies).items():
             try:
-                b = [int.from_bytes(bytes(x), "big") for x in rec[wire.SA_B_SHARES]]  # type: ignore[union-attr]
-                s = [int.from_bytes(bytes(x), "big") for x in rec[wire.SA_S_SHARES]]  # type: ignore[union-attr]
+                b = [int.from_bytes(bytes(x), "big") for x in rec[wire.SA_B_SHARES]]  # type: ignore[union-attr, arg-type]
+                s = [int.from_bytes(bytes(x), "big") for x in rec[wire.SA_S_SHARES]]  # type: ignore[union-attr, arg-type]
             except (KeyError, TypeError) as e:
                 log.warning("group %s: holder %d's answer unreadable (%s)", g.gid, node, e)
                 continue
