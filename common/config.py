@@ -353,6 +353,9 @@ class SimulationConfig:
     frame_size: int = 96  # rendered camera frames are frame_size x frame_size
     image_noise: float = 0.03  # camera sensor noise (std, fraction of full scale)
     snr_db: float = 20.0  # microphone speech-to-noise ratio
+    # each recording's speech-to-noise ratio is drawn uniformly from [snr_db, snr_db + snr_db_spread] (quiet and
+    # noisy rooms, near and far microphones); 0 = every recording at snr_db
+    snr_db_spread: float = 0.0
     speech: Literal["fill", "once"] = "fill"  # the digit spoken through each shot, or once at a random moment
     target_accuracy: float = 0.0  # report virtual time / bytes to reach it (0 = none)
     time_budget_s: float = 0.0  # stop after this much virtual time (0 = run aggregation.versions)
@@ -379,6 +382,7 @@ class SimulationConfig:
         _check(self.frame_size >= 16, "simulation.frame_size", "must be >= 16")
         _check(0.0 <= self.image_noise <= 1.0, "simulation.image_noise", "must be in [0, 1]")
         _check(self.speech in ("fill", "once"), "simulation.speech", "must be 'fill' or 'once'")
+        _check(self.snr_db_spread >= 0, "simulation.snr_db_spread", "must be >= 0")
         _check(0.0 <= self.target_accuracy <= 1.0, "simulation.target_accuracy", "must be in [0, 1]")
         _check(self.time_budget_s >= 0, "simulation.time_budget_s", "must be >= 0")
         _check(self.client_cpus > 0, "simulation.client_cpus", "must be > 0")

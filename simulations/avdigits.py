@@ -358,13 +358,15 @@ class Stream:
 
 
 def render_device(plan: DevicePlan, out_dir: Path, *, fps: float, shot_s: float, size: int,
-                  image_noise: float, snr_db: float, voices: str = "train", speech: str = "fill") -> list[Stream]:
+                  image_noise: float, snr_db: float, voices: str = "train", speech: str = "fill",
+                  snr_db_spread: float = 0.0) -> list[Stream]:
     """Render one device's streams into ``out_dir``: one video/WAV pair per digit it records.
 
     A camera-only device gets no WAV and a microphone-only device no video. Each stream holds all the
     device's shots of one digit, so the ingest can label the samples it produces with ``--label``.
     ``plan.speakers`` index the speakers of ``voices`` (:func:`voice_set`). ``speech``: the digit is spoken
     through each shot (``"fill"``) or once at a random moment of it (``"once"``, see :func:`speech_track`).
+    Each WAV's speech-to-noise ratio is drawn uniformly from ``[snr_db, snr_db + snr_db_spread]``.
     """
     out_dir.mkdir(parents=True, exist_ok=True)
     imgs, _ = digit_images()
@@ -385,7 +387,8 @@ def render_device(plan: DevicePlan, out_dir: Path, *, fps: float, shot_s: float,
             n_takes = 1 if speech == "once" else int(np.ceil(shot_len / 0.3)) + 1  # the shortest clip is ~0.3 s
             takes = [[augment_clip(clips[plan.speakers[i]][label], rng) for _ in range(n_takes)] for i in rows]
             audio = out_dir / f"mic-{label}.wav"
-            write_wav(audio, render_track(takes, rate=rate, shot_s=shot_len, snr_db=snr_db, rng=rng,
+            snr = snr_db + float(rng.uniform(0.0, snr_db_spread)) if snr_db_spread > 0 else snr_db
+            write_wav(audio, render_track(takes, rate=rate, shot_s=shot_len, snr_db=snr, rng=rng,
                                           speech=speech), rate)
         streams.append(Stream(label=int(label), shots=len(rows), video=video, audio=audio))
     return streams

@@ -53,6 +53,7 @@ def data_key(cfg: FedgeConfig) -> dict[str, Any]:
         "shot_s": s.shot_seconds, "size": s.frame_size, "noise": s.image_noise, "snr": s.snr_db,
         "image_size": m.image_size, "n_mels": m.n_mels, "frames": m.audio_frames, "format": 4,
         **({"speech": s.speech} if s.speech != "fill" else {}),
+        **({"snr_spread": s.snr_db_spread} if s.snr_db_spread > 0 else {}),
         **({"cloud": s.cloud_samples} if pretrains(cfg) else {}),
         **({"eval_voices": d.eval_voices} if d.eval_voices != "train" else {}),
         **({"pool": s.pool_samples} if s.pool_samples else {}),
@@ -121,7 +122,7 @@ def render_options(cfg: FedgeConfig, **changes: Any) -> dict[str, Any]:
     """Keyword arguments of :func:`simulations.avdigits.render_device` from the run config, with ``changes``."""
     s = cfg.simulation
     return {"fps": s.fps, "shot_s": s.shot_seconds, "size": s.frame_size, "image_noise": s.image_noise,
-            "snr_db": s.snr_db, "speech": s.speech, **changes}
+            "snr_db": s.snr_db, "snr_db_spread": s.snr_db_spread, "speech": s.speech, **changes}
 
 
 def _render_and_ingest(job: tuple[avdigits.DevicePlan, str, str, dict[str, Any], dict[str, Any]]) -> dict[str, Any]:
@@ -228,6 +229,6 @@ def heldout_arrays(cfg: FedgeConfig, out: str | Path, *, voices: str, snr_db: fl
     out = Path(out)
     shutil.rmtree(out, ignore_errors=True)  # a store appends: start empty
     plan = avdigits.heldout_plan(cfg.data.eval_samples, seed=cfg.seed, voices=voices)
-    render_kw = render_options(cfg, snr_db=snr_db, voices=voices)
+    render_kw = render_options(cfg, snr_db=snr_db, snr_db_spread=0.0, voices=voices)
     _render_and_ingest((plan, str(out / "media"), str(out / "store"), render_kw, stores.ingest_options(cfg)))
     return stores.store_arrays(out / "store", image_size=m.image_size, n_mels=m.n_mels, frames=m.audio_frames)

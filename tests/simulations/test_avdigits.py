@@ -153,3 +153,23 @@ def test_render_track_defaults_to_fill_over_white_noise_and_pink_noise_falls_wit
                                   speech="once")
     with wave.open(str(s.audio)) as w:
         assert w.getnframes() == 3 * rate
+
+
+def test_snr_spread_gives_each_recording_its_own_noise_floor(tmp_path):
+    rate = avdigits.speech_clips()[1]
+    plan = avdigits.DevicePlan(pid=0, labels=np.arange(6), images=np.arange(6), speakers=np.zeros(6, np.int64),
+                               modalities=("audio",), seed=5)
+
+    def floors(spread: float) -> np.ndarray:  # noise power in the quietest 50 ms of each one-word recording
+        out = []
+        for s in avdigits.render_device(plan, tmp_path / str(spread), fps=8, shot_s=1.0, size=32, image_noise=0.0,
+                                        snr_db=0.0, snr_db_spread=spread, speech="once"):
+            with wave.open(str(s.audio)) as w:
+                x = np.frombuffer(w.readframes(w.getnframes()), "<i2").astype(np.float64) / 32767
+            frames = (x[: len(x) // 800 * 800].reshape(-1, 800) ** 2).mean(1)
+            out.append(frames.min() / frames.max())
+        return np.log10(np.array(out))
+
+    fixed, spread = floors(0.0), floors(60.0)
+    assert np.ptp(fixed) < 1.0  # one SNR: the floors agree within 10 dB
+    assert np.ptp(spread) > 2.0 and spread.min() < fixed.max()  # 0..60 dB: floors tens of dB apart
