@@ -57,8 +57,25 @@ def run_cmd(
     dashboard_tokens: dash.DashboardTokens = "",
     public: dash.DashboardPublic = False,
     ray_dashboard: dash.RayDashboard = False,
+    ray_address: Annotated[str, typer.Option(
+        "--ray-address", envvar="RAY_ADDRESS", show_envvar=True, metavar="HOST:PORT|auto",
+        help="Run on this existing Ray cluster (the head's GCS address, or 'auto' on a cluster node) instead of "
+             "an embedded Ray: pretraining, Flower's ClientApp actors and the aggregator all run there. Every "
+             "node must see the run's paths (one machine or shared storage).")] = "",
 ) -> None:
     """Run a scenario: render device streams, ingest them into stores, train federated, write the report."""
+    from .cluster import ClusterError, check_address
+
+    try:  # before the apps are imported and any data is prepared
+        if ray_address and ray_dashboard:
+            raise ClusterError("--ray-dashboard starts an embedded Ray's dashboard and a cluster has its own: "
+                               "drop one of --ray-dashboard, --ray-address")
+        if ray_address:
+            check_address(ray_address)
+    except ClusterError as e:
+        typer.echo(f"fedge simulate: {e}", err=True)
+        raise typer.Exit(2) from None
+
     from cloud.dashboard import DashboardError
     from common.base_weights import BaseWeightsError
     from common.dataset import DataError
@@ -73,8 +90,9 @@ def run_cmd(
     cfg = _load(scenario, list(set_ or []) + ([f"simulation.devices={nodes}"] if nodes else []) + watch)
     out = out or Path("runs") / f"{scenario.stem}-{time.strftime('%Y%m%d-%H%M%S')}"
     try:
-        run_dir = run(cfg, out_dir=out, progress=not quiet, ray_dashboard=ray_dashboard)
-    except (BaseWeightsError, DataError) as e:  # a base or data the user named that cannot be used
+        run_dir = run(cfg, out_dir=out, progress=not quiet, ray_dashboard=ray_dashboard,
+                      ray_address=ray_address.strip())
+    except (BaseWeightsError, DataError, ClusterError) as e:  # a base, data or cluster named that cannot be used
         typer.echo(f"fedge simulate: {e}", err=True)
         raise typer.Exit(2) from None
     typer.echo(f"run directory: {run_dir}")

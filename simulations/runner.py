@@ -55,7 +55,7 @@ def _follow(path: Path, total: int, stop: threading.Event, desc: str) -> None:
 
 def run(cfg: FedgeConfig, *, out_dir: str | Path, num_nodes: int | None = None, cache: str | Path | None = None,
         progress: bool = True, report: bool = True, apps: tuple[Any, Any] | None = None,
-        ray_dashboard: bool = False) -> Path:
+        ray_dashboard: bool = False, ray_address: str = "") -> Path:
     """Run one federated simulation; return the run directory.
 
     The run directory holds ``config.toml``/``config.json`` (resolved), ``prepared.json`` (what the ingest
@@ -66,6 +66,8 @@ def run(cfg: FedgeConfig, *, out_dir: str | Path, num_nodes: int | None = None, 
     config); Ray workers inherit the variable because it is set before Ray starts. ``apps`` replaces fedge's
     (ServerApp, ClientApp) pair, for a peer run on the very same data (benchmarks). ``ray_dashboard`` starts
     Ray's own dashboard on 127.0.0.1 (the ServerApp prints its URL); the fedge dashboard is ``cfg.dashboard``.
+    ``ray_address`` (``HOST:PORT`` or ``auto``) runs everything on that existing Ray cluster instead
+    (:mod:`simulations.cluster`; its nodes go to ``cluster.json``); ``simulation.num_cpus`` is then the cluster's.
     """
     from flwr.simulation import run_simulation
 
@@ -98,6 +100,13 @@ def run(cfg: FedgeConfig, *, out_dir: str | Path, num_nodes: int | None = None, 
         from common.base_weights import read_base
 
         read_base(cfg.model.base_path)
+    if ray_address:  # joined before the data is prepared: pretraining and the simulation both run there
+        from . import cluster
+
+        os.environ["FEDGE_RUN_CONFIG"] = str(run_dir / "config.toml")  # where cfg.save writes it below
+        info = cluster.connect(ray_address)
+        cluster.write(run_dir, info)
+        print(cluster.describe(info), flush=True)
     cache_root = Path(cache) if cache is not None else default_cache()
     cfg, summary = resolve_data(cfg, cache_root, progress=progress)
     if cfg.model.base_path:  # every party loads it: a file that does not fit fails here, in one line
