@@ -134,8 +134,8 @@ class BasePublisher:
         except BaseException:
             shutil.rmtree(staging, ignore_errors=True)
             raise
-        state = {k: v.detach().cpu().float().numpy().copy() for k, v in plain.state_dict().items()}
-        return manifest, state
+        published = {k: v.detach().cpu().float().numpy().copy() for k, v in plain.state_dict().items()}
+        return manifest, published
 
 
 def plain_from_state(state: Mapping[str, np.ndarray], model_kwargs: Mapping[str, Any]) -> MultimodalMoE:

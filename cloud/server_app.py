@@ -33,10 +33,10 @@ from flwr.serverapp import Grid, ServerApp
 from common import secagg as sa
 from common import wire
 from common.base_weights import load_base_file, published_store
-from common.manifest import generate_keypair
 from common.config import FedgeConfig, config_from_context
 from common.dataset import load_data
 from common.lora import apply_lora, base_state, load_base_state
+from common.manifest import generate_keypair
 from common.model import MultimodalMoE, build_model, model_kwargs
 from common.scope import load_trainable_state, trainable_state
 from common.training import evaluate

@@ -250,7 +250,9 @@ def child_env(extra: dict[str, str] | None = None) -> dict[str, str]:
 def build_agent(*, superlink: str, store: Path, video: str | None = None, audio: str | None = None,
                 root_certificates: Path | None = None, auth_keys: Path | None = None, device_id: str = "",
                 modalities: Sequence[str] | None = None, profile: str = "auto", threads: int = 1,
-                port: int = 9094, ingest_args: Sequence[str] = (), grace_s: float = 20.0) -> Agent:
+                port: int = 9094, ingest_args: Sequence[str] = (), grace_s: float = 20.0, shards_url: str = "",
+                shards_public_key: Path | None = None, shards_ca: Path | None = None,
+                shards_cache: Path | None = None) -> Agent:
     """Validate the arguments and assemble the supervised children; raises AgentError naming a bad one."""
     parse_address(superlink)
     if root_certificates is not None and not root_certificates.is_file():
@@ -262,8 +264,14 @@ def build_agent(*, superlink: str, store: Path, video: str | None = None, audio:
         modalities = tuple(m for m, src in zip(MODALITIES, (video, audio)) if src) or MODALITIES
     store = store.resolve()
     store.mkdir(parents=True, exist_ok=True)
+    for what, p in (("--shards-public-key", shards_public_key), ("--shards-ca", shards_ca)):
+        if p is not None and not p.is_file():
+            raise AgentError(f"{what} {p}: no such file")
     node = NodeConfig(device_id=device_id or store.name, store=str(store), modalities=tuple(modalities),
-                      profile=profile, threads=threads)
+                      profile=profile, threads=threads, shards_url=shards_url,
+                      shards_public_key=str(shards_public_key.resolve()) if shards_public_key else "",
+                      shards_ca=str(shards_ca.resolve()) if shards_ca else "",
+                      shards_cache=str(shards_cache.resolve()) if shards_cache else "")
     env = child_env()
     children = [Child("supernode", supernode_command(superlink=superlink, node=node, port=port,
                                                      root_certificates=root_certificates, auth_key=key), env)]
@@ -303,6 +311,15 @@ def run_command(
     ingest_arg: Annotated[list[str] | None, typer.Option(
         "--ingest-arg", help="Extra argument passed to `fedge edge ingest` (repeatable).")] = None,
     grace: Annotated[float, typer.Option("--grace", help="Seconds children get to stop on SIGTERM.")] = 20.0,
+    shards: Annotated[str, typer.Option(
+        "--shards", help="Shard server URL (https://host:port) to fetch published bases from; the download token "
+                         "comes from FEDGE_SHARD_TOKEN.")] = "",
+    shards_public_key: Annotated[Path | None, typer.Option(
+        "--shards-public-key", help="Pinned Ed25519 public key (PEM) every manifest must be signed with.")] = None,
+    shards_ca: Annotated[Path | None, typer.Option(
+        "--shards-ca", help="CA (PEM) of the shard server's TLS certificate (default: the system store).")] = None,
+    shards_cache: Annotated[Path | None, typer.Option(
+        "--shards-cache", help="Shard cache folder (default: <store>/agent-state/shards).")] = None,
 ) -> None:
     """Run the device agent: ingest sources into the store and train with the federation (SIGTERM stops it).
 
@@ -317,7 +334,8 @@ def run_command(
         agent = build_agent(superlink=superlink, store=store, video=video, audio=audio,
                             root_certificates=root_certificates, auth_keys=auth_keys, device_id=device_id,
                             modalities=mods, profile=profile, threads=threads, port=port,
-                            ingest_args=ingest_arg or (), grace_s=grace)
+                            ingest_args=ingest_arg or (), grace_s=grace, shards_url=shards,
+                            shards_public_key=shards_public_key, shards_ca=shards_ca, shards_cache=shards_cache)
     except (AgentError, ConfigError) as e:
         typer.echo(f"fedge edge run: {e}", err=True)
         raise typer.Exit(2) from None

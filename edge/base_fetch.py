@@ -24,7 +24,7 @@ import os
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol
 
 import numpy as np
 import torch
@@ -82,9 +82,9 @@ class HttpSource:
                  retries: int = 4, allow_insecure_http: bool = False) -> None:
         self.url, self.dir = url, Path(cache_dir)
         self.public_key = public_key if isinstance(public_key, Ed25519PublicKey) else load_public_key(public_key)
-        self._kw = dict(public_key=self.public_key, modalities=modalities, budget_bytes=budget_bytes, token=token,
-                        device=device, ca_file=ca_file, timeout=timeout, retries=retries,
-                        allow_insecure_http=allow_insecure_http)
+        self._kw: dict[str, Any] = {"public_key": self.public_key, "modalities": modalities, "budget_bytes": budget_bytes,
+                    "token": token, "device": device, "ca_file": ca_file, "timeout": timeout, "retries": retries,
+                    "allow_insecure_http": allow_insecure_http}
         self._caches: dict[str, ShardCache] = {}
         self._done_bytes = 0  # downloads of caches already dropped
 
@@ -92,7 +92,7 @@ class HttpSource:
         if version not in self._caches:
             while len(self._caches) >= KEEP_BASES:
                 self._done_bytes += self._caches.pop(next(iter(self._caches))).stats.downloaded_bytes
-            self._caches[version] = ShardCache(self.url, self.dir, version=version, **self._kw)  # type: ignore[arg-type]
+            self._caches[version] = ShardCache(self.url, self.dir, version=version, **self._kw)
         return self._caches[version]
 
     def manifest(self, version: str) -> Manifest:

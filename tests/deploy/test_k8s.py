@@ -247,3 +247,13 @@ def test_run_config_in_the_config_map_is_a_valid_fedge_config(rendered, tmp_path
     assert cfg.aggregation.mode == "async" and cfg.data.source == "store"
     assert cfg.training.use_gpu == ("on" if overlay == "gpu" else "auto")
     assert tomllib.loads(cm["data"]["fedge.toml"])["run_dir"].startswith("/data/")
+    # global training runs inside the loop and publishes into the store the shard server serves, signed with the
+    # key mounted on the aggregator's head
+    assert cfg.training.every_versions > 0
+    svc = next(o for o in objs if o["kind"] == "RayService")
+    (app,) = yaml.safe_load(svc["spec"]["serveConfigV2"])["applications"]
+    assert cfg.publish.store == app["args"]["store"]
+    head = next(o for o in objs if o["kind"] == "RayCluster" and o["metadata"]["name"].endswith("fedge-aggregator"))
+    mounts = head["spec"]["headGroupSpec"]["template"]["spec"]["containers"][0]["volumeMounts"]
+    keys = next(m for m in mounts if m["name"] == "manifest-key")
+    assert cfg.publish.signing_key.startswith(keys["mountPath"] + "/")
