@@ -1,4 +1,4 @@
-"""``fedge simulate``: the whole federation on this machine, on an embedded Ray.
+"""``fedge simulate``: the whole federation on this machine, on an embedded Ray (or on a cluster: ``--ray-address``).
 
 ``fedge simulate SCENARIO`` runs one scenario (``run`` is the explicit form); ``fedge simulate compare A B`` runs
 two settings over the same devices and data and plots them together.
@@ -30,8 +30,8 @@ class _ScenarioFirst(TyperGroup):
 
 app = typer.Typer(
     cls=_ScenarioFirst, no_args_is_help=True,
-    help="Run federated simulations locally on an embedded Ray: `fedge simulate SCENARIO.toml [--out DIR] "
-         "[--set key=value ...]` or `fedge simulate compare A.toml B.toml`.",
+    help="Run federated simulations locally on an embedded Ray (or on an existing cluster with --ray-address): "
+         "`fedge simulate SCENARIO.toml [--out DIR] [--set key=value ...]` or `fedge simulate compare A.toml B.toml`.",
 )
 
 
