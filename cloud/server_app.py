@@ -32,7 +32,7 @@ from flwr.serverapp import Grid, ServerApp
 
 from common import secagg as sa
 from common import wire
-from common.base_weights import load_base_file, published_store
+from common.base_weights import load_base_file, published_store, save_base
 from common.config import FedgeConfig, config_from_context
 from common.dataset import load_data
 from common.lora import apply_lora, base_state, load_base_state
@@ -53,6 +53,7 @@ log = logging.getLogger("fedge.server")
 app = ServerApp()
 
 CHECKPOINT_SUBDIR = "checkpoints"
+BASES_SUBDIR = "bases"  # a copy of each published base, for `fedge evaluate RUN_DIR` (common/evaluate_cli.py)
 
 
 def global_model(cfg: FedgeConfig) -> MultimodalMoE:
@@ -605,8 +606,15 @@ class ServerLoop:
         return published
 
     def _install_base(self, base_version: int, base: dict[str, np.ndarray]) -> str:
-        """Load ``base`` into the evaluation model; return the published version devices fetch it as."""
+        """Load ``base`` into the evaluation model; return the published version devices fetch it as.
+
+        A copy goes to ``<run_dir>/bases/<version>.safetensors`` too: ``fedge evaluate RUN_DIR`` scores the final
+        adapters on the newest base there."""
         load_base_state(self.model, {k: torch.from_numpy(np.array(a, dtype=np.float32)) for k, a in base.items()})
+        if self.run_dir and self.base_model:
+            path = self.run_dir / BASES_SUBDIR / f"{self.base_model}.safetensors"
+            if not path.is_file():
+                save_base(self.model, path)
         self.live.event("published", base_version=base_version, model=self.base_model)
         return self.base_model
 

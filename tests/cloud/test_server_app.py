@@ -127,6 +127,7 @@ def test_a_server_resumed_after_global_training_evaluates_and_dispatches_the_new
                       model=global_model(cfg), num_partitions=1)
     assert loop.base_model == "base-000002" and loop.version == 1  # published: devices fetch it by name
     assert (tmp_path / "models" / "base-000002" / "manifest.json").is_file()
+    assert (tmp_path / "bases" / "base-000002.safetensors").is_file()  # for `fedge evaluate RUN_DIR`
     got = base_state(loop.model)
     assert all(torch.equal(got[k], torch.from_numpy(trained[k])) for k in trained)
     import ray
