@@ -64,7 +64,10 @@ def _query(node: int, rec: dict[str, Any]) -> Message:
 def _answers(replies: Sequence[Message]) -> dict[int, ConfigRecord]:
     out = {}
     for r in replies:
-        if not r.has_error() and wire.SECAGG in r.content:
+        if r.has_error():
+            log.warning("node %d refused a secure aggregation step: %s", r.metadata.src_node_id,
+                        str(r.error.reason)[:300])
+        elif wire.SECAGG in r.content:
             out[int(r.metadata.src_node_id)] = r.content.config_records[wire.SECAGG]
     return out
 
@@ -73,15 +76,16 @@ class SecureGroups:
     """Groups in flight, the nodes' registered share keys, and which dispatch belongs to which member.
 
     ``n``: coordinates of an update; ``k``: coordinates a group keeps (its shared random index set);
-    ``clip``: the devices' L2 bound; ``threshold``: Shamir threshold as a fraction of the group.
+    ``clip``: the devices' L2 bound; ``threshold``: Shamir threshold as a fraction of the group;
+    ``sketch_top`` > 0: the ``k`` values are a count sketch and each sum keeps its ``sketch_top`` heaviest
+    coordinates (top-k that survives masking).
     """
 
-    def __init__(self, *, n: int, k: int, clip: float, threshold: float) -> None:
-        self.n, self.k, self.clip, self.threshold = n, k, clip, threshold
+    def __init__(self, *, n: int, k: int, clip: float, threshold: float, sketch_top: int = 0) -> None:
+        self.n, self.k, self.clip, self.threshold, self.sketch_top = n, k, clip, threshold, sketch_top
         self.c_pks: dict[int, bytes] = {}
         self.groups: dict[str, Group] = {}
         self.by_dispatch: dict[int, tuple[str, int]] = {}  # dispatch index -> (group id, member index)
-        self.score: np.ndarray | None = None  # running mean of |unmasked group means|: public, picks index sets
 
     # ------------------------------------------------------------------ forming a group
     def register(self, nodes: Sequence[int], send: Send) -> None:
@@ -114,10 +118,10 @@ class SecureGroups:
             ok = [n for n in members if _keys_ok(got.get(n), len(members))]
             if len(ok) == len(members):
                 recs = [got[n] for n in members]
-                kept = sa.public_index_set(self.score, gid, self.n, self.k).astype("<u4").tobytes()
                 spec = sa.GroupSpec(group_id=gid, c_pks=tuple(c_pks),
                                     s_pks=tuple(bytes(r[wire.SA_S_PK]) for r in recs),  # type: ignore[arg-type]
-                                    t=t, n=self.n, k=self.k, clip=self.clip, kept=kept)
+                                    t=t, n=self.n, k=self.k, clip=self.clip,
+                                    sketch_top=self.sketch_top)
                 g = Group(spec=spec, nodes=list(members),
                           sealed_s=[tuple(r[wire.SA_SEALED]) for r in recs],  # type: ignore[arg-type]
                           commits_s=[bytes(r[wire.SA_COMMIT]) for r in recs])  # type: ignore[arg-type]
@@ -133,7 +137,7 @@ class SecureGroups:
         s = g.spec
         return ConfigRecord({wire.SA_GROUP: s.group_id, wire.SA_INDEX: index, wire.SA_C_PKS: list(s.c_pks),
                              wire.SA_S_PKS: list(s.s_pks), wire.SA_T: s.t, wire.SA_N: s.n, wire.SA_K: s.k,
-                             wire.SA_CLIP: s.clip, wire.SA_KEPT: s.kept})
+                             wire.SA_CLIP: s.clip, wire.SA_KEPT: s.kept, wire.SA_SKETCH_TOP: s.sketch_top})
 
     def bind(self, g: Group, index: int, dispatch_index: int) -> None:
         g.pending.add(index)
@@ -211,10 +215,7 @@ class SecureGroups:
                 continue
             if node in index_of and len(b) == len(senders) and len(s) == len(dropped):
                 answers[index_of[node]] = (dict(zip(senders, b)), dict(zip(dropped, s)))
-        total = sa.server_unmask(g.spec, g.commits_s, g.uploads, answers)
-        mag = np.abs(total) / len(senders)
-        self.score = mag if self.score is None else 0.5 * self.score + mag
-        return total
+        return sa.server_unmask(g.spec, g.commits_s, g.uploads, answers)
 
 
 def _keys_ok(rec: ConfigRecord | None, size: int) -> bool:

@@ -168,8 +168,11 @@ class ServerLoop:
         self.layout = sa.flatten(self.params)[1]
         if self.agg.secure:
             n, comm = sum(int(v.size) for v in self.params.values()), cfg.communication
-            k = max(1, round(comm.topk_ratio * n)) if comm.compression == "topk" else n
-            self.secure = SecureGroups(n=n, k=k, clip=self.agg.secure_clip, threshold=self.agg.secure_threshold)
+            # top-k survives masking as a count sketch of 1.5 k cells whose sum keeps its k heaviest coordinates
+            top = max(1, round(comm.topk_ratio * n)) if comm.compression == "topk" else 0
+            k = min(n, round(1.5 * top)) if top else n
+            self.secure = SecureGroups(n=n, k=k, clip=self.agg.secure_clip, threshold=self.agg.secure_threshold,
+                                       sketch_top=top if k < n else 0)
         self.t_wall0 = time.monotonic()
 
     @staticmethod

@@ -385,6 +385,7 @@ class GroupSpec:
     k: int  # coordinates kept (the group's shared index set)
     clip: float
     kept: bytes = b""  # the index set as sorted little-endian uint32 (b"": random from the group id)
+    sketch_top: int = 0  # > 0: the k values are a count sketch of the whole update; the sum keeps its top ones
 
     @property
     def size(self) -> int:
@@ -403,20 +404,38 @@ class GroupSpec:
         return idx
 
 
-def public_index_set(score: np.ndarray | None, group_id: str, n: int, k: int) -> np.ndarray:
-    """A group's index set from public information: half the coordinates the recent *global* updates moved most
-    (``score``, e.g. a running mean of the unmasked groups' magnitudes: the server knows it, so it reveals
-    nothing of a device), the other half at random from the rest (from the group id), so every coordinate
-    is sent now and then and error feedback drains. Without a score all ``k`` are random."""
-    rand = index_set(b"fedge-secagg-index|" + group_id.encode(), n, k)
-    if score is None or not np.any(score):
-        return rand
-    top = np.argpartition(-np.asarray(score), k // 2 - 1)[: k // 2] if k >= 2 else np.zeros(0, np.int64)
-    rest = np.setdiff1d(np.arange(n), top)
-    rng = np.random.Generator(np.random.Philox(key=int.from_bytes(hashlib.sha256(group_id.encode()).digest()[:16],
-                                                                   "little")))
-    extra = rng.choice(rest, size=k - top.size, replace=False)
-    return np.sort(np.concatenate([top, extra])).astype(np.int64)
+
+SKETCH_ROWS = 3  # count-sketch rows: a coordinate's estimate is the median of its rows (one row cannot tell
+# a heavy coordinate from the others in its bucket)
+
+
+def sketch_hash(group_id: str, n: int, m: int) -> tuple[np.ndarray, np.ndarray]:
+    """The group's count sketch (public, from the group id): ``(rows, n)`` cell index into ``[0, m)`` (row ``r``
+    in its own ``m // rows`` cells) and ``(rows, n)`` signs."""
+    rows = SKETCH_ROWS if m >= SKETCH_ROWS else 1
+    width = m // rows
+    rng = np.random.Generator(np.random.Philox(key=int.from_bytes(
+        hashlib.sha256(b"fedge-secagg-sketch|" + group_id.encode()).digest()[:16], "little")))
+    h = rng.integers(0, width, size=(rows, n)) + (np.arange(rows) * width)[:, None]
+    return h.astype(np.int64), np.where(rng.random((rows, n)) < 0.5, -1.0, 1.0).astype(np.float32)
+
+
+def sketch(flat: np.ndarray, h: np.ndarray, sgn: np.ndarray, m: int) -> np.ndarray:
+    """Count sketch of a vector: ``cells[h[r, j]] += sgn[r, j] x[j]`` for every row ``r`` (linear, so the sum of
+    sketches is the sketch of the sum and masking leaves it intact)."""
+    w = (sgn.astype(np.float64) * np.asarray(flat, np.float64)[None, :]).ravel()
+    return np.bincount(h.ravel(), weights=w, minlength=m).astype(np.float32)
+
+
+def unsketch_topk(cells: np.ndarray, h: np.ndarray, sgn: np.ndarray, top: int) -> np.ndarray:
+    """The ``top`` largest coordinate estimates (median over rows of ``sgn cells[h]``), zeros elsewhere."""
+    est = np.median(sgn * np.asarray(cells, np.float32)[h], axis=0).astype(np.float32)  # (n,)
+    if not 0 < top < est.size:
+        return est
+    out = np.zeros(est.size, np.float32)
+    keep = np.argpartition(-np.abs(est), top - 1)[:top]
+    out[keep] = est[keep]
+    return out
 
 
 @dataclass(frozen=True)
@@ -449,13 +468,24 @@ def member_mask(flat: np.ndarray, spec: GroupSpec, index: int, c_sk: bytes, s_sk
     if flat.size != spec.n:
         raise SecAggError(f"update of {flat.size} values, group expects {spec.n}")
     q = spec.quantizer
-    idx = spec.indices()
-    qv = q.quantize(flat[idx], rng)
+    if spec.sketch_top:
+        h, sgn = sketch_hash(spec.group_id, spec.n, spec.k)
+        qv = q.quantize(sketch(flat, h, sgn, spec.k), rng)
+    else:
+        qv = q.quantize(flat[spec.indices()], rng)
     b_seed = os.urandom(SEED_BYTES)
     pairs = {j: pairwise_seed(s_sk, pk, spec.group_id) for j, pk in enumerate(spec.s_pks) if j != index}
     v = mask(qv, b_seed=b_seed, pair_seeds=pairs, index=index)
     sealed = _seal_all(b_seed, c_sk, spec.c_pks, spec.group_id, b"b", index, spec.t)
-    return MaskedUpdate(encode_masked(v), sealed, commitment(b_seed)), scatter(idx, q.dequantize(qv), spec.n)
+    return MaskedUpdate(encode_masked(v), sealed, commitment(b_seed)), expand(spec, q.dequantize(qv))
+
+
+def expand(spec: GroupSpec, values: np.ndarray) -> np.ndarray:
+    """The ``n``-vector ``k`` sent values stand for: scattered on the index set, or the sketch's top estimates."""
+    if spec.sketch_top:
+        h, sgn = sketch_hash(spec.group_id, spec.n, spec.k)
+        return unsketch_topk(values, h, sgn, spec.sketch_top)
+    return scatter(spec.indices(), values, spec.n)
 
 
 def member_reveal(spec: GroupSpec, index: int, c_sk: bytes, sealed_b: Mapping[int, bytes],
@@ -512,4 +542,4 @@ def server_unmask(spec: GroupSpec, commits_s: Sequence[bytes], uploads: Mapping[
     q = spec.quantizer
     if not in_range(total, len(senders), q):
         raise SecAggError("unmasked sum out of range: a member masked with something else than it shared")
-    return scatter(spec.indices(), q.dequantize(total), spec.n)
+    return expand(spec, q.dequantize(total))

@@ -69,6 +69,7 @@ SA_N = "n"
 SA_K = "k"
 SA_CLIP = "clip"
 SA_KEPT = "kept"  # bytes: the group's index set, sorted uint32 (public: chosen from global updates)
+SA_SKETCH_TOP = "sketch-top"  # int > 0: the values are a count sketch; the sum keeps this many coordinates
 SA_SEALED = "sealed"
 SA_COMMIT = "commit"
 SA_SENDERS = "senders"

@@ -64,7 +64,8 @@ def spec_from_record(rec: ConfigRecord) -> sa.GroupSpec:
                             s_pks=tuple(rec[wire.SA_S_PKS]), t=int(rec[wire.SA_T]),  # type: ignore[arg-type]
                             n=int(rec[wire.SA_N]), k=int(rec[wire.SA_K]),  # type: ignore[arg-type]
                             clip=float(rec[wire.SA_CLIP]),  # type: ignore[arg-type]
-                            kept=bytes(rec.get(wire.SA_KEPT, b"")))  # type: ignore[arg-type]
+                            kept=bytes(rec.get(wire.SA_KEPT, b"")),  # type: ignore[arg-type]
+                            sketch_top=int(rec.get(wire.SA_SKETCH_TOP, 0)))  # type: ignore[arg-type]
     except (KeyError, TypeError, ValueError) as e:
         raise sa.SecAggError(f"secure aggregation record lacks or garbles {e}") from None
 

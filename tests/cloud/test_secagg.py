@@ -318,3 +318,20 @@ def test_secure_simulation_completes_and_learns(tmp_path):
     events = [json.loads(x) for x in (run_dir / "events.jsonl").read_text().splitlines()]
     groups = [e for e in events if e["event"] == "secagg_group"]
     assert len(groups) == 5 and all(e["senders"] >= 2 for e in groups)
+
+
+def test_a_sketched_group_keeps_the_heavy_coordinates_of_the_sum():
+    cs = [sa.new_keypair() for _ in range(4)]
+    c_pks = tuple(pk for _, pk in cs)
+    keys = [sa.member_keys("sk", i, cs[i][0], c_pks, 3) for i in range(4)]
+    spec = sa.GroupSpec("sk", c_pks, tuple(a.s_pk for _, a in keys), 3, N, 1500, 2.0, sketch_top=10)
+    heavy = np.random.default_rng(5).choice(N, 10, replace=False)
+    xs = [np.zeros(N, np.float32) for _ in range(4)]
+    for i, x in enumerate(xs):
+        x[heavy] = 0.05 * (1 + i % 2)  # a sparse common direction inside the range r, the rest small noise
+        x += np.random.default_rng(i).standard_normal(N).astype(np.float32) * 1e-4
+    ups, _ = _mask_all(spec, cs, keys, xs)
+    total = sa.server_unmask(spec, [a.commit_s for _, a in keys], ups, _answers(spec, cs, keys, ups, range(4)))
+    found = np.intersect1d(np.flatnonzero(total), heavy)
+    assert found.size >= 8  # with cells enough (150x the heavy ones) the rows' median tells them apart
+    assert np.median(np.abs(total[found] - sum(xs)[found]) / sum(xs)[found]) < 0.05
