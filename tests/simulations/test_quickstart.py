@@ -103,7 +103,8 @@ def test_tiny_scenario_runs_end_to_end_and_the_same_seed_gives_the_same_result(t
 @pytest.mark.integration
 def test_global_training_every_n_versions_hands_devices_a_new_base(tmp_path, tiny_cache):
     """training.every_versions: Ray Train trains the merged model on the cloud share, the aggregator rebases,
-    devices load the new base from the path in their messages and their updates are accepted against it."""
+    publishes it into the run's model store, devices fetch it by the version their messages name (as deltas
+    against the start base) and their updates are accepted against it."""
     r = _simulate(TINY, "--out", tmp_path / "g", "--set", "training.every_versions=2", "--set",
                   "aggregation.versions=5", "--set", "training.steps=10", "--set", "training.workers=1",
                   "--set", "training.log_every=5", cache=tiny_cache, timeout=600)
@@ -112,7 +113,9 @@ def test_global_training_every_n_versions_hands_devices_a_new_base(tmp_path, tin
     events = [json.loads(x) for x in (run / "events.jsonl").read_text().splitlines()]
     (gt,) = [e for e in events if e["event"] == "global_training"]
     assert gt["base_version"] == 2 and gt["version"] == 3 and gt["steps"] == 10
-    assert Path(gt["base"]).is_file() and Path(gt["base"]).parent == run / "bases"
+    assert gt["base"] == "base-000002" and (run / "models" / "base-000002" / "manifest.json").is_file()
+    published = [e for e in events if e["event"] == "published"]
+    assert [e["model"] for e in published] == ["base-000000", "base-000002"] and published[1]["deltas"] > 0
     recs = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
     assert [x["version"] for x in recs] == [1, 2, 3, 4, 5]
     assert recs[2]["updates"] == 0  # version 3 is the rebase: the trained base with fresh adapters
