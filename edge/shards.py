@@ -375,7 +375,7 @@ class ShardCache:
                         raise _oversize(entry, version, have + int(length))
                     with open(part, mode) as fh:
                         # never more than one byte past the manifest's size, whatever the server streams
-                        while block := r.read(min(self.chunk, entry.bytes + 1 - have)):
+                        while block := r.read1(min(self.chunk, entry.bytes + 1 - have)):
                             fh.write(block)
                             self.stats.downloaded_bytes += len(block)
                             have += len(block)

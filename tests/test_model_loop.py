@@ -48,15 +48,18 @@ def test_devices_fetch_each_trained_base_over_https_and_train_on_it_while_the_sh
     """SuperLink + aggregator with in-loop global training + shard server (HTTPS, tokens) + two `fedge edge run`
     devices (camera+mic, mic-only) with their own stores and caches. The aggregator publishes the start base
     and the trained one into the store only the shard server reads; the devices fetch both over HTTPS (the
-    second as deltas), train on them, and their updates are accepted. The shard server is killed as the trained
-    base goes live and started again: the devices' downloads fail, resume, and the federation goes on."""
+    second as deltas), train on them, and their updates are accepted. The devices reach the shard server through a
+    relay that holds a response part-way; the shard server is killed while a device is downloading the trained
+    base and started again: the download is cut, the device resumes it with a Range request, and the federation
+    goes on."""
     from cloud.certs import CertLayout, generate
     from cloud.serving import add_device_token
     from common.manifest import generate_keypair
     from common.synthetic import make_av_dataset
     from tests.deploy.procs import Proc, env_with, flwr_config, port_open, wait_for
+    from tests.relay import Relay
 
-    port, shard_port = free_port(), free_port()
+    port, shard_port, relay_port = free_port(), free_port(), free_port()
     home = tmp_path / "flwr"
     env = env_with({"FLWR_HOME": str(home)})
     cloud, dev = tmp_path / "cloud", tmp_path / "devices"  # nothing under cloud/ is read by a device
@@ -90,7 +93,7 @@ def test_devices_fetch_each_trained_base_over_https_and_train_on_it_while_the_sh
         cmd = [str(BIN / "fedge"), "edge", "run", "--superlink", f"127.0.0.1:{port}",
                "--store", str(dev / name / "store"), "--root-certificates", str(certs.ca_cert),
                "--auth-keys", str(certs.node_dir(name)), "--device-id", name, "--port", str(free_port()),
-               "--grace", "5", "--shards", f"https://127.0.0.1:{shard_port}",
+               "--grace", "5", "--shards", f"https://127.0.0.1:{relay_port}",
                "--shards-public-key", str(dev / name / "manifest.pub"), "--shards-ca", str(dev / name / "ca.pem"),
                "--shards-cache", str(dev / name / "cache"), *extra]
         p = Proc(cmd, tmp_path / f"agent-{name}.log", {**env, "FEDGE_SHARD_TOKEN": creds[name]})
@@ -98,6 +101,7 @@ def test_devices_fetch_each_trained_base_over_https_and_train_on_it_while_the_sh
         return p
 
     run_id = None
+    relay = Relay(relay_port, shard_port)
     try:
         link = Proc([str(BIN / "flower-superlink"), "--ssl-ca-certfile", str(certs.ca_cert),
                      "--ssl-certfile", str(certs.server_cert), "--ssl-keyfile", str(certs.server_key),
@@ -135,10 +139,18 @@ def test_devices_fetch_each_trained_base_over_https_and_train_on_it_while_the_sh
         def published(name: str) -> bool:
             return any(e["event"] == "published" and e["model"] == name for e in events())
 
+        wait_for(lambda: "global training on version" in run.text() or run.p.poll() is not None, 300,
+                 "global training", procs)
+        # from here a response past 48 KiB stops part-way: of the trained base's deltas only the image encoder's
+        # (~100 KB) is that large, so the cut lands inside a shard, not between two
+        relay.hold_after = 48 * 1024
         wait_for(lambda: published("base-000002") or run.p.poll() is not None, 300, "the trained base", procs)
         run_id = run.text().split("Successfully started run ")[1].split()[0]
-        os.killpg(server.pid, signal.SIGKILL)  # the shard server dies as the new base goes live
+        wait_for(lambda: relay.held.is_set() or run.p.poll() is not None, 300,
+                 "a device in the middle of downloading the trained base", procs)
+        os.killpg(server.pid, signal.SIGKILL)  # the shard server dies in the middle of a download
         server.p.wait(timeout=10)
+        relay.cut()
         server = shard_server(2)
         wait_for(lambda: run.p.poll() is not None, 400, "the run to finish", procs)
         assert run.p.returncode == 0, run.text()[-3000:]
@@ -158,7 +170,10 @@ def test_devices_fetch_each_trained_base_over_https_and_train_on_it_while_the_sh
             assert any(p.suffix == ".delta" for p in (cache / "shards").iterdir()), name  # delivered as deltas
         assert not any((dev / "mic" / "cache" / "shards").glob("*encoder.image*"))
         assert "serving" in server.text()
+        assert "download interrupted at" in a.text() + b.text()  # the cut download was kept ...
+        assert " 206 " in server.text()  # ... and resumed from the restarted server with a Range request
     finally:
+        relay.close()
         if run_id is not None and any(p.alive() for p in procs[:1]):
             subprocess.run([str(BIN / "flwr"), "stop", run_id, "fleet"], check=False, capture_output=True,
                            env=env, timeout=60)
