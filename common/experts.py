@@ -64,6 +64,42 @@ def stack_experts(experts: Iterable[nn.Module]) -> ExpertWeights:
     )
 
 
+class ExpertStack:
+    """:func:`stack_experts` for a module's forward: restacked on every call while gradients are on (they flow
+    back to each expert), and without gradients (inference, evaluation) reused until a weight changes (an
+    optimizer step, a loaded state dict or a swapped tensor: each parameter's identity, storage and in-place
+    version counter are compared)."""
+
+    def __init__(self) -> None:
+        self._layers: tuple[nn.Module, ...] = ()
+        self._params: list[nn.Parameter] = []
+        self._key: list[tuple[int, int, int]] | None = None
+        self._weights: ExpertWeights | None = None
+
+    def __call__(self, experts: nn.ModuleList) -> ExpertWeights:
+        if torch.is_grad_enabled():
+            return stack_experts(experts)
+        # the module walk behind .parameters() costs more than the rest of this check: redo it only when an
+        # expert or one of its layers was replaced (e.g. LoRA applied)
+        layers = (*experts, *(layer for e in experts for layer in e._modules.values()))
+        if len(layers) != len(self._layers) or any(a is not b for a, b in zip(layers, self._layers)):
+            self._layers, self._params, self._weights = layers, list(experts.parameters()), None
+        key = [(id(p), p.data_ptr(), p._version) for p in self._params]
+        if self._weights is None or key != self._key:
+            self._weights, self._key = stack_experts(experts), key
+        return self._weights
+
+    def __getstate__(self) -> dict[str, object]:
+        return {"_layers": (), "_params": [], "_key": None, "_weights": None}  # a copy restacks from its own
+
+
+def expert_softmax(logits: Tensor) -> Tensor:
+    """Softmax of router logits (N, E) over the experts, in float32. Computed along dim 0 of the transpose: the
+    same numbers, but torch's CPU softmax over a short last dimension (E = 4..16) is several times slower than
+    over a long one, and the router runs on every forward."""
+    return logits.float().t().softmax(dim=0).t()
+
+
 def grouped_ffn(buf: Tensor, w: ExpertWeights) -> Tensor:
     """Expert e's FFN on its group ``buf[e]``: (E, C, d) -> (E, C, d), one batched matmul per layer."""
     h = F.gelu(torch.baddbmm(w.b1.unsqueeze(1).to(buf.dtype), buf, w.w1.to(buf.dtype)))  # (E, C, h)
@@ -85,9 +121,11 @@ def expert_slots(idx: Tensor, num_experts: int, capacity: int | None = None) -> 
     c : the group size C = min(fullest expert, capacity).
     """
     flat = idx.reshape(-1)  # (A,) token-major: assignment a is token a // k
-    onehot = F.one_hot(flat, num_experts)  # (A, E)
-    rank = (onehot.cumsum(0) * onehot).sum(1) - 1  # (A,) earlier tokens first within each expert
-    c = int(onehot.sum(0).max()) if flat.numel() else 0
+    if not flat.numel():
+        return flat.clone(), flat.new_ones(0, dtype=torch.bool), 0
+    filled = F.one_hot(flat, num_experts).cumsum(0)  # (A, E): each expert's count so far, earlier tokens first
+    rank = filled.gather(1, flat.unsqueeze(1)).squeeze(1) - 1  # (A,)
+    c = int(filled[-1].max())
     if capacity is not None:
         c = min(c, capacity)
     keep = rank < c
@@ -104,13 +142,16 @@ def moe_topk(x: Tensor, idx: Tensor, gates: Tensor, w: ExpertWeights,
     n, k = idx.shape
     d, e_count = x.shape[1], w.num_experts
     slot, keep, c = expert_slots(idx, e_count, capacity)
-    tok = torch.arange(n, device=x.device).repeat_interleave(k)  # (A,)
-    kept = keep.nonzero(as_tuple=True)[0]
-    buf = x.new_zeros(e_count * c, d).index_copy(0, slot[kept], x.index_select(0, tok[kept]))  # (E*C, d)
-    y = grouped_ffn(buf.view(e_count, c, d), w).reshape(e_count * c, d)
-    g = (gates.reshape(-1) * keep).to(x.dtype)  # (A,): a dropped assignment adds nothing
-    mixed = (y.index_select(0, slot) * g.unsqueeze(-1)).view(n, k, d).sum(dim=1) if c else x.new_zeros(n, d)
-    return x + mixed, int(idx.numel() - kept.numel())
+    dropped = int(keep.numel() - int(keep.sum()))
+    if c == 0:
+        return x.clone(), dropped
+    rows = e_count * c
+    # every assignment is copied into its slot; those over capacity land in one spare row, never computed
+    dest = torch.where(keep, slot, torch.full_like(slot, rows))
+    buf = x.new_zeros(rows + 1, d).index_copy_(0, dest, x.repeat_interleave(k, dim=0))
+    y = grouped_ffn(buf[:rows].view(e_count, c, d), w).view(rows, d)
+    g = (gates * keep.view(n, k)).to(x.dtype).unsqueeze(-1)  # (N, k, 1): a dropped assignment adds nothing
+    return x + (y.index_select(0, slot).view(n, k, d) * g).sum(dim=1), dropped
 
 
 def moe_dense(x: Tensor, probs: Tensor, w: ExpertWeights) -> Tensor:

@@ -35,7 +35,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from common.experts import moe_dense, moe_topk, stack_experts
+from common.experts import ExpertStack, expert_softmax, moe_dense, moe_topk
 
 MODALITIES: tuple[str, ...] = ("image", "audio")
 AFFINITIES: tuple[str, ...] = ("shared", "modality")
@@ -47,7 +47,7 @@ class MoEOutput:
     """What :meth:`MultimodalMoE.forward` returns."""
 
     logits: Tensor  # (B, C)
-    aux_loss: Tensor  # () Switch load-balancing loss (0 in dense mode)
+    aux_loss: Tensor  # () Switch load-balancing loss (0 in dense mode and without gradients)
     expert_counts: Tensor  # (E,) tokens dispatched to each expert
     topk_idx: Tensor  # (N, k) experts chosen per present token (all E in dense mode)
     router_probs: Tensor  # (N, E)
@@ -283,11 +283,11 @@ def top_k_gating(logits: Tensor, k: int, allowed: Tensor | None = None) -> tuple
     Returns (probs (N, E), topk_idx (N, k), gates (N, k)).
     """
     if allowed is None:
-        probs = logits.float().softmax(dim=-1)
+        probs = expert_softmax(logits)
         top_p, top_i = probs.topk(k, dim=-1)
     else:
         masked = logits.float().masked_fill(~allowed, float("-inf"))
-        probs = masked.softmax(dim=-1)
+        probs = expert_softmax(masked)
         top_i = masked.topk(k, dim=-1).indices
         top_p = probs.gather(-1, top_i)
     gates = top_p / top_p.sum(dim=-1, keepdim=True).clamp_min(1e-9)
@@ -368,6 +368,7 @@ class MultimodalMoE(nn.Module):
         self.modality_embed = nn.Parameter(torch.zeros(len(MODALITIES), dim))
         self.router = Router(dim=dim, num_experts=num_experts)
         self.experts = nn.ModuleList([Expert(dim=dim, hidden=expert_hidden) for _ in range(num_experts)])
+        self._expert_weights = ExpertStack()  # stacked expert weights, reused while no gradients are needed
         self.fusion_gate = nn.Linear(dim + 1, 1)
         self.head = Head(dim=dim, num_classes=num_classes)
         self.modality_heads = nn.ModuleDict({m: ModalityHead(dim=dim, num_classes=num_classes) for m in MODALITIES})
@@ -412,8 +413,8 @@ class MultimodalMoE(nn.Module):
                 raise ValueError("route needs each token's modality index with expert_affinity='modality'")
             return self._route_grouped(x, logits, self.expert_allowed[modality.to(torch.long)], modality)
         if self.dense:
-            probs = logits.float().softmax(dim=-1)
-            out = moe_dense(x, probs, stack_experts(self.experts))
+            probs = expert_softmax(logits)
+            out = moe_dense(x, probs, self._expert_weights(self.experts))
             idx = torch.arange(self.num_experts, device=x.device).expand(n, -1)
             return out, x.new_zeros(()), probs, idx, 0
         probs, idx, gates = top_k_gating(logits, self.top_k)
@@ -426,8 +427,9 @@ class MultimodalMoE(nn.Module):
         if self.dense:
             groups = torch.tensor([self.groups[m] for m in MODALITIES], device=x.device)  # (M, G): equal sizes
             idx = groups[modality.to(torch.long)]  # (N, G): every expert of the token's group
-            probs = logits.float().masked_fill(~allowed, float("-inf")).softmax(dim=-1)
-            out, _ = moe_topk(x, idx, probs.gather(1, idx), stack_experts(self.experts))  # group-sized groups
+            probs = expert_softmax(logits.masked_fill(~allowed, float("-inf")))
+            w = self._expert_weights(self.experts)
+            out, _ = moe_topk(x, idx, probs.gather(1, idx), w)  # group-sized groups
             return out, x.new_zeros(()), probs, idx, 0
         probs, idx, gates = top_k_gating(logits, self.top_k, allowed)
         return self._dispatch(x, probs, idx, gates)
@@ -437,11 +439,12 @@ class MultimodalMoE(nn.Module):
     ) -> tuple[Tensor, Tensor, Tensor, Tensor, int]:
         """Send each token to its chosen experts (capacity-limited, batched by expert) and add the gated outputs."""
         n = x.shape[0]
-        aux = load_balancing_loss(probs, idx, self.num_experts)
+        # the balancing loss only matters to training: without gradients (inference, evaluation) it is 0
+        aux = load_balancing_loss(probs, idx, self.num_experts) if torch.is_grad_enabled() else x.new_zeros(())
         capacity = None  # unlimited
         if self.capacity_factor > 0:
             capacity = max(1, math.ceil(self.capacity_factor * n * self.top_k / self.num_experts))
-        out, dropped = moe_topk(x, idx, gates, stack_experts(self.experts), capacity=capacity)
+        out, dropped = moe_topk(x, idx, gates, self._expert_weights(self.experts), capacity=capacity)
         return out, aux, probs, idx, dropped
 
     # ------------------------------------------------------------------ forward

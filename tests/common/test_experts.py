@@ -113,3 +113,48 @@ def test_lora_adapters_on_experts_change_outputs_and_get_gradients():
     for e in range(4):
         assert float(lora.experts[e].fc1.lora_A.grad.abs().sum()) > 0
         assert lora.experts[e].fc1.base.weight.grad is None  # the base stays frozen
+
+
+def test_stacked_weights_are_reused_without_gradients_and_restacked_when_a_weight_changes():
+    import copy
+
+    from common.experts import ExpertStack
+
+    model = build_model(num_experts=4, top_k=2, seed=0)
+    stack = ExpertStack()
+    with torch.no_grad():
+        w = stack(model.experts)
+        assert stack(model.experts) is w  # nothing changed: reused
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    model(*_inputs()).logits.sum().backward()
+    opt.step()  # in place: the version counters move
+    with torch.no_grad():
+        w2 = stack(model.experts)
+        assert w2 is not w and torch.equal(w2.w1, stack_experts(model.experts).w1)
+        model.load_state_dict(build_model(num_experts=4, top_k=2, seed=1).state_dict())
+        w3 = stack(model.experts)
+        assert not torch.equal(w3.w1, w2.w1) and torch.equal(w3.w1, stack_experts(model.experts).w1)
+        apply_lora(model)  # layers replaced: LoRA factors are folded in from now on
+        for e in model.experts:
+            e.fc1.lora_B.fill_(0.5)
+        assert torch.equal(stack(model.experts).w1, stack_experts(model.experts).w1)
+        assert not torch.equal(stack(model.experts).w1, w3.w1)
+        twin = copy.deepcopy(model)  # a copy stacks its own parameters
+        twin.experts[0].fc2.base.bias.add_(1.0)
+        assert torch.equal(twin._expert_weights(twin.experts).b2, stack_experts(twin.experts).b2)
+    assert stack(model.experts).w1.requires_grad  # with gradients on: restacked, gradients reach each expert
+
+
+def test_eval_forward_is_unchanged_by_the_cache_and_the_router_softmax():
+    from common.experts import expert_softmax
+
+    logits = torch.randn(50, 8)
+    assert torch.allclose(expert_softmax(logits), logits.softmax(dim=-1), atol=1e-7)
+    model = build_model(num_experts=8, top_k=2, seed=0).eval()
+    image, audio = _inputs()
+    with torch.no_grad():
+        a = model(image, audio).logits
+        b = model(image, audio).logits  # second call uses the cached stack
+    c = model(image, audio)  # gradients on: restacked
+    assert torch.equal(a, b) and torch.allclose(a, c.logits, atol=1e-6)
+    assert float(c.aux_loss) > 0.0  # the balancing loss is there for training
