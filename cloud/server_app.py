@@ -14,6 +14,7 @@ record each. Sync mode (FedAvg) is the same loop with a barrier: ``C`` = ``K`` =
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import math
@@ -33,7 +34,7 @@ from flwr.serverapp import Grid, ServerApp
 from common import secagg as sa
 from common import wire
 from common.base_weights import load_base_file, published_store, save_base
-from common.config import FedgeConfig, config_from_context
+from common.config import FedgeConfig, config_from_context, default_run_dir
 from common.dataset import load_data
 from common.lora import apply_lora, base_state, load_base_state
 from common.manifest import generate_keypair
@@ -713,9 +714,11 @@ def main(grid: Grid, context: Context) -> None:
     t_start = time.monotonic()
     cfg = config_from_context(context.run_config)
     torch.manual_seed(cfg.seed)
-    run_dir = Path(cfg.run_dir) if cfg.run_dir else None
-    if run_dir:
-        cfg.save(run_dir)
+    if not cfg.run_dir:  # every run keeps its record; `flwr run .` without run_dir gets one of its own
+        cfg = dataclasses.replace(cfg, run_dir=str(default_run_dir(context.run_id)))
+        print(f"[fedge] run directory: {cfg.run_dir}", flush=True)
+    run_dir = Path(cfg.run_dir)
+    cfg.save(run_dir)
     sim = is_simulation(grid)
     if not sim and not bound_reply_pulls(cfg.aggregation.reply_timeout_s):
         log.warning("cannot bound Flower's wait for a reply's objects: a device killed mid-upload may stall "

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
+import os
 import tomllib
 import types
 import typing
@@ -148,7 +150,7 @@ class AggregationConfig:
         _check(0.0 <= self.trim_ratio < 0.5, "aggregation.trim_ratio", "must be in [0, 0.5)")
         for k in ("norm_factor", "examples_factor", "max_examples", "outlier_threshold"):
             v = getattr(self, k)
-            _check(v == v and 0.0 <= v < float("inf"), f"aggregation.{k}", "must be finite and >= 0 (0 = off)")
+            _check(math.isfinite(v) and v >= 0.0, f"aggregation.{k}", "must be finite and >= 0 (0 = off)")
         _check(-1.0 <= self.min_cosine <= 1.0, "aggregation.min_cosine", "must be in [-1, 1] (-1 = off)")
         _check(self.norm_warmup >= 0, "aggregation.norm_warmup", "must be >= 0")
         _check(self.window >= 1, "aggregation.window", "must be >= 1")
@@ -484,7 +486,7 @@ class DashboardConfig:
 
     def __post_init__(self) -> None:
         if self.address:
-            host, _, port = self.address.rpartition(":")
+            _, _, port = self.address.rpartition(":")
             _check(port.isdigit() and 0 <= int(port) <= 65535, "dashboard.address",
                    f"must be [HOST:]PORT with a port in 0..65535, got {self.address!r}")
 
@@ -552,6 +554,16 @@ class FedgeConfig:
         path = d / "config.toml"
         path.write_text(self.to_toml())
         return path
+
+
+RUNS_DIR_ENV = "FEDGE_RUNS_DIR"
+
+
+def default_run_dir(run_id: int | str) -> Path:
+    """Where a ServerApp started without ``run_dir`` keeps its record (config, metrics, events, checkpoints,
+    bases): ``$FEDGE_RUNS_DIR/run-<run_id>``, by default under ``~/.fedge/runs``."""
+    root = os.environ.get(RUNS_DIR_ENV) or str(Path.home() / ".fedge" / "runs")
+    return Path(root).expanduser().resolve() / f"run-{run_id}"
 
 
 def _toml_value(v: Any) -> str:

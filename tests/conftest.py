@@ -10,6 +10,8 @@ import pytest
 
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 os.environ.setdefault("OMP_NUM_THREADS", "1")
+# a ServerApp run without run_dir records itself under $FEDGE_RUNS_DIR: never the user's ~/.fedge in tests
+os.environ.setdefault("FEDGE_RUNS_DIR", tempfile.mkdtemp(prefix="fedge-runs-"))
 
 
 def free_port() -> int:
@@ -31,4 +33,4 @@ def ray_session():
     ray.shutdown()
 
 
-from tests.shard_server import modality_version, shard_server, shard_store  # noqa: E402,F401  (issue 7)
+from tests.shard_server import modality_version, shard_server, shard_store  # noqa: F401

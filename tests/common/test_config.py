@@ -59,8 +59,9 @@ def test_flat_form_is_flower_compatible():
     assert load_config(run_config=flat) == FedgeConfig()
 
 
-def test_pyproject_flower_config_lists_every_key_and_is_valid():
-    """`flwr run --run-config k=v` only accepts keys present in [tool.flwr.app.config]: list them all."""
+def test_pyproject_flower_config_lists_every_key_with_the_config_defaults():
+    """`flwr run --run-config k=v` only accepts keys present in [tool.flwr.app.config]: list them all, and
+    `flwr run .` without overrides must run what the config's defaults say (one source of defaults)."""
     import tomllib
     from pathlib import Path
 
@@ -69,8 +70,11 @@ def test_pyproject_flower_config_lists_every_key_and_is_valid():
     py = tomllib.loads((Path(__file__).resolve().parents[2] / "pyproject.toml").read_text())
     flat = flatten_dict(py["tool"]["flwr"]["app"]["config"])
     cfg = load_config(run_config=flat)  # valid
-    assert set(flat) == set(FedgeConfig().to_flat()), "pyproject config and common/config.py differ"
+    defaults = FedgeConfig().to_flat()
+    assert set(flat) == set(defaults), "pyproject config and common/config.py list different keys"
     assert cfg.to_flat() == flat
+    differ = {k: (flat[k], defaults[k]) for k in defaults if flat[k] != defaults[k]}
+    assert not differ, f"[tool.flwr.app.config] must hold common/config.py's defaults (pyproject, config): {differ}"
 
 
 @pytest.mark.parametrize("flat,key", [
