@@ -15,6 +15,7 @@ import os
 import tomllib
 import types
 import typing
+import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -70,15 +71,13 @@ class CommunicationConfig:
 
 @dataclass(frozen=True)
 class FaultToleranceConfig:
-    """Checkpoint frequency (in versions for the aggregator, steps for the trainer) and recovery target."""
+    """Checkpoint frequency (in versions for the aggregator, steps for the trainer) and Ray Train's restarts."""
 
     checkpoint_every: int = 5
-    recovery_time_s: float = 60.0
     max_failures: int = 1
 
     def __post_init__(self) -> None:
         _check(self.checkpoint_every >= 1, "fault_tolerance.checkpoint_every", "must be >= 1")
-        _check(self.recovery_time_s > 0, "fault_tolerance.recovery_time_s", "must be > 0")
         _check(self.max_failures >= 0, "fault_tolerance.max_failures", "must be >= 0")
 
 
@@ -633,12 +632,19 @@ def _coerce(key: str, value: Any, tp: Any) -> Any:
     return value
 
 
+# keys that once existed and changed nothing: an old config that sets them still loads, with a warning
+REMOVED_KEYS = {"fault_tolerance.recovery_time_s": "it was a target, never a setting"}
+
+
 def _build(cls: type, raw: Mapping[str, Any], prefix: str) -> Any:
     hints = typing.get_type_hints(cls)
     fields = {f.name: f for f in dataclasses.fields(cls)}
     kwargs: dict[str, Any] = {}
     for k, v in raw.items():
         key = f"{prefix}{k}"
+        if key in REMOVED_KEYS:
+            warnings.warn(f"config key '{key}' is no longer used ({REMOVED_KEYS[key]}); ignored", stacklevel=2)
+            continue
         if k not in fields:
             known = ", ".join(sorted(fields))
             raise ConfigError(f"config key '{key}': unknown key (known here: {known})")

@@ -63,17 +63,10 @@ def staleness_values(records: Sequence[dict[str, Any]]) -> list[int]:
 
 
 def rejections(records: Sequence[dict[str, Any]]) -> dict[str, int]:
-    """Rejected updates by reason (the last record's counters if cumulative, else summed)."""
+    """Rejected updates by reason: the server's counters are cumulative, so the last record's."""
     if not records:
         return {}
-    last = records[-1].get("rejected")
-    if isinstance(last, dict) and records[-1].get("rejected_cumulative", True):
-        return {str(k): int(v) for k, v in last.items()}
-    tot: dict[str, int] = {}
-    for r in records:
-        for k, v in (r.get("rejected") or {}).items():
-            tot[str(k)] = tot.get(str(k), 0) + int(v)
-    return tot
+    return {str(k): int(v) for k, v in (records[-1].get("rejected") or {}).items()}
 
 
 def data_names(cfg: dict[str, Any], prepared: dict[str, Any]) -> dict[str, str]:
@@ -226,8 +219,8 @@ def gain_lines(base: dict[str, float], final: dict[str, float]) -> list[str]:
                       "Fused (image+audio) is below " + " and ".join(f"{k} alone ({singles[k]:.4f})" for k in worse)
                       + f": {fused:.4f}.")]
     if fused is not None and "image+audio" in base:
-        rows += ["", f"The base started at {base['image+audio']:.4f} (fused); the federation ended at {fused:.4f}: "
-                     f"{100 * (fused - base['image+audio']):+.1f} points."]
+        rows += ["", (f"The base started at {base['image+audio']:.4f} (fused); the federation ended at {fused:.4f}: "
+                      f"{100 * (fused - base['image+audio']):+.1f} points.")]
     return rows
 
 

@@ -135,6 +135,7 @@ def test_recovery_seconds_reads_the_first_resumed_report() -> None:
 
 # ---------------------------------------------------------------------------------------------- integration
 STEPS, EVERY = 80, 10
+RECOVERY_TARGET_S = 60.0  # the brief: training again within a minute of a worker dying
 
 
 @pytest.fixture(scope="module")
@@ -205,9 +206,9 @@ def test_killed_worker_resumes_from_last_checkpoint_with_step_counter_intact(kil
     # after the restart the step counter continues from the checkpoint, not from 0
     assert [r["step"] for r in resumed] == list(range(start + 5, STEPS + 1, 5))
     recovery = recovery_seconds(res.metrics, kill["time"])
-    assert recovery < CFG.fault_tolerance.recovery_time_s
+    assert recovery < RECOVERY_TARGET_S
     assert len(res.recovery_s) == 1 and 0 < res.recovery_s[0] <= recovery  # from detection: a lower bound
-    print(f"recovery {recovery:.1f}s from kill to training again (target {CFG.fault_tolerance.recovery_time_s}s)")
+    print(f"recovery {recovery:.1f}s from kill to training again (target {RECOVERY_TARGET_S}s)")
 
 
 @pytest.mark.integration

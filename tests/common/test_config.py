@@ -97,3 +97,9 @@ def test_modality_affinity_config_reaches_the_model():
     model = build_model(**model_kwargs(cfg))  # type: ignore[arg-type]
     assert model.expert_affinity == "modality" and model.groups["audio"] == (2, 3, 4, 5)
     assert FedgeConfig().model.expert_affinity == "shared" and FedgeConfig().model.shared_experts == 0
+
+
+def test_a_removed_key_in_an_old_config_is_ignored_with_a_warning():
+    with pytest.warns(UserWarning, match="fault_tolerance.recovery_time_s.*no longer used"):
+        cfg = load_config(run_config={"fault_tolerance.recovery_time_s": 60.0, "fault_tolerance.max_failures": 2})
+    assert cfg.fault_tolerance.max_failures == 2
