@@ -31,6 +31,7 @@ from pathlib import Path
 
 import numpy as np
 import soundfile as sf
+from _quick import parse_quick  # benchmarks/_quick.py: sys.path[0] is this folder
 
 from common.media.audio import MelParams, mel_power, power_to_db
 from edge.ingest import ingest
@@ -121,7 +122,7 @@ def main() -> None:
     ap.add_argument("--max-shot", type=float, default=3.0, help="Longest shot, seconds.")
     ap.add_argument("--fps", type=float, default=10.0, help="Camera frame rate.")
     ap.add_argument("--size", type=int, default=96, help="Frame side in pixels.")
-    args = ap.parse_args()
+    args = parse_quick(ap, seeds=1, shots=4)
 
     work = Path(tempfile.mkdtemp(prefix="fedge-align-"))
     totals = {"shot": 0, "keyframe": 0}

@@ -22,6 +22,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from _quick import parse_quick  # benchmarks/_quick.py: sys.path[0] is this folder
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -33,10 +35,13 @@ def _child(run_dir: str, nodes: int, overrides: list[str]) -> None:
 
     from cloud.server_app import app as server_app
     from common.config import load_config, parse_overrides
+    from common.synthetic import save_heldout
     from edge.client_app import app as client_app
 
     cfg = load_config(overrides=parse_overrides(overrides))
     cfg = dataclasses.replace(cfg, run_dir=str(Path(run_dir).resolve()))
+    held = save_heldout(Path(cfg.run_dir) / "heldout.npz", cfg)  # the server scores a named set only
+    cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, eval_path=str(held)))
     os.environ["FEDGE_RUN_CONFIG"] = str(cfg.save(cfg.run_dir))
     run_simulation(server_app=server_app, client_app=client_app, num_supernodes=nodes,
                    backend_config={"client_resources": {"num_cpus": 1},
@@ -92,7 +97,7 @@ def main() -> None:
     p.add_argument("--max-staleness", type=int, default=20)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--timeout", type=int, default=600, help="seconds per run")
-    args = p.parse_args()
+    args = parse_quick(p, devices=4, samples=40, max_versions=3, local_steps=2, target=0.3, timeout=240)
     with tempfile.TemporaryDirectory(prefix="fedge-bench-async-") as tmp:
         res = {m: _run(m, Path(tmp) / m, args) for m in ("sync", "async")}
     t = {m: _time_to(recs, args.target) for m, recs in res.items()}

@@ -31,6 +31,7 @@ os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 
 import librosa
 import numpy as np
+from _quick import parse_quick  # benchmarks/_quick.py: sys.path[0] is this folder
 
 from common.media.audio import MelParams, MelStream, logmel, mfcc, power_to_db
 
@@ -145,7 +146,7 @@ def main() -> None:
     ap.add_argument("--seconds", type=float, default=20.0, help="length of each accuracy signal")
     ap.add_argument("--speed-seconds", type=float, default=120.0, help="length of the timed signal")
     ap.add_argument("--repeats", type=int, default=40, help="timed runs of each (the fastest counts)")
-    a = ap.parse_args()
+    a = parse_quick(ap, seconds=2.0, speed_seconds=5.0, repeats=2)
     print(f"librosa {librosa.__version__}, numpy {np.__version__}")
     print("accuracy against librosa:")
     db, mf = accuracy(a.seconds)

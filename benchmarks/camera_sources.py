@@ -27,6 +27,7 @@ import cv2
 import numpy as np
 import skimage.data
 import soundfile as sf
+from _quick import parse_quick  # benchmarks/_quick.py: sys.path[0] is this folder
 
 from edge.ingest import ingest
 from edge.keyframes import thumbnail
@@ -63,7 +64,7 @@ def main() -> None:
     ap.add_argument("--photos", type=int, default=120, help="Photos in the generated folder.")
     ap.add_argument("--seconds", type=float, default=6.0, help="Seconds of live audio to ingest.")
     ap.add_argument("--repeats", type=int, default=3, help="Interleaved runs; the fastest counts.")
-    args = ap.parse_args()
+    args = parse_quick(ap, photos=10, seconds=1.0, repeats=1)
     with tempfile.TemporaryDirectory() as tmp:
         d = Path(tmp)
         write_photos(d / "photos", args.photos)

@@ -11,6 +11,7 @@ import argparse
 
 import numpy as np
 import torch
+from _quick import parse_quick  # benchmarks/_quick.py: sys.path[0] is this folder
 from tqdm import tqdm
 
 from common.codec import CodecParams, decode, encode, raw_nbytes
@@ -26,7 +27,7 @@ def main() -> None:
     ap.add_argument("--topk", type=float, default=0.05)
     ap.add_argument("--bits", type=int, default=8, choices=(4, 8, 32))
     ap.add_argument("--steps", type=int, default=10, help="local training steps per round")
-    args = ap.parse_args()
+    args = parse_quick(ap, rounds=2, steps=2)
     torch.manual_seed(0)
     torch.set_num_threads(2)
 

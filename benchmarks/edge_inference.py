@@ -35,6 +35,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import numpy as np
 import torch
+from _quick import parse_quick  # benchmarks/_quick.py: sys.path[0] is this folder
 
 LAYOUTS = ("shared", "modality")
 DEPLOYED = "modality"
@@ -94,7 +95,7 @@ def main() -> None:
     ap.add_argument("--iters", type=int, default=300, help="timed calls per runtime (latency part)")
     ap.add_argument("--batch", type=int, default=1, help="samples per call in the latency part")
     ap.add_argument("--seed", type=int, default=0, help="initial weights of both layouts (the same for both)")
-    args = ap.parse_args()
+    args = parse_quick(ap, train_steps=5, windows=8, iters=20)
 
     import ray
     from ray import serve

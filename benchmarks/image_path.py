@@ -34,6 +34,7 @@ os.environ.setdefault("OMP_NUM_THREADS", "2")
 import numpy as np
 import torch
 import torch.nn.functional as F
+from _quick import parse_quick  # benchmarks/_quick.py: sys.path[0] is this folder
 from torch import nn
 
 from common.config import ModelConfig
@@ -136,7 +137,7 @@ def main() -> None:
     p.add_argument("--card", type=float, nargs=2, default=(0.85, 0.95), metavar=("LO", "HI"),
                    help="the card's side as a fraction of the frame's, drawn per shot in [LO, HI] (AV digits: 0.85 "
                         "0.95; e.g. 0.4 0.5 for a card held far from the camera)")
-    args = p.parse_args()
+    args = parse_quick(p, train=60, test=40, epochs=1)
     torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
     s = ModelConfig().image_size
     t0 = time.perf_counter()

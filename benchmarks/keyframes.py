@@ -34,6 +34,8 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from _quick import parse_quick  # benchmarks/_quick.py: sys.path[0] is this folder
+
 from common.media.scenes import Shot, Transition, iter_render, match
 from edge.keyframes import extract_keyframes
 
@@ -185,7 +187,7 @@ def main() -> None:
     ap.add_argument("--fps", type=float, default=30.0)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--repeats", type=int, default=2, help="timing repeats for decode and fedge (min is kept)")
-    args = ap.parse_args()
+    args = parse_quick(ap, videos=1, shots=4, width=320, height=180, repeats=1)
 
     photos, stereo = load_photos()
     rng = np.random.default_rng(args.seed)

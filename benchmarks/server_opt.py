@@ -35,6 +35,7 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+from _quick import parse_quick  # benchmarks/_quick.py: sys.path[0] is this folder
 
 from cloud import clock as clk  # noqa: E402
 from cloud.aggregation import default_server_lr  # noqa: E402
@@ -132,7 +133,7 @@ def main() -> None:
     ap.add_argument("--set", action="append", default=[], help="override a scenario key for every variant")
     ap.add_argument("--out", default="", help="write every run's result as JSON here")
     ap.add_argument("--threads", type=int, default=1, help="torch CPU threads (one device trains at a time)")
-    args = ap.parse_args()
+    args = parse_quick(ap, scenario=str(ROOT / "simulations" / "scenarios" / "tiny.toml"), seeds="0", versions=2)
     torch.set_num_threads(args.threads)
 
     from edge.data import local_data

@@ -19,6 +19,7 @@ from pathlib import Path
 
 import cv2
 import numpy as np
+from _quick import parse_quick  # benchmarks/_quick.py: sys.path[0] is this folder
 
 from common.dataset import load_data
 from common.synthetic import make_av_dataset
@@ -44,7 +45,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--samples", type=int, default=2000, help="samples in the store")
     ap.add_argument("--repeats", type=int, default=5, help="interleaved timed reads of each reader")
-    args = ap.parse_args()
+    args = parse_quick(ap, samples=100, repeats=1)
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp) / "store"
         make_store(root, args.samples)

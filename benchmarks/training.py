@@ -24,6 +24,8 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 
+from _quick import parse_quick  # benchmarks/_quick.py: sys.path[0] is this folder
+
 from cloud.training import GlobalTrainer, initial_base
 from common.config import load_config
 from common.synthetic import make_av_dataset
@@ -50,7 +52,7 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=150, help="optimizer steps per run")
     ap.add_argument("--batch", type=int, default=64, help="batch size per worker")
     ap.add_argument("--samples", type=int, default=1024, help="generated training samples")
-    args = ap.parse_args()
+    args = parse_quick(ap, steps=10, samples=128)
     import ray
 
     cpus = os.cpu_count() or 2

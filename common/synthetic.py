@@ -7,9 +7,15 @@ Prototypes depend on ``proto_seed`` only, so every device and the server share t
 
 from __future__ import annotations
 
+from pathlib import Path
+from typing import TYPE_CHECKING
+
 import numpy as np
 
 from .config import MODALITIES
+
+if TYPE_CHECKING:
+    from .config import FedgeConfig
 
 
 def _prototypes(num_classes: int, image_size: int, n_mels: int, frames: int, proto_seed: int):
@@ -123,3 +129,14 @@ def device_partition(
     if partition == "dirichlet":
         probs = np.random.default_rng([seed, 91, partition_id]).dirichlet([dirichlet_alpha] * num_classes)
     return probs, mods
+
+
+def save_heldout(path: Path, cfg: FedgeConfig) -> Path:
+    """Write the synthetic task's held-out set for ``cfg`` (``data.eval_samples`` samples from a seed no device
+    partition uses, shaped for ``cfg.model``) as an NPZ at ``path``, for ``data.eval_path``; returns ``path``."""
+    m = cfg.model
+    path.parent.mkdir(parents=True, exist_ok=True)
+    np.savez(path, **make_av_dataset(cfg.data.eval_samples, seed=cfg.seed * 100_003 + 99_991,
+                                     num_classes=m.num_classes, image_size=m.image_size, n_mels=m.n_mels,
+                                     frames=m.audio_frames))
+    return path

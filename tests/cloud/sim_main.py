@@ -24,15 +24,9 @@ def main(argv: list[str]) -> None:
     cfg = load_config(overrides={"data.source": "synthetic", **parse_overrides(argv[3:])})
     cfg = dataclasses.replace(cfg, run_dir=str(run_dir))
     if not cfg.data.eval_path:  # the server evaluates on a named set only: the synthetic task's held-out samples
-        import numpy as np
+        from common.synthetic import save_heldout
 
-        from common.synthetic import make_av_dataset
-
-        m, held = cfg.model, run_dir / "heldout.npz"
-        run_dir.mkdir(parents=True, exist_ok=True)
-        np.savez(held, **make_av_dataset(cfg.data.eval_samples, seed=cfg.seed * 100_003 + 99_991,
-                                         num_classes=m.num_classes, image_size=m.image_size, n_mels=m.n_mels,
-                                         frames=m.audio_frames))
+        held = save_heldout(run_dir / "heldout.npz", cfg)
         cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, eval_path=str(held)))
     os.environ["FEDGE_RUN_CONFIG"] = str(cfg.save(run_dir))
     run_simulation(server_app=server_app, client_app=client_app, num_supernodes=nodes,
