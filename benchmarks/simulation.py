@@ -117,8 +117,12 @@ def cpu_seconds(out: Path) -> float:
     return float(json.loads((out / "bench_wall.json").read_text())["cpu"])
 
 
+# --quick: every run shrunk to a few devices, samples and versions (appended last, so they win); set in main()
+QUICK_SETS: list[str] = []
+
+
 def simulate(scenario: Path, out: Path, sets: list[str], env: dict[str, str], *, timeout: int = 900,
-             extra: list[str] | None = None, attempts: int = 2) -> tuple[float, float]:
+             extra: list[str] | None = None, attempts: int = 2, shrink: bool = True) -> tuple[float, float]:
     """Run ``fedge simulate`` in a subprocess; return (wall seconds, peak RSS bytes of its process tree).
 
     A finished run in ``out`` (from an earlier invocation with the same ``--work``) is reused. A failed run is
@@ -130,7 +134,7 @@ def simulate(scenario: Path, out: Path, sets: list[str], env: dict[str, str], *,
         return float(d["wall"]), float(d["peak"])
     cmd = [sys.executable, "-m", "common.cli", "simulate", *(extra or ["run"]), str(scenario), "--out", str(out),
            "--quiet"]
-    for s in sets:
+    for s in [*sets, *(QUICK_SETS if shrink else [])]:
         cmd += ["--set", s]
     for attempt in range(attempts):
         t0 = time.perf_counter()
@@ -325,7 +329,7 @@ def dashboard_overhead(work: Path, env: dict[str, str], repeats: int) -> float:
 
 def scale(work: Path, env: dict[str, str], *, quick: bool) -> dict[str, float]:
     """(g): the 10,000-device scenario at 1,000 and 10,000 devices, each from its own cold data cache."""
-    small, large = (200, 2000) if quick else (1000, 10_000)
+    small, large = (100, 500) if quick else (1000, 10_000)
     tiny = ["simulation.pool_samples=300", "aggregation.versions=3", "aggregation.concurrency=40",
             "aggregation.buffer_size=10", "simulation.pretrain_steps=30", "simulation.cloud_samples=40",
             "data.eval_samples=40"] if quick else []
@@ -333,7 +337,7 @@ def scale(work: Path, env: dict[str, str], *, quick: bool) -> dict[str, float]:
     for n in (small, large):
         cold = {**env, "FEDGE_SIM_CACHE": str(work / f"data-scale-{n}")}
         wall, peak = simulate(SCEN / "tenthousand.toml", work / f"scale-{n}", [f"simulation.devices={n}", *tiny],
-                              cold, timeout=3600)
+                              cold, timeout=3600, shrink=False)
         recs = metrics(work / f"scale-{n}")
         prep = json.loads((work / f"scale-{n}" / "prepared.json").read_text())
         runs[n] = (wall, peak)
@@ -352,7 +356,9 @@ SCALE_KEYS = ("devices_10000_seconds", "devices_10000_peak_gib", "scale_seconds_
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--quick", action="store_true", help="fewer versions (a smoke run, figures less stable)")
+    ap.add_argument("--quick", action="store_true",
+                    help="a smoke run in about a minute: 3 devices, 3 versions, no 1,000-device run, 100 vs 500 "
+                         "devices for the scale part (figures not meaningful)")
     ap.add_argument("--skip-1000", action="store_true", help="leave out (b), the 1,000-device run")
     ap.add_argument("--skip-10000", action="store_true", help="leave out (g), the 1,000 and 10,000-device pool runs")
     ap.add_argument("--work", type=Path, default=None, help="keep runs here (default: a temp dir)")
@@ -365,7 +371,11 @@ def main() -> None:
     work.mkdir(parents=True, exist_ok=True)
     cache = work / "data"
     env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0", "FEDGE_SIM_CACHE": str(cache), "OMP_NUM_THREADS": "1"}
-    q = ["aggregation.versions=8"] if args.quick else []
+    if args.quick:
+        args.repeats, args.skip_1000 = 1, True
+        QUICK_SETS.extend(["simulation.devices=3", "data.samples_per_device=20", "data.eval_samples=60",
+                           "aggregation.versions=3", "aggregation.concurrency=3", "simulation.pretrain_steps=30",
+                           "simulation.cloud_samples=40"])
     if args.only == "dashboard":
         overhead = dashboard_overhead(work, env, args.repeats)
         print(f"runs in {work}")
@@ -383,7 +393,7 @@ def main() -> None:
     target = args.target
     # from a random base both modes train from scratch: a larger local step than the fine-tuning default
     nopre = ["simulation.pretrain_steps=0", "train.lr=0.01"]
-    wall_async, _ = simulate(base, work / "async-seedbase", [f"simulation.target_accuracy={target}", *nopre, *q],
+    wall_async, _ = simulate(base, work / "async-seedbase", [f"simulation.target_accuracy={target}", *nopre],
                              env)
     wall_sync, _ = simulate(SCEN / "sync.toml", work / "sync-seedbase",
                             [f"simulation.target_accuracy={target}", "aggregation.versions=15", *nopre], env)
@@ -395,7 +405,7 @@ def main() -> None:
     results["async_speedup"] = speedup
 
     # (d) federated vs centralized, both from the cloud-pretrained base; 30% of devices missing a modality
-    simulate(base, work / "async", [f"simulation.target_accuracy={target}", *q], env)
+    simulate(base, work / "async", [f"simulation.target_accuracy={target}"], env)
     ra = metrics(work / "async")
     print(f"(d) async from the cloud-pretrained base: version 1 acc {ra[0]['accuracy']:.3f}, final "
           f"{ra[-1]['accuracy']:.3f}")
@@ -404,7 +414,7 @@ def main() -> None:
     central = centralized_accuracy(work / "async" / "config.toml", steps)
     print(f"(d) federated {fed:.4f} (best of the last 3 versions) vs centralized {central:.4f} ({steps} steps)")
     results["fed_vs_central"] = fed / central
-    simulate(base, work / "missing30", ["data.missing_image=0.15", "data.missing_audio=0.15", *q], env)
+    simulate(base, work / "missing30", ["data.missing_image=0.15", "data.missing_audio=0.15"], env)
     rm = metrics(work / "missing30")
     fed_m = max(r["accuracy"] for r in rm[-3:])
     print(f"(d) 30% of devices missing a modality: {fed_m:.4f}")
