@@ -33,7 +33,8 @@ import numpy as np
 import soundfile as sf
 from _quick import parse_quick  # benchmarks/_quick.py: sys.path[0] is this folder
 
-from common.media.audio import MelParams, mel_power, power_to_db
+from common.media.audio import mel_power, power_to_db
+from common.media.mel import MelParams
 from edge.ingest import ingest
 from edge.store import SampleStore
 from simulations import avdigits

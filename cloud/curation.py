@@ -34,7 +34,8 @@ import cv2
 import numpy as np
 
 from common.config import MODALITIES, FedgeConfig
-from common.media.audio import MelParams, hz_to_mel, mel_power, mel_to_hz, power_to_db
+from common.media.audio import mel_power, power_to_db
+from common.media.mel import MelParams, hz_to_mel, mel_to_hz
 from common.media.quality import audio_score, audio_stats, image_score, image_stats
 from common.media.shots import detect_boundaries
 

@@ -28,7 +28,7 @@ from typing import IO
 
 import numpy as np
 
-from common.media.audio import StreamResampler
+from common.media.resample import StreamResampler
 
 __all__ = ["MIN_SAMPLE_RATE", "AudioSource", "AudioSourceError", "find_ffmpeg", "open_audio"]
 

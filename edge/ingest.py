@@ -45,7 +45,8 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import typer
 
-from common.media.audio import MelParams, MelStream, power_to_db
+from common.media.audio import MelStream, power_to_db
+from common.media.mel import MelParams
 from edge.align import NoiseFloor, choose_windows, frame_energy_db
 from edge.audio_source import AudioSource, AudioSourceError, open_audio
 from edge.labels import Labels

@@ -63,7 +63,8 @@ def load_windows(
         if a.ndim != 3 or a.shape[1:] != (n_mels, frames):
             raise ValueError(f"{src}: log-mel windows must be (B, {n_mels}, {frames}), got {a.shape}")
         return a.astype(np.float32), np.arange(len(a), dtype=np.float64)
-    from common.media.audio import MelParams, mel_power, power_to_db
+    from common.media.audio import mel_power, power_to_db
+    from common.media.mel import MelParams
 
     from .audio_source import open_audio
 

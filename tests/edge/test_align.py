@@ -12,7 +12,8 @@ import pytest
 import skimage.data
 import soundfile as sf
 
-from common.media.audio import BLOCK, MelParams, mel_power, power_to_db
+from common.media.audio import mel_power, power_to_db
+from common.media.mel import BLOCK, MelParams
 from edge.align import NoiseFloor, active_segments, choose_windows, frame_energy_db, window_power
 from edge.ingest import _AudioWindows, ingest
 from edge.labels import parse_labels

@@ -15,16 +15,9 @@ import pytest
 import scipy.signal
 import soundfile as sf
 
-from common.media.audio import (
-    MelParams,
-    MelStream,
-    StreamResampler,
-    logmel,
-    mel_filterbank,
-    mel_power,
-    mfcc,
-    power_to_db,
-)
+from common.media.audio import MelStream, logmel, mel_power, mfcc, power_to_db
+from common.media.mel import MelParams, mel_filterbank
+from common.media.resample import StreamResampler
 from edge.audio_source import AudioSourceError, find_ffmpeg, open_audio
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -131,7 +124,8 @@ def test_features_run_in_the_calling_thread_only():
     # OpenCV starts its worker pool on the first parallel call: the kernel stays under its threshold
     code = (
         "import os, numpy as np\n"
-        "from common.media.audio import MelParams, MelStream, logmel, mfcc\n"
+        "from common.media.audio import MelStream, logmel, mfcc\n"
+        "from common.media.mel import MelParams\n"
         "y = np.random.default_rng(0).standard_normal(16000 * 30).astype(np.float32)\n"
         "before = len(os.listdir('/proc/self/task'))\n"
         "for p in (MelParams(), MelParams(sr=22050, n_fft=2048, hop_length=512, n_mels=128)):\n"

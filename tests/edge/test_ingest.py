@@ -14,7 +14,8 @@ import soundfile as sf
 from typer.testing import CliRunner
 
 from common.cli import build_app
-from common.media.audio import MelParams, mel_power, power_to_db
+from common.media.audio import mel_power, power_to_db
+from common.media.mel import MelParams
 from edge.audio_source import find_ffmpeg
 from edge.ingest import IngestError, ingest
 from edge.store import SampleStore, StoreBudgetError
