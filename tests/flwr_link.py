@@ -1,4 +1,5 @@
-"""`flwr run .` as the README documents it: an own SuperLink in simulation mode and a FLWR_HOME federation."""
+"""`flwr run .` as docs/configuration.md documents it: an own SuperLink in simulation mode and a FLWR_HOME
+federation."""
 
 from __future__ import annotations
 

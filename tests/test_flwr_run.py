@@ -1,5 +1,5 @@
-"""`flwr run .` works offline as the README documents: the README's block, run verbatim, starts its own SuperLink
-in simulation mode, waits for it, points a FLWR_HOME federation at it and runs the app."""
+"""`flwr run .` works offline as docs/configuration.md documents: its block, run verbatim, starts its own
+SuperLink in simulation mode, waits for it, points a FLWR_HOME federation at it and runs the app."""
 
 import json
 import os
@@ -18,21 +18,21 @@ ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
 
 
-def readme_flwr_run_block() -> str:
-    text = (ROOT / "README.md").read_text()
+def documented_flwr_run_block() -> str:
+    text = (ROOT / "docs" / "configuration.md").read_text()
     section = text[text.index("## Running with `flwr run`"):]
     return re.search(r"```bash\n(.*?)```", section, re.DOTALL).group(1)
 
 
 @pytest.mark.integration
-def test_readme_flwr_run_block_runs_verbatim_with_the_config_defaults(tmp_path):
+def test_documented_flwr_run_block_runs_verbatim_with_the_config_defaults(tmp_path):
     """pyproject's defaults are the config's (async), and the run, given no run_dir, records itself under
     $FEDGE_RUNS_DIR/run-<id>."""
     before = (ROOT / "pyproject.toml").read_text()
     runs = tmp_path / "runs"
     env = {**os.environ, "FLWR_HOME": str(tmp_path / "flwr"), "PORT": str(free_port()), "FEDGE_RUNS_DIR": str(runs),
            "RAY_USAGE_STATS_ENABLED": "0", "PATH": f"{BIN}:{os.environ['PATH']}"}
-    p = subprocess.Popen(["bash", "-e", "-c", readme_flwr_run_block()], cwd=ROOT, env=env, text=True,
+    p = subprocess.Popen(["bash", "-e", "-c", documented_flwr_run_block()], cwd=ROOT, env=env, text=True,
                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
     try:
         out, _ = p.communicate(timeout=300)

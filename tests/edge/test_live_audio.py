@@ -72,7 +72,7 @@ def fifo(tmp_path) -> Path:
 
 def test_device_names_parse_to_ffmpeg_inputs(tmp_path, fifo):
     assert parse_live_audio("alsa:hw:1") == LiveAudio("alsa", "hw:1", "alsa:hw:1")
-    assert parse_live_audio("hw:1") == LiveAudio("alsa", "hw:1", "hw:1")  # the README's form
+    assert parse_live_audio("hw:1") == LiveAudio("alsa", "hw:1", "hw:1")  # the bare form docs/audio.md names
     assert parse_live_audio("plughw:1,0").kind == "alsa"
     assert parse_live_audio("alsa:default").input_args() == ["-f", "alsa", "-i", "default"]
     assert parse_live_audio("pulse:default").input_args() == ["-f", "pulse", "-i", "default"]
