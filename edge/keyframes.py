@@ -53,7 +53,8 @@ import numpy as np
 import typer
 from tqdm import tqdm
 
-from common.media.shots import Boundary, FrameFeatures, ShotDetector, frame_features
+from common.media.frame_features import FrameFeatures, frame_features
+from common.media.shots import Boundary, ShotDetector
 from edge.sources import VideoSource, open_video
 
 __all__ = [

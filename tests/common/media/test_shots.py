@@ -7,22 +7,18 @@ import numpy as np
 import pytest
 import skimage.data as skdata
 
-from common.media.scenes import Shot, render, texture
-from common.media.shots import (
+from common.media.frame_features import (
     CONTRAST_FLOOR,
-    ShotDetector,
     _local_match,
-    blend_fit,
-    composite_fit,
-    detect_boundaries,
     frame_features,
     hist_distance,
-    is_blend,
-    is_composite,
     pair_scores,
     struct_distance,
     thumbnail,
 )
+from common.media.scenes import Shot, render, texture
+from common.media.shots import ShotDetector, detect_boundaries
+from common.media.transitions import blend_fit, composite_fit, is_blend, is_composite
 
 SIZE = (160, 120)
 STRIDE = 3  # what edge/keyframes.py uses at 30 fps
