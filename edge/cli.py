@@ -28,7 +28,7 @@ from .keyframes import keyframes_command  # noqa: E402  (issue 3a: keyframe extr
 
 app.command("keyframes")(keyframes_command)
 
-from .ingest import ingest_command  # noqa: E402  (issue 3b: streams -> SampleStore)
+from .ingest_cli import ingest_command  # noqa: E402  (streams -> SampleStore)
 
 app.command("ingest")(ingest_command)
 

@@ -32,9 +32,6 @@ from __future__ import annotations
 
 import math
 import os
-import signal
-import sys
-import threading
 import time
 from collections import Counter
 from collections.abc import Callable, Iterator
@@ -43,24 +40,21 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import typer
 
-from common.media.audio import MelStream, power_to_db
 from common.media.mel import MelParams
-from edge.align import NoiseFloor, choose_windows, frame_energy_db
 from edge.audio_source import AudioSource, AudioSourceError, open_audio
+from edge.audio_windows import AudioWindows, Window
 from edge.labels import Labels
 from edge.quality import QualityGate
 from edge.resume import resume_point, source_key, stored_keys, track, track_many
-from edge.store import SampleStore, StoreBudgetError, StoreError, StoreFullError, budget_from_mb
+from edge.store import SampleStore, StoreBudgetError, StoreError, StoreFullError
 
 if TYPE_CHECKING:
     from edge.images import ImageSource
 
-__all__ = ["IngestError", "IngestReport", "ingest", "ingest_command"]
+__all__ = ["IngestError", "IngestReport", "ingest"]
 
 _KEEP_S = 10.0  # seconds of audio features kept behind the latest keyframe (keyframes arrive in time order)
-_FLOOR_S = 30.0  # seconds of recent frame energies that set the noise floor
 ALIGN_MODES = ("shot", "keyframe")
 MAX_SECONDS = 1e6  # bound of a stride or offset in seconds (11.6 days): larger is a typo, and overflows frame maths
 
@@ -118,98 +112,6 @@ class IngestReport:
         ]
         lines += [f"note: {n}" for n in self.notes]
         return "\n".join(lines)
-
-
-Window = tuple[np.ndarray, np.ndarray, int]  # (dB (n_mels, frames), raw samples it covers, start frame)
-
-
-class _AudioWindows:
-    """Streaming log-mel of one audio source with random access to recent windows."""
-
-    def __init__(self, src: AudioSource, params: MelParams, frames: int, top_db: float | None) -> None:
-        self.src, self.p, self.frames, self.top_db = src, params, frames, top_db
-        self._chunks = src.chunks()
-        self._stream = MelStream(params)
-        self.mel = np.empty((params.n_mels, 0), np.float32)  # mel power, frames [base, base + width)
-        self.base = 0
-        self.raw = np.empty(0, np.float32)  # samples [raw_base, ...)
-        self.raw_base = 0
-        self.done = False
-        self.floor = NoiseFloor(round(_FLOOR_S * params.sr / params.hop))
-
-    @property
-    def end(self) -> int:
-        return self.base + self.mel.shape[1]
-
-    def _pull(self) -> None:
-        c = next(self._chunks, None)
-        if c is None:
-            new = self._stream.flush()
-            self.done = True
-        else:
-            new = self._stream.push(c)
-            self.raw = np.concatenate([self.raw, c])
-        if new.shape[1]:
-            self.mel = np.concatenate([self.mel, new], axis=1)
-            self.floor.push(frame_energy_db(new))
-
-    def _frame(self, t: float) -> int:
-        return round(t * self.p.sr / self.p.hop)
-
-    def _at(self, start: int) -> Window:
-        m = self.mel[:, start - self.base : start - self.base + self.frames]
-        db = power_to_db(m, ref=1.0, amin=1e-10, top_db=self.top_db).astype(np.float32)
-        s0 = max(0, start * self.p.hop - self.p.n_fft // 2)
-        s1 = (start + self.frames - 1) * self.p.hop + self.p.n_fft // 2
-        raw = self.raw[max(0, s0 - self.raw_base) : max(0, s1 - self.raw_base)]
-        return db, raw, start
-
-    def window(self, t: float, *, clamp_end: bool = True) -> Window | None:
-        """The window centred at ``t`` s, or None."""
-        half = self.frames // 2
-        c = self._frame(t)
-        start = c - half
-        while not self.done and self.end < start + self.frames:
-            self._pull()
-        if self.done and clamp_end:
-            start = min(start, self.end - self.frames)
-        start = max(start, 0)
-        if start < self.base or start + self.frames > self.end or abs(c - (start + half)) > half:
-            return None
-        return self._at(start)
-
-    def span(self, t0: float, t1: float, max_windows: int, *, clamp_end: bool = True) -> list[Window]:
-        """The windows inside the span ``[t0, t1)`` s where the sound is (:func:`edge.align.choose_windows`);
-        a span shorter than a window (or with too little audio) gives the window centred on it, if any."""
-        a, b = max(self._frame(t0), self.base), self._frame(t1)
-        while not self.done and self.end < b:
-            self._pull()
-        b = min(b, self.end)
-        if b - a <= self.frames:
-            w = self.window((t0 + t1) / 2, clamp_end=clamp_end)
-            return [] if w is None else [w]
-        energy = frame_energy_db(self.mel[:, a - self.base : b - self.base])
-        starts = choose_windows(energy, frames=self.frames, threshold=self.floor.threshold(),
-                                max_windows=max_windows)
-        return [self._at(a + k) for k in starts]
-
-    def release_before(self, frame: int) -> None:
-        """Forget features before ``frame`` and the samples they need."""
-        drop = min(max(0, frame - self.base), self.mel.shape[1])
-        if drop:
-            self.mel = self.mel[:, drop:].copy()
-            self.base += drop
-        first_sample = max(0, self.base * self.p.hop - self.p.n_fft // 2)
-        cut = min(max(0, first_sample - self.raw_base), len(self.raw))
-        if cut:
-            self.raw = self.raw[cut:].copy()
-            self.raw_base += cut
-
-    def drain(self) -> None:
-        """Read the rest of the source (to count its seconds and see its errors)."""
-        while not self.done:
-            self._pull()
-            self.release_before(self.end)
 
 
 def _file_size(src: str | None) -> int:
@@ -339,7 +241,7 @@ def ingest(
             rep.notes.append(f"microphone-only: audio windows every {mic_stride:g} s")
         has_image = vsrc is not None or images is not None
         rep.modalities = tuple(m for m, on in (("image", has_image), ("audio", asrc is not None)) if on)
-        windows = _AudioWindows(asrc, params, frames, top_db) if asrc is not None else None
+        windows = AudioWindows(asrc, params, frames, top_db) if asrc is not None else None
         # a recording ingested before resumes past its last stored sample (edge/resume.py); live sources do not
         recorded = video if isinstance(video, (str, int, Path)) else None  # images have keys of their own
         key = None if images is not None else \
@@ -542,167 +444,3 @@ def _mic_centres(p: MelParams, frames: int, stride_s: float) -> Iterator[float]:
     while True:
         yield first + k * stride_s
         k += 1
-
-
-# ----------------------------------------------------------------------------------------- CLI
-def _checked_labels(label: int | None, labels_file: Path | None, *, config: Path | None,
-                    overrides: list[str], images: ImageSource | None = None) -> Labels | None:
-    """The labelled spans of ``--labels`` (or None), with ``--label`` and every span's label checked against
-    the config's ``model.num_classes``. For ``images``, ``--labels`` names files (:mod:`edge.images`).
-
-    Raises
-    ------
-    ValueError
-        One line: both options given, a bad config, a bad labels file (:class:`edge.labels.LabelsError`), or a
-        label outside ``model.num_classes``.
-    """
-    from common.config import ConfigError, load_config, parse_overrides
-    from edge.labels import load_labels
-
-    if label is not None and labels_file is not None:
-        raise ValueError("give --label or --labels, not both")
-    try:
-        n = load_config(toml_path=config, overrides=parse_overrides(overrides)).model.num_classes
-    except (ConfigError, FileNotFoundError) as e:
-        raise ValueError(str(e)) from None
-    if label is not None and not 0 <= label < n:
-        raise ValueError(f"--label {label} is outside model.num_classes = {n} (0..{n - 1})")
-    if labels_file is not None and images is not None:
-        from edge.images import read_name_labels
-
-        by_name = images.labels(read_name_labels(labels_file), str(labels_file))
-        by_name.check_classes(n)
-        return by_name
-    return None if labels_file is None else load_labels(labels_file, num_classes=n)
-
-
-def ingest_command(
-    video: str | None = typer.Option(None, "--video",
-                                     help="Video file, camera index (0) or stream URL; or images: a folder, a "
-                                          "quoted glob ('photos/*.jpg') or one image file (one sample each)."),
-    audio: str | None = typer.Option(None, "--audio",
-                                     help="WAV/FLAC/OGG file or a video file (its audio track), or a live "
-                                          "microphone: alsa:hw:1 (or hw:1), pulse:default, a FIFO, "
-                                          "lavfi:GRAPH (ffmpeg). Default: the video's own track when it has one."),
-    store: Path = typer.Option(..., "--store", help="SampleStore directory (created if missing)."),  # noqa: B008
-    label: int | None = typer.Option(None, "--label", help="Class index of every sample (default: unlabeled)."),
-    labels_file: Path | None = typer.Option(  # noqa: B008
-        None, "--labels", help="Labelled time spans instead of --label: a CSV (start_s,end_s,label; header "
-                               "optional) or a JSON list of {start_s, end_s, label}. A sample takes the label of "
-                               "the span its keyframe (or a microphone-only window's centre) falls in; outside "
-                               "every span it is unlabeled. For images: labels by file name, a CSV "
-                               "(filename,label) or a JSON object {name: label}."),
-    budget_mb: float | None = typer.Option(None, "--budget-mb",
-                                           help="Byte budget of the store in MB (oldest samples are evicted)."),
-    split: str = typer.Option("train", "--split", help="train, val or test."),
-    no_video_audio: bool = typer.Option(False, "--no-video-audio",
-                                        help="Ignore the video's own audio track (camera-only)."),
-    mic_stride: float = typer.Option(1.0, "--mic-stride", help="Seconds between windows of a microphone-only device."),
-    audio_offset: float = typer.Option(0.0, "--audio-offset", help="Seconds from video time to audio time."),
-    as_json: bool = typer.Option(False, "--json", help="Print the report as one JSON object."),
-    align: str = typer.Option("shot", "--align",
-                              help="Where a keyframe's audio comes from: 'shot' (where the sound is in the "
-                                   "keyframe's shot) or 'keyframe' (the window centred on the keyframe)."),
-    max_per_shot: int = typer.Option(1, "--max-per-shot",
-                                     help="With --align shot: up to this many samples per shot, one per separate "
-                                          "sound (same keyframe)."),
-    min_interval: float = typer.Option(0.25, "--min-interval",
-                                       help="Seconds: no two keyframes closer than this."),
-    max_interval: float = typer.Option(4.0, "--max-interval",
-                                       help="Seconds: a long shot (or a camera without cuts) gets a keyframe at "
-                                            "least this often."),
-    duration: float | None = typer.Option(None, "--duration",
-                                          help="Stop after this many seconds of stream (a live source otherwise "
-                                               "runs until Ctrl-C or SIGTERM, which end it cleanly)."),
-    config: Path | None = typer.Option(None, "--config",  # noqa: B008
-                                       help="Run config TOML: model.num_classes bounds --label and --labels."),
-    set_: list[str] | None = typer.Option(None, "--set",  # noqa: B008
-                                          help="Config override KEY=VALUE, repeatable (e.g. model.num_classes=5)."),
-) -> None:
-    """Ingest a camera and/or microphone stream into a SampleStore: keyframes + aligned log-mel windows,
-    quality-gated. Prints a summary (frames decoded, keyframes kept, seconds of audio, samples stored, rejected
-    by reason, raw bytes in vs bytes stored)."""
-    import json
-
-    from tqdm import tqdm
-
-    from edge.sources import VideoSourceError
-
-    def fail(msg: str, code: int = 1) -> None:
-        typer.echo(f"error: {msg}", err=True)
-        raise typer.Exit(code)
-
-    from edge.images import ImageSource, is_image_source, open_images
-
-    for name, v in (("--min-interval", min_interval), ("--max-interval", max_interval), ("--duration", duration)):
-        if v is not None and not (math.isfinite(v) and v >= 0):
-            fail(f"{name} must be a finite number of seconds >= 0, got {v}", 2)
-    if max_interval < min_interval or max_interval == 0:
-        fail(f"--max-interval ({max_interval:g}) must be > 0 and >= --min-interval ({min_interval:g})", 2)
-    if duration == 0:
-        fail("--duration must be > 0", 2)
-    source: str | ImageSource | None = video
-    spans = None
-    try:  # images are listed and labels checked before anything is opened or stored
-        if video is not None and is_image_source(video):
-            source = open_images(video)
-        spans = _checked_labels(label, labels_file, config=config, overrides=set_ or [],
-                                images=source if isinstance(source, ImageSource) else None)
-    except VideoSourceError as e:
-        fail(str(e), 1)
-    except ValueError as e:
-        fail(str(e), 2)
-    try:
-        st = SampleStore(store, budget_bytes=budget_from_mb(budget_mb))
-        evicted0 = st.stats()["evicted"]
-    except StoreError as e:
-        fail(str(e), 2)
-    bar = tqdm(unit="s", desc="ingest", disable=None, file=sys.stderr, leave=False,
-               bar_format="{desc}: {n:.1f} s of stream [{elapsed}, {rate_fmt}]")
-    last = [0.0]
-
-    def progress(t: float) -> None:
-        if t > last[0]:
-            bar.update(t - last[0])
-            last[0] = t
-
-    # SIGTERM or Ctrl-C ends a live source after its current sample: the report is printed, the store kept;
-    # a second one interrupts at once (e.g. a FIFO still waiting for its writer)
-    stop_requested = threading.Event()
-
-    def on_signal(signum: int, frame: object) -> None:
-        if stop_requested.is_set():
-            raise KeyboardInterrupt
-        stop_requested.set()
-
-    in_main = threading.current_thread() is threading.main_thread()  # signal handlers can only be set there
-    previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGTERM, signal.SIGINT)} if in_main else {}
-    try:
-        rep = ingest(video=source, audio=audio, store=st, label=label, split=split,
-                     audio_from_video=not no_video_audio, mic_stride=mic_stride, audio_offset=audio_offset,
-                     progress=progress, align=align, max_per_shot=max_per_shot, labels=spans,
-                     keyframe_options={"min_interval": min_interval, "max_interval": max_interval},
-                     max_seconds=duration, stop=stop_requested.is_set)
-        evicted = st.stats()["evicted"] - evicted0
-        if evicted:
-            rep.notes.append(f"evicted the {evicted} oldest sample(s) to stay within the store budget of "
-                             f"{st.budget_bytes} bytes")
-    except (IngestError, VideoSourceError, AudioSourceError, StoreError, ValueError) as e:
-        bar.close()
-        fail(str(e), 2 if isinstance(e, (IngestError, ValueError)) else 1)
-    except KeyboardInterrupt:  # before the streams were open (e.g. a FIFO waiting for its writer)
-        bar.close()
-        fail("interrupted before any stream was read; nothing stored", 1)
-    finally:
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
-        st.close()
-    bar.close()
-    typer.echo(json.dumps(rep.to_json()) if as_json else rep.summary())
-    if rep.error:
-        typer.echo(f"error: {rep.error}", err=True)
-    if rep.samples_stored == 0 and rep.samples_resumed == 0:  # a finished recording run again stores nothing
-        typer.echo("error: no sample was stored", err=True)
-        raise typer.Exit(1)
-    if rep.error:
-        raise typer.Exit(1)

@@ -15,7 +15,8 @@ import soundfile as sf
 from common.media.audio import mel_power, power_to_db
 from common.media.mel import BLOCK, MelParams
 from edge.align import NoiseFloor, active_segments, choose_windows, frame_energy_db, window_power
-from edge.ingest import _AudioWindows, ingest
+from edge.audio_windows import AudioWindows
+from edge.ingest import ingest
 from edge.labels import parse_labels
 from edge.store import SampleStore
 
@@ -133,7 +134,7 @@ def test_audio_windows_read_only_as_far_as_a_span_needs():
                 yield np.zeros(SR // 10, np.float32)
 
     src = Chunks()
-    aw = _AudioWindows(src, MelParams(), FRAMES, 80.0)  # type: ignore[arg-type]
+    aw = AudioWindows(src, MelParams(), FRAMES, 80.0)  # type: ignore[arg-type]
     assert len(aw.span(1.0, 3.0, 2)) == 1
     assert src.read <= 30 + 10 * BLOCK * HOP / SR + 1  # 3 s and the log-mel's streaming granularity (a block)
     aw.release_before(aw._frame(2.0))

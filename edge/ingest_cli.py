@@ -1,0 +1,185 @@
+"""``fedge edge ingest``: a camera and/or microphone stream into a SampleStore (:func:`edge.ingest.ingest`)."""
+
+from __future__ import annotations
+
+import math
+import signal
+import sys
+import threading
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import typer
+
+from edge.audio_source import AudioSourceError
+from edge.ingest import IngestError, ingest
+from edge.labels import Labels
+from edge.store import SampleStore, StoreError, budget_from_mb
+
+if TYPE_CHECKING:
+    from edge.images import ImageSource
+
+__all__ = ["checked_labels", "ingest_command"]
+
+
+def checked_labels(label: int | None, labels_file: Path | None, *, config: Path | None,
+                    overrides: list[str], images: ImageSource | None = None) -> Labels | None:
+    """The labelled spans of ``--labels`` (or None), with ``--label`` and every span's label checked against
+    the config's ``model.num_classes``. For ``images``, ``--labels`` names files (:mod:`edge.images`).
+
+    Raises
+    ------
+    ValueError
+        One line: both options given, a bad config, a bad labels file (:class:`edge.labels.LabelsError`), or a
+        label outside ``model.num_classes``.
+    """
+    from common.config import ConfigError, load_config, parse_overrides
+    from edge.labels import load_labels
+
+    if label is not None and labels_file is not None:
+        raise ValueError("give --label or --labels, not both")
+    try:
+        n = load_config(toml_path=config, overrides=parse_overrides(overrides)).model.num_classes
+    except (ConfigError, FileNotFoundError) as e:
+        raise ValueError(str(e)) from None
+    if label is not None and not 0 <= label < n:
+        raise ValueError(f"--label {label} is outside model.num_classes = {n} (0..{n - 1})")
+    if labels_file is not None and images is not None:
+        from edge.images import read_name_labels
+
+        by_name = images.labels(read_name_labels(labels_file), str(labels_file))
+        by_name.check_classes(n)
+        return by_name
+    return None if labels_file is None else load_labels(labels_file, num_classes=n)
+
+
+def ingest_command(
+    video: str | None = typer.Option(None, "--video",
+                                     help="Video file, camera index (0) or stream URL; or images: a folder, a "
+                                          "quoted glob ('photos/*.jpg') or one image file (one sample each)."),
+    audio: str | None = typer.Option(None, "--audio",
+                                     help="WAV/FLAC/OGG file or a video file (its audio track), or a live "
+                                          "microphone: alsa:hw:1 (or hw:1), pulse:default, a FIFO, "
+                                          "lavfi:GRAPH (ffmpeg). Default: the video's own track when it has one."),
+    store: Path = typer.Option(..., "--store", help="SampleStore directory (created if missing)."),  # noqa: B008
+    label: int | None = typer.Option(None, "--label", help="Class index of every sample (default: unlabeled)."),
+    labels_file: Path | None = typer.Option(  # noqa: B008
+        None, "--labels", help="Labelled time spans instead of --label: a CSV (start_s,end_s,label; header "
+                               "optional) or a JSON list of {start_s, end_s, label}. A sample takes the label of "
+                               "the span its keyframe (or a microphone-only window's centre) falls in; outside "
+                               "every span it is unlabeled. For images: labels by file name, a CSV "
+                               "(filename,label) or a JSON object {name: label}."),
+    budget_mb: float | None = typer.Option(None, "--budget-mb",
+                                           help="Byte budget of the store in MB (oldest samples are evicted)."),
+    split: str = typer.Option("train", "--split", help="train, val or test."),
+    no_video_audio: bool = typer.Option(False, "--no-video-audio",
+                                        help="Ignore the video's own audio track (camera-only)."),
+    mic_stride: float = typer.Option(1.0, "--mic-stride", help="Seconds between windows of a microphone-only device."),
+    audio_offset: float = typer.Option(0.0, "--audio-offset", help="Seconds from video time to audio time."),
+    as_json: bool = typer.Option(False, "--json", help="Print the report as one JSON object."),
+    align: str = typer.Option("shot", "--align",
+                              help="Where a keyframe's audio comes from: 'shot' (where the sound is in the "
+                                   "keyframe's shot) or 'keyframe' (the window centred on the keyframe)."),
+    max_per_shot: int = typer.Option(1, "--max-per-shot",
+                                     help="With --align shot: up to this many samples per shot, one per separate "
+                                          "sound (same keyframe)."),
+    min_interval: float = typer.Option(0.25, "--min-interval",
+                                       help="Seconds: no two keyframes closer than this."),
+    max_interval: float = typer.Option(4.0, "--max-interval",
+                                       help="Seconds: a long shot (or a camera without cuts) gets a keyframe at "
+                                            "least this often."),
+    duration: float | None = typer.Option(None, "--duration",
+                                          help="Stop after this many seconds of stream (a live source otherwise "
+                                               "runs until Ctrl-C or SIGTERM, which end it cleanly)."),
+    config: Path | None = typer.Option(None, "--config",  # noqa: B008
+                                       help="Run config TOML: model.num_classes bounds --label and --labels."),
+    set_: list[str] | None = typer.Option(None, "--set",  # noqa: B008
+                                          help="Config override KEY=VALUE, repeatable (e.g. model.num_classes=5)."),
+) -> None:
+    """Ingest a camera and/or microphone stream into a SampleStore: keyframes + aligned log-mel windows,
+    quality-gated. Prints a summary (frames decoded, keyframes kept, seconds of audio, samples stored, rejected
+    by reason, raw bytes in vs bytes stored)."""
+    import json
+
+    from tqdm import tqdm
+
+    from edge.sources import VideoSourceError
+
+    def fail(msg: str, code: int = 1) -> None:
+        typer.echo(f"error: {msg}", err=True)
+        raise typer.Exit(code)
+
+    from edge.images import ImageSource, is_image_source, open_images
+
+    for name, v in (("--min-interval", min_interval), ("--max-interval", max_interval), ("--duration", duration)):
+        if v is not None and not (math.isfinite(v) and v >= 0):
+            fail(f"{name} must be a finite number of seconds >= 0, got {v}", 2)
+    if max_interval < min_interval or max_interval == 0:
+        fail(f"--max-interval ({max_interval:g}) must be > 0 and >= --min-interval ({min_interval:g})", 2)
+    if duration == 0:
+        fail("--duration must be > 0", 2)
+    source: str | ImageSource | None = video
+    spans = None
+    try:  # images are listed and labels checked before anything is opened or stored
+        if video is not None and is_image_source(video):
+            source = open_images(video)
+        spans = checked_labels(label, labels_file, config=config, overrides=set_ or [],
+                                images=source if isinstance(source, ImageSource) else None)
+    except VideoSourceError as e:
+        fail(str(e), 1)
+    except ValueError as e:
+        fail(str(e), 2)
+    try:
+        st = SampleStore(store, budget_bytes=budget_from_mb(budget_mb))
+        evicted0 = st.stats()["evicted"]
+    except StoreError as e:
+        fail(str(e), 2)
+    bar = tqdm(unit="s", desc="ingest", disable=None, file=sys.stderr, leave=False,
+               bar_format="{desc}: {n:.1f} s of stream [{elapsed}, {rate_fmt}]")
+    last = [0.0]
+
+    def progress(t: float) -> None:
+        if t > last[0]:
+            bar.update(t - last[0])
+            last[0] = t
+
+    # SIGTERM or Ctrl-C ends a live source after its current sample: the report is printed, the store kept;
+    # a second one interrupts at once (e.g. a FIFO still waiting for its writer)
+    stop_requested = threading.Event()
+
+    def on_signal(signum: int, frame: object) -> None:
+        if stop_requested.is_set():
+            raise KeyboardInterrupt
+        stop_requested.set()
+
+    in_main = threading.current_thread() is threading.main_thread()  # signal handlers can only be set there
+    previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGTERM, signal.SIGINT)} if in_main else {}
+    try:
+        rep = ingest(video=source, audio=audio, store=st, label=label, split=split,
+                     audio_from_video=not no_video_audio, mic_stride=mic_stride, audio_offset=audio_offset,
+                     progress=progress, align=align, max_per_shot=max_per_shot, labels=spans,
+                     keyframe_options={"min_interval": min_interval, "max_interval": max_interval},
+                     max_seconds=duration, stop=stop_requested.is_set)
+        evicted = st.stats()["evicted"] - evicted0
+        if evicted:
+            rep.notes.append(f"evicted the {evicted} oldest sample(s) to stay within the store budget of "
+                             f"{st.budget_bytes} bytes")
+    except (IngestError, VideoSourceError, AudioSourceError, StoreError, ValueError) as e:
+        bar.close()
+        fail(str(e), 2 if isinstance(e, (IngestError, ValueError)) else 1)
+    except KeyboardInterrupt:  # before the streams were open (e.g. a FIFO waiting for its writer)
+        bar.close()
+        fail("interrupted before any stream was read; nothing stored", 1)
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+        st.close()
+    bar.close()
+    typer.echo(json.dumps(rep.to_json()) if as_json else rep.summary())
+    if rep.error:
+        typer.echo(f"error: {rep.error}", err=True)
+    if rep.samples_stored == 0 and rep.samples_resumed == 0:  # a finished recording run again stores nothing
+        typer.echo("error: no sample was stored", err=True)
+        raise typer.Exit(1)
+    if rep.error:
+        raise typer.Exit(1)
