@@ -4,7 +4,7 @@ sources (microphones, ffmpeg generators, FIFOs: :mod:`edge.live_audio`) are open
 :func:`open_audio` and delivered the same way.
 
 Memory stays bounded on an hour-long file: samples are read in blocks of ``chunk_s`` seconds and resampled
-by a streaming polyphase filter (:class:`common.media.audio.StreamResampler`, equal to
+by a streaming polyphase filter (:class:`common.media.resample.StreamResampler`, equal to
 ``scipy.signal.resample_poly`` on the whole signal). Errors are one line (:class:`AudioSourceError`): a missing
 file, a file that holds no audio, zero-length audio, a sample rate outside the accepted range, non-finite
 samples, a video whose audio track needs ffmpeg where none is installed.

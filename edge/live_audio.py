@@ -52,7 +52,7 @@ __all__ = ["LiveAudio", "is_live_audio", "open_live_audio", "parse_live_audio"]
 
 KINDS = ("alsa", "pulse", "lavfi")  # the ffmpeg input devices named by a prefix
 OPEN_TIMEOUT_S = 15.0  # a device or generator that has not started within this is an error (a FIFO waits)
-_BARE_ALSA = re.compile(r"^(plug)?hw:\S+$")  # the README's `--audio hw:1`: an ALSA hardware device
+_BARE_ALSA = re.compile(r"^(plug)?hw:\S+$")  # `--audio hw:1` (docs/audio.md): an ALSA hardware device
 _WAVE_FLOAT, _WAVE_EXTENSIBLE = 3, 0xFFFE
 _ALSA_LIB = re.compile(r"^ALSA lib \S+?\(\w+\) (.+)$")  # alsa-lib's own stderr line: its reason is the tail
 _NO_SERVER = ("No such process", "Connection refused", "Access denied")  # libpulse: no server to talk to

@@ -1,4 +1,4 @@
-"""Audio features (common/media/audio.py) against librosa, streaming == offline, and audio sources
+"""Audio features (common/media/audio.py, mel.py, resample.py) against librosa, streaming == offline, and audio sources
 (edge/audio_source.py) on generated WAV/FLAC files and a generated video with an audio track."""
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Shot-boundary kernels (common/media/shots.py) on generated frames with known boundaries (no video files)."""
+"""Shot-boundary kernels (common/media/frame_features.py, transitions.py, shots.py) on generated frames with known boundaries (no video files)."""
 
 from __future__ import annotations
 
