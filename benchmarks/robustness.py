@@ -210,7 +210,7 @@ def hostile_payloads(reference: dict[str, np.ndarray]) -> list[tuple[str, dict[s
 
 
 def _hostile(args: argparse.Namespace) -> tuple[int, int]:
-    from cloud.server_app import global_model
+    from cloud.builders import global_model
     from cloud.state import AggregatorState
     from cloud.validation import RawUpdate
     from common.config import load_config

@@ -101,7 +101,7 @@ def _timings(args: argparse.Namespace) -> dict[str, float]:
     """Device and server seconds per update on the run's model: training, encodings, unmasking (medians)."""
     import torch
 
-    from cloud.server_app import global_model
+    from cloud.builders import global_model
     from cloud.validation import RawUpdate, validate
     from common import codec, wire
     from common import secagg as sa

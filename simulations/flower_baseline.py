@@ -19,7 +19,7 @@ from flwr.clientapp import ClientApp
 from flwr.serverapp import Grid, ServerApp
 from flwr.serverapp.strategy import FedAvg
 
-from cloud.server_app import heldout_data
+from cloud.builders import heldout_data
 from common.config import config_from_context
 from common.scope import load_trainable_state, set_trainable, trainable_state
 from common.training import evaluate, train_steps

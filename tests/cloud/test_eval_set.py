@@ -11,7 +11,8 @@ import numpy as np
 import pytest
 
 from cloud import clock as clk
-from cloud.server_app import ServerLoop, _state_kwargs, global_model, heldout_data
+from cloud.builders import global_model, heldout_data, state_kwargs
+from cloud.server_loop import ServerLoop
 from common.config import load_config
 from common.dataset import DataError
 from edge.store import SampleStore
@@ -49,7 +50,7 @@ def test_a_version_without_eval_set_is_recorded_without_accuracy(tmp_path: Path,
     cfg = load_config()
     model = global_model(cfg)
     initial = {k: v.numpy() for k, v in adapter_state(model).items()}
-    actor = start_actor(None, initial=initial, name="fedge-aggregator-no-eval-test", **_state_kwargs(cfg, None))
+    actor = start_actor(None, initial=initial, name="fedge-aggregator-no-eval-test", **state_kwargs(cfg, None))
     try:
         loop = ServerLoop(None, cfg, actor=actor, clock=clk.VirtualClock(), run_dir=tmp_path, eval_data=None,
                           model=model, num_partitions=1)

@@ -106,7 +106,8 @@ def test_a_server_resumed_after_global_training_evaluates_and_dispatches_the_new
     evaluation and publishes it as the version its messages name."""
     import torch
 
-    from cloud.server_app import ServerLoop, _state_kwargs, global_model
+    from cloud.builders import global_model, state_kwargs
+    from cloud.server_loop import ServerLoop
     from cloud.state import AggregatorState, start_actor
     from cloud.training import fresh_adapters
     from common.config import load_config
@@ -116,12 +117,12 @@ def test_a_server_resumed_after_global_training_evaluates_and_dispatches_the_new
     cfg = load_config(overrides={"publish.onnx": False})
     mkw = model_kwargs(cfg)
     initial = {k: v.numpy() for k, v in adapter_state(global_model(cfg)).items()}
-    st = AggregatorState(initial, **_state_kwargs(cfg, str(tmp_path / "ck")))
+    st = AggregatorState(initial, **state_kwargs(cfg, str(tmp_path / "ck")))
     trained = {k: v.numpy() for k, v in base_state(build_model(**{**mkw, "seed": 77})).items()}
     fresh = {k: v.numpy() for k, v in fresh_adapters(trained, mkw=mkw, rank=cfg.model.lora_rank,
                                                        alpha=cfg.model.lora_alpha).items()}
     assert st.rebase(trained, 2, adapters=fresh) == 1
-    restored = AggregatorState.restore(**_state_kwargs(cfg, str(tmp_path / "ck")))
+    restored = AggregatorState.restore(**state_kwargs(cfg, str(tmp_path / "ck")))
     actor = start_actor(restored, name="fedge-aggregator-resume-test")
     loop = ServerLoop(None, cfg, actor=actor, clock=clk.VirtualClock(), run_dir=tmp_path, eval_data={},
                       model=global_model(cfg), num_partitions=1)
@@ -141,7 +142,7 @@ def test_a_reply_whose_objects_never_arrive_is_given_up_after_the_bound():
 
     from flwr.supercore.inflatable import inflatable_utils as iu
 
-    from cloud.server_app import bound_reply_pulls
+    from cloud.flower_patch import bound_reply_pulls
 
     saved = dict(iu.pull_objects.__kwdefaults__)
     try:

@@ -378,7 +378,7 @@ def test_devices_train_over_tls_with_node_auth_and_a_killed_supernode_rejoins(tm
         hist = versions()
         assert [h["version"] for h in hist] == list(range(1, VERSIONS + 1))
         # the global model improves over the versions: from the initial adapters (version 0) to the last
-        from cloud.server_app import global_model
+        from cloud.builders import global_model
         from common.config import load_config
         from common.training import evaluate
 

@@ -29,7 +29,7 @@ def _saved_base(path, **over):
 
 
 def test_server_and_client_models_load_the_same_published_base(tmp_path):
-    from cloud.server_app import global_model
+    from cloud.builders import global_model
     from edge.client_app import get_model
 
     want = _saved_base(tmp_path / "base.safetensors")
@@ -43,7 +43,7 @@ def test_server_and_client_models_load_the_same_published_base(tmp_path):
 
 
 def test_missing_base_file_fails_clearly(tmp_path):
-    from cloud.server_app import global_model
+    from cloud.builders import global_model
     from edge.client_app import get_model
 
     cfg = load_config(overrides={**SMALL, "model.base_path": str(tmp_path / "nope.safetensors")})

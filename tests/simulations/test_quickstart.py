@@ -48,7 +48,7 @@ def test_tiny_scenario_runs_end_to_end_and_the_same_seed_gives_the_same_result(t
     assert prepared["cloud_samples"] > 0  # the cloud's curated share went through ingest too
 
     # the cloud pretrained the base; the resolved config points both apps at it; version 0 is above chance
-    from cloud.server_app import global_model, heldout_data
+    from cloud.builders import global_model, heldout_data
     from common.config import load_config as _load
     from common.lora import base_state
     from common.training import evaluate
