@@ -19,6 +19,9 @@ through :mod:`simulations.runner` on Flower's simulation engine:
   fedge-async-scratch  fedge asynchronous FedBuff from the random base
   fedge-async-base     fedge asynchronous FedBuff from the cloud-pretrained base (the quickstart's path)
 
+The rows from the random base train every parameter (``train.scope = "full"``); the row from the cloud base
+trains the scenario's scope.
+
 The two async rows run for fedge-sync's virtual time (``simulation.time_budget_s``) on the same device profiles.
 
 Last line:
@@ -79,9 +82,14 @@ def load(sets: list[str]) -> Any:
 
 
 def from_scratch(cfg: Any) -> Any:
-    """``cfg`` starting from the seed's random base: no cloud pretraining, no named base."""
+    """``cfg`` starting from the seed's random base: no cloud pretraining, no named base, every parameter trained.
+
+    Adapters on random encoders can only learn what random features carry, so a federation that starts from
+    nothing trains the whole (small) model: ``train.scope = "full"``.
+    """
     return dataclasses.replace(cfg, simulation=dataclasses.replace(cfg.simulation, pretrain_steps=0),
-                               model=dataclasses.replace(cfg.model, base_path=""))
+                               model=dataclasses.replace(cfg.model, base_path=""),
+                               train=dataclasses.replace(cfg.train, scope="full"))
 
 
 def with_missing(arrays: dict[str, np.ndarray], fraction: float, seed: int) -> dict[str, np.ndarray]:

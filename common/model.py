@@ -182,6 +182,22 @@ def reliability(logits: Tensor) -> Tensor:
     return (1.0 - ent / math.log(logits.shape[-1])).clamp(0.0, 1.0) ** 2
 
 
+def conflict(per: Tensor, mask: Tensor) -> Tensor:
+    """How strongly the present modalities' own heads contradict each other: (B, M, C), (B, M) -> (B,) in [0, 1].
+
+    ``min_m r_m * (1 - BC)``: BC is the Bhattacharyya coefficient of their distributions,
+    ``sum_c prod_m p_m(c) ** (1 / n)`` over the ``n`` present modalities (1 when they say the same), and
+    ``r_m`` their :func:`reliability`. A conflict needs every head to be sure: two confident heads naming
+    different classes give ~1; one unsure head (noise, silence) or a single present modality give 0.
+    """
+    mk = mask.float()
+    n = mk.sum(dim=1, keepdim=True).clamp_min(1.0)  # (B, 1)
+    logp = per.float().log_softmax(dim=-1) * mk.unsqueeze(-1)  # a missing modality contributes log 1
+    bc = torch.logsumexp(logp.sum(dim=1) / n, dim=-1).exp().clamp(0.0, 1.0)
+    sure = reliability(per).masked_fill(~mask, 1.0).amin(dim=1)
+    return sure * (1.0 - bc)
+
+
 def fuse(
     routed: Tensor,
     quality: Tensor,
@@ -208,7 +224,11 @@ def fuse(
        the present modalities' distributions: ``sum_j r_j * log p_j`` with ``r_j`` = :func:`reliability`
        (0 for a missing modality). A modality whose head is unsure (trained with noisy and dropped inputs,
        it learns to be) barely moves the result, so a broken input cannot outvote a clean one, while two
-       agreeing inputs sharpen each other.
+       agreeing inputs sharpen each other. The fused head's weight is also scaled by ``1 -`` the
+       :func:`conflict` of the modalities' own heads: the joint head learned how far to trust each input on
+       the training data, so it speaks where the inputs do not contradict each other; where two confident
+       inputs conflict (speech in a language the audio path never heard, a camera pointed elsewhere), each
+       modality's head answers for itself and the surer one decides.
 
     Returns (logits (B, C), fusion weights (B, M), fused logits (B, C), per-modality logits (B, M, C)).
     """
@@ -219,7 +239,8 @@ def fuse(
     w = score.masked_fill(~mask, float("-inf")).softmax(dim=1)  # (B, M): exactly 0 where missing
     fused = head(torch.einsum("bm,bmd->bd", w.to(routed.dtype), routed))  # (B, C)
     votes = torch.cat([fused.unsqueeze(1), per], dim=1).float()  # (B, 1+M, C)
-    r = torch.cat([reliability(fused).detach().unsqueeze(1), r_mod * mask.float()], dim=1)  # (B, 1+M)
+    trust_fused = reliability(fused).detach() * (1.0 - conflict(per, mask).detach())
+    r = torch.cat([trust_fused.unsqueeze(1), r_mod * mask.float()], dim=1)  # (B, 1+M)
     logits = (r.unsqueeze(-1) * votes.log_softmax(dim=-1)).sum(dim=1)  # (B, C)
     return logits, w, fused, per
 

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import torch
 
-from common.augment import TOP_DB, augment_audio, augment_batch, augment_image, outlier_audio
+from common.augment import (TOP_DB, augment_audio, augment_batch, augment_image, outlier_audio, scramble_audio,
+                            scramble_image, splice_audio, warp_audio)
 
 
 def _gen(seed: int = 0) -> torch.Generator:
@@ -53,3 +54,44 @@ def test_outlier_audio_respects_the_top_db_floor():
     y = outlier_audio(5, 40, 32, _gen(9))
     assert y.shape == (5, 40, 32)
     assert torch.all(y >= y.amax(dim=(1, 2), keepdim=True) - TOP_DB - 1e-4)
+
+
+def test_warp_moves_a_formant_by_the_factor_and_keeps_the_lowest_band():
+    x = torch.full((1, 40, 20), -80.0)
+    x[:, 0, :] = -5.0  # the lowest band: stays where it is
+    x[:, 19, :] = -10.0  # a "formant" at band 19 of 0..39
+    up = warp_audio(x, _gen(0), freq=(1.2, 1.2), rate=(1.0, 1.0))
+    assert int(up[0, 1:, 10].argmax()) + 1 in (22, 23, 24)  # 19 * 1.2 ~ 23: moved up by the factor
+    assert float(up[0, 0, 10]) > -20.0
+    same = warp_audio(x, _gen(0), freq=(1.0, 1.0), rate=(1.0, 1.0))
+    assert torch.allclose(same, x, atol=1e-3)
+
+
+def test_scrambled_inputs_keep_their_values_but_not_their_order():
+    x = torch.randn(4, 40, 32, generator=_gen(1))
+    y = scramble_audio(x, _gen(2))
+    assert y.shape == x.shape and torch.allclose(y.sort(-1).values, x.sort(-1).values)  # same frames...
+    assert not torch.allclose(y, x) and not torch.allclose(y, x.flip(-1))  # ...in another order
+    im = torch.rand(3, 3, 32, 32, generator=_gen(3))
+    s = scramble_image(im, _gen(4))
+    assert s.shape == im.shape and not torch.allclose(s, im)
+    assert torch.allclose(s.flatten(1).sort(-1).values, im.flatten(1).sort(-1).values)  # same pixels, moved
+
+
+def test_spliced_words_join_two_classes_and_leave_windows_without_a_partner_alone():
+    b, t = 8, 32
+    x = torch.arange(b, dtype=torch.float32).view(b, 1, 1).expand(b, 40, t).clone()  # window i holds value i
+    label = torch.tensor([0, 0, 0, 0, 1, 1, 1, 1])
+    y, ok = splice_audio(x, label, _gen(5))
+    for i in range(b):
+        vals = y[i, 0].unique()
+        if ok[i]:
+            assert len(vals) == 2 and float(y[i, 0, 0]) == i  # starts with its own word...
+            other = int(y[i, 0, -1])
+            assert label[other] != label[i]  # ...and ends with a word of another class
+            assert 0.25 * t <= int((y[i, 0] == i).sum()) <= 0.75 * t
+        else:
+            assert torch.equal(y[i], x[i])
+    assert ok.any()
+    same, ok1 = splice_audio(x, torch.zeros(b, dtype=torch.long), _gen(5))
+    assert not ok1.any() and torch.equal(same, x)  # one class: nothing to splice with

@@ -140,7 +140,7 @@ def test_trained_model_scores_as_the_training_loop_evaluates_it(tmp_path: Path):
     kw = {"num_classes": 4, "image_size": 16, "n_mels": 16, "frames": 8, "image_noise": 0.05, "audio_snr_db": 20.0}
     for p in m.parameters():
         p.requires_grad = True
-    train_steps(m, make_av_dataset(80, seed=1, **kw), steps=40, batch_size=32, lr=0.01, modality_dropout_p=0.5)
+    train_steps(m, make_av_dataset(80, seed=1, **kw), steps=80, batch_size=32, lr=0.01, modality_dropout_p=0.5)
     base = save_base(m, tmp_path / "trained.safetensors")
     test = make_av_dataset(40, seed=2, modalities=("image", "audio"), **kw)
     test["mask"][::3, 0] = False  # some audio-only, some image-only samples

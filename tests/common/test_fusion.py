@@ -80,3 +80,36 @@ def test_fused_is_never_worse_than_image_only_when_the_audio_is_broken(toy):
     for name, audio in broken.items():
         d = dict(test, audio=audio.astype(np.float32))
         assert _acc(model, d) >= image_only, name
+
+
+def test_conflict_needs_two_sure_heads_naming_different_classes():
+    from common.model import conflict
+
+    sure = lambda c: torch.nn.functional.one_hot(torch.tensor(c), 5).float() * 20.0  # noqa: E731
+    per = torch.stack([torch.stack([sure(1), sure(1)]), torch.stack([sure(1), sure(3)]),
+                       torch.stack([sure(2), torch.zeros(5)]), torch.stack([sure(2), sure(4)])])  # (4, 2, 5)
+    mask = torch.tensor([[True, True], [True, True], [True, True], [True, False]])
+    got = conflict(per, mask)
+    assert float(got[0]) < 1e-4  # same class
+    assert float(got[1]) > 0.99  # two sure heads, two classes
+    assert float(got[2]) < 1e-4  # one head cannot tell (noise, silence): nothing contradicts the other
+    assert float(got[3]) < 1e-4  # one modality present
+
+
+def test_when_sure_inputs_conflict_the_joint_head_does_not_decide_the_surer_modality_does():
+    from common.model import fuse
+
+    c = 4
+    routed = torch.zeros(1, 2, c)
+    routed[0, 0, 2] = 9.0  # image: very sure of class 2
+    routed[0, 1, 0] = 4.0  # audio (a word it never learned): fairly sure of class 0
+    gate = torch.nn.Linear(c + 1, 1)
+    with torch.no_grad():  # a joint head that learned to trust the audio
+        gate.weight.zero_()
+        gate.bias.zero_()
+        gate.weight[0, 0] = 5.0
+    heads = torch.nn.ModuleDict({"image": torch.nn.Identity(), "audio": torch.nn.Identity()})
+    logits, _, fused, _ = fuse(routed, torch.ones(1, 2), torch.ones(1, 2, dtype=torch.bool), fusion_gate=gate,
+                               head=torch.nn.Identity(), modality_heads=heads)
+    assert int(fused.argmax()) == 0  # the joint head alone would follow the audio
+    assert int(logits.argmax()) == 2  # the pool follows the surer input
