@@ -25,6 +25,28 @@ from typing import Literal
 
 import numpy as np
 
+__all__ = [
+    "ADAPTIVE_SERVER_LR",
+    "SERVER_OPTS",
+    "OptState",
+    "Robust",
+    "ServerOpt",
+    "StalenessFn",
+    "State",
+    "clip_by_norm",
+    "coordinate_median",
+    "default_server_lr",
+    "fedasync_delta",
+    "fedavg_delta",
+    "fedbuff_delta",
+    "global_norm",
+    "server_opt_step",
+    "server_step",
+    "staleness_weight",
+    "trimmed_mean",
+    "weighted_mean",
+]
+
 State = dict[str, np.ndarray]
 StalenessFn = Literal["constant", "sqrt", "polynomial", "hinge"]
 Robust = Literal["none", "median", "trimmed_mean"]

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import typer
 
+__all__ = ["app", "info"]
+
 app = typer.Typer(no_args_is_help=True, help="Run the cloud side: aggregator, trainer, shard server.")
 
 

@@ -19,6 +19,8 @@ from typing import Any
 
 import numpy as np
 
+__all__ = ["ArrivalQueue", "DeviceProfile", "RealClock", "VirtualClock", "arrival_time", "device_profile", "dropped"]
+
 
 @dataclass(frozen=True)
 class DeviceProfile:

@@ -28,6 +28,8 @@ from torch import Tensor, nn
 
 from common.experts import moe_topk, stack_experts
 
+__all__ = ["OPSET", "BatchedExperts", "batched_expert_groups", "batched_experts_onnx", "example_inputs"]
+
 OPSET = 18
 
 

@@ -54,6 +54,28 @@ from common.model import MODALITIES, MultimodalMoE, fuse, top_k_gating
 from cloud.experts_onnx import BatchedExperts, batched_expert_groups, batched_experts_onnx
 from cloud.experts_onnx import example_inputs as batched_inputs
 
+__all__ = [
+    "MANIFEST_FILE",
+    "OPSET",
+    "TOLERANCE",
+    "EncoderShard",
+    "ExpertShard",
+    "ExportError",
+    "GroupedRouterShard",
+    "HeadShard",
+    "RouterShard",
+    "build_from_manifest",
+    "example_inputs",
+    "export_onnx",
+    "export_version",
+    "load_state_from_shards",
+    "model_shape",
+    "onnx_agreement",
+    "plain_model",
+    "reweight_onnx",
+    "shard_modules",
+]
+
 OPSET = 18
 TOLERANCE = 1e-4
 MANIFEST_FILE = "manifest.json"

@@ -35,6 +35,19 @@ from common.procs import escalate
 from .dashboard import options as dash
 from .state import RAY_ADDRESS_ENV, RAY_ADDRESS_FILE
 
+__all__ = [
+    "APP_DIR",
+    "FEDERATION",
+    "PIDS_FILE",
+    "LaunchOptions",
+    "federation_toml",
+    "serverapp_pids",
+    "start",
+    "start_command",
+    "superlink_command",
+    "wait_port",
+]
+
 APP_DIR = Path(__file__).resolve().parents[1]  # the Flower app: pyproject.toml with [tool.flwr.app]
 FEDERATION = "fedge"
 PIDS_FILE = "cloud.pids.json"  # launcher and SuperLink pids (for operators and the kill -9 test)

@@ -18,6 +18,16 @@ from prometheus_client.registry import Collector
 
 from .dashboard.live import LiveState
 
+__all__ = [
+    "CONTENT_TYPE",
+    "STALENESS_BUCKETS",
+    "LiveCollector",
+    "exposition",
+    "families",
+    "registry_for",
+    "staleness_buckets",
+]
+
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 STALENESS_BUCKETS = (0, 1, 2, 3, 5, 8, 13, 21)  # versions behind at arrival; +Inf is added
 

@@ -30,6 +30,8 @@ from common.model import MultimodalMoE
 from .export import MANIFEST_FILE, export_version, plain_model, shard_modules
 from .model_store import ModelStore, StoreError
 
+__all__ = ["BasePublisher", "base_version_name", "plain_from_state"]
+
 
 def base_version_name(base_version: int) -> str:
     """The store version of the base trained from aggregated version ``base_version`` (sorts by number)."""

@@ -29,6 +29,8 @@ from collections.abc import Mapping, Sequence
 
 import numpy as np
 
+__all__ = ["ReplayGuard", "capped_examples", "cosine_to_reference", "norm_bound", "outlier_scores", "payload_digest"]
+
 
 def _median(values: Sequence[float]) -> float:
     return float(np.median(np.asarray(values, dtype=np.float64))) if len(values) else math.nan

@@ -29,6 +29,8 @@ from common import wire
 
 from .validation import RawUpdate, Reason
 
+__all__ = ["Group", "SecureGroups", "Send", "group_mean"]
+
 log = logging.getLogger("fedge.server")
 
 Send = Callable[[list[Message]], list[Message]]  # grid.send_and_receive with the loop's timeout

@@ -12,6 +12,8 @@ import typer
 
 from common.manifest import generate_keypair, load_private_key, load_public_key
 
+__all__ = ["keys_command", "publish_command", "serve_command", "token_command"]
+
 
 def keys_command(
     out: Annotated[Path, typer.Option("--out", help="Folder for manifest.key (private) and manifest.pub.")] = Path(

@@ -14,6 +14,8 @@ from common.units import human_bytes
 
 from .dashboard.http import DEFAULT_PORT, TOKEN_ENV
 
+__all__ = ["URL_ENV", "fetch_state", "render", "status_command"]
+
 URL_ENV = "FEDGE_DASHBOARD_URL"
 
 

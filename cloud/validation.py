@@ -22,6 +22,17 @@ from common import codec, wire
 
 from .aggregation import State, clip_by_norm, global_norm
 
+__all__ = [
+    "RawUpdate",
+    "Reason",
+    "RejectionCounter",
+    "UpdateRejected",
+    "ValidUpdate",
+    "extract",
+    "max_payload_bytes",
+    "validate",
+]
+
 
 class Reason(str, enum.Enum):
     """Why an update was refused (the keys of the rejection counters)."""

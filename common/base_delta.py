@@ -20,6 +20,8 @@ import numpy as np
 
 from .codec import CodecParams, decode, encode
 
+__all__ = ["DELTA_CODEC", "DeltaError", "apply_delta", "read_shard", "same_layout", "shard_bytes", "snap_to_delta"]
+
 DELTA_CODEC = CodecParams(topk_ratio=1.0, bits=8, error_feedback=False)
 
 

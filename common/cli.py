@@ -14,6 +14,8 @@ import sys
 
 import typer
 
+__all__ = ["COMMANDS", "GROUPS", "TRACEBACK_ENV", "build_app", "main", "run"]
+
 GROUPS = {
     "edge": ("edge.cli", "Run on a device: ingest streams, train adapters, fetch shards."),
     "cloud": ("cloud.cli", "Run the cloud side: aggregator, trainer, shard server."),

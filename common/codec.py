@@ -22,6 +22,19 @@ from dataclasses import dataclass
 
 import numpy as np
 
+__all__ = [
+    "FORMAT_VERSION",
+    "MAGIC",
+    "MAX_ELEMENTS",
+    "MAX_HEADER_BYTES",
+    "CodecError",
+    "CodecParams",
+    "LayoutError",
+    "decode",
+    "encode",
+    "raw_nbytes",
+]
+
 MAGIC = b"FDGC"
 FORMAT_VERSION = 1
 _DTYPES = ("float32", "float16", "float64")

@@ -21,6 +21,38 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+__all__ = [
+    "LR_SCHEDULES",
+    "MODALITIES",
+    "PRECISIONS",
+    "REMOVED_KEYS",
+    "RUNS_DIR_ENV",
+    "SCOPES",
+    "SERVER_OPTS",
+    "STALENESS_FNS",
+    "AggregationConfig",
+    "CommunicationConfig",
+    "ConfigError",
+    "DashboardConfig",
+    "DataConfig",
+    "FaultToleranceConfig",
+    "FedgeConfig",
+    "ImportanceConfig",
+    "ModelConfig",
+    "PrecisionConfig",
+    "PrivacyConfig",
+    "ProfilesConfig",
+    "PublishConfig",
+    "ShardsConfig",
+    "SimulationConfig",
+    "TrainConfig",
+    "TrainingConfig",
+    "config_from_context",
+    "default_run_dir",
+    "load_config",
+    "parse_overrides",
+]
+
 MODALITIES: tuple[str, ...] = ("image", "audio")
 PRECISIONS = ("fp32", "fp16", "bf16")
 STALENESS_FNS = ("constant", "sqrt", "polynomial", "hinge")

@@ -20,6 +20,16 @@ from typing import Annotated, Any
 
 import typer
 
+__all__ = [
+    "ADAPTERS_FILE",
+    "BASES_DIR",
+    "EvaluateError",
+    "evaluate_command",
+    "evaluate_target",
+    "format_report",
+    "resolve_model",
+]
+
 ADAPTERS_FILE = "global_adapters.npz"  # what the ServerApp leaves in its run directory
 BASES_DIR = "bases"  # where global training inside a run saves each new base
 

@@ -26,6 +26,17 @@ from torch import Tensor, nn
 
 from common.lora import LoRALinear
 
+__all__ = [
+    "ExpertStack",
+    "ExpertWeights",
+    "expert_slots",
+    "expert_softmax",
+    "grouped_ffn",
+    "moe_dense",
+    "moe_topk",
+    "stack_experts",
+]
+
 
 @dataclass(frozen=True)
 class ExpertWeights:

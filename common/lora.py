@@ -13,6 +13,20 @@ from collections.abc import Iterable
 import torch
 from torch import Tensor, nn
 
+__all__ = [
+    "LORA_TARGETS",
+    "TRAINABLE_PREFIXES",
+    "LoRALinear",
+    "adapter_state",
+    "apply_lora",
+    "base_state",
+    "is_adapter_key",
+    "load_adapter_state",
+    "load_base_state",
+    "merge_lora",
+    "num_parameters",
+]
+
 # Linear layers that get LoRA factors (module-name prefixes inside MultimodalMoE).
 LORA_TARGETS: tuple[str, ...] = ("experts.", "head.fc1", "head.fc2", "encoders.image.proj", "encoders.audio.proj")
 # Small non-LoRA parameters that devices train directly: they are part of the adapter state.

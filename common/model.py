@@ -37,6 +37,31 @@ from torch import Tensor, nn
 
 from common.experts import ExpertStack, expert_softmax, moe_dense, moe_topk
 
+__all__ = [
+    "AFFINITIES",
+    "MODALITIES",
+    "RELIABILITY_FLOOR",
+    "AudioEncoder",
+    "Expert",
+    "Head",
+    "ImageEncoder",
+    "MoEOutput",
+    "ModalityHead",
+    "MultimodalMoE",
+    "Router",
+    "autocast_for",
+    "build_model",
+    "conflict",
+    "expert_groups",
+    "fuse",
+    "fusion_loss",
+    "iter_expert_linears",
+    "load_balancing_loss",
+    "model_kwargs",
+    "reliability",
+    "top_k_gating",
+]
+
 MODALITIES: tuple[str, ...] = ("image", "audio")
 AFFINITIES: tuple[str, ...] = ("shared", "modality")
 _DTYPES = {"fp32": None, "fp16": torch.float16, "bf16": torch.bfloat16}

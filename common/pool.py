@@ -14,6 +14,8 @@ import numpy as np
 
 from .dataset import ARRAY_KEYS
 
+__all__ = ["ASSIGNMENT", "column_path", "device_arrays", "device_rows", "write_columns"]
+
 ASSIGNMENT = "assignment.npy"  # (devices, samples_per_device) int32 pool rows per device, -1 = none
 
 

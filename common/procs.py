@@ -6,6 +6,8 @@ import signal
 import subprocess
 from collections.abc import Callable, Sequence
 
+__all__ = ["escalate"]
+
 
 def escalate(proc: subprocess.Popen, steps: Sequence[tuple[signal.Signals, float]], *,  # type: ignore[type-arg]
              send: Callable[[signal.Signals], None] | None = None,

@@ -19,6 +19,16 @@ from torch import Tensor, nn
 
 from .lora import is_adapter_key
 
+__all__ = [
+    "SCOPES",
+    "ScopeError",
+    "load_trainable_state",
+    "scope_keys",
+    "scope_layout",
+    "set_trainable",
+    "trainable_state",
+]
+
 SCOPES: tuple[str, ...] = ("adapters", "partial", "full")
 _NORMS = (nn.LayerNorm, nn.GroupNorm, nn.BatchNorm1d, nn.BatchNorm2d, nn.RMSNorm)
 _CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)

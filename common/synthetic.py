@@ -17,6 +17,8 @@ from .config import MODALITIES
 if TYPE_CHECKING:
     from .config import FedgeConfig
 
+__all__ = ["device_partition", "make_av_dataset", "save_heldout"]
+
 
 def _prototypes(num_classes: int, image_size: int, n_mels: int, frames: int, proto_seed: int):
     rng = np.random.default_rng(proto_seed)

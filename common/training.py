@@ -17,6 +17,9 @@ from .augment import augment_batch
 from .config import MODALITIES
 from .model import MultimodalMoE, fusion_loss
 
+__all__ = ["Arrays", "evaluate", "forward_batch", "local_step_budget", "lr_factor", "modality_dropout",
+           "proximal_term", "to_batch", "train_steps"]
+
 Arrays = Mapping[str, np.ndarray]
 
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+__all__ = ["human_bytes"]
+
 
 def human_bytes(n: float) -> str:
     """``1536`` -> ``"1.5 KiB"``: binary units up to GiB, whole bytes below one KiB."""

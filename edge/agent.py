@@ -41,6 +41,21 @@ from common.procs import escalate
 from .node_config import NodeConfig
 
 INGEST_GIVE_UP = 3  # a recording whose ingest fails this many times in a row alike is given up
+__all__ = [
+    "AUTH_KEY_NAMES",
+    "INGEST_GIVE_UP",
+    "Agent",
+    "AgentError",
+    "Child",
+    "auth_key_path",
+    "build_agent",
+    "child_env",
+    "ingest_command",
+    "parse_address",
+    "run_command",
+    "supernode_command",
+]
+
 AUTH_KEY_NAMES = ("auth.key",)  # what `fedge cloud certs` writes per node (OpenSSH ECDSA private key)
 
 

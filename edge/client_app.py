@@ -42,6 +42,19 @@ from .mods import RAW_DELTA, compression_mod, dp_mod, size_mod
 from .node_config import NodeConfig, parse_node_config, resolve_device, resolve_precision
 from .secagg_mod import handle_query, secagg_mod
 
+__all__ = [
+    "MAX_MODELS",
+    "TOKEN_ENV",
+    "app",
+    "base_source",
+    "device_setup",
+    "evaluate_",
+    "get_model",
+    "query",
+    "round_config",
+    "train",
+]
+
 log = logging.getLogger("fedge.edge")
 TOKEN_ENV = "FEDGE_SHARD_TOKEN"  # the device's download token (a secret: never in a config)
 

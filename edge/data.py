@@ -27,6 +27,19 @@ from common.synthetic import device_partition, make_av_dataset
 
 from .node_config import NodeConfig
 
+__all__ = [
+    "NUM_PARTITIONS",
+    "PARTITION_ID",
+    "SPLITS",
+    "STORE_SPLITS",
+    "load_store",
+    "local_data",
+    "modality_counts",
+    "restrict_modalities",
+    "simulated_modalities",
+    "store_dir",
+]
+
 PARTITION_ID = "partition-id"  # set by Flower's simulation engine in node_config
 NUM_PARTITIONS = "num-partitions"
 SPLITS = ("train", "eval")

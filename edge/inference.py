@@ -30,6 +30,16 @@ from common.manifest import Manifest, ManifestError, ShardFile, batched_experts_
 
 from .shards import ShardCache
 
+__all__ = [
+    "Backend",
+    "Prediction",
+    "Session",
+    "ShardedRunner",
+    "combine_experts",
+    "group_mask",
+    "onnxruntime_backend",
+]
+
 
 @dataclass
 class Prediction:

@@ -31,6 +31,8 @@ from typing import Any
 
 from common.config import MODALITIES, PRECISIONS, ConfigError
 
+__all__ = ["KEYS", "PROFILES", "NodeConfig", "parse_node_config", "resolve_device", "resolve_precision"]
+
 PROFILES = ("auto", "cpu", "gpu")
 KEYS = ("device-id", "store", "state-dir", "modalities", "profile", "threads", "partition-id", "num-partitions",
         "shards-url", "shards-public-key", "shards-ca", "shards-cache", "shards-budget-mb")

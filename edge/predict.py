@@ -21,6 +21,8 @@ from common.manifest import ManifestError
 
 from .shards import ShardCache, ShardError
 
+__all__ = ["load_keyframes", "load_windows", "predict_command"]
+
 
 def load_keyframes(src: Path, size: int) -> tuple[np.ndarray, np.ndarray]:
     """Keyframes of ``src`` as (B, 3, size, size) float32 in [0, 1] and their times in seconds (B,).

@@ -17,6 +17,8 @@ from collections.abc import Mapping
 import numpy as np
 from scipy.special import log_ndtr, ndtr
 
+__all__ = ["REPLACE_SENSITIVITY", "add_gaussian_noise", "clip_update", "gaussian_epsilon", "gdp_delta", "l2_norm"]
+
 # Any two local data sets of one device give clipped updates at most 2C apart ("replace-one" at device level).
 REPLACE_SENSITIVITY = 2.0
 

@@ -25,6 +25,33 @@ from pathlib import Path
 import numpy as np
 from scipy.signal import resample
 
+__all__ = [
+    "ASSETS",
+    "HELDOUT_ASSETS",
+    "MODALITIES",
+    "NOISE_COLOURS",
+    "NUM_CLASSES",
+    "SPEECH_MODES",
+    "DevicePlan",
+    "Stream",
+    "augment_clip",
+    "background_noise",
+    "cloud_plan",
+    "digit_images",
+    "heldout_plan",
+    "heldout_speech",
+    "image_split",
+    "plan_devices",
+    "render_device",
+    "render_shot",
+    "render_track",
+    "speech_clips",
+    "speech_track",
+    "voice_set",
+    "write_video",
+    "write_wav",
+]
+
 ASSETS = Path(__file__).parent / "assets" / "speech"
 HELDOUT_ASSETS = ASSETS / "heldout"
 NUM_CLASSES = 10

@@ -16,6 +16,8 @@ from typer.core import TyperGroup
 
 from cloud.dashboard import options as dash
 
+__all__ = ["DEFAULT_SCENARIO", "app", "compare_cmd", "flower_baseline_cmd", "prepare_cmd", "run_cmd"]
+
 DEFAULT_SCENARIO = Path(__file__).parent / "scenarios" / "quickstart.toml"
 
 

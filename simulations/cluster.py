@@ -21,6 +21,19 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+__all__ = [
+    "CLUSTER_FILE",
+    "DRIVER_DIR_ENV",
+    "ClusterError",
+    "check_address",
+    "connect",
+    "describe",
+    "enter_driver_dir",
+    "job_env",
+    "summary",
+    "write",
+]
+
 DRIVER_DIR_ENV = "FEDGE_DRIVER_DIR"  # the driver's working directory, entered by every worker of the job
 CLUSTER_FILE = "cluster.json"  # in the run dir: the cluster's address and nodes when the run joined it
 

@@ -11,6 +11,8 @@ from .prepare import data_key
 from .report import first_reaching, plot_curves, read_metrics, series
 from .runner import METRICS, run
 
+__all__ = ["CompareError", "compare"]
+
 
 class CompareError(ValueError):
     """The two settings do not describe the same devices and data."""

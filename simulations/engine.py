@@ -16,6 +16,8 @@ import threading
 from queue import Queue
 from typing import Any
 
+__all__ = ["add_messages_to_queue", "install", "next_messages"]
+
 log = logging.getLogger("fedge.simulations")
 _flower_pump: Any = None  # Flower's own add_messages_to_queue, kept by install()
 

@@ -33,6 +33,20 @@ from scipy.signal import resample_poly
 
 from simulations.avdigits import write_wav
 
+__all__ = [
+    "DEFAULT_OUT",
+    "HELDOUT",
+    "HELDOUT_DIR",
+    "HELDOUT_WORDS",
+    "RATE",
+    "SPEAKERS",
+    "WORDS",
+    "main",
+    "synthesize",
+    "write_heldout",
+    "write_training",
+]
+
 WORDS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
 RATE = 16_000
 # (name, espeak-ng voice[+variant], pitch 0-99, speed words/min): ten clearly different speakers

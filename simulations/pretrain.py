@@ -27,6 +27,8 @@ from common.config import FedgeConfig
 from common.model import MultimodalMoE, build_model, model_kwargs
 from common.training import evaluate
 
+__all__ = ["BATCH_SIZE", "MIN_DROPOUT", "base_key", "base_name", "ensure_base", "pretrain_base"]
+
 BATCH_SIZE = 32
 # each present modality is dropped this often (at least training.modality_dropout): the image path, slower to
 # learn than speech, must be trained on its own too, or fusion leans on audio alone

@@ -19,6 +19,22 @@ import numpy as np
 
 from .evaluation import ADAPTERS, load_arrays, modality_accuracy, model_with
 
+__all__ = [
+    "REPORT",
+    "base_modality_accuracy",
+    "data_names",
+    "final_modality_accuracy",
+    "first_reaching",
+    "gain_lines",
+    "heldout_modality_accuracy",
+    "plot_curves",
+    "read_metrics",
+    "rejections",
+    "series",
+    "staleness_values",
+    "write_report",
+]
+
 REPORT = "report.md"
 
 

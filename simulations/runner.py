@@ -19,6 +19,8 @@ from typing import Any
 
 from common.config import FedgeConfig
 
+__all__ = ["METRICS", "default_cache", "run"]
+
 METRICS = "metrics.jsonl"
 
 

@@ -13,6 +13,8 @@ import numpy as np
 
 from common.config import FedgeConfig
 
+__all__ = ["ingest_options", "ingest_stream", "store_arrays"]
+
 
 def ingest_options(cfg: FedgeConfig) -> dict[str, Any]:
     """Keyword arguments of :func:`ingest_stream` that come from the run config (picklable).

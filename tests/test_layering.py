@@ -1,6 +1,13 @@
-"""STYLE.md rule 1: common <- edge, common <- cloud; edge never imports cloud or ray; cloud never imports edge."""
+"""STYLE.md rule 1: common <- edge, common <- cloud; edge never imports cloud or ray; cloud never imports edge.
+
+Also through strings (``importlib.import_module("cloud.x")``, ``"edge.y:app"``), and every public module names its
+public API in ``__all__``.
+"""
 
 import ast
+import importlib
+import pkgutil
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -47,3 +54,50 @@ def test_edge_imports_without_ray_installed():
     )
     r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr[-2000:]
+
+
+MODULE_STRING = re.compile(r"^(common|edge|cloud|simulations|ray)(\.[A-Za-z_][A-Za-z0-9_]*)+(:[A-Za-z_]\w*)?$")
+# the `fedge` command is the composition root: it names each side's command group by string, loaded on demand
+COMPOSITION_ROOT = {Path("common/cli.py")}
+
+
+def _string_imports(path: Path) -> set[str]:
+    tree = ast.parse(path.read_text(), filename=str(path))
+    return {n.value.split(".")[0] for n in ast.walk(tree)
+            if isinstance(n, ast.Constant) and isinstance(n.value, str) and MODULE_STRING.match(n.value)}
+
+
+@pytest.mark.parametrize("pkg", sorted(FORBIDDEN))
+def test_package_never_names_forbidden_layers_in_strings(pkg):
+    bad = []
+    for f in sorted((ROOT / pkg).rglob("*.py")):
+        if f.relative_to(ROOT) in COMPOSITION_ROOT:
+            continue
+        hits = _string_imports(f) & FORBIDDEN[pkg]
+        if hits:
+            bad.append(f"{f.relative_to(ROOT)} names {sorted(hits)} in a string")
+    assert not bad, "\n".join(bad)
+
+
+def test_string_rule_catches_a_dotted_module_name(tmp_path):
+    f = tmp_path / "m.py"
+    f.write_text('import importlib\nimportlib.import_module("cloud.serving")\nAPP = "edge.client_app:app"\n'
+                 'TEXT = "cloud. is not a module"\n')
+    assert _string_imports(f) == {"cloud", "edge"}
+
+
+@pytest.mark.parametrize("pkg", ["common", "edge", "cloud", "simulations"])
+def test_every_public_module_declares_its_api_in_all(pkg):
+    bad = []
+    root = importlib.import_module(pkg)
+    for m in pkgutil.walk_packages(root.__path__, f"{pkg}."):
+        leaf = m.name.rsplit(".", 1)[-1]
+        if m.ispkg or leaf.startswith("_"):
+            continue
+        mod = importlib.import_module(m.name)
+        names = getattr(mod, "__all__", None)
+        if names is None:
+            bad.append(f"{m.name}: no __all__")
+            continue
+        bad += [f"{m.name}.__all__ names {n!r}, which it does not define" for n in names if not hasattr(mod, n)]
+    assert not bad, "\n".join(bad)

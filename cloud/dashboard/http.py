@@ -30,6 +30,20 @@ from typing import Any
 
 from .live import LiveState
 
+__all__ = [
+    "DEFAULT_PORT",
+    "STATIC",
+    "TOKEN_ENV",
+    "Access",
+    "DashboardError",
+    "DashboardServer",
+    "check_exposure",
+    "is_loopback",
+    "parse_address",
+    "preflight",
+    "start_dashboard",
+]
+
 STATIC = Path(__file__).resolve().parent / "static"
 TOKEN_ENV = "FEDGE_DASHBOARD_TOKEN"
 DEFAULT_PORT = 8470

@@ -19,6 +19,8 @@ from typing import Any
 
 from common import wire
 
+__all__ = ["FUSED", "SCHEMA_VERSION", "DeviceRow", "Listener", "LiveState"]
+
 SCHEMA_VERSION = 1
 FUSED = "fused"  # the accuracy of all present modalities together, beside the per-modality subsets
 Listener = Callable[[Mapping[str, Any]], None]

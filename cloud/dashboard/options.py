@@ -9,6 +9,15 @@ import typer
 
 from .http import TOKEN_ENV, preflight
 
+__all__ = [
+    "DashboardAddress",
+    "DashboardPublic",
+    "DashboardToken",
+    "DashboardTokens",
+    "RayDashboard",
+    "dashboard_overrides",
+]
+
 DashboardAddress = Annotated[str, typer.Option(
     "--dashboard", metavar="[HOST:]PORT",
     help="Serve the live dashboard (page, /api/state, /metrics) on [HOST:]PORT; a bare port means 127.0.0.1. "

@@ -7,6 +7,8 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+__all__ = ["TB_SUBDIR", "LiveTensorBoard", "has_events", "scalars"]
+
 TB_SUBDIR = "tb"
 
 

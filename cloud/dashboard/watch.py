@@ -12,6 +12,8 @@ from .http import DashboardError, DashboardServer, start_dashboard
 from .live import LiveState
 from .tensorboard import TB_SUBDIR, LiveTensorBoard
 
+__all__ = ["Watch", "watch"]
+
 log = logging.getLogger("fedge.dashboard")
 
 
