@@ -108,6 +108,7 @@ def test_subsets(cfg: Any, cache: Path) -> dict[str, dict[str, np.ndarray]]:
     """The held-out subsets (rendered and ingested once per prepared data set, then reused)."""
     from tqdm import tqdm
 
+    from common.fsio import atomic_path
     from simulations.evaluation import load_arrays
     from simulations.prepare import data_dir_for, heldout_arrays
 
@@ -118,8 +119,8 @@ def test_subsets(cfg: Any, cache: Path) -> dict[str, dict[str, np.ndarray]]:
         path = folder / f"{name}.npz"
         if not path.is_file():
             arrays = heldout_arrays(cfg, folder / name, voices=voices, snr_db=snr)
-            np.savez(path.with_suffix(".tmp.npz"), **arrays)
-            os.replace(path.with_suffix(".tmp.npz"), path)
+            with atomic_path(path) as tmp:
+                np.savez(tmp, **arrays)
         out[name] = load_arrays(path)
     out[MISSING] = with_missing(out["clean"], MISSING_FRACTION, cfg.seed)
     return out

@@ -6,7 +6,6 @@ writes flat ``name -> float`` records as JSONL lines and TensorBoard scalars (``
 
 from __future__ import annotations
 
-import json
 import math
 from collections.abc import Mapping
 from pathlib import Path
@@ -17,9 +16,8 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from common.config import MODALITIES
+from common.fsio import append_jsonl, read_jsonl
 from common.model import MoEOutput, MultimodalMoE
-
-__all__ = ["MetricsLogger", "modality_eval", "read_metrics", "routing_stats", "token_modalities"]
 
 # Keys whose value is not a scalar to plot (identifiers, wall-clock times).
 _NOT_PLOTTED = ("step", "time", "attempt")
@@ -119,8 +117,7 @@ class MetricsLogger:
         if "step" not in record:
             raise ValueError("metric record needs a 'step'")
         step = int(record["step"])
-        with open(self.jsonl, "a") as f:
-            f.write(json.dumps(dict(record), sort_keys=True) + "\n")
+        append_jsonl(self.jsonl, record, sort_keys=True)
         if self._tb is None:
             return
         for k, v in record.items():
@@ -138,8 +135,6 @@ class MetricsLogger:
 
 
 def read_metrics(path: str | Path) -> list[dict[str, Any]]:
-    """The records of a ``metrics.jsonl`` file, in order (empty when the file does not exist)."""
-    p = Path(path)
-    if not p.is_file():
-        return []
-    return [json.loads(line) for line in p.read_text().splitlines() if line.strip()]
+    """The records of a ``metrics.jsonl`` file, in order (empty when the file does not exist; a line torn by a
+    crash is skipped)."""
+    return read_jsonl(path)

@@ -7,7 +7,7 @@ Layout under ``root``::
     .staging-*/           exports in progress (never served)
 
 Publishing is atomic: a version is exported into a staging directory, renamed into place (one ``rename``),
-and only then does ``index.json`` (written to a temporary file and ``os.replace``d) name it. A reader sees the
+and only then does ``index.json`` (written with :func:`common.fsio.atomic_write`) name it. A reader sees the
 old index or the new one, never half a version; versions are never modified, so a request that resolved
 ``latest`` to the old version keeps reading consistent files while the new one goes live.
 """
@@ -23,6 +23,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Self
 
+from common.fsio import atomic_write
 from common.manifest import Manifest, ManifestError, verify_manifest
 
 from .export import MANIFEST_FILE, export_version
@@ -181,12 +182,8 @@ class ModelStore:
             self._write_index(idx)
 
     def _write_index(self, idx: dict[str, Any]) -> None:
-        fd, tmp = tempfile.mkstemp(prefix=".index-", dir=self.root)
-        with os.fdopen(fd, "w") as fh:
-            json.dump(idx, fh)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, self.root / INDEX)
+        # the directory fsync after the replace also makes the version folder's rename durable
+        atomic_write(self.root / INDEX, json.dumps(idx))
 
     def _lock(self) -> _FileLock:
         return _FileLock(self.root / ".lock")

@@ -10,6 +10,8 @@ from typing import Any
 
 import numpy as np
 
+from common.fsio import append_jsonl
+
 __all__ = ["VersionAcc", "event", "metrics_record", "save_final", "version_line"]
 
 
@@ -24,8 +26,7 @@ class VersionAcc:
 
 def _append(run_dir: Path | None, name: str, rec: dict[str, Any]) -> None:
     if run_dir:
-        with open(run_dir / name, "a") as f:
-            f.write(json.dumps(rec) + "\n")
+        append_jsonl(run_dir / name, rec)
 
 
 def event(run_dir: Path | None, **rec: Any) -> None:

@@ -5,8 +5,9 @@ state lives in the cluster, apart from the loop that talks to Flower, and unit t
 Every update goes through :meth:`AggregatorState.submit`, which validates it (:mod:`cloud.validation`),
 buffers it and, after ``K`` accepted updates, produces a new version (:mod:`cloud.aggregation`).
 
-Checkpoints are one ``.npz`` file (arrays + a JSON header) written atomically: a temporary file in the
-same directory, ``fsync``, ``os.replace``, ``fsync`` of the directory. A checkpoint holds the buffer too.
+Checkpoints are one ``.npz`` file (arrays + a JSON header) written atomically with
+:func:`common.fsio.atomic_write` (a temporary file in the same directory, ``fsync``, ``os.replace``, ``fsync``
+of the directory). A checkpoint holds the buffer too.
 It is written every ``checkpoint_every`` versions and on shutdown. Between checkpoints every accepted update
 is appended to a write-ahead log next to it (:data:`WAL_NAME`, one CRC-framed record per update, ``fsync``
 before :meth:`AggregatorState.submit` returns) and the log is emptied by the next checkpoint, so nothing
@@ -38,6 +39,8 @@ from typing import Any
 
 import numpy as np
 
+from common.fsio import atomic_write
+
 from . import aggregation as agg
 from . import robust as rb
 from .validation import RawUpdate, Reason, RejectionCounter, UpdateRejected, validate
@@ -45,20 +48,6 @@ from .validation import RawUpdate, Reason, RejectionCounter, UpdateRejected, val
 CHECKPOINT_NAME = "aggregator.npz"
 WAL_NAME = "aggregator.wal"  # accepted updates since the checkpoint: (len, crc32) + JSON line + payload each
 _FRAME = struct.Struct("<II")
-__all__ = [
-    "ACTOR_NAME",
-    "CHECKPOINT_NAME",
-    "FORMAT",
-    "RAY_ADDRESS_ENV",
-    "RAY_ADDRESS_FILE",
-    "WAL_NAME",
-    "AggregatorState",
-    "CheckpointError",
-    "ensure_ray",
-    "read_wal",
-    "start_actor",
-]
-
 FORMAT = 1
 RAY_ADDRESS_ENV = "FEDGE_RAY_ADDRESS"
 ACTOR_NAME = "fedge-aggregator"  # ray.get_actor(ACTOR_NAME).rebase.remote(base_state, base_version)
@@ -481,22 +470,6 @@ def read_wal(path: str | Path) -> list[tuple[dict[str, Any], bytes]]:
         out.append((json.loads(head), payload))
         pos += _FRAME.size + n
     return out
-
-
-def atomic_write(path: str | Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` so that a crash leaves either the old or the new file, never a torn one."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    dfd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(dfd)
-    finally:
-        os.close(dfd)
 
 
 # ---------------------------------------------------------------------------------------------- Ray

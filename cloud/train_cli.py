@@ -10,6 +10,8 @@ from typing import Annotated, Any
 
 import typer
 
+from common.fsio import atomic_path
+
 
 def _load_state(path: Path) -> dict:
     """A state dict from ``.safetensors`` or ``.npz`` (the aggregator's adapter file)."""
@@ -27,10 +29,8 @@ def _save_state(state: dict, out: Path) -> None:
     """Write a state dict as safetensors atomically."""
     from safetensors.torch import save_file
 
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(out.name + ".tmp")
-    save_file({k: v.contiguous() for k, v in state.items()}, str(tmp))
-    os.replace(tmp, out)
+    with atomic_path(out) as tmp:
+        save_file({k: v.contiguous() for k, v in state.items()}, str(tmp))
 
 
 def _progress(jsonl: Path, total: int, stop: threading.Event) -> None:

@@ -36,6 +36,7 @@ from torch import Tensor
 
 from common.augment import augment_batch
 from common.config import FedgeConfig
+from common.fsio import append_jsonl
 from common.lora import apply_lora, base_state, load_base_state, merge_lora
 from common.model import MultimodalMoE, build_model, fusion_loss, model_kwargs
 from common.scope import ScopeError, load_trainable_state, trainable_state
@@ -243,9 +244,9 @@ def _metrics_callback(log_dir: str) -> Any:
                 self._get().log(rec)
 
         def after_exception(self, run_context: Any, worker_exceptions: dict[int, Exception]) -> None:
-            with open(Path(self.log_dir) / "failures.jsonl", "a") as f:
-                f.write(json.dumps({"time": time.time(), "ranks": sorted(worker_exceptions),
-                                    "error": repr(next(iter(worker_exceptions.values())))[:500]}) + "\n")
+            append_jsonl(Path(self.log_dir) / "failures.jsonl",
+                         {"time": time.time(), "ranks": sorted(worker_exceptions),
+                          "error": repr(next(iter(worker_exceptions.values())))[:500]})
 
     return _Log()
 

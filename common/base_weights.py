@@ -13,11 +13,10 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
+from .fsio import atomic_path
 from .lora import load_base_state
 
 # path -> (mtime_ns, size, state): one read per process and file version
-__all__ = ["BaseWeightsError", "load_base_file", "published_store", "read_base", "save_base"]
-
 _CACHE: dict[str, tuple[int, int, dict[str, Tensor]]] = {}
 
 
@@ -86,10 +85,8 @@ def save_base(model: nn.Module, path: str | Path) -> Path:
     from .lora import base_state
 
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
-    save_file({k: v.detach().cpu().contiguous() for k, v in base_state(model).items()}, str(tmp))
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        save_file({k: v.detach().cpu().contiguous() for k, v in base_state(model).items()}, str(tmp))
     return path
 
 

@@ -20,7 +20,6 @@ survives restarts); :class:`StoreSource` reads a model store directory in place 
 from __future__ import annotations
 
 import json
-import os
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,6 +32,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 from common.base_delta import apply_delta, read_shard, shard_bytes
 from common.codec import CodecError
 from common.config import MODALITIES
+from common.fsio import atomic_path
 from common.manifest import (
     Manifest,
     ManifestError,
@@ -202,9 +202,8 @@ def fetch_base(source: ShardSource, version: str, modalities: tuple[str, ...], o
     out_dir.mkdir(parents=True, exist_ok=True)
     from safetensors.torch import save_file
 
-    tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
-    save_file(state, str(tmp), metadata={"version": version, "manifest_serial": str(manifest.serial)})
-    os.replace(tmp, out)
+    with atomic_path(out) as tmp:
+        save_file(state, str(tmp), metadata={"version": version, "manifest_serial": str(manifest.serial)})
     _prune(out_dir, keep=out)
     report.downloaded_bytes = source.downloaded_bytes() - before
     return report
@@ -243,7 +242,9 @@ def _model_state(tensors: Mapping[str, np.ndarray], fill: Mapping[str, torch.Ten
 
 
 def _prune(out_dir: Path, *, keep: Path) -> None:
-    files = sorted(out_dir.glob("*.safetensors"), key=lambda p: p.stat().st_mtime, reverse=True)
+    # hidden names are other writers' temporaries (common.fsio), not bases
+    files = sorted((p for p in out_dir.glob("*.safetensors") if not p.name.startswith(".")),
+                   key=lambda p: p.stat().st_mtime, reverse=True)
     for p in files[KEEP_BASES:]:
         if p != keep:
             p.unlink(missing_ok=True)

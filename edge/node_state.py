@@ -2,39 +2,28 @@
 
 Flower keeps ``Context.state`` in the SuperNode's memory, which a restart (SIGTERM, crash, reboot) loses;
 these files, in the node's state directory (``<store>/agent-state`` by default), survive it. Every write is
-atomic (temporary file, fsync, rename), so a device stopped at any instant finds either the previous or the
-new state, never half of one.
+atomic (:mod:`common.fsio`), so a device stopped at any instant finds either the previous or the new state,
+never half of one; the update ledger is appended with :func:`common.fsio.append_jsonl`.
 """
 
 from __future__ import annotations
 
 import io
 import json
-import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from common.fsio import append_jsonl, atomic_write, read_jsonl
+
+__all__ = ["ADAPTERS_FILE", "PRIVACY_FILE", "RESIDUAL_FILE", "UPDATES_FILE", "append_jsonl", "load_arrays",
+           "load_json", "read_jsonl", "save_arrays", "save_json"]
+
 RESIDUAL_FILE = "residual.npz"  # error-feedback residual of the codec
 ADAPTERS_FILE = "adapters.npz"  # the adapters after the latest local training (+ their base version)
 PRIVACY_FILE = "privacy.json"  # releases so far (the DP accountant's ledger)
 UPDATES_FILE = "updates.jsonl"  # one line of metrics per update sent (size accounting)
-
-
-def _atomic_write(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def save_arrays(path: Path, arrays: dict[str, np.ndarray], meta: dict[str, Any] | None = None) -> None:
@@ -43,7 +32,7 @@ def save_arrays(path: Path, arrays: dict[str, np.ndarray], meta: dict[str, Any] 
     payload = {f"a/{k}": np.ascontiguousarray(v) for k, v in arrays.items()}
     payload["meta"] = np.frombuffer(json.dumps(meta or {}).encode(), dtype=np.uint8)
     np.savez(buf, **payload)  # type: ignore[arg-type]
-    _atomic_write(path, buf.getvalue())
+    atomic_write(path, buf.getvalue())
 
 
 def load_arrays(path: Path) -> tuple[dict[str, np.ndarray], dict[str, Any]] | None:
@@ -64,7 +53,7 @@ def load_arrays(path: Path) -> tuple[dict[str, np.ndarray], dict[str, Any]] | No
 
 def save_json(path: Path, obj: dict[str, Any]) -> None:
     """Write a JSON object atomically."""
-    _atomic_write(path, json.dumps(obj, sort_keys=True).encode())
+    atomic_write(path, json.dumps(obj, sort_keys=True))
 
 
 def load_json(path: Path) -> dict[str, Any] | None:
@@ -78,25 +67,3 @@ def load_json(path: Path) -> dict[str, Any] | None:
     if not isinstance(obj, dict):
         raise ValueError(f"node state file {path} is not a JSON object")  # noqa: TRY004 - a bad file, not a bad call
     return obj
-
-
-def append_jsonl(path: Path, obj: dict[str, Any]) -> None:
-    """Append one JSON line and fsync (a ledger: a torn last line is skipped by :func:`read_jsonl`)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "a") as f:
-        f.write(json.dumps(obj, sort_keys=True) + "\n")
-        f.flush()
-        os.fsync(f.fileno())
-
-
-def read_jsonl(path: Path) -> list[dict[str, Any]]:
-    """All complete lines of a ledger (an incomplete trailing line, from a crash mid-write, is skipped)."""
-    if not path.is_file():
-        return []
-    out = []
-    for line in path.read_text().splitlines():
-        try:
-            out.append(json.loads(line))
-        except json.JSONDecodeError:
-            continue
-    return out

@@ -10,11 +10,10 @@ from typing import Annotated, Any
 import typer
 
 from common.dataset import is_store
+from common.fsio import atomic_path
 from common.units import human_bytes
 
 app = typer.Typer(no_args_is_help=True, help="Inspect a SampleStore and export it as arrays.")
-__all__ = ["app", "export_command", "format_stats", "stats_command"]
-
 
 _STORE_HELP = "SampleStore directory (the --store of `fedge edge ingest`)."
 
@@ -100,10 +99,8 @@ def export_command(
                          num_classes=m.num_classes, split=split, what="store")
     except (ConfigError, FileNotFoundError, DataError) as e:
         _fail("export", str(e))
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(out.name + ".tmp.npz")
-    np.savez(tmp, **data)  # type: ignore[arg-type]
-    tmp.replace(out)
+    with atomic_path(out) as tmp, open(tmp, "wb") as f:  # a file object: np.savez names it as given
+        np.savez(f, **data)  # type: ignore[arg-type]
     mods = data["mask"]
     typer.echo(f"{out}: {len(data['label'])} labelled samples ({int(mods.all(1).sum())} image+audio, "
                f"{int((mods[:, 0] & ~mods[:, 1]).sum())} image, {int((mods[:, 1] & ~mods[:, 0]).sum())} audio)"

@@ -8,7 +8,6 @@ same held-out set; but Flower's own strategy: the full float32 trainable state b
 
 from __future__ import annotations
 
-import json
 import time
 from pathlib import Path
 
@@ -21,12 +20,11 @@ from flwr.serverapp.strategy import FedAvg
 
 from cloud.builders import heldout_data
 from common.config import config_from_context
+from common.fsio import append_jsonl
 from common.scope import load_trainable_state, set_trainable, trainable_state
 from common.training import evaluate, train_steps
 
 from .evaluation import ADAPTERS, model_with
-
-__all__ = ["client_app", "server_app"]
 
 client_app = ClientApp()
 server_app = ServerApp()
@@ -75,8 +73,7 @@ def _main(grid: Grid, context: Context) -> None:
         if server_round > 0:
             rec = {"version": server_round, "accuracy": res["accuracy"], "loss": res["loss"], "updates": k,
                    "wall_time": time.perf_counter() - t0}
-            with open(run_dir / "metrics.jsonl", "a") as f:
-                f.write(json.dumps(rec) + "\n")
+            append_jsonl(run_dir / "metrics.jsonl", rec)
         return MetricRecord({"accuracy": res["accuracy"]})
 
     strategy = FedAvg(fraction_train=frac, fraction_evaluate=0.0, min_train_nodes=k, min_available_nodes=n)

@@ -23,23 +23,11 @@ import numpy as np
 
 from common import pool as pool_files
 from common.config import FedgeConfig
+from common.fsio import atomic_dir
 
 from . import avdigits
 
 CHUNK_SHOTS = 25  # shots per rendered pool stream: long enough that the ingest's per-stream cost is amortised
-__all__ = [
-    "CHUNK_SHOTS",
-    "DONE",
-    "assign",
-    "device_label_counts",
-    "finish_pool",
-    "pool_dir_for",
-    "pool_key",
-    "pool_partition",
-    "pool_plans",
-    "render_jobs",
-]
-
 DONE = "pool.json"
 _FORMAT = 1
 
@@ -165,19 +153,17 @@ def finish_pool(cfg: FedgeConfig, work: Path, pool_dir: Path, results: list[dict
     parts = [stores.store_arrays(store, image_size=m.image_size, n_mels=m.n_mels, frames=m.audio_frames)
              for store in sorted((work / "stores").iterdir(), key=lambda p: int(p.name[4:]))]
     arrays = {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
-    tmp = pool_dir.with_name(pool_dir.name + f".tmp{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    pool_files.write_columns(tmp, arrays)
     ingest: dict[str, Any] = {}
     for r in results:
         for k, v in r.items():
             if k != "device" and isinstance(v, (int, float)):
                 ingest[k] = ingest.get(k, 0) + v
-    (tmp / DONE).write_text(json.dumps({"key": pool_key(cfg), "samples": len(arrays["label"]),
-                                        "labels": np.bincount(arrays["label"], minlength=avdigits.NUM_CLASSES).tolist(),
-                                        "ingest": ingest}, indent=1))
-    shutil.rmtree(pool_dir, ignore_errors=True)
-    os.replace(tmp, pool_dir)
+    with atomic_dir(pool_dir) as tmp:
+        pool_files.write_columns(tmp, arrays)
+        (tmp / DONE).write_text(json.dumps({"key": pool_key(cfg), "samples": len(arrays["label"]),
+                                            "labels": np.bincount(arrays["label"],
+                                                                  minlength=avdigits.NUM_CLASSES).tolist(),
+                                            "ingest": ingest}, indent=1))
     shutil.rmtree(work, ignore_errors=True)
 
 

@@ -28,23 +28,11 @@ from typing import Any
 import numpy as np
 
 from common.config import FedgeConfig
+from common.fsio import atomic_dir
 
 from . import avdigits
 
 EVAL_NAME = "heldout.npz"
-__all__ = [
-    "CLOUD_NAME",
-    "DONE",
-    "EVAL_NAME",
-    "data_dir_for",
-    "data_key",
-    "heldout_arrays",
-    "prepare",
-    "pretrains",
-    "render_options",
-    "with_data",
-]
-
 CLOUD_NAME = "cloud.npz"  # the cloud's curated share (simulation.pretrain_steps > 0)
 DONE = "prepared.json"
 
@@ -108,16 +96,13 @@ def prepare(cfg: FedgeConfig, cache_root: str | Path, *, workers: int = 0, progr
     """Make the data ``cfg`` needs (or reuse the cache) and return ``cfg`` pointed at it."""
     data_dir = data_dir_for(cfg, cache_root)
     if not (data_dir / DONE).is_file():
-        tmp = data_dir.with_name(data_dir.name + f".tmp{os.getpid()}")
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-        if cfg.simulation.dataset == "avdigits":
-            summary = _prepare_avdigits(cfg, tmp, workers=workers, progress=progress, cache_root=Path(cache_root))
-        else:
-            summary = _prepare_synthetic(cfg, tmp)
-        (tmp / DONE).write_text(json.dumps({"key": data_key(cfg), **summary}, indent=1))
-        shutil.rmtree(data_dir, ignore_errors=True)
-        os.replace(tmp, data_dir)
+        with atomic_dir(data_dir) as tmp:
+            if cfg.simulation.dataset == "avdigits":
+                summary = _prepare_avdigits(cfg, tmp, workers=workers, progress=progress,
+                                            cache_root=Path(cache_root))
+            else:
+                summary = _prepare_synthetic(cfg, tmp)
+            (tmp / DONE).write_text(json.dumps({"key": data_key(cfg), **summary}, indent=1))
     return with_data(cfg, data_dir)
 
 
