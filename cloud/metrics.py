@@ -19,6 +19,8 @@ from common.config import MODALITIES
 from common.fsio import append_jsonl, read_jsonl
 from common.model import MoEOutput, MultimodalMoE
 
+__all__ = ["MetricsLogger", "modality_eval", "read_metrics", "routing_stats", "token_modalities"]
+
 # Keys whose value is not a scalar to plot (identifiers, wall-clock times).
 _NOT_PLOTTED = ("step", "time", "attempt")
 

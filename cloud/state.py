@@ -48,6 +48,20 @@ from .validation import RawUpdate, Reason, RejectionCounter, UpdateRejected, val
 CHECKPOINT_NAME = "aggregator.npz"
 WAL_NAME = "aggregator.wal"  # accepted updates since the checkpoint: (len, crc32) + JSON line + payload each
 _FRAME = struct.Struct("<II")
+__all__ = [
+    "ACTOR_NAME",
+    "CHECKPOINT_NAME",
+    "FORMAT",
+    "RAY_ADDRESS_ENV",
+    "RAY_ADDRESS_FILE",
+    "WAL_NAME",
+    "AggregatorState",
+    "CheckpointError",
+    "ensure_ray",
+    "read_wal",
+    "start_actor",
+]
+
 FORMAT = 1
 RAY_ADDRESS_ENV = "FEDGE_RAY_ADDRESS"
 ACTOR_NAME = "fedge-aggregator"  # ray.get_actor(ACTOR_NAME).rebase.remote(base_state, base_version)

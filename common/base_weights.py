@@ -17,6 +17,8 @@ from .fsio import atomic_path
 from .lora import load_base_state
 
 # path -> (mtime_ns, size, state): one read per process and file version
+__all__ = ["BaseWeightsError", "load_base_file", "published_store", "read_base", "save_base"]
+
 _CACHE: dict[str, tuple[int, int, dict[str, Tensor]]] = {}
 
 

@@ -14,6 +14,8 @@ from common.fsio import atomic_path
 from common.units import human_bytes
 
 app = typer.Typer(no_args_is_help=True, help="Inspect a SampleStore and export it as arrays.")
+__all__ = ["app", "export_command", "format_stats", "stats_command"]
+
 
 _STORE_HELP = "SampleStore directory (the --store of `fedge edge ingest`)."
 

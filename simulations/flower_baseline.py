@@ -26,6 +26,8 @@ from common.training import evaluate, train_steps
 
 from .evaluation import ADAPTERS, model_with
 
+__all__ = ["client_app", "server_app"]
+
 client_app = ClientApp()
 server_app = ServerApp()
 

@@ -28,6 +28,19 @@ from common.fsio import atomic_dir
 from . import avdigits
 
 CHUNK_SHOTS = 25  # shots per rendered pool stream: long enough that the ingest's per-stream cost is amortised
+__all__ = [
+    "CHUNK_SHOTS",
+    "DONE",
+    "assign",
+    "device_label_counts",
+    "finish_pool",
+    "pool_dir_for",
+    "pool_key",
+    "pool_partition",
+    "pool_plans",
+    "render_jobs",
+]
+
 DONE = "pool.json"
 _FORMAT = 1
 

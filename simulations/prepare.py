@@ -33,6 +33,19 @@ from common.fsio import atomic_dir
 from . import avdigits
 
 EVAL_NAME = "heldout.npz"
+__all__ = [
+    "CLOUD_NAME",
+    "DONE",
+    "EVAL_NAME",
+    "data_dir_for",
+    "data_key",
+    "heldout_arrays",
+    "prepare",
+    "pretrains",
+    "render_options",
+    "with_data",
+]
+
 CLOUD_NAME = "cloud.npz"  # the cloud's curated share (simulation.pretrain_steps > 0)
 DONE = "prepared.json"
 
