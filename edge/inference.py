@@ -150,11 +150,6 @@ class ShardedRunner:
         self._sessions = {k: v for k, v in self._sessions.items() if k in live}
         return self.manifest.version
 
-    def load_base(self) -> None:
-        """Download (if needed) and open the device's encoders, router and head."""
-        for name in self.cache.required():
-            self._session(name)
-
     def _session(self, name: str) -> Session:
         sess = self._by_name.get(name)
         if sess is None:

@@ -154,6 +154,3 @@ def size_mod(msg: Message, ctxt: Context, call_next: ClientAppCallable) -> Messa
         line.update({k: float(v) for k, v in metrics.items()})  # type: ignore[arg-type]
         node_state.append_jsonl(node.state_path / node_state.UPDATES_FILE, line)
     return reply
-
-
-MODS: tuple[Mod, ...] = (size_mod, compression_mod, dp_mod)  # outermost first, as ClientApp(mods=...) takes them

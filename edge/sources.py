@@ -194,11 +194,6 @@ class VideoSource:
             self._reader.join()
         self._stop, self._reader = None, None
 
-    def skip_to_end(self) -> None:
-        """Decode (grab) the remaining frames without converting them, to count them and find breaks."""
-        for _ in self.frames(every=1 << 62):
-            pass
-
     def _check_end(self, n: int) -> None:
         if self.live or self.frame_count is None:
             return
