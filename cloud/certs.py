@@ -34,6 +34,16 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from common.fsio import atomic_write
+from common.pki_files import (
+    CA_CERT,
+    CA_KEY,
+    NODE_PRIVATE_KEY,
+    NODE_PUBLIC_KEY,
+    NODES_DIR,
+    SERVER_CERT,
+    SERVER_KEY,
+    SUPEREXEC_SECRET,
+)
 
 NODE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$")
 HOSTNAME = re.compile(r"^(?=.{1,253}$)([A-Za-z0-9*]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?)(\.[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?)*$")
@@ -59,32 +69,32 @@ class CertLayout:
     @property
     def ca_cert(self) -> Path:
         """PEM certificate of the CA: ``--ssl-ca-certfile`` (SuperLink), ``--root-certificates`` (SuperNode)."""
-        return self.root / "ca.crt"
+        return self.root / CA_CERT
 
     @property
     def ca_key(self) -> Path:
         """PEM private key of the CA (keep it offline once the certificates are issued)."""
-        return self.root / "ca.key"
+        return self.root / CA_KEY
 
     @property
     def server_cert(self) -> Path:
         """PEM server certificate: ``flower-superlink --ssl-certfile`` and the shard server's HTTPS."""
-        return self.root / "superlink.crt"
+        return self.root / SERVER_CERT
 
     @property
     def server_key(self) -> Path:
         """PEM (PKCS#8) server private key: ``flower-superlink --ssl-keyfile``."""
-        return self.root / "superlink.key"
+        return self.root / SERVER_KEY
 
     @property
     def superexec_secret(self) -> Path:
         """Shared secret of SuperLink and a separate SuperExec (``--superexec-auth-secret-file``, process isolation)."""
-        return self.root / "superexec.secret"
+        return self.root / SUPEREXEC_SECRET
 
     @property
     def nodes_dir(self) -> Path:
         """Folder holding one sub-folder of authentication keys per SuperNode."""
-        return self.root / "supernodes"
+        return self.root / NODES_DIR
 
     def node_dir(self, name: str) -> Path:
         """The key folder of SuperNode ``name`` (what ``fedge edge run --auth-keys`` takes)."""
@@ -92,17 +102,17 @@ class CertLayout:
 
     def node_private_key(self, name: str) -> Path:
         """OpenSSH ECDSA P-384 private key: ``flower-supernode --auth-supernode-private-key``."""
-        return self.node_dir(name) / "auth.key"
+        return self.node_dir(name) / NODE_PRIVATE_KEY
 
     def node_public_key(self, name: str) -> Path:
         """OpenSSH public key: ``flwr supernode register``."""
-        return self.node_dir(name) / "auth.pub"
+        return self.node_dir(name) / NODE_PUBLIC_KEY
 
     def node_names(self) -> list[str]:
         """Names of the SuperNodes that have a key pair here, sorted."""
         if not self.nodes_dir.is_dir():
             return []
-        return sorted(p.name for p in self.nodes_dir.iterdir() if (p / "auth.pub").is_file())
+        return sorted(p.name for p in self.nodes_dir.iterdir() if (p / NODE_PUBLIC_KEY).is_file())
 
 
 @dataclass(frozen=True)
@@ -248,7 +258,7 @@ def generate(
 
     has_cert, has_key = layout.ca_cert.exists(), layout.ca_key.exists()
     if has_cert != has_key and not overwrite:
-        raise CertError(f"{layout.root}: found only one of ca.crt / ca.key; pass overwrite to start afresh")
+        raise CertError(f"{layout.root}: found only one of {CA_CERT} / {CA_KEY}; pass overwrite to start afresh")
     new_ca = overwrite or not has_cert
     if new_ca:
         ca_cert, ca_key = make_ca(days, now)

@@ -24,12 +24,10 @@ from pathlib import Path
 from typing import Any, Self
 
 from common.fsio import atomic_write
-from common.manifest import Manifest, ManifestError, verify_manifest
+from common.manifest import MANIFEST_KEY, Manifest, ManifestError, verify_manifest
+from common.shard_api import INDEX_FILE, LATEST, MANIFEST_FILE
 
-from .export import MANIFEST_FILE, export_version
-
-INDEX = "index.json"
-LATEST = "latest"
+from .export import export_version
 
 
 class StoreError(LookupError):
@@ -48,7 +46,7 @@ class ModelStore:
     def index(self) -> dict[str, Any]:
         """The current index (``{"versions": [], "latest": None}`` for an empty store)."""
         try:
-            return dict(json.loads((self.root / INDEX).read_text()))
+            return dict(json.loads((self.root / INDEX_FILE).read_text()))
         except FileNotFoundError:
             return {"versions": [], "latest": None}
 
@@ -77,7 +75,7 @@ class ModelStore:
         v = self.resolve(version)
         if v not in self._manifests:
             env = json.loads(self.manifest_bytes(v))
-            self._manifests[v] = Manifest.from_dict(env["manifest"])
+            self._manifests[v] = Manifest.from_dict(env[MANIFEST_KEY])
         return self._manifests[v]
 
     def shard_path(self, version: str, file: str) -> tuple[Path, str, int]:
@@ -152,10 +150,10 @@ class ModelStore:
         """
         src = Path(directory)
         env = json.loads((src / MANIFEST_FILE).read_bytes())
-        if env.get("manifest", {}).get("version") != version:
-            raise ManifestError(f"{src}: manifest names version {env.get('manifest', {}).get('version')!r}, "
-                                f"not {version!r}")
-        serial = env["manifest"].get("serial", 0)
+        named = env.get(MANIFEST_KEY, {}).get("version")
+        if named != version:
+            raise ManifestError(f"{src}: manifest names version {named!r}, not {version!r}")
+        serial = env[MANIFEST_KEY].get("serial", 0)
         with self._lock():
             dst = self.root / version
             if dst.exists():
@@ -183,7 +181,7 @@ class ModelStore:
 
     def _write_index(self, idx: dict[str, Any]) -> None:
         # the directory fsync after the replace also makes the version folder's rename durable
-        atomic_write(self.root / INDEX, json.dumps(idx))
+        atomic_write(self.root / INDEX_FILE, json.dumps(idx))
 
     def _lock(self) -> _FileLock:
         return _FileLock(self.root / ".lock")

@@ -16,6 +16,7 @@ and ``latest`` moves atomically), so publishing needs no redeploy and requests i
 succeed. With a tokens file, shard downloads and predictions need ``Authorization: Bearer <token>`` and
 ``X-Fedge-Device: <id>``; the file maps device id -> sha256(token) and is re-read when it changes. TLS is
 Serve's own: ``http_options`` ``ssl_certfile`` / ``ssl_keyfile`` (uvicorn under Serve's proxy, Ray >= 2.5x).
+Routes, header names and content types are the contract in :mod:`common.shard_api`, which devices share.
 
 No ``from __future__ import annotations`` here: Serve's ingress rebuilds the route signatures, and string
 annotations would turn ``request: Request`` into a query parameter.
@@ -34,11 +35,26 @@ import torch
 from fastapi import FastAPI, HTTPException, Request, Response
 from ray import serve
 
-from .export import build_from_manifest
-from .model_store import LATEST, ModelStore, StoreError
+from common.shard_api import (
+    AUTH_HEADER,
+    AUTH_SCHEME,
+    DEVICE_HEADER,
+    LATEST,
+    MANIFEST_CONTENT_TYPE,
+    MANIFEST_ROUTE,
+    MODELS_ROUTE,
+    MULTIPLEX_HEADER,  # noqa: F401  (clients of the Serve app import it from here)
+    PREDICT_ROUTE,
+    SHARD_CONTENT_TYPE,
+    SHARD_ROUTE,
+    VERSION_HEADER,
+    bearer_token,
+    sha256_etag,
+)
 
-DEVICE_HEADER = "x-fedge-device"
-MULTIPLEX_HEADER = "serve_multiplexed_model_id"
+from .export import build_from_manifest
+from .model_store import ModelStore, StoreError
+
 APP_NAME = "shards"
 DEPLOYMENT = "ShardServer"
 _RANGE = re.compile(r"^bytes=(\d*)-(\d*)$")
@@ -126,13 +142,13 @@ class ShardServer:
         if mtime != self._tokens_mtime:
             self._tokens = {str(k): str(v) for k, v in json.loads(self.tokens_file.read_text()).items()}
             self._tokens_mtime = mtime
-        auth = request.headers.get("authorization", "")
+        token = bearer_token(request.headers.get(AUTH_HEADER, ""))
         device = request.headers.get(DEVICE_HEADER, "")
-        if not auth.startswith("Bearer ") or not device:
-            raise HTTPException(401, "a device token is required (Authorization: Bearer, X-Fedge-Device)",
-                                headers={"WWW-Authenticate": "Bearer"})
+        if token is None or not device:
+            raise HTTPException(401, f"a device token is required ({AUTH_HEADER}: {AUTH_SCHEME}, {DEVICE_HEADER})",
+                                headers={"WWW-Authenticate": AUTH_SCHEME})
         want = self._tokens.get(device)
-        if want is None or not hmac.compare_digest(want, token_digest(auth[len("Bearer "):])):
+        if want is None or not hmac.compare_digest(want, token_digest(token)):
             raise HTTPException(403, f"invalid token for device {device!r}")
 
     def _resolve(self, version: str) -> str:
@@ -142,24 +158,24 @@ class ShardServer:
             raise HTTPException(404, str(e)) from None
 
     # ------------------------------------------------------------------ routes
-    @api.get("/v1/models")
+    @api.get(MODELS_ROUTE)
     def models(self) -> dict[str, Any]:
         """Published versions (oldest first) and the latest one."""
         idx = self.store.index()
         return {"versions": idx["versions"], "latest": idx["latest"]}
 
-    @api.get("/v1/models/{version}/manifest")
+    @api.get(MANIFEST_ROUTE)
     def manifest(self, version: str) -> Response:
         """The signed manifest envelope of a version, byte for byte."""
         v = self._resolve(version)
         data = self.store.manifest_bytes(v)
         return Response(
             data,
-            media_type="application/json",
-            headers={"ETag": f'"{hashlib.sha256(data).hexdigest()}"', "X-Fedge-Version": v},
+            media_type=MANIFEST_CONTENT_TYPE,
+            headers={"ETag": sha256_etag(hashlib.sha256(data).hexdigest()), VERSION_HEADER: v},
         )
 
-    @api.get("/v1/models/{version}/shards/{file}")
+    @api.get(SHARD_ROUTE)
     def shard(self, version: str, file: str, request: Request) -> Response:
         """Shard bytes with ETag = sha256; honours Range (single range), If-Range and If-None-Match."""
         self._check_token(request)
@@ -168,8 +184,8 @@ class ShardServer:
             path, sha, size = self.store.shard_path(v, file)
         except StoreError as e:
             raise HTTPException(404, str(e)) from None
-        etag = f'"{sha}"'
-        headers = {"ETag": etag, "Accept-Ranges": "bytes", "X-Fedge-Version": v,
+        etag = sha256_etag(sha)
+        headers = {"ETag": etag, "Accept-Ranges": "bytes", VERSION_HEADER: v,
                    "Cache-Control": "public, max-age=31536000, immutable"}
         if request.headers.get("if-none-match") == etag:
             return Response(status_code=304, headers=headers)
@@ -187,15 +203,15 @@ class ShardServer:
                 fh.seek(start)
                 body = fh.read(end - start + 1)
             headers["Content-Range"] = f"bytes {start}-{end}/{size}"
-            return Response(body, status_code=206, media_type="application/octet-stream", headers=headers)
-        return Response(path.read_bytes(), media_type="application/octet-stream", headers=headers)
+            return Response(body, status_code=206, media_type=SHARD_CONTENT_TYPE, headers=headers)
+        return Response(path.read_bytes(), media_type=SHARD_CONTENT_TYPE, headers=headers)
 
     @serve.multiplexed(max_num_models_per_replica=3)
     async def get_model(self, version: str) -> torch.nn.Module:
         """Load a published version (from its safetensors shards, hashes checked) for ``/v1/predict``."""
         return build_from_manifest(self.store.version_dir(version), self.store.manifest(version))
 
-    @api.post("/v1/predict")
+    @api.post(PREDICT_ROUTE)
     async def predict(self, request: Request) -> dict[str, Any]:
         """Classify samples for a thin client that runs no model itself."""
         self._check_token(request)
@@ -305,7 +321,7 @@ def _wait_ready(url: str, *, timeout: float) -> None:
     deadline = time.monotonic() + timeout
     while True:
         try:
-            with urllib.request.urlopen(url + "/v1/models", timeout=5, context=ctx) as r:
+            with urllib.request.urlopen(url + MODELS_ROUTE, timeout=5, context=ctx) as r:
                 if r.status == 200:
                     return
         except OSError:

@@ -26,8 +26,11 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
 from .config import MODALITIES
+from .pki_files import SIGNING_KEY_STEM
+from .shard_api import LATEST
 
 SCHEMA = 1
+MANIFEST_KEY = "manifest"  # the signed envelope's field that holds the manifest
 # "experts": every expert of a group stacked in one ONNX graph (cloud.experts_onnx), an alternative to "expert"
 KINDS: tuple[str, ...] = ("encoder", "router", "expert", "head", "experts")
 FORMATS: dict[str, str] = {"onnx": "onnx", "safetensors": "safetensors", "delta": "delta"}  # format -> file extension
@@ -149,8 +152,8 @@ class Manifest:
     serial: int = 0
 
     def __post_init__(self) -> None:
-        if not self.version or "/" in self.version or self.version.startswith(".") or self.version == "latest":
-            raise ManifestError(f"manifest version {self.version!r}: must be a plain name other than 'latest'")
+        if not self.version or "/" in self.version or self.version.startswith(".") or self.version == LATEST:
+            raise ManifestError(f"manifest version {self.version!r}: must be a plain name other than {LATEST!r}")
         if self.serial < 0:
             raise ManifestError(f"manifest {self.version}: serial must be >= 0, got {self.serial}")
         seen: set[str] = set()
@@ -318,7 +321,7 @@ def key_id(public: Ed25519PublicKey) -> str:
 def sign_manifest(manifest: Manifest, private: Ed25519PrivateKey) -> bytes:
     """The signed envelope (JSON bytes) for ``manifest``."""
     sig = private.sign(manifest.canonical_bytes())
-    env = {"manifest": manifest.to_dict(), "signature": sig.hex(), "key_id": key_id(private.public_key())}
+    env = {MANIFEST_KEY: manifest.to_dict(), "signature": sig.hex(), "key_id": key_id(private.public_key())}
     return json.dumps(env, sort_keys=True, indent=1).encode("utf-8")
 
 
@@ -334,7 +337,7 @@ def verify_manifest(envelope: bytes, public: Ed25519PublicKey) -> Manifest:
     """
     try:
         env = json.loads(envelope)
-        body, sig_hex = env["manifest"], env["signature"]
+        body, sig_hex = env[MANIFEST_KEY], env["signature"]
         sig = bytes.fromhex(sig_hex)
     except (ValueError, KeyError, TypeError) as e:
         raise ManifestError(f"not a signed manifest envelope: {e}") from None
@@ -348,7 +351,8 @@ def verify_manifest(envelope: bytes, public: Ed25519PublicKey) -> Manifest:
     return Manifest.from_dict(body)
 
 
-def generate_keypair(directory: str | Path, *, name: str = "manifest", overwrite: bool = False) -> tuple[Path, Path]:
+def generate_keypair(directory: str | Path, *, name: str = SIGNING_KEY_STEM,
+                     overwrite: bool = False) -> tuple[Path, Path]:
     """Write ``<name>.key`` (PKCS8 PEM, mode 0600) and ``<name>.pub`` (SubjectPublicKeyInfo PEM) into
     ``directory`` and return their paths. Refuses to overwrite an existing key unless asked."""
     d = Path(directory)

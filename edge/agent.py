@@ -36,6 +36,7 @@ from typing import Annotated
 import typer
 
 from common.config import MODALITIES
+from common.pki_files import NODE_PRIVATE_KEY
 from common.procs import escalate
 
 from .node_config import NodeConfig
@@ -56,7 +57,7 @@ __all__ = [
     "supernode_command",
 ]
 
-AUTH_KEY_NAMES = ("auth.key",)  # what `fedge cloud certs` writes per node (OpenSSH ECDSA private key)
+AUTH_KEY_NAMES = (NODE_PRIVATE_KEY,)  # what `fedge cloud certs` writes per node (OpenSSH ECDSA private key)
 
 
 class AgentError(ValueError):

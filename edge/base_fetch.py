@@ -42,10 +42,11 @@ from common.manifest import (
     sha256_file,
     verify_manifest,
 )
+from common.pki_files import SIGNING_DIR, SIGNING_PUBLIC_KEY
+from common.shard_api import MANIFEST_FILE
 
 from .shards import ShardCache, ShardIntegrityError
 
-MANIFEST_FILE = "manifest.json"
 KEEP_BASES = 2  # rebuilt base files kept per folder: the current one and the one before
 
 
@@ -121,7 +122,7 @@ class StoreSource:
 
     def __init__(self, root: str | Path, *, public_key: Ed25519PublicKey | str | Path | None = None) -> None:
         self.root = Path(root)
-        key = public_key if public_key is not None else self.root / ".signing" / "manifest.pub"
+        key = public_key if public_key is not None else self.root / SIGNING_DIR / SIGNING_PUBLIC_KEY
         self.public_key = key if isinstance(key, Ed25519PublicKey) else load_public_key(key)
 
     def manifest(self, version: str) -> Manifest:

@@ -19,6 +19,7 @@ server's origin; a download stops one byte past its manifest size; a cached shar
 is opened, so a file changed on disk is fetched again rather than trusted.
 
 Network code uses only the standard library (``urllib``): an edge device installs without Ray or HTTP extras.
+Routes and header names are the contract in :mod:`common.shard_api`, which the shard server shares.
 """
 
 from __future__ import annotations
@@ -50,12 +51,19 @@ from common.manifest import (
     release_order,
     verify_manifest,
 )
+from common.shard_api import (
+    AUTH_HEADER,
+    CREDENTIAL_HEADERS,
+    DEVICE_HEADER,
+    LATEST,
+    bearer,
+    manifest_path,
+    sha256_etag,
+    shard_path,
+)
 
-DEVICE_HEADER = "X-Fedge-Device"
-LATEST = "latest"
 MAX_MANIFEST_BYTES = 8 << 20  # a signed manifest is a few KB; anything near this is not one
 NEWEST_FILE = "newest.json"  # in manifests/: the newest version this device has accepted (rollback guard)
-_CREDENTIAL_HEADERS = ("Authorization", DEVICE_HEADER)
 _NET_ERRORS = (urllib.error.URLError, ConnectionError, TimeoutError, socket.timeout, http.client.HTTPException,
                ssl.SSLError, OSError)
 
@@ -198,7 +206,7 @@ class ShardCache:
         self._check_transport()  # the url may have changed since construction
         h: dict[str, str] = {}
         if self.token:
-            h["Authorization"] = f"Bearer {self.token}"
+            h[AUTH_HEADER] = bearer(self.token)
         if self.device:
             h[DEVICE_HEADER] = self.device
         return h
@@ -222,7 +230,7 @@ class ShardCache:
         if self._manifest is not None and not refresh:
             return self._manifest
         try:
-            with self._open(f"/v1/models/{urllib.parse.quote(self.version)}/manifest") as r:
+            with self._open(manifest_path(self.version)) as r:
                 envelope = r.read(MAX_MANIFEST_BYTES + 1)
             if len(envelope) > MAX_MANIFEST_BYTES:
                 raise ManifestError(f"{self.url}: the manifest of {self.version} is over {MAX_MANIFEST_BYTES} "
@@ -346,7 +354,7 @@ class ShardCache:
         self, version: str, entry: ShardFile, dest: Path, progress: Callable[[str, int], None] | None
     ) -> None:
         part = self.dir / "partial" / (_cache_name(entry) + ".part")
-        path = f"/v1/models/{urllib.parse.quote(version)}/shards/{urllib.parse.quote(entry.file)}"
+        path = shard_path(version, entry.file)
         last: Exception | None = None
         for attempt in range(self.retries + 1):
             have = part.stat().st_size if part.exists() else 0
@@ -355,7 +363,7 @@ class ShardCache:
                 have = 0
             headers = self._auth_headers()
             if 0 < have < entry.bytes:
-                headers |= {"Range": f"bytes={have}-", "If-Range": f'"{entry.sha256}"'}
+                headers |= {"Range": f"bytes={have}-", "If-Range": sha256_etag(entry.sha256)}
             try:
                 if have == entry.bytes:
                     break
@@ -519,7 +527,7 @@ class _CredentialSafeRedirect(urllib.request.HTTPRedirectHandler):
         if old_scheme == "https" and _origin(newurl)[0] != "https" and not self.cache.allow_insecure_http:
             raise ShardInsecureError(f"{req.full_url} redirected to plain {newurl}; refused")
         if _origin(newurl) != _origin(req.full_url):
-            for h in _CREDENTIAL_HEADERS:
+            for h in CREDENTIAL_HEADERS:
                 new.remove_header(h.capitalize())  # urllib stores header names capitalize()d
         return new
 
