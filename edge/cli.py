@@ -18,15 +18,15 @@ def info() -> None:
 
     typer.echo(f"flwr {flwr.__version__}  torch {torch.__version__}  onnxruntime {onnxruntime.__version__}")
 
-from .predict import predict_command  # noqa: E402  (issue 7: sharded inference)
+from .predict import predict_command  # noqa: E402  (sharded inference)
 
 app.command("predict")(predict_command)
 
-from .agent import run_command  # noqa: E402  (issue 5: the device agent)
+from .agent import run_command  # noqa: E402  (the device agent)
 
 app.command("run")(run_command)
 
-from .keyframes import keyframes_command  # noqa: E402  (issue 3a: keyframe extraction)
+from .keyframes import keyframes_command  # noqa: E402  (keyframe extraction)
 
 app.command("keyframes")(keyframes_command)
 

@@ -1,4 +1,4 @@
-"""Session fixtures for sharded delivery (issue 7): a published model store and a real TLS Serve on 127.0.0.1.
+"""Session fixtures for sharded delivery: a published model store and a real TLS Serve on 127.0.0.1.
 
 Registered in tests/conftest.py so that tests/cloud and tests/edge share one export and one Serve instance.
 """
