@@ -45,6 +45,22 @@ from common.pki_files import (
     SUPEREXEC_SECRET,
 )
 
+__all__ = [
+    "DEFAULT_HOSTS",
+    "DEFAULT_IPS",
+    "HOSTNAME",
+    "NODE_NAME",
+    "CertError",
+    "CertLayout",
+    "Generated",
+    "certs_command",
+    "generate",
+    "make_ca",
+    "make_node_keys",
+    "make_server_cert",
+    "server_sans",
+]
+
 NODE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$")
 HOSTNAME = re.compile(r"^(?=.{1,253}$)([A-Za-z0-9*]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?)(\.[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?)*$")
 DEFAULT_HOSTS: tuple[str, ...] = ("localhost",)

@@ -29,6 +29,8 @@ from common.shard_api import INDEX_FILE, LATEST, MANIFEST_FILE
 
 from .export import export_version
 
+__all__ = ["ModelStore", "StoreError"]
+
 
 class StoreError(LookupError):
     """A version or shard file is not in the store."""

@@ -55,6 +55,20 @@ from common.shard_api import (
 from .export import build_from_manifest
 from .model_store import ModelStore, StoreError
 
+__all__ = [
+    "APP_NAME",
+    "DEPLOYMENT",
+    "ShardServer",
+    "add_device_token",
+    "api",
+    "build_app",
+    "check_exposure",
+    "parse_range",
+    "start_shard_server",
+    "stop_shard_server",
+    "token_digest",
+]
+
 APP_NAME = "shards"
 DEPLOYMENT = "ShardServer"
 _RANGE = re.compile(r"^bytes=(\d*)-(\d*)$")

@@ -45,9 +45,6 @@ from . import aggregation as agg
 from . import robust as rb
 from .validation import RawUpdate, Reason, RejectionCounter, UpdateRejected, validate
 
-CHECKPOINT_NAME = "aggregator.npz"
-WAL_NAME = "aggregator.wal"  # accepted updates since the checkpoint: (len, crc32) + JSON line + payload each
-_FRAME = struct.Struct("<II")
 __all__ = [
     "ACTOR_NAME",
     "CHECKPOINT_NAME",
@@ -62,6 +59,9 @@ __all__ = [
     "start_actor",
 ]
 
+CHECKPOINT_NAME = "aggregator.npz"
+WAL_NAME = "aggregator.wal"  # accepted updates since the checkpoint: (len, crc32) + JSON line + payload each
+_FRAME = struct.Struct("<II")
 FORMAT = 1
 RAY_ADDRESS_ENV = "FEDGE_RAY_ADDRESS"
 ACTOR_NAME = "fedge-aggregator"  # ray.get_actor(ACTOR_NAME).rebase.remote(base_state, base_version)
@@ -132,7 +132,7 @@ class AggregatorState:
         self.opt_state: agg.OptState = {}  # the server optimizer's slots (m, v), reset by a rebase
         self.version = 0
         self.oldest_version = 0  # first version on the current base
-        self.base_version = 0  # which base model the adapters belong to (issue 6 rebases)
+        self.base_version = 0  # which base model the adapters belong to (global training rebases it)
         self.base_state: dict[str, np.ndarray] | None = None
         # {"delta", "staleness", "num_examples", "base_version", "norm"}
         self.buffer: list[dict[str, Any]] = []
@@ -312,7 +312,7 @@ class AggregatorState:
 
     def rebase(self, base_state: Mapping[str, np.ndarray], base_version: int,
                adapters: Mapping[str, np.ndarray] | None = None) -> int:
-        """Replace the base model (issue 6: global training merged adapters and trained the base).
+        """Replace the base model (global training merged adapters and trained the base).
 
         Produces a new version whose adapters are reset (to ``adapters`` or the initial adapters); updates
         trained on any earlier version are then refused as ``unknown_version`` (they belong to the old

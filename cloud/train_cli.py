@@ -12,6 +12,8 @@ import typer
 
 from common.fsio import atomic_path
 
+__all__ = ["train_command"]
+
 
 def _load_state(path: Path) -> dict:
     """A state dict from ``.safetensors`` or ``.npz`` (the aggregator's adapter file)."""

@@ -16,9 +16,9 @@ from torch import Tensor, nn
 from .fsio import atomic_path
 from .lora import load_base_state
 
-# path -> (mtime_ns, size, state): one read per process and file version
 __all__ = ["BaseWeightsError", "load_base_file", "published_store", "read_base", "save_base"]
 
+# path -> (mtime_ns, size, state): one read per process and file version
 _CACHE: dict[str, tuple[int, int, dict[str, Tensor]]] = {}
 
 

@@ -29,6 +29,34 @@ from .config import MODALITIES
 from .pki_files import SIGNING_KEY_STEM
 from .shard_api import LATEST
 
+__all__ = [
+    "FORMATS",
+    "KINDS",
+    "MANIFEST_KEY",
+    "SCHEMA",
+    "Manifest",
+    "ManifestError",
+    "ShardFile",
+    "SignatureError",
+    "TensorSpec",
+    "base_shards",
+    "batched_experts_shard",
+    "canonical_json",
+    "device_experts",
+    "expert_groups",
+    "expert_shard",
+    "generate_keypair",
+    "key_id",
+    "load_private_key",
+    "load_public_key",
+    "public_pem",
+    "release_order",
+    "sha256_bytes",
+    "sha256_file",
+    "sign_manifest",
+    "verify_manifest",
+]
+
 SCHEMA = 1
 MANIFEST_KEY = "manifest"  # the signed envelope's field that holds the manifest
 # "experts": every expert of a group stacked in one ONNX graph (cloud.experts_onnx), an alternative to "expert"

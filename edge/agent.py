@@ -41,7 +41,6 @@ from common.procs import escalate
 
 from .node_config import NodeConfig
 
-INGEST_GIVE_UP = 3  # a recording whose ingest fails this many times in a row alike is given up
 __all__ = [
     "AUTH_KEY_NAMES",
     "INGEST_GIVE_UP",
@@ -57,6 +56,7 @@ __all__ = [
     "supernode_command",
 ]
 
+INGEST_GIVE_UP = 3  # a recording whose ingest fails this many times in a row alike is given up
 AUTH_KEY_NAMES = (NODE_PRIVATE_KEY,)  # what `fedge cloud certs` writes per node (OpenSSH ECDSA private key)
 
 

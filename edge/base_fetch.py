@@ -47,6 +47,17 @@ from common.shard_api import MANIFEST_FILE
 
 from .shards import ShardCache, ShardIntegrityError
 
+__all__ = [
+    "KEEP_BASES",
+    "FetchReport",
+    "HttpSource",
+    "ShardSource",
+    "StoreSource",
+    "fetch_base",
+    "needed_shards",
+    "report_json",
+]
+
 KEEP_BASES = 2  # rebuilt base files kept per folder: the current one and the one before
 
 

@@ -13,9 +13,9 @@ from common.dataset import is_store
 from common.fsio import atomic_path
 from common.units import human_bytes
 
-app = typer.Typer(no_args_is_help=True, help="Inspect a SampleStore and export it as arrays.")
 __all__ = ["app", "export_command", "format_stats", "stats_command"]
 
+app = typer.Typer(no_args_is_help=True, help="Inspect a SampleStore and export it as arrays.")
 
 _STORE_HELP = "SampleStore directory (the --store of `fedge edge ingest`)."
 

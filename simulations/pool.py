@@ -27,7 +27,6 @@ from common.fsio import atomic_dir
 
 from . import avdigits
 
-CHUNK_SHOTS = 25  # shots per rendered pool stream: long enough that the ingest's per-stream cost is amortised
 __all__ = [
     "CHUNK_SHOTS",
     "DONE",
@@ -41,6 +40,7 @@ __all__ = [
     "render_jobs",
 ]
 
+CHUNK_SHOTS = 25  # shots per rendered pool stream: long enough that the ingest's per-stream cost is amortised
 DONE = "pool.json"
 _FORMAT = 1
 

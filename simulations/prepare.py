@@ -32,7 +32,6 @@ from common.fsio import atomic_dir
 
 from . import avdigits
 
-EVAL_NAME = "heldout.npz"
 __all__ = [
     "CLOUD_NAME",
     "DONE",
@@ -46,6 +45,7 @@ __all__ = [
     "with_data",
 ]
 
+EVAL_NAME = "heldout.npz"
 CLOUD_NAME = "cloud.npz"  # the cloud's curated share (simulation.pretrain_steps > 0)
 DONE = "prepared.json"
 
