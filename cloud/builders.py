@@ -14,6 +14,7 @@ from common.dataset import load_data
 from common.lora import apply_lora
 from common.manifest import generate_keypair
 from common.model import MultimodalMoE, build_model, model_kwargs
+from common.pki_files import SIGNING_DIR, SIGNING_PRIVATE_KEY
 
 from . import clock as clk
 from .aggregation import default_server_lr
@@ -105,7 +106,7 @@ def publisher_for(cfg: FedgeConfig, run_dir: Path | None = None) -> Any:
 
     root = published_store(store=cfg.publish.store, run_dir=str(run_dir or cfg.run_dir),
                            storage_path=cfg.training.storage_path)
-    key = Path(cfg.publish.signing_key) if cfg.publish.signing_key else root / ".signing" / "manifest.key"
+    key = Path(cfg.publish.signing_key) if cfg.publish.signing_key else root / SIGNING_DIR / SIGNING_PRIVATE_KEY
     if not cfg.publish.signing_key and not key.is_file():
         try:
             generate_keypair(key.parent)

@@ -38,6 +38,8 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from cloud.experts_onnx import BatchedExperts, batched_expert_groups, batched_experts_onnx
+from cloud.experts_onnx import example_inputs as batched_inputs
 from common.base_delta import shard_bytes
 from common.lora import LoRALinear, base_state, merge_lora
 from common.manifest import (
@@ -50,12 +52,9 @@ from common.manifest import (
     sign_manifest,
 )
 from common.model import MODALITIES, MultimodalMoE, fuse, top_k_gating
-
-from cloud.experts_onnx import BatchedExperts, batched_expert_groups, batched_experts_onnx
-from cloud.experts_onnx import example_inputs as batched_inputs
+from common.shard_api import MANIFEST_FILE
 
 __all__ = [
-    "MANIFEST_FILE",
     "OPSET",
     "TOLERANCE",
     "EncoderShard",
@@ -78,7 +77,6 @@ __all__ = [
 
 OPSET = 18
 TOLERANCE = 1e-4
-MANIFEST_FILE = "manifest.json"
 
 
 class ExportError(RuntimeError):

@@ -26,8 +26,9 @@ import torch
 from common.base_delta import DeltaError, read_shard, same_layout, snap_to_delta
 from common.manifest import Manifest, ShardFile, load_private_key, sha256_bytes, verify_manifest
 from common.model import MultimodalMoE
+from common.shard_api import MANIFEST_FILE
 
-from .export import MANIFEST_FILE, export_version, plain_model, shard_modules
+from .export import export_version, plain_model, shard_modules
 from .model_store import ModelStore, StoreError
 
 __all__ = ["BasePublisher", "base_version_name", "plain_from_state"]

@@ -25,7 +25,6 @@ annotations would turn ``request: Request`` into a query parameter.
 import hashlib
 import hmac
 import json
-import os
 import re
 from pathlib import Path
 from typing import Any
@@ -35,6 +34,7 @@ import torch
 from fastapi import FastAPI, HTTPException, Request, Response
 from ray import serve
 
+from common.fsio import atomic_write
 from common.shard_api import (
     AUTH_HEADER,
     AUTH_SCHEME,
@@ -360,8 +360,5 @@ def add_device_token(tokens_file: str | Path, device: str) -> str:
     tokens = json.loads(p.read_text()) if p.exists() else {}
     token = secrets.token_urlsafe(32)
     tokens[device] = token_digest(token)
-    tmp = p.with_name(p.name + ".tmp")
-    tmp.write_text(json.dumps(tokens, indent=1, sort_keys=True))
-    os.chmod(tmp, 0o600)
-    os.replace(tmp, p)
+    atomic_write(p, json.dumps(tokens, indent=1, sort_keys=True), mode=0o600)
     return token

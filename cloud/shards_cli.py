@@ -11,6 +11,7 @@ from typing import Annotated
 import typer
 
 from common.manifest import generate_keypair, load_private_key, load_public_key
+from common.shard_api import MODELS_ROUTE
 
 __all__ = ["keys_command", "publish_command", "serve_command", "token_command"]
 
@@ -154,7 +155,7 @@ def serve_command(
         typer.echo(f"fedge cloud serve: {e}", err=True)
         ray.shutdown()
         raise typer.Exit(1) from None
-    typer.echo(f"serving {store} at {url}/v1/models (Ctrl-C to stop)")
+    typer.echo(f"serving {store} at {url}{MODELS_ROUTE} (Ctrl-C to stop)")
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     try:

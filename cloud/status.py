@@ -10,6 +10,7 @@ from typing import Annotated, Any
 
 import typer
 
+from common.shard_api import AUTH_HEADER, DEVICE_HEADER, bearer
 from common.units import human_bytes
 
 from .dashboard.http import DEFAULT_PORT, TOKEN_ENV
@@ -21,9 +22,9 @@ URL_ENV = "FEDGE_DASHBOARD_URL"
 
 def fetch_state(url: str, *, token: str = "", device: str = "", timeout_s: float = 5.0) -> dict[str, Any]:
     """GET ``<url>/api/state``; raises ``OSError`` (unreachable, refused) or ``ValueError`` (not the state)."""
-    headers = {"Authorization": f"Bearer {token}"} if token else {}
+    headers = {AUTH_HEADER: bearer(token)} if token else {}
     if device:
-        headers["X-Fedge-Device"] = device
+        headers[DEVICE_HEADER] = device
     req = urllib.request.Request(url.rstrip("/") + "/api/state", headers=headers)
     with urllib.request.urlopen(req, timeout=timeout_s) as r:
         state = json.loads(r.read())

@@ -40,6 +40,7 @@ from pathlib import Path
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
+from common.fsio import atomic_write
 from common.manifest import (
     Manifest,
     ManifestError,
@@ -274,7 +275,7 @@ class ShardCache:
             if release_order(manifest) == (serial, created):
                 return
         record = {"version": manifest.version, "serial": manifest.serial, "created": manifest.created}
-        _atomic_write(self.dir / "manifests" / NEWEST_FILE, json.dumps(record).encode())
+        atomic_write(self.dir / "manifests" / NEWEST_FILE, json.dumps(record).encode())
 
     def _set_manifest(self, manifest: Manifest) -> None:
         self._manifest = manifest
@@ -283,9 +284,9 @@ class ShardCache:
 
     def _store_manifest(self, version: str, envelope: bytes) -> None:
         d = self.dir / "manifests"
-        _atomic_write(d / f"{version}.json", envelope)
+        atomic_write(d / f"{version}.json", envelope)
         if self.version == LATEST:
-            _atomic_write(d / "LATEST", version.encode())
+            atomic_write(d / "LATEST", version.encode())
 
     def _cached_manifest(self, *, reason: str) -> Manifest:
         d = self.dir / "manifests"
@@ -482,7 +483,7 @@ class ShardCache:
         self._pinned.add(cname)
         self._make_room(len(data))
         dest = self.dir / "shards" / cname
-        _atomic_write(dest, data)
+        atomic_write(dest, data)
         return dest
 
 
@@ -538,12 +539,6 @@ def _sha256_file(path: Path) -> str:
         while block := fh.read(1 << 20):
             h.update(block)
     return h.hexdigest()
-
-
-def _atomic_write(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
 
 
 def _error_detail(e: urllib.error.HTTPError) -> str:

@@ -28,6 +28,8 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
+from common.shard_api import AUTH_HEADER, DEVICE_HEADER, bearer_token
+
 from .live import LiveState
 
 __all__ = [
@@ -145,9 +147,9 @@ class _Handler(BaseHTTPRequestHandler):
     # ------------------------------------------------------------------ access
     def _credentials(self, query: dict[str, list[str]]) -> tuple[str | None, str | None, bool]:
         """(token, device, from_query): header first, then the query, then the page's cookie."""
-        auth = self.headers.get("Authorization", "")
-        if auth.startswith("Bearer "):
-            return auth[len("Bearer "):].strip(), self.headers.get("X-Fedge-Device"), False
+        token = bearer_token(self.headers.get(AUTH_HEADER, ""))
+        if token is not None:
+            return token.strip(), self.headers.get(DEVICE_HEADER), False
         if "token" in query:
             device = query["device"][0] if query.get("device") else None
             return query["token"][0], device, True
