@@ -199,7 +199,7 @@ def outlier_audio(n: int, n_mels: int, frames: int, gen: torch.Generator) -> Ten
     return torch.maximum(y, y.amax(dim=(1, 2), keepdim=True) - TOP_DB)
 
 
-def augment_batch(batch: Mapping[str, Tensor], gen: torch.Generator, *, outlier_p: float = 0.1) -> dict[str, Tensor]:
+def augment_batch(batch: Mapping[str, Tensor], gen: torch.Generator, *, outlier_p: float = 0.2) -> dict[str, Tensor]:
     """The batch with its ``image`` and ``audio`` augmented, and ``reliable`` (B, M) added.
 
     In samples that carry both modalities, each modality is replaced with probability ``outlier_p`` by an
