@@ -31,7 +31,10 @@ test-fast: setup
 	RAY_USAGE_STATS_ENABLED=0 $(BIN)/python -m pytest -q -m "not integration"
 
 lint: setup
-	$(BIN)/ruff check common edge cloud simulations
+	$(BIN)/ruff check fedge common edge cloud simulations
+	# mypy reads fedge.common & co. through a tree of links (it does not run the import hooks of an editable install)
+	mkdir -p build/typecheck/fedge && cp fedge/__init__.py fedge/py.typed build/typecheck/fedge/
+	for p in common edge cloud simulations; do ln -sfn ../../../$$p build/typecheck/fedge/$$p; done
 	$(BIN)/mypy
 
 clean:

@@ -1,12 +1,12 @@
 """Audio-video alignment: does a shot's sample keep the speech of its shot? Shot-level alignment against the
 keyframe-centred window, in the same run on the same recordings.
 
-Recordings: camera+microphone streams of AV-digits shots (``simulations.avdigits``: a handwritten digit card
+Recordings: camera+microphone streams of AV-digits shots (``fedge.simulations.avdigits``: a handwritten digit card
 under a moving camera; shot lengths drawn from ``--min-shot``..``--max-shot`` seconds), in which each shot's digit
 is spoken once at a uniformly random moment of the shot (``speech_track(speech="once")``), over background
 noise: for every seed, one recording per noise condition (white noise at 30, 20 and 10 dB SNR, pink noise at 20,
 15 and 10 dB; SNR against the mean power of the utterances). Each recording is ingested twice by
-``edge.ingest.ingest``: ``align="shot"`` (the default) and ``align="keyframe"`` (the window centred on the keyframe,
+``fedge.edge.ingest.ingest``: ``align="shot"`` (the default) and ``align="keyframe"`` (the window centred on the keyframe,
 the behaviour before shot-level alignment).
 
 Measure: a shot with speech *keeps its audio* when one of the samples whose keyframe lies in it carries an audio
@@ -33,11 +33,11 @@ import numpy as np
 import soundfile as sf
 from _quick import parse_quick  # benchmarks/_quick.py: sys.path[0] is this folder
 
-from common.media.audio import mel_power, power_to_db
-from common.media.mel import MelParams
-from edge.ingest import ingest
-from edge.store import SampleStore
-from simulations import avdigits
+from fedge.common.media.audio import mel_power, power_to_db
+from fedge.common.media.mel import MelParams
+from fedge.edge.ingest import ingest
+from fedge.edge.store import SampleStore
+from fedge.simulations import avdigits
 
 CONDITIONS = (("white", 30.0), ("white", 20.0), ("white", 10.0), ("pink", 20.0), ("pink", 15.0), ("pink", 10.0))
 FRAMES = 32

@@ -33,10 +33,10 @@ def _child(run_dir: str, nodes: int, overrides: list[str]) -> None:
 
     from flwr.simulation import run_simulation
 
-    from cloud.server_app import app as server_app
-    from common.config import load_config, parse_overrides
-    from common.synthetic import save_heldout
-    from edge.client_app import app as client_app
+    from fedge.cloud.server_app import app as server_app
+    from fedge.common.config import load_config, parse_overrides
+    from fedge.common.synthetic import save_heldout
+    from fedge.edge.client_app import app as client_app
 
     cfg = load_config(overrides=parse_overrides(overrides))
     cfg = dataclasses.replace(cfg, run_dir=str(Path(run_dir).resolve()))

@@ -33,8 +33,8 @@ import librosa
 import numpy as np
 from _quick import parse_quick  # benchmarks/_quick.py: sys.path[0] is this folder
 
-from common.media.audio import MelStream, logmel, mfcc, power_to_db
-from common.media.mel import MelParams
+from fedge.common.media.audio import MelStream, logmel, mfcc, power_to_db
+from fedge.common.media.mel import MelParams
 
 
 def signals(sr: int, seconds: float, seed: int = 0) -> dict[str, np.ndarray]:

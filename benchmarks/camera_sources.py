@@ -2,7 +2,7 @@
 
 * **Photos**: ``fedge``'s ingest of a folder of generated 1280x960 JPEG photos (decode, the keyframes'
   thumbnail + JPEG, quality gate, one SQLite transaction per sample) against the peer, a bare OpenCV loop doing
-  only the decode and thumbnail (``cv2.imread`` + ``edge.keyframes.thumbnail``): ``photo_ingest_vs_decode`` is
+  only the decode and thumbnail (``cv2.imread`` + ``fedge.edge.keyframes.thumbnail``): ``photo_ingest_vs_decode`` is
   the ingest's images per second over the peer's (1.0: the gate and the store cost nothing).
 * **Live microphone**: CPU seconds (this process and its ffmpeg child) per second of audio while ingesting an
   ffmpeg ``lavfi`` sine at real-time speed (``-re``, as a microphone delivers it), against the same ingest of
@@ -29,8 +29,8 @@ import skimage.data
 import soundfile as sf
 from _quick import parse_quick  # benchmarks/_quick.py: sys.path[0] is this folder
 
-from edge.ingest import ingest
-from edge.keyframes import thumbnail
+from fedge.edge.ingest import ingest
+from fedge.edge.keyframes import thumbnail
 
 PHOTOS = ("astronaut", "chelsea", "coffee", "rocket", "hubble_deep_field", "immunohistochemistry", "retina")
 

@@ -14,11 +14,11 @@ import torch
 from _quick import parse_quick  # benchmarks/_quick.py: sys.path[0] is this folder
 from tqdm import tqdm
 
-from common.codec import CodecParams, decode, encode, raw_nbytes
-from common.lora import adapter_state, apply_lora, load_adapter_state
-from common.model import build_model
-from common.synthetic import make_av_dataset
-from common.training import train_steps
+from fedge.common.codec import CodecParams, decode, encode, raw_nbytes
+from fedge.common.lora import adapter_state, apply_lora, load_adapter_state
+from fedge.common.model import build_model
+from fedge.common.synthetic import make_av_dataset
+from fedge.common.training import train_steps
 
 
 def main() -> None:

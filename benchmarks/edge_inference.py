@@ -10,7 +10,7 @@ ModelStore, serve them with the real Ray Serve ShardServer on 127.0.0.1, then
   cache; bytes they downloaded / ONNX bytes of the whole model. The shared layout is printed for comparison;
   the modality layout is the deployed configuration that the figures on the last line are measured on;
 * latency (deployed layout): per-keyframe (batch 1, image + audio) inference of the full sharded model.
-  ``ort_speedup`` compares the same shard chain (``edge.inference.ShardedRunner``, identical glue) with
+  ``ort_speedup`` compares the same shard chain (``fedge.edge.inference.ShardedRunner``, identical glue) with
   onnxruntime sessions against torch eager modules of the same shards; the monolithic
   ``MultimodalMoE.forward`` in torch eager is printed as a second peer. One thread each, interleaved calls,
   median over many calls.
@@ -50,7 +50,7 @@ def _free_port() -> int:
 
 def _accuracy_by_subset(model: Any, test: dict[str, np.ndarray]) -> dict[str, float]:
     """Held-out accuracy with each modality subset present (the same samples, the rest masked out)."""
-    from common.training import evaluate
+    from fedge.common.training import evaluate
 
     out = {}
     for name, keep in SUBSETS.items():
@@ -64,8 +64,8 @@ def _accuracy_by_subset(model: Any, test: dict[str, np.ndarray]) -> dict[str, fl
 def _downloads(url: str, version: str, pub: Path, test: dict[str, np.ndarray], windows: int, tmp: Path,
                total: int, label: str) -> tuple[dict[str, float], dict[str, Any]]:
     """Camera-only, mic-only and full devices classify ``windows`` windows each from an empty cache."""
-    from edge.inference import ShardedRunner
-    from edge.shards import ShardCache
+    from fedge.edge.inference import ShardedRunner
+    from fedge.edge.shards import ShardCache
 
     fractions: dict[str, float] = {}
     caches: dict[str, Any] = {}
@@ -100,15 +100,15 @@ def main() -> None:
     import ray
     from ray import serve
 
-    from cloud.export import plain_model, shard_modules
-    from cloud.model_store import ModelStore
-    from cloud.serving import start_shard_server
-    from common.manifest import generate_keypair, load_private_key
-    from common.model import build_model
-    from common.synthetic import make_av_dataset
-    from common.training import train_steps
-    from edge.inference import ShardedRunner
-    from edge.shards import ShardCache
+    from fedge.cloud.export import plain_model, shard_modules
+    from fedge.cloud.model_store import ModelStore
+    from fedge.cloud.serving import start_shard_server
+    from fedge.common.manifest import generate_keypair, load_private_key
+    from fedge.common.model import build_model
+    from fedge.common.synthetic import make_av_dataset
+    from fedge.common.training import train_steps
+    from fedge.edge.inference import ShardedRunner
+    from fedge.edge.shards import ShardCache
 
     torch.set_num_threads(1)
     tmp = Path(tempfile.mkdtemp(prefix="fedge-bench-edge-"))

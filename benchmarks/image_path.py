@@ -1,18 +1,18 @@
 """Where the image path loses the digit: the same classifiers trained on each stage between the card and the model.
 
-AV digits' camera material (:mod:`simulations.avdigits`: a handwritten digit card in a textured scene, panning
+AV digits' camera material (:mod:`fedge.simulations.avdigits`: a handwritten digit card in a textured scene, panning
 camera, sensor noise) is rendered shot by shot, written as an MJPG video per digit and run through the edge's
-keyframe extraction (:func:`edge.keyframes.iter_keyframes`: shot detection, keyframe choice, JPEG). Train
+keyframe extraction (:func:`fedge.edge.keyframes.iter_keyframes`: shot detection, keyframe choice, JPEG). Train
 images and test images are disjoint (``avdigits.image_split``). At each stage the same two classifiers are
 trained centrally from scratch on the training images and scored on the test images:
 
 * ``peer``: a plain small CNN (two conv + pool blocks, a 4x4 grid kept, two linear layers);
-* ``fedge``: the model's :class:`common.model.ImageEncoder` with a linear classifier on its vector.
+* ``fedge``: the model's :class:`fedge.common.model.ImageEncoder` with a linear classifier on its vector.
 
 Stages: ``source`` (the 8x8 scans, upsampled to the model's input size), ``frame`` (the rendered camera frame at
 the middle of the shot, area-resized to the input size: the scene and camera, no codec), ``keyframe`` (the
 stored keyframe JPEG, decoded and resized whole), ``crop`` (the same JPEG through the decode a device does,
-:func:`common.dataset.decode_image`: cut to its salient region, then resized: what the encoder gets). A stage
+:func:`fedge.common.dataset.decode_image`: cut to its salient region, then resized: what the encoder gets). A stage
 where both classifiers drop locates the loss in the data; a stage where only ``fedge`` drops locates it in the
 encoder. ``--card 0.4 0.5`` renders the card smaller in the frame (held farther from the camera).
 
@@ -37,11 +37,11 @@ import torch.nn.functional as F
 from _quick import parse_quick  # benchmarks/_quick.py: sys.path[0] is this folder
 from torch import nn
 
-from common.config import ModelConfig
-from common.dataset import decode_image
-from common.model import ImageEncoder
-from edge.keyframes import iter_keyframes
-from simulations import avdigits
+from fedge.common.config import ModelConfig
+from fedge.common.dataset import decode_image
+from fedge.common.model import ImageEncoder
+from fedge.edge.keyframes import iter_keyframes
+from fedge.simulations import avdigits
 
 
 class PeerCNN(nn.Module):

@@ -36,8 +36,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from _quick import parse_quick  # benchmarks/_quick.py: sys.path[0] is this folder
 
-from common.media.scenes import Shot, Transition, iter_render, match
-from edge.keyframes import extract_keyframes
+from fedge.common.media.scenes import Shot, Transition, iter_render, match
+from fedge.edge.keyframes import extract_keyframes
 
 PHOTOS = ["astronaut", "coffee", "chelsea", "rocket", "camera", "moon", "hubble_deep_field",
           "immunohistochemistry", "coins", "clock", "grass", "gravel", "brick", "retina", "horse", "page",

@@ -10,7 +10,7 @@ the edge pipeline (the same images in each):
   missing30   the clean set with one modality masked on 30% of the samples (half the camera, half the microphone)
 
 Rows, on the same model, devices and data in one run; every federated row runs the same ServerApp/ClientApp
-through :mod:`simulations.runner` on Flower's simulation engine:
+through :mod:`fedge.simulations.runner` on Flower's simulation engine:
 
   centralized          every parameter of the seed's model trained on the pooled data of all devices (upper bound)
   cloud-base           the cloud-pretrained base alone, before any federation
@@ -58,7 +58,7 @@ sys.path.insert(0, str(ROOT))
 
 SCENARIO = ROOT / "simulations" / "scenarios" / "learning.toml"
 CLEAN_DB = 60.0  # "clean": the rendered microphone track still gets white noise, 60 dB below the speech
-# (name, voice set of simulations.avdigits.voice_set, speech-to-noise ratio in dB)
+# (name, voice set of fedge.simulations.avdigits.voice_set, speech-to-noise ratio in dB)
 SUBSETS: tuple[tuple[str, str, float], ...] = (
     ("clean", "unseen", CLEAN_DB), ("20dB", "unseen", 20.0), ("5dB", "unseen", 5.0),
     ("other-lang", "other", CLEAN_DB),
@@ -76,7 +76,7 @@ KEYS = ("scratch_vs_central", "base_vs_central", "fused_clean", "image_only", "a
 
 def load(sets: list[str]) -> Any:
     """The scenario with ``sets`` (``key=value``) applied; later settings win."""
-    from common.config import load_config, parse_overrides
+    from fedge.common.config import load_config, parse_overrides
 
     return load_config(toml_path=SCENARIO, overrides=parse_overrides(sets))
 
@@ -108,9 +108,9 @@ def test_subsets(cfg: Any, cache: Path) -> dict[str, dict[str, np.ndarray]]:
     """The held-out subsets (rendered and ingested once per prepared data set, then reused)."""
     from tqdm import tqdm
 
-    from common.fsio import atomic_path
-    from simulations.evaluation import load_arrays
-    from simulations.prepare import data_dir_for, heldout_arrays
+    from fedge.common.fsio import atomic_path
+    from fedge.simulations.evaluation import load_arrays
+    from fedge.simulations.prepare import data_dir_for, heldout_arrays
 
     folder = data_dir_for(cfg, cache) / "learning-subsets"
     folder.mkdir(parents=True, exist_ok=True)
@@ -129,16 +129,16 @@ def test_subsets(cfg: Any, cache: Path) -> dict[str, dict[str, np.ndarray]]:
 def centralized(cfg: Any, steps: int) -> Any:
     """Every parameter of the seed's model trained with Adam on the pooled training data of all devices.
 
-    The recipe of the cloud's base pretraining (:mod:`simulations.pretrain`: learning rate, batch, modality
+    The recipe of the cloud's base pretraining (:mod:`fedge.simulations.pretrain`: learning rate, batch, modality
     dropout), on the devices' data instead of the cloud's share: the upper bound the federation is measured by.
     """
     import torch
 
-    from common.model import build_model, model_kwargs
-    from common.training import train_steps
-    from edge.data import local_data
-    from edge.node_config import NodeConfig
-    from simulations.pretrain import BATCH_SIZE, MIN_DROPOUT
+    from fedge.common.model import build_model, model_kwargs
+    from fedge.common.training import train_steps
+    from fedge.edge.data import local_data
+    from fedge.edge.node_config import NodeConfig
+    from fedge.simulations.pretrain import BATCH_SIZE, MIN_DROPOUT
 
     n = cfg.simulation.devices
     parts = [local_data(cfg, NodeConfig(partition_id=i, num_partitions=n), "train") for i in range(n)]
@@ -155,8 +155,8 @@ def centralized(cfg: Any, steps: int) -> Any:
 
 def score(model: Any, subsets: dict[str, dict[str, np.ndarray]]) -> dict[str, dict[str, float]]:
     """Per subset: fused / image-only / audio-only accuracy; for missing30 the accuracy over all its samples."""
-    from common.training import evaluate
-    from simulations.evaluation import modality_accuracy
+    from fedge.common.training import evaluate
+    from fedge.simulations.evaluation import modality_accuracy
 
     res = {name: modality_accuracy(model, arrays) for name, arrays in subsets.items() if name != MISSING}
     res[MISSING] = {"all": evaluate(model, subsets[MISSING])["accuracy"]}
@@ -165,8 +165,8 @@ def score(model: Any, subsets: dict[str, dict[str, np.ndarray]]) -> dict[str, di
 
 def final_model(run_dir: Path) -> Any:
     """The global model a finished run left: its resolved config's base with the final global state."""
-    from common.config import load_config
-    from simulations.evaluation import ADAPTERS, load_arrays, model_with
+    from fedge.common.config import load_config
+    from fedge.simulations.evaluation import ADAPTERS, load_arrays, model_with
 
     return model_with(load_config(toml_path=run_dir / "config.toml"), load_arrays(run_dir / ADAPTERS))
 
@@ -238,11 +238,11 @@ def main() -> None:
     work.mkdir(parents=True, exist_ok=True)
     cache = work / "data"
 
-    from common.training import evaluate
-    from simulations.evaluation import load_arrays, model_with
-    from simulations.prepare import prepare
-    from simulations.report import read_metrics
-    from simulations.runner import METRICS, run
+    from fedge.common.training import evaluate
+    from fedge.simulations.evaluation import load_arrays, model_with
+    from fedge.simulations.prepare import prepare
+    from fedge.simulations.report import read_metrics
+    from fedge.simulations.runner import METRICS, run
 
     sets = [*(QUICK if args.quick else ()), *args.sets]
     base_cfg = load(sets)
@@ -278,7 +278,7 @@ def main() -> None:
               f"({time.perf_counter() - t:.0f} s wall)", flush=True)
         return recs
 
-    from simulations import flower_baseline
+    from fedge.simulations import flower_baseline
 
     federated("flower-fedavg", sync_cfg, apps=(flower_baseline.server_app, flower_baseline.client_app))
     sync = federated("fedge-sync", sync_cfg)
@@ -291,7 +291,7 @@ def main() -> None:
     federated("fedge-async-base", within(base_cfg))
     base_run = json.loads((work / "fedge-async-base" / "config.json").read_text())
     if base_run.get("model.base_path"):
-        from common.config import load_config
+        from fedge.common.config import load_config
 
         scores["cloud-base"] = score(model_with(load_config(run_config=base_run), None), subsets)
 

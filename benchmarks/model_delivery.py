@@ -36,13 +36,13 @@ def _device_round(source: Any, version: str, mods: tuple[str, ...], out: Path, c
     """Fetch ``version`` and take one local training step on it, as the ClientApp does."""
     import dataclasses
 
-    from common.base_weights import load_base_file
-    from common.lora import apply_lora, base_state
-    from common.model import build_model, model_kwargs
-    from common.scope import set_trainable
-    from common.synthetic import make_av_dataset
-    from common.training import train_steps
-    from edge.base_fetch import fetch_base
+    from fedge.common.base_weights import load_base_file
+    from fedge.common.lora import apply_lora, base_state
+    from fedge.common.model import build_model, model_kwargs
+    from fedge.common.scope import set_trainable
+    from fedge.common.synthetic import make_av_dataset
+    from fedge.common.training import train_steps
+    from fedge.edge.base_fetch import fetch_base
 
     kw = {**model_kwargs(cfg), "precision": None}
     rep = fetch_base(source, version, mods, out, fill=lambda: base_state(build_model(**kw)))
@@ -64,15 +64,15 @@ def main() -> None:
     import ray
     import torch
 
-    from cloud.certs import generate
-    from cloud.publisher import BasePublisher, base_version_name, plain_from_state
-    from cloud.serving import add_device_token, start_shard_server
-    from cloud.training import GlobalTrainer, training_dataset
-    from common.config import load_config
-    from common.lora import base_state
-    from common.manifest import generate_keypair
-    from common.model import build_model, model_kwargs
-    from edge.base_fetch import HttpSource
+    from fedge.cloud.certs import generate
+    from fedge.cloud.publisher import BasePublisher, base_version_name, plain_from_state
+    from fedge.cloud.serving import add_device_token, start_shard_server
+    from fedge.cloud.training import GlobalTrainer, training_dataset
+    from fedge.common.config import load_config
+    from fedge.common.lora import base_state
+    from fedge.common.manifest import generate_keypair
+    from fedge.common.model import build_model, model_kwargs
+    from fedge.edge.base_fetch import HttpSource
 
     torch.set_num_threads(1)
     cfg = load_config(overrides={"training.steps": steps, "training.workers": 1, "training.log_every": 10,

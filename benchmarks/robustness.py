@@ -8,7 +8,7 @@
     devices are fast ones (their updates arrive fresh, the worst case). Accuracy is the mean of the last three
     evaluated versions. The peer (``--peer``): the same 20 % run with the relative bounds and the outlier filter
     off (what the defaults buy).
-(b) ``hostile_payloads_rejected``: hand-made payloads fed to the real aggregator (:class:`cloud.state.
+(b) ``hostile_payloads_rejected``: hand-made payloads fed to the real aggregator (:class:`fedge.cloud.state.
     AggregatorState` on the default model's adapters): a header declaring a 2^31-element tensor, garbage, a torn
     payload, a wrong CRC, wrong names, a wrong shape, NaN, Inf, an oversized payload, a negative and a NaN example
     count, an unknown version, a version other than dispatched, a replay. Each must be refused with a counted reason
@@ -55,8 +55,8 @@ def _malicious_app() -> Any:
     from flwr.app import Context, Message
     from flwr.clientapp import ClientApp
 
-    from common import codec, wire
-    from edge.client_app import app as edge_app
+    from fedge.common import codec, wire
+    from fedge.edge.client_app import app as edge_app
 
     dense = codec.CodecParams(topk_ratio=1.0, bits=32, error_feedback=False)
     app = ClientApp()
@@ -92,7 +92,7 @@ def _malicious_app() -> Any:
 
 
 def _fast_partitions(cfg: Any, n: int) -> list[int]:
-    from cloud.clock import device_profile
+    from fedge.cloud.clock import device_profile
 
     p = cfg.profiles
     return [i for i in range(n) if not device_profile(
@@ -106,8 +106,8 @@ def _child(run_dir: str, nodes: int, fraction: float, overrides: list[str]) -> N
 
     from flwr.simulation import run_simulation
 
-    from cloud.server_app import app as server_app
-    from common.config import load_config, parse_overrides
+    from fedge.cloud.server_app import app as server_app
+    from fedge.common.config import load_config, parse_overrides
 
     cfg = load_config(overrides=parse_overrides(overrides))
     cfg = dataclasses.replace(cfg, run_dir=str(Path(run_dir).resolve()))
@@ -121,8 +121,8 @@ def _child(run_dir: str, nodes: int, fraction: float, overrides: list[str]) -> N
 
 def _eval_set(path: Path, seed: int) -> Path:
     """Held-out samples of the synthetic task (a seed no device draws from), as the NPZ ``data.eval_path`` reads."""
-    from common.config import load_config
-    from common.synthetic import make_av_dataset
+    from fedge.common.config import load_config
+    from fedge.common.synthetic import make_av_dataset
 
     if not path.is_file():
         m = load_config().model
@@ -163,7 +163,7 @@ def _recrc(body: bytes) -> bytes:
 
 def hostile_payloads(reference: dict[str, np.ndarray]) -> list[tuple[str, dict[str, Any]]]:
     """(name, RawUpdate fields + dispatched version) of each hostile update, built against ``reference``."""
-    from common import codec, wire
+    from fedge.common import codec, wire
 
     dense = codec.CodecParams(topk_ratio=1.0, bits=32, error_feedback=False)
     rng = np.random.default_rng(0)
@@ -210,11 +210,11 @@ def hostile_payloads(reference: dict[str, np.ndarray]) -> list[tuple[str, dict[s
 
 
 def _hostile(args: argparse.Namespace) -> tuple[int, int]:
-    from cloud.builders import global_model
-    from cloud.state import AggregatorState
-    from cloud.validation import RawUpdate
-    from common.config import load_config
-    from common.lora import adapter_state
+    from fedge.cloud.builders import global_model
+    from fedge.cloud.state import AggregatorState
+    from fedge.cloud.validation import RawUpdate
+    from fedge.common.config import load_config
+    from fedge.common.lora import adapter_state
 
     initial = {k: v.numpy() for k, v in adapter_state(global_model(load_config())).items()}
     st = AggregatorState(initial, buffer_size=4)
@@ -241,9 +241,9 @@ def _hostile(args: argparse.Namespace) -> tuple[int, int]:
 def _aggregator_child(ckpt_dir: str, seed: int) -> None:
     """An aggregator process: restore (or start), then take updates, printing each acknowledged count."""
     t0 = float(os.environ.get("FEDGE_BENCH_T0", time.time()))
-    from cloud.state import CHECKPOINT_NAME, AggregatorState
-    from cloud.validation import RawUpdate
-    from common import codec, wire
+    from fedge.cloud.state import CHECKPOINT_NAME, AggregatorState
+    from fedge.cloud.validation import RawUpdate
+    from fedge.common import codec, wire
 
     shapes = {f"layer{i}.lora_{ab}": (64, 4) if ab == "a" else (4, 64) for i in range(8) for ab in "ab"}
     t_restore = time.time()

@@ -3,7 +3,7 @@
 Both models share everything but the routing: same generated audio-visual data (with missing modalities
 and noise), same initial weights, same steps. Top-k (default 8 experts, top-2, capacity factor 1.25) runs
 each token through k experts, dense runs it through all E; both compute their experts batched
-(:mod:`common.experts`: grouped by expert with one batched matmul per layer, or two wide matmuls for dense).
+(:mod:`fedge.common.experts`: grouped by expert with one batched matmul per layer, or two wide matmuls for dense).
 Expert FLOPs are counted from the tokens each expert actually processed on the test set (2 * multiply-adds of
 fc1 + fc2; tokens over an expert's capacity are not processed and pass on the residual). The wall time of the
 routed layer (router + experts, :meth:`MultimodalMoE.route`) over the test set is the fastest of 5 passes under
@@ -28,9 +28,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from common.model import MultimodalMoE, build_model
-from common.synthetic import make_av_dataset
-from common.training import evaluate, forward_batch, to_batch, train_steps
+from fedge.common.model import MultimodalMoE, build_model
+from fedge.common.synthetic import make_av_dataset
+from fedge.common.training import evaluate, forward_batch, to_batch, train_steps
 
 
 def make_data(n: int, seed: int, missing: float) -> dict[str, np.ndarray]:

@@ -41,10 +41,10 @@ def _child(run_dir: str, nodes: int, overrides: list[str]) -> None:
 
     from flwr.simulation import run_simulation
 
-    from cloud.server_app import app as server_app
-    from common.config import load_config, parse_overrides
-    from common.synthetic import make_av_dataset
-    from edge.client_app import app as client_app
+    from fedge.cloud.server_app import app as server_app
+    from fedge.common.config import load_config, parse_overrides
+    from fedge.common.synthetic import make_av_dataset
+    from fedge.edge.client_app import app as client_app
 
     cfg = load_config(overrides=parse_overrides(overrides))
     cfg = dataclasses.replace(cfg, run_dir=str(Path(run_dir).resolve()))
@@ -101,14 +101,14 @@ def _timings(args: argparse.Namespace) -> dict[str, float]:
     """Device and server seconds per update on the run's model: training, encodings, unmasking (medians)."""
     import torch
 
-    from cloud.builders import global_model
-    from cloud.validation import RawUpdate, validate
-    from common import codec, wire
-    from common import secagg as sa
-    from common.config import load_config
-    from common.scope import set_trainable, trainable_state
-    from common.synthetic import make_av_dataset
-    from common.training import train_steps
+    from fedge.cloud.builders import global_model
+    from fedge.cloud.validation import RawUpdate, validate
+    from fedge.common import codec, wire
+    from fedge.common import secagg as sa
+    from fedge.common.config import load_config
+    from fedge.common.scope import set_trainable, trainable_state
+    from fedge.common.synthetic import make_av_dataset
+    from fedge.common.training import train_steps
 
     torch.set_num_threads(1)
     cfg = load_config(overrides={"data.source": "synthetic"})
@@ -158,7 +158,7 @@ def _timings(args: argparse.Namespace) -> dict[str, float]:
 
 
 def _group(size: int, n: int, k: int, clip: float):
-    from common import secagg as sa
+    from fedge.common import secagg as sa
 
     cs = [sa.new_keypair() for _ in range(size)]
     c_pks = tuple(pk for _, pk in cs)
@@ -170,7 +170,7 @@ def _group(size: int, n: int, k: int, clip: float):
 def _dropout_tolerated(sizes: tuple[int, ...] = (5, 10), n: int = 4000, k: int = 400) -> float:
     """The largest fraction of members gone at the unmasking (half before sending, half after) that every
     group size still unmasks exactly."""
-    from common import secagg as sa
+    from fedge.common import secagg as sa
 
     worst = 1.0
     rng = np.random.default_rng(0)

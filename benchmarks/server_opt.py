@@ -1,11 +1,11 @@
 """Server optimizers, trainable scopes and local work on one asynchronous federation, over several seeds.
 
-Each variant runs the aggregator's real state (:class:`cloud.state.AggregatorState`: validation, staleness
+Each variant runs the aggregator's real state (:class:`fedge.cloud.state.AggregatorState`: validation, staleness
 weighting, FedBuff buffer, server optimizer) on updates the device training code really produces
-(:func:`common.training.train_steps` on each device's ingested store, the run's ``train.scope``, the codec with
+(:func:`fedge.common.training.train_steps` on each device's ingested store, the run's ``train.scope``, the codec with
 error feedback per device), on the scenario's prepared data and cloud-pretrained base. What is emulated is only
 the transport: an event queue in virtual time, each device's reply arriving ``steps * step_s`` after its
-dispatch (device profiles of :mod:`cloud.clock`), ``C`` devices busy at once, as the ServerApp's loop keeps
+dispatch (device profiles of :mod:`fedge.cloud.clock`), ``C`` devices busy at once, as the ServerApp's loop keeps
 them. The ServerApp itself runs in ``fedge simulate``; this is for choosing defaults quickly across seeds.
 
 Variants are ``name:key=value,key=value`` over the scenario's config (keys of ``aggregation.*`` and ``train.*``);
@@ -37,15 +37,15 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 from _quick import parse_quick  # benchmarks/_quick.py: sys.path[0] is this folder
 
-from cloud import clock as clk  # noqa: E402
-from cloud.aggregation import default_server_lr  # noqa: E402
-from cloud.state import AggregatorState  # noqa: E402
-from cloud.validation import RawUpdate  # noqa: E402
-from common import codec, wire  # noqa: E402
-from common.config import FedgeConfig, load_config, parse_overrides  # noqa: E402
-from common.evaluation import model_with  # noqa: E402
-from common.scope import load_trainable_state, set_trainable, trainable_state  # noqa: E402
-from common.training import evaluate, local_step_budget, train_steps  # noqa: E402
+from fedge.cloud import clock as clk  # noqa: E402
+from fedge.cloud.aggregation import default_server_lr  # noqa: E402
+from fedge.cloud.state import AggregatorState  # noqa: E402
+from fedge.cloud.validation import RawUpdate  # noqa: E402
+from fedge.common import codec, wire  # noqa: E402
+from fedge.common.config import FedgeConfig, load_config, parse_overrides  # noqa: E402
+from fedge.common.evaluation import model_with  # noqa: E402
+from fedge.common.scope import load_trainable_state, set_trainable, trainable_state  # noqa: E402
+from fedge.common.training import evaluate, local_step_budget, train_steps  # noqa: E402
 
 DEFAULT_VARIANTS = (  # each optimizer at its default server_lr (aggregation.server_lr = 0)
     "sgd:aggregation.server_opt=sgd",
@@ -136,11 +136,11 @@ def main() -> None:
     args = parse_quick(ap, scenario=str(ROOT / "simulations" / "scenarios" / "tiny.toml"), seeds="0", versions=2)
     torch.set_num_threads(args.threads)
 
-    from edge.data import local_data
-    from edge.node_config import NodeConfig
-    from simulations.evaluation import load_arrays
-    from simulations.prepare import prepare
-    from simulations.runner import default_cache
+    from fedge.edge.data import local_data
+    from fedge.edge.node_config import NodeConfig
+    from fedge.simulations.evaluation import load_arrays
+    from fedge.simulations.prepare import prepare
+    from fedge.simulations.runner import default_cache
 
     over = parse_overrides(args.set)
     if args.versions:

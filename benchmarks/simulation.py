@@ -4,7 +4,7 @@ Every figure comes from real runs of ``fedge simulate`` (subprocesses: Flower's 
 Ray, devices' streams rendered and ingested into stores) in this one program:
 
 (a) ``overhead_vs_flower``: steady-state wall seconds per client update of fedge's sync FedAvg against plain Flower
-    FedAvg (``flwr.serverapp.strategy.FedAvg``, :mod:`simulations.flower_baseline`) on the same model, devices and
+    FedAvg (``flwr.serverapp.strategy.FedAvg``, :mod:`fedge.simulations.flower_baseline`) on the same model, devices and
     data (target <= 1.15). Steady state: the median round after the first global version, so Ray start-up is
     excluded; the two sides alternate ``--repeats`` times and each keeps its fastest run.
 (b) ``devices_1000_seconds``: wall seconds of a whole 1,000-device run (``scenarios/thousand.toml``: render, ingest,
@@ -132,7 +132,7 @@ def simulate(scenario: Path, out: Path, sets: list[str], env: dict[str, str], *,
     if done.is_file():
         d = json.loads(done.read_text())
         return float(d["wall"]), float(d["peak"])
-    cmd = [sys.executable, "-m", "common.cli", "simulate", *(extra or ["run"]), str(scenario), "--out", str(out),
+    cmd = [sys.executable, "-m", "fedge.common.cli", "simulate", *(extra or ["run"]), str(scenario), "--out", str(out),
            "--quiet"]
     for s in [*sets, *(QUICK_SETS if shrink else [])]:
         cmd += ["--set", s]
@@ -167,7 +167,7 @@ def simulate(scenario: Path, out: Path, sets: list[str], env: dict[str, str], *,
 
 
 def metrics(run_dir: Path) -> list[dict]:
-    from simulations.report import read_metrics
+    from fedge.simulations.report import read_metrics
 
     return read_metrics(run_dir / "metrics.jsonl")
 
@@ -200,11 +200,11 @@ def centralized_accuracy(cfg_path: Path, steps: int) -> float:
     """
     import torch
 
-    from common.config import load_config
-    from common.training import evaluate, train_steps
-    from edge.data import local_data
-    from edge.node_config import NodeConfig
-    from simulations.evaluation import load_arrays, model_with
+    from fedge.common.config import load_config
+    from fedge.common.training import evaluate, train_steps
+    from fedge.edge.data import local_data
+    from fedge.edge.node_config import NodeConfig
+    from fedge.simulations.evaluation import load_arrays, model_with
 
     cfg = load_config(toml_path=cfg_path)
     torch.manual_seed(cfg.seed)
@@ -222,9 +222,9 @@ def degraded_eval(cfg_path: Path, adapters: Path, snr_db: float, cache: Path) ->
     """Fused / image-only / audio-only accuracy of the final model on a held-out set with audio at ``snr_db``."""
     import shutil
 
-    from common.config import load_config
-    from simulations import avdigits, stores
-    from simulations.evaluation import load_arrays, modality_accuracy, model_with
+    from fedge.common.config import load_config
+    from fedge.simulations import avdigits, stores
+    from fedge.simulations.evaluation import load_arrays, modality_accuracy, model_with
 
     cfg = load_config(toml_path=cfg_path)
     s, m = cfg.simulation, cfg.model
@@ -269,7 +269,7 @@ def _watch(url: str, stop: threading.Event) -> None:
 
 def live_state_costs(devices: int = 1000, updates: int = 20_000) -> tuple[float, float]:
     """(loop-side microseconds per client update: dispatch + reply events; milliseconds per snapshot as JSON)."""
-    from cloud.dashboard import LiveState
+    from fedge.cloud.dashboard import LiveState
 
     live = LiveState(mode="async", buffer_size=10, concurrency=100, target_versions=10**6)
     live.nodes(range(devices))

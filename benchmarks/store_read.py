@@ -21,9 +21,9 @@ import cv2
 import numpy as np
 from _quick import parse_quick  # benchmarks/_quick.py: sys.path[0] is this folder
 
-from common.dataset import load_data
-from common.synthetic import make_av_dataset
-from edge.store import SampleStore
+from fedge.common.dataset import load_data
+from fedge.common.synthetic import make_av_dataset
+from fedge.edge.store import SampleStore
 
 
 def make_store(root: Path, n: int) -> None:

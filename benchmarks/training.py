@@ -1,6 +1,6 @@
 """Global training throughput on Ray Train: samples/s with 1 and 2 workers, per-modality bf16 against fp32.
 
-Every run is the real :class:`cloud.training.GlobalTrainer` (TorchTrainer, DDP over gloo on CPU) on the same
+Every run is the real :class:`fedge.cloud.training.GlobalTrainer` (TorchTrainer, DDP over gloo on CPU) on the same
 generated audio-visual data, on an embedded Ray with as many CPUs as the machine has. Throughput is the
 fastest of rank 0's report windows (samples per second across all workers, counting optimizer steps only; the
 first window, with warm-up, is left out; checkpoints and evaluation are not in the window): on a shared
@@ -26,9 +26,9 @@ os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 
 from _quick import parse_quick  # benchmarks/_quick.py: sys.path[0] is this folder
 
-from cloud.training import GlobalTrainer, initial_base
-from common.config import load_config
-from common.synthetic import make_av_dataset
+from fedge.cloud.training import GlobalTrainer, initial_base
+from fedge.common.config import load_config
+from fedge.common.synthetic import make_av_dataset
 
 
 def run(ds, store: str, *, workers: int, precision: str, steps: int, batch: int) -> dict[str, float]:

@@ -8,13 +8,13 @@ from typing import Any
 
 import numpy as np
 
-from common.base_weights import load_base_file, published_store
-from common.config import FedgeConfig, TrainConfig
-from common.dataset import load_data
-from common.lora import apply_lora
-from common.manifest import generate_keypair
-from common.model import MultimodalMoE, build_model, model_kwargs
-from common.pki_files import SIGNING_DIR, SIGNING_PRIVATE_KEY
+from fedge.common.base_weights import load_base_file, published_store
+from fedge.common.config import FedgeConfig, TrainConfig
+from fedge.common.dataset import load_data
+from fedge.common.lora import apply_lora
+from fedge.common.manifest import generate_keypair
+from fedge.common.model import MultimodalMoE, build_model, model_kwargs
+from fedge.common.pki_files import SIGNING_DIR, SIGNING_PRIVATE_KEY
 
 from . import clock as clk
 from .aggregation import default_server_lr
@@ -42,7 +42,7 @@ def heldout_data(cfg: FedgeConfig) -> dict[str, np.ndarray] | None:
 
     Raises
     ------
-    common.dataset.DataError
+    fedge.common.dataset.DataError
         The set cannot be read, does not fit the model, or has a label outside the model's classes.
     """
     if not cfg.data.eval_path:
@@ -53,7 +53,7 @@ def heldout_data(cfg: FedgeConfig) -> dict[str, np.ndarray] | None:
 
 
 def state_kwargs(cfg: FedgeConfig, ckpt_dir: str | None) -> dict[str, Any]:
-    """The keyword arguments of :class:`cloud.state.AggregatorState` for ``cfg`` (checkpoints in ``ckpt_dir``)."""
+    """The keyword arguments of :class:`fedge.cloud.state.AggregatorState` for ``cfg`` (checkpoints in ``ckpt_dir``)."""
     a = cfg.aggregation
     k = a.concurrency if a.mode == "sync" else a.buffer_size  # sync: the round barrier flushes the buffer
     return {"buffer_size": k, "staleness": a.staleness if a.mode == "async" else "constant",

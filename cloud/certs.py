@@ -33,8 +33,8 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-from common.fsio import atomic_write
-from common.pki_files import (
+from fedge.common.fsio import atomic_write
+from fedge.common.pki_files import (
     CA_CERT,
     CA_KEY,
     NODE_PRIVATE_KEY,

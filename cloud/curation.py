@@ -7,11 +7,11 @@ transform over pure kernels from ``common/media`` (the very ones the devices run
 1. ``detect``: modality detection: which streams a clip carries and whether they are usable (shape, dtype,
    finite, long enough); unusable streams are dropped with a counted reason.
 2. ``extract``: per-modality processing and alignment, one clip -> several samples. Shots are found with
-   :func:`common.media.shots.detect_boundaries`; the middle frame of each shot is its keyframe (resized to the
-   model's ``image_size``). The audio is featurised once with :func:`common.media.audio.mel_power` and each
+   :func:`fedge.common.media.shots.detect_boundaries`; the middle frame of each shot is its keyframe (resized to the
+   model's ``image_size``). The audio is featurised once with :func:`fedge.common.media.audio.mel_power` and each
    keyframe at time ``t`` gets the ``audio_frames`` log-mel window centred at ``t`` (dB per window, as on the
    edge). An audio-only clip yields windows every ``audio_stride_s``; a video-only clip image-only samples.
-3. ``assess``: quality scores in [0, 1] per modality (:mod:`common.media.quality`: sharpness and exposure of
+3. ``assess``: quality scores in [0, 1] per modality (:mod:`fedge.common.media.quality`: sharpness and exposure of
    the keyframe; level and clipping of the raw samples the window covers).
 4. ``accept_or_clean``: a modality scoring at least ``min_quality`` is accepted; an under- or over-exposed
    but sharp keyframe is cleaned (percentile contrast stretch) and re-scored; a modality still below the bar
@@ -33,11 +33,11 @@ from typing import Any
 import cv2
 import numpy as np
 
-from common.config import MODALITIES, FedgeConfig
-from common.media.audio import mel_power, power_to_db
-from common.media.mel import MelParams, hz_to_mel, mel_to_hz
-from common.media.quality import audio_score, audio_stats, image_score, image_stats
-from common.media.shots import detect_boundaries
+from fedge.common.config import MODALITIES, FedgeConfig
+from fedge.common.media.audio import mel_power, power_to_db
+from fedge.common.media.mel import MelParams, hz_to_mel, mel_to_hz
+from fedge.common.media.quality import audio_score, audio_stats, image_score, image_stats
+from fedge.common.media.shots import detect_boundaries
 
 Row = dict[str, Any]
 _IMG, _AUD = MODALITIES.index("image"), MODALITIES.index("audio")
@@ -177,7 +177,7 @@ def _image_quality(bgr: np.ndarray) -> float:
 
 
 def _audio_quality(rms_dbfs: float, clip: float) -> float:
-    from common.media.quality import AudioStats
+    from fedge.common.media.quality import AudioStats
 
     return audio_score(AudioStats(rms_dbfs=float(rms_dbfs), peak=0.0, clip_fraction=float(clip)))
 
@@ -274,7 +274,7 @@ def synthetic_clips(n: int, *, seed: int, p: CurationParams = CurationParams(), 
     one of: a dark video (cleanable), a lens-cap video (no image), a near-silent microphone (no audio), or
     both at once (rejected); the kind is written into ``clip_id``.
     """
-    from common.synthetic import _prototypes  # the same class prototypes as the devices' generated data
+    from fedge.common.synthetic import _prototypes  # the same class prototypes as the devices' generated data
 
     rng = np.random.default_rng(seed)
     img_p, bands, rates = _prototypes(num_classes, frame_size, p.n_mels, p.audio_frames, proto_seed)

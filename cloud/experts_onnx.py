@@ -1,4 +1,4 @@
-"""The routed experts as one ONNX graph in the batched form of :func:`common.experts.moe_topk`.
+"""The routed experts as one ONNX graph in the batched form of :func:`fedge.common.experts.moe_topk`.
 
 Inputs ``token`` (N, d) float32, ``topk_idx`` (N, k) int64 (global expert ids, mapped to the graph's own stack
 first), ``gates`` (N, k) float32; output ``out`` (N, d) =
@@ -26,7 +26,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from common.experts import moe_topk, stack_experts
+from fedge.common.experts import moe_topk, stack_experts
 
 __all__ = ["OPSET", "BatchedExperts", "batched_expert_groups", "batched_experts_onnx", "example_inputs"]
 

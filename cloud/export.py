@@ -6,11 +6,11 @@ Shards and what each computes (B samples, M modalities, N = present tokens, d wi
     router        token (N, d), quality (N,) [, allowed (N, E) bool] -> probs (N, E), topk_idx (N, k), gates (N, k)
     expert.<e>    token (N, d)                          -> out (N, d)     one FFN expert
     experts[.<m>] token (N, d), topk_idx (N, k), gates (N, k) -> out (N, d)   the MoE residual, every expert of
-                  a group stacked and computed grouped by expert (ONNX only; :mod:`cloud.experts_onnx`)
+                  a group stacked and computed grouped by expert (ONNX only; :mod:`fedge.cloud.experts_onnx`)
     head          routed (B, M, d), quality (B, M), mask (B, M) -> logits (B, C), fusion_weights (B, M)
 
 A runner chains them: ``routed = token + sum_k gates_k * expert_{idx_k}(token)`` (the MoE residual of
-:meth:`common.model.MultimodalMoE.route`), and the head holds the quality-aware fusion gate. Together they
+:meth:`fedge.common.model.MultimodalMoE.route`), and the head holds the quality-aware fusion gate. Together they
 reproduce :meth:`MultimodalMoE.forward` in fp32 with unlimited expert capacity (capacity limits are a training
 device; at inference every routed token is served). Every ONNX file is checked against its torch module
 (max abs diff <= 1e-4) before it is written into the manifest.
@@ -38,11 +38,11 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from cloud.experts_onnx import BatchedExperts, batched_expert_groups, batched_experts_onnx
-from cloud.experts_onnx import example_inputs as batched_inputs
-from common.base_delta import shard_bytes
-from common.lora import LoRALinear, base_state, merge_lora
-from common.manifest import (
+from fedge.cloud.experts_onnx import BatchedExperts, batched_expert_groups, batched_experts_onnx
+from fedge.cloud.experts_onnx import example_inputs as batched_inputs
+from fedge.common.base_delta import shard_bytes
+from fedge.common.lora import LoRALinear, base_state, merge_lora
+from fedge.common.manifest import (
     Manifest,
     ShardFile,
     TensorSpec,
@@ -51,8 +51,8 @@ from common.manifest import (
     sha256_bytes,
     sign_manifest,
 )
-from common.model import MODALITIES, MultimodalMoE, fuse, top_k_gating
-from common.shard_api import MANIFEST_FILE
+from fedge.common.model import MODALITIES, MultimodalMoE, fuse, top_k_gating
+from fedge.common.shard_api import MANIFEST_FILE
 
 __all__ = [
     "OPSET",
@@ -130,7 +130,7 @@ class ExpertShard(nn.Module):
 
 
 class HeadShard(nn.Module):
-    """Quality-aware fusion, per-modality heads and their confidence pooling (:func:`common.model.fuse`)."""
+    """Quality-aware fusion, per-modality heads and their confidence pooling (:func:`fedge.common.model.fuse`)."""
 
     def __init__(self, fusion_gate: nn.Module, head: nn.Module, modality_heads: nn.ModuleDict) -> None:
         super().__init__()
@@ -497,7 +497,7 @@ def load_state_from_shards(directory: str | Path, manifest: Manifest) -> dict[st
     """
     from safetensors.torch import load as st_load
 
-    from common.manifest import sha256_file
+    from fedge.common.manifest import sha256_file
 
     d = Path(directory)
     state: dict[str, Tensor] = {}

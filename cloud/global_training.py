@@ -12,10 +12,10 @@ from typing import Any
 import numpy as np
 import torch
 
-from common.base_weights import save_base
-from common.config import FedgeConfig
-from common.lora import base_state, load_base_state
-from common.model import MultimodalMoE, model_kwargs
+from fedge.common.base_weights import save_base
+from fedge.common.config import FedgeConfig
+from fedge.common.lora import base_state, load_base_state
+from fedge.common.model import MultimodalMoE, model_kwargs
 
 from .builders import publisher_for
 from .dashboard import LiveState
@@ -60,7 +60,7 @@ class PublishedBase:
         The newest adapters ``params`` are merged into the base, the whole model trains on the cloud's data
         (``training.data_path`` or generated), and the aggregator is rebased: the next version holds fresh
         adapters for the new base, updates trained on the old base are refused as ``unknown_version``, and
-        the new base is published (:mod:`cloud.publisher`) and every later message names it
+        the new base is published (:mod:`fedge.cloud.publisher`) and every later message names it
         (``wire.BASE_MODEL``): devices fetch it from the shard server. The loop waits for it;
         with a virtual clock it costs no virtual time. A failed training run is reported and the federation
         goes on with the old base.

@@ -9,7 +9,7 @@ SuperNode authentication when certificates and keys are given, ``--disable-runti
 Ctrl-C (or SIGTERM) first sends SIGTERM to the run's ServerApp (Flower starts it in a session of its own and
 the SuperLink leaves it running), which checkpoints and exits; then ``flwr run`` and the SuperLink get SIGINT
 (then SIGTERM, SIGKILL), and Ray stops. Restarting with the same ``--run-dir`` resumes from the checkpoint.
-``--dashboard [HOST:]PORT`` has the ServerApp serve its live dashboard (:mod:`cloud.dashboard`; the token reaches
+``--dashboard [HOST:]PORT`` has the ServerApp serve its live dashboard (:mod:`fedge.cloud.dashboard`; the token reaches
 it through the environment, never the saved config); ``--ray-dashboard`` starts the embedded Ray's own dashboard.
 """
 
@@ -29,8 +29,8 @@ from typing import Annotated
 
 import typer
 
-from common.config import FedgeConfig
-from common.procs import escalate
+from fedge.common.config import FedgeConfig
+from fedge.common.procs import escalate
 
 from .dashboard import options as dash
 from .state import RAY_ADDRESS_ENV, RAY_ADDRESS_FILE
@@ -277,7 +277,7 @@ def start_command(
     ray_dashboard: dash.RayDashboard = False,
 ) -> None:
     """Start the aggregator: embedded Ray, a Flower SuperLink and the fedge run; Ctrl-C checkpoints and stops."""
-    from common.config import ConfigError, load_config, parse_overrides
+    from fedge.common.config import ConfigError, load_config, parse_overrides
 
     try:  # DashboardError is a ValueError: one line, exit 2
         watch = dash.dashboard_overrides(dashboard, token=dashboard_token, tokens_file=dashboard_tokens, public=public)

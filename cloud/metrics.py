@@ -1,6 +1,6 @@
 """Per-modality training metrics of the MoE (loss, accuracy, expert load, router entropy) and their sinks.
 
-The numerics are pure functions over a batch and a :class:`common.model.MoEOutput`; :class:`MetricsLogger`
+The numerics are pure functions over a batch and a :class:`fedge.common.model.MoEOutput`; :class:`MetricsLogger`
 writes flat ``name -> float`` records as JSONL lines and TensorBoard scalars (``loss/image`` ...).
 """
 
@@ -15,9 +15,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from common.config import MODALITIES
-from common.fsio import append_jsonl, read_jsonl
-from common.model import MoEOutput, MultimodalMoE
+from fedge.common.config import MODALITIES
+from fedge.common.fsio import append_jsonl, read_jsonl
+from fedge.common.model import MoEOutput, MultimodalMoE
 
 __all__ = ["MetricsLogger", "modality_eval", "read_metrics", "routing_stats", "token_modalities"]
 

@@ -7,7 +7,7 @@ Layout under ``root``::
     .staging-*/           exports in progress (never served)
 
 Publishing is atomic: a version is exported into a staging directory, renamed into place (one ``rename``),
-and only then does ``index.json`` (written with :func:`common.fsio.atomic_write`) name it. A reader sees the
+and only then does ``index.json`` (written with :func:`fedge.common.fsio.atomic_write`) name it. A reader sees the
 old index or the new one, never half a version; versions are never modified, so a request that resolved
 ``latest`` to the old version keeps reading consistent files while the new one goes live.
 """
@@ -23,9 +23,9 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Self
 
-from common.fsio import atomic_write
-from common.manifest import MANIFEST_KEY, Manifest, ManifestError, verify_manifest
-from common.shard_api import INDEX_FILE, LATEST, MANIFEST_FILE
+from fedge.common.fsio import atomic_write
+from fedge.common.manifest import MANIFEST_KEY, Manifest, ManifestError, verify_manifest
+from fedge.common.shard_api import INDEX_FILE, LATEST, MANIFEST_FILE
 
 from .export import export_version
 

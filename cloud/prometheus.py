@@ -1,6 +1,6 @@
 """Prometheus exposition of the aggregator's live state (``GET /metrics`` of the dashboard server).
 
-A custom collector reads :class:`cloud.dashboard.live.LiveState` at scrape time, so there is no second set of
+A custom collector reads :class:`fedge.cloud.dashboard.live.LiveState` at scrape time, so there is no second set of
 counters to keep in step with the loop. Metric names: ``fedge_global_version``,
 ``fedge_updates_total{outcome,reason}``, ``fedge_staleness`` (histogram of accepted updates),
 ``fedge_devices{state}``, ``fedge_bytes_total{direction}``, ``fedge_accuracy{modality}``, plus

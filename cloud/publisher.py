@@ -3,11 +3,11 @@
 A base from global training inside the federation, from ``fedge cloud train`` or ``fedge cloud publish``, and
 every inference export become one version: safetensors training shards (an encoder per modality, the router,
 each expert, the head), ONNX inference shards, and, per training shard that changed, a compressed *delta*
-against the same shard of the previous version (:mod:`common.base_delta`), all listed with their sha256 under
+against the same shard of the previous version (:mod:`fedge.common.base_delta`), all listed with their sha256 under
 the Ed25519-signed manifest and its serial (monotonic: the store assigns one above every published version).
 
 The new base is published as the previous base plus the decoded delta (exact on devices, see
-:func:`common.base_delta.snap_to_delta`); :meth:`BasePublisher.publish` returns that state so the aggregator
+:func:`fedge.common.base_delta.snap_to_delta`); :meth:`BasePublisher.publish` returns that state so the aggregator
 rebases on precisely the weights devices will rebuild. The ShardServer serves whatever ``latest`` names, so a
 publication is live for Ray Serve's ``/v1/predict`` and for device downloads at once (no redeploy).
 """
@@ -23,10 +23,10 @@ from typing import Any
 import numpy as np
 import torch
 
-from common.base_delta import DeltaError, read_shard, same_layout, snap_to_delta
-from common.manifest import Manifest, ShardFile, load_private_key, sha256_bytes, verify_manifest
-from common.model import MultimodalMoE
-from common.shard_api import MANIFEST_FILE
+from fedge.common.base_delta import DeltaError, read_shard, same_layout, snap_to_delta
+from fedge.common.manifest import Manifest, ShardFile, load_private_key, sha256_bytes, verify_manifest
+from fedge.common.model import MultimodalMoE
+from fedge.common.shard_api import MANIFEST_FILE
 
 from .export import export_version, plain_model, shard_modules
 from .model_store import ModelStore, StoreError
@@ -143,7 +143,7 @@ class BasePublisher:
 
 def plain_from_state(state: Mapping[str, np.ndarray], model_kwargs: Mapping[str, Any]) -> MultimodalMoE:
     """A plain fp32 :class:`MultimodalMoE` of ``model_kwargs`` holding ``state`` (plain weight names)."""
-    from common.model import build_model
+    from fedge.common.model import build_model
 
     m = build_model(**{**dict(model_kwargs), "precision": None})
     m.load_state_dict({k: torch.from_numpy(np.asarray(v)) for k, v in state.items()}, strict=True)

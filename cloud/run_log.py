@@ -10,7 +10,7 @@ from typing import Any
 
 import numpy as np
 
-from common.fsio import append_jsonl
+from fedge.common.fsio import append_jsonl
 
 __all__ = ["VersionAcc", "event", "metrics_record", "save_final", "version_line"]
 

@@ -1,13 +1,13 @@
 """The server's side of secure aggregation: groups of devices whose buffer the server can unmask only as a sum.
 
-A secure run dispatches work in groups (:mod:`common.secagg`): the loop picks ``K`` idle nodes, this module
+A secure run dispatches work in groups (:mod:`fedge.common.secagg`): the loop picks ``K`` idle nodes, this module
 asks them for their long-term share keys once (``register``) and for a fresh mask key per group (``keys``,
 its shares sealed to the members), and gives each member's TRAIN message the group's record. Replies come
 back whenever they arrive (members train on whatever version was current when the group was dispatched); a
 member that times out, leaves or is refused is resolved as dropped. Once every member is resolved, the holders
 still online answer one ``unmask`` QUERY each and :meth:`SecureGroups.finish` returns the group's sum.
 
-What the server can still check per update is counted with :class:`cloud.validation.Reason`: the masked
+What the server can still check per update is counted with :class:`fedge.cloud.validation.Reason`: the masked
 payload's format and length (``secagg_invalid``), its base version, its staleness. A group left with fewer
 than two senders is never unmasked (``secagg_alone``); a group whose shares are inconsistent, miss a
 commitment or whose sum is out of range is discarded (``secagg_discarded``, one count per sender).
@@ -24,8 +24,8 @@ from typing import Any
 import numpy as np
 from flwr.app import ConfigRecord, Message, MessageType, RecordDict
 
-from common import secagg as sa
-from common import wire
+from fedge.common import secagg as sa
+from fedge.common import wire
 
 from .validation import RawUpdate, Reason
 
@@ -200,7 +200,7 @@ class SecureGroups:
     def finish(self, g: Group, replies: Sequence[Message]) -> np.ndarray:
         """The group's float sum (length ``n``) from the holders' replies; the group is then forgotten.
 
-        Raises :class:`common.secagg.SecAggError` when it cannot be unmasked (too few holders, an
+        Raises :class:`fedge.common.secagg.SecAggError` when it cannot be unmasked (too few holders, an
         inconsistent share, a missed commitment, a sum out of range).
         """
         self.groups.pop(g.gid, None)

@@ -1,8 +1,8 @@
-"""The cloud ServerApp on Flower's Grid: ``app`` (``cloud.server_app:app`` in pyproject.toml) and its ``main``.
+"""The cloud ServerApp on Flower's Grid: ``app`` (``fedge.cloud.server_app:app`` in pyproject.toml) and its ``main``.
 
 ``main`` reads the run config, brings up the dashboard, waits for ``aggregation.min_nodes`` SuperNodes, starts
 (or resumes from its checkpoint) the aggregator state on Ray, and runs the aggregation loop
-(:class:`cloud.server_loop.ServerLoop`: FedBuff asynchronous buffered aggregation, or FedAvg) until
+(:class:`fedge.cloud.server_loop.ServerLoop`: FedBuff asynchronous buffered aggregation, or FedAvg) until
 ``aggregation.versions`` versions exist; on the way out it checkpoints and writes the final adapters.
 """
 
@@ -22,9 +22,9 @@ import torch
 from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 
-from common import wire
-from common.config import config_from_context, default_run_dir
-from common.scope import trainable_state
+from fedge.common import wire
+from fedge.common.config import config_from_context, default_run_dir
+from fedge.common.scope import trainable_state
 
 from . import clock as clk
 from .builders import NO_EVAL, global_model, heldout_data, state_kwargs

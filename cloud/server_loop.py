@@ -1,10 +1,10 @@
 """The cloud ServerApp on Flower's Grid: asynchronous buffered aggregation (FedBuff), synchronous FedAvg alike.
 
 The loop keeps up to ``C`` nodes training (``grid.push_messages``); each TRAIN carries the global adapters,
-their version and the round config (:mod:`common.wire`). Replies are pulled as they arrive
-(``grid.pull_messages``, matched by ``reply_to_message_id``), ordered by the clock (:mod:`cloud.clock`:
+their version and the round config (:mod:`fedge.common.wire`). Replies are pulled as they arrive
+(``grid.pull_messages``, matched by ``reply_to_message_id``), ordered by the clock (:mod:`fedge.cloud.clock`:
 virtual under simulation, real in deployment) and submitted to the aggregator state, a Ray actor
-(:mod:`cloud.state`) that validates each update and makes a new version after ``K`` accepted ones. An idle
+(:mod:`fedge.cloud.state`) that validates each update and makes a new version after ``K`` accepted ones. An idle
 node gets the newest version at once; node ids are re-read every pass, so nodes that join are used and
 nodes that leave free their slot; a node that does not answer within ``aggregation.reply_timeout_s`` is
 given up and its slot reused. The global adapters are evaluated on held-back data every
@@ -26,12 +26,12 @@ import torch
 from flwr.app import Message, MessageType
 from flwr.serverapp import Grid
 
-from common import secagg as sa
-from common import wire
-from common.config import FedgeConfig
-from common.model import MultimodalMoE
-from common.scope import load_trainable_state
-from common.training import evaluate
+from fedge.common import secagg as sa
+from fedge.common import wire
+from fedge.common.config import FedgeConfig
+from fedge.common.model import MultimodalMoE
+from fedge.common.scope import load_trainable_state
+from fedge.common.training import evaluate
 
 from . import clock as clk
 from .builders import device_profile, min_local_steps, secure_groups, state_kwargs

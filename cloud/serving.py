@@ -11,12 +11,12 @@ Routes (JSON unless noted)::
 ``serve_multiplexed_model_id`` header, the body, or ``latest``), so replicas keep a few versions loaded and
 Serve routes a request to a replica that already holds its version.
 
-The deployment is thin: it reads a :class:`cloud.model_store.ModelStore` (published versions are immutable
+The deployment is thin: it reads a :class:`fedge.cloud.model_store.ModelStore` (published versions are immutable
 and ``latest`` moves atomically), so publishing needs no redeploy and requests in flight during a swap all
 succeed. With a tokens file, shard downloads and predictions need ``Authorization: Bearer <token>`` and
 ``X-Fedge-Device: <id>``; the file maps device id -> sha256(token) and is re-read when it changes. TLS is
 Serve's own: ``http_options`` ``ssl_certfile`` / ``ssl_keyfile`` (uvicorn under Serve's proxy, Ray >= 2.5x).
-Routes, header names and content types are the contract in :mod:`common.shard_api`, which devices share.
+Routes, header names and content types are the contract in :mod:`fedge.common.shard_api`, which devices share.
 
 No ``from __future__ import annotations`` here: Serve's ingress rebuilds the route signatures, and string
 annotations would turn ``request: Request`` into a query parameter.
@@ -34,8 +34,8 @@ import torch
 from fastapi import FastAPI, HTTPException, Request, Response
 from ray import serve
 
-from common.fsio import atomic_write
-from common.shard_api import (
+from fedge.common.fsio import atomic_write
+from fedge.common.shard_api import (
     AUTH_HEADER,
     AUTH_SCHEME,
     DEVICE_HEADER,
@@ -254,7 +254,7 @@ class ShardServer:
 
 
 def build_app(args: dict[str, Any]) -> Any:
-    """Application builder for Serve's CLI (``serve run cloud.serving:build_app store=DIR``) and config files.
+    """Application builder for Serve's CLI (``serve run fedge.cloud.serving:build_app store=DIR``) and config files.
 
     ``args``: ``store`` (required), ``tokens_file``, ``num_replicas``.
     """

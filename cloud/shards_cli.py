@@ -10,8 +10,8 @@ from typing import Annotated
 
 import typer
 
-from common.manifest import generate_keypair, load_private_key, load_public_key
-from common.shard_api import MODELS_ROUTE
+from fedge.common.manifest import generate_keypair, load_private_key, load_public_key
+from fedge.common.shard_api import MODELS_ROUTE
 
 __all__ = ["keys_command", "publish_command", "serve_command", "token_command"]
 
@@ -63,8 +63,8 @@ def publish_command(
     make it the latest version."""
     from rich.progress import Progress
 
-    from common.config import ConfigError, load_config
-    from common.model import build_model, model_kwargs
+    from fedge.common.config import ConfigError, load_config
+    from fedge.common.model import build_model, model_kwargs
 
     from .export import ExportError
     from .publisher import BasePublisher
@@ -132,7 +132,7 @@ def serve_command(
         raise typer.Exit(1)
     import ray
 
-    from common.manifest import ManifestError, verify_manifest
+    from fedge.common.manifest import ManifestError, verify_manifest
 
     from .model_store import ModelStore, StoreError
     from .serving import start_shard_server

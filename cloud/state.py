@@ -2,11 +2,11 @@
 
 :class:`AggregatorState` is a plain class: the ServerApp runs it as a Ray actor (:func:`start_actor`) so the
 state lives in the cluster, apart from the loop that talks to Flower, and unit tests use it directly.
-Every update goes through :meth:`AggregatorState.submit`, which validates it (:mod:`cloud.validation`),
-buffers it and, after ``K`` accepted updates, produces a new version (:mod:`cloud.aggregation`).
+Every update goes through :meth:`AggregatorState.submit`, which validates it (:mod:`fedge.cloud.validation`),
+buffers it and, after ``K`` accepted updates, produces a new version (:mod:`fedge.cloud.aggregation`).
 
 Checkpoints are one ``.npz`` file (arrays + a JSON header) written atomically with
-:func:`common.fsio.atomic_write` (a temporary file in the same directory, ``fsync``, ``os.replace``, ``fsync``
+:func:`fedge.common.fsio.atomic_write` (a temporary file in the same directory, ``fsync``, ``os.replace``, ``fsync``
 of the directory). A checkpoint holds the buffer too.
 It is written every ``checkpoint_every`` versions and on shutdown. Between checkpoints every accepted update
 is appended to a write-ahead log next to it (:data:`WAL_NAME`, one CRC-framed record per update, ``fsync``
@@ -14,7 +14,7 @@ before :meth:`AggregatorState.submit` returns) and the log is emptied by the nex
 acknowledged is lost to a crash: :meth:`AggregatorState.restore` reads the checkpoint back and submits the
 logged updates again (the same checks on the same state give the same versions).
 
-What a client cannot be trusted with is bounded by default (:mod:`cloud.robust`): example counts are capped
+What a client cannot be trusted with is bounded by default (:mod:`fedge.cloud.robust`): example counts are capped
 relative to the recent claims, norms clipped relative to the recent accepted norms, a base version other
 than the one the server dispatched to that node is refused, and so is a payload already accepted.
 
@@ -39,7 +39,7 @@ from typing import Any
 
 import numpy as np
 
-from common.fsio import atomic_write
+from fedge.common.fsio import atomic_write
 
 from . import aggregation as agg
 from . import robust as rb
@@ -83,7 +83,7 @@ class AggregatorState:
     max_norm,
     norm_action, robust, trim_ratio, norm_factor, norm_warmup, examples_factor, max_examples, window,
     outlier_threshold, min_cosine, replay_window:
-        See :class:`common.config.AggregationConfig`.
+        See :class:`fedge.common.config.AggregationConfig`.
     checkpoint_dir:
         Where checkpoints go (``None``: no checkpoints).
     checkpoint_every:

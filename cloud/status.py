@@ -10,8 +10,8 @@ from typing import Annotated, Any
 
 import typer
 
-from common.shard_api import AUTH_HEADER, DEVICE_HEADER, bearer
-from common.units import human_bytes
+from fedge.common.shard_api import AUTH_HEADER, DEVICE_HEADER, bearer
+from fedge.common.units import human_bytes
 
 from .dashboard.http import DEFAULT_PORT, TOKEN_ENV
 

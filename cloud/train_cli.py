@@ -10,7 +10,7 @@ from typing import Annotated, Any
 
 import typer
 
-from common.fsio import atomic_path
+from fedge.common.fsio import atomic_path
 
 __all__ = ["train_command"]
 
@@ -56,7 +56,7 @@ def _publish(state: dict, *, store: Path, key: Path, base_version: int, cfg: Any
     """Publish a trained base as ``base-<base_version>``; return the published weights (torch tensors)."""
     import torch
 
-    from common.model import model_kwargs
+    from fedge.common.model import model_kwargs
 
     from .publisher import BasePublisher, base_version_name, plain_from_state
 
@@ -101,9 +101,9 @@ def train_command(
     """
     import ray
 
-    from common.config import ConfigError, load_config, parse_overrides
-    from common.dataset import is_store
-    from common.model import model_kwargs
+    from fedge.common.config import ConfigError, load_config, parse_overrides
+    from fedge.common.dataset import is_store
+    from fedge.common.model import model_kwargs
 
     from .training import (
         GlobalTrainer,

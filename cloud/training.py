@@ -1,6 +1,6 @@
 """Global MoE training on Ray Train: merge the aggregated adapters into the base, train, hand a new base back.
 
-The cloud keeps two things for the federation: a **base** (plain weights of :class:`common.model.MultimodalMoE`)
+The cloud keeps two things for the federation: a **base** (plain weights of :class:`fedge.common.model.MultimodalMoE`)
 and the **global adapters** the aggregator produces (LoRA factors + router/fusion parameters, see
 common/lora.py). Every ``training.every_versions`` aggregated versions (or on demand) the trainer
 
@@ -34,13 +34,13 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from common.augment import augment_batch
-from common.config import FedgeConfig
-from common.fsio import append_jsonl
-from common.lora import apply_lora, base_state, load_base_state, merge_lora
-from common.model import MultimodalMoE, build_model, fusion_loss, model_kwargs
-from common.scope import ScopeError, load_trainable_state, trainable_state
-from common.training import forward_batch, modality_dropout, to_batch
+from fedge.common.augment import augment_batch
+from fedge.common.config import FedgeConfig
+from fedge.common.fsio import append_jsonl
+from fedge.common.lora import apply_lora, base_state, load_base_state, merge_lora
+from fedge.common.model import MultimodalMoE, build_model, fusion_loss, model_kwargs
+from fedge.common.scope import ScopeError, load_trainable_state, trainable_state
+from fedge.common.training import forward_batch, modality_dropout, to_batch
 
 from .metrics import MetricsLogger, modality_eval, read_metrics, routing_stats
 
@@ -290,7 +290,7 @@ class GlobalTrainer:
 
     Parameters
     ----------
-    mkw : keyword arguments of :func:`common.model.build_model` (``model_kwargs(cfg)``); decide dense mode,
+    mkw : keyword arguments of :func:`fedge.common.model.build_model` (``model_kwargs(cfg)``); decide dense mode,
         top-k, capacity factor and per-modality precision.
     lora_rank, lora_alpha : the adapters' shape (to merge and to reset them).
     scope : the federation's ``train.scope``: which global state is merged in and handed back fresh.
@@ -447,7 +447,7 @@ def run_global_training(cfg: FedgeConfig, base: StateDict | None, adapters: Stat
     """The aggregator's entry point: one global training run from the config (Ray must be initialised).
 
     ``base`` None means the deterministic version-0 base; ``dataset`` None means the cloud's own data,
-    generated and curated by :func:`cloud.curation.curate` (``training.samples`` samples).
+    generated and curated by :func:`fedge.cloud.curation.curate` (``training.samples`` samples).
     """
     trainer = GlobalTrainer.from_config(cfg, **overrides)
     if base is None:
@@ -461,8 +461,8 @@ def training_dataset(cfg: FedgeConfig) -> Any:
     """The cloud's training data as a ``ray.data.Dataset`` (Ray must be initialised).
 
     ``training.data_path`` set: that SampleStore directory or NPZ (the trainer's columns, e.g. a simulation's
-    curated cloud share), its labelled samples checked against the model (:func:`common.dataset.load_data`);
-    else ``training.samples`` generated clips curated on Ray Data (:func:`cloud.curation.cloud_dataset`).
+    curated cloud share), its labelled samples checked against the model (:func:`fedge.common.dataset.load_data`);
+    else ``training.samples`` generated clips curated on Ray Data (:func:`fedge.cloud.curation.cloud_dataset`).
 
     Raises
     ------
@@ -471,7 +471,7 @@ def training_dataset(cfg: FedgeConfig) -> Any:
     """
     import ray
 
-    from common.dataset import DataError, load_data
+    from fedge.common.dataset import DataError, load_data
 
     path = cfg.training.data_path
     if not path:

@@ -1,7 +1,7 @@
 """Validation of client updates before they can touch the global model.
 
 An update is accepted only if its reply carries the records of the wire contract, its payload decodes
-(:mod:`common.codec`), its base version is one the server produced on the current base, its tensors have
+(:mod:`fedge.common.codec`), its base version is one the server produced on the current base, its tensors have
 exactly the global adapters' names and shapes, every value is finite, and its L2 norm is within the bound
 (clipped or rejected, as configured). Every refusal raises :class:`UpdateRejected` with a
 :class:`Reason`; :class:`RejectionCounter` keeps the per-reason counts that the server reports.
@@ -18,7 +18,7 @@ from typing import Any
 
 import numpy as np
 
-from common import codec, wire
+from fedge.common import codec, wire
 
 from .aggregation import State, clip_by_norm, global_norm
 
@@ -152,7 +152,7 @@ def validate(
     """Check one update against the global adapters ``reference`` and the version window.
 
     ``oldest_version`` is the first version produced on the current base (see
-    :meth:`cloud.state.AggregatorState.rebase`); base versions outside ``[oldest_version, current_version]``
+    :meth:`fedge.cloud.state.AggregatorState.rebase`); base versions outside ``[oldest_version, current_version]``
     are unknown. ``dispatched_version`` is the version the server sent to this node: a claim that differs is
     refused (a client claiming a newer base would escape its staleness weight). Returns the decoded (and,
     with ``norm_action="clip"``, clipped) update.

@@ -4,7 +4,7 @@ A training shard is a safetensors file of float tensors under the model's parame
 function of its tensors and its shard name (:func:`shard_bytes`: no version, no time in the metadata), so a shard
 that did not change between two bases has the same sha256 and is never downloaded twice.
 
-Delta delivery uses the update codec (:mod:`common.codec`, dense int8 with one scale per tensor: a quarter of
+Delta delivery uses the update codec (:mod:`fedge.common.codec`, dense int8 with one scale per tensor: a quarter of
 the fp32 bytes). It is exact by construction: the cloud publishes the *reconstruction* ``old + decode(delta)``
 as the new base (:func:`snap_to_delta`), so a device that applies the delta to the shard it holds
 (:func:`apply_delta`) gets the published tensors bit for bit; the sha256 of the rebuilt file, compared with the
@@ -72,7 +72,7 @@ def apply_delta(old: Mapping[str, np.ndarray], payload: bytes) -> dict[str, np.n
 
     Raises
     ------
-    common.codec.CodecError
+    fedge.common.codec.CodecError
         The payload is corrupt or declares other tensors than ``old`` holds.
     """
     step = decode(payload, expected={k: v.shape for k, v in old.items()})

@@ -1,8 +1,8 @@
 """A published base model: plain weights in a safetensors file (``model.base_path``), shared by every party.
 
 The cloud trains the global base on its own curated data and publishes it; the ClientApp and the ServerApp both
-load it (after :func:`common.lora.apply_lora`), so devices train adapters on the very base the server evaluates.
-With ``model.base_path = ""`` the base stays the deterministic init from the seed (:func:`common.model.build_model`).
+load it (after :func:`fedge.common.lora.apply_lora`), so devices train adapters on the very base the server evaluates.
+With ``model.base_path = ""`` the base stays the deterministic init from the seed (:func:`fedge.common.model.build_model`).
 """
 
 from __future__ import annotations

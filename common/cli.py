@@ -1,5 +1,5 @@
 """The ``fedge`` command: groups ``edge``, ``cloud`` and ``simulate``, each from its own package, and
-``fedge evaluate`` (:mod:`common.evaluate_cli`).
+``fedge evaluate`` (:mod:`fedge.common.evaluate_cli`).
 
 A group whose package (or its extra's dependencies) is not installed is left out with a note, so that an
 edge device without Ray still gets ``fedge edge``. Groups are looked up by module name so that ``common``
@@ -17,13 +17,28 @@ import typer
 __all__ = ["COMMANDS", "GROUPS", "TRACEBACK_ENV", "build_app", "main", "run"]
 
 GROUPS = {
-    "edge": ("edge.cli", "Run on a device: ingest streams, train adapters, fetch shards."),
-    "cloud": ("cloud.cli", "Run the cloud side: aggregator, trainer, shard server."),
-    "simulate": ("simulations.cli", "Run the whole federation on this machine (embedded Ray)."),
+    "edge": ("fedge.edge.cli", "Run on a device: ingest streams, train adapters, fetch shards."),
+    "cloud": ("fedge.cloud.cli", "Run the cloud side: aggregator, trainer, shard server."),
+    "simulate": ("fedge.simulations.cli", "Run the whole federation on this machine (embedded Ray)."),
 }
 COMMANDS = {  # top-level commands, looked up by module name like the groups
-    "status": ("cloud.status", "status_command"),
+    "status": ("fedge.cloud.status", "status_command"),
 }
+
+
+def _print_version(value: bool) -> None:
+    if value:
+        from fedge import __version__
+
+        typer.echo(f"fedge {__version__}")
+        raise typer.Exit()
+
+
+def _root_options(
+    version: bool = typer.Option(False, "--version", callback=_print_version, is_eager=True,
+                                 help="Print the installed fedge version and exit."),
+) -> None:
+    """fedge: edge-cloud federated training of multimodal mixture-of-experts models."""
 
 
 def build_app() -> typer.Typer:
@@ -35,6 +50,7 @@ def build_app() -> typer.Typer:
         add_completion=False,
         pretty_exceptions_enable=False,
     )
+    root.callback()(_root_options)
     for name, (module, help_) in GROUPS.items():
         try:
             group = importlib.import_module(module).app

@@ -57,7 +57,7 @@ MODALITIES: tuple[str, ...] = ("image", "audio")
 PRECISIONS = ("fp32", "fp16", "bf16")
 STALENESS_FNS = ("constant", "sqrt", "polynomial", "hinge")
 SERVER_OPTS = ("sgd", "avgm", "adam", "yogi")
-SCOPES = ("adapters", "partial", "full")  # common.scope: what devices train and send
+SCOPES = ("adapters", "partial", "full")  # fedge.common.scope: what devices train and send
 LR_SCHEDULES = ("constant", "cosine")
 
 
@@ -128,7 +128,7 @@ class AggregationConfig:
     # server optimizer on each aggregated delta (Reddi et al., Adaptive Federated Optimization): sgd x += lr*d;
     # avgm: heavy-ball momentum beta1; adam / yogi: per-coordinate steps lr*m/(sqrt(v)+tau)
     server_opt: Literal["sgd", "avgm", "adam", "yogi"] = "sgd"
-    server_lr: float = 0.0  # 0: the optimizer's default (cloud.aggregation.default_server_lr)
+    server_lr: float = 0.0  # 0: the optimizer's default (fedge.cloud.aggregation.default_server_lr)
     beta1: float = 0.9
     beta2: float = 0.99
     tau: float = 1e-3
@@ -300,7 +300,7 @@ class ImportanceConfig:
 @dataclass(frozen=True)
 class DataConfig:
     """Where the data comes from: 'synthetic' (generated per partition), 'store' (SampleStore dirs) or 'pool'
-    (a simulation's shared pool, :mod:`common.pool`; set by ``simulation.pool_samples``)."""
+    (a simulation's shared pool, :mod:`fedge.common.pool`; set by ``simulation.pool_samples``)."""
 
     source: Literal["synthetic", "store", "pool"] = "synthetic"
     # simulation: <store_root>/device-<partition> (store) or the pool's folder (pool); deployment: node config
@@ -354,7 +354,7 @@ class TrainingConfig:
     log_every: int = 10  # steps between metric reports (TensorBoard + JSONL)
     samples: int = 800  # cloud-side curated samples when the data is generated
     storage_path: str = ""  # persistent Ray Train storage ("" = <run_dir or ./runs>/train)
-    # the cloud's own training data: "" = generated and curated on Ray Data (cloud.curation), else an NPZ with
+    # the cloud's own training data: "" = generated and curated on Ray Data (fedge.cloud.curation), else an NPZ with
     # the trainer's columns image, audio, label, mask, quality (a simulation's curated cloud share)
     data_path: str = ""
     health_check_s: float = 0.5  # Ray Train controller poll: bounds report latency and failure detection

@@ -3,7 +3,7 @@
 One loader for everything that reads data it did not generate: the server's held-out set
 (``data.eval_path``), the cloud's base pretraining (``simulation.pretrain_data``, ``fedge cloud train --data``)
 and ``fedge evaluate``. A store is read straight from its SQLite file, read-only, so that the cloud side reads
-stores without importing edge code (STYLE.md rule 1); the row format is the one :mod:`edge.store` writes, and
+stores without importing edge code (STYLE.md rule 1); the row format is the one :mod:`fedge.edge.store` writes, and
 the decode helpers below are the ones it uses, so both sides turn a stored sample into the same arrays.
 
 The layout: ``image`` (N, 3, S, S) float32 RGB in [0, 1] (zeros where absent), ``audio`` (N, n_mels, frames)
@@ -43,7 +43,7 @@ def empty_arrays(n: int, size: int, n_mels: int, frames: int) -> dict[str, np.nd
 def decode_image(jpeg: bytes, size: int, *, crop: bool = True) -> np.ndarray:
     """JPEG -> (3, size, size) float32 RGB in [0, 1] (area resize).
 
-    ``crop``: first cut the frame to its salient region (:func:`common.media.crop.salient_box`: the square
+    ``crop``: first cut the frame to its salient region (:func:`fedge.common.media.crop.salient_box`: the square
     around the detail, e.g. a card in a room; the whole frame when nothing stands out), so the model's few
     pixels go to the object rather than the scene.
 

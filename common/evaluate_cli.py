@@ -39,7 +39,7 @@ class EvaluateError(ValueError):
 
 
 def _run_config(run_dir: Path, overrides: dict[str, Any]) -> Any:
-    from common.config import load_config
+    from fedge.common.config import load_config
 
     if (run_dir / "config.toml").is_file():
         return load_config(toml_path=run_dir / "config.toml", overrides=overrides)
@@ -76,8 +76,8 @@ def resolve_model(target: Path, *, config: Path | None, overrides: dict[str, Any
     EvaluateError
         ``target`` is missing, a run directory without a final model, or an unknown kind of file.
     """
-    from common.config import load_config
-    from common.lora import is_adapter_key
+    from fedge.common.config import load_config
+    from fedge.common.lora import is_adapter_key
 
     if target.is_dir():
         if config is not None:
@@ -107,10 +107,10 @@ def resolve_model(target: Path, *, config: Path | None, overrides: dict[str, Any
 
 def evaluate_target(target: Path, data: Path, *, config: Path | None = None, overrides: dict[str, Any] | None = None,
                     base: Path | None = None, split: str | None = None) -> dict[str, Any]:
-    """The :func:`common.evaluation.evaluation_report` of ``target`` on ``data``, plus ``model`` and ``data``."""
-    from common.base_weights import BaseWeightsError
-    from common.dataset import describe, load_data
-    from common.evaluation import evaluation_report, model_with
+    """The :func:`fedge.common.evaluation.evaluation_report` of ``target`` on ``data``, plus ``model`` and ``data``."""
+    from fedge.common.base_weights import BaseWeightsError
+    from fedge.common.dataset import describe, load_data
+    from fedge.common.evaluation import evaluation_report, model_with
 
     cfg, base_path, adapters, what = resolve_model(target, config=config, overrides=overrides or {}, base=base)
     m = cfg.model
@@ -175,8 +175,8 @@ def evaluate_command(
 
     if split is not None and split not in ("train", "val", "test"):
         fail(f"--split must be train, val or test, got {split!r}")
-    from common.config import ConfigError, parse_overrides
-    from common.dataset import DataError
+    from fedge.common.config import ConfigError, parse_overrides
+    from fedge.common.dataset import DataError
 
     try:
         rep = evaluate_target(target, data, config=config, overrides=parse_overrides(overrides or []), base=base,

@@ -1,7 +1,7 @@
 """How well a global model classifies labelled data: overall, per modality subset, per class, confusion matrix.
 
-Pure compute over arrays (layout of :mod:`common.training`) plus :func:`model_with`, which builds the global
-model every party holds (the base, LoRA applied, adapters loaded). ``fedge evaluate`` (:mod:`common.evaluate_cli`)
+Pure compute over arrays (layout of :mod:`fedge.common.training`) plus :func:`model_with`, which builds the global
+model every party holds (the base, LoRA applied, adapters loaded). ``fedge evaluate`` (:mod:`fedge.common.evaluate_cli`)
 and the simulation report use it.
 
 The subsets: ``accuracy`` uses each sample's own modalities (its mask as stored); ``image+audio`` the samples

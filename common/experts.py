@@ -12,7 +12,7 @@ codec address them by those names); a forward stacks their weights into ``(E, ..
 
 A token's rank inside its expert's group follows token order (a running count over the flat token-major
 assignments), so with a capacity the earlier tokens win a full expert and later ones pass on the residual.
-The same arithmetic is written as an ONNX graph for devices (:mod:`cloud.experts_onnx`).
+The same arithmetic is written as an ONNX graph for devices (:mod:`fedge.cloud.experts_onnx`).
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from common.lora import LoRALinear
+from fedge.common.lora import LoRALinear
 
 __all__ = [
     "ExpertStack",

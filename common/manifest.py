@@ -59,7 +59,7 @@ __all__ = [
 
 SCHEMA = 1
 MANIFEST_KEY = "manifest"  # the signed envelope's field that holds the manifest
-# "experts": every expert of a group stacked in one ONNX graph (cloud.experts_onnx), an alternative to "expert"
+# "experts": every expert of a group stacked in one ONNX graph (fedge.cloud.experts_onnx), an alternative to "expert"
 KINDS: tuple[str, ...] = ("encoder", "router", "expert", "head", "experts")
 FORMATS: dict[str, str] = {"onnx": "onnx", "safetensors": "safetensors", "delta": "delta"}  # format -> file extension
 

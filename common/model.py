@@ -2,7 +2,7 @@
 
 Pure ``nn.Module`` code (no I/O, no config parsing): entry points build it with flat keyword arguments.
 
-Data flow for a batch of B samples and M modalities (order: :data:`common.config.MODALITIES`)::
+Data flow for a batch of B samples and M modalities (order: :data:`fedge.common.config.MODALITIES`)::
 
     image (B, 3, S, S) --ImageEncoder--> (B, d) \
     audio (B, n_mels, T) --AudioEncoder--> (B, d) -> tokens (B, M, d), mask (B, M), quality (B, M)
@@ -35,7 +35,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from common.experts import ExpertStack, expert_softmax, moe_dense, moe_topk
+from fedge.common.experts import ExpertStack, expert_softmax, moe_dense, moe_topk
 
 __all__ = [
     "AFFINITIES",
@@ -276,7 +276,7 @@ def fusion_loss(out: MoEOutput, label: Tensor, mask: Tensor, reliable: Tensor | 
     Cross-entropy of the pooled output, of the fused head and the mean over the present modalities of each
     modality's own head. The heads must each be right (and calibrated) on their own, or their confidence
     would not say how far to trust them. ``reliable`` (B, M), 0 where an input was replaced by one that holds
-    no class (:func:`common.augment.augment_batch`): that modality's head is trained towards the uniform
+    no class (:func:`fedge.common.augment.augment_batch`): that modality's head is trained towards the uniform
     distribution instead (outlier exposure), so it learns to answer "I cannot tell".
     """
     ce = F.cross_entropy(out.logits, label, reduction="none")
@@ -567,7 +567,7 @@ def build_model(*, seed: int = 0, **kwargs: Any) -> MultimodalMoE:
 
 
 def model_kwargs(cfg: object) -> dict[str, object]:
-    """Flat keyword arguments for :func:`build_model` from a :class:`common.config.FedgeConfig`."""
+    """Flat keyword arguments for :func:`build_model` from a :class:`fedge.common.config.FedgeConfig`."""
     m = cfg.model  # type: ignore[attr-defined]
     p = cfg.precision  # type: ignore[attr-defined]
     return {

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-# `fedge cloud certs` (cloud.certs.CertLayout): under its root folder
+# `fedge cloud certs` (fedge.cloud.certs.CertLayout): under its root folder
 CA_CERT = "ca.crt"
 CA_KEY = "ca.key"
 SERVER_CERT = "superlink.crt"  # also the shard server's HTTPS certificate
@@ -12,7 +12,7 @@ NODES_DIR = "supernodes"  # one folder per SuperNode, holding:
 NODE_PRIVATE_KEY = "auth.key"  # what `fedge edge run --auth-keys DIR` looks for
 NODE_PUBLIC_KEY = "auth.pub"
 
-# The Ed25519 key pair that signs shard manifests (common.manifest.generate_keypair)
+# The Ed25519 key pair that signs shard manifests (fedge.common.manifest.generate_keypair)
 SIGNING_KEY_STEM = "manifest"
 SIGNING_PRIVATE_KEY = SIGNING_KEY_STEM + ".key"
 SIGNING_PUBLIC_KEY = SIGNING_KEY_STEM + ".pub"

@@ -20,7 +20,7 @@ ASSIGNMENT = "assignment.npy"  # (devices, samples_per_device) int32 pool rows p
 
 
 def column_path(root: str | Path, key: str) -> Path:
-    """The ``.npy`` file of column ``key`` (one of :data:`common.dataset.ARRAY_KEYS`) of the pool at ``root``."""
+    """The ``.npy`` file of column ``key`` (one of :data:`fedge.common.dataset.ARRAY_KEYS`) of the pool at ``root``."""
     return Path(root) / f"{key}.npy"
 
 

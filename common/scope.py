@@ -1,6 +1,6 @@
 """Trainable scope: which parameters of the (LoRA-wrapped) model devices train and send (``train.scope``).
 
-* ``adapters``: the LoRA factors plus the small routing/fusion parameters (:func:`common.lora.is_adapter_key`).
+* ``adapters``: the LoRA factors plus the small routing/fusion parameters (:func:`fedge.common.lora.is_adapter_key`).
   Cheapest on the wire; the base stays frozen, so the federation can only steer what the base already knows.
 * ``partial``: the adapters plus every normalisation layer, each modality encoder's last block (its last
   convolution and every parameterised layer after it: projection, norm) and the whole classifier head.
@@ -57,7 +57,7 @@ def _last_block(prefix: str, encoder: nn.Module) -> set[str]:
 
 
 def scope_keys(model: nn.Module, scope: str) -> set[str]:
-    """Names of the parameters ``scope`` trains in ``model`` (a :class:`~common.model.MultimodalMoE`,
+    """Names of the parameters ``scope`` trains in ``model`` (a :class:`~fedge.common.model.MultimodalMoE`,
     normally with LoRA applied)."""
     _check_scope(scope)
     names = [n for n, _ in model.named_parameters()]

@@ -1,6 +1,6 @@
 """The shard server's HTTP contract: routes, headers, content types and the model store's file names.
 
-``cloud.serving`` serves these routes and ``edge.shards`` requests them; both take every name from here, so
+``fedge.cloud.serving`` serves these routes and ``fedge.edge.shards`` requests them; both take every name from here, so
 the two sides cannot drift apart.
 """
 

@@ -1,6 +1,6 @@
 """Local training and evaluation of the MoE on in-memory arrays (shared by edge, cloud and simulations).
 
-Pure compute: no Flower, no Ray, no disk. Arrays use the layout of :func:`common.synthetic.make_av_dataset`
+Pure compute: no Flower, no Ray, no disk. Arrays use the layout of :func:`fedge.common.synthetic.make_av_dataset`
 (``image``, ``audio``, ``label``, ``mask``, ``quality``); the SampleStore's Dataset yields the same keys.
 """
 
@@ -97,9 +97,9 @@ def train_steps(
     ``modality_weights`` weights each example's loss by the importance of the modalities it carries
     (the brief's importance-weighted gradient accumulation); examples with several modalities take the
     mean of their modalities' weights.
-    ``augment`` applies :func:`common.augment.augment_batch` to every batch (camera framing and light,
+    ``augment`` applies :func:`fedge.common.augment.augment_batch` to every batch (camera framing and light,
     microphone noise, shift and gain, inputs with no class marked unreliable); the loss is
-    :func:`common.model.fusion_loss`. ``lr_schedule`` scales the learning rate per step (:func:`lr_factor`).
+    :func:`fedge.common.model.fusion_loss`. ``lr_schedule`` scales the learning rate per step (:func:`lr_factor`).
     ``prox_mu > 0`` adds FedProx's ``mu/2 ||w - w0||^2`` with ``w0`` the trained parameters' values on entry
     (the global weights a device just received), which keeps non-IID devices from drifting apart.
 

@@ -95,7 +95,7 @@ BASE_MODEL = "base-model"  # the published base (model store version) of this ve
 
 # keys inside UPDATE
 BASE_VERSION = "base-version"
-DELTA = "delta"  # bytes: common.codec payload
+DELTA = "delta"  # bytes: fedge.common.codec payload
 
 # keys inside METRICS
 NUM_EXAMPLES = "num-examples"
@@ -112,7 +112,7 @@ DOWNLOAD_BYTES = "download-bytes"  # bytes of the TRAIN message's adapter record
 DP_NOISE_STD = "dp-noise-std"  # std of the Gaussian noise the device added per coordinate (0 = no DP)
 DP_EPSILON = "dp-epsilon"  # the device's cumulative epsilon at dp.delta over all updates it has sent
 
-# secure aggregation (common.secagg, docs/secure_aggregation.md): a SECAGG ConfigRecord rides in QUERY and
+# secure aggregation (fedge.common.secagg, docs/secure_aggregation.md): a SECAGG ConfigRecord rides in QUERY and
 # TRAIN messages of a secure run and in their replies; QUERY's SA_OP says which step it is
 SECAGG = "secagg"
 SA_OP = "op"

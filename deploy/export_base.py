@@ -34,9 +34,9 @@ def main(argv: list[str] | None = None) -> int:
     import numpy as np
     from safetensors.torch import load_file, save_file
 
-    from cloud.training import TrainingError, initial_base, merge_adapters
-    from common.config import ConfigError, load_config
-    from common.model import model_kwargs
+    from fedge.cloud.training import TrainingError, initial_base, merge_adapters
+    from fedge.common.config import ConfigError, load_config
+    from fedge.common.model import model_kwargs
 
     try:
         cfg = load_config(toml_path=args.config)

@@ -6,9 +6,9 @@ Two supervised child processes, each in its own process group:
   with backoff when it fails, and when a live source (camera index, device, URL) ends; a recorded file that
   has been read to its end is done, and one whose ingest fails :data:`INGEST_GIVE_UP` times in a row with the
   same exit code and error line is given up, with a log line that says so (a restarted ingest resumes where
-  the last one stopped, :mod:`edge.resume`, so a restart only repeats what failed);
+  the last one stopped, :mod:`fedge.edge.resume`, so a restart only repeats what failed);
 * **supernode** — ``flower-supernode`` with this package's ClientApp against the SuperLink; node config
-  ``device-id``, ``store``, ``modalities``, ``profile``, ``threads`` (see :mod:`edge.node_config`). The SuperNode
+  ``device-id``, ``store``, ``modalities``, ``profile``, ``threads`` (see :mod:`fedge.edge.node_config`). The SuperNode
   itself retries a lost connection (unlimited by default); should it exit anyway, the agent restarts it with
   exponential backoff (a SuperLink that is down for an hour is retried for an hour).
 
@@ -17,7 +17,7 @@ names the node's key (the directory ``fedge cloud certs`` writes per node, holdi
 file itself). SIGTERM / SIGINT stop both children gracefully (SIGTERM to their groups, SIGKILL after a
 grace period). Nothing is lost by stopping: samples are committed to SQLite one by one by the ingest, and the
 ClientApp writes adapters, error-feedback residual and privacy ledger atomically to ``<store>/agent-state``
-after every update (:mod:`edge.node_state`), so a restarted agent carries on where it stopped.
+after every update (:mod:`fedge.edge.node_state`), so a restarted agent carries on where it stopped.
 """
 
 from __future__ import annotations
@@ -35,9 +35,9 @@ from typing import Annotated
 
 import typer
 
-from common.config import MODALITIES
-from common.pki_files import NODE_PRIVATE_KEY
-from common.procs import escalate
+from fedge.common.config import MODALITIES
+from fedge.common.pki_files import NODE_PRIVATE_KEY
+from fedge.common.procs import escalate
 
 from .node_config import NodeConfig
 
@@ -111,7 +111,7 @@ def supernode_command(*, superlink: str, node: NodeConfig, port: int, root_certi
 
 def ingest_command(*, store: Path, video: str | None, audio: str | None, extra: Sequence[str] = ()) -> list[str]:
     """The ``fedge edge ingest`` command line for this device's sources."""
-    cmd = [sys.executable, "-m", "common.cli", "edge", "ingest", "--store", str(store)]
+    cmd = [sys.executable, "-m", "fedge.common.cli", "edge", "ingest", "--store", str(store)]
     if video:
         cmd += ["--video", video]
     if audio:
@@ -294,7 +294,7 @@ def build_agent(*, superlink: str, store: Path, video: str | None = None, audio:
     if video or audio:
         # recordings (files, image folders) end and are done; a live source (camera index, device, URL,
         # microphone, FIFO) is reopened when it ends
-        from edge.images import is_image_source
+        from fedge.edge.images import is_image_source
 
         files = ((not video or Path(video).is_file() or is_image_source(video))
                  and (not audio or Path(audio).is_file()))
@@ -343,7 +343,7 @@ def run_command(
     against the SuperLink; restarts either when it fails, reconnects after network loss, and keeps the
     device's adapter state in <store>/agent-state.
     """
-    from common.config import ConfigError
+    from fedge.common.config import ConfigError
 
     try:
         mods = tuple(s.strip() for s in modalities.split(",") if s.strip()) or None

@@ -1,10 +1,10 @@
 """Audio sources: WAV/FLAC/OGG files (soundfile, or the stdlib ``wave`` module for WAV) and the audio track
 of a video file (through an ``ffmpeg`` subprocess), read incrementally, downmixed to mono and resampled; live
-sources (microphones, ffmpeg generators, FIFOs: :mod:`edge.live_audio`) are opened by the same
+sources (microphones, ffmpeg generators, FIFOs: :mod:`fedge.edge.live_audio`) are opened by the same
 :func:`open_audio` and delivered the same way.
 
 Memory stays bounded on an hour-long file: samples are read in blocks of ``chunk_s`` seconds and resampled
-by a streaming polyphase filter (:class:`common.media.resample.StreamResampler`, equal to
+by a streaming polyphase filter (:class:`fedge.common.media.resample.StreamResampler`, equal to
 ``scipy.signal.resample_poly`` on the whole signal). Errors are one line (:class:`AudioSourceError`): a missing
 file, a file that holds no audio, zero-length audio, a sample rate outside the accepted range, non-finite
 samples, a video whose audio track needs ffmpeg where none is installed.
@@ -28,7 +28,7 @@ from typing import IO
 
 import numpy as np
 
-from common.media.resample import StreamResampler
+from fedge.common.media.resample import StreamResampler
 
 __all__ = ["MIN_SAMPLE_RATE", "AudioSource", "AudioSourceError", "find_ffmpeg", "open_audio"]
 
@@ -84,7 +84,7 @@ class AudioSource:
         Set when a video's audio track broke part-way (truncated / corrupt) or a live source ended with an
         error: what decoded is kept, this line says where it stopped.
     live : bool
-        A device, generator or FIFO (:mod:`edge.live_audio`): it has no end of its own.
+        A device, generator or FIFO (:mod:`fedge.edge.live_audio`): it has no end of its own.
     max_seconds : float | None
         Deliver at most this many seconds, then close the stream (None: to its end).
     """
@@ -192,7 +192,7 @@ def open_audio(
     max_seconds: float | None = None,
 ) -> AudioSource:
     """Open an audio file, the audio track of a video file, or a live source (a microphone, see
-    :mod:`edge.live_audio`).
+    :mod:`fedge.edge.live_audio`).
 
     Parameters
     ----------
@@ -216,7 +216,7 @@ def open_audio(
         raise AudioSourceError(f"output sample rate must be >= 1 Hz, got {sr}")
     if max_seconds is not None and not (np.isfinite(max_seconds) and max_seconds > 0):
         raise AudioSourceError(f"max_seconds must be a finite number > 0, got {max_seconds}: {name}")
-    from edge.live_audio import open_live_audio, parse_live_audio
+    from fedge.edge.live_audio import open_live_audio, parse_live_audio
 
     live = parse_live_audio(name)
     if live is not None:

@@ -1,18 +1,18 @@
 """Streaming log-mel of one audio source with random access to recent windows (the ingest's audio side).
 
-Features are computed as the source is read (:class:`common.media.audio.MelStream`); a window's dB are
+Features are computed as the source is read (:class:`fedge.common.media.audio.MelStream`); a window's dB are
 ``power_to_db(mel, ref=1, top_db)`` of that window alone (a stream has no global maximum). The noise floor of
-:mod:`edge.align` follows the recent frames, so that a shot's windows are chosen where the sound is.
+:mod:`fedge.edge.align` follows the recent frames, so that a shot's windows are chosen where the sound is.
 """
 
 from __future__ import annotations
 
 import numpy as np
 
-from common.media.audio import MelStream, power_to_db
-from common.media.mel import MelParams
-from edge.align import NoiseFloor, choose_windows, frame_energy_db
-from edge.audio_source import AudioSource
+from fedge.common.media.audio import MelStream, power_to_db
+from fedge.common.media.mel import MelParams
+from fedge.edge.align import NoiseFloor, choose_windows, frame_energy_db
+from fedge.edge.audio_source import AudioSource
 
 __all__ = ["AudioWindows", "Window"]
 
@@ -78,7 +78,7 @@ class AudioWindows:
         return self._at(start)
 
     def span(self, t0: float, t1: float, max_windows: int, *, clamp_end: bool = True) -> list[Window]:
-        """The windows inside the span ``[t0, t1)`` s where the sound is (:func:`edge.align.choose_windows`);
+        """The windows inside the span ``[t0, t1)`` s where the sound is (:func:`fedge.edge.align.choose_windows`);
         a span shorter than a window (or with too little audio) gives the window centred on it, if any."""
         a, b = max(self._frame(t0), self.base), self._frame(t1)
         while not self.done and self.end < b:

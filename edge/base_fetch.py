@@ -1,18 +1,18 @@
 """Fetch a published base by version: the training shards a device needs, as a delta when it holds the last base.
 
-A TRAIN message names its base by model store version (:data:`common.wire.BASE_MODEL`). :func:`fetch_base`
+A TRAIN message names its base by model store version (:data:`fedge.common.wire.BASE_MODEL`). :func:`fetch_base`
 reads that version's signed manifest, takes the training (safetensors) shards this device's modalities need
 (their encoders, the router, the head and the experts they can route to), and for each:
 
 1. uses the copy it holds when the content is unchanged (content-addressed: same sha256, no download);
 2. else, when the manifest offers a delta against a shard the device holds, downloads the delta, rebuilds the
-   shard (:func:`common.base_delta.apply_delta`) and keeps it only if it hashes to the signed sha256;
+   shard (:func:`fedge.common.base_delta.apply_delta`) and keeps it only if it hashes to the signed sha256;
 3. else downloads the whole shard.
 
-The shards become one base file (``<version>.<modalities>.safetensors``) that :func:`common.base_weights.
+The shards become one base file (``<version>.<modalities>.safetensors``) that :func:`fedge.common.base_weights.
 load_base_file` loads; a modality the device lacks keeps the weights of ``fill`` (it never sees that input).
 
-Sources share one interface (:class:`ShardSource`): :class:`HttpSource` is a device's :class:`edge.shards.
+Sources share one interface (:class:`ShardSource`): :class:`HttpSource` is a device's :class:`fedge.edge.shards.
 ShardCache` over HTTPS with its token (verified manifests, resumed downloads, a bounded LRU cache that
 survives restarts); :class:`StoreSource` reads a model store directory in place (simulations in one host).
 """
@@ -29,11 +29,11 @@ import numpy as np
 import torch
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
-from common.base_delta import apply_delta, read_shard, shard_bytes
-from common.codec import CodecError
-from common.config import MODALITIES
-from common.fsio import atomic_path
-from common.manifest import (
+from fedge.common.base_delta import apply_delta, read_shard, shard_bytes
+from fedge.common.codec import CodecError
+from fedge.common.config import MODALITIES
+from fedge.common.fsio import atomic_path
+from fedge.common.manifest import (
     Manifest,
     ManifestError,
     base_shards,
@@ -42,8 +42,8 @@ from common.manifest import (
     sha256_file,
     verify_manifest,
 )
-from common.pki_files import SIGNING_DIR, SIGNING_PUBLIC_KEY
-from common.shard_api import MANIFEST_FILE
+from fedge.common.pki_files import SIGNING_DIR, SIGNING_PUBLIC_KEY
+from fedge.common.shard_api import MANIFEST_FILE
 
 from .shards import ShardCache, ShardIntegrityError
 
@@ -184,7 +184,7 @@ def fetch_base(source: ShardSource, version: str, modalities: tuple[str, ...], o
 
     Raises
     ------
-    ManifestError, edge.shards.ShardError
+    ManifestError, fedge.edge.shards.ShardError
         The manifest is not signed by the pinned key, is older than one already accepted, or a shard can be
         neither found nor downloaded intact.
     """
@@ -254,7 +254,7 @@ def _model_state(tensors: Mapping[str, np.ndarray], fill: Mapping[str, torch.Ten
 
 
 def _prune(out_dir: Path, *, keep: Path) -> None:
-    # hidden names are other writers' temporaries (common.fsio), not bases
+    # hidden names are other writers' temporaries (fedge.common.fsio), not bases
     files = sorted((p for p in out_dir.glob("*.safetensors") if not p.name.startswith(".")),
                    key=lambda p: p.stat().st_mtime, reverse=True)
     for p in files[KEEP_BASES:]:

@@ -1,16 +1,16 @@
 """The edge ClientApp (Flower Message API): trains the model's trainable scope locally, replies with a compressed delta.
 
 TRAIN: load the global state of the run's ``train.scope`` and its version from the message (the adapters:
-LoRA factors, router, fusion gate, modality embeddings; or more, see :mod:`common.scope`), train it on this
+LoRA factors, router, fusion gate, modality embeddings; or more, see :mod:`fedge.common.scope`), train it on this
 device's samples for a step budget that may scale with them (``train.local_epochs``), with the configured
 learning-rate schedule and FedProx term, per-modality autocast precision and modality-importance-weighted
 gradient accumulation, and reply with the float delta.
-The mods (:mod:`edge.mods`) turn that reply into the wire format: DP, codec + error feedback, byte accounting.
+The mods (:mod:`fedge.edge.mods`) turn that reply into the wire format: DP, codec + error feedback, byte accounting.
 EVALUATE: accuracy of the received adapters on this device's local evaluation split, overall and per
 modality subset. QUERY: the node's simulation partition id, so that a simulated run dispatches by partition.
 
 The same app runs under Flower's simulation engine (node config ``partition-id``) and in a real SuperNode
-(node config ``store``; see :mod:`edge.node_config`).
+(node config ``store``; see :mod:`fedge.edge.node_config`).
 """
 
 from __future__ import annotations
@@ -27,13 +27,13 @@ import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
-from common import wire
-from common.base_weights import load_base_file, published_store
-from common.config import MODALITIES, FedgeConfig, config_from_context
-from common.lora import apply_lora, base_state
-from common.model import MultimodalMoE, build_model, model_kwargs
-from common.scope import load_trainable_state, set_trainable, trainable_state
-from common.training import evaluate, local_step_budget, train_steps
+from fedge.common import wire
+from fedge.common.base_weights import load_base_file, published_store
+from fedge.common.config import MODALITIES, FedgeConfig, config_from_context
+from fedge.common.lora import apply_lora, base_state
+from fedge.common.model import MultimodalMoE, build_model, model_kwargs
+from fedge.common.scope import load_trainable_state, set_trainable, trainable_state
+from fedge.common.training import evaluate, local_step_budget, train_steps
 
 from . import node_state
 from .base_fetch import HttpSource, ShardSource, StoreSource, fetch_base
@@ -76,7 +76,7 @@ def get_model(cfg: FedgeConfig, node: NodeConfig | None = None) -> MultimodalMoE
     """The base model with LoRA applied, on the node's device, built once per process and config.
 
     The base is deterministic from the config seed, or the published base weights in ``model.base_path``
-    (:mod:`common.base_weights`), so every party holds the same frozen weights and only adapter states travel.
+    (:mod:`fedge.common.base_weights`), so every party holds the same frozen weights and only adapter states travel.
     """
     node = node or NodeConfig()
     dev, prec = device_setup(cfg, node)
@@ -129,7 +129,7 @@ def round_config(cfg: FedgeConfig, msg: Message, node: NodeConfig | None = None)
     """The run config with the base the message's version belongs to (global training may have replaced it).
 
     The message names a published base (a model store version); the node fetches the training shards it
-    needs (:func:`edge.base_fetch.fetch_base`: held, rebuilt from a delta, or downloaded) and trains on it.
+    needs (:func:`fedge.edge.base_fetch.fetch_base`: held, rebuilt from a delta, or downloaded) and trains on it.
     """
     rnd = msg.content.config_records.get(wire.ROUND)
     if rnd is None:
@@ -211,7 +211,7 @@ def train(msg: Message, context: Context) -> Message:
 def query(msg: Message, context: Context) -> Message:
     """QUERY: what this node is; the simulation's partition id (-1 on a real device) keys its virtual profile.
 
-    A secure run's key and unmasking steps are QUERY messages too (:mod:`edge.secagg_mod`)."""
+    A secure run's key and unmasking steps are QUERY messages too (:mod:`fedge.edge.secagg_mod`)."""
     if wire.SECAGG in msg.content:
         return handle_query(msg, context)
     pid = float(context.node_config.get(PARTITION_ID, -1))

@@ -5,7 +5,7 @@ Four sources, in this order of precedence:
 * the node config names a ``store`` (a real device: ``fedge edge run --store DIR``) -> that SampleStore;
 * ``data.source = "store"`` (a simulation built from real streams) -> ``<data.store_root>/device-<partition-id>``;
 * ``data.source = "pool"`` (a large simulation) -> the rows of ``<data.store_root>``'s shared pool assigned to this
-  ``partition-id`` (:mod:`common.pool`; memory-mapped, read only when the device trains or evaluates);
+  ``partition-id`` (:mod:`fedge.common.pool`; memory-mapped, read only when the device trains or evaluates);
 * ``data.source = "synthetic"`` -> the generated partition of this ``partition-id``.
 
 Whatever the source, only the modalities the device has (node config ``modalities``) and the run uses
@@ -20,10 +20,10 @@ from pathlib import Path
 
 import numpy as np
 
-from common import pool
-from common.config import MODALITIES, FedgeConfig
-from common.dataset import check_store_labels
-from common.synthetic import device_partition, make_av_dataset
+from fedge.common import pool
+from fedge.common.config import MODALITIES, FedgeConfig
+from fedge.common.dataset import check_store_labels
+from fedge.common.synthetic import device_partition, make_av_dataset
 
 from .node_config import NodeConfig
 
@@ -74,14 +74,14 @@ def store_dir(cfg: FedgeConfig, node: NodeConfig) -> Path | None:
 
 
 def load_store(path: Path, cfg: FedgeConfig, split: str) -> dict[str, np.ndarray]:
-    """The labelled samples of a SampleStore directory (layout of :mod:`common.training`).
+    """The labelled samples of a SampleStore directory (layout of :mod:`fedge.common.training`).
 
     ``split="train"`` reads the store's ``train`` split; ``"eval"`` its ``val`` split, or ``test`` when the
     store holds no ``val`` samples. Unlabelled samples (label -1) are left out: local training is supervised.
 
     Raises
     ------
-    common.dataset.DataError
+    fedge.common.dataset.DataError
         A label outside ``[0, model.num_classes)``: an error naming the store and the sample, not a silent drop.
     """
     if not path.is_dir():

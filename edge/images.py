@@ -3,7 +3,7 @@
 ``fedge edge ingest --video photos/`` (a folder: its images, not its subfolders), ``--video 'photos/*.jpg'``
 (a glob, ``**`` for subfolders) or ``--video photo.jpg`` stores one sample per image, in file-name order. Each
 image is decoded by OpenCV (EXIF orientation applied, grey and 16-bit images made 8-bit BGR) and goes through
-the keyframes' own thumbnail and JPEG step (:func:`edge.keyframes.thumbnail`), so training sees a photo exactly
+the keyframes' own thumbnail and JPEG step (:func:`fedge.edge.keyframes.thumbnail`), so training sees a photo exactly
 as it would see a keyframe; the ingest's quality gate then judges it like a keyframe. Image ``i`` (in order)
 gets stream time ``i`` seconds: photos have no timeline, and the index keeps them apart and in order.
 
@@ -16,7 +16,7 @@ two different labels is a one-line error before anything is stored.
 An image that cannot be read when its turn comes (deleted meanwhile, truncated, not an image after all) is
 skipped and named in :attr:`ImageSource.skipped`; the rest is stored (the ingest reports the skipped ones as
 its error and exits non-zero, keeping what was stored). A photo is a recording of its own for
-:mod:`edge.resume`: one stored by an earlier run (same path, size and modification time) is not stored again,
+:mod:`fedge.edge.resume`: one stored by an earlier run (same path, size and modification time) is not stored again,
 so a rerun over a folder that gained photos stores only the new ones.
 """
 
@@ -30,9 +30,9 @@ from pathlib import Path, PurePosixPath
 
 import cv2
 
-from edge.keyframes import Keyframe, thumbnail
-from edge.labels import Labels, LabelsError, LabelSpan, as_integer, csv_records, read_json, read_text
-from edge.sources import VideoSourceError
+from fedge.edge.keyframes import Keyframe, thumbnail
+from fedge.edge.labels import Labels, LabelsError, LabelSpan, as_integer, csv_records, read_json, read_text
+from fedge.edge.sources import VideoSourceError
 
 __all__ = ["IMAGE_SUFFIXES", "ImageSource", "is_image_source", "open_images", "read_name_labels"]
 

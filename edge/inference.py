@@ -10,10 +10,10 @@ For a batch of B samples (M modalities, N present tokens, width d)::
 
 With modality-affine experts the glue also gives the router ``allowed`` (N, E): row n is the expert group
 (from the signed manifest's ``expert_groups``) of token n's modality, and the router graph masks the logits
-outside it to ``-inf`` before the softmax and top-k, as :meth:`common.model.MultimodalMoE.route` does, so a
+outside it to ``-inf`` before the softmax and top-k, as :meth:`fedge.common.model.MultimodalMoE.route` does, so a
 token never reaches (and the device never downloads) another modality's experts.
 
-It reproduces :meth:`common.model.MultimodalMoE.forward` (fp32, unlimited capacity) to ~1e-6.
+It reproduces :meth:`fedge.common.model.MultimodalMoE.forward` (fp32, unlimited capacity) to ~1e-6.
 """
 
 from __future__ import annotations
@@ -25,8 +25,8 @@ from typing import Protocol
 
 import numpy as np
 
-from common.config import MODALITIES
-from common.manifest import Manifest, ManifestError, ShardFile, batched_experts_shard, expert_groups
+from fedge.common.config import MODALITIES
+from fedge.common.manifest import Manifest, ManifestError, ShardFile, batched_experts_shard, expert_groups
 
 from .shards import ShardCache
 
@@ -116,7 +116,7 @@ class ShardedRunner:
     backend : how a shard file becomes a session (default: onnxruntime); benchmarks plug torch in here.
     batched_experts : run the routed experts with the version's batched expert shards (``experts``, or
         ``experts.<m>`` per modality group with modality-affine experts): one session call computes every
-        chosen expert, grouped by expert (:mod:`cloud.experts_onnx`), instead of one call per expert. Such a
+        chosen expert, grouped by expert (:mod:`fedge.cloud.experts_onnx`), instead of one call per expert. Such a
         shard holds its whole group, so the first routing downloads all of the group's experts at once.
         Versions published without them run expert by expert.
     """

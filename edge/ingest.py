@@ -7,7 +7,7 @@ store.
 Alignment (``align="shot"``, the default): a keyframe represents a time span, its shot (or, in a long shot or
 a camera without cuts, its ``max_interval`` chunk, whose windows may reach half a window past a chunk edge so
 that a word across it is not cut); its audio is the window of ``frames`` log-mel frames inside that span
-(shifted by ``audio_offset``) where the sound is (:mod:`edge.align`: the loudest window, and with
+(shifted by ``audio_offset``) where the sound is (:mod:`fedge.edge.align`: the loudest window, and with
 ``max_per_shot > 1`` one more window per further separate sound above the stream's own noise floor, each
 stored as a sample with the same keyframe). ``align="keyframe"``: the window centred on the keyframe's time
 (shifted inwards at the ends of the audio; none when the time lies outside the audio). A microphone-only
@@ -18,7 +18,7 @@ The window's dB are ``power_to_db(mel, ref=1, top_db=80)`` applied to that windo
 maximum). A camera-only device (no audio given, and no audio track in the video) stores image-only samples.
 The report says which modalities the device had and why.
 
-Labels: one ``label`` for every sample, or labelled time spans (:mod:`edge.labels`): a sample takes the label
+Labels: one ``label`` for every sample, or labelled time spans (:mod:`fedge.edge.labels`): a sample takes the label
 of the span its stream time falls in (the keyframe's time; a microphone-only window's centre), none outside
 every span; a span past the end of the recording is reported as the run's error once the stream has ended
 (what was stored stays).
@@ -41,16 +41,16 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from common.media.mel import MelParams
-from edge.audio_source import AudioSource, AudioSourceError, open_audio
-from edge.audio_windows import AudioWindows, Window
-from edge.labels import Labels
-from edge.quality import QualityGate
-from edge.resume import resume_point, source_key, stored_keys, track, track_many
-from edge.store import SampleStore, StoreBudgetError, StoreError, StoreFullError
+from fedge.common.media.mel import MelParams
+from fedge.edge.audio_source import AudioSource, AudioSourceError, open_audio
+from fedge.edge.audio_windows import AudioWindows, Window
+from fedge.edge.labels import Labels
+from fedge.edge.quality import QualityGate
+from fedge.edge.resume import resume_point, source_key, stored_keys, track, track_many
+from fedge.edge.store import SampleStore, StoreBudgetError, StoreError, StoreFullError
 
 if TYPE_CHECKING:
-    from edge.images import ImageSource
+    from fedge.edge.images import ImageSource
 
 __all__ = ["IngestError", "IngestReport", "ingest"]
 
@@ -151,10 +151,10 @@ def ingest(
     Parameters
     ----------
     video : file, camera index or stream URL (edge/sources.py); an image folder, glob or file, or an opened
-        :class:`edge.images.ImageSource` (one sample per image, :mod:`edge.images`); None for a
+        :class:`fedge.edge.images.ImageSource` (one sample per image, :mod:`fedge.edge.images`); None for a
         microphone-only device.
     audio : WAV/FLAC/OGG file or a video file's audio track, or a live source (``alsa:hw:1``,
-        ``pulse:default``, ``lavfi:GRAPH``, a FIFO: :mod:`edge.live_audio`); None: the video's own track when it
+        ``pulse:default``, ``lavfi:GRAPH``, a FIFO: :mod:`fedge.edge.live_audio`); None: the video's own track when it
         has one (and ``audio_from_video``), else a camera-only device.
     store : an open :class:`SampleStore` or its directory.
     label : class of every sample (None: unlabeled).
@@ -162,16 +162,16 @@ def ingest(
     audio_offset : seconds to add to a keyframe's time to find its audio (streams that do not start together).
     mic_stride : seconds between windows of a microphone-only device.
     gate : the quality gate (default thresholds if None).
-    keyframe_options : passed to ``edge.keyframes.iter_keyframes`` (min_interval, max_interval, max_side, ...).
+    keyframe_options : passed to ``fedge.edge.keyframes.iter_keyframes`` (min_interval, max_interval, max_side, ...).
     start_time : device time (epoch seconds) of stream time 0 (default: now).
     progress : called with the stream seconds processed so far.
     align : ``"shot"``: each keyframe's audio where the sound is in its shot; ``"keyframe"``: the window
         centred on the keyframe's time (see the module docstring).
     max_per_shot : with ``align="shot"``, at most this many samples per shot (same keyframe, one per separate
         sound).
-    labels : labelled time spans (:func:`edge.labels.load_labels`) instead of one ``label``; a span that ends
+    labels : labelled time spans (:func:`fedge.edge.labels.load_labels`) instead of one ``label``; a span that ends
         after the recording sets the report's ``error`` once the stream has ended. For images, the spans of
-        :meth:`edge.images.ImageSource.labels` (labels by file name).
+        :meth:`fedge.edge.images.ImageSource.labels` (labels by file name).
     max_seconds : stop after this many seconds of stream (None: at its end; a live source runs until
         ``stop``).
     stop : polled between samples; True ends the run like the end of the stream (what was stored stays, the
@@ -181,7 +181,7 @@ def ingest(
     ------
     IngestError
         Neither a video nor an audio source.
-    edge.sources.VideoSourceError, edge.audio_source.AudioSourceError
+    fedge.edge.sources.VideoSourceError, fedge.edge.audio_source.AudioSourceError
         A source cannot be opened (missing, not a video / not audio, zero-length, unexpected sample rate).
     StoreBudgetError
         The store's budget cannot hold one sample (raised before anything is stored).
@@ -210,7 +210,7 @@ def ingest(
     vsrc = None
     images: ImageSource | None = None
     if video is not None:
-        from edge.images import ImageSource, is_image_source, open_images
+        from fedge.edge.images import ImageSource, is_image_source, open_images
 
         if isinstance(video, ImageSource) or is_image_source(video):
             if audio is not None:
@@ -218,7 +218,7 @@ def ingest(
             images = video if isinstance(video, ImageSource) else open_images(str(video))
             rep.video = images.name
         else:
-            from edge.sources import open_video
+            from fedge.edge.sources import open_video
 
             vsrc = open_video(video)
             rep.bytes_in += _file_size(str(video))
@@ -331,7 +331,7 @@ def ingest(
                     rep.error = (f"skipped {len(images.skipped)} of {len(images.paths)} images that could not "
                                  f"be read: {', '.join(images.skipped[:3])}{more}")
             elif vsrc is not None:
-                from edge.keyframes import iter_keyframes
+                from fedge.edge.keyframes import iter_keyframes
 
                 for kf in iter_keyframes(vsrc, **(keyframe_options or {})):
                     if stopping() or (max_seconds is not None and kf.time >= max_seconds):

@@ -1,4 +1,4 @@
-"""``fedge edge ingest``: a camera and/or microphone stream into a SampleStore (:func:`edge.ingest.ingest`)."""
+"""``fedge edge ingest``: a camera and/or microphone stream into a SampleStore (:func:`fedge.edge.ingest.ingest`)."""
 
 from __future__ import annotations
 
@@ -11,13 +11,13 @@ from typing import TYPE_CHECKING
 
 import typer
 
-from edge.audio_source import AudioSourceError
-from edge.ingest import IngestError, ingest
-from edge.labels import Labels
-from edge.store import SampleStore, StoreError, budget_from_mb
+from fedge.edge.audio_source import AudioSourceError
+from fedge.edge.ingest import IngestError, ingest
+from fedge.edge.labels import Labels
+from fedge.edge.store import SampleStore, StoreError, budget_from_mb
 
 if TYPE_CHECKING:
-    from edge.images import ImageSource
+    from fedge.edge.images import ImageSource
 
 __all__ = ["checked_labels", "ingest_command"]
 
@@ -25,16 +25,16 @@ __all__ = ["checked_labels", "ingest_command"]
 def checked_labels(label: int | None, labels_file: Path | None, *, config: Path | None,
                     overrides: list[str], images: ImageSource | None = None) -> Labels | None:
     """The labelled spans of ``--labels`` (or None), with ``--label`` and every span's label checked against
-    the config's ``model.num_classes``. For ``images``, ``--labels`` names files (:mod:`edge.images`).
+    the config's ``model.num_classes``. For ``images``, ``--labels`` names files (:mod:`fedge.edge.images`).
 
     Raises
     ------
     ValueError
-        One line: both options given, a bad config, a bad labels file (:class:`edge.labels.LabelsError`), or a
+        One line: both options given, a bad config, a bad labels file (:class:`fedge.edge.labels.LabelsError`), or a
         label outside ``model.num_classes``.
     """
-    from common.config import ConfigError, load_config, parse_overrides
-    from edge.labels import load_labels
+    from fedge.common.config import ConfigError, load_config, parse_overrides
+    from fedge.edge.labels import load_labels
 
     if label is not None and labels_file is not None:
         raise ValueError("give --label or --labels, not both")
@@ -45,7 +45,7 @@ def checked_labels(label: int | None, labels_file: Path | None, *, config: Path 
     if label is not None and not 0 <= label < n:
         raise ValueError(f"--label {label} is outside model.num_classes = {n} (0..{n - 1})")
     if labels_file is not None and images is not None:
-        from edge.images import read_name_labels
+        from fedge.edge.images import read_name_labels
 
         by_name = images.labels(read_name_labels(labels_file), str(labels_file))
         by_name.check_classes(n)
@@ -103,13 +103,13 @@ def ingest_command(
 
     from tqdm import tqdm
 
-    from edge.sources import VideoSourceError
+    from fedge.edge.sources import VideoSourceError
 
     def fail(msg: str, code: int = 1) -> None:
         typer.echo(f"error: {msg}", err=True)
         raise typer.Exit(code)
 
-    from edge.images import ImageSource, is_image_source, open_images
+    from fedge.edge.images import ImageSource, is_image_source, open_images
 
     for name, v in (("--min-interval", min_interval), ("--max-interval", max_interval), ("--duration", duration)):
         if v is not None and not (math.isfinite(v) and v >= 0):

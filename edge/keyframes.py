@@ -18,7 +18,7 @@ Public API (stable; ``edge/ingest.py`` builds on it)
     gradual transition a frame inside it); ``seconds``: wall time spent decoding and detecting; ``error``: one
     line when the stream broke part-way (what decoded before is kept), else ``None``.
 
-``src`` is a path, a camera index, a URL or an already opened :class:`edge.sources.VideoSource`.
+``src`` is a path, a camera index, a URL or an already opened :class:`fedge.edge.sources.VideoSource`.
 Options (keyword-only): ``min_interval`` (s, default 0.25): no two keyframes closer than this;
 ``max_interval`` (s, default 4.0): a long shot gets a keyframe at least this often; ``max_side`` (px, 320);
 ``jpeg_quality`` (90); ``stride`` (analyse every n-th frame; default ``round(fps / 10)``, i.e. about 10
@@ -53,9 +53,9 @@ import numpy as np
 import typer
 from tqdm import tqdm
 
-from common.media.frame_features import FrameFeatures, frame_features
-from common.media.shots import Boundary, ShotDetector
-from edge.sources import VideoSource, open_video
+from fedge.common.media.frame_features import FrameFeatures, frame_features
+from fedge.common.media.shots import Boundary, ShotDetector
+from fedge.edge.sources import VideoSource, open_video
 
 __all__ = [
     "Keyframe", "KeyframeReport", "default_read_ahead", "default_stride", "extract_keyframes", "iter_keyframes",
@@ -297,7 +297,7 @@ def extract_keyframes(src: str | int | Path | VideoSource, **options: Any) -> Ke
 
     Raises
     ------
-    edge.sources.VideoSourceError
+    fedge.edge.sources.VideoSourceError
         The source cannot be opened (missing file, not a video).
     """
     t0 = time.perf_counter()
@@ -330,7 +330,7 @@ def keyframes_command(
     out: Path | None = typer.Option(None, help="Also write keyframe JPEGs into this directory."),
 ) -> None:
     """Detect shot boundaries and extract keyframes from VIDEO (``--json``: one JSON object)."""
-    from edge.sources import VideoSourceError
+    from fedge.edge.sources import VideoSourceError
 
     if out is not None:  # before any decoding: a folder that cannot be written wastes no work
         try:

@@ -123,7 +123,7 @@ def _span(start: Any, end: Any, label: Any, where: str, name: str) -> LabelSpan:
 
 
 def _names_hint(row: list[str]) -> str:
-    """Two fields are most likely labels by file name, which are for images (:mod:`edge.images`)."""
+    """Two fields are most likely labels by file name, which are for images (:mod:`fedge.edge.images`)."""
     return " (filename,label rows label the images of a folder: --video photos/)" if len(row) == 2 else ""
 
 

@@ -1,6 +1,6 @@
 """Live audio sources: a microphone (ALSA or PulseAudio), an ffmpeg ``lavfi`` generator, or a FIFO written in
 real time, captured through an ``ffmpeg`` subprocess and delivered like the file sources of
-:mod:`edge.audio_source` (mono float32 at the configured rate, in blocks of ``chunk_s`` seconds).
+:mod:`fedge.edge.audio_source` (mono float32 at the configured rate, in blocks of ``chunk_s`` seconds).
 
 Source names (``--audio`` of ``fedge edge ingest`` and ``fedge edge run``):
 
@@ -38,7 +38,7 @@ import time
 from dataclasses import dataclass
 from typing import IO
 
-from edge.audio_source import (
+from fedge.edge.audio_source import (
     AudioSource,
     AudioSourceError,
     FfmpegBlocks,

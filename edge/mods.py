@@ -1,13 +1,13 @@
 """Cross-cutting client behaviour as Flower mods: differential privacy, update compression, size accounting.
 
-The TRAIN handler (:mod:`edge.client_app`) replies with the *float* adapter delta in an edge-internal
+The TRAIN handler (:mod:`fedge.edge.client_app`) replies with the *float* adapter delta in an edge-internal
 ``ArrayRecord`` (:data:`RAW_DELTA`) next to ``wire.UPDATE`` (base version only) and ``wire.METRICS``. On the
 way out the reply passes, innermost first::
 
     train handler -> dp_mod (clip + Gaussian noise) -> compression_mod (codec + error feedback) -> size_mod
 
 ``compression_mod`` replaces the raw record by the codec payload in ``wire.UPDATE[wire.DELTA]``, so what
-leaves the device is exactly the wire format of :mod:`common.wire`. DP comes before compression: the
+leaves the device is exactly the wire format of :mod:`fedge.common.wire`. DP comes before compression: the
 codec and its error-feedback residual only ever see noised values (post-processing keeps the guarantee).
 Every mod is a pass-through for messages without a raw delta (EVALUATE, error replies).
 
@@ -24,8 +24,8 @@ import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message
 from flwr.clientapp.typing import ClientAppCallable, Mod
 
-from common import codec, wire
-from common.config import config_from_context
+from fedge.common import codec, wire
+from fedge.common.config import config_from_context
 
 from . import node_state
 from .node_config import parse_node_config

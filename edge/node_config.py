@@ -19,7 +19,7 @@ simulation engine sets ``partition-id`` and ``num-partitions``. Keys (all option
 
 The device's download token is a secret: it comes from ``FEDGE_SHARD_TOKEN``, never from a config.
 
-Unknown keys and bad values raise :class:`common.config.ConfigError` naming the key.
+Unknown keys and bad values raise :class:`fedge.common.config.ConfigError` naming the key.
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from common.config import MODALITIES, PRECISIONS, ConfigError
+from fedge.common.config import MODALITIES, PRECISIONS, ConfigError
 
 __all__ = ["KEYS", "PROFILES", "NodeConfig", "parse_node_config", "resolve_device", "resolve_precision"]
 

@@ -2,8 +2,8 @@
 
 Flower keeps ``Context.state`` in the SuperNode's memory, which a restart (SIGTERM, crash, reboot) loses;
 these files, in the node's state directory (``<store>/agent-state`` by default), survive it. Every write is
-atomic (:mod:`common.fsio`), so a device stopped at any instant finds either the previous or the new state,
-never half of one; the update ledger is appended with :func:`common.fsio.append_jsonl`.
+atomic (:mod:`fedge.common.fsio`), so a device stopped at any instant finds either the previous or the new state,
+never half of one; the update ledger is appended with :func:`fedge.common.fsio.append_jsonl`.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from typing import Any
 
 import numpy as np
 
-from common.fsio import append_jsonl, atomic_write, read_jsonl
+from fedge.common.fsio import append_jsonl, atomic_write, read_jsonl
 
 __all__ = ["ADAPTERS_FILE", "PRIVACY_FILE", "RESIDUAL_FILE", "UPDATES_FILE", "append_jsonl", "load_arrays",
            "load_json", "read_jsonl", "save_arrays", "save_json"]

@@ -1,7 +1,7 @@
 """``fedge edge predict``: classify a device's keyframes / audio windows with the sharded model.
 
-Inputs: ``--video`` a video file or camera (keyframes by :mod:`edge.keyframes`), ``--audio`` an audio file or a
-video's audio track (log-mel by :mod:`common.media.audio`, as ingest computes it); with both, each keyframe is
+Inputs: ``--video`` a video file or camera (keyframes by :mod:`fedge.edge.keyframes`), ``--audio`` an audio file or a
+video's audio track (log-mel by :mod:`fedge.common.media.audio`, as ingest computes it); with both, each keyframe is
 paired with the audio window centred on it. ``.npy`` arrays are accepted too: keyframes (B, 3, S, S) float in
 [0, 1] or (B, S, S, 3) uint8, log-mel windows (B, n_mels, T) in dB; with both, row i of each is the same moment. The device's modalities are those given (or ``--modalities``); it downloads
 only their encoders, the router, the head and the experts its router picks.
@@ -16,8 +16,8 @@ from typing import Annotated
 import numpy as np
 import typer
 
-from common.config import ConfigError, load_config
-from common.manifest import ManifestError
+from fedge.common.config import ConfigError, load_config
+from fedge.common.manifest import ManifestError
 
 from .shards import ShardCache, ShardError
 
@@ -27,8 +27,8 @@ __all__ = ["load_keyframes", "load_windows", "predict_command"]
 def load_keyframes(src: Path, size: int) -> tuple[np.ndarray, np.ndarray]:
     """Keyframes of ``src`` as (B, 3, size, size) float32 in [0, 1] and their times in seconds (B,).
 
-    A video (file or camera index) goes through :func:`edge.keyframes.iter_keyframes` and the same JPEG
-    decode + area resize as stored training samples (:func:`edge.store.decode_image`); a ``.npy`` array is
+    A video (file or camera index) goes through :func:`fedge.edge.keyframes.iter_keyframes` and the same JPEG
+    decode + area resize as stored training samples (:func:`fedge.edge.store.decode_image`); a ``.npy`` array is
     taken as (B, 3, S, S) floats or (B, S, S, 3) uint8 with times 0, 1, 2, ...
     """
     if src.suffix == ".npy":
@@ -54,7 +54,7 @@ def load_windows(
 ) -> tuple[np.ndarray, np.ndarray]:
     """Log-mel windows (B, n_mels, frames) float32 in dB and their centre times (B,).
 
-    An audio file (or a video's audio track) is featurised with :mod:`common.media.audio` exactly as ingest does
+    An audio file (or a video's audio track) is featurised with :mod:`fedge.common.media.audio` exactly as ingest does
     (16 kHz, n_fft 512, hop 256, dB per window with ``top_db`` 80); windows are centred on ``centres`` (the
     keyframe times, to pair them) or every ``stride_s`` seconds. A ``.npy`` array is taken as is.
     """
@@ -65,8 +65,8 @@ def load_windows(
         if a.ndim != 3 or a.shape[1:] != (n_mels, frames):
             raise ValueError(f"{src}: log-mel windows must be (B, {n_mels}, {frames}), got {a.shape}")
         return a.astype(np.float32), np.arange(len(a), dtype=np.float64)
-    from common.media.audio import mel_power, power_to_db
-    from common.media.mel import MelParams
+    from fedge.common.media.audio import mel_power, power_to_db
+    from fedge.common.media.mel import MelParams
 
     from .audio_source import open_audio
 

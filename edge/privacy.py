@@ -1,6 +1,6 @@
 """Client-side differential privacy, pure numerics: clip an update, add Gaussian noise, account epsilon.
 
-The mechanism (applied by :func:`edge.mods.dp_mod` to every update a device sends): scale the whole adapter
+The mechanism (applied by :func:`fedge.edge.mods.dp_mod` to every update a device sends): scale the whole adapter
 delta so its L2 norm is at most ``C`` (``clip``), then add i.i.d. ``N(0, (z*C)^2)`` to every coordinate
 (``z`` = ``noise_multiplier``). Changing *everything* on the device (its whole local data set) moves a clipped
 update by at most ``2C`` in L2, so one release is the Gaussian mechanism with sensitivity ``2C`` and noise

@@ -17,8 +17,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from common.config import MODALITIES
-from common.media.quality import (
+from fedge.common.config import MODALITIES
+from fedge.common.media.quality import (
     audio_score,
     audio_stats,
     hamming,
@@ -31,7 +31,7 @@ __all__ = ["GateResult", "QualityGate", "detect_modalities"]
 
 
 def detect_modalities(*, image: np.ndarray | None, audio: np.ndarray | None) -> tuple[str, ...]:
-    """Modalities a candidate sample carries, in :data:`common.config.MODALITIES` order."""
+    """Modalities a candidate sample carries, in :data:`fedge.common.config.MODALITIES` order."""
     present = {"image": image is not None and image.size > 0, "audio": audio is not None and audio.size > 0}
     return tuple(m for m in MODALITIES if present[m])
 

@@ -16,7 +16,7 @@ import math
 import os
 from pathlib import Path
 
-from edge.store import SampleStore, StoreError
+from fedge.edge.store import SampleStore, StoreError
 
 __all__ = ["resume_point", "source_key", "stored_keys", "track", "track_many"]
 

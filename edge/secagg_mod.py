@@ -1,4 +1,4 @@
-"""The device's side of secure aggregation (:mod:`common.secagg`): a TRAIN mod and the QUERY steps.
+"""The device's side of secure aggregation (:mod:`fedge.common.secagg`): a TRAIN mod and the QUERY steps.
 
 ``secagg_mod`` sits between the DP mod and the compression mod (``ClientApp`` mods, outermost first:
 ``size_mod, compression_mod, secagg_mod, dp_mod``). On a TRAIN message that carries a group
@@ -23,8 +23,8 @@ import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, RecordDict
 from flwr.clientapp.typing import ClientAppCallable
 
-from common import secagg as sa
-from common import wire
+from fedge.common import secagg as sa
+from fedge.common import wire
 
 from .mods import RAW_DELTA
 

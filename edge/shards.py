@@ -19,7 +19,7 @@ server's origin; a download stops one byte past its manifest size; a cached shar
 is opened, so a file changed on disk is fetched again rather than trusted.
 
 Network code uses only the standard library (``urllib``): an edge device installs without Ray or HTTP extras.
-Routes and header names are the contract in :mod:`common.shard_api`, which the shard server shares.
+Routes and header names are the contract in :mod:`fedge.common.shard_api`, which the shard server shares.
 """
 
 from __future__ import annotations
@@ -40,8 +40,8 @@ from pathlib import Path
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
-from common.fsio import atomic_write
-from common.manifest import (
+from fedge.common.fsio import atomic_write
+from fedge.common.manifest import (
     Manifest,
     ManifestError,
     ShardFile,
@@ -52,7 +52,7 @@ from common.manifest import (
     release_order,
     verify_manifest,
 )
-from common.shard_api import (
+from fedge.common.shard_api import (
     AUTH_HEADER,
     CREDENTIAL_HEADERS,
     DEVICE_HEADER,

@@ -26,8 +26,8 @@ from typing import Any, Self
 
 import numpy as np
 
-from common.config import MODALITIES
-from common.dataset import DB_NAME, decode_image, empty_arrays, fill_row
+from fedge.common.config import MODALITIES
+from fedge.common.dataset import DB_NAME, decode_image, empty_arrays, fill_row
 
 __all__ = [
     "DB_NAME",

@@ -9,9 +9,9 @@ from typing import Annotated, Any
 
 import typer
 
-from common.dataset import is_store
-from common.fsio import atomic_path
-from common.units import human_bytes
+from fedge.common.dataset import is_store
+from fedge.common.fsio import atomic_path
+from fedge.common.units import human_bytes
 
 __all__ = ["app", "export_command", "format_stats", "stats_command"]
 
@@ -26,7 +26,7 @@ def _fail(cmd: str, msg: str) -> None:
 
 
 def format_stats(root: Path, st: dict[str, Any]) -> str:
-    """The human-readable form of :meth:`edge.store.SampleStore.stats`."""
+    """The human-readable form of :meth:`fedge.edge.store.SampleStore.stats`."""
     def counts(d: dict[str, int]) -> str:
         return ", ".join(f"{k}: {v}" for k, v in d.items()) or "none"
 
@@ -88,8 +88,8 @@ def export_command(
     `simulation.pretrain_data`, `fedge cloud train --data` and `fedge evaluate --data` read."""
     import numpy as np
 
-    from common.config import ConfigError, load_config, parse_overrides
-    from common.dataset import DataError, load_data
+    from fedge.common.config import ConfigError, load_config, parse_overrides
+    from fedge.common.dataset import DataError, load_data
 
     if split is not None and split not in ("train", "val", "test"):
         _fail("export", f"--split must be train, val or test, got {split!r}")

@@ -165,9 +165,9 @@ def plan_devices(
     ``partition``: ``iid`` (labels and speakers uniform), ``dirichlet`` (each device's label mix drawn from
     Dir(alpha), speakers uniform) or ``speaker`` (device i hears only speaker i mod #speakers, labels uniform).
     Missing modalities: an exact fraction of the devices (after a seeded shuffle) has no camera, another none
-    microphone (the same rule as :func:`common.synthetic.device_partition`).
+    microphone (the same rule as :func:`fedge.common.synthetic.device_partition`).
     """
-    from common.synthetic import device_partition
+    from fedge.common.synthetic import device_partition
 
     if partition not in ("iid", "dirichlet", "speaker"):
         raise ValueError(f"unknown partition {partition!r}")

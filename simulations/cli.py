@@ -14,7 +14,7 @@ import click
 import typer
 from typer.core import TyperGroup
 
-from cloud.dashboard import options as dash
+from fedge.cloud.dashboard import options as dash
 
 __all__ = ["DEFAULT_SCENARIO", "app", "compare_cmd", "flower_baseline_cmd", "prepare_cmd", "run_cmd"]
 
@@ -38,7 +38,7 @@ app = typer.Typer(
 
 
 def _load(scenario: Path, sets: list[str]):  # type: ignore[no-untyped-def]
-    from common.config import ConfigError, load_config, parse_overrides
+    from fedge.common.config import ConfigError, load_config, parse_overrides
 
     try:
         return load_config(toml_path=scenario, overrides=parse_overrides(sets))
@@ -78,9 +78,9 @@ def run_cmd(
         typer.echo(f"fedge simulate: {e}", err=True)
         raise typer.Exit(2) from None
 
-    from cloud.dashboard import DashboardError
-    from common.base_weights import BaseWeightsError
-    from common.dataset import DataError
+    from fedge.cloud.dashboard import DashboardError
+    from fedge.common.base_weights import BaseWeightsError
+    from fedge.common.dataset import DataError
 
     from .runner import run
 
@@ -155,7 +155,7 @@ def prepare_cmd(
     `flwr run . FED --run-config`."""
     import dataclasses
 
-    from common.dataset import DataError
+    from fedge.common.dataset import DataError
 
     from .given_data import resolve_data
     from .runner import default_cache

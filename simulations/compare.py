@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from common.config import FedgeConfig
+from fedge.common.config import FedgeConfig
 
 from .prepare import data_key
 from .report import first_reaching, plot_curves, read_metrics, series

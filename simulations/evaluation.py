@@ -7,10 +7,10 @@ from pathlib import Path
 
 import numpy as np
 
-from common.config import MODALITIES
-from common.evaluation import fused, model_with, only
-from common.model import MultimodalMoE
-from common.training import evaluate
+from fedge.common.config import MODALITIES
+from fedge.common.evaluation import fused, model_with, only
+from fedge.common.model import MultimodalMoE
+from fedge.common.training import evaluate
 
 __all__ = ["ADAPTERS", "fused", "load_arrays", "modality_accuracy", "model_with", "only"]
 

@@ -1,7 +1,7 @@
 """The peer for benchmarks: plain Flower FedAvg (``flwr.serverapp.strategy.FedAvg``) on the same model and data.
 
-Same base model with LoRA, the same trainable scope (``train.scope``, :mod:`common.scope`), same local training
-(:func:`common.training.train_steps`), same per-device data (:func:`edge.data.local_data`, i.e. the same stores),
+Same base model with LoRA, the same trainable scope (``train.scope``, :mod:`fedge.common.scope`), same local training
+(:func:`fedge.common.training.train_steps`), same per-device data (:func:`fedge.edge.data.local_data`, i.e. the same stores),
 same held-out set; but Flower's own strategy: the full float32 trainable state both ways, no codec, no validation, no staleness, no virtual clock. Run through
 ``flwr.simulation.run_simulation`` exactly like fedge's apps.
 """
@@ -18,11 +18,11 @@ from flwr.clientapp import ClientApp
 from flwr.serverapp import Grid, ServerApp
 from flwr.serverapp.strategy import FedAvg
 
-from cloud.builders import heldout_data
-from common.config import config_from_context
-from common.fsio import append_jsonl
-from common.scope import load_trainable_state, set_trainable, trainable_state
-from common.training import evaluate, train_steps
+from fedge.cloud.builders import heldout_data
+from fedge.common.config import config_from_context
+from fedge.common.fsio import append_jsonl
+from fedge.common.scope import load_trainable_state, set_trainable, trainable_state
+from fedge.common.training import evaluate, train_steps
 
 from .evaluation import ADAPTERS, model_with
 
@@ -35,8 +35,8 @@ server_app = ServerApp()
 @client_app.train()
 def _train(msg: Message, context: Context) -> Message:
     """Load the global adapters, train locally, send the adapters back (float32, uncompressed)."""
-    from edge.data import local_data
-    from edge.node_config import parse_node_config
+    from fedge.edge.data import local_data
+    from fedge.edge.node_config import parse_node_config
 
     cfg = config_from_context(context.run_config)
     torch.set_num_threads(1)

@@ -4,7 +4,7 @@ With ``data.source = "store"`` and ``data.store_root`` set, ``fedge simulate`` r
 ``i`` trains on the SampleStore ``<data.store_root>/device-<i>`` (made by ``fedge edge ingest``), the server
 evaluates on ``data.eval_path`` as given (a store or an NPZ; empty: no accuracy, said at start), and
 ``data.missing_image`` / ``missing_audio`` take the camera or microphone of the same devices they would take in a
-rendered run (:func:`edge.data.simulated_modalities`). ``simulation.pretrain_data`` (a store or an NPZ) is the
+rendered run (:func:`fedge.edge.data.simulated_modalities`). ``simulation.pretrain_data`` (a store or an NPZ) is the
 cloud's labelled data for the base pretraining, in any simulation. Everything is checked before Ray starts: a
 missing store, a label outside the model's classes, or a device that ``missing_*`` would leave with nothing to
 train on is a one-line error.
@@ -19,8 +19,8 @@ import sqlite3
 from pathlib import Path
 from typing import Any
 
-from common.config import MODALITIES, FedgeConfig
-from common.dataset import DB_NAME, DataError, check_store_labels, describe, is_store, load_data
+from fedge.common.config import MODALITIES, FedgeConfig
+from fedge.common.dataset import DB_NAME, DataError, check_store_labels, describe, is_store, load_data
 
 __all__ = ["GivenDataError", "absolute_paths", "check_given_stores", "pretrain_on_given", "resolve_data",
            "uses_given_stores"]
@@ -105,12 +105,12 @@ def check_given_stores(cfg: FedgeConfig) -> dict[str, Any]:
 
     Raises
     ------
-    GivenDataError, common.dataset.DataError
+    GivenDataError, fedge.common.dataset.DataError
         A device store is missing or has no labelled training sample the device may use, a label lies outside
         the model's classes, or the evaluation set cannot be read or does not fit the model.
     """
-    from edge.data import simulated_modalities
-    from edge.node_config import NodeConfig
+    from fedge.edge.data import simulated_modalities
+    from fedge.edge.node_config import NodeConfig
 
     d, m, n = cfg.data, cfg.model, cfg.simulation.devices
     root = Path(d.store_root)

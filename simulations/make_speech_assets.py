@@ -31,7 +31,7 @@ from pathlib import Path
 import numpy as np
 from scipy.signal import resample_poly
 
-from simulations.avdigits import write_wav
+from fedge.simulations.avdigits import write_wav
 
 __all__ = [
     "DEFAULT_OUT",

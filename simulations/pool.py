@@ -2,7 +2,7 @@
 
 With ``simulation.pool_samples = P`` nothing is rendered per device: ``P`` shots are rendered as single-digit
 streams of :data:`CHUNK_SHOTS` shots (training images, every training speaker), ingested by the edge pipeline
-in parallel like any device's streams, and exported as the pool's columns (:mod:`common.pool`). The pool is
+in parallel like any device's streams, and exported as the pool's columns (:mod:`fedge.common.pool`). The pool is
 cached under a key of everything that shapes it and nothing else, so every device count, partition and
 missing-modality setting reuses it. Each device then draws ``data.samples_per_device`` pool rows
 (:func:`pool_partition`): its labels follow ``data.partition`` (the same per-device draw as a rendered run:
@@ -21,9 +21,9 @@ from typing import Any
 
 import numpy as np
 
-from common import pool as pool_files
-from common.config import FedgeConfig
-from common.fsio import atomic_dir
+from fedge.common import pool as pool_files
+from fedge.common.config import FedgeConfig
+from fedge.common.fsio import atomic_dir
 
 from . import avdigits
 
@@ -89,7 +89,7 @@ def device_label_counts(num_devices: int, *, samples_per_device: int, seed: int,
                         dirichlet_alpha: float, num_classes: int) -> np.ndarray:
     """(num_devices, num_classes) int64: how many samples of each label each device draws.
 
-    The same per-device draw as :func:`simulations.avdigits.plan_devices` (Dirichlet label mix from
+    The same per-device draw as :func:`fedge.simulations.avdigits.plan_devices` (Dirichlet label mix from
     ``[seed, 91, pid]``, labels from ``[seed, 31, pid]``), computed per device in O(1) memory each.
     """
     if partition not in ("iid", "dirichlet"):
@@ -153,7 +153,7 @@ def pool_partition(labels: np.ndarray, counts: np.ndarray, *, seed: int) -> tupl
 
 
 def render_jobs(cfg: FedgeConfig, work: Path, render_kw: dict[str, Any], ingest_kw: dict[str, Any]) -> list[tuple]:
-    """The jobs of :mod:`simulations.prepare`'s render-and-ingest workers that make the pool under ``work``."""
+    """The jobs of :mod:`fedge.simulations.prepare`'s render-and-ingest workers that make the pool under ``work``."""
     return [(p, str(work / "media" / f"pool{-p.pid - 100}"), str(work / "stores" / f"pool{-p.pid - 100}"),
              render_kw, ingest_kw) for p in pool_plans(cfg.simulation.pool_samples, seed=cfg.seed)]
 

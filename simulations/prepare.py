@@ -1,14 +1,14 @@
 """Prepare a simulation's data: render each device's streams, run the edge ingest on them, write the held-out set.
 
 For ``simulation.dataset = "avdigits"`` every virtual device gets its camera/microphone recordings rendered
-(:mod:`simulations.avdigits`) and ingested by the very edge pipeline a device runs (:mod:`edge.ingest`:
+(:mod:`fedge.simulations.avdigits`) and ingested by the very edge pipeline a device runs (:mod:`fedge.edge.ingest`:
 keyframes, log-mel, alignment, quality gate) into its own SampleStore at ``<store_root>/device-<partition-id>``,
 which the ClientApp opens with ``data.source = "store"``. A held-out device is rendered and ingested the same way
 and exported as an NPZ (``data.eval_path``) for the server, which must not import edge code.
 
 With ``simulation.pretrain_steps > 0`` the cloud's curated share (``simulation.cloud_samples`` labelled samples of
 training images no device records) is rendered and ingested the same way, and the cloud pretrains the base on it
-(:mod:`simulations.pretrain`); the returned config's ``model.base_path`` points every party at that base.
+(:mod:`fedge.simulations.pretrain`); the returned config's ``model.base_path`` points every party at that base.
 
 Prepared data is cached under a key of every setting that shapes it, so ``fedge simulate compare`` and repeated
 runs reuse the same devices and data.
@@ -27,8 +27,8 @@ from typing import Any
 
 import numpy as np
 
-from common.config import FedgeConfig
-from common.fsio import atomic_dir
+from fedge.common.config import FedgeConfig
+from fedge.common.fsio import atomic_dir
 
 from . import avdigits
 
@@ -120,7 +120,7 @@ def prepare(cfg: FedgeConfig, cache_root: str | Path, *, workers: int = 0, progr
 
 
 def _prepare_synthetic(cfg: FedgeConfig, out: Path) -> dict[str, Any]:
-    from common.synthetic import make_av_dataset
+    from fedge.common.synthetic import make_av_dataset
 
     m = cfg.model
     arrays = make_av_dataset(cfg.data.eval_samples, seed=cfg.seed * 100_003 + 99_991, num_classes=m.num_classes,
@@ -130,7 +130,7 @@ def _prepare_synthetic(cfg: FedgeConfig, out: Path) -> dict[str, Any]:
 
 
 def render_options(cfg: FedgeConfig, **changes: Any) -> dict[str, Any]:
-    """Keyword arguments of :func:`simulations.avdigits.render_device` from the run config, with ``changes``."""
+    """Keyword arguments of :func:`fedge.simulations.avdigits.render_device` from the run config, with ``changes``."""
     s = cfg.simulation
     return {"fps": s.fps, "shot_s": s.shot_seconds, "size": s.frame_size, "image_noise": s.image_noise,
             "snr_db": s.snr_db, "snr_db_spread": s.snr_db_spread, "speech": s.speech, **changes}

@@ -1,11 +1,11 @@
 """The cloud's base pretraining for a simulation: the full model on the cloud's own curated share.
 
 DESIGN.md: the cloud trains the global base on its curated data and devices load the published base. A simulation
-does it the way a deployment does, on Ray Train (:class:`cloud.training.GlobalTrainer`: encoders, router, experts,
+does it the way a deployment does, on Ray Train (:class:`fedge.cloud.training.GlobalTrainer`: encoders, router, experts,
 head all train, with modality dropout), with one worker: on a laptop's few CPUs more DDP workers only share them.
 It joins the Ray this process already runs (a test session's), or starts one for the pretraining and stops it, so
 that the simulation engine's own Ray starts afterwards with the run's environment.
-The result is saved as plain base weights (:func:`common.base_weights.save_base`) that ``model.base_path``
+The result is saved as plain base weights (:func:`fedge.common.base_weights.save_base`) that ``model.base_path``
 points every party at. :func:`pretrain_base` takes the data as in-memory arrays: whatever names the cloud's data
 loads it and hands it over.
 """
@@ -22,10 +22,10 @@ from typing import Any
 
 import numpy as np
 
-from common.base_weights import save_base
-from common.config import FedgeConfig
-from common.model import MultimodalMoE, build_model, model_kwargs
-from common.training import evaluate
+from fedge.common.base_weights import save_base
+from fedge.common.config import FedgeConfig
+from fedge.common.model import MultimodalMoE, build_model, model_kwargs
+from fedge.common.training import evaluate
 
 __all__ = ["BATCH_SIZE", "MIN_DROPOUT", "base_key", "base_name", "ensure_base", "pretrain_base"]
 
@@ -56,7 +56,7 @@ def pretrain_base(cfg: FedgeConfig, data: Mapping[str, np.ndarray], *, steps: in
     (a temporary folder, removed after, when None)."""
     import ray
 
-    from cloud.training import GlobalTrainer, arrays_dataset, initial_base
+    from fedge.cloud.training import GlobalTrainer, arrays_dataset, initial_base
 
     mkw = model_kwargs(cfg)
     started = not ray.is_initialized()

@@ -177,7 +177,7 @@ def _tensorboard(records: list[dict[str, Any]], out: Path) -> None:
     """TensorBoard scalars per version, unless the ServerApp already wrote them live (``dashboard.tensorboard``)."""
     from torch.utils.tensorboard import SummaryWriter
 
-    from cloud.dashboard.tensorboard import has_events
+    from fedge.cloud.dashboard.tensorboard import has_events
 
     if has_events(out / "tb"):
         return
@@ -195,8 +195,8 @@ def _tensorboard(records: list[dict[str, Any]], out: Path) -> None:
 def heldout_modality_accuracy(cfg_flat: dict[str, Any], state: Any) -> dict[str, float]:
     """Per-modality accuracy on the run's held-out set of its base with the global ``state`` of its
     ``train.scope`` loaded (None: the initial state, which changes no output of the base); empty without a set."""
-    from common.config import load_config
-    from common.dataset import load_data
+    from fedge.common.config import load_config
+    from fedge.common.dataset import load_data
 
     eval_path = cfg_flat.get("data.eval_path", "")
     if not eval_path or not Path(eval_path).exists():

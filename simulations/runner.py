@@ -1,9 +1,9 @@
 """Run the fedge ServerApp and ClientApp on Flower's simulation engine over an embedded Ray.
 
 The very apps a deployment runs (STYLE.md rule 6): :func:`run` prepares the scenario's data (rendered streams
-through the edge ingest into per-device stores, :mod:`simulations.prepare`), writes the resolved config into the
+through the edge ingest into per-device stores, :mod:`fedge.simulations.prepare`), writes the resolved config into the
 run directory, runs ``flwr.simulation.run_simulation`` with a progress bar that follows ``metrics.jsonl``, and
-writes the report (:mod:`simulations.report`).
+writes the report (:mod:`fedge.simulations.report`).
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from common.config import FedgeConfig
+from fedge.common.config import FedgeConfig
 
 __all__ = ["METRICS", "default_cache", "run"]
 
@@ -69,7 +69,7 @@ def run(cfg: FedgeConfig, *, out_dir: str | Path, num_nodes: int | None = None, 
     (ServerApp, ClientApp) pair, for a peer run on the very same data (benchmarks). ``ray_dashboard`` starts
     Ray's own dashboard on 127.0.0.1 (the ServerApp prints its URL); the fedge dashboard is ``cfg.dashboard``.
     ``ray_address`` (``HOST:PORT`` or ``auto``) runs everything on that existing Ray cluster instead
-    (:mod:`simulations.cluster`; its nodes go to ``cluster.json``); ``simulation.num_cpus`` is then the cluster's.
+    (:mod:`fedge.simulations.cluster`; its nodes go to ``cluster.json``); ``simulation.num_cpus`` is then the cluster's.
     """
     from flwr.simulation import run_simulation
 
@@ -78,8 +78,8 @@ def run(cfg: FedgeConfig, *, out_dir: str | Path, num_nodes: int | None = None, 
     install()  # Flower's engine delivers messages in one scan per pass: 10,000 nodes stay fast
 
     if apps is None:
-        from cloud.server_app import app as server_app
-        from edge.client_app import app as client_app
+        from fedge.cloud.server_app import app as server_app
+        from fedge.edge.client_app import app as client_app
     else:
         server_app, client_app = apps
 
@@ -99,7 +99,7 @@ def run(cfg: FedgeConfig, *, out_dir: str | Path, num_nodes: int | None = None, 
         cfg = dataclasses.replace(cfg, aggregation=dataclasses.replace(cfg.aggregation,
                                                                        min_nodes=cfg.simulation.devices))
     if cfg.model.base_path:  # a named base must exist before any data is prepared
-        from common.base_weights import read_base
+        from fedge.common.base_weights import read_base
 
         read_base(cfg.model.base_path)
     if ray_address:  # joined before the data is prepared: pretraining and the simulation both run there

@@ -1,6 +1,6 @@
 """The simulation's use of the edge data path: ingest a rendered stream into a SampleStore, read a store back.
 
-Thin glue over :mod:`edge.ingest` and :mod:`edge.store` (the code a device runs), so that simulated devices
+Thin glue over :mod:`fedge.edge.ingest` and :mod:`fedge.edge.store` (the code a device runs), so that simulated devices
 get their samples through keyframe extraction, log-mel features, alignment and the quality gate.
 """
 
@@ -11,7 +11,7 @@ from typing import Any
 
 import numpy as np
 
-from common.config import FedgeConfig
+from fedge.common.config import FedgeConfig
 
 __all__ = ["ingest_options", "ingest_stream", "store_arrays"]
 
@@ -35,7 +35,7 @@ def ingest_stream(*, video: Path | None, audio: Path | None, store: Path, label:
     RuntimeError
         The ingest stopped with an error (one line, from the ingest report).
     """
-    from edge.ingest import ingest
+    from fedge.edge.ingest import ingest
 
     store.mkdir(parents=True, exist_ok=True)
     rep = ingest(video=video, audio=audio, store=store, label=int(label), split=split, n_mels=n_mels,
@@ -51,8 +51,8 @@ def ingest_stream(*, video: Path | None, audio: Path | None, store: Path, label:
 
 
 def store_arrays(store: Path, *, image_size: int, n_mels: int, frames: int) -> dict[str, np.ndarray]:
-    """Every labelled sample of a SampleStore (all splits) as arrays in the layout of :mod:`common.training`."""
-    from edge.store import SampleStore
+    """Every labelled sample of a SampleStore (all splits) as arrays in the layout of :mod:`fedge.common.training`."""
+    from fedge.edge.store import SampleStore
 
     with SampleStore(store) as s:
         arrays = s.load_arrays(image_size=image_size, n_mels=n_mels, frames=frames, split=None)

@@ -20,8 +20,8 @@ def make_model(seed: int, **kw: Any) -> Any:
     """A LoRA-wrapped model with non-zero adapters (export must merge them); ``kw`` go to ``build_model``."""
     import torch
 
-    from common.lora import apply_lora
-    from common.model import build_model
+    from fedge.common.lora import apply_lora
+    from fedge.common.model import build_model
 
     m = build_model(seed=seed, precision={"image": "fp32", "audio": "fp32"}, **kw)
     apply_lora(m)
@@ -36,7 +36,7 @@ def make_model(seed: int, **kw: Any) -> Any:
 @dataclass
 class Store:
     root: Path
-    store: Any  # cloud.model_store.ModelStore
+    store: Any  # fedge.cloud.model_store.ModelStore
     private: Any
     public_pem: Path
     model: Any  # the LoRA-wrapped torch model of v1
@@ -67,8 +67,8 @@ class Server:
 @pytest.fixture(scope="session")
 def shard_store(tmp_path_factory) -> Store:
     """A ModelStore with version v1 published (LoRA merged, signed)."""
-    from cloud.model_store import ModelStore
-    from common.manifest import generate_keypair, load_private_key
+    from fedge.cloud.model_store import ModelStore
+    from fedge.common.manifest import generate_keypair, load_private_key
 
     root = tmp_path_factory.mktemp("shards")
     priv_path, pub_path = generate_keypair(root / "keys")
@@ -101,8 +101,8 @@ def shard_server(ray_session, shard_store) -> Server:
     """The ShardServer on a real Serve over TLS on 127.0.0.1 with device tokens on; Serve shut down after."""
     from ray import serve
 
-    from cloud.certs import generate
-    from cloud.serving import add_device_token, start_shard_server
+    from fedge.cloud.certs import generate
+    from fedge.cloud.serving import add_device_token, start_shard_server
     from tests.conftest import free_port
 
     certs = generate(shard_store.root / "certs").layout

@@ -25,8 +25,8 @@ def _fill_store(path: Path, modalities: tuple[str, ...], seed: int) -> None:
     """A device's SampleStore with generated camera frames (JPEG) and log-mel windows."""
     import cv2
 
-    from common.synthetic import make_av_dataset
-    from edge.store import SampleStore
+    from fedge.common.synthetic import make_av_dataset
+    from fedge.edge.store import SampleStore
 
     d = make_av_dataset(60, seed=seed, modalities=modalities)
     rows = []
@@ -52,10 +52,10 @@ def test_devices_fetch_each_trained_base_over_https_and_train_on_it_while_the_sh
     relay that holds a response part-way; the shard server is killed while a device is downloading the trained
     base and started again: the download is cut, the device resumes it with a Range request, and the federation
     goes on."""
-    from cloud.certs import CertLayout, generate
-    from cloud.serving import add_device_token
-    from common.manifest import generate_keypair
-    from common.synthetic import make_av_dataset
+    from fedge.cloud.certs import CertLayout, generate
+    from fedge.cloud.serving import add_device_token
+    from fedge.common.manifest import generate_keypair
+    from fedge.common.synthetic import make_av_dataset
     from tests.deploy.procs import Proc, env_with, flwr_config, port_open, wait_for
     from tests.relay import Relay
 

@@ -28,7 +28,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
-from common.shard_api import AUTH_HEADER, DEVICE_HEADER, bearer_token
+from fedge.common.shard_api import AUTH_HEADER, DEVICE_HEADER, bearer_token
 
 from .live import LiveState
 
@@ -78,7 +78,7 @@ def is_loopback(host: str) -> bool:
 
 
 def _sha(token: str) -> str:
-    return hashlib.sha256(token.encode("utf-8")).hexdigest()  # as cloud.serving.token_digest stores it
+    return hashlib.sha256(token.encode("utf-8")).hexdigest()  # as fedge.cloud.serving.token_digest stores it
 
 
 class Access:

@@ -17,7 +17,7 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from common import wire
+from fedge.common import wire
 
 __all__ = ["FUSED", "SCHEMA_VERSION", "DeviceRow", "Listener", "LiveState"]
 

@@ -39,7 +39,7 @@ def dashboard_overrides(address: str, *, token: str, tokens_file: str, public: b
     """Config overrides (``--set`` form) for these options, after checking the dashboard can start.
 
     The token is a secret: it goes to the ServerApp through ``$FEDGE_DASHBOARD_TOKEN``, never into the saved
-    config. Raises :class:`cloud.dashboard.http.DashboardError` with a one-line reason.
+    config. Raises :class:`fedge.cloud.dashboard.http.DashboardError` with a one-line reason.
     """
     if not address:
         return []

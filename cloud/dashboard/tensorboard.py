@@ -30,7 +30,7 @@ def has_events(log_dir: str | Path) -> bool:
 
 
 class LiveTensorBoard:
-    """A ``SummaryWriter`` fed by :meth:`cloud.dashboard.live.LiveState.on_version`, flushed per version."""
+    """A ``SummaryWriter`` fed by :meth:`fedge.cloud.dashboard.live.LiveState.on_version`, flushed per version."""
 
     def __init__(self, log_dir: str | Path) -> None:
         from torch.utils.tensorboard import SummaryWriter

@@ -6,7 +6,7 @@ import logging
 from dataclasses import dataclass
 from pathlib import Path
 
-from common.config import DashboardConfig
+from fedge.common.config import DashboardConfig
 
 from .http import DashboardError, DashboardServer, start_dashboard
 from .live import LiveState

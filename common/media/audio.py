@@ -2,7 +2,7 @@
 
 Pure numerics: no I/O, no librosa at run time. Parameter names and defaults of the helper functions follow
 librosa 0.11 (``melspectrogram``, ``power_to_db``, ``mfcc``) so that a reader can check one against the other;
-the STFT and mel parameters, the filterbank and the block kernel are in :mod:`common.media.mel`. Frames are
+the STFT and mel parameters, the filterbank and the block kernel are in :mod:`fedge.common.media.mel`. Frames are
 strided views of the signal (only the two padded ends are copies); the dB conversion of :func:`logmel` works
 in place; the DCT matrix is computed once per size.
 
@@ -20,7 +20,7 @@ from functools import lru_cache
 import numpy as np
 from numpy.lib.stride_tricks import as_strided
 
-from common.media.mel import BLOCK, MelParams, dct_matrix, mel_kernel
+from fedge.common.media.mel import BLOCK, MelParams, dct_matrix, mel_kernel
 
 __all__ = ["MelStream", "logmel", "mel_power", "mfcc", "mfcc_from_db", "power_to_db"]
 

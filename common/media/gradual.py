@@ -2,7 +2,7 @@
 
 Gradual transitions change little per step, so no single step is an outlier. They are found with triples of
 analysed frames ``(a, m, b)`` at several spans whose middle frame is a transition frame
-(:func:`common.media.transitions.transition_fit`) while the ends differ like two shots do and the same span
+(:func:`fedge.common.media.transitions.transition_fit`) while the ends differ like two shots do and the same span
 around them changes much less. Among the accepted triples of one transition, the one whose blend is closest to
 half-and-half gives the boundary. A span h is tried at every (h/2)-th end sample only: a transition that needs
 it lasts about 2h samples and still gets several triples, and the wide spans (a motion-compensated distance
@@ -14,9 +14,9 @@ from __future__ import annotations
 import cv2
 import numpy as np
 
-from common.media.frame_features import hist_distance, median_block, struct_distance
-from common.media.shot_window import STEADY_MAX, ShotWindow
-from common.media.transitions import transition_fit
+from fedge.common.media.frame_features import hist_distance, median_block, struct_distance
+from fedge.common.media.shot_window import STEADY_MAX, ShotWindow
+from fedge.common.media.transitions import transition_fit
 
 __all__ = ["GRADUAL_MIN", "HIST_GRADUAL_MIN", "GradualSearch"]
 

@@ -1,4 +1,4 @@
-"""Mel scale, mel filterbank and the block kernel (window, FFT, mel projection) under :mod:`common.media.audio`.
+"""Mel scale, mel filterbank and the block kernel (window, FFT, mel projection) under :mod:`fedge.common.media.audio`.
 
 Pure numerics, following librosa 0.11's names and conventions (``filters.mel``, ``mel_frequencies``).
 :class:`MelParams` carries fedge's defaults (the model's audio input: 16 kHz, ``n_fft`` 512, hop 256, 40 mel

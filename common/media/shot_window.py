@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections import deque
 from dataclasses import dataclass
 
-from common.media.frame_features import FrameFeatures, PairScores
+from fedge.common.media.frame_features import FrameFeatures, PairScores
 
 __all__ = ["STEADY_MAX", "Sample", "ShotWindow"]
 

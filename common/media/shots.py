@@ -3,8 +3,8 @@
 Everything here works on arrays (OpenCV BGR frames in, numbers out): no files, no capture. The edge keyframe
 extractor (``edge/keyframes.py``) feeds it decoded frames; the cloud's curation can feed it the same way.
 
-Its cues come from :mod:`common.media.frame_features` (each frame's thumbnail features and the ``hist`` /
-``struct`` / ``shift`` cues between two frames); gradual transitions are found by :mod:`common.media.gradual`.
+Its cues come from :mod:`fedge.common.media.frame_features` (each frame's thumbnail features and the ``hist`` /
+``struct`` / ``shift`` cues between two frames); gradual transitions are found by :mod:`fedge.common.media.gradual`.
 
 How it decides, and why the thresholds are not tuned to any test video
 ----------------------------------------------------------------------
@@ -21,7 +21,7 @@ are again as similar as neighbouring frames of the shot usually are (or, symmetr
 there): a brightness spike returns, a cut stays.
 
 Gradual transitions (dissolves, fades through black, wipes) change little per step, so no single step is an
-outlier: :class:`~common.media.gradual.GradualSearch` looks at triples of frames instead, and a step into or
+outlier: :class:`~fedge.common.media.gradual.GradualSearch` looks at triples of frames instead, and a step into or
 out of a transition frame is not a cut.
 """
 
@@ -31,10 +31,16 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from common.media.frame_features import FrameFeatures, PairScores, frame_features, hist_distance, pair_scores
-from common.media.gradual import GradualSearch
-from common.media.shot_window import STEADY_MAX, Sample, ShotWindow
-from common.media.transitions import DIP_RATIO
+from fedge.common.media.frame_features import (
+    FrameFeatures,
+    PairScores,
+    frame_features,
+    hist_distance,
+    pair_scores,
+)
+from fedge.common.media.gradual import GradualSearch
+from fedge.common.media.shot_window import STEADY_MAX, Sample, ShotWindow
+from fedge.common.media.transitions import DIP_RATIO
 
 __all__ = ["Boundary", "ShotDetector", "detect_boundaries"]
 

@@ -6,7 +6,7 @@ linear blend of ``a`` and ``b`` (least squares with a small residual, and a real
 inside a transition. A pan or a zoom also makes ``a`` and ``b`` differ, but its middle frame is a displaced
 image, not a blend, so the fit fails. A fade through black passes through frames without contrast between two
 different shots; a wipe frame is part one end, part the other, split by an edge. :func:`transition_fit` asks
-all three questions; :mod:`common.media.gradual` looks for such triples in a stream.
+all three questions; :mod:`fedge.common.media.gradual` looks for such triples in a stream.
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ from __future__ import annotations
 import cv2
 import numpy as np
 
-from common.media.frame_features import FrameFeatures, block_means
+from fedge.common.media.frame_features import FrameFeatures, block_means
 
 __all__ = ["DIP_RATIO", "blend_fit", "composite_fit", "is_blend", "is_composite", "transition_fit"]
 

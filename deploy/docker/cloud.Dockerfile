@@ -10,8 +10,9 @@ FROM ${RAY_IMAGE}
 ARG TORCH_INDEX=https://download.pytorch.org/whl/cpu
 ENV PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1 PYTHONUNBUFFERED=1
 WORKDIR /home/ray/fedge
-COPY --chown=ray:users pyproject.toml constraints.txt README.md ./
+COPY --chown=ray:users pyproject.toml setup.py constraints.txt README.md ./
 RUN pip install -c constraints.txt --index-url "$TORCH_INDEX" torch==2.13.0
+COPY --chown=ray:users fedge ./fedge
 COPY --chown=ray:users common ./common
 COPY --chown=ray:users edge ./edge
 COPY --chown=ray:users cloud ./cloud

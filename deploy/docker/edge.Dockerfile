@@ -14,14 +14,15 @@ ENV PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1
 RUN python -m venv /opt/fedge
 ENV PATH=/opt/fedge/bin:$PATH
 WORKDIR /src
-COPY pyproject.toml constraints.txt README.md ./
+COPY pyproject.toml setup.py constraints.txt README.md ./
 # torch first, the CPU build for this architecture (the constraint torch==2.13.0 also admits 2.13.0+cpu)
 RUN if [ "$TARGETARCH" = "arm64" ]; then \
         pip install -c constraints.txt torch==2.13.0; \
     else \
         pip install -c constraints.txt --index-url "$TORCH_CPU_INDEX" torch==2.13.0; \
     fi
-# only the packages a device runs: common/ and edge/ (cloud/ and Ray never enter the image)
+# only the packages a device runs: fedge/, common/ and edge/ (cloud/ and Ray never enter the image)
+COPY fedge ./fedge
 COPY common ./common
 COPY edge ./edge
 RUN pip install -c constraints.txt ".[edge]" \

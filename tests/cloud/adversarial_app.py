@@ -13,10 +13,10 @@ import numpy as np
 from flwr.app import Context, Message
 from flwr.clientapp import ClientApp
 
-from cloud.clock import device_profile
-from common import codec, wire
-from common.config import FedgeConfig, config_from_context
-from edge.client_app import app as edge_app
+from fedge.cloud.clock import device_profile
+from fedge.common import codec, wire
+from fedge.common.config import FedgeConfig, config_from_context
+from fedge.edge.client_app import app as edge_app
 
 app = ClientApp()
 DENSE = codec.CodecParams(topk_ratio=1.0, bits=32, error_feedback=False)

@@ -15,8 +15,8 @@ from pathlib import Path
 def main(argv: list[str]) -> None:
     from flwr.simulation import run_simulation
 
-    from cloud.server_app import app as server_app
-    from common.config import load_config, parse_overrides
+    from fedge.cloud.server_app import app as server_app
+    from fedge.common.config import load_config, parse_overrides
 
     run_dir, nodes, client = Path(argv[0]).resolve(), int(argv[1]), argv[2]
     module, attr = client.split(":")
@@ -24,7 +24,7 @@ def main(argv: list[str]) -> None:
     cfg = load_config(overrides={"data.source": "synthetic", **parse_overrides(argv[3:])})
     cfg = dataclasses.replace(cfg, run_dir=str(run_dir))
     if not cfg.data.eval_path:  # the server evaluates on a named set only: the synthetic task's held-out samples
-        from common.synthetic import save_heldout
+        from fedge.common.synthetic import save_heldout
 
         held = save_heldout(run_dir / "heldout.npz", cfg)
         cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, eval_path=str(held)))

@@ -5,7 +5,7 @@ import math
 import numpy as np
 import pytest
 
-from cloud import aggregation as agg
+from fedge.cloud import aggregation as agg
 
 
 def _deltas(n, seed=0):

@@ -7,7 +7,7 @@ import functools
 import numpy as np
 import pytest
 
-from cloud.curation import (
+from fedge.cloud.curation import (
     CurationParams,
     _audio_window,
     accept_or_clean,
@@ -20,7 +20,7 @@ from cloud.curation import (
     synthetic_clips,
     training_columns,
 )
-from common.media.audio import mel_power
+from fedge.common.media.audio import mel_power
 
 P = CurationParams()
 
@@ -109,7 +109,7 @@ def test_stretch_contrast_restores_a_dark_frame() -> None:
 def test_ray_data_pipeline_counts_decisions_and_feeds_the_trainer(ray_session) -> None:
     import ray
 
-    from cloud.training import _shard_arrays
+    from fedge.cloud.training import _shard_arrays
 
     clips = synthetic_clips(12, seed=5, p=P, corrupt=0.5, **_SHORT)
     kinds = [c["clip_id"].rsplit("-", 1)[1] for c in clips]

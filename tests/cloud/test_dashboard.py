@@ -12,10 +12,10 @@ import jsonschema
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from cloud.dashboard import DashboardError, LiveState, start_dashboard
-from cloud.dashboard.http import STATIC, preflight
-from cloud.dashboard.tensorboard import LiveTensorBoard, has_events
-from cloud.serving import add_device_token
+from fedge.cloud.dashboard import DashboardError, LiveState, start_dashboard
+from fedge.cloud.dashboard.http import STATIC, preflight
+from fedge.cloud.dashboard.tensorboard import LiveTensorBoard, has_events
+from fedge.cloud.serving import add_device_token
 
 SCHEMA = json.loads((STATIC / "state.schema.json").read_text())
 
@@ -183,7 +183,7 @@ def test_fedge_status_prints_the_state_and_json(served):
     import typer
     from typer.testing import CliRunner
 
-    from cloud.status import status_command
+    from fedge.cloud.status import status_command
 
     _, server = served
     app = typer.Typer()
@@ -201,12 +201,12 @@ def test_static_assets_ship_as_package_data():
     import tomllib
 
     py = tomllib.loads((Path(__file__).resolve().parents[2] / "pyproject.toml").read_text())
-    assert "dashboard/static/*" in py["tool"]["setuptools"]["package-data"]["cloud"]
+    assert "dashboard/static/*" in py["tool"]["setuptools"]["package-data"]["fedge.cloud"]
     assert {p.name for p in STATIC.iterdir()} >= {"index.html", "app.js", "app.css", "state.schema.json"}
 
 
-@pytest.mark.parametrize("group,argv", [("cloud.cli", ["start", "--run-dir", "{tmp}"]),
-                                        ("simulations.cli", ["run", "--out", "{tmp}"])])
+@pytest.mark.parametrize("group,argv", [("fedge.cloud.cli", ["start", "--run-dir", "{tmp}"]),
+                                        ("fedge.simulations.cli", ["run", "--out", "{tmp}"])])
 def test_cli_refuses_a_dashboard_beyond_loopback_without_a_token_before_starting_anything(
         group, argv, tmp_path, monkeypatch):
     import importlib
@@ -222,7 +222,7 @@ def test_cli_refuses_a_dashboard_beyond_loopback_without_a_token_before_starting
 
 
 def test_no_ray_dashboard_link_when_ray_runs_without_its_dashboard(ray_session):
-    from cloud.server_app import ray_dashboard_url
+    from fedge.cloud.server_app import ray_dashboard_url
 
     assert ray_dashboard_url() == ""
 
@@ -230,6 +230,6 @@ def test_no_ray_dashboard_link_when_ray_runs_without_its_dashboard(ray_session):
 def test_device_rows_in_json_carry_every_field_of_the_row():
     from dataclasses import fields
 
-    from cloud.dashboard.live import DeviceRow
+    from fedge.cloud.dashboard.live import DeviceRow
 
     assert set(DeviceRow(id=1).as_json()) == {f.name for f in fields(DeviceRow)}

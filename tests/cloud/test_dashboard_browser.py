@@ -96,7 +96,7 @@ def _check_api(url: str) -> None:
     import jsonschema
     from prometheus_client.parser import text_string_to_metric_families
 
-    from cloud.dashboard.http import STATIC
+    from fedge.cloud.dashboard.http import STATIC
 
     state = json.loads(urllib.request.urlopen(url + "api/state", timeout=5).read())
     jsonschema.validate(state, json.loads((STATIC / "state.schema.json").read_text()))

@@ -9,9 +9,9 @@ from pathlib import Path
 
 import numpy as np
 
-from cloud.state import WAL_NAME, AggregatorState, read_wal
-from cloud.validation import RawUpdate
-from common import codec, wire
+from fedge.cloud.state import WAL_NAME, AggregatorState, read_wal
+from fedge.cloud.validation import RawUpdate
+from fedge.common import codec, wire
 
 ROOT = Path(__file__).resolve().parents[2]
 INIT = {"a": np.zeros((3, 4), np.float32), "b": np.zeros(5, np.float32)}
@@ -62,7 +62,7 @@ def test_kill_9_after_acknowledged_updates_loses_none_of_them(tmp_path):
         import sys
         sys.path.insert(0, {str(ROOT)!r}); sys.path.insert(0, {str(Path(__file__).parent)!r})
         from test_durability import INIT, _raw
-        from cloud.state import AggregatorState
+        from fedge.cloud.state import AggregatorState
         st = AggregatorState(INIT, buffer_size=4, checkpoint_every=1000, checkpoint_dir={str(tmp_path)!r})
         for i in range(10_000):
             st.submit(_raw(i, st.version), float(i))

@@ -10,12 +10,12 @@ import cv2
 import numpy as np
 import pytest
 
-from cloud import clock as clk
-from cloud.builders import global_model, heldout_data, state_kwargs
-from cloud.server_loop import ServerLoop
-from common.config import load_config
-from common.dataset import DataError
-from edge.store import SampleStore
+from fedge.cloud import clock as clk
+from fedge.cloud.builders import global_model, heldout_data, state_kwargs
+from fedge.cloud.server_loop import ServerLoop
+from fedge.common.config import load_config
+from fedge.common.dataset import DataError
+from fedge.edge.store import SampleStore
 
 
 def _eval_store(path: Path) -> Path:
@@ -44,8 +44,8 @@ def test_eval_path_may_be_a_store_and_its_labels_must_fit_the_model(tmp_path: Pa
 def test_a_version_without_eval_set_is_recorded_without_accuracy(tmp_path: Path, ray_session, capsys):
     import ray
 
-    from cloud.state import start_actor
-    from common.lora import adapter_state
+    from fedge.cloud.state import start_actor
+    from fedge.common.lora import adapter_state
 
     cfg = load_config()
     model = global_model(cfg)

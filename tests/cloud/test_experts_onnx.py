@@ -1,13 +1,18 @@
-"""The batched experts ONNX graph (cloud.experts_onnx) gives what torch gives, in onnxruntime."""
+"""The batched experts ONNX graph (fedge.cloud.experts_onnx) gives what torch gives, in onnxruntime."""
 
 import numpy as np
 import onnxruntime as ort
 import pytest
 import torch
 
-from cloud.experts_onnx import BatchedExperts, batched_expert_groups, batched_experts_onnx, example_inputs
-from common.lora import apply_lora
-from common.model import build_model
+from fedge.cloud.experts_onnx import (
+    BatchedExperts,
+    batched_expert_groups,
+    batched_experts_onnx,
+    example_inputs,
+)
+from fedge.common.lora import apply_lora
+from fedge.common.model import build_model
 
 
 def _run(data, feeds):
@@ -61,7 +66,7 @@ def test_ids_that_do_not_name_the_experts_are_refused():
 
 @pytest.mark.parametrize("layout", ["shared", "modality"])
 def test_export_publishes_batched_expert_shards_that_agree_with_the_model(shard_store, request, layout):
-    from cloud.export import build_from_manifest
+    from fedge.cloud.export import build_from_manifest
 
     version = request.getfixturevalue("modality_version") if layout == "modality" else "v1"
     store = shard_store.store

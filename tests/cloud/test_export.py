@@ -7,9 +7,9 @@ import onnxruntime as ort
 import pytest
 import torch
 
-from cloud.export import build_from_manifest, example_inputs, plain_model, shard_modules
-from cloud.model_store import ModelStore, StoreError
-from common.manifest import sha256_file, verify_manifest
+from fedge.cloud.export import build_from_manifest, example_inputs, plain_model, shard_modules
+from fedge.cloud.model_store import ModelStore, StoreError
+from fedge.common.manifest import sha256_file, verify_manifest
 from tests.shard_server import AUDIO_FRAMES, IMAGE_SIZE, make_model
 
 

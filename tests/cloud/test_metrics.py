@@ -8,10 +8,10 @@ import numpy as np
 import pytest
 import torch
 
-from cloud.metrics import MetricsLogger, modality_eval, read_metrics, routing_stats, token_modalities
-from common.model import build_model
-from common.synthetic import make_av_dataset
-from common.training import forward_batch, to_batch
+from fedge.cloud.metrics import MetricsLogger, modality_eval, read_metrics, routing_stats, token_modalities
+from fedge.common.model import build_model
+from fedge.common.synthetic import make_av_dataset
+from fedge.common.training import forward_batch, to_batch
 
 
 def test_token_modalities_follow_the_models_flattening_order() -> None:

@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from cloud.publisher import BasePublisher, base_version_name
-from common.manifest import generate_keypair
-from common.model import build_model
+from fedge.cloud.publisher import BasePublisher, base_version_name
+from fedge.common.manifest import generate_keypair
+from fedge.common.model import build_model
 
 KW = {"dim": 16, "num_experts": 2, "top_k": 1, "expert_hidden": 16, "num_classes": 4, "n_mels": 40,
       "precision": None}
@@ -36,7 +36,7 @@ def test_cloud_train_with_publish_and_no_signing_key_fails_in_one_line_before_ra
     import typer
     from typer.testing import CliRunner
 
-    from cloud.train_cli import train_command
+    from fedge.cloud.train_cli import train_command
 
     app = typer.Typer()
     app.command()(train_command)

@@ -1,7 +1,7 @@
 """kill -9 the cloud side mid-run (launcher, SuperLink, ServerApp), restart it: it resumes from its checkpoint.
 
 Real processes on loopback: `fedge cloud start` (embedded Ray + flower-superlink + flwr run) and two
-flower-supernode processes running edge.client_app:app.
+flower-supernode processes running fedge.edge.client_app:app.
 """
 
 import json
@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from cloud.launcher import wait_port
+from fedge.cloud.launcher import wait_port
 from tests.conftest import free_port
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -59,7 +59,7 @@ def _serverapps(port):
 
 
 def _cloud(run_dir, port, env):
-    cmd = [sys.executable, "-m", "common.cli", "cloud", "start", "--run-dir", str(run_dir), "--port", str(port),
+    cmd = [sys.executable, "-m", "fedge.common.cli", "cloud", "start", "--run-dir", str(run_dir), "--port", str(port),
            "--num-cpus", "1"]
     for s in SETS:
         cmd += ["--set", s]
@@ -124,7 +124,7 @@ def test_kill_9_server_mid_run_then_restart_resumes_from_checkpoint(tmp_path):
 
 
 def test_launcher_builds_superlink_and_federation_for_tls_and_insecure(tmp_path):
-    from cloud.launcher import LaunchOptions, federation_toml, superlink_command
+    from fedge.cloud.launcher import LaunchOptions, federation_toml, superlink_command
 
     o = LaunchOptions(run_dir=tmp_path, port=9555)
     cmd = superlink_command(o)
@@ -148,6 +148,6 @@ def test_launcher_builds_superlink_and_federation_for_tls_and_insecure(tmp_path)
     (["--set", "aggregation.bogus=1"], "aggregation.bogus"),
 ])
 def test_cloud_start_refuses_bad_options_with_one_line(tmp_path, args, msg):
-    r = subprocess.run([sys.executable, "-m", "common.cli", "cloud", "start", "--run-dir", str(tmp_path), *args],
+    r = subprocess.run([sys.executable, "-m", "fedge.common.cli", "cloud", "start", "--run-dir", str(tmp_path), *args],
                        cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert r.returncode == 2 and msg in r.stderr, r.stderr[-500:]

@@ -8,8 +8,15 @@ import json
 import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from cloud.model_store import ModelStore
-from common.manifest import Manifest, ManifestError, ShardFile, release_order, sign_manifest, verify_manifest
+from fedge.cloud.model_store import ModelStore
+from fedge.common.manifest import (
+    Manifest,
+    ManifestError,
+    ShardFile,
+    release_order,
+    sign_manifest,
+    verify_manifest,
+)
 
 KEY = Ed25519PrivateKey.generate()
 

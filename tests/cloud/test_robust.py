@@ -5,10 +5,10 @@ import itertools
 import numpy as np
 import pytest
 
-from cloud import robust as rb
-from cloud.state import AggregatorState
-from cloud.validation import RawUpdate
-from common import codec, wire
+from fedge.cloud import robust as rb
+from fedge.cloud.state import AggregatorState
+from fedge.cloud.validation import RawUpdate
+from fedge.common import codec, wire
 
 INIT = {"a": np.zeros((4, 5), np.float32), "b": np.zeros(6, np.float32)}
 DENSE = codec.CodecParams(topk_ratio=1.0, bits=32, error_feedback=False)

@@ -1,6 +1,6 @@
 """Secure aggregation: the server's view of a group reveals only its sum; dropout, staleness, lying members.
 
-Pure protocol tests (:mod:`common.secagg`) and the Flower-record path (cloud/secure_buffer.py talking to
+Pure protocol tests (:mod:`fedge.common.secagg`) and the Flower-record path (cloud/secure_buffer.py talking to
 edge/secagg_mod.py through in-process messages), plus one short real simulation with ``aggregation.secure``.
 """
 
@@ -30,13 +30,13 @@ from flwr.app import (
 from flwr.supercore.task_identity import TaskIdentity
 from scipy import stats
 
-from cloud.secure_buffer import SecureGroups, group_mean
-from cloud.validation import Reason, extract
-from common import secagg as sa
-from common import wire
-from common.config import load_config
-from edge.mods import RAW_DELTA
-from edge.secagg_mod import handle_query, secagg_mod
+from fedge.cloud.secure_buffer import SecureGroups, group_mean
+from fedge.cloud.validation import Reason, extract
+from fedge.common import secagg as sa
+from fedge.common import wire
+from fedge.common.config import load_config
+from fedge.edge.mods import RAW_DELTA
+from fedge.edge.secagg_mod import handle_query, secagg_mod
 
 ROOT = Path(__file__).resolve().parents[2]
 N, K_KEPT = 3000, 600
@@ -309,7 +309,7 @@ def test_secure_simulation_completes_and_learns(tmp_path):
     sets = ['aggregation.mode="async"', "aggregation.versions=5", "aggregation.concurrency=4",
             "aggregation.buffer_size=4", "aggregation.secure=true", "profiles.dropout=0.3",
             "train.local_steps=6", "data.samples_per_device=100", "data.eval_samples=200"]
-    r = subprocess.run([sys.executable, "-m", "tests.cloud.sim_main", str(run_dir), "4", "edge.client_app:app",
+    r = subprocess.run([sys.executable, "-m", "tests.cloud.sim_main", str(run_dir), "4", "fedge.edge.client_app:app",
                         *sets], check=False, cwd=ROOT, env=env, capture_output=True, text=True, timeout=400)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     recs = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]

@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from cloud import clock as clk
+from fedge.cloud import clock as clk
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -106,13 +106,13 @@ def test_a_server_resumed_after_global_training_evaluates_and_dispatches_the_new
     evaluation and publishes it as the version its messages name."""
     import torch
 
-    from cloud.builders import global_model, state_kwargs
-    from cloud.server_loop import ServerLoop
-    from cloud.state import AggregatorState, start_actor
-    from cloud.training import fresh_adapters
-    from common.config import load_config
-    from common.lora import adapter_state, base_state
-    from common.model import build_model, model_kwargs
+    from fedge.cloud.builders import global_model, state_kwargs
+    from fedge.cloud.server_loop import ServerLoop
+    from fedge.cloud.state import AggregatorState, start_actor
+    from fedge.cloud.training import fresh_adapters
+    from fedge.common.config import load_config
+    from fedge.common.lora import adapter_state, base_state
+    from fedge.common.model import build_model, model_kwargs
 
     cfg = load_config(overrides={"publish.onnx": False})
     mkw = model_kwargs(cfg)
@@ -142,7 +142,7 @@ def test_a_reply_whose_objects_never_arrive_is_given_up_after_the_bound():
 
     from flwr.supercore.inflatable import inflatable_utils as iu
 
-    from cloud.flower_patch import bound_reply_pulls
+    from fedge.cloud.flower_patch import bound_reply_pulls
 
     saved = dict(iu.pull_objects.__kwdefaults__)
     try:

@@ -11,9 +11,9 @@ import pytest
 import torch
 import yaml
 
-from cloud.export import build_from_manifest
-from cloud.serving import MULTIPLEX_HEADER, build_app, parse_range
-from common.manifest import verify_manifest
+from fedge.cloud.export import build_from_manifest
+from fedge.cloud.serving import MULTIPLEX_HEADER, build_app, parse_range
+from fedge.common.manifest import verify_manifest
 from tests.shard_server import make_model
 
 CONFIG = Path(__file__).resolve().parents[2] / "cloud" / "serve_shards.yaml"
@@ -40,7 +40,7 @@ def test_serve_config_file_is_valid_for_serve_cli():
 
     cfg = ServeDeploySchema.model_validate(yaml.safe_load(CONFIG.read_text()))
     app = cfg.applications[0]
-    assert app.import_path == "cloud.serving:build_app"
+    assert app.import_path == "fedge.cloud.serving:build_app"
     assert app.deployments[0].ray_actor_options.num_cpus == 0
     assert cfg.http_options.host == "127.0.0.1"
     assert build_app(app.args) is not None  # the builder Serve's CLI calls
@@ -177,9 +177,9 @@ def test_version_swap_under_a_stream_of_requests_has_zero_failures(shard_server)
 def test_keys_and_token_commands(tmp_path):
     from typer.testing import CliRunner
 
-    from cloud.serving import token_digest
-    from common.cli import build_app
-    from common.manifest import load_private_key, load_public_key
+    from fedge.cloud.serving import token_digest
+    from fedge.common.cli import build_app
+    from fedge.common.manifest import load_private_key, load_public_key
 
     r = CliRunner().invoke(build_app(), ["cloud", "keys", "--out", str(tmp_path / "k")])
     assert r.exit_code == 0, r.output

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from cloud.serving import check_exposure
+from fedge.cloud.serving import check_exposure
 
 GUIDE = Path(__file__).resolve().parents[2] / "docs" / "deploy.md"
 
@@ -28,7 +28,7 @@ def test_beyond_loopback_without_tokens_is_refused_unless_public(host, tmp_path)
 
 
 def test_serve_cli_refuses_a_public_bind_without_tokens_in_one_line_before_ray_starts(tmp_path):
-    from cloud.cli import app
+    from fedge.cloud.cli import app
 
     store = tmp_path / "models"
     store.mkdir()

@@ -5,9 +5,9 @@ import itertools
 import numpy as np
 import pytest
 
-from cloud.state import ACTOR_NAME, AggregatorState, CheckpointError, atomic_write, start_actor
-from cloud.validation import RawUpdate
-from common import codec, wire
+from fedge.cloud.state import ACTOR_NAME, AggregatorState, CheckpointError, atomic_write, start_actor
+from fedge.cloud.validation import RawUpdate
+from fedge.common import codec, wire
 
 INIT = {"a": np.ones((2, 3), np.float32), "b": np.zeros(4, np.float32)}
 DENSE = codec.CodecParams(topk_ratio=1.0, bits=32, error_feedback=False)
@@ -144,7 +144,7 @@ def test_state_runs_as_a_ray_actor(ray_session, tmp_path):
 
 
 def test_any_failure_while_checking_an_update_is_a_counted_refusal_not_an_exception(monkeypatch):
-    import cloud.state as state_mod
+    import fedge.cloud.state as state_mod
 
     def boom(*a, **kw):
         raise MemoryError("declared 8 GiB")

@@ -13,8 +13,8 @@ import numpy as np
 import pytest
 import torch
 
-from cloud.metrics import read_metrics
-from cloud.training import (
+from fedge.cloud.metrics import read_metrics
+from fedge.cloud.training import (
     GlobalTrainer,
     TrainingError,
     fresh_adapters,
@@ -25,11 +25,11 @@ from cloud.training import (
     training_dataset,
     training_due,
 )
-from common.config import ConfigError, load_config
-from common.lora import adapter_state
-from common.model import build_model, model_kwargs
-from common.synthetic import make_av_dataset
-from common.training import evaluate, forward_batch, to_batch
+from fedge.common.config import ConfigError, load_config
+from fedge.common.lora import adapter_state
+from fedge.common.model import build_model, model_kwargs
+from fedge.common.synthetic import make_av_dataset
+from fedge.common.training import evaluate, forward_batch, to_batch
 
 CFG = load_config(overrides={"precision.image": "fp32", "precision.audio": "fp32"})
 MKW = model_kwargs(CFG)
@@ -72,7 +72,7 @@ def test_merged_base_with_fresh_adapters_matches_old_base_with_aggregated_adapte
 
 @pytest.mark.parametrize("scope", ["partial", "full"])
 def test_merging_a_wider_scope_keeps_the_function_and_hands_back_that_scope_fresh(scope: str) -> None:
-    from common.scope import scope_keys, trainable_state
+    from fedge.common.scope import scope_keys, trainable_state
 
     g = torch.Generator().manual_seed(4)
     base = initial_base(MKW)
@@ -225,7 +225,7 @@ def test_metrics_per_modality_go_to_jsonl_and_tensorboard(killed_run) -> None:
 
 def test_step_batches_are_a_pure_function_of_seed_rank_step() -> None:
     # what makes a resumed run replay exactly the batches the killed one would have seen
-    from cloud.training import _step_batch
+    from fedge.cloud.training import _step_batch
 
     data = make_av_dataset(64, seed=2)
     kw = {"seed": 0, "batch_size": 16, "dropout": 0.5, "device": torch.device("cpu")}
@@ -239,7 +239,7 @@ def test_step_batches_are_a_pure_function_of_seed_rank_step() -> None:
 
 
 def test_rebase_args_hand_the_aggregator_numpy_base_and_fresh_adapters(tmp_path) -> None:
-    from cloud.training import TrainResult
+    from fedge.cloud.training import TrainResult
 
     base = initial_base(MKW)
     fresh = fresh_adapters(base, mkw=MKW, rank=RANK, alpha=ALPHA)
@@ -254,7 +254,7 @@ def _cli(args: list[str]):
     import typer
     from typer.testing import CliRunner
 
-    from cloud.train_cli import train_command
+    from fedge.cloud.train_cli import train_command
 
     app = typer.Typer()
     app.command()(train_command)
@@ -303,7 +303,7 @@ def test_training_data_path_is_read_and_bad_files_get_one_clear_error(tmp_path, 
 def test_training_data_path_reads_a_sample_store_and_refuses_labels_outside_the_model(tmp_path, ray_session) -> None:
     import cv2
 
-    from edge.store import SampleStore
+    from fedge.edge.store import SampleStore
 
     jpeg = cv2.imencode(".jpg", np.full((40, 40, 3), 90, np.uint8))[1].tobytes()
     with SampleStore(tmp_path / "store") as st:

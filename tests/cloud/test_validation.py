@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 from flwr.app import ConfigRecord, MetricRecord, RecordDict
 
-from cloud.validation import RawUpdate, Reason, RejectionCounter, UpdateRejected, extract, validate
-from common import codec, wire
+from fedge.cloud.validation import RawUpdate, Reason, RejectionCounter, UpdateRejected, extract, validate
+from fedge.common import codec, wire
 
 REF = {"a": np.zeros((4, 3), np.float32), "b": np.zeros(6, np.float32)}
 DENSE = codec.CodecParams(topk_ratio=1.0, bits=32, error_feedback=False)
@@ -120,9 +120,9 @@ def test_header_bomb_is_refused_by_shape_without_allocating_what_it_declares():
                                                        ("partial", "full")])
 def test_an_update_of_another_train_scope_is_refused_with_keys(run_scope, sent_scope):
     """The server's reference is the global state of the run's scope; a device on another scope is refused."""
-    from common.lora import apply_lora
-    from common.model import build_model
-    from common.scope import trainable_state
+    from fedge.common.lora import apply_lora
+    from fedge.common.model import build_model
+    from fedge.common.scope import trainable_state
 
     m = apply_lora(build_model(seed=0), rank=4, alpha=8.0)
     ref = {k: v.numpy() for k, v in trainable_state(m, run_scope).items()}

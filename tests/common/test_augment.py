@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from common.augment import (TOP_DB, augment_audio, augment_batch, augment_image, outlier_audio, scramble_audio,
+from fedge.common.augment import (TOP_DB, augment_audio, augment_batch, augment_image, outlier_audio, scramble_audio,
                             scramble_image, splice_audio, warp_audio)
 
 

@@ -5,8 +5,8 @@ import zlib
 import numpy as np
 import pytest
 
-from common import codec
-from common.codec import CodecError, CodecParams, decode, encode
+from fedge.common import codec
+from fedge.common.codec import CodecError, CodecParams, decode, encode
 
 
 def _delta(seed=0):

@@ -1,6 +1,6 @@
 import pytest
 
-from common.config import ConfigError, FedgeConfig, load_config, parse_overrides
+from fedge.common.config import ConfigError, FedgeConfig, load_config, parse_overrides
 
 
 def test_defaults_are_valid_and_round_trip_through_toml(tmp_path):
@@ -90,7 +90,7 @@ def test_expert_affinity_layouts_are_validated_naming_the_key(flat, key):
 
 
 def test_modality_affinity_config_reaches_the_model():
-    from common.model import build_model, model_kwargs
+    from fedge.common.model import build_model, model_kwargs
 
     cfg = load_config(run_config={"model.expert_affinity": "modality", "model.num_experts": 6,
                                   "model.shared_experts": 2, "model.top_k": 4})

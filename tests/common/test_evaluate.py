@@ -10,12 +10,12 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from common.base_weights import save_base
-from common.cli import build_app
-from common.config import load_config
-from common.evaluation import model_with
-from common.lora import adapter_state
-from common.model import build_model, model_kwargs
+from fedge.common.base_weights import save_base
+from fedge.common.cli import build_app
+from fedge.common.config import load_config
+from fedge.common.evaluation import model_with
+from fedge.common.lora import adapter_state
+from fedge.common.model import build_model, model_kwargs
 
 SMALL = {"model.dim": 16, "model.num_experts": 2, "model.top_k": 1, "model.expert_hidden": 32,
          "model.num_classes": 4, "model.image_size": 16, "model.n_mels": 16, "model.audio_frames": 8}
@@ -130,10 +130,10 @@ def test_bad_input_is_one_line(case: str, tmp_path: Path):
 
 @pytest.mark.integration
 def test_trained_model_scores_as_the_training_loop_evaluates_it(tmp_path: Path):
-    """A small model trained on separable data: the CLI's numbers are the ones common.training.evaluate gives."""
-    from common.evaluation import fused, only
-    from common.synthetic import make_av_dataset
-    from common.training import evaluate, train_steps
+    """A small model trained on separable data: the CLI's numbers are the ones fedge.common.training.evaluate gives."""
+    from fedge.common.evaluation import fused, only
+    from fedge.common.synthetic import make_av_dataset
+    from fedge.common.training import evaluate, train_steps
 
     cfg = _cfg()
     m = build_model(**model_kwargs(cfg))

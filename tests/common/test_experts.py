@@ -1,11 +1,11 @@
-"""Batched expert compute (common.experts) against a per-expert reference loop, inside the model, with LoRA."""
+"""Batched expert compute (fedge.common.experts) against a per-expert reference loop, inside the model, with LoRA."""
 
 import pytest
 import torch
 
-from common.experts import expert_slots, moe_dense, moe_topk, stack_experts
-from common.lora import apply_lora
-from common.model import build_model
+from fedge.common.experts import expert_slots, moe_dense, moe_topk, stack_experts
+from fedge.common.lora import apply_lora
+from fedge.common.model import build_model
 
 B, S, MELS, T = 6, 32, 40, 32
 
@@ -118,7 +118,7 @@ def test_lora_adapters_on_experts_change_outputs_and_get_gradients():
 def test_stacked_weights_are_reused_without_gradients_and_restacked_when_a_weight_changes():
     import copy
 
-    from common.experts import ExpertStack
+    from fedge.common.experts import ExpertStack
 
     model = build_model(num_experts=4, top_k=2, seed=0)
     stack = ExpertStack()
@@ -146,7 +146,7 @@ def test_stacked_weights_are_reused_without_gradients_and_restacked_when_a_weigh
 
 
 def test_eval_forward_is_unchanged_by_the_cache_and_the_router_softmax():
-    from common.experts import expert_softmax
+    from fedge.common.experts import expert_softmax
 
     logits = torch.randn(50, 8)
     assert torch.allclose(expert_softmax(logits), logits.softmax(dim=-1), atol=1e-7)

@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from common.fsio import append_jsonl, atomic_dir, atomic_path, atomic_write, read_jsonl
+from fedge.common.fsio import append_jsonl, atomic_dir, atomic_path, atomic_write, read_jsonl
 
 
 def _mode(p: Path) -> int:

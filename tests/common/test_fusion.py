@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 import torch
 
-from common.model import MoEOutput, build_model, fusion_loss, reliability
-from common.synthetic import make_av_dataset
-from common.training import forward_batch, to_batch, train_steps
+from fedge.common.model import MoEOutput, build_model, fusion_loss, reliability
+from fedge.common.synthetic import make_av_dataset
+from fedge.common.training import forward_batch, to_batch, train_steps
 
 
 def test_reliability_is_one_for_a_sure_head_and_zero_for_a_uniform_one():
@@ -85,7 +85,7 @@ def test_fused_is_never_worse_than_image_only_when_the_audio_is_broken(toy):
 
 
 def test_conflict_needs_two_sure_heads_naming_different_classes():
-    from common.model import conflict
+    from fedge.common.model import conflict
 
     sure = lambda c: torch.nn.functional.one_hot(torch.tensor(c), 5).float() * 20.0  # noqa: E731
     per = torch.stack([torch.stack([sure(1), sure(1)]), torch.stack([sure(1), sure(3)]),
@@ -99,7 +99,7 @@ def test_conflict_needs_two_sure_heads_naming_different_classes():
 
 
 def test_when_sure_inputs_conflict_the_joint_head_does_not_decide_the_surer_modality_does():
-    from common.model import fuse
+    from fedge.common.model import fuse
 
     c = 4
     routed = torch.zeros(1, 2, c)

@@ -6,11 +6,11 @@ import numpy as np
 import pytest
 import torch
 
-from common.lora import apply_lora
-from common.model import build_model
-from common.scope import set_trainable, trainable_state
-from common.synthetic import make_av_dataset
-from common.training import local_step_budget, lr_factor, proximal_term, train_steps
+from fedge.common.lora import apply_lora
+from fedge.common.model import build_model
+from fedge.common.scope import set_trainable, trainable_state
+from fedge.common.synthetic import make_av_dataset
+from fedge.common.training import local_step_budget, lr_factor, proximal_term, train_steps
 
 
 def test_local_epochs_scale_the_steps_with_the_devices_data():

@@ -1,9 +1,9 @@
 import pytest
 import torch
 
-from common.lora import (adapter_state, apply_lora, base_state, is_adapter_key, load_adapter_state,
+from fedge.common.lora import (adapter_state, apply_lora, base_state, is_adapter_key, load_adapter_state,
                          load_base_state, merge_lora)
-from common.model import build_model
+from fedge.common.model import build_model
 
 
 def _lora_model(seed=0):

@@ -5,7 +5,7 @@ import json
 import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from common.manifest import (
+from fedge.common.manifest import (
     Manifest,
     ManifestError,
     ShardFile,

@@ -3,7 +3,7 @@ import itertools
 import pytest
 import torch
 
-from common.model import build_model, load_balancing_loss, top_k_gating
+from fedge.common.model import build_model, load_balancing_loss, top_k_gating
 
 B, S, MELS, T = 6, 32, 40, 32
 

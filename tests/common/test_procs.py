@@ -1,10 +1,10 @@
-"""common.procs.escalate: gentle signals first, harder ones only when a process outlives them."""
+"""fedge.common.procs.escalate: gentle signals first, harder ones only when a process outlives them."""
 
 import signal
 import subprocess
 import sys
 
-from common.procs import escalate
+from fedge.common.procs import escalate
 
 IGNORE_TERM = "import signal, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); print('ready', flush=True); " \
               "time.sleep(60)"

@@ -3,9 +3,9 @@
 import pytest
 import torch
 
-from common.lora import apply_lora, is_adapter_key
-from common.model import build_model
-from common.scope import (SCOPES, ScopeError, load_trainable_state, scope_keys, scope_layout, set_trainable,
+from fedge.common.lora import apply_lora, is_adapter_key
+from fedge.common.model import build_model
+from fedge.common.scope import (SCOPES, ScopeError, load_trainable_state, scope_keys, scope_layout, set_trainable,
                           trainable_state)
 
 

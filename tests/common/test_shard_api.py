@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from common import pki_files, shard_api
-from common.shard_api import (
+from fedge.common import pki_files, shard_api
+from fedge.common.shard_api import (
     MANIFEST_ROUTE,
     MODELS_ROUTE,
     PREDICT_ROUTE,
@@ -99,13 +99,13 @@ def test_server_routes_and_device_requests_come_from_the_contract():
                        ("edge/shards.py", {"manifest_path", "shard_path", "DEVICE_HEADER", "AUTH_HEADER", "bearer",
                                            "sha256_etag", "CREDENTIAL_HEADERS"})):
         tree = ast.parse((ROOT / side).read_text())
-        imported = {a.name for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.module == "common.shard_api"
+        imported = {a.name for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.module == "fedge.common.shard_api"
                     for a in n.names}
-        assert used <= imported, f"{side} does not take {sorted(used - imported)} from common.shard_api"
+        assert used <= imported, f"{side} does not take {sorted(used - imported)} from fedge.common.shard_api"
 
 
 def test_serve_app_registers_exactly_the_contract_routes():
     pytest.importorskip("ray.serve")
-    from cloud.serving import api
+    from fedge.cloud.serving import api
 
     assert set(api.openapi()["paths"]) == {MODELS_ROUTE, MANIFEST_ROUTE, SHARD_ROUTE, PREDICT_ROUTE}

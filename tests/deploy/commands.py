@@ -61,7 +61,7 @@ def _click(get: Callable[[], click.Command], prog: str) -> Callable[[list[str]],
 
 
 def _fedge() -> click.Command:
-    from common.cli import build_app
+    from fedge.common.cli import build_app
 
     return typer.main.get_command(build_app())
 

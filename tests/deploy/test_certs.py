@@ -16,7 +16,7 @@ from cryptography.hazmat.primitives.serialization import load_ssh_private_key, l
 from flwr.cli.supernode.register import try_load_public_key
 from flwr.supercore.primitives.asymmetric import uses_nist_ec_curve
 
-from cloud.certs import CertError, CertLayout, generate, server_sans
+from fedge.cloud.certs import CertError, CertLayout, generate, server_sans
 from tests.conftest import free_port
 
 from .procs import BIN, Proc, env_with, flwr_config, port_open, wait_for

@@ -17,7 +17,7 @@ import pytest
 import ray
 import yaml
 
-from common.config import load_config
+from fedge.common.config import load_config
 
 from .commands import check_container
 from .procs import ROOT
@@ -170,12 +170,12 @@ def test_entry_points_the_images_and_manifests_rely_on_exist():
     from .commands import import_path_resolves
 
     meta = tomllib.loads((ROOT / "pyproject.toml").read_text())
-    assert meta["project"]["scripts"]["fedge"] == "common.cli:main"
-    assert callable(import_path_resolves("common.cli:main"))
+    assert meta["project"]["scripts"]["fedge"] == "fedge.common.cli:main"
+    assert callable(import_path_resolves("fedge.common.cli:main"))
     comps = meta["tool"]["flwr"]["app"]["components"]
-    assert comps == {"serverapp": "cloud.server_app:app", "clientapp": "edge.client_app:app"}
+    assert comps == {"serverapp": "fedge.cloud.server_app:app", "clientapp": "fedge.edge.client_app:app"}
     assert isinstance(import_path_resolves(comps["serverapp"]), ServerApp)
     assert isinstance(import_path_resolves(comps["clientapp"]), ClientApp)
     cloud_copies = " ".join(rest for ins, rest in _dockerfile("cloud.Dockerfile") if ins == "COPY")
-    for pkg in ("common", "edge", "cloud"):  # the app `flwr run` builds in the image holds both components
+    for pkg in ("fedge", "common", "edge", "cloud"):  # the app `flwr run` builds in the image holds both components
         assert f" {pkg} ./{pkg}" in cloud_copies, pkg

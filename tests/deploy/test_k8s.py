@@ -21,9 +21,9 @@ from kubernetes import client
 from ray.autoscaler._private.kuberay.autoscaling_config import _derive_autoscaling_config_from_ray_cr
 from ray.serve.schema import ServeDeploySchema
 
-from cloud.certs import server_sans
-from cloud.state import RAY_ADDRESS_ENV
-from common.config import config_from_context, load_config
+from fedge.cloud.certs import server_sans
+from fedge.cloud.state import RAY_ADDRESS_ENV
+from fedge.common.config import config_from_context, load_config
 
 from .commands import check_container, check_script, import_path_resolves
 from .guide import guide_env, run_step
@@ -225,7 +225,7 @@ def test_tls_secret_holds_the_generated_certificate_whose_names_cover_the_servic
 
 
 def test_serve_config_is_valid_and_names_fedge_s_shard_server(rendered):
-    from cloud import serving
+    from fedge.cloud import serving
 
     _, objs = rendered
     svc = next(o for o in objs if o["kind"] == "RayService")

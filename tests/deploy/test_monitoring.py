@@ -8,8 +8,8 @@ from pathlib import Path
 
 import yaml
 
-from cloud.dashboard import LiveState
-from cloud.prometheus import families
+from fedge.cloud.dashboard import LiveState
+from fedge.cloud.prometheus import families
 
 MON = Path(__file__).resolve().parents[2] / "deploy" / "monitoring"
 
@@ -43,7 +43,7 @@ def test_grafana_panels_query_only_exported_metrics():
 
 
 def test_compose_publishes_the_dashboard_that_prometheus_scrapes():
-    from common.config import load_config
+    from fedge.common.config import load_config
 
     docker = MON.parent / "docker"
     cfg = load_config(toml_path=docker / "fedge.toml")

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from cloud.certs import generate
+from fedge.cloud.certs import generate
 
 from .commands import check_argv
 from .procs import BIN, ROOT

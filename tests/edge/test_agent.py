@@ -15,8 +15,8 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 
-from common.config import ConfigError
-from edge.agent import (
+from fedge.common.config import ConfigError
+from fedge.edge.agent import (
     AgentError,
     Child,
     auth_key_path,
@@ -25,7 +25,7 @@ from edge.agent import (
     parse_address,
     supernode_command,
 )
-from edge.node_config import NodeConfig
+from fedge.edge.node_config import NodeConfig
 from tests.conftest import free_port
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -174,13 +174,13 @@ def test_sigterm_mid_ingest_loses_no_stored_sample_and_no_adapter_state(tmp_path
     device's saved adapter state is untouched."""
     import sqlite3
 
-    from edge import node_state
-    from edge.store import DB_NAME, SampleStore
+    from fedge.edge import node_state
+    from fedge.edge.store import DB_NAME, SampleStore
 
     rate = 16000
     rng = np.random.default_rng(0)
     wav = tmp_path / "mic.wav"
-    from simulations.avdigits import write_wav
+    from fedge.simulations.avdigits import write_wav
 
     write_wav(wav, (0.1 * rng.standard_normal(240 * rate)).astype(np.float32), rate)  # four minutes
     store = tmp_path / "store"
@@ -232,7 +232,7 @@ RATE = 16000
 def _render_stream(out: Path, label: int, shots: int, rng: np.random.Generator, *, camera: bool, mic: bool):
     """A generated recording of one class: camera shots of a dark (0) or a bright (1) card under a moving
     camera, and a microphone hearing a low (0) or a high (1) whistle over noise (AV-digits' kernels)."""
-    from simulations import avdigits
+    from fedge.simulations import avdigits
 
     video = audio = None
     if camera:
@@ -263,8 +263,8 @@ def _generate_and_ingest(tmp_path: Path, env: dict[str, str]):
     Returns the stores of the camera+mic device (``a``) and the mic-only device (``b``), the recording the
     camera+mic agent ingests itself while running, and the cloud's held-out set as NPZ.
     """
-    from edge.ingest import ingest
-    from edge.store import SampleStore
+    from fedge.edge.ingest import ingest
+    from fedge.edge.store import SampleStore
 
     rng = np.random.default_rng(7)
     media = tmp_path / "media"
@@ -297,9 +297,9 @@ def test_devices_train_over_tls_with_node_auth_and_a_killed_supernode_rejoins(tm
     """
     import json
 
-    from cloud.certs import CertLayout, generate
-    from common import codec
-    from edge import node_state
+    from fedge.cloud.certs import CertLayout, generate
+    from fedge.common import codec
+    from fedge.edge import node_state
     from tests.deploy.procs import Proc, env_with, flwr_config, port_open, wait_for
 
     port = free_port()
@@ -378,9 +378,9 @@ def test_devices_train_over_tls_with_node_auth_and_a_killed_supernode_rejoins(tm
         hist = versions()
         assert [h["version"] for h in hist] == list(range(1, VERSIONS + 1))
         # the global model improves over the versions: from the initial adapters (version 0) to the last
-        from cloud.builders import global_model
-        from common.config import load_config
-        from common.training import evaluate
+        from fedge.cloud.builders import global_model
+        from fedge.common.config import load_config
+        from fedge.common.training import evaluate
 
         with np.load(heldout) as z:
             v0 = evaluate(global_model(load_config(overrides={"model.num_classes": CLASSES})), dict(z))
@@ -464,7 +464,7 @@ def test_microphones_are_restarted_and_image_folders_are_done(tmp_path):
 def test_live_microphone_ingest_is_restarted_when_it_ends_and_stops_with_the_agent(tmp_path):
     """A live source (an ffmpeg generator standing in for `--audio alsa:hw:1`) that ends is reopened, not
     treated as a finished recording; SIGTERM stops the agent with what was stored kept."""
-    from edge.store import SampleStore
+    from fedge.edge.store import SampleStore
 
     store = tmp_path / "store"
     with _agent(tmp_path, "--store", str(store), "--audio", "lavfi:sine=frequency=440:sample_rate=16000",

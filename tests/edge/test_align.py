@@ -12,13 +12,13 @@ import pytest
 import skimage.data
 import soundfile as sf
 
-from common.media.audio import mel_power, power_to_db
-from common.media.mel import BLOCK, MelParams
-from edge.align import NoiseFloor, active_segments, choose_windows, frame_energy_db, window_power
-from edge.audio_windows import AudioWindows
-from edge.ingest import ingest
-from edge.labels import parse_labels
-from edge.store import SampleStore
+from fedge.common.media.audio import mel_power, power_to_db
+from fedge.common.media.mel import BLOCK, MelParams
+from fedge.edge.align import NoiseFloor, active_segments, choose_windows, frame_energy_db, window_power
+from fedge.edge.audio_windows import AudioWindows
+from fedge.edge.ingest import ingest
+from fedge.edge.labels import parse_labels
+from fedge.edge.store import SampleStore
 
 SR, HOP, FRAMES, SHOT_S = 16000, 256, 32, 2.0
 WORD_S = 0.35
@@ -217,7 +217,7 @@ def test_frame_energy_db_is_the_broadband_level():
 def test_cli_max_per_shot_and_bad_alignment_options(tmp_path, video):
     from typer.testing import CliRunner
 
-    from common.cli import build_app
+    from fedge.common.cli import build_app
 
     y = _track([[0.15, 1.4], [0.8], [0.2, 1.5]], noise_rms=0.003)
     sf.write(tmp_path / "a.wav", y, SR, subtype="FLOAT")
@@ -234,7 +234,7 @@ def test_cli_max_per_shot_and_bad_alignment_options(tmp_path, video):
 
 @pytest.mark.parametrize("max_interval", [4.0, 0.8])  # shots, and chunks of a long shot
 def test_keyframe_spans_tile_the_video_and_hold_their_keyframe(video, max_interval):
-    from edge.keyframes import extract_keyframes
+    from fedge.edge.keyframes import extract_keyframes
 
     rep = extract_keyframes(str(video), max_interval=max_interval, min_interval=0.25)
     spans = [(k.start, k.end) for k in rep.keyframes]

@@ -12,8 +12,8 @@ import pytest
 import scipy.signal
 import soundfile as sf
 
-from common.media.mel import MelParams
-from edge.audio_source import AudioSourceError, find_ffmpeg, open_audio
+from fedge.common.media.mel import MelParams
+from fedge.edge.audio_source import AudioSourceError, find_ffmpeg, open_audio
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -44,7 +44,7 @@ def test_file_is_downmixed_resampled_and_read_in_chunks(tmp_path, fmt):
 
 
 def test_stdlib_wave_reader_gives_the_same_samples(tmp_path):
-    from edge import audio_source
+    from fedge.edge import audio_source
 
     path = tmp_path / "w.wav"
     st = _stereo(22050, 1.0)
@@ -146,8 +146,8 @@ def test_hour_long_file_is_read_with_bounded_memory(tmp_path):
             f.write(tone)
     code = (
         "import resource, sys\n"
-        "from edge.audio_source import open_audio\n"
-        "from common.media.audio import MelStream\n"
+        "from fedge.edge.audio_source import open_audio\n"
+        "from fedge.common.media.audio import MelStream\n"
         f"src = open_audio({str(path)!r}, sr=16000)\n"
         "before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss\n"
         "ms = MelStream(); n = 0\n"

@@ -9,13 +9,13 @@ import numpy as np
 import pytest
 import torch
 
-from cloud.export import load_state_from_shards
-from cloud.publisher import BasePublisher, plain_from_state
-from common.base_delta import apply_delta, read_shard, shard_bytes, snap_to_delta
-from common.lora import base_state
-from common.manifest import generate_keypair, sha256_file
-from common.model import build_model
-from edge.base_fetch import StoreSource, fetch_base, needed_shards
+from fedge.cloud.export import load_state_from_shards
+from fedge.cloud.publisher import BasePublisher, plain_from_state
+from fedge.common.base_delta import apply_delta, read_shard, shard_bytes, snap_to_delta
+from fedge.common.lora import base_state
+from fedge.common.manifest import generate_keypair, sha256_file
+from fedge.common.model import build_model
+from fedge.edge.base_fetch import StoreSource, fetch_base, needed_shards
 
 KW = {"dim": 32, "num_experts": 4, "top_k": 2, "expert_hidden": 32, "num_classes": 10, "n_mels": 40,
       "precision": None}

@@ -1,6 +1,6 @@
 """Every error of `fedge edge ingest` / `fedge edge keyframes` is one line: odd values fed to every option.
 
-Through :func:`common.cli.run`, the console script's own entry point (what a user sees), in this process.
+Through :func:`fedge.common.cli.run`, the console script's own entry point (what a user sees), in this process.
 """
 
 import math
@@ -13,8 +13,8 @@ import pytest
 import skimage.data
 import soundfile as sf
 
-from common.cli import run
-from edge.store import SampleStore
+from fedge.common.cli import run
+from fedge.edge.store import SampleStore
 
 SR = 16000
 NUMBERS = ["nan", "inf", "-inf", "1e308", "-1", "0", "", "99999999999999999999999"]

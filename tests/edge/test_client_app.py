@@ -9,15 +9,15 @@ import pytest
 import torch
 from flwr.app import Context, Message, MessageType, Metadata, RecordDict
 
-from common import codec, wire
-from common.config import ConfigError, load_config
-from common.lora import adapter_state, apply_lora, base_state, is_adapter_key
-from common.model import build_model, model_kwargs
-from edge import node_state
-from edge.client_app import app, get_model
-from edge.data import local_data, restrict_modalities
-from edge.mods import RESIDUAL
-from edge.node_config import NodeConfig, parse_node_config, resolve_device, resolve_precision
+from fedge.common import codec, wire
+from fedge.common.config import ConfigError, load_config
+from fedge.common.lora import adapter_state, apply_lora, base_state, is_adapter_key
+from fedge.common.model import build_model, model_kwargs
+from fedge.edge import node_state
+from fedge.edge.client_app import app, get_model
+from fedge.edge.data import local_data, restrict_modalities
+from fedge.edge.mods import RESIDUAL
+from fedge.edge.node_config import NodeConfig, parse_node_config, resolve_device, resolve_precision
 
 # dense, unquantized updates: these tests look at training, not at compression
 EXACT = {"communication.compression": "none", "communication.quant_bits": 32, "train.modality_dropout": 0.0,
@@ -57,9 +57,9 @@ def test_a_message_naming_a_published_base_trains_on_it_and_an_unknown_one_is_a_
     """After a global training the server's messages name the published base; devices fetch it and switch."""
     from dataclasses import replace
 
-    from cloud.publisher import BasePublisher
-    from common.manifest import ManifestError, generate_keypair
-    from edge.client_app import round_config
+    from fedge.cloud.publisher import BasePublisher
+    from fedge.common.manifest import ManifestError, generate_keypair
+    from fedge.edge.client_app import round_config
 
     store = tmp_path / "models"
     key, _ = generate_keypair(store / ".signing")
@@ -134,7 +134,7 @@ def test_reply_metrics_report_examples_loss_counts_time_and_bytes():
 
 
 def test_full_scope_trains_every_parameter_for_the_local_epochs_the_round_asks():
-    from common.scope import scope_keys, trainable_state
+    from fedge.common.scope import scope_keys, trainable_state
 
     ctx = _ctx({"train.scope": "full"})
     cfg = load_config(run_config=ctx.run_config)
@@ -247,8 +247,8 @@ def _toy_store(path, *, n: int, seed: int, modalities=("image", "audio"), unlabe
     """A SampleStore of a separable 4-class task (the generated AV classes), written as a device would."""
     import cv2
 
-    from common.synthetic import make_av_dataset
-    from edge.store import SampleStore
+    from fedge.common.synthetic import make_av_dataset
+    from fedge.edge.store import SampleStore
 
     d = make_av_dataset(n + unlabeled, seed=seed, num_classes=4, modalities=modalities, image_noise=0.1)
     with SampleStore(path) as st:

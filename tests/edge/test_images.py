@@ -12,13 +12,13 @@ import pytest
 import skimage.data
 from typer.testing import CliRunner
 
-from common.cli import build_app
-from edge.images import is_image_source, open_images, read_name_labels
-from edge.ingest import IngestError, ingest
-from edge.keyframes import thumbnail
-from edge.labels import LabelsError
-from edge.sources import VideoSourceError
-from edge.store import SampleStore
+from fedge.common.cli import build_app
+from fedge.edge.images import is_image_source, open_images, read_name_labels
+from fedge.edge.ingest import IngestError, ingest
+from fedge.edge.keyframes import thumbnail
+from fedge.edge.labels import LabelsError
+from fedge.edge.sources import VideoSourceError
+from fedge.edge.store import SampleStore
 
 PHOTOS = (skimage.data.astronaut, skimage.data.chelsea, skimage.data.coffee, skimage.data.rocket)
 

@@ -5,10 +5,10 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from common.cli import build_app
-from common.model import build_model
-from edge.inference import ShardedRunner, combine_experts
-from edge.shards import ShardCache
+from fedge.common.cli import build_app
+from fedge.common.model import build_model
+from fedge.edge.inference import ShardedRunner, combine_experts
+from fedge.edge.shards import ShardCache
 
 
 def test_combine_experts_matches_the_torch_moe_route():
@@ -17,7 +17,7 @@ def test_combine_experts_matches_the_torch_moe_route():
     x, q = torch.randn(9, model.dim, generator=g), torch.rand(9, generator=g)
     with torch.no_grad():
         want, _, _, idx, _ = model.route(x, q)
-        from common.model import top_k_gating
+        from fedge.common.model import top_k_gating
 
         _, idx, gates = top_k_gating(model.router(x, q), model.top_k)
         outputs, rows = {}, {}
@@ -37,7 +37,7 @@ def _cache(srv, tmp_path, modalities, **kw):
 @pytest.mark.parametrize("layout", ["shared", "modality"])  # modality: expert_affinity='modality' (ORT mask)
 @pytest.mark.parametrize("given", [("image", "audio"), ("image",), ("audio",)])
 def test_sharded_runner_reproduces_the_model(shard_server, request, tmp_path, given, layout):
-    from cloud.export import build_from_manifest
+    from fedge.cloud.export import build_from_manifest
 
     version = request.getfixturevalue("modality_version") if layout == "modality" else "latest"
     runner = ShardedRunner(_cache(shard_server, tmp_path, ("image", "audio"), version=version))
@@ -133,7 +133,7 @@ def test_edge_predict_runs_on_a_real_video_and_audio_file(shard_server, tmp_path
                                           ("modality", ("audio",))])
 def test_batched_experts_runner_reproduces_the_model_in_one_call_per_group(shard_server, request, tmp_path,
                                                                            layout, given):
-    from cloud.export import build_from_manifest
+    from fedge.cloud.export import build_from_manifest
 
     version = request.getfixturevalue("modality_version") if layout == "modality" else "latest"
     cache = _cache(shard_server, tmp_path, given, version=version)

@@ -13,12 +13,12 @@ import skimage.data
 import soundfile as sf
 from typer.testing import CliRunner
 
-from common.cli import build_app
-from common.media.audio import mel_power, power_to_db
-from common.media.mel import MelParams
-from edge.audio_source import find_ffmpeg
-from edge.ingest import IngestError, ingest
-from edge.store import SampleStore, StoreBudgetError
+from fedge.common.cli import build_app
+from fedge.common.media.audio import mel_power, power_to_db
+from fedge.common.media.mel import MelParams
+from fedge.edge.audio_source import find_ffmpeg
+from fedge.edge.ingest import IngestError, ingest
+from fedge.edge.store import SampleStore, StoreBudgetError
 
 FPS, W, H, SHOT_S = 25, 160, 120, 2.0
 TONES = (300.0, 700.0, 1500.0, 3000.0)  # one tone per shot: the audio says which shot a window belongs to

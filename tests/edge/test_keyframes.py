@@ -13,9 +13,9 @@ import pytest
 import skimage.data as skdata
 from typer.testing import CliRunner
 
-from common.cli import build_app
-from common.media.scenes import Shot, match, render
-from edge.keyframes import (
+from fedge.common.cli import build_app
+from fedge.common.media.scenes import Shot, match, render
+from fedge.edge.keyframes import (
     READ_AHEAD_BYTES,
     Keyframe,
     default_read_ahead,
@@ -23,7 +23,7 @@ from edge.keyframes import (
     extract_keyframes,
     iter_keyframes,
 )
-from edge.sources import VideoSourceError, open_video, parse_source
+from fedge.edge.sources import VideoSourceError, open_video, parse_source
 
 SIZE = (160, 120)
 FPS = 30.0

@@ -10,9 +10,9 @@ import pytest
 import soundfile as sf
 from typer.testing import CliRunner
 
-from common.cli import build_app
-from edge.labels import LabelsError, load_labels, parse_labels
-from edge.store import SampleStore
+from fedge.common.cli import build_app
+from fedge.edge.labels import LabelsError, load_labels, parse_labels
+from fedge.edge.store import SampleStore
 
 SR = 16000
 

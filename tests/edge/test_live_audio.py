@@ -19,11 +19,11 @@ import numpy as np
 import pytest
 from typer.testing import CliRunner
 
-from common.cli import build_app
-from edge.audio_source import AudioSourceError, find_ffmpeg, open_audio
-from edge.ingest import ingest
-from edge.live_audio import LiveAudio, _input_devices, is_live_audio, open_live_audio, parse_live_audio
-from edge.store import SampleStore
+from fedge.common.cli import build_app
+from fedge.edge.audio_source import AudioSourceError, find_ffmpeg, open_audio
+from fedge.edge.ingest import ingest
+from fedge.edge.live_audio import LiveAudio, _input_devices, is_live_audio, open_live_audio, parse_live_audio
+from fedge.edge.store import SampleStore
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -252,7 +252,7 @@ def test_cli_device_that_does_not_exist_is_one_line(tmp_path):
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
 def test_signal_ends_a_live_ingest_cleanly_keeping_what_was_stored(tmp_path, sig):
     store = tmp_path / "s"
-    p = subprocess.Popen([sys.executable, "-m", "common.cli", "edge", "ingest", "--audio", SINE,
+    p = subprocess.Popen([sys.executable, "-m", "fedge.common.cli", "edge", "ingest", "--audio", SINE,
                           "--store", str(store), "--json", "--mic-stride", "0.5"],
                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=ROOT,
                          env={**os.environ, "PYTHONPATH": str(ROOT)})

@@ -20,11 +20,11 @@ from flwr.app import (
 )
 from scipy.stats import norm
 
-from common import codec, wire
-from common.config import FedgeConfig, load_config
-from edge import node_state
-from edge.mods import DP_STATE, RAW_DELTA, RESIDUAL, compression_mod, dp_mod, size_mod
-from edge.privacy import REPLACE_SENSITIVITY, clip_update, gaussian_epsilon, gdp_delta, l2_norm
+from fedge.common import codec, wire
+from fedge.common.config import FedgeConfig, load_config
+from fedge.edge import node_state
+from fedge.edge.mods import DP_STATE, RAW_DELTA, RESIDUAL, compression_mod, dp_mod, size_mod
+from fedge.edge.privacy import REPLACE_SENSITIVITY, clip_update, gaussian_epsilon, gdp_delta, l2_norm
 
 SHAPES = {"a.lora_A": (4, 64), "a.lora_B": (32, 4), "router.gate.weight": (4, 65)}
 
@@ -42,7 +42,7 @@ def _train_msg(state: dict[str, np.ndarray]) -> Message:
 
 
 def _handler(delta: dict[str, np.ndarray]):
-    """A TRAIN handler that replies with a fixed float delta (what edge.client_app.train produces)."""
+    """A TRAIN handler that replies with a fixed float delta (what fedge.edge.client_app.train produces)."""
 
     def handle(msg: Message, ctxt: Context) -> Message:
         return Message(RecordDict({
@@ -193,7 +193,7 @@ def test_dp_release_count_survives_a_restart(tmp_path):
 
 
 def test_dp_config_rejects_noise_without_clip():
-    from common.config import ConfigError
+    from fedge.common.config import ConfigError
 
     with pytest.raises(ConfigError, match="'dp.noise_multiplier'"):
         load_config(overrides={"dp.noise_multiplier": 1.0})

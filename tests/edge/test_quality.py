@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import skimage.data
 
-from common.media.quality import (
+from fedge.common.media.quality import (
     audio_score,
     audio_stats,
     hamming,
@@ -17,7 +17,7 @@ from common.media.quality import (
     phash,
     to_gray,
 )
-from edge.quality import QualityGate, detect_modalities
+from fedge.edge.quality import QualityGate, detect_modalities
 
 
 @pytest.fixture(scope="module")

@@ -15,10 +15,10 @@ import pytest
 import skimage.data
 import soundfile as sf
 
-from edge.agent import Child, child_env
-from edge.ingest import ingest
-from edge.resume import resume_point, source_key
-from edge.store import SampleStore
+from fedge.edge.agent import Child, child_env
+from fedge.edge.ingest import ingest
+from fedge.edge.resume import resume_point, source_key
+from fedge.edge.store import SampleStore
 
 ROOT = Path(__file__).resolve().parents[2]
 SR = 16000
@@ -54,7 +54,7 @@ def test_a_second_ingest_of_the_same_recording_stores_nothing_new(tmp_path):
     assert again.samples_stored == 0 and any("resumed after" in n for n in again.notes), again.notes
     assert again.samples_resumed == first.samples_stored
     # the CLI says so and succeeds: an agent restarting a finished ingest must not read it as a failure
-    cmd = [sys.executable, "-m", "common.cli", "edge", "ingest", "--video", str(video), "--audio", str(wav),
+    cmd = [sys.executable, "-m", "fedge.common.cli", "edge", "ingest", "--video", str(video), "--audio", str(wav),
            "--store", str(tmp_path / "s")]
     r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, check=False)
     assert r.returncode == 0 and "no sample was stored" not in r.stderr and "resumed after" in r.stdout, r
@@ -77,7 +77,7 @@ def test_ingest_killed_at_random_moments_resumes_without_duplicates(tmp_path):
     video, wav = _recording(tmp_path, 40)
     ref = ingest(video=video, audio=wav, store=tmp_path / "ref").samples_stored
     store = tmp_path / "s"
-    cmd = [sys.executable, "-m", "common.cli", "edge", "ingest", "--video", str(video), "--audio", str(wav),
+    cmd = [sys.executable, "-m", "fedge.common.cli", "edge", "ingest", "--video", str(video), "--audio", str(wav),
            "--store", str(store)]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     rnd, kills = random.Random(0), 0

@@ -10,9 +10,9 @@ import numpy as np
 import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from common.manifest import Manifest, SignatureError, sign_manifest
-from edge.inference import ShardedRunner
-from edge.shards import (
+from fedge.common.manifest import Manifest, SignatureError, sign_manifest
+from fedge.edge.inference import ShardedRunner
+from fedge.edge.shards import (
     CacheBudgetError,
     ShardAuthError,
     ShardCache,

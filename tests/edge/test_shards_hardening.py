@@ -19,8 +19,8 @@ import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from typer.testing import CliRunner
 
-from common.manifest import Manifest, ShardFile, public_pem, sign_manifest
-from edge.shards import (
+from fedge.common.manifest import Manifest, ShardFile, public_pem, sign_manifest
+from fedge.edge.shards import (
     DEVICE_HEADER,
     ShardCache,
     ShardInsecureError,
@@ -218,7 +218,7 @@ def test_token_survives_a_redirect_within_the_origin(serve, tmp_path):
 
 
 def test_https_redirect_to_plain_http_is_refused(serve, tmp_path):
-    from cloud.certs import generate
+    from fedge.cloud.certs import generate
 
     layout = generate(tmp_path / "certs").layout
     secure, plain = serve((layout.server_cert, layout.server_key)), serve()
@@ -250,7 +250,7 @@ def test_token_over_plain_http_is_refused_unless_allowed(serve, tmp_path):
 
 @pytest.mark.integration  # imports the whole inference stack (onnxruntime, OpenCV) on first use
 def test_predict_cli_refuses_a_token_over_plain_http_in_one_line(serve, tmp_path):
-    from edge.cli import app
+    from fedge.edge.cli import app
 
     srv = serve()
     srv.add("v1", 1)

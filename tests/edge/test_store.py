@@ -14,8 +14,8 @@ import cv2
 import numpy as np
 import pytest
 
-from common.training import evaluate
-from edge.store import (
+from fedge.common.training import evaluate
+from fedge.edge.store import (
     ROW_OVERHEAD,
     SampleDataset,
     SampleStore,
@@ -60,7 +60,7 @@ def test_round_trip_of_all_modality_sets(tmp_path):
 def test_load_arrays_has_the_training_layout_and_trains(tmp_path):
     import torch
 
-    from common.model import MultimodalMoE
+    from fedge.common.model import MultimodalMoE
 
     st = SampleStore(tmp_path / "s")
     for i in range(6):
@@ -153,7 +153,7 @@ def test_disk_full_rolls_back_and_keeps_earlier_samples(tmp_path):
 
 _WRITER = """
 import sys, numpy as np
-from edge.store import SampleStore
+from fedge.edge.store import SampleStore
 st = SampleStore(sys.argv[1], budget_bytes=int(sys.argv[2]))
 rng = np.random.default_rng(0)
 i = 0

@@ -11,9 +11,9 @@ import numpy as np
 import pytest
 from typer.testing import CliRunner
 
-from common.cli import build_app
-from common.dataset import DataError, load_data
-from edge.store import DB_NAME, SampleStore
+from fedge.common.cli import build_app
+from fedge.common.dataset import DataError, load_data
+from fedge.edge.store import DB_NAME, SampleStore
 
 
 def _jpeg(value: int) -> bytes:
@@ -126,7 +126,7 @@ def test_loader_rejects_npz_with_wrong_shapes_in_one_line(tmp_path: Path):
 
 
 def test_ingest_keeps_the_gates_removals_in_the_store(tmp_path: Path):
-    from edge.ingest import ingest
+    from fedge.edge.ingest import ingest
 
     rng = np.random.default_rng(0)
     textures = [cv2.resize(rng.integers(30, 255, (8, 8, 3)).astype(np.uint8), (64, 64),

@@ -7,7 +7,7 @@ import cv2
 import numpy as np
 import pytest
 
-from simulations import avdigits
+from fedge.simulations import avdigits
 
 
 def test_plans_are_deterministic_in_the_seed():

@@ -8,10 +8,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from common.base_weights import BaseWeightsError, load_base_file, save_base
-from common.config import load_config
-from common.lora import base_state
-from common.model import build_model, model_kwargs
+from fedge.common.base_weights import BaseWeightsError, load_base_file, save_base
+from fedge.common.config import load_config
+from fedge.common.lora import base_state
+from fedge.common.model import build_model, model_kwargs
 
 ROOT = Path(__file__).resolve().parents[2]
 SMALL = {"model.dim": 16, "model.expert_hidden": 32, "model.num_experts": 2, "model.top_k": 1}
@@ -29,8 +29,8 @@ def _saved_base(path, **over):
 
 
 def test_server_and_client_models_load_the_same_published_base(tmp_path):
-    from cloud.builders import global_model
-    from edge.client_app import get_model
+    from fedge.cloud.builders import global_model
+    from fedge.edge.client_app import get_model
 
     want = _saved_base(tmp_path / "base.safetensors")
     cfg = load_config(overrides={**SMALL, "model.base_path": str(tmp_path / "base.safetensors")})
@@ -43,8 +43,8 @@ def test_server_and_client_models_load_the_same_published_base(tmp_path):
 
 
 def test_missing_base_file_fails_clearly(tmp_path):
-    from cloud.builders import global_model
-    from edge.client_app import get_model
+    from fedge.cloud.builders import global_model
+    from fedge.edge.client_app import get_model
 
     cfg = load_config(overrides={**SMALL, "model.base_path": str(tmp_path / "nope.safetensors")})
     for build in (global_model, get_model):
@@ -65,7 +65,7 @@ def test_base_of_another_model_shape_fails_clearly(tmp_path):
 
 def test_simulate_with_a_missing_base_file_fails_with_one_line(tmp_path):
     env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0", "FEDGE_SIM_CACHE": str(tmp_path / "data")}
-    r = subprocess.run([sys.executable, "-m", "common.cli", "simulate", "run",
+    r = subprocess.run([sys.executable, "-m", "fedge.common.cli", "simulate", "run",
                         str(ROOT / "simulations" / "scenarios" / "tiny.toml"), "--out", str(tmp_path / "run"),
                         "--set", f"model.base_path={tmp_path / 'missing.safetensors'}", "--quiet"],
                        cwd=ROOT, env=env, capture_output=True, text=True, timeout=120, check=False)
@@ -75,7 +75,7 @@ def test_simulate_with_a_missing_base_file_fails_with_one_line(tmp_path):
 
 
 def test_pretraining_is_off_with_zero_steps_or_a_named_base():
-    from simulations.prepare import data_key, pretrains
+    from fedge.simulations.prepare import data_key, pretrains
 
     tiny = ROOT / "simulations" / "scenarios" / "tiny.toml"
     assert pretrains(load_config(toml_path=tiny)) and "cloud" in data_key(load_config(toml_path=tiny))

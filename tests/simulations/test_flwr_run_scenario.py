@@ -17,7 +17,7 @@ TINY = ROOT / "simulations" / "scenarios" / "tiny.toml"
 def test_prepared_scenario_runs_with_flwr_run(tmp_path):
     run_dir = tmp_path / "run"
     with simulation_superlink(tmp_path, FEDGE_SIM_CACHE=str(tmp_path / "data")) as env:
-        r = subprocess.run([sys.executable, "-m", "common.cli", "simulate", "prepare", str(TINY), "--out",
+        r = subprocess.run([sys.executable, "-m", "fedge.common.cli", "simulate", "prepare", str(TINY), "--out",
                             str(run_dir)], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300,
                            check=False)
         assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]

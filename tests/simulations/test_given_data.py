@@ -14,10 +14,10 @@ import numpy as np
 import pytest
 from typer.testing import CliRunner
 
-from common.cli import build_app
-from common.config import load_config
-from common.synthetic import make_av_dataset
-from edge.store import SampleStore
+from fedge.common.cli import build_app
+from fedge.common.config import load_config
+from fedge.common.synthetic import make_av_dataset
+from fedge.edge.store import SampleStore
 
 ROOT = Path(__file__).resolve().parents[2]
 TINY = ROOT / "simulations" / "scenarios" / "tiny.toml"
@@ -90,8 +90,8 @@ def test_given_data_that_cannot_work_fails_in_one_line_before_ray(case: str, tmp
 
 
 def test_missing_modalities_apply_to_store_devices_as_to_rendered_ones(tmp_path: Path):
-    from edge.data import local_data, simulated_modalities
-    from edge.node_config import NodeConfig
+    from fedge.edge.data import local_data, simulated_modalities
+    from fedge.edge.node_config import NodeConfig
 
     root = _given(tmp_path, devices=4)
     cfg = load_config(overrides={"data.source": "store", "data.store_root": str(root), "data.missing_image": 0.25,
@@ -105,9 +105,9 @@ def test_missing_modalities_apply_to_store_devices_as_to_rendered_ones(tmp_path:
 
 
 def test_device_store_label_outside_classes_is_an_error_not_a_silent_drop(tmp_path: Path):
-    from common.dataset import DataError
-    from edge.data import local_data
-    from edge.node_config import NodeConfig
+    from fedge.common.dataset import DataError
+    from fedge.edge.data import local_data
+    from fedge.edge.node_config import NodeConfig
 
     root = _given(tmp_path)
     cfg = load_config(overrides={"data.source": "store", "data.store_root": str(root), "model.num_classes": 4})
@@ -117,7 +117,7 @@ def test_device_store_label_outside_classes_is_an_error_not_a_silent_drop(tmp_pa
 
 def _simulate(*args: object, cache: Path):
     env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0", "FEDGE_SIM_CACHE": str(cache)}
-    return subprocess.run([sys.executable, "-m", "common.cli", "simulate", "run", str(TINY), *map(str, args),
+    return subprocess.run([sys.executable, "-m", "fedge.common.cli", "simulate", "run", str(TINY), *map(str, args),
                            "--quiet"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300, check=False)
 
 
@@ -164,7 +164,7 @@ def test_prepare_for_flwr_run_checks_given_stores_and_renders_nothing(tmp_path: 
 
 
 def test_report_names_rendered_generated_and_given_data():
-    from simulations.report import data_names
+    from fedge.simulations.report import data_names
 
     rendered = data_names({"simulation.dataset": "avdigits", "data.partition": "speaker"},
                           {"eval": "NPZ /c/heldout.npz", "eval_samples": 60, "cloud_samples": 100})

@@ -11,9 +11,9 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 
-from common import pool as pool_files
-from common.config import load_config
-from simulations import pool
+from fedge.common import pool as pool_files
+from fedge.common.config import load_config
+from fedge.simulations import pool
 
 
 def _counts(devices, samples=4, partition="dirichlet", seed=0):
@@ -58,7 +58,7 @@ def test_speaker_partition_cannot_draw_from_a_pool():
 
 
 def test_device_label_counts_match_the_rendered_runs_draw():
-    from simulations import avdigits
+    from fedge.simulations import avdigits
 
     plans = avdigits.plan_devices(5, samples_per_device=7, seed=2, partition="dirichlet", dirichlet_alpha=0.3)
     counts = pool.device_label_counts(5, samples_per_device=7, seed=2, partition="dirichlet", dirichlet_alpha=0.3,
@@ -79,8 +79,8 @@ def _write_pool(root, n=400, devices=50):
 
 
 def test_idle_devices_hold_no_data_and_a_training_device_reads_only_its_rows(tmp_path):
-    from edge.data import local_data
-    from edge.node_config import NodeConfig
+    from fedge.edge.data import local_data
+    from fedge.edge.node_config import NodeConfig
 
     arrays, table = _write_pool(tmp_path)
     cfg = load_config(toml_path=None, overrides={"data.source": "pool", "data.store_root": str(tmp_path),
@@ -113,7 +113,7 @@ def test_a_device_outside_the_assignment_is_a_clear_error(tmp_path):
 
 @pytest.mark.integration
 def test_pool_is_rendered_once_and_reused_by_another_device_count(tmp_path, monkeypatch):
-    from simulations import prepare
+    from fedge.simulations import prepare
 
     calls = []
     real = prepare._render_and_ingest
@@ -142,7 +142,7 @@ def test_pool_is_rendered_once_and_reused_by_another_device_count(tmp_path, monk
 
 
 def test_engine_pump_delivers_one_message_per_node_per_pass_in_store_order():
-    from simulations.engine import next_messages
+    from fedge.simulations.engine import next_messages
 
     def msg(dst):
         return SimpleNamespace(metadata=SimpleNamespace(dst_node_id=dst, delivered_at=""))
@@ -161,7 +161,7 @@ def test_engine_pump_delivers_one_message_per_node_per_pass_in_store_order():
 def test_engine_install_replaces_only_the_pump():
     from flwr.server.superlink.fleet.vce import vce_api
 
-    from simulations import engine
+    from fedge.simulations import engine
 
     assert engine.install() and vce_api.add_messages_to_queue is engine.add_messages_to_queue
     assert engine.install()  # twice is harmless: Flower's own pump stays remembered

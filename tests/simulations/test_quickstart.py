@@ -16,7 +16,7 @@ TINY = ROOT / "simulations" / "scenarios" / "tiny.toml"
 
 def _simulate(*args, cache, timeout=300):
     env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0", "FEDGE_SIM_CACHE": str(cache)}
-    return subprocess.run([sys.executable, "-m", "common.cli", "simulate", *map(str, args), "--quiet"], cwd=ROOT,
+    return subprocess.run([sys.executable, "-m", "fedge.common.cli", "simulate", *map(str, args), "--quiet"], cwd=ROOT,
                           env=env, capture_output=True, text=True, timeout=timeout, check=False)
 
 
@@ -48,11 +48,11 @@ def test_tiny_scenario_runs_end_to_end_and_the_same_seed_gives_the_same_result(t
     assert prepared["cloud_samples"] > 0  # the cloud's curated share went through ingest too
 
     # the cloud pretrained the base; the resolved config points both apps at it; version 0 is above chance
-    from cloud.builders import global_model, heldout_data
-    from common.config import load_config as _load
-    from common.lora import base_state
-    from common.training import evaluate
-    from edge.client_app import get_model
+    from fedge.cloud.builders import global_model, heldout_data
+    from fedge.common.config import load_config as _load
+    from fedge.common.lora import base_state
+    from fedge.common.training import evaluate
+    from fedge.edge.client_app import get_model
 
     cfg = _load(toml_path=run / "config.toml")
     assert Path(cfg.model.base_path).parent == data_dir and Path(cfg.model.base_path).is_file()
@@ -81,11 +81,11 @@ def test_tiny_scenario_runs_end_to_end_and_the_same_seed_gives_the_same_result(t
     assert ga.files == gc.files and all(np.array_equal(ga[k], gc[k]) for k in ga.files)
 
     # the same seed renders and ingests the very same samples (a second, independent preparation)
-    from common.config import load_config
-    from edge.data import local_data
-    from edge.node_config import NodeConfig
-    from simulations.evaluation import load_arrays
-    from simulations.prepare import prepare
+    from fedge.common.config import load_config
+    from fedge.edge.data import local_data
+    from fedge.edge.node_config import NodeConfig
+    from fedge.simulations.evaluation import load_arrays
+    from fedge.simulations.prepare import prepare
 
     cfg_a = load_config(toml_path=run / "config.toml")
     cfg_b = prepare(load_config(toml_path=TINY), tmp_path / "data2", progress=False)
@@ -127,7 +127,7 @@ def test_global_training_every_n_versions_hands_devices_a_new_base(tmp_path, tin
 
 
 def test_fedge_help_lists_groups():
-    r = subprocess.run([sys.executable, "-m", "common.cli", "--help"], cwd=ROOT, capture_output=True, text=True,
+    r = subprocess.run([sys.executable, "-m", "fedge.common.cli", "--help"], cwd=ROOT, capture_output=True, text=True,
                        timeout=60, check=False)
     assert r.returncode == 0
     for g in ("edge", "cloud", "simulate"):

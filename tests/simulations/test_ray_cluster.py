@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from simulations import cluster
+from fedge.simulations import cluster
 from tests.conftest import free_port
 from tests.deploy.procs import BIN, Proc, env_with, wait_for
 
@@ -71,7 +71,7 @@ def test_simulation_runs_on_a_two_node_ray_cluster_with_client_actors_on_both_no
     address = two_node_cluster
     out = tmp_path / "run"
     r = subprocess.run(
-        [sys.executable, "-m", "common.cli", "simulate", "run", str(TINY), "--ray-address", address, "--out", str(out),
+        [sys.executable, "-m", "fedge.common.cli", "simulate", "run", str(TINY), "--ray-address", address, "--out", str(out),
          "--quiet", "--set", "simulation.devices=2", "--set", "simulation.pretrain_steps=0",
          "--set", "aggregation.versions=2", "--set", "simulation.client_cpus=1"],
         cwd=ROOT, env={**_env(), "FEDGE_SIM_CACHE": str(tmp_path / "cache")}, capture_output=True, text=True,
@@ -114,7 +114,7 @@ def test_a_ray_client_address_is_refused_with_the_reason():
 def test_cli_reports_an_unreachable_cluster_in_one_line_and_exits_2(tmp_path):
     from typer.testing import CliRunner
 
-    from simulations.cli import app
+    from fedge.simulations.cli import app
 
     port = free_port()
     res = CliRunner().invoke(app, ["run", str(TINY), "--ray-address", f"127.0.0.1:{port}", "--out",

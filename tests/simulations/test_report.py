@@ -5,9 +5,9 @@ import json
 import numpy as np
 import pytest
 
-from common.config import load_config
-from simulations.compare import CompareError, compare
-from simulations.report import first_reaching, rejections, series, staleness_values, write_report
+from fedge.common.config import load_config
+from fedge.simulations.compare import CompareError, compare
+from fedge.simulations.report import first_reaching, rejections, series, staleness_values, write_report
 
 RECORDS = [
     {"version": 1, "accuracy": 0.3, "upload_bytes": 100.0, "virtual_time": 5.0, "bytes_sent": 100.0,
@@ -56,7 +56,7 @@ def test_compare_refuses_settings_with_different_devices_or_data(tmp_path):
 
 
 def test_gain_lines_show_base_final_and_what_the_federation_added():
-    from simulations.report import gain_lines
+    from fedge.simulations.report import gain_lines
 
     base = {"image+audio": 0.60, "image": 0.50, "audio": 0.55}
     final = {"image+audio": 0.80, "image": 0.70, "audio": 0.75}

@@ -19,7 +19,7 @@ SMALL = ["simulation.devices=200", "simulation.pool_samples=100", "simulation.pr
 @pytest.mark.integration
 def test_two_hundred_devices_draw_from_a_shared_pool_through_the_real_simulation(tmp_path):
     env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0", "FEDGE_SIM_CACHE": str(tmp_path / "cache")}
-    cmd = [sys.executable, "-m", "common.cli", "simulate", "run", str(SCENARIO), "--out", str(tmp_path / "run"),
+    cmd = [sys.executable, "-m", "fedge.common.cli", "simulate", "run", str(SCENARIO), "--out", str(tmp_path / "run"),
            "--quiet", *[x for s in SMALL for x in ("--set", s)]]
     r = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300, check=False)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]

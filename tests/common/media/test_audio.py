@@ -12,9 +12,9 @@ import numpy as np
 import pytest
 import scipy.signal
 
-from common.media.audio import MelStream, logmel, mel_power, mfcc, power_to_db
-from common.media.mel import MelParams, mel_filterbank
-from common.media.resample import StreamResampler
+from fedge.common.media.audio import MelStream, logmel, mel_power, mfcc, power_to_db
+from fedge.common.media.mel import MelParams, mel_filterbank
+from fedge.common.media.resample import StreamResampler
 
 ROOT = Path(__file__).resolve().parents[3]
 
@@ -120,8 +120,8 @@ def test_features_run_in_the_calling_thread_only():
     # OpenCV starts its worker pool on the first parallel call: the kernel stays under its threshold
     code = (
         "import os, numpy as np\n"
-        "from common.media.audio import MelStream, logmel, mfcc\n"
-        "from common.media.mel import MelParams\n"
+        "from fedge.common.media.audio import MelStream, logmel, mfcc\n"
+        "from fedge.common.media.mel import MelParams\n"
         "y = np.random.default_rng(0).standard_normal(16000 * 30).astype(np.float32)\n"
         "before = len(os.listdir('/proc/self/task'))\n"
         "for p in (MelParams(), MelParams(sr=22050, n_fft=2048, hop_length=512, n_mels=128)):\n"

@@ -5,9 +5,9 @@ from __future__ import annotations
 import cv2
 import numpy as np
 
-from common.dataset import decode_image
-from common.media.crop import salient_box
-from simulations import avdigits
+from fedge.common.dataset import decode_image
+from fedge.common.media.crop import salient_box
+from fedge.simulations import avdigits
 
 
 def _card_in_scene(seed: int, card: int = 40, side: int = 192) -> tuple[np.ndarray, tuple[int, int, int, int]]:

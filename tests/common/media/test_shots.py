@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import skimage.data as skdata
 
-from common.media.frame_features import (
+from fedge.common.media.frame_features import (
     CONTRAST_FLOOR,
     _local_match,
     frame_features,
@@ -16,9 +16,9 @@ from common.media.frame_features import (
     struct_distance,
     thumbnail,
 )
-from common.media.scenes import Shot, render, texture
-from common.media.shots import ShotDetector, detect_boundaries
-from common.media.transitions import blend_fit, composite_fit, is_blend, is_composite
+from fedge.common.media.scenes import Shot, render, texture
+from fedge.common.media.shots import ShotDetector, detect_boundaries
+from fedge.common.media.transitions import blend_fit, composite_fit, is_blend, is_composite
 
 SIZE = (160, 120)
 STRIDE = 3  # what edge/keyframes.py uses at 30 fps
