@@ -130,7 +130,7 @@ class ExpertShard(nn.Module):
 
 
 class HeadShard(nn.Module):
-    """Quality-aware fusion, per-modality heads and their confidence pooling (:func:`fedge.common.model.fuse`)."""
+    """Quality-aware fusion, per-modality heads and their confidence pooling (:func:`fedge.common.fusion.fuse`)."""
 
     def __init__(self, fusion_gate: nn.Module, head: nn.Module, modality_heads: nn.ModuleDict) -> None:
         super().__init__()

@@ -205,7 +205,7 @@ def augment_batch(batch: Mapping[str, Tensor], gen: torch.Generator, *, outlier_
     In samples that carry both modalities, each modality is replaced with probability ``outlier_p`` by an
     input that holds no digit at all (:func:`outlier_image`, :func:`outlier_audio`, or the input scrambled,
     :func:`scramble_image`, :func:`scramble_audio`, :func:`splice_audio`; at most one per sample) and
-    marked unreliable (``reliable`` 0). :func:`fedge.common.model.fusion_loss` teaches that modality's own head to
+    marked unreliable (``reliable`` 0). :func:`fedge.common.fusion.fusion_loss` teaches that modality's own head to
     answer such inputs with a uniform distribution (outlier exposure, Hendrycks et al. 2019) while the fused
     output must still name the digit from the other modality: the model learns to say when an input is
     useless rather than to guess confidently. Other keys are passed through.

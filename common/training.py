@@ -99,7 +99,7 @@ def train_steps(
     mean of their modalities' weights.
     ``augment`` applies :func:`fedge.common.augment.augment_batch` to every batch (camera framing and light,
     microphone noise, shift and gain, inputs with no class marked unreliable); the loss is
-    :func:`fedge.common.model.fusion_loss`. ``lr_schedule`` scales the learning rate per step (:func:`lr_factor`).
+    :func:`fedge.common.fusion.fusion_loss`. ``lr_schedule`` scales the learning rate per step (:func:`lr_factor`).
     ``prox_mu > 0`` adds FedProx's ``mu/2 ||w - w0||^2`` with ``w0`` the trained parameters' values on entry
     (the global weights a device just received), which keeps non-IID devices from drifting apart.
 

@@ -25,6 +25,8 @@ from pathlib import Path
 import numpy as np
 from scipy.signal import resample
 
+from fedge.common.config import MODALITIES
+
 __all__ = [
     "ASSETS",
     "HELDOUT_ASSETS",
@@ -55,7 +57,6 @@ __all__ = [
 ASSETS = Path(__file__).parent / "assets" / "speech"
 HELDOUT_ASSETS = ASSETS / "heldout"
 NUM_CLASSES = 10
-MODALITIES = ("image", "audio")
 
 
 # ---------------------------------------------------------------------------------------------- material

@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 import torch
 
-from fedge.common.model import MoEOutput, build_model, fusion_loss, reliability
+from fedge.common.fusion import fusion_loss, reliability
+from fedge.common.model import MoEOutput, build_model
 from fedge.common.synthetic import make_av_dataset
 from fedge.common.training import forward_batch, to_batch, train_steps
 
@@ -85,7 +86,7 @@ def test_fused_is_never_worse_than_image_only_when_the_audio_is_broken(toy):
 
 
 def test_conflict_needs_two_sure_heads_naming_different_classes():
-    from fedge.common.model import conflict
+    from fedge.common.fusion import conflict
 
     sure = lambda c: torch.nn.functional.one_hot(torch.tensor(c), 5).float() * 20.0  # noqa: E731
     per = torch.stack([torch.stack([sure(1), sure(1)]), torch.stack([sure(1), sure(3)]),
@@ -99,7 +100,7 @@ def test_conflict_needs_two_sure_heads_naming_different_classes():
 
 
 def test_when_sure_inputs_conflict_the_joint_head_does_not_decide_the_surer_modality_does():
-    from fedge.common.model import fuse
+    from fedge.common.fusion import fuse
 
     c = 4
     routed = torch.zeros(1, 2, c)
