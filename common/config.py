@@ -464,6 +464,8 @@ class ShardsConfig:
     ``ca_file`` pins the server's TLS CA (empty: system trust store); ``budget_mb`` bounds the on-disk cache.
     Per-device tokens are node secrets: they come from the command line or ``FEDGE_SHARD_TOKEN``, never here.
     ``allow_insecure_http`` lets a token go to a plain ``http://`` url (refused otherwise; trusted networks only).
+    ``timeout_s`` bounds each request; ``retry_s`` is how long a device keeps retrying a cut or refused download
+    (resuming where it stopped) before the round fails, long enough to ride out a shard server restart.
     """
 
     url: str = ""
@@ -472,6 +474,7 @@ class ShardsConfig:
     budget_mb: float = 64.0
     ca_file: str = ""
     timeout_s: float = 10.0
+    retry_s: float = 30.0
     allow_insecure_http: bool = False
 
     def __post_init__(self) -> None:
@@ -479,6 +482,7 @@ class ShardsConfig:
                "must start with http:// or https://")
         _check(self.budget_mb > 0, "shards.budget_mb", "must be > 0")
         _check(self.timeout_s > 0, "shards.timeout_s", "must be > 0")
+        _check(self.retry_s >= 0, "shards.retry_s", "must be >= 0")
 
 
 @dataclass(frozen=True)

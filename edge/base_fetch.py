@@ -91,11 +91,11 @@ class HttpSource:
     def __init__(self, url: str, cache_dir: str | Path, *, public_key: Ed25519PublicKey | str | Path,
                  modalities: tuple[str, ...], budget_bytes: int, token: str | None = None,
                  device: str | None = None, ca_file: str | Path | None = None, timeout: float = 10.0,
-                 retries: int = 4, allow_insecure_http: bool = False) -> None:
+                 retries: int = 4, retry_s: float = 0.0, allow_insecure_http: bool = False) -> None:
         self.url, self.dir = url, Path(cache_dir)
         self.public_key = public_key if isinstance(public_key, Ed25519PublicKey) else load_public_key(public_key)
         self._kw: dict[str, Any] = {"public_key": self.public_key, "modalities": modalities, "budget_bytes": budget_bytes,
-                    "token": token, "device": device, "ca_file": ca_file, "timeout": timeout, "retries": retries,
+                    "token": token, "device": device, "ca_file": ca_file, "timeout": timeout, "retries": retries, "retry_s": retry_s,
                     "allow_insecure_http": allow_insecure_http}
         self._caches: dict[str, ShardCache] = {}
         self._done_bytes = 0  # downloads of caches already dropped

@@ -115,7 +115,8 @@ def base_source(cfg: FedgeConfig, node: NodeConfig) -> tuple[ShardSource, Path]:
             src: ShardSource = HttpSource(
                 node.shards_url, cache, public_key=node.shards_public_key, modalities=node.modalities,
                 budget_bytes=int(node.shards_budget_mb * (1 << 20)), token=os.environ.get(TOKEN_ENV) or None,
-                device=node.device_id or node.name, ca_file=node.shards_ca or None, timeout=cfg.shards.timeout_s)
+                device=node.device_id or node.name, ca_file=node.shards_ca or None, timeout=cfg.shards.timeout_s,
+                retry_s=cfg.shards.retry_s)
             _SOURCES[key] = (src, cache / "bases")
         return _SOURCES[key]
     root = published_store(store=cfg.publish.store, run_dir=cfg.run_dir, storage_path=cfg.training.storage_path)

@@ -27,6 +27,7 @@ from __future__ import annotations
 import hashlib
 import http.client
 import json
+import logging
 import os
 import socket
 import ssl
@@ -65,6 +66,8 @@ from fedge.common.shard_api import (
 
 MAX_MANIFEST_BYTES = 8 << 20  # a signed manifest is a few KB; anything near this is not one
 NEWEST_FILE = "newest.json"  # in manifests/: the newest version this device has accepted (rollback guard)
+log = logging.getLogger("fedge.edge")
+
 _NET_ERRORS = (urllib.error.URLError, ConnectionError, TimeoutError, socket.timeout, http.client.HTTPException,
                ssl.SSLError, OSError)
 
@@ -131,6 +134,8 @@ class ShardCache:
     version : ``latest`` (follow publications) or a fixed version name.
     timeout : socket timeout per request, seconds.
     retries : further attempts (each resuming) after an interrupted download.
+    retry_s : keep retrying a cut or refused download for at least this many seconds (backoff up to 2 s), so that
+        a download rides out a shard server restart; 0: ``retries`` attempts only.
     chunk_bytes : read size while streaming a download.
     allow_insecure_http : send the token over plain ``http://`` (only on a network you trust, e.g. loopback).
     """
@@ -149,6 +154,7 @@ class ShardCache:
         version: str = LATEST,
         timeout: float = 10.0,
         retries: int = 2,
+        retry_s: float = 0.0,
         chunk_bytes: int = 1 << 16,
         allow_insecure_http: bool = False,
     ) -> None:
@@ -166,6 +172,7 @@ class ShardCache:
         self.token, self.device = token, device
         self.version = version
         self.timeout, self.retries, self.chunk = float(timeout), int(retries), int(chunk_bytes)
+        self.retry_s = float(retry_s)
         self.allow_insecure_http = bool(allow_insecure_http)
         self.stats = CacheStats()
         self._ssl = ssl.create_default_context(cafile=str(ca_file)) if ca_file else None
@@ -357,7 +364,9 @@ class ShardCache:
         part = self.dir / "partial" / (_cache_name(entry) + ".part")
         path = shard_path(version, entry.file)
         last: Exception | None = None
-        for attempt in range(self.retries + 1):
+        start, attempt = time.monotonic(), -1
+        while True:
+            attempt += 1
             have = part.stat().st_size if part.exists() else 0
             if have > entry.bytes:
                 part.unlink()
@@ -402,9 +411,13 @@ class ShardCache:
                 raise
             except (ShardDownloadError, *_NET_ERRORS) as e:
                 last = e
-                if attempt < self.retries:
-                    time.sleep(min(0.2 * 2**attempt, 2.0))
-        else:
+                wait = min(0.2 * 2**attempt, 2.0)
+                if attempt < self.retries or time.monotonic() - start + wait <= self.retry_s:
+                    got = part.stat().st_size if part.exists() else 0
+                    log.warning("%s: download cut at %d/%d bytes (%s: %s); retrying in %.1f s", entry.file, got,
+                                entry.bytes, type(e).__name__, e, wait)
+                    time.sleep(wait)
+                    continue
             if part.exists() and part.stat().st_size > 0:
                 raise ShardDownloadError(
                     f"{entry.file}: download interrupted at {part.stat().st_size}/{entry.bytes} bytes "

@@ -5,6 +5,7 @@ import json
 import shutil
 import socket
 import threading
+import time
 
 import numpy as np
 import pytest
@@ -120,10 +121,12 @@ def test_cache_serves_offline(shard_server, tmp_path):
 
 
 class CuttingProxy:
-    """A TCP proxy to the server that drops its first connection after ``cut_after`` response bytes."""
+    """A TCP proxy to the server that drops its first connection after ``cut_after`` response bytes, then, for
+    ``outage_s`` seconds, every new connection at once (a server restarting behind it)."""
 
-    def __init__(self, upstream_port: int, cut_after: int) -> None:
+    def __init__(self, upstream_port: int, cut_after: int, outage_s: float = 0.0) -> None:
         self.upstream, self.cut_after, self.connections = upstream_port, cut_after, 0
+        self.outage_s, self.cut_at, self.refused = outage_s, None, 0
         self.sock = socket.socket()
         self.sock.bind(("127.0.0.1", 0))
         self.sock.listen(8)
@@ -137,18 +140,24 @@ class CuttingProxy:
             except OSError:
                 return
             self.connections += 1
+            if self.cut_at is not None and time.monotonic() - self.cut_at < self.outage_s:
+                self.refused += 1
+                client.close()
+                continue
             limit = self.cut_after if self.connections == 1 else None
+            if limit is not None:
+                self.cut_at = time.monotonic() + 3600  # until the cut happens
             up = socket.create_connection(("127.0.0.1", self.upstream))
             threading.Thread(target=self._pipe, args=(client, up, None), daemon=True).start()
             threading.Thread(target=self._pipe, args=(up, client, limit), daemon=True).start()
 
-    @staticmethod
-    def _pipe(src: socket.socket, dst: socket.socket, limit: int | None) -> None:
+    def _pipe(self, src: socket.socket, dst: socket.socket, limit: int | None) -> None:
         sent = 0
         try:
             while data := src.recv(4096):
                 if limit is not None and sent + len(data) >= limit:
                     dst.sendall(data[: limit - sent])
+                    self.cut_at = time.monotonic()
                     break
                 dst.sendall(data)
                 sent += len(data)
@@ -187,6 +196,26 @@ def test_download_cut_midway_resumes_with_a_range_request(shard_server, tmp_path
                                  / entry.file).read_bytes()
     assert cache.stats.resumed == 1
     assert cache.stats.downloaded_bytes == entry.bytes  # the first part was not fetched again
+
+
+def test_a_cut_download_rides_out_a_server_restart_within_retry_s(shard_server, tmp_path):
+    """Cut mid-shard, then every connection refused for 1.5 s: with ``retry_s`` the same call resumes the
+    download once the server is back, instead of failing the round."""
+    port = int(shard_server.url.rsplit(":", 1)[1])
+    probe = _cache(shard_server, tmp_path / "probe", ("image",))
+    entry = probe.manifest().file("encoder.image")
+    proxy = CuttingProxy(port, cut_after=entry.bytes // 2, outage_s=1.5)
+    try:
+        cache = _cache(shard_server, tmp_path, ("image",), chunk_bytes=4096, retries=0, retry_s=20.0)
+        cache.url = f"https://127.0.0.1:{proxy.port}"
+        cache._manifest = probe.manifest()
+        path = cache.path("encoder.image")
+    finally:
+        proxy.close()
+    assert proxy.refused >= 2  # it retried through the outage (backoff 0.2, 0.4, 0.8 s ...)
+    assert path.read_bytes() == (shard_server.store.store.version_dir(cache.manifest().version)
+                                 / entry.file).read_bytes()
+    assert cache.stats.resumed == 1 and cache.stats.downloaded_bytes == entry.bytes
 
 
 def test_lru_keeps_the_cache_within_its_byte_budget(shard_server, tmp_path):
