@@ -18,25 +18,25 @@ def info() -> None:
     typer.echo(f"flwr {flwr.__version__}  ray {ray.__version__}")
 
 
-from .certs import certs_command  # noqa: E402  (certificates and keys)
+from .certs import certs_command
 
 app.command("certs")(certs_command)
 
-from .shards_cli import keys_command, publish_command, serve_command, token_command  # noqa: E402
+from .shards_cli import keys_command, publish_command, serve_command, token_command
 
 app.command("keys")(keys_command)
 app.command("token")(token_command)
 app.command("publish")(publish_command)
 app.command("serve")(serve_command)
 
-from .launcher import start_command  # noqa: E402  (the aggregator)
+from .launcher import start_command
 
 app.command("start")(start_command)
 
-from .train_cli import train_command  # noqa: E402  (global MoE training on Ray Train)
+from .train_cli import train_command
 
 app.command("train")(train_command)
 
-from .status import status_command  # noqa: E402  (also top-level: `fedge status`)
+from .status import status_command
 
 app.command("status")(status_command)

@@ -23,6 +23,7 @@ Randomness comes from the ``torch.Generator`` passed in (deterministic in its se
 
 from __future__ import annotations
 
+import itertools
 import math
 from collections.abc import Mapping
 
@@ -146,7 +147,7 @@ def scramble_audio(x: Tensor, gen: torch.Generator, *, pieces: int = 4) -> Tenso
         return x
     y = x.flip(-1)
     bounds = torch.linspace(0, t, pieces + 1).round().to(torch.long).tolist()
-    chunks = [y[..., lo:hi] for lo, hi in zip(bounds[:-1], bounds[1:], strict=True)]
+    chunks = [y[..., lo:hi] for lo, hi in itertools.pairwise(bounds)]
     order = torch.randperm(pieces, generator=gen).tolist()
     if order == list(range(pieces)):
         order = order[1:] + order[:1]

@@ -101,7 +101,7 @@ def run(argv: list[str] | None = None) -> int:
         return 130
     except SystemExit as e:
         return e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
-    except Exception as e:  # noqa: BLE001 - the last line of defence of a command-line tool
+    except Exception as e:
         if os.environ.get(TRACEBACK_ENV) == "1":
             raise
         msg = " ".join(str(e).split())[:300] or "no details"

@@ -171,7 +171,7 @@ def encode(
     flat = np.concatenate(flats) if flats else np.zeros(0, np.float32)
     offsets = np.concatenate([[0], np.cumsum([f.size for f in flats])]).astype(np.int64)
     n = flat.size
-    k = n if params.topk_ratio >= 1.0 else (max(1, int(round(params.topk_ratio * n))) if n else 0)
+    k = n if params.topk_ratio >= 1.0 else (max(1, round(params.topk_ratio * n)) if n else 0)
     if k < n:
         idx = np.sort(np.argpartition(np.abs(flat), n - k)[n - k :]).astype(np.int64)
         gaps = np.diff(idx, prepend=0)

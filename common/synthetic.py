@@ -119,8 +119,8 @@ def device_partition(
     rng = np.random.default_rng([seed, 77])
     order = rng.permutation(num_partitions)
     rank = int(np.flatnonzero(order == partition_id)[0])
-    n_no_img = int(round(missing_image * num_partitions))
-    n_no_aud = int(round(missing_audio * num_partitions))
+    n_no_img = round(missing_image * num_partitions)
+    n_no_aud = round(missing_audio * num_partitions)
     if rank < n_no_img:
         mods: tuple[str, ...] = ("audio",)
     elif rank < n_no_img + n_no_aud:

@@ -18,22 +18,22 @@ def info() -> None:
 
     typer.echo(f"flwr {flwr.__version__}  torch {torch.__version__}  onnxruntime {onnxruntime.__version__}")
 
-from .predict import predict_command  # noqa: E402  (sharded inference)
+from .predict import predict_command
 
 app.command("predict")(predict_command)
 
-from .agent import run_command  # noqa: E402  (the device agent)
+from .agent import run_command
 
 app.command("run")(run_command)
 
-from .keyframes import keyframes_command  # noqa: E402  (keyframe extraction)
+from .keyframes import keyframes_command
 
 app.command("keyframes")(keyframes_command)
 
-from .ingest_cli import ingest_command  # noqa: E402  (streams -> SampleStore)
+from .ingest_cli import ingest_command
 
 app.command("ingest")(ingest_command)
 
-from .store_cli import app as store_app  # noqa: E402  (look into a store, export it)
+from .store_cli import app as store_app
 
 app.add_typer(store_app, name="store")

@@ -23,7 +23,7 @@ import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Self
 
 os.environ.setdefault("OPENCV_FFMPEG_LOGLEVEL", "-8")  # FFmpeg's per-packet warnings; we report one line
 
@@ -162,7 +162,7 @@ class VideoSource:
                 for i, t, frame in self.frames(every):
                     if not put((i, t, frame, prepare(frame) if prepare is not None else None)):
                         return
-            except BaseException as e:  # handed to the consumer, raised there
+            except BaseException as e:  # noqa: BLE001 - handed to the consumer, raised there
                 failure.append(e)
             finally:
                 put(_END)
@@ -209,7 +209,7 @@ class VideoSource:
         self._stop_reader()
         self._cap.release()
 
-    def __enter__(self) -> VideoSource:
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(self, *exc: object) -> None:
