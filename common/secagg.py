@@ -16,24 +16,70 @@ sent nothing, a share of its ``s`` key; ``t`` answers rebuild them, so up to ``K
 Ring arithmetic is mod ``2^RING_BITS`` in ``uint32``; the quantisation leaves ``HEADROOM_BITS`` unused so that
 an honest sum never wraps and a garbage mask is caught by a range check on the unmasked sum. Shamir shares
 live in GF(2^521 - 1) (Python integers; a secret is 32 bytes). No Flower, no I/O.
+
+The pieces sit by concept: :mod:`~fedge.common.secagg_ring` (quantiser, ring arithmetic, masks, wire form),
+:mod:`~fedge.common.secagg_keys` (key agreement, signatures, commitments, Shamir, sealed shares) and
+:mod:`~fedge.common.secagg_vector` (flattening, index set, count sketch); this module is the protocol that
+composes them, and re-exports every name of the three, so ``fedge.common.secagg`` is the one import needed.
 """
 
 from __future__ import annotations
 
-import hashlib
-import math
-import struct
-import zlib
+import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X25519PublicKey
-from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
-from cryptography.hazmat.primitives.ciphers.aead import AESGCM
-from cryptography.hazmat.primitives.kdf.hkdf import HKDF
+
+from fedge.common.secagg_keys import (
+    MIN_GROUP,
+    PRIME,
+    SEALED_LEN,
+    SEED_BYTES,
+    SHARE_LEN,
+    agree,
+    commitment,
+    key_message,
+    new_keypair,
+    open_share,
+    pairwise_seed,
+    seal_share,
+    shamir_combine,
+    shamir_split,
+    share_key,
+    sign,
+    threshold,
+    verify,
+)
+from fedge.common.secagg_ring import (
+    HEADROOM_BITS,
+    MAGIC,
+    RING_BITS,
+    Quantizer,
+    SecAggError,
+    decode_masked,
+    encode_masked,
+    from_ring,
+    in_range,
+    mask,
+    pack,
+    pair_sign,
+    prg,
+    ring_add,
+    to_ring,
+    unmask_sum,
+    unpack,
+)
+from fedge.common.secagg_vector import (
+    SKETCH_ROWS,
+    flatten,
+    index_set,
+    scatter,
+    sketch,
+    sketch_hash,
+    unflatten,
+    unsketch_topk,
+)
 
 __all__ = [
     "HEADROOM_BITS",
@@ -89,329 +135,6 @@ __all__ = [
     "verify",
 ]
 
-RING_BITS = 20  # masked values travel as 20-bit ring elements (2.5 bytes each)
-HEADROOM_BITS = 4  # an honest group sum uses at most 2^(RING_BITS - HEADROOM_BITS - 1) levels either way
-PRIME = (1 << 521) - 1  # Mersenne prime of Shamir's field (secrets are 256-bit)
-SEED_BYTES = 32
-MAGIC = b"FDGS"
-MIN_GROUP = 2  # one member alone would be unmasked by itself
-_SHARE = struct.Struct("<HH")
-
-
-class SecAggError(ValueError):
-    """A masked payload, share or key is malformed, or a reconstruction is inconsistent."""
-
-
-# ---------------------------------------------------------------------------------------------- params
-@dataclass(frozen=True)
-class Quantizer:
-    """Clip-and-quantise into the ring: ``k`` kept coordinates, group size ``group``, L2 clip ``clip``.
-
-    Each coordinate is clipped to ``[-r, r]`` with ``r = 4 clip / sqrt(k)`` (four times the coordinate of a
-    norm-``clip`` vector spread evenly; what a device clips goes to its error feedback) and rounded
-    stochastically to ``q_max`` levels per side, ``q_max = (2^(RING_BITS-HEADROOM_BITS-1) - 1) // group``, so
-    the sum of ``group`` values never leaves ``[-2^(RING_BITS-HEADROOM_BITS-1), ...]``.
-    """
-
-    clip: float
-    k: int
-    group: int
-
-    def __post_init__(self) -> None:
-        if self.clip <= 0 or self.k < 1 or self.group < 1:
-            raise SecAggError(f"bad quantizer clip={self.clip} k={self.k} group={self.group}")
-        if self.q_max < 15:
-            raise SecAggError(f"group of {self.group} leaves {self.q_max} levels per value (ring too small)")
-
-    @property
-    def r(self) -> float:
-        return 4.0 * self.clip / math.sqrt(self.k)
-
-    @property
-    def q_max(self) -> int:
-        return ((1 << (RING_BITS - HEADROOM_BITS - 1)) - 1) // self.group
-
-    def quantize(self, x: np.ndarray, rng: np.random.Generator) -> np.ndarray:
-        """Stochastic rounding of ``clip(x, -r, r) / r * q_max`` (unbiased inside the range); int64."""
-        z = np.clip(np.asarray(x, np.float64), -self.r, self.r) / self.r * self.q_max
-        lo = np.floor(z)
-        return (lo + (rng.random(z.shape) < (z - lo))).astype(np.int64)
-
-    def dequantize(self, q: np.ndarray) -> np.ndarray:
-        return (np.asarray(q, np.float64) * (self.r / self.q_max)).astype(np.float32)
-
-
-def threshold(group: int, fraction: float) -> int:
-    """Shamir threshold ``t`` for a group: ``max(2, ceil(fraction * group))`` capped at the group size."""
-    return min(group, max(MIN_GROUP, math.ceil(fraction * group - 1e-9)))
-
-
-def index_set(seed: bytes, n: int, k: int) -> np.ndarray:
-    """The group's ``k`` coordinates out of ``n`` (sorted): random from the public group seed, same for all."""
-    if not 0 < k <= n:
-        raise SecAggError(f"cannot keep {k} of {n} coordinates")
-    rng = np.random.Generator(np.random.Philox(key=int.from_bytes(hashlib.sha256(seed).digest()[:16], "little")))
-    return np.sort(rng.choice(n, size=k, replace=False)).astype(np.int64)
-
-
-# ---------------------------------------------------------------------------------------------- ring
-def prg(seed: bytes, k: int) -> np.ndarray:
-    """``k`` ring elements from AES-128-CTR keyed by ``seed`` (uint32, < 2^RING_BITS)."""
-    key = hashlib.sha256(b"fedge-secagg-prg" + seed).digest()[:16]
-    enc = Cipher(algorithms.AES(key), modes.CTR(b"\0" * 16)).encryptor()
-    stream = enc.update(b"\0" * (4 * k)) + enc.finalize()
-    return np.frombuffer(stream, dtype="<u4") & np.uint32((1 << RING_BITS) - 1)
-
-
-def to_ring(q: np.ndarray) -> np.ndarray:
-    return (np.asarray(q, np.int64) % (1 << RING_BITS)).astype(np.uint32)
-
-
-def from_ring(v: np.ndarray) -> np.ndarray:
-    """Centered lift: ring elements -> signed integers in ``[-2^(RING_BITS-1), 2^(RING_BITS-1))``."""
-    x = np.asarray(v, np.int64) % (1 << RING_BITS)
-    return np.where(x >= 1 << (RING_BITS - 1), x - (1 << RING_BITS), x)
-
-
-def ring_add(a: np.ndarray, b: np.ndarray, sign: int = 1) -> np.ndarray:
-    m = np.uint32((1 << RING_BITS) - 1)
-    return ((a.astype(np.uint32) + (b.astype(np.uint32) if sign > 0 else (~b.astype(np.uint32) + 1))) & m)
-
-
-def pack(v: np.ndarray) -> bytes:
-    """Ring elements -> ``RING_BITS`` bits each, little-endian bit order, padded to a byte."""
-    bits = ((np.asarray(v, np.uint32)[:, None] >> np.arange(RING_BITS, dtype=np.uint32)) & 1).astype(np.uint8)
-    return np.packbits(bits.ravel(), bitorder="little").tobytes()
-
-
-def unpack(buf: bytes, k: int) -> np.ndarray:
-    need = (k * RING_BITS + 7) // 8
-    if len(buf) != need:
-        raise SecAggError(f"masked vector of {len(buf)} bytes, expected {need} for {k} values")
-    bits = np.unpackbits(np.frombuffer(buf, np.uint8), bitorder="little")[: k * RING_BITS].reshape(k, RING_BITS)
-    return (bits.astype(np.uint32) << np.arange(RING_BITS, dtype=np.uint32)).sum(axis=1).astype(np.uint32)
-
-
-def encode_masked(v: np.ndarray) -> bytes:
-    """Wire form of a masked vector: ``MAGIC | u8 ring bits | u32 k | packed | u32 CRC-32``."""
-    body = MAGIC + struct.pack("<BI", RING_BITS, v.size) + pack(v)
-    return body + struct.pack("<I", zlib.crc32(body))
-
-
-def decode_masked(payload: bytes, k: int) -> np.ndarray:
-    """Inverse of :func:`encode_masked`; refuses anything but ``k`` ring elements of this build's ring."""
-    if len(payload) < 13 or payload[:4] != MAGIC:
-        raise SecAggError("not a masked update (bad magic or truncated)")
-    if zlib.crc32(payload[:-4]) != struct.unpack_from("<I", payload, len(payload) - 4)[0]:
-        raise SecAggError("masked update corrupt (CRC mismatch)")
-    bits, n = struct.unpack_from("<BI", payload, 4)
-    if bits != RING_BITS or n != k:
-        raise SecAggError(f"masked update holds {n} values of {bits} bits, expected {k} of {RING_BITS}")
-    return unpack(payload[9:-4], k)
-
-
-# ---------------------------------------------------------------------------------------------- keys
-def new_keypair() -> tuple[bytes, bytes]:
-    """A fresh X25519 key pair ``(private, public)`` as raw 32-byte strings."""
-    sk = X25519PrivateKey.generate()
-    return (sk.private_bytes(serialization.Encoding.Raw, serialization.PrivateFormat.Raw,
-                             serialization.NoEncryption()),
-            sk.public_key().public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw))
-
-
-def agree(private: bytes, peer_public: bytes, label: bytes) -> bytes:
-    """HKDF-SHA256 of the X25519 agreement, bound to ``label`` (group id and purpose): 32 bytes."""
-    try:
-        shared = X25519PrivateKey.from_private_bytes(private).exchange(X25519PublicKey.from_public_bytes(peer_public))
-    except ValueError as e:
-        raise SecAggError(f"bad X25519 key: {e}") from None
-    return HKDF(algorithm=hashes.SHA256(), length=32, salt=None, info=b"fedge-secagg|" + label).derive(shared)
-
-
-def key_message(group_id: str, index: int, c_pk: bytes, s_pk: bytes) -> bytes:
-    """The bytes a member signs with its device key to vouch for its group keys."""
-    return b"fedge-secagg-keys|" + group_id.encode() + struct.pack("<H", index) + c_pk + s_pk
-
-
-def sign(private_pem: bytes, message: bytes) -> bytes:
-    """ECDSA (SHA-384) signature with a SuperNode private key (PEM, as ``fedge certs`` issues them)."""
-    key = serialization.load_pem_private_key(private_pem, password=None)
-    if not isinstance(key, ec.EllipticCurvePrivateKey):
-        raise SecAggError("device key is not an EC private key")
-    return key.sign(message, ec.ECDSA(hashes.SHA384()))
-
-
-def verify(public_pem: bytes, message: bytes, signature: bytes) -> bool:
-    """Whether ``signature`` is the device key's over ``message``."""
-    from cryptography.exceptions import InvalidSignature
-
-    key = serialization.load_pem_public_key(public_pem)
-    if not isinstance(key, ec.EllipticCurvePublicKey):
-        return False
-    try:
-        key.verify(signature, message, ec.ECDSA(hashes.SHA384()))
-    except InvalidSignature:
-        return False
-    return True
-
-
-def commitment(secret: bytes) -> bytes:
-    """SHA-256 of a 256-bit secret: binds a dealer to what its shares must rebuild, reveals nothing of it."""
-    return hashlib.sha256(b"fedge-secagg-commit" + secret).digest()
-
-
-# ---------------------------------------------------------------------------------------------- Shamir
-def shamir_split(secret: bytes, n: int, t: int, rng: np.random.Generator | None = None) -> list[int]:
-    """Shares of ``secret`` at x = 1..n, any ``t`` of which rebuild it (GF(2^521 - 1))."""
-    import secrets as _secrets
-
-    if not 1 <= t <= n:
-        raise SecAggError(f"threshold {t} out of range for {n} shares")
-    coeffs = [int.from_bytes(secret, "big")] + [_secrets.randbelow(PRIME) for _ in range(t - 1)]
-    out = []
-    for x in range(1, n + 1):
-        acc = 0
-        for c in reversed(coeffs):
-            acc = (acc * x + c) % PRIME
-        out.append(acc)
-    return out
-
-
-def _lagrange_at(points: Mapping[int, int], at: int) -> int:
-    xs = list(points)
-    acc = 0
-    for xi in xs:
-        num, den = 1, 1
-        for xj in xs:
-            if xj != xi:
-                num = num * (at - xj) % PRIME
-                den = den * (xi - xj) % PRIME
-        acc = (acc + points[xi] * num * pow(den, PRIME - 2, PRIME)) % PRIME
-    return acc
-
-
-def shamir_combine(points: Mapping[int, int], t: int) -> bytes:
-    """Rebuild the secret from ``{x: share}``; with more than ``t`` points every point must lie on the
-    polynomial the first ``t`` define (else :class:`SecAggError`: a dealer or a holder lied)."""
-    if len(points) < t:
-        raise SecAggError(f"{len(points)} shares, {t} needed")
-    xs = sorted(points)
-    base = {x: points[x] for x in xs[:t]}
-    for x in xs[t:]:
-        if _lagrange_at(base, x) != points[x]:
-            raise SecAggError(f"share at x={x} is inconsistent with the others")
-    secret = _lagrange_at(base, 0)
-    if secret >> (8 * SEED_BYTES):
-        raise SecAggError("shares rebuild no 256-bit secret")
-    return secret.to_bytes(SEED_BYTES, "big")
-
-
-# ---------------------------------------------------------------------------------------------- shares
-SHARE_LEN = 66  # bytes of one GF(2^521 - 1) element
-SEALED_LEN = 12 + SHARE_LEN + 16  # nonce | ciphertext | GCM tag
-
-
-def _aad(group_id: str, purpose: bytes, dealer: int, holder: int) -> bytes:
-    return b"fedge-secagg-share|" + purpose + b"|" + group_id.encode() + _SHARE.pack(dealer, holder)
-
-
-def seal_share(key: bytes, group_id: str, purpose: bytes, dealer: int, holder: int, share: int) -> bytes:
-    """AES-GCM of one share, bound to group, purpose (``b"b"``: self-mask seed, ``b"s"``: mask key), dealer and
-    holder: the server relays it and cannot read it, move it to another holder, group or purpose."""
-    import os
-
-    nonce = os.urandom(12)
-    return nonce + AESGCM(key).encrypt(nonce, share.to_bytes(SHARE_LEN, "big"),
-                                       _aad(group_id, purpose, dealer, holder))
-
-
-def open_share(key: bytes, group_id: str, purpose: bytes, dealer: int, holder: int, sealed: bytes) -> int:
-    """Inverse of :func:`seal_share`; :class:`SecAggError` when it was not sealed for this holder."""
-    from cryptography.exceptions import InvalidTag
-
-    if len(sealed) != SEALED_LEN:
-        raise SecAggError(f"sealed share of {len(sealed)} bytes, expected {SEALED_LEN}")
-    try:
-        plain = AESGCM(key).decrypt(sealed[:12], sealed[12:], _aad(group_id, purpose, dealer, holder))
-    except InvalidTag:
-        raise SecAggError(f"share from member {dealer} does not open (wrong key or tampered)") from None
-    return int.from_bytes(plain, "big")
-
-
-def _seal_all(secret: bytes, c_sk: bytes, c_pks: Sequence[bytes], group_id: str, purpose: bytes, dealer: int,
-              t: int) -> tuple[bytes, ...]:
-    shares = shamir_split(secret, len(c_pks), t)
-    return tuple(seal_share(share_key(c_sk, pk, group_id), group_id, purpose, dealer, h, shares[h])
-                 for h, pk in enumerate(c_pks))
-
-
-# ---------------------------------------------------------------------------------------------- masking
-def pair_sign(i: int, j: int) -> int:
-    return 1 if i < j else -1
-
-
-def mask(q: np.ndarray, *, b_seed: bytes, pair_seeds: Mapping[int, bytes], index: int) -> np.ndarray:
-    """``q + PRG(b) + sum_j sign(index, j) PRG(s_ij)`` in the ring (uint32); ``q`` signed integers."""
-    v = ring_add(to_ring(q), prg(b_seed, q.size))
-    for j, seed in sorted(pair_seeds.items()):
-        v = ring_add(v, prg(seed, q.size), pair_sign(index, j))
-    return v
-
-
-def unmask_sum(masked: Mapping[int, np.ndarray], *, b_seeds: Mapping[int, bytes],
-               dropped_pairs: Mapping[tuple[int, int], bytes]) -> np.ndarray:
-    """The signed sum of the senders' quantised vectors.
-
-    ``masked``: sender index -> its masked vector; ``b_seeds``: each sender's rebuilt self-mask seed;
-    ``dropped_pairs``: ``(sender i, non-sender j) -> s_ij`` (rebuilt from ``j``'s shared key).
-    """
-    if not masked:
-        raise SecAggError("no masked vectors to sum")
-    k = next(iter(masked.values())).size
-    total = np.zeros(k, np.uint32)
-    for i, v in masked.items():
-        total = ring_add(total, v)
-        total = ring_add(total, prg(b_seeds[i], k), -1)
-    for (i, j), seed in dropped_pairs.items():
-        total = ring_add(total, prg(seed, k), -pair_sign(i, j))
-    return from_ring(total)
-
-
-def in_range(total: np.ndarray, senders: int, q: Quantizer) -> bool:
-    """Whether an unmasked sum is one ``senders`` honest values can make (a wrong mask lands uniformly)."""
-    return bool(np.all(np.abs(total) <= senders * q.q_max))
-
-
-def pairwise_seed(s_private: bytes, peer_s_public: bytes, group_id: str) -> bytes:
-    return agree(s_private, peer_s_public, b"mask|" + group_id.encode())
-
-
-def share_key(c_private: bytes, peer_c_public: bytes, group_id: str) -> bytes:
-    return agree(c_private, peer_c_public, b"share|" + group_id.encode())
-
-
-def scatter(idx: np.ndarray, values: np.ndarray, n: int) -> np.ndarray:
-    out = np.zeros(n, np.float32)
-    out[idx] = values
-    return out
-
-
-def flatten(delta: Mapping[str, np.ndarray]) -> tuple[np.ndarray, list[tuple[str, tuple[int, ...]]]]:
-    """All tensors (sorted by name) as one float32 vector, and the layout to undo it."""
-    names = sorted(delta)
-    layout = [(k, tuple(int(d) for d in np.shape(delta[k]))) for k in names]
-    flat = np.concatenate([np.asarray(delta[k], np.float32).ravel() for k in names]) if names else np.zeros(0)
-    return flat.astype(np.float32), layout
-
-
-def unflatten(flat: np.ndarray, layout: Sequence[tuple[str, tuple[int, ...]]]) -> dict[str, np.ndarray]:
-    out, pos = {}, 0
-    for name, shape in layout:
-        size = int(np.prod(shape, dtype=np.int64))
-        out[name] = flat[pos : pos + size].reshape(shape).astype(np.float32)
-        pos += size
-    return out
-
 
 # ---------------------------------------------------------------------------------------------- protocol
 # Per group, over three messages to each member and one answer from each holder:
@@ -458,40 +181,6 @@ class GroupSpec:
         return idx
 
 
-
-SKETCH_ROWS = 3  # count-sketch rows: a coordinate's estimate is the median of its rows (one row cannot tell
-# a heavy coordinate from the others in its bucket)
-
-
-def sketch_hash(group_id: str, n: int, m: int) -> tuple[np.ndarray, np.ndarray]:
-    """The group's count sketch (public, from the group id): ``(rows, n)`` cell index into ``[0, m)`` (row ``r``
-    in its own ``m // rows`` cells) and ``(rows, n)`` signs."""
-    rows = SKETCH_ROWS if m >= SKETCH_ROWS else 1
-    width = m // rows
-    rng = np.random.Generator(np.random.Philox(key=int.from_bytes(
-        hashlib.sha256(b"fedge-secagg-sketch|" + group_id.encode()).digest()[:16], "little")))
-    h = rng.integers(0, width, size=(rows, n)) + (np.arange(rows) * width)[:, None]
-    return h.astype(np.int64), np.where(rng.random((rows, n)) < 0.5, -1.0, 1.0).astype(np.float32)
-
-
-def sketch(flat: np.ndarray, h: np.ndarray, sgn: np.ndarray, m: int) -> np.ndarray:
-    """Count sketch of a vector: ``cells[h[r, j]] += sgn[r, j] x[j]`` for every row ``r`` (linear, so the sum of
-    sketches is the sketch of the sum and masking leaves it intact)."""
-    w = (sgn.astype(np.float64) * np.asarray(flat, np.float64)[None, :]).ravel()
-    return np.bincount(h.ravel(), weights=w, minlength=m).astype(np.float32)
-
-
-def unsketch_topk(cells: np.ndarray, h: np.ndarray, sgn: np.ndarray, top: int) -> np.ndarray:
-    """The ``top`` largest coordinate estimates (median over rows of ``sgn cells[h]``), zeros elsewhere."""
-    est = np.median(sgn * np.asarray(cells, np.float32)[h], axis=0).astype(np.float32)  # (n,)
-    if not 0 < top < est.size:
-        return est
-    out = np.zeros(est.size, np.float32)
-    keep = np.argpartition(-np.abs(est), top - 1)[:top]
-    out[keep] = est[keep]
-    return out
-
-
 @dataclass(frozen=True)
 class MaskedUpdate:
     """A member's upload: the masked vector, one sealed self-mask share per member, and the commitment."""
@@ -499,6 +188,13 @@ class MaskedUpdate:
     payload: bytes
     sealed_b: tuple[bytes, ...]  # holder index -> sealed share of b
     commit_b: bytes
+
+
+def _seal_all(secret: bytes, c_sk: bytes, c_pks: Sequence[bytes], group_id: str, purpose: bytes, dealer: int,
+              t: int) -> tuple[bytes, ...]:
+    shares = shamir_split(secret, len(c_pks), t)
+    return tuple(seal_share(share_key(c_sk, pk, group_id), group_id, purpose, dealer, h, shares[h])
+                 for h, pk in enumerate(c_pks))
 
 
 def member_keys(group_id: str, index: int, c_sk: bytes, c_pks: Sequence[bytes], t: int
@@ -517,8 +213,6 @@ def member_mask(flat: np.ndarray, spec: GroupSpec, index: int, c_sk: bytes, s_sk
     ``flat`` is the whole update (``n`` float values, already clipped to ``spec.clip``): only the group's
     index set is kept, quantised stochastically.
     """
-    import os
-
     if flat.size != spec.n:
         raise SecAggError(f"update of {flat.size} values, group expects {spec.n}")
     q = spec.quantizer
