@@ -20,6 +20,9 @@ is opened, so a file changed on disk is fetched again rather than trusted.
 
 Network code uses only the standard library (``urllib``): an edge device installs without Ray or HTTP extras.
 Routes and header names are the contract in :mod:`fedge.common.shard_api`, which the shard server shares.
+
+The HTTP side (credentials, redirects, the resuming download) is :mod:`fedge.edge.shard_download`, the errors
+:mod:`fedge.edge.shard_errors`; this module is the cache: manifests and their rollback guard, shards, the LRU.
 """
 
 from __future__ import annotations
@@ -27,16 +30,11 @@ from __future__ import annotations
 import hashlib
 import http.client
 import json
-import logging
 import os
-import socket
 import ssl
-import time
 import urllib.error
-import urllib.parse
 import urllib.request
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
@@ -53,70 +51,46 @@ from fedge.common.manifest import (
     release_order,
     verify_manifest,
 )
-from fedge.common.shard_api import (
-    AUTH_HEADER,
-    CREDENTIAL_HEADERS,
-    DEVICE_HEADER,
-    LATEST,
-    bearer,
-    manifest_path,
-    sha256_etag,
-    shard_path,
+from fedge.common.shard_api import LATEST, manifest_path, shard_path
+from fedge.edge.shard_download import (
+    NET_ERRORS,
+    CacheStats,
+    CredentialSafeRedirect,
+    auth_headers,
+    check_transport,
+    download,
+    open_path,
+    sha256_file,
 )
+from fedge.edge.shard_errors import (
+    CacheBudgetError,
+    ShardAuthError,
+    ShardDownloadError,
+    ShardError,
+    ShardInsecureError,
+    ShardIntegrityError,
+    ShardTLSError,
+    ShardUnavailableError,
+    ShardVersionError,
+)
+
+__all__ = [
+    "CacheBudgetError",
+    "CacheStats",
+    "ManifestError",
+    "ShardAuthError",
+    "ShardCache",
+    "ShardDownloadError",
+    "ShardError",
+    "ShardInsecureError",
+    "ShardIntegrityError",
+    "ShardTLSError",
+    "ShardUnavailableError",
+    "ShardVersionError",
+]
 
 MAX_MANIFEST_BYTES = 8 << 20  # a signed manifest is a few KB; anything near this is not one
 NEWEST_FILE = "newest.json"  # in manifests/: the newest version this device has accepted (rollback guard)
-log = logging.getLogger("fedge.edge")
-
-_NET_ERRORS = (urllib.error.URLError, ConnectionError, TimeoutError, socket.timeout, http.client.HTTPException,
-               ssl.SSLError, OSError)
-
-
-class ShardError(RuntimeError):
-    """Base class of shard delivery errors."""
-
-
-class ShardIntegrityError(ShardError):
-    """A downloaded shard's sha256 differs from the signed manifest; the bytes were deleted."""
-
-
-class ShardAuthError(ShardError):
-    """The server refused the device's token (HTTP 401/403)."""
-
-
-class ShardTLSError(ShardError):
-    """The server's TLS certificate does not verify against the pinned CA."""
-
-
-class ShardUnavailableError(ShardError):
-    """A shard or manifest is neither reachable nor in the cache."""
-
-
-class ShardDownloadError(ShardError):
-    """A download was interrupted; the partial file is kept and the next attempt resumes it."""
-
-
-class CacheBudgetError(ShardError):
-    """The shards needed right now do not fit in the cache's byte budget."""
-
-
-class ShardVersionError(ShardError):
-    """A manifest is not the version asked for, or is older than the newest this device has accepted."""
-
-
-class ShardInsecureError(ShardError):
-    """The device token would travel in clear text (plain ``http://``) and that was not allowed."""
-
-
-@dataclass
-class CacheStats:
-    """What the cache did: bytes over the network, requests, resumed downloads, cache hits."""
-
-    downloaded_bytes: int = 0
-    requests: int = 0
-    resumed: int = 0
-    hits: int = 0
-    evicted: int = 0
 
 
 class ShardCache:
@@ -177,7 +151,8 @@ class ShardCache:
         self.stats = CacheStats()
         self._ssl = ssl.create_default_context(cafile=str(ca_file)) if ca_file else None
         self._opener = urllib.request.build_opener(
-            urllib.request.HTTPSHandler(context=self._ssl), _CredentialSafeRedirect(self))
+            urllib.request.HTTPSHandler(context=self._ssl),
+            CredentialSafeRedirect(lambda: self.allow_insecure_http))
         self._manifest: Manifest | None = None
         self._pinned: set[str] = set()  # files (sha names) the current version needs now: never evicted
         self._check_transport()
@@ -186,38 +161,14 @@ class ShardCache:
 
     # ------------------------------------------------------------------ HTTP
     def _check_transport(self) -> None:
-        if self.token and self.url.startswith("http://") and not self.allow_insecure_http:
-            raise ShardInsecureError(
-                f"refusing to send the device token in clear text to {self.url}: use an https:// shard server, "
-                "or allow_insecure_http (--allow-insecure-http) on a network you trust")
+        check_transport(self.url, self.token, self.allow_insecure_http)
 
     def _open(self, path: str, headers: dict[str, str] | None = None) -> http.client.HTTPResponse:
-        req = urllib.request.Request(self.url + path, headers=headers or {})
         self.stats.requests += 1
-        try:
-            return self._opener.open(req, timeout=self.timeout)  # type: ignore[no-any-return]
-        except urllib.error.HTTPError as e:
-            detail = _error_detail(e)
-            if e.code in (401, 403):
-                raise ShardAuthError(f"{path}: refused ({e.code}): {detail}") from None
-            if e.code == 404:
-                raise ShardUnavailableError(f"{path}: not on the server: {detail}") from None
-            raise
-        except urllib.error.URLError as e:
-            # a certificate that does not verify is misconfiguration or an attack, never "offline"
-            if isinstance(e.reason, ssl.SSLCertVerificationError):
-                raise ShardTLSError(f"{self.url}: TLS certificate not trusted ({e.reason.verify_message}); "
-                                    "pin the server's CA with ca_file") from None
-            raise
+        return open_path(self._opener, self.url, path, headers or {}, self.timeout)
 
     def _auth_headers(self) -> dict[str, str]:
-        self._check_transport()  # the url may have changed since construction
-        h: dict[str, str] = {}
-        if self.token:
-            h[AUTH_HEADER] = bearer(self.token)
-        if self.device:
-            h[DEVICE_HEADER] = self.device
-        return h
+        return auth_headers(self.url, self.token, self.device, self.allow_insecure_http)
 
     # ------------------------------------------------------------------ manifest
     def manifest(self, *, refresh: bool = False) -> Manifest:
@@ -246,7 +197,7 @@ class ShardCache:
             manifest = verify_manifest(envelope, self.public_key)  # before anything in it is trusted
             self._check_release(manifest)  # before it replaces what the cache holds
             self._store_manifest(manifest.version, envelope)
-        except _NET_ERRORS as e:
+        except NET_ERRORS as e:
             if isinstance(e, urllib.error.HTTPError) and e.code < 500:
                 raise
             manifest = self._cached_manifest(reason=f"{type(e).__name__}: {e}")
@@ -348,7 +299,7 @@ class ShardCache:
         dest = self.dir / "shards" / cname
         if dest.is_file():
             # hashed on every open, not once per process: a file changed on disk since is fetched again
-            if _sha256_file(dest) == entry.sha256:
+            if sha256_file(dest) == entry.sha256:
                 self.stats.hits += 1
                 os.utime(dest)  # LRU clock
                 return dest
@@ -361,77 +312,9 @@ class ShardCache:
     def _download(
         self, version: str, entry: ShardFile, dest: Path, progress: Callable[[str, int], None] | None
     ) -> None:
-        part = self.dir / "partial" / (_cache_name(entry) + ".part")
-        path = shard_path(version, entry.file)
-        last: Exception | None = None
-        start, attempt = time.monotonic(), -1
-        while True:
-            attempt += 1
-            have = part.stat().st_size if part.exists() else 0
-            if have > entry.bytes:
-                part.unlink()
-                have = 0
-            headers = self._auth_headers()
-            if 0 < have < entry.bytes:
-                headers |= {"Range": f"bytes={have}-", "If-Range": sha256_etag(entry.sha256)}
-            try:
-                if have == entry.bytes:
-                    break
-                with self._open(path, headers) as r:
-                    if r.status == 206:
-                        if not _resumes_at(r.headers.get("Content-Range"), have):
-                            part.unlink()  # the next attempt asks for the whole file
-                            raise ShardDownloadError(f"{entry.file}: asked to resume at byte {have}, the server "
-                                                     f"answered the range {r.headers.get('Content-Range')!r}")
-                        self.stats.resumed += 1
-                        mode = "ab"
-                    else:  # 200: the whole file (the server ignored or refused the range)
-                        mode, have = "wb", 0
-                    length = r.headers.get("Content-Length")
-                    if length is not None and length.isdigit() and have + int(length) > entry.bytes:
-                        part.unlink(missing_ok=True)
-                        raise _oversize(entry, version, have + int(length))
-                    with open(part, mode) as fh:
-                        # never more than one byte past the manifest's size, whatever the server streams
-                        while block := r.read1(min(self.chunk, entry.bytes + 1 - have)):
-                            fh.write(block)
-                            self.stats.downloaded_bytes += len(block)
-                            have += len(block)
-                            if have > entry.bytes:
-                                break
-                            if progress:
-                                progress(entry.name, len(block))
-                    if have > entry.bytes:
-                        part.unlink()
-                        raise _oversize(entry, version, have)
-                if have < entry.bytes:
-                    raise ShardDownloadError(f"{entry.file}: connection closed after {have}/{entry.bytes} bytes")
-                break
-            except (ShardAuthError, ShardUnavailableError):
-                raise
-            except (ShardDownloadError, *_NET_ERRORS) as e:
-                last = e
-                wait = min(0.2 * 2**attempt, 2.0)
-                if attempt < self.retries or time.monotonic() - start + wait <= self.retry_s:
-                    got = part.stat().st_size if part.exists() else 0
-                    log.warning("%s: download cut at %d/%d bytes (%s: %s); retrying in %.1f s", entry.file, got,
-                                entry.bytes, type(e).__name__, e, wait)
-                    time.sleep(wait)
-                    continue
-            if part.exists() and part.stat().st_size > 0:
-                raise ShardDownloadError(
-                    f"{entry.file}: download interrupted at {part.stat().st_size}/{entry.bytes} bytes "
-                    f"({type(last).__name__}: {last}); the next attempt resumes"
-                ) from None
-            raise ShardUnavailableError(f"{entry.file}: server unreachable and not cached ({last})") from None
-        got = _sha256_file(part)
-        if got != entry.sha256:
-            part.unlink()
-            raise ShardIntegrityError(
-                f"shard {entry.file} of version {version}: sha256 {got[:16]}... != manifest {entry.sha256[:16]}... "
-                "(deleted, refused)"
-            )
-        os.replace(part, dest)
+        download(shard_path(version, entry.file), entry, self.dir / "partial" / (_cache_name(entry) + ".part"), dest,
+                 version=version, open_=self._open, credentials=self._auth_headers, retries=self.retries,
+                 retry_s=self.retry_s, chunk_bytes=self.chunk, stats=self.stats, progress=progress)
 
     # ------------------------------------------------------------------ LRU
     def cached_bytes(self) -> int:
@@ -473,7 +356,7 @@ class ShardCache:
         applies to) without fetching that version's manifest.
         """
         path = self.dir / "shards" / f"{sha256}.{fmt}"
-        if not path.is_file() or _sha256_file(path) != sha256:
+        if not path.is_file() or sha256_file(path) != sha256:
             return None
         self.stats.hits += 1
         os.utime(path)  # LRU clock
@@ -502,77 +385,3 @@ class ShardCache:
 
 def _cache_name(entry: ShardFile) -> str:
     return f"{entry.sha256}.{entry.format}"
-
-
-def _oversize(entry: ShardFile, version: str, got: int) -> ShardIntegrityError:
-    return ShardIntegrityError(
-        f"shard {entry.file} of version {version}: the server sent {'at least ' if got == entry.bytes + 1 else ''}"
-        f"{got} bytes, over the manifest's {entry.bytes} (deleted, refused)")
-
-
-def _resumes_at(content_range: str | None, have: int) -> bool:
-    """Whether a 206's ``Content-Range`` continues exactly where the partial file ends (another span would
-    corrupt it)."""
-    return content_range is not None and content_range.strip().startswith(f"bytes {have}-")
-
-
-def _origin(url: str) -> tuple[str, str, int | None]:
-    u = urllib.parse.urlsplit(url)
-    return u.scheme.lower(), (u.hostname or "").lower(), u.port or {"http": 80, "https": 443}.get(u.scheme.lower())
-
-
-class _CredentialSafeRedirect(urllib.request.HTTPRedirectHandler):
-    """Follow redirects, but send the device's credentials only to the origin they were given for.
-
-    urllib copies every header to the redirected request, the token included; a shard server (or anything
-    between) could otherwise send a device to another host and collect its token. A redirect from ``https`` to
-    ``http`` is refused unless the cache allows plain HTTP.
-    """
-
-    def __init__(self, cache: ShardCache) -> None:
-        self.cache = cache
-
-    def redirect_request(self, req: urllib.request.Request, fp: object, code: int, msg: str,
-                         headers: object, newurl: str) -> urllib.request.Request | None:
-        new = super().redirect_request(req, fp, code, msg, headers, newurl)  # type: ignore[arg-type]
-        if new is None:
-            return None
-        old_scheme = _origin(req.full_url)[0]
-        if old_scheme == "https" and _origin(newurl)[0] != "https" and not self.cache.allow_insecure_http:
-            raise ShardInsecureError(f"{req.full_url} redirected to plain {newurl}; refused")
-        if _origin(newurl) != _origin(req.full_url):
-            for h in CREDENTIAL_HEADERS:
-                new.remove_header(h.capitalize())  # urllib stores header names capitalize()d
-        return new
-
-
-def _sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        while block := fh.read(1 << 20):
-            h.update(block)
-    return h.hexdigest()
-
-
-def _error_detail(e: urllib.error.HTTPError) -> str:
-    try:
-        body = json.loads(e.read(4096) or b"{}")
-        return str(body.get("detail", body))
-    except (ValueError, OSError):
-        return e.reason if isinstance(e.reason, str) else str(e.reason)
-
-
-__all__ = [
-    "CacheBudgetError",
-    "CacheStats",
-    "ManifestError",
-    "ShardAuthError",
-    "ShardCache",
-    "ShardDownloadError",
-    "ShardError",
-    "ShardInsecureError",
-    "ShardIntegrityError",
-    "ShardTLSError",
-    "ShardUnavailableError",
-    "ShardVersionError",
-]

@@ -20,8 +20,8 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from typer.testing import CliRunner
 
 from fedge.common.manifest import Manifest, ShardFile, public_pem, sign_manifest
+from fedge.common.shard_api import DEVICE_HEADER
 from fedge.edge.shards import (
-    DEVICE_HEADER,
     ShardCache,
     ShardInsecureError,
     ShardIntegrityError,
