@@ -5,33 +5,21 @@ state lives in the cluster, apart from the loop that talks to Flower, and unit t
 Every update goes through :meth:`AggregatorState.submit`, which validates it (:mod:`fedge.cloud.validation`),
 buffers it and, after ``K`` accepted updates, produces a new version (:mod:`fedge.cloud.aggregation`).
 
-Checkpoints are one ``.npz`` file (arrays + a JSON header) written atomically with
-:func:`fedge.common.fsio.atomic_write` (a temporary file in the same directory, ``fsync``, ``os.replace``, ``fsync``
-of the directory). A checkpoint holds the buffer too.
-It is written every ``checkpoint_every`` versions and on shutdown. Between checkpoints every accepted update
-is appended to a write-ahead log next to it (:data:`WAL_NAME`, one CRC-framed record per update, ``fsync``
-before :meth:`AggregatorState.submit` returns) and the log is emptied by the next checkpoint, so nothing
-acknowledged is lost to a crash: :meth:`AggregatorState.restore` reads the checkpoint back and submits the
-logged updates again (the same checks on the same state give the same versions).
+Checkpoints and the write-ahead log are :mod:`fedge.cloud.durability`: the state is written every
+``checkpoint_every`` versions and on shutdown, every accepted update is logged (``fsync``) before
+:meth:`AggregatorState.submit` returns, and :meth:`AggregatorState.restore` reads the checkpoint back and submits
+the logged updates again (the same checks on the same state give the same versions).
 
 What a client cannot be trusted with is bounded by default (:mod:`fedge.cloud.robust`): example counts are capped
 relative to the recent claims, norms clipped relative to the recent accepted norms, a base version other
 than the one the server dispatched to that node is refused, and so is a payload already accepted.
 
-Ray: in a simulation (Flower's ``run_simulation`` or a ``--simulation`` SuperLink) the simulation engine
-starts Ray in the ServerApp's own process; :func:`ensure_ray` joins it. In deployment the ServerApp process
-joins the cluster named by ``$FEDGE_RAY_ADDRESS`` (``fedge cloud start`` sets it to its embedded Ray or to
-``--ray-address``), or else starts a local Ray.
+The ServerApp joins Ray with :func:`fedge.cloud.ray_cluster.ensure_ray` and runs the state as a named actor
+(:func:`start_actor`).
 """
 
 from __future__ import annotations
 
-import io
-import json
-import os
-import struct
-import time
-import zlib
 from collections import deque
 from collections.abc import Mapping
 from pathlib import Path
@@ -39,10 +27,21 @@ from typing import Any
 
 import numpy as np
 
-from fedge.common.fsio import atomic_write
-
 from . import aggregation as agg
 from . import robust as rb
+from .durability import (
+    CHECKPOINT_NAME,
+    FORMAT,
+    WAL_NAME,
+    CheckpointError,
+    append_wal,
+    load_checkpoint,
+    read_checkpoint,
+    read_wal,
+    section,
+    write_checkpoint,
+)
+from .ray_cluster import RAY_ADDRESS_ENV, RAY_ADDRESS_FILE, ensure_ray
 from .validation import RawUpdate, Reason, RejectionCounter, UpdateRejected, validate
 
 __all__ = [
@@ -59,17 +58,7 @@ __all__ = [
     "start_actor",
 ]
 
-CHECKPOINT_NAME = "aggregator.npz"
-WAL_NAME = "aggregator.wal"  # accepted updates since the checkpoint: (len, crc32) + JSON line + payload each
-_FRAME = struct.Struct("<II")
-FORMAT = 1
-RAY_ADDRESS_ENV = "FEDGE_RAY_ADDRESS"
 ACTOR_NAME = "fedge-aggregator"  # ray.get_actor(ACTOR_NAME).rebase.remote(base_state, base_version)
-RAY_ADDRESS_FILE = "ray-address"  # in the run dir, written by `fedge cloud start` on every start
-
-
-class CheckpointError(RuntimeError):
-    """A checkpoint is unreadable or does not match this run."""
 
 
 class AggregatorState:
@@ -343,46 +332,9 @@ class AggregatorState:
         """Write the whole state atomically; return the path (``None`` without a checkpoint dir)."""
         if not self.checkpoint_dir:
             return None
-        d = Path(self.checkpoint_dir)
-        d.mkdir(parents=True, exist_ok=True)
-        arrays: dict[str, np.ndarray] = {}
-        for k, v in self.params.items():
-            arrays[f"params/{k}"] = v
-        for k, v in self.initial.items():
-            arrays[f"initial/{k}"] = v
-        for slot, tensors in self.opt_state.items():
-            for k, v in tensors.items():
-                arrays[f"opt/{slot}/{k}"] = v
-        for k, v in (self.base_state or {}).items():
-            arrays[f"base/{k}"] = v
-        for i, b in enumerate(self.buffer):
-            for k, v in b["delta"].items():
-                arrays[f"buffer/{i}/{k}"] = v
-        for i, dl in enumerate(self.recent_deltas):
-            for k, v in dl.items():
-                arrays[f"recent/{i}/{k}"] = v
-        header = {
-            "format": FORMAT, "version": self.version, "oldest_version": self.oldest_version,
-            "base_version": self.base_version, "opts": self.opts,
-            "buffer": [{k: b[k] for k in ("staleness", "num_examples", "base_version", "norm")}
-                       for b in self.buffer],
-            "recent_norms": list(self.recent_norms), "recent_claims": list(self.recent_claims),
-            "recent_deltas": len(self.recent_deltas), "replays": self.replays.digests(),
-            "outliers": self.outliers,
-            "rejections": self.rejections.as_dict(), "accepted": self.accepted, "clipped": self.clipped,
-            "bytes_accepted": self.bytes_accepted, "history": self.history,
-            "opt_slots": sorted(self.opt_state), "has_base": self.base_state is not None,
-        }
-        arrays["__header__"] = np.frombuffer(json.dumps(header).encode(), dtype=np.uint8)
-        bio = io.BytesIO()
-        np.savez(bio, **arrays)  # type: ignore[arg-type]
-        atomic_write(d / CHECKPOINT_NAME, bio.getvalue())
-        # the checkpoint holds every logged update now; a crash before this truncation replays records that
-        # restore() skips by sequence number
-        with open(d / WAL_NAME, "wb") as f:
-            os.fsync(f.fileno())
+        path = write_checkpoint(self, Path(self.checkpoint_dir))
         self.last_checkpoint_version = self.version
-        return str(d / CHECKPOINT_NAME)
+        return str(path)
 
     def _log(self, raw: RawUpdate, now: float, dispatched_version: int | None) -> None:
         """Append an accepted update (sequence number: ``accepted`` after it) to the write-ahead log, fsync'd."""
@@ -393,11 +345,7 @@ class AggregatorState:
             self.checkpoint()  # the log replays onto a checkpoint: the first update needs the initial one
         meta = {"seq": self.accepted + 1, "base_version": raw.base_version, "metrics": raw.metrics,
                 "dispatched_version": dispatched_version, "now": now}
-        body = json.dumps(meta).encode() + b"\n" + raw.payload
-        with open(d / WAL_NAME, "ab") as f:
-            f.write(_FRAME.pack(len(body), zlib.crc32(body)) + body)
-            f.flush()
-            os.fsync(f.fileno())
+        append_wal(d / WAL_NAME, meta, raw.payload)
 
     def _replay_log(self) -> int:
         """Submit again the logged updates that the checkpoint does not hold; return how many."""
@@ -430,86 +378,13 @@ class AggregatorState:
         CheckpointError
             When it is unreadable.
         """
-        path = Path(checkpoint_dir) / CHECKPOINT_NAME
-        if not path.is_file():
-            raise FileNotFoundError(f"no aggregator checkpoint at {path}")
-        try:
-            with np.load(path, allow_pickle=False) as z:
-                data = {k: z[k] for k in z.files}
-            header = json.loads(bytes(data.pop("__header__")).decode())
-        except Exception as e:  # noqa: BLE001 - any parse failure is the same refusal
-            raise CheckpointError(f"checkpoint {path} unreadable: {e}") from None
-        if header.get("format") != FORMAT:
-            raise CheckpointError(f"checkpoint {path}: unknown format {header.get('format')}")
-
-        def section(prefix: str) -> dict[str, np.ndarray]:
-            return {k[len(prefix):]: v for k, v in data.items() if k.startswith(prefix)}
-
-        st = cls(section("initial/"), **{**header["opts"], **opts}, checkpoint_dir=checkpoint_dir,
+        header, data = read_checkpoint(checkpoint_dir)
+        st = cls(section(data, "initial/"), **{**header["opts"], **opts}, checkpoint_dir=checkpoint_dir,
                  checkpoint_every=checkpoint_every)
-        st.params = section("params/")
-        st.opt_state = {slot: section(f"opt/{slot}/") for slot in header.get("opt_slots", [])}
-        st.base_state = section("base/") if header["has_base"] else None
-        st.version, st.oldest_version = int(header["version"]), int(header["oldest_version"])
-        st.base_version = int(header["base_version"])
-        st.buffer = [{"norm": 0.0, **meta, "delta": section(f"buffer/{i}/")}
-                     for i, meta in enumerate(header["buffer"])]
-        st.recent_norms.extend(header.get("recent_norms", []))
-        st.recent_claims.extend(header.get("recent_claims", []))
-        st.recent_deltas.extend(section(f"recent/{i}/") for i in range(int(header.get("recent_deltas", 0))))
-        for dg in header.get("replays", []):
-            st.replays.add(dg)
-        st.outliers = int(header.get("outliers", 0))
-        st.rejections = RejectionCounter(dict(header["rejections"]))
-        st.accepted, st.clipped = int(header["accepted"]), int(header["clipped"])
-        st.bytes_accepted = int(header["bytes_accepted"])
-        st.history = list(header["history"])
+        load_checkpoint(st, header, data)
         st.last_checkpoint_version = st.version
         st.replayed = st._replay_log()
         return st
-
-
-def read_wal(path: str | Path) -> list[tuple[dict[str, Any], bytes]]:
-    """The intact records of a write-ahead log, in order; reading stops at a torn or corrupt tail."""
-    p = Path(path)
-    data = p.read_bytes() if p.is_file() else b""
-    out: list[tuple[dict[str, Any], bytes]] = []
-    pos = 0
-    while pos + _FRAME.size <= len(data):
-        n, crc = _FRAME.unpack_from(data, pos)
-        body = data[pos + _FRAME.size: pos + _FRAME.size + n]
-        if len(body) < n or zlib.crc32(body) != crc:
-            break  # the write the crash interrupted: it was never acknowledged
-        head, _, payload = body.partition(b"\n")
-        out.append((json.loads(head), payload))
-        pos += _FRAME.size + n
-    return out
-
-
-# ---------------------------------------------------------------------------------------------- Ray
-def ensure_ray(*, wait_for_simulation_s: float = 0.0, num_cpus: int | None = None,
-               run_dir: str | Path | None = None) -> str:
-    """Make sure this process is connected to Ray; return how (``existing``, ``address``, ``local``).
-
-    With ``wait_for_simulation_s > 0`` (a ServerApp inside Flower's simulation engine, which starts Ray in
-    this very process shortly after the nodes register) wait that long for it rather than starting a
-    second Ray. Otherwise join the address in ``run_dir/ray-address`` (written by ``fedge cloud start``),
-    else ``$FEDGE_RAY_ADDRESS``, else start a local Ray.
-    """
-    import ray
-
-    t0 = time.monotonic()
-    while not ray.is_initialized() and time.monotonic() - t0 < wait_for_simulation_s:
-        time.sleep(0.2)
-    if ray.is_initialized():
-        return "existing"
-    f = Path(run_dir) / RAY_ADDRESS_FILE if run_dir else None
-    addr = f.read_text().strip() if f is not None and f.is_file() else os.environ.get(RAY_ADDRESS_ENV, "")
-    if addr:
-        ray.init(address=addr, ignore_reinit_error=True, log_to_driver=False)
-        return "address"
-    ray.init(ignore_reinit_error=True, num_cpus=num_cpus, include_dashboard=False, log_to_driver=False)
-    return "local"
 
 
 def start_actor(state: AggregatorState | None = None, *, name: str = ACTOR_NAME, **kwargs: Any) -> Any:

@@ -5,9 +5,10 @@ import itertools
 import numpy as np
 import pytest
 
-from fedge.cloud.state import ACTOR_NAME, AggregatorState, CheckpointError, atomic_write, start_actor
+from fedge.cloud.state import ACTOR_NAME, AggregatorState, CheckpointError, start_actor
 from fedge.cloud.validation import RawUpdate
 from fedge.common import codec, wire
+from fedge.common.fsio import atomic_write
 
 INIT = {"a": np.ones((2, 3), np.float32), "b": np.zeros(4, np.float32)}
 DENSE = codec.CodecParams(topk_ratio=1.0, bits=32, error_feedback=False)
