@@ -14,16 +14,16 @@ common/lora.py). Every ``training.every_versions`` aggregated versions (or on de
 4. returns the new base and *fresh adapters* for it (B = 0, so base + fresh adapters == base), which the
    aggregator installs as the next global version (see .coord/NOTES.md for the hook).
 
-Pure state transforms at the top; the Ray Train worker loop and the driver-side :class:`GlobalTrainer` below.
+The state transforms are :mod:`fedge.cloud.adapters`, the Ray Train worker loop :mod:`fedge.cloud.train_worker`;
+this module is the driver side: :class:`GlobalTrainer`, its result, the training data and the aggregator's entry
+point (the other modules' public names are re-exported here).
 """
 
 from __future__ import annotations
 
-import contextlib
 import json
 import math
 import os
-import tempfile
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -34,192 +34,41 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from fedge.common.augment import augment_batch
 from fedge.common.config import FedgeConfig
 from fedge.common.fsio import append_jsonl
-from fedge.common.lora import apply_lora, base_state, load_base_state, merge_lora
-from fedge.common.model import MultimodalMoE, build_model, fusion_loss, model_kwargs
-from fedge.common.scope import ScopeError, load_trainable_state, trainable_state
-from fedge.common.training import forward_batch, modality_dropout, to_batch
+from fedge.common.model import model_kwargs
 
-from .metrics import MetricsLogger, modality_eval, read_metrics, routing_stats
+from .adapters import (
+    StateDict,
+    TrainingError,
+    checked_tensors,
+    fresh_adapters,
+    initial_base,
+    lora_model,
+    merge_adapters,
+)
+from .metrics import MetricsLogger, read_metrics
+from .train_worker import (
+    CKPT_FILE,
+    COLUMNS,
+    _shard_arrays,  # noqa: F401 - tests import the worker's helpers from here
+    _step_batch,  # noqa: F401
+    train_loop_per_worker,
+)
 
-StateDict = Mapping[str, Tensor | np.ndarray]
-_COLUMNS = ("image", "audio", "label", "mask", "quality")
-_CKPT_FILE = "state.pt"
+__all__ = [
+    "GlobalTrainer", "TrainResult", "TrainingError", "arrays_dataset", "fresh_adapters", "initial_base", "lora_model",
+    "merge_adapters", "recovery_seconds", "run_global_training", "train_loop_per_worker", "training_dataset",
+    "training_due",
+]
 
 
 ZERO_CPU_WORKER_MEMORY = 256 * 2**20  # bytes of Ray's memory resource a worker asks for with cpus_per_worker=0
 
 
-class TrainingError(RuntimeError):
-    """Global training could not produce a new base (bad input state, or the run failed for good)."""
-
-
-# ---------------------------------------------------------------------------------------------- state
-def _tensors(state: StateDict, what: str) -> dict[str, Tensor]:
-    out: dict[str, Tensor] = {}
-    for k, v in state.items():
-        t = torch.as_tensor(np.asarray(v)) if not isinstance(v, Tensor) else v.detach()
-        if not bool(torch.isfinite(t).all()):
-            raise TrainingError(f"{what} {k!r} holds non-finite values")
-        out[k] = t.clone().to(torch.float32) if t.is_floating_point() else t.clone()
-    return out
-
-
-def initial_base(mkw: Mapping[str, Any]) -> dict[str, Tensor]:
-    """The deterministic version-0 base every party builds (``build_model(**model_kwargs(cfg))``)."""
-    return base_state(build_model(**mkw))
-
-
-def lora_model(base: StateDict, adapters: StateDict | None, *, mkw: Mapping[str, Any], rank: int,
-               alpha: float, scope: str = "adapters") -> torch.nn.Module:
-    """The model devices run: ``base`` with LoRA applied and the global state of ``scope`` loaded
-    (``adapters``; fresh adapters when None)."""
-    m = apply_lora(build_model(**mkw), rank=rank, alpha=alpha)
-    try:
-        load_base_state(m, _tensors(base, "base"))
-        if adapters is not None:
-            load_trainable_state(m, _tensors(adapters, "adapter"), scope)
-    except (KeyError, ValueError, RuntimeError, ScopeError) as e:
-        raise TrainingError(f"state does not fit the model: {e}") from None
-    return m
-
-
-def merge_adapters(base: StateDict, adapters: StateDict, *, mkw: Mapping[str, Any], rank: int,
-                   alpha: float, scope: str = "adapters") -> dict[str, Tensor]:
-    """Fold the global state of ``scope`` into the base: the plain weights whose outputs equal base + it."""
-    m = lora_model(base, adapters, mkw=mkw, rank=rank, alpha=alpha, scope=scope)
-    return base_state(merge_lora(m))
-
-
-def fresh_adapters(base: StateDict, *, mkw: Mapping[str, Any], rank: int, alpha: float,
-                   scope: str = "adapters") -> dict[str, Tensor]:
-    """The global state of ``scope`` reset against ``base``: deterministic A, zero B, the rest from the base."""
-    return trainable_state(lora_model(base, None, mkw=mkw, rank=rank, alpha=alpha), scope)
-
-
 def training_due(version: int, every_versions: int, last_trained_version: int = 0) -> bool:
     """Whether global training is due at aggregated ``version`` (every N versions; N = 0 means never)."""
     return every_versions > 0 and version - last_trained_version >= every_versions
-
-
-# ---------------------------------------------------------------------------------------------- worker
-def _shard_arrays(shard: Any) -> dict[str, np.ndarray]:
-    """Pull this worker's Ray Data shard into memory (small curated sets; steps sample from it)."""
-    parts: dict[str, list[np.ndarray]] = {k: [] for k in _COLUMNS}
-    for batch in shard.iter_batches(batch_size=1024, batch_format="numpy"):
-        for k in _COLUMNS:
-            parts[k].append(np.asarray(batch[k]))
-    if not parts["label"]:
-        raise TrainingError("this worker's data shard is empty")
-    out = {k: np.concatenate(v) for k, v in parts.items()}
-    out["image"] = out["image"].astype(np.float32)
-    out["audio"] = out["audio"].astype(np.float32)
-    out["label"] = out["label"].astype(np.int64)
-    out["mask"] = out["mask"].astype(bool)
-    out["quality"] = out["quality"].astype(np.float32)
-    return out
-
-
-def _step_batch(data: Mapping[str, np.ndarray], *, seed: int, rank: int, step: int, micro: int,
-                batch_size: int, dropout: float, device: torch.device) -> tuple[dict[str, Tensor], Tensor]:
-    """The micro-batch of a step: a pure function of (seed, rank, step, micro), so a resumed run replays it."""
-    rng = np.random.default_rng([seed, rank, step, micro])
-    n = len(data["label"])
-    b = to_batch(data, rng.integers(0, n, size=min(batch_size, n)))
-    gen = torch.Generator().manual_seed(int(rng.integers(0, 2**62)))
-    mask = modality_dropout(b["mask"], dropout, gen)
-    b = augment_batch(b, gen)
-    return {k: v.to(device) for k, v in b.items()}, mask.to(device)
-
-
-def train_loop_per_worker(config: dict[str, Any]) -> None:
-    """The Ray Train worker: restore or start, DDP-train for ``steps`` optimizer steps, report + checkpoint."""
-    import ray.train
-    import ray.train.torch
-
-    ctx = ray.train.get_context()
-    rank, world = ctx.get_world_rank(), ctx.get_world_size()
-    t_start = time.time()
-    run_dir = Path(config["run_dir"])
-    (run_dir / "workers").mkdir(parents=True, exist_ok=True)
-    (run_dir / "workers" / f"rank-{rank}.json").write_text(json.dumps({"pid": os.getpid(), "rank": rank,
-                                                                        "started": t_start}))
-    torch.manual_seed(config["seed"])
-    model = build_model(**config["model_kwargs"])
-    model.load_state_dict(config["base_state"])
-    start_step, restored_from, opt_state = 0, -1, None
-    ckpt = ray.train.get_checkpoint()
-    if ckpt is not None:
-        with ckpt.as_directory() as d:
-            st = torch.load(Path(d) / _CKPT_FILE, map_location="cpu", weights_only=True)
-        model.load_state_dict(st["model"])
-        opt_state, start_step = st["optim"], int(st["step"])
-        restored_from = start_step
-    device = ray.train.torch.get_device()
-    # Experts a batch does not route to (and encoders of absent modalities) get no gradient: tell DDP.
-    ddp = ray.train.torch.prepare_model(model, parallel_strategy_kwargs={"find_unused_parameters": True})
-    raw: MultimodalMoE = ddp.module if hasattr(ddp, "module") else ddp  # type: ignore[assignment]
-    opt = torch.optim.Adam(ddp.parameters(), lr=config["lr"])
-    if opt_state is not None:
-        opt.load_state_dict(opt_state)
-    data = _shard_arrays(ray.train.get_dataset_shard("train"))
-    eval_b = {k: v.to(device) for k, v in to_batch(data, slice(0, config["eval_rows"])).items()}
-
-    steps, accum, every = config["steps"], config["grad_accum"], config["checkpoint_every"]
-    log_every, e = config["log_every"], raw.num_experts
-    win_loss, win_aux, win_n, win_m, win_t0 = 0.0, 0.0, 0, 0, time.perf_counter()
-    stats: dict[str, list[float]] = {}
-    first_step_time = 0.0
-    ddp.train()
-    for step in range(start_step, steps):
-        opt.zero_grad(set_to_none=True)
-        for micro in range(accum):
-            b, mask = _step_batch(data, seed=config["seed"], rank=rank, step=step, micro=micro,
-                                  batch_size=config["batch_size"], dropout=config["modality_dropout"],
-                                  device=device)
-            sync = contextlib.nullcontext() if micro == accum - 1 or world == 1 else ddp.no_sync()  # type: ignore[operator]
-            with sync:
-                out = forward_batch(ddp, b, mask)  # type: ignore[arg-type]
-                ce = fusion_loss(out, b["label"], mask, b.get("reliable")).mean()
-                loss = ce + config["aux_weight"] * out.aux_loss
-                (loss / accum).backward()
-            win_loss += float(ce.detach()) * len(b["label"])
-            win_aux += float(out.aux_loss.detach())
-            win_n += len(b["label"])
-            win_m += 1
-            for k, v in routing_stats(out, mask, e).items():
-                stats.setdefault(k, []).append(v)
-        opt.step()
-        done = step + 1
-        if done == start_step + 1:
-            first_step_time = time.time()
-        is_ckpt = done % every == 0 or done == steps
-        if not (is_ckpt or done % log_every == 0):
-            continue
-        elapsed = max(time.perf_counter() - win_t0, 1e-9)
-        rec: dict[str, Any] = {
-            "step": done, "time": time.time(), "rank": rank,
-            "loss/train": win_loss / max(win_n, 1),
-            "aux_loss": win_aux / max(win_m, 1),
-            "samples_per_s": win_n * world / elapsed,
-            "restored_from": restored_from, "first_step_time": first_step_time, "worker_start": t_start,
-            "dropped_tokens": float(out.dropped_tokens),
-            "checkpoint": bool(is_ckpt),
-        }
-        rec.update({k: float(np.mean(v)) for k, v in stats.items()})
-        rec.update(modality_eval(raw, eval_b))
-        if is_ckpt and rank == 0:
-            with tempfile.TemporaryDirectory() as d:
-                torch.save({"model": raw.state_dict(), "optim": opt.state_dict(), "step": done},
-                           Path(d) / _CKPT_FILE)
-                ray.train.report(rec, checkpoint=ray.train.Checkpoint.from_directory(d),
-                                 checkpoint_dir_name=f"step-{done:06d}")
-        else:
-            ray.train.report(rec)
-        # the throughput window counts optimizer steps only, not evaluation, checkpointing or reporting
-        win_loss, win_aux, win_n, win_m, win_t0, stats = 0.0, 0.0, 0, 0, time.perf_counter(), {}
 
 
 # ---------------------------------------------------------------------------------------------- driver
@@ -366,7 +215,7 @@ class GlobalTrainer:
 
         merged = (merge_adapters(base, adapters, mkw=self.mkw, rank=self.lora_rank, alpha=self.lora_alpha,
                                  scope=self.scope)
-                  if adapters is not None else _tensors(base, "base"))
+                  if adapters is not None else checked_tensors(base, "base"))
         name = name or f"base-{base_version:06d}-{time.strftime('%Y%m%d-%H%M%S')}"
         run_dir = self.storage_path / name
         run_dir.mkdir(parents=True, exist_ok=True)
@@ -410,7 +259,7 @@ class GlobalTrainer:
         if result.checkpoint is None:
             raise TrainingError("global training produced no checkpoint")
         with result.checkpoint.as_directory() as d:
-            st = torch.load(Path(d) / _CKPT_FILE, map_location="cpu", weights_only=True)
+            st = torch.load(Path(d) / CKPT_FILE, map_location="cpu", weights_only=True)
         new_base = {k: v.detach().cpu() for k, v in st["model"].items()}
         metrics = read_metrics(run_dir / "metrics" / "metrics.jsonl")
         failures = read_metrics(run_dir / "metrics" / "failures.jsonl")
@@ -485,7 +334,7 @@ def training_dataset(cfg: FedgeConfig) -> Any:
     except DataError as e:
         raise TrainingError(str(e)) from None
     n = len(cols["label"])
-    return ray.data.from_items([{c: cols[c][i] for c in _COLUMNS} for i in range(n)]).materialize()
+    return ray.data.from_items([{c: cols[c][i] for c in COLUMNS} for i in range(n)]).materialize()
 
 
 def arrays_dataset(cols: Mapping[str, np.ndarray]) -> Any:
@@ -493,11 +342,4 @@ def arrays_dataset(cols: Mapping[str, np.ndarray]) -> Any:
     materialized ``ray.data.Dataset`` (Ray must be initialised)."""
     import ray
 
-    return ray.data.from_items([{c: cols[c][i] for c in _COLUMNS} for i in range(len(cols["label"]))]).materialize()
-
-
-__all__ = [
-    "GlobalTrainer", "TrainResult", "TrainingError", "arrays_dataset", "fresh_adapters", "initial_base", "lora_model",
-    "merge_adapters", "recovery_seconds", "run_global_training", "train_loop_per_worker", "training_dataset",
-    "training_due",
-]
+    return ray.data.from_items([{c: cols[c][i] for c in COLUMNS} for i in range(len(cols["label"]))]).materialize()
