@@ -1,4 +1,5 @@
-"""``fedge cloud start``: embedded (or joined) Ray + a Flower SuperLink + the fedge run, shut down cleanly.
+"""What ``fedge cloud start`` runs (:mod:`fedge.cloud.cli.launch`): embedded (or joined) Ray + a Flower SuperLink +
+the fedge run, shut down cleanly.
 
 Steps: resolve the config into ``run_dir/config.toml``; start Ray in this process (or note ``--ray-address``)
 and export its address as ``$FEDGE_RAY_ADDRESS`` so the ServerApp process joins it (cloud/state.py); start
@@ -25,14 +26,10 @@ import sys
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Annotated
-
-import typer
 
 from fedge.common.config import FedgeConfig
 from fedge.common.procs import escalate
 
-from .dashboard import options as dash
 from .state import RAY_ADDRESS_ENV, RAY_ADDRESS_FILE
 
 __all__ = [
@@ -43,7 +40,6 @@ __all__ = [
     "federation_toml",
     "serverapp_pids",
     "start",
-    "start_command",
     "superlink_command",
     "wait_port",
 ]
@@ -253,40 +249,3 @@ def _stop(procs: list[subprocess.Popen[bytes]], *, graceful: bool) -> None:
     for p in reversed(procs):  # the SuperLink stops its SuperExec (the ServerApp was stopped before)
         escalate(p, ((signal.SIGINT, 20.0 if graceful else 5.0), (signal.SIGTERM, 10.0), (signal.SIGKILL, 5.0)))
 
-
-def start_command(
-    run_dir: Annotated[Path, typer.Option("--run-dir", help="Run directory: config, metrics, checkpoints, "
-                                          "SuperLink database; reuse it to resume.")] = Path("runs/cloud"),
-    config: Annotated[Path | None, typer.Option("--config", help="Config TOML (scenario) file.")] = None,
-    set_: Annotated[list[str] | None, typer.Option(
-        "--set", help="Override a config key: --set aggregation.versions=20")] = None,
-    host: Annotated[str, typer.Option("--host", help="SuperLink address to listen on.")] = "127.0.0.1",
-    port: Annotated[int, typer.Option("--port", help="SuperLink port (all APIs; never Flower's 8000).")] = 9092,
-    ray_address: Annotated[str, typer.Option(
-        "--ray-address", help="Join this Ray cluster instead of starting an embedded one.")] = "",
-    num_cpus: Annotated[int, typer.Option("--num-cpus", help="CPUs of the embedded Ray.")] = 2,
-    ssl_ca_certfile: Annotated[Path | None, typer.Option("--ssl-ca-certfile", help="CA certificate (TLS).")] = None,
-    ssl_certfile: Annotated[Path | None, typer.Option("--ssl-certfile", help="SuperLink certificate (TLS).")] = None,
-    ssl_keyfile: Annotated[Path | None, typer.Option("--ssl-keyfile", help="SuperLink private key (TLS).")] = None,
-    auth_public_keys: Annotated[list[Path] | None, typer.Option(
-        "--auth-public-key", help="A SuperNode public key to register (enables SuperNode auth).")] = None,
-    dashboard: dash.DashboardAddress = "",
-    dashboard_token: dash.DashboardToken = "",
-    dashboard_tokens: dash.DashboardTokens = "",
-    public: dash.DashboardPublic = False,
-    ray_dashboard: dash.RayDashboard = False,
-) -> None:
-    """Start the aggregator: embedded Ray, a Flower SuperLink and the fedge run; Ctrl-C checkpoints and stops."""
-    from fedge.common.config import ConfigError, load_config, parse_overrides
-
-    try:  # DashboardError is a ValueError: one line, exit 2
-        watch = dash.dashboard_overrides(dashboard, token=dashboard_token, tokens_file=dashboard_tokens, public=public)
-        cfg = load_config(toml_path=config, overrides=parse_overrides(list(set_ or []) + watch))
-        opts = LaunchOptions(run_dir=run_dir, host=host, port=port, ray_address=ray_address, num_cpus=num_cpus,
-                             ssl_ca_certfile=ssl_ca_certfile, ssl_certfile=ssl_certfile, ssl_keyfile=ssl_keyfile,
-                             auth_public_keys=list(auth_public_keys or []), ray_dashboard=ray_dashboard)
-        superlink_command(opts)  # validates the TLS / auth combination before anything starts
-    except (ConfigError, FileNotFoundError, ValueError) as e:
-        typer.echo(f"fedge cloud start: {e}", err=True)
-        raise typer.Exit(2) from None
-    raise typer.Exit(start(cfg, opts, echo=typer.echo))

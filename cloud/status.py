@@ -1,21 +1,16 @@
-"""``fedge status``: the live state of a running aggregator in the terminal (its dashboard's ``/api/state``)."""
+"""The live state of a running aggregator, fetched from its dashboard's ``/api/state`` and rendered as text for
+``fedge status`` (:mod:`fedge.cloud.cli.status`)."""
 
 from __future__ import annotations
 
 import json
-import time
-import urllib.error
 import urllib.request
-from typing import Annotated, Any
-
-import typer
+from typing import Any
 
 from fedge.common.shard_api import AUTH_HEADER, DEVICE_HEADER, bearer
 from fedge.common.units import human_bytes
 
-from .dashboard.http import DEFAULT_PORT, TOKEN_ENV
-
-__all__ = ["URL_ENV", "fetch_state", "render", "status_command"]
+__all__ = ["URL_ENV", "fetch_state", "render"]
 
 URL_ENV = "FEDGE_DASHBOARD_URL"
 
@@ -70,32 +65,3 @@ def render(state: dict[str, Any], *, max_devices: int = 50) -> str:
         lines.append(f"... {len(state['devices']) - max_devices} more devices (--json for all)")
     return "\n".join(lines)
 
-
-def status_command(
-    url: Annotated[str, typer.Option("--url", envvar=URL_ENV, show_envvar=True,
-                                     help="The aggregator's dashboard (`--dashboard` of `fedge cloud start` or "
-                                          "`fedge simulate run`).")] = f"http://127.0.0.1:{DEFAULT_PORT}/",
-    token: Annotated[str, typer.Option("--token", envvar=TOKEN_ENV, show_envvar=True,
-                                       help="Dashboard token (needed when it is served beyond loopback).")] = "",
-    device: Annotated[str, typer.Option("--device", help="Device id, when --token is a device token of the "
-                                                         "tokens file.")] = "",
-    as_json: Annotated[bool, typer.Option("--json", help="Print the whole state as JSON (/api/state).")] = False,
-    watch: Annotated[float, typer.Option("--watch", help="Print again every this many seconds until Ctrl-C "
-                                                         "(0 = once).")] = 0.0,
-) -> None:
-    """Show the live state of a running aggregator: version, buffer, accuracy, refusals, devices."""
-    while True:
-        try:
-            state = fetch_state(url, token=token, device=device)
-        except urllib.error.HTTPError as e:
-            typer.echo(f"fedge status: {url} refused the request ({e.code}: "
-                       f"{'a token is needed: --token' if e.code == 401 else e.reason})", err=True)
-            raise typer.Exit(2) from None
-        except (OSError, ValueError) as e:
-            typer.echo(f"fedge status: cannot reach a fedge dashboard at {url} ({e})", err=True)
-            raise typer.Exit(2) from None
-        typer.echo(json.dumps(state, indent=2) if as_json else render(state))
-        if watch <= 0:
-            return
-        time.sleep(watch)
-        typer.echo("")

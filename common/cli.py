@@ -22,7 +22,7 @@ GROUPS = {
     "simulate": ("fedge.simulations.cli", "Run the whole federation on this machine (embedded Ray)."),
 }
 COMMANDS = {  # top-level commands, looked up by module name like the groups
-    "status": ("fedge.cloud.status", "status_command"),
+    "status": ("fedge.cloud.cli.status", "status_command"),
 }
 
 

@@ -1,27 +1,24 @@
-"""``fedge edge predict``: classify a device's keyframes / audio windows with the sharded model.
+"""Classify a device's keyframes / audio windows with the sharded model (the command: :mod:`fedge.edge.cli.predict`).
 
-Inputs: ``--video`` a video file or camera (keyframes by :mod:`fedge.edge.keyframes`), ``--audio`` an audio file or a
-video's audio track (log-mel by :mod:`fedge.common.media.audio`, as ingest computes it); with both, each keyframe is
-paired with the audio window centred on it. ``.npy`` arrays are accepted too: keyframes (B, 3, S, S) float in
-[0, 1] or (B, S, S, 3) uint8, log-mel windows (B, n_mels, T) in dB; with both, row i of each is the same moment. The device's modalities are those given (or ``--modalities``); it downloads
-only their encoders, the router, the head and the experts its router picks.
+Inputs: a video file or camera (keyframes by :mod:`fedge.edge.keyframes`), an audio file or a video's audio track
+(log-mel by :mod:`fedge.common.media.audio`, as ingest computes it); with both, each keyframe is paired with the audio
+window centred on it. ``.npy`` arrays are accepted too: keyframes (B, 3, S, S) float in [0, 1] or (B, S, S, 3)
+uint8, log-mel windows (B, n_mels, T) in dB; with both, row i of each is the same moment. The device's modalities
+are those given (or those asked for); it downloads only their encoders, the router, the head and the experts its
+router picks.
 """
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING
 
 import numpy as np
-import typer
 
-from fedge.common.config import ConfigError, load_config
-from fedge.common.manifest import ManifestError
+if TYPE_CHECKING:
+    from .inference import Prediction, ShardedRunner
 
-from .shards import ShardCache, ShardError
-
-__all__ = ["load_keyframes", "load_windows", "predict_command"]
+__all__ = ["load_keyframes", "load_windows", "predict_sources"]
 
 
 def load_keyframes(src: Path, size: int) -> tuple[np.ndarray, np.ndarray]:
@@ -88,73 +85,22 @@ def load_windows(
     return out, np.asarray(centres, dtype=np.float64)
 
 
-def predict_command(
-    shards: Annotated[str | None, typer.Option("--shards", help="Shard server URL (default: shards.url).")] = None,
-    video: Annotated[Path | None, typer.Option("--video", help="Video file / camera index, or keyframes (.npy).")] = None,
-    audio: Annotated[Path | None, typer.Option("--audio", help="Audio file (or a video with an audio track), or log-mel windows (.npy).")] = None,
-    public_key: Annotated[Path | None, typer.Option(
-        help="Pinned manifest key (default: shards.public_key).")] = None,
-    cache_dir: Annotated[Path | None, typer.Option(
-        help="Shard cache folder (default: shards.cache_dir or ~/.cache/fedge/shards).")] = None,
-    ca_file: Annotated[Path | None, typer.Option(
-        help="CA of the server's TLS certificate (default: shards.ca_file).")] = None,
-    device: Annotated[str | None, typer.Option(help="Device id sent with the token.")] = None,
-    token: Annotated[str | None, typer.Option(envvar="FEDGE_SHARD_TOKEN", help="Per-device download token.")] = None,
-    modalities: Annotated[str | None, typer.Option(
-        help="Device modalities, e.g. 'audio' (default: the inputs given).")] = None,
-    version: Annotated[str, typer.Option(help="Model version to use.")] = "latest",
-    config: Annotated[Path | None, typer.Option(help="Run config TOML (its shards section).")] = None,
-    allow_insecure_http: Annotated[bool, typer.Option(
-        "--allow-insecure-http", help="Send the token to a plain http:// server (trusted networks only; "
-        "default: shards.allow_insecure_http).")] = False,
-) -> None:
-    """Print the predicted class of each keyframe / audio window, fetching only the shards this device needs."""
-    from .inference import ShardedRunner
+def predict_sources(runner: ShardedRunner, *, video: Path | None, audio: Path | None
+                    ) -> tuple[Prediction, np.ndarray]:
+    """Classify the keyframes of ``video`` and / or the log-mel windows of ``audio`` with ``runner``; return the
+    prediction and the time in seconds of each row (B,).
 
-    try:
-        cfg = load_config(toml_path=config).shards if config else load_config().shards
-        url = shards or cfg.url
-        key = public_key or (Path(cfg.public_key) if cfg.public_key else None)
-        if not url:
-            raise ValueError("no shard server: pass --shards URL or set shards.url")
-        if key is None:
-            raise ValueError("no pinned manifest key: pass --public-key or set shards.public_key")
-        if video is None and audio is None:
-            raise ValueError("nothing to classify: pass --video and/or --audio")
-        mods = tuple(m.strip() for m in modalities.split(",")) if modalities else tuple(
-            m for m, src in (("image", video), ("audio", audio)) if src is not None
-        )
-        cache = ShardCache(
-            url,
-            cache_dir or (Path(cfg.cache_dir) if cfg.cache_dir else Path.home() / ".cache/fedge/shards"),
-            public_key=key,
-            modalities=mods,
-            budget_bytes=int(cfg.budget_mb * (1 << 20)),
-            token=token,
-            device=device,
-            ca_file=ca_file or (cfg.ca_file or None),
-            version=version,
-            timeout=cfg.timeout_s,
-            allow_insecure_http=allow_insecure_http or cfg.allow_insecure_http,
-        )
-        runner = ShardedRunner(cache)
-        spec = runner.manifest.model
-        img, times = load_keyframes(video, spec["image_size"]) if video is not None else (None, None)
-        aud = None
-        if audio is not None:
-            real_video = video is not None and video.suffix != ".npy"
-            paired = times if (real_video and audio.suffix != ".npy") else None
-            aud, wtimes = load_windows(audio, spec["n_mels"], spec["audio_frames"], centres=paired)
-            times = times if times is not None else wtimes
-        out = runner.predict(image=img, audio=aud)
-    except (ConfigError, ManifestError, ShardError, ValueError, FileNotFoundError, OSError, RuntimeError) as e:
-        typer.echo(f"fedge edge predict: {str(e).splitlines()[0]}", err=True)
-        raise typer.Exit(1) from None
-    unit = "keyframe" if img is not None else "window"
-    assert times is not None
-    for i, (c, p) in enumerate(zip(out.predictions.tolist(), out.probs.max(axis=1).tolist())):
-        typer.echo(f"{unit} {i} t={times[i]:.2f}s: class {c} (p={p:.3f}) experts {out.experts[i]}")
-    typer.echo(
-        f"version {out.version}; downloaded {cache.stats.downloaded_bytes} bytes; cached "
-        f"{cache.cached_bytes()} of {runner.manifest.total_bytes()} model bytes ({os.fspath(cache.dir)})"
-    )
+    A video and an audio file (not ``.npy``) are paired: each keyframe with the audio window centred on it;
+    ``.npy`` arrays are paired row by row. The rows are keyframes when a video is given, else audio windows.
+    """
+    spec = runner.manifest.model
+    img, times = load_keyframes(video, spec["image_size"]) if video is not None else (None, None)
+    aud = None
+    if audio is not None:
+        real_video = video is not None and video.suffix != ".npy"
+        paired = times if (real_video and audio.suffix != ".npy") else None
+        aud, wtimes = load_windows(audio, spec["n_mels"], spec["audio_frames"], centres=paired)
+        times = times if times is not None else wtimes
+    if times is None:
+        raise ValueError("nothing to classify: pass a video and/or an audio source")
+    return runner.predict(image=img, audio=aud), times

@@ -14,7 +14,7 @@ import click
 import typer
 from typer.core import TyperGroup
 
-from fedge.cloud.dashboard import options as dash
+from fedge.cloud.cli import dashboard_options as dash
 
 __all__ = ["DEFAULT_SCENARIO", "app", "compare_cmd", "flower_baseline_cmd", "prepare_cmd", "run_cmd"]
 

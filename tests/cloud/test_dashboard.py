@@ -183,7 +183,7 @@ def test_fedge_status_prints_the_state_and_json(served):
     import typer
     from typer.testing import CliRunner
 
-    from fedge.cloud.status import status_command
+    from fedge.cloud.cli.status import status_command
 
     _, server = served
     app = typer.Typer()

@@ -36,7 +36,7 @@ def test_cloud_train_with_publish_and_no_signing_key_fails_in_one_line_before_ra
     import typer
     from typer.testing import CliRunner
 
-    from fedge.cloud.train_cli import train_command
+    from fedge.cloud.cli.train import train_command
 
     app = typer.Typer()
     app.command()(train_command)

@@ -254,7 +254,7 @@ def _cli(args: list[str]):
     import typer
     from typer.testing import CliRunner
 
-    from fedge.cloud.train_cli import train_command
+    from fedge.cloud.cli.train import train_command
 
     app = typer.Typer()
     app.command()(train_command)

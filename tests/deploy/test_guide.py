@@ -70,7 +70,7 @@ def test_default_ports_in_the_guide_are_the_codes_defaults():
     import inspect
 
     from fedge.cloud.serving import start_shard_server
-    from fedge.edge.agent import run_command
+    from fedge.edge.cli.agent import run_command
 
     assert inspect.signature(run_command).parameters["port"].default == 9094  # SuperNode ClientApp API
     assert inspect.signature(start_shard_server).parameters["port"].default == 8000  # Serve's HTTP proxy

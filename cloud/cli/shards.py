@@ -37,7 +37,7 @@ def token_command(
         "keys/tokens.json"),
 ) -> None:
     """Create (or replace) a device's download token; prints it once (only its sha256 is stored)."""
-    from .serving import add_device_token
+    from fedge.cloud.serving import add_device_token
 
     try:
         tokens_file.parent.mkdir(parents=True, exist_ok=True)
@@ -63,11 +63,10 @@ def publish_command(
     make it the latest version."""
     from rich.progress import Progress
 
+    from fedge.cloud.export import ExportError
+    from fedge.cloud.publisher import BasePublisher
     from fedge.common.config import ConfigError, load_config
     from fedge.common.model import build_model, model_kwargs
-
-    from .export import ExportError
-    from .publisher import BasePublisher
 
     try:
         cfg = load_config(toml_path=config) if config else load_config()
@@ -118,7 +117,7 @@ def serve_command(
         "and predict); refused otherwise.")] = False,
 ) -> None:
     """Serve model versions to devices with Ray Serve until interrupted (Ctrl-C)."""
-    from .serving import check_exposure
+    from fedge.cloud.serving import check_exposure
 
     try:  # before Ray starts: a refused exposure costs nothing
         check_exposure(host, tokens, public=public)
@@ -132,10 +131,9 @@ def serve_command(
         raise typer.Exit(1)
     import ray
 
+    from fedge.cloud.model_store import ModelStore, StoreError
+    from fedge.cloud.serving import start_shard_server
     from fedge.common.manifest import ManifestError, verify_manifest
-
-    from .model_store import ModelStore, StoreError
-    from .serving import start_shard_server
 
     if public_key is not None:
         try:

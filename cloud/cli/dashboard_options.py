@@ -7,7 +7,7 @@ from typing import Annotated
 
 import typer
 
-from .http import TOKEN_ENV, preflight
+from fedge.cloud.dashboard.http import TOKEN_ENV, preflight
 
 __all__ = [
     "DashboardAddress",

@@ -39,7 +39,7 @@ def _progress(jsonl: Path, total: int, stop: threading.Event) -> None:
     """A progress bar fed by rank 0's metric reports (the fit itself blocks the main thread)."""
     from tqdm import tqdm
 
-    from .metrics import read_metrics
+    from fedge.cloud.metrics import read_metrics
 
     with tqdm(total=total, desc="global training", unit="step") as bar:
         while not stop.is_set():
@@ -56,9 +56,8 @@ def _publish(state: dict, *, store: Path, key: Path, base_version: int, cfg: Any
     """Publish a trained base as ``base-<base_version>``; return the published weights (torch tensors)."""
     import torch
 
+    from fedge.cloud.publisher import BasePublisher, base_version_name, plain_from_state
     from fedge.common.model import model_kwargs
-
-    from .publisher import BasePublisher, base_version_name, plain_from_state
 
     plain = plain_from_state({k: v.detach().cpu().float().numpy() for k, v in state.items()}, model_kwargs(cfg))
     manifest, published = BasePublisher(store, key, image_size=cfg.model.image_size,
@@ -101,11 +100,7 @@ def train_command(
     """
     import ray
 
-    from fedge.common.config import ConfigError, load_config, parse_overrides
-    from fedge.common.dataset import is_store
-    from fedge.common.model import model_kwargs
-
-    from .training import (
+    from fedge.cloud.training import (
         GlobalTrainer,
         TrainingError,
         fresh_adapters,
@@ -113,6 +108,9 @@ def train_command(
         merge_adapters,
         training_dataset,
     )
+    from fedge.common.config import ConfigError, load_config, parse_overrides
+    from fedge.common.dataset import is_store
+    from fedge.common.model import model_kwargs
 
     try:
         cfg = load_config(toml_path=config, overrides={**parse_overrides(overrides or []),

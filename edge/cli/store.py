@@ -60,7 +60,7 @@ def stats_command(
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object instead of a table.")] = False,
 ) -> None:
     """Samples by split, label and modality, quality-gate removals by reason, bytes, and capture time span."""
-    from .store import SampleStore, StoreError
+    from fedge.edge.store import SampleStore, StoreError
 
     if not is_store(store):
         _fail("stats", f"{store}: not a sample store (no samples.db)")

@@ -1,8 +1,15 @@
-"""``fedge edge``: commands that run on a device."""
+"""``fedge edge``: commands that run on a device, one module per command; each parses its options and calls the
+domain code (:mod:`fedge.edge.ingest`, :mod:`fedge.edge.keyframes`, :mod:`fedge.edge.agent`, ...)."""
 
 from __future__ import annotations
 
 import typer
+
+from .agent import run_command
+from .ingest import ingest_command
+from .keyframes import keyframes_command
+from .predict import predict_command
+from .store import app as store_app
 
 __all__ = ["app", "info"]
 
@@ -18,22 +25,9 @@ def info() -> None:
 
     typer.echo(f"flwr {flwr.__version__}  torch {torch.__version__}  onnxruntime {onnxruntime.__version__}")
 
-from .predict import predict_command
 
 app.command("predict")(predict_command)
-
-from .agent import run_command
-
 app.command("run")(run_command)
-
-from .keyframes import keyframes_command
-
 app.command("keyframes")(keyframes_command)
-
-from .ingest_cli import ingest_command
-
 app.command("ingest")(ingest_command)
-
-from .store_cli import app as store_app
-
 app.add_typer(store_app, name="store")

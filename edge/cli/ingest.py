@@ -7,7 +7,7 @@ import signal
 import sys
 import threading
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 
@@ -54,47 +54,49 @@ def checked_labels(label: int | None, labels_file: Path | None, *, config: Path 
 
 
 def ingest_command(
-    video: str | None = typer.Option(None, "--video",
-                                     help="Video file, camera index (0) or stream URL; or images: a folder, a "
-                                          "quoted glob ('photos/*.jpg') or one image file (one sample each)."),
-    audio: str | None = typer.Option(None, "--audio",
-                                     help="WAV/FLAC/OGG file or a video file (its audio track), or a live "
-                                          "microphone: alsa:hw:1 (or hw:1), pulse:default, a FIFO, "
-                                          "lavfi:GRAPH (ffmpeg). Default: the video's own track when it has one."),
-    store: Path = typer.Option(..., "--store", help="SampleStore directory (created if missing)."),  # noqa: B008
-    label: int | None = typer.Option(None, "--label", help="Class index of every sample (default: unlabeled)."),
-    labels_file: Path | None = typer.Option(  # noqa: B008
-        None, "--labels", help="Labelled time spans instead of --label: a CSV (start_s,end_s,label; header "
-                               "optional) or a JSON list of {start_s, end_s, label}. A sample takes the label of "
-                               "the span its keyframe (or a microphone-only window's centre) falls in; outside "
-                               "every span it is unlabeled. For images: labels by file name, a CSV "
-                               "(filename,label) or a JSON object {name: label}."),
-    budget_mb: float | None = typer.Option(None, "--budget-mb",
-                                           help="Byte budget of the store in MB (oldest samples are evicted)."),
-    split: str = typer.Option("train", "--split", help="train, val or test."),
-    no_video_audio: bool = typer.Option(False, "--no-video-audio",
-                                        help="Ignore the video's own audio track (camera-only)."),
-    mic_stride: float = typer.Option(1.0, "--mic-stride", help="Seconds between windows of a microphone-only device."),
-    audio_offset: float = typer.Option(0.0, "--audio-offset", help="Seconds from video time to audio time."),
-    as_json: bool = typer.Option(False, "--json", help="Print the report as one JSON object."),
-    align: str = typer.Option("shot", "--align",
-                              help="Where a keyframe's audio comes from: 'shot' (where the sound is in the "
-                                   "keyframe's shot) or 'keyframe' (the window centred on the keyframe)."),
-    max_per_shot: int = typer.Option(1, "--max-per-shot",
-                                     help="With --align shot: up to this many samples per shot, one per separate "
-                                          "sound (same keyframe)."),
-    min_interval: float = typer.Option(0.25, "--min-interval",
-                                       help="Seconds: no two keyframes closer than this."),
-    max_interval: float = typer.Option(4.0, "--max-interval",
-                                       help="Seconds: a long shot (or a camera without cuts) gets a keyframe at "
-                                            "least this often."),
-    duration: float | None = typer.Option(None, "--duration",
-                                          help="Stop after this many seconds of stream (a live source otherwise "
-                                               "runs until Ctrl-C or SIGTERM, which end it cleanly)."),
-    config: Path | None = typer.Option(None, "--config",  # noqa: B008
-                                       help="Run config TOML: model.num_classes bounds --label and --labels."),
-    set_: list[str] | None = typer.Option(None, "--set",  # noqa: B008
-                                          help="Config override KEY=VALUE, repeatable (e.g. model.num_classes=5)."),
+    *,
+    video: Annotated[str | None, typer.Option(
+        "--video", help="Video file, camera index (0) or stream URL; or images: a folder, a quoted glob "
+                        "('photos/*.jpg') or one image file (one sample each).")] = None,
+    audio: Annotated[str | None, typer.Option(
+        "--audio", help="WAV/FLAC/OGG file or a video file (its audio track), or a live microphone: alsa:hw:1 (or "
+                        "hw:1), pulse:default, a FIFO, lavfi:GRAPH (ffmpeg). Default: the video's own track when "
+                        "it has one.")] = None,
+    store: Annotated[Path, typer.Option("--store", help="SampleStore directory (created if missing).")],
+    label: Annotated[int | None, typer.Option(
+        "--label", help="Class index of every sample (default: unlabeled).")] = None,
+    labels_file: Annotated[Path | None, typer.Option(
+        "--labels", help="Labelled time spans instead of --label: a CSV (start_s,end_s,label; header optional) or "
+                         "a JSON list of {start_s, end_s, label}. A sample takes the label of the span its keyframe "
+                         "(or a microphone-only window's centre) falls in; outside every span it is unlabeled. For "
+                         "images: labels by file name, a CSV (filename,label) or a JSON object {name: label}.")] = None,
+    budget_mb: Annotated[float | None, typer.Option(
+        "--budget-mb", help="Byte budget of the store in MB (oldest samples are evicted).")] = None,
+    split: Annotated[str, typer.Option("--split", help="train, val or test.")] = "train",
+    no_video_audio: Annotated[bool, typer.Option(
+        "--no-video-audio", help="Ignore the video's own audio track (camera-only).")] = False,
+    mic_stride: Annotated[float, typer.Option(
+        "--mic-stride", help="Seconds between windows of a microphone-only device.")] = 1.0,
+    audio_offset: Annotated[float, typer.Option("--audio-offset", help="Seconds from video time to audio time.")] = 0.0,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the report as one JSON object.")] = False,
+    align: Annotated[str, typer.Option(
+        "--align", help="Where a keyframe's audio comes from: 'shot' (where the sound is in the keyframe's shot) "
+                        "or 'keyframe' (the window centred on the keyframe).")] = "shot",
+    max_per_shot: Annotated[int, typer.Option(
+        "--max-per-shot", help="With --align shot: up to this many samples per shot, one per separate sound (same "
+                               "keyframe).")] = 1,
+    min_interval: Annotated[float, typer.Option(
+        "--min-interval", help="Seconds: no two keyframes closer than this.")] = 0.25,
+    max_interval: Annotated[float, typer.Option(
+        "--max-interval", help="Seconds: a long shot (or a camera without cuts) gets a keyframe at least this "
+                               "often.")] = 4.0,
+    duration: Annotated[float | None, typer.Option(
+        "--duration", help="Stop after this many seconds of stream (a live source otherwise runs until Ctrl-C or "
+                           "SIGTERM, which end it cleanly).")] = None,
+    config: Annotated[Path | None, typer.Option(
+        "--config", help="Run config TOML: model.num_classes bounds --label and --labels.")] = None,
+    set_: Annotated[list[str] | None, typer.Option(
+        "--set", help="Config override KEY=VALUE, repeatable (e.g. model.num_classes=5).")] = None,
 ) -> None:
     """Ingest a camera and/or microphone stream into a SampleStore: keyframes + aligned log-mel windows,
     quality-gated. Prints a summary (frames decoded, keyframes kept, seconds of audio, samples stored, rejected
