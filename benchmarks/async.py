@@ -14,15 +14,18 @@ Last line: ``speedup_vs_sync=… target_accuracy=…`` (sync virtual time / asyn
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from _quick import parse_quick  # benchmarks/_quick.py: sys.path[0] is this folder
+
+if TYPE_CHECKING:
+    from fedge.common.run_log import VersionRecord
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -48,7 +51,7 @@ def _child(run_dir: str, nodes: int, overrides: list[str]) -> None:
                                    "init_args": {"num_cpus": 2, "include_dashboard": False}})
 
 
-def _run(mode: str, run_dir: Path, args: argparse.Namespace) -> list[dict]:
+def _run(mode: str, run_dir: Path, args: argparse.Namespace) -> list[VersionRecord]:
     common = [
         "data.source=\"synthetic\"", f"data.samples_per_device={args.samples}", "data.eval_samples=400",
         f"seed={args.seed}", f"train.local_steps={args.local_steps}", "communication.topk_ratio=0.1",
@@ -68,16 +71,18 @@ def _run(mode: str, run_dir: Path, args: argparse.Namespace) -> list[dict]:
                        cwd=ROOT, env=env, capture_output=True, text=True, timeout=args.timeout, check=False)
     if r.returncode != 0:
         raise SystemExit(f"{mode} run failed:\n{r.stdout[-2000:]}\n{r.stderr[-3000:]}")
-    recs = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    print(f"{mode:5s}: {len(recs)} versions, final accuracy {recs[-1]['accuracy']:.3f} at virtual "
-          f"{recs[-1]['virtual_time']:.1f}s ({time.perf_counter() - t0:.0f}s wall)", flush=True)
+    from fedge.common.run_log import read_versions
+
+    recs = read_versions(run_dir)
+    print(f"{mode:5s}: {len(recs)} versions, final accuracy {recs[-1].accuracy:.3f} at virtual "
+          f"{recs[-1].virtual_time:.1f}s ({time.perf_counter() - t0:.0f}s wall)", flush=True)
     return recs
 
 
-def _time_to(recs: list[dict], target: float) -> float | None:
+def _time_to(recs: list[VersionRecord], target: float) -> float | None:
     for r in recs:
-        if r["accuracy"] >= target:
-            return float(r["virtual_time"])
+        if r.accuracy >= target:
+            return float(r.virtual_time)
     return None
 
 

@@ -49,9 +49,12 @@ import os
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
+
+if TYPE_CHECKING:
+    from fedge.common.run_log import VersionRecord
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -171,12 +174,12 @@ def final_model(run_dir: Path) -> Any:
     return model_with(load_config(toml_path=run_dir / "config.toml"), load_arrays(run_dir / ADAPTERS))
 
 
-def reach_time(records: list[dict[str, Any]], target: float) -> float | None:
+def reach_time(records: list[VersionRecord], target: float) -> float | None:
     """Virtual time of the first version at or above ``target`` accuracy (None: never)."""
-    return next((float(r["virtual_time"]) for r in records if r["accuracy"] >= target), None)
+    return next((float(r.virtual_time) for r in records if r.accuracy >= target), None)
 
 
-def plot(curves: dict[str, list[dict[str, Any]]], central: float, out: Path) -> Path:
+def plot(curves: dict[str, list[VersionRecord]], central: float, out: Path) -> Path:
     """Accuracy of each federated row against virtual time (fedge) and against the global version (all rows)."""
     import matplotlib
 
@@ -185,11 +188,11 @@ def plot(curves: dict[str, list[dict[str, Any]]], central: float, out: Path) -> 
 
     fig, (ax_t, ax_v) = plt.subplots(1, 2, figsize=(11, 4))
     for i, (name, recs) in enumerate(curves.items()):
-        acc = [r["accuracy"] for r in recs]
+        acc = [r.accuracy for r in recs]
         style = {"marker": "o", "ms": 2, "label": name, "color": f"C{i}"}  # one colour per row in both panels
-        if recs and "virtual_time" in recs[0]:
-            ax_t.plot([r["virtual_time"] for r in recs], acc, **style)
-        ax_v.plot([r["version"] for r in recs], acc, **style)
+        if recs and recs[0].virtual_time is not None:
+            ax_t.plot([r.virtual_time for r in recs], acc, **style)
+        ax_v.plot([r.version for r in recs], acc, **style)
     for ax, xlabel in ((ax_t, "virtual time (s)"), (ax_v, "global version / round")):
         ax.axhline(central, ls="--", c="gray", lw=1, label="centralized")
         ax.set_xlabel(xlabel)
@@ -238,11 +241,11 @@ def main() -> None:
     work.mkdir(parents=True, exist_ok=True)
     cache = work / "data"
 
+    from fedge.common.run_log import read_versions
     from fedge.common.training import evaluate
     from fedge.simulations.evaluation import load_arrays, model_with
     from fedge.simulations.prepare import prepare
-    from fedge.simulations.report import read_metrics
-    from fedge.simulations.runner import METRICS, run
+    from fedge.simulations.runner import run
 
     sets = [*(QUICK if args.quick else ()), *args.sets]
     base_cfg = load(sets)
@@ -257,7 +260,7 @@ def main() -> None:
           f"({time.perf_counter() - t0:.0f} s)", flush=True)
 
     scores: dict[str, dict[str, dict[str, float]]] = {}
-    curves: dict[str, list[dict[str, Any]]] = {}
+    curves: dict[str, list[VersionRecord]] = {}
     t = time.perf_counter()
     central = centralized(prepared, args.central_steps)
     scores["centralized"] = score(central, subsets)
@@ -265,16 +268,16 @@ def main() -> None:
     print(f"centralized: {args.central_steps} steps, clean fused {scores['centralized']['clean'].get(FUSED, 0):.3f} "
           f"({time.perf_counter() - t:.0f} s)", flush=True)
 
-    def federated(name: str, cfg: Any, apps: tuple[Any, Any] | None = None) -> list[dict[str, Any]]:
+    def federated(name: str, cfg: Any, apps: tuple[Any, Any] | None = None) -> list[VersionRecord]:
         t = time.perf_counter()
         run_dir = run(cfg, out_dir=work / name, cache=cache, report=False, apps=apps)
-        recs = read_metrics(run_dir / METRICS)
+        recs = read_versions(run_dir)
         if not recs:
             raise RuntimeError(f"{name}: the run produced no global version (see {run_dir})")
         curves[name] = recs
         scores[name] = score(final_model(run_dir), subsets)
-        vt = f", virtual {recs[-1]['virtual_time']:.0f} s" if "virtual_time" in recs[-1] else ""
-        print(f"{name}: {len(recs)} versions, final accuracy {recs[-1]['accuracy']:.3f}{vt} "
+        vt = f", virtual {recs[-1].virtual_time:.0f} s" if recs[-1].virtual_time is not None else ""
+        print(f"{name}: {len(recs)} versions, final accuracy {recs[-1].accuracy:.3f}{vt} "
               f"({time.perf_counter() - t:.0f} s wall)", flush=True)
         return recs
 
@@ -282,7 +285,7 @@ def main() -> None:
 
     federated("flower-fedavg", sync_cfg, apps=(flower_baseline.server_app, flower_baseline.client_app))
     sync = federated("fedge-sync", sync_cfg)
-    budget = float(sync[-1]["virtual_time"])
+    budget = float(sync[-1].virtual_time)
 
     def within(cfg: Any) -> Any:  # the async rows get fedge-sync's virtual time
         return dataclasses.replace(cfg, simulation=dataclasses.replace(cfg.simulation, time_budget_s=budget))
@@ -300,7 +303,7 @@ def main() -> None:
         return scores[row][sub].get(FUSED, float("nan"))
 
     head = scores["fedge-async-base"]
-    hit = reach_time(scratch, float(sync[-1]["accuracy"]))
+    hit = reach_time(scratch, float(sync[-1].accuracy))
     results = {
         "scratch_vs_central": fused("fedge-async-scratch") / fused("centralized"),
         "base_vs_central": fused("fedge-async-base") / fused("centralized"),
@@ -316,10 +319,10 @@ def main() -> None:
     png = plot(curves, central_curve, work)
     (work / "table.md").write_text(md + "\n")
     (work / "results.json").write_text(json.dumps({"results": results, "scores": scores, "sets": sets,
-                                                   "sync_final_accuracy": sync[-1]["accuracy"],
+                                                   "sync_final_accuracy": sync[-1].accuracy,
                                                    "virtual_budget_s": budget}, indent=1))
     print(md)
-    print(f"fedge-sync: final accuracy {sync[-1]['accuracy']:.3f} at virtual {budget:.0f} s; fedge-async-scratch "
+    print(f"fedge-sync: final accuracy {sync[-1].accuracy:.3f} at virtual {budget:.0f} s; fedge-async-scratch "
           f"reaches it at {'never' if hit is None else f'{hit:.0f} s'}; plot {png}; "
           f"total {time.perf_counter() - t0:.0f} s wall")
     print(" ".join(f"{k}={results[k]:.3f}" for k in KEYS))

@@ -148,9 +148,11 @@ def _federation(name: str, fraction: float, run_dir: Path, args: argparse.Namesp
                        cwd=ROOT, env=env, capture_output=True, text=True, timeout=args.timeout, check=False)
     if r.returncode != 0:
         raise SystemExit(f"{name} run failed:\n{r.stdout[-2000:]}\n{r.stderr[-3000:]}")
-    recs = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    acc = float(np.mean([x["accuracy"] for x in recs[-3:]]))
-    rej = recs[-1].get("rejected", {})
+    from fedge.common.run_log import read_versions
+
+    recs = read_versions(run_dir)
+    acc = float(np.mean([x.accuracy for x in recs[-3:]]))
+    rej = recs[-1].rejected or {}
     print(f"{name:>22s}: {len(recs)} versions, accuracy (last 3) {acc:.3f}, refused {rej} "
           f"({time.perf_counter() - t0:.0f}s wall)", flush=True)
     return acc

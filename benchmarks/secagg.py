@@ -21,7 +21,6 @@ Last line: ``secagg_accuracy_delta_pts=… secagg_bytes_ratio=… secagg_device_
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import subprocess
 import sys
@@ -78,14 +77,15 @@ def _run(name: str, run_dir: Path, args: argparse.Namespace, secure: bool) -> di
                        timeout=args.timeout, check=False)
     if r.returncode != 0:
         raise SystemExit(f"{name} run failed:\n{r.stdout[-2000:]}\n{r.stderr[-3000:]}")
-    recs = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    events = [json.loads(x) for x in (run_dir / "events.jsonl").read_text().splitlines()]
-    updates = sum(x["updates"] for x in recs)
-    up = sum(x["upload_bytes"] for x in recs)
-    groups = [e for e in events if e["event"] == "secagg_group"]
-    out = {"accuracy": float(recs[-1]["accuracy"]), "bytes": up / max(updates, 1), "updates": updates,
-           "rejected": recs[-1]["rejected"], "groups": groups,
-           "discarded": sum(1 for e in events if e["event"] == "secagg_discarded")}
+    from fedge.common.run_log import read_events, read_versions
+
+    recs, events = read_versions(run_dir), read_events(run_dir)
+    updates = sum(x.updates or 0 for x in recs)
+    up = sum(x.upload_bytes or 0 for x in recs)
+    groups = [e.fields for e in events if e.event == "secagg_group"]
+    out = {"accuracy": float(recs[-1].accuracy), "bytes": up / max(updates, 1), "updates": updates,
+           "rejected": recs[-1].rejected, "groups": groups,
+           "discarded": sum(1 for e in events if e.event == "secagg_discarded")}
     print(f"{name:6s}: {len(recs)} versions, final accuracy {out['accuracy']:.3f}, {updates} updates, "
           f"{out['bytes']:.0f} B/update, rejected {out['rejected']} ({time.perf_counter() - t0:.0f}s wall)",
           flush=True)

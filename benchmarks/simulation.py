@@ -39,6 +39,7 @@ scale``: the four scale figures). ``--quick``: a smoke run; (g) then runs 200 ag
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import subprocess
@@ -47,8 +48,12 @@ import tempfile
 import threading
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
+
+if TYPE_CHECKING:
+    from fedge.common.run_log import VersionRecord
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -166,29 +171,28 @@ def simulate(scenario: Path, out: Path, sets: list[str], env: dict[str, str], *,
     raise AssertionError("unreachable")
 
 
-def metrics(run_dir: Path) -> list[dict]:
-    from fedge.simulations.report import read_metrics
+def metrics(run_dir: Path) -> list[VersionRecord]:
+    from fedge.common.run_log import read_versions
 
-    return read_metrics(run_dir / "metrics.jsonl")
+    return read_versions(run_dir)
 
 
-def per_update_seconds(recs: list[dict]) -> float:
+def per_update_seconds(recs: list[VersionRecord]) -> float:
     """Steady-state wall seconds per client update: the median over rounds after the first global version.
 
     Each round's wall interval divided by the updates it aggregated; the median makes one round slowed by
     another process on a shared machine count for no more than one round.
     """
-    if len(recs) < 2 or "wall_time" not in recs[0]:
+    if len(recs) < 2 or recs[0].wall_time is None:
         raise RuntimeError("need >= 2 versions with wall_time to time steady state")
-    per = [(float(b["wall_time"]) - float(a["wall_time"])) / max(int(b["updates"]), 1)
-           for a, b in zip(recs, recs[1:])]
+    per = [(float(b.wall_time) - float(a.wall_time)) / max(b.updates or 0, 1) for a, b in itertools.pairwise(recs)]
     return float(np.median(per))
 
 
-def time_to(recs: list[dict], target: float) -> float | None:
+def time_to(recs: list[VersionRecord], target: float) -> float | None:
     for r in recs:
-        if r["accuracy"] >= target:
-            return float(r["virtual_time"])
+        if r.accuracy >= target:
+            return float(r.virtual_time)
     return None
 
 
@@ -342,7 +346,7 @@ def scale(work: Path, env: dict[str, str], *, quick: bool) -> dict[str, float]:
         prep = json.loads((work / f"scale-{n}" / "prepared.json").read_text())
         runs[n] = (wall, peak)
         print(f"(g) {n:,} devices: {wall:.0f} s wall (pool render+ingest, cloud share, pretraining, "
-              f"{len(recs)} async versions), peak memory {peak / 2**30:.2f} GiB, final acc {recs[-1]['accuracy']:.3f}, "
+              f"{len(recs)} async versions), peak memory {peak / 2**30:.2f} GiB, final acc {recs[-1].accuracy:.3f}, "
               f"pool {prep['pool']['samples']} samples, a sample shared by at most {prep['pool']['reuse']} devices",
               flush=True)
     (ws, ps), (wl, pl) = runs[small], runs[large]
@@ -399,24 +403,24 @@ def main() -> None:
                             [f"simulation.target_accuracy={target}", "aggregation.versions=15", *nopre], env)
     ra, rs = metrics(work / "async-seedbase"), metrics(work / "sync-seedbase")
     ta, ts = time_to(ra, target), time_to(rs, target)
-    print(f"(c) async: final acc {ra[-1]['accuracy']:.3f}, {target} at {ta} virtual s ({wall_async:.0f} s wall); "
-          f"sync: final acc {rs[-1]['accuracy']:.3f}, {target} at {ts} virtual s ({wall_sync:.0f} s wall)")
+    print(f"(c) async: final acc {ra[-1].accuracy:.3f}, {target} at {ta} virtual s ({wall_async:.0f} s wall); "
+          f"sync: final acc {rs[-1].accuracy:.3f}, {target} at {ts} virtual s ({wall_sync:.0f} s wall)")
     speedup = (ts / ta) if ta and ts else float("nan")
     results["async_speedup"] = speedup
 
     # (d) federated vs centralized, both from the cloud-pretrained base; 30% of devices missing a modality
     simulate(base, work / "async", [f"simulation.target_accuracy={target}"], env)
     ra = metrics(work / "async")
-    print(f"(d) async from the cloud-pretrained base: version 1 acc {ra[0]['accuracy']:.3f}, final "
-          f"{ra[-1]['accuracy']:.3f}")
-    fed = max(r["accuracy"] for r in ra[-3:])
-    steps = int(sum(r["updates"] for r in ra)) * 15
+    print(f"(d) async from the cloud-pretrained base: version 1 acc {ra[0].accuracy:.3f}, final "
+          f"{ra[-1].accuracy:.3f}")
+    fed = max(r.accuracy for r in ra[-3:])
+    steps = sum(r.updates or 0 for r in ra) * 15
     central = centralized_accuracy(work / "async" / "config.toml", steps)
     print(f"(d) federated {fed:.4f} (best of the last 3 versions) vs centralized {central:.4f} ({steps} steps)")
     results["fed_vs_central"] = fed / central
     simulate(base, work / "missing30", ["data.missing_image=0.15", "data.missing_audio=0.15"], env)
     rm = metrics(work / "missing30")
-    fed_m = max(r["accuracy"] for r in rm[-3:])
+    fed_m = max(r.accuracy for r in rm[-3:])
     print(f"(d) 30% of devices missing a modality: {fed_m:.4f}")
     results["missing30_drop_pts"] = 100 * (fed - fed_m)
 
@@ -450,7 +454,7 @@ def main() -> None:
         r1 = metrics(work / "thousand")
         prep = json.loads((work / "thousand" / "prepared.json").read_text())
         print(f"(b) 1,000 devices: {wall:.0f} s wall (render+ingest+train), peak memory {peak / 2**30:.2f} GiB, "
-              f"{len(r1)} versions, final acc {r1[-1]['accuracy']:.3f}, ingest {prep.get('ingest')}")
+              f"{len(r1)} versions, final acc {r1[-1].accuracy:.3f}, ingest {prep.get('ingest')}")
         results["devices_1000_seconds"] = wall
         results["devices_1000_peak_gib"] = peak / 2**30
 

@@ -137,6 +137,10 @@ class MetricsLogger:
 
 
 def read_metrics(path: str | Path) -> list[dict[str, Any]]:
-    """The records of a ``metrics.jsonl`` file, in order (empty when the file does not exist; a line torn by a
-    crash is skipped)."""
+    """The records of a :class:`MetricsLogger` file, in order (empty when the file does not exist; a line torn by a
+    crash is skipped).
+
+    Global training's step records, not the federation's run log: that has its own ``metrics.jsonl`` contract,
+    :mod:`fedge.common.run_log`.
+    """
     return read_jsonl(path)

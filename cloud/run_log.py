@@ -1,5 +1,9 @@
 """The server's record of a run: ``events.jsonl``, one ``metrics.jsonl`` record and one ``[fedge] version N`` line
-per evaluated version, and the final adapters and summary."""
+per evaluated version, and the final adapters and summary.
+
+The records are the contract of :mod:`fedge.common.run_log`; here the server's side: nothing is written without a
+run directory, and the console line of a version.
+"""
 
 from __future__ import annotations
 
@@ -10,7 +14,7 @@ from typing import Any
 
 import numpy as np
 
-from fedge.common.fsio import append_jsonl
+from fedge.common.run_log import VersionRecord, append_event, append_version
 
 __all__ = ["VersionAcc", "event", "metrics_record", "save_final", "version_line"]
 
@@ -24,29 +28,27 @@ class VersionAcc:
     staleness: list[int] = field(default_factory=list)
 
 
-def _append(run_dir: Path | None, name: str, rec: dict[str, Any]) -> None:
+def event(run_dir: Path | None, event: str, **fields: Any) -> None:
+    """Append the event ``event`` and its fields to ``<run_dir>/events.jsonl``; nothing without a run dir."""
     if run_dir:
-        append_jsonl(run_dir / name, rec)
+        append_event(run_dir, event, **fields)
 
 
-def event(run_dir: Path | None, **rec: Any) -> None:
-    """Append one event (``event=...`` and its fields) to ``<run_dir>/events.jsonl``; nothing without a run dir."""
-    _append(run_dir, "events.jsonl", rec)
-
-
-def metrics_record(run_dir: Path | None, rec: dict[str, Any]) -> None:
+def metrics_record(run_dir: Path | None, rec: VersionRecord) -> None:
     """Append one version's record to ``<run_dir>/metrics.jsonl``; nothing without a run dir."""
-    _append(run_dir, "metrics.jsonl", rec)
+    if run_dir:
+        append_version(run_dir, rec)
 
 
-def version_line(rec: dict[str, Any], scores: dict[str, float], *, t: float, virtual: bool, rejected: int) -> str:
-    """The ``[fedge] version N ...`` line of a version's record (``scores``: its accuracy and loss, if any)."""
-    stale = f"{np.mean(rec['staleness']):.1f}" if rec["staleness"] else "-"
-    acc = f"accuracy {scores['accuracy']:.3f}  loss {scores['loss']:.3f}" if scores else "accuracy -  loss -"
-    return (f"[fedge] version {rec['version']:3d}  {acc}  "
-            f"t {t:8.1f}s{'(virtual)' if virtual else ''}  updates {rec['updates']}  "
-            f"staleness {stale}  rejected {rejected}  "
-            f"uploaded {rec['upload_bytes'] / 1024:.1f} KiB")
+def version_line(rec: VersionRecord, *, t: float, virtual: bool) -> str:
+    """The ``[fedge] version N ...`` line of a version's record (accuracy and loss ``-`` when not evaluated)."""
+    stale = f"{np.mean(rec.staleness):.1f}" if rec.staleness else "-"
+    acc = (f"accuracy {rec.accuracy:.3f}  loss {rec.loss:.3f}" if rec.accuracy is not None and rec.loss is not None
+           else "accuracy -  loss -")
+    return (f"[fedge] version {rec.version:3d}  {acc}  "
+            f"t {t:8.1f}s{'(virtual)' if virtual else ''}  updates {rec.updates}  "
+            f"staleness {stale}  rejected {sum((rec.rejected or {}).values())}  "
+            f"uploaded {(rec.upload_bytes or 0) / 1024:.1f} KiB")
 
 
 def save_final(run_dir: Path, params: dict[str, Any], summary: dict[str, Any]) -> None:

@@ -30,6 +30,7 @@ from fedge.common import secagg as sa
 from fedge.common import wire
 from fedge.common.config import FedgeConfig
 from fedge.common.model import MultimodalMoE
+from fedge.common.run_log import VersionRecord
 from fedge.common.scope import load_trainable_state
 from fedge.common.training import evaluate
 
@@ -427,21 +428,19 @@ class ServerLoop:
                                  self.cfg.train.scope)
             res = evaluate(self.model, self.eval_data)
         st = self._get(self.actor.stats.remote())
-        rec: dict[str, Any] = {
-            "version": v, **{k: res[k] for k in ("accuracy", "loss") if k in res},
-            **{k: x for k, x in res.items() if k.startswith(wire.ACC_PREFIX)},
-            "updates": self.acc.updates, "upload_bytes": self.acc.upload_bytes,
-            "virtual_time" if self.clock.virtual else "real_time": t,
-            "wall_time": time.monotonic() - self.t_wall0, "bytes_sent": self.bytes_sent,
-            "bytes_down": self.bytes_down, "staleness": self.acc.staleness,
-            "rejected": st["rejections"], "inflight": len(self.inflight), "mode": self.agg.mode,
-        }
+        rec = VersionRecord(
+            version=v, accuracy=res.get("accuracy"), loss=res.get("loss"),
+            modality_accuracy={k[len(wire.ACC_PREFIX):]: x for k, x in res.items() if k.startswith(wire.ACC_PREFIX)},
+            updates=self.acc.updates, upload_bytes=self.acc.upload_bytes,
+            virtual_time=t if self.clock.virtual else None, real_time=None if self.clock.virtual else t,
+            wall_time=time.monotonic() - self.t_wall0, bytes_sent=self.bytes_sent, bytes_down=self.bytes_down,
+            staleness=self.acc.staleness, rejected=dict(st["rejections"]), inflight=len(self.inflight),
+            mode=self.agg.mode)
         self.acc = VersionAcc()
         self.live.evaluated(rec)
-        print(version_line(rec, res, t=t, virtual=self.clock.virtual, rejected=sum(st["rejections"].values())),
-              flush=True)
+        print(version_line(rec, t=t, virtual=self.clock.virtual), flush=True)
         metrics_record(self.run_dir, rec)
-        if res and 0 < self.agg.stop_at_accuracy <= res["accuracy"]:
+        if rec.accuracy is not None and 0 < self.agg.stop_at_accuracy <= rec.accuracy:
             self.done = True
 
     # ------------------------------------------------------------------ main loop

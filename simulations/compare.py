@@ -6,10 +6,11 @@ import json
 from pathlib import Path
 
 from fedge.common.config import FedgeConfig
+from fedge.common.run_log import read_versions
 
 from .prepare import data_key
-from .report import first_reaching, plot_curves, read_metrics, series
-from .runner import METRICS, run
+from .report import first_reaching, plot_curves, series
+from .runner import run
 
 __all__ = ["CompareError", "compare"]
 
@@ -34,7 +35,7 @@ def compare(a: FedgeConfig, b: FedgeConfig, *, out_dir: str | Path, names: tuple
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     dirs = [run(cfg, out_dir=out / tag, progress=progress) for cfg, tag in ((a, "a"), (b, "b"))]
-    recs = {n: read_metrics(d / METRICS) for n, d in zip(names, dirs)}
+    recs = {n: read_versions(d) for n, d in zip(names, dirs)}
     target = max(a.simulation.target_accuracy, b.simulation.target_accuracy)
     plots = plot_curves(recs, out, target=target, title=f"{names[0]} vs {names[1]}")
     rows = ["| run | versions | final accuracy | virtual time (s) | MB sent | "

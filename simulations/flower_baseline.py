@@ -20,7 +20,7 @@ from flwr.serverapp.strategy import FedAvg
 
 from fedge.cloud.builders import heldout_data
 from fedge.common.config import config_from_context
-from fedge.common.fsio import append_jsonl
+from fedge.common.run_log import VersionRecord, append_version
 from fedge.common.scope import load_trainable_state, set_trainable, trainable_state
 from fedge.common.training import evaluate, train_steps
 
@@ -73,9 +73,8 @@ def _main(grid: Grid, context: Context) -> None:
         load_trainable_state(model, dict(arrays.to_torch_state_dict()), cfg.train.scope)
         res = evaluate(model, eval_data)
         if server_round > 0:
-            rec = {"version": server_round, "accuracy": res["accuracy"], "loss": res["loss"], "updates": k,
-                   "wall_time": time.perf_counter() - t0}
-            append_jsonl(run_dir / "metrics.jsonl", rec)
+            append_version(run_dir, VersionRecord(version=server_round, accuracy=res["accuracy"], loss=res["loss"],
+                                                  updates=k, wall_time=time.perf_counter() - t0))
         return MetricRecord({"accuracy": res["accuracy"]})
 
     strategy = FedAvg(fraction_train=frac, fraction_evaluate=0.0, min_train_nodes=k, min_available_nodes=n)

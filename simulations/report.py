@@ -17,6 +17,8 @@ from typing import Any
 
 import numpy as np
 
+from fedge.common.run_log import VersionRecord, read_versions
+
 from .evaluation import ADAPTERS, load_arrays, modality_accuracy, model_with
 
 __all__ = [
@@ -28,7 +30,6 @@ __all__ = [
     "gain_lines",
     "heldout_modality_accuracy",
     "plot_curves",
-    "read_metrics",
     "rejections",
     "series",
     "staleness_values",
@@ -39,23 +40,19 @@ REPORT = "report.md"
 
 
 # ------------------------------------------------------------------------------------------------ pure
-def read_metrics(path: str | Path) -> list[dict[str, Any]]:
-    """The records of a metrics JSONL file (blank lines skipped)."""
-    p = Path(path)
-    if not p.is_file():
-        return []
-    return [json.loads(x) for x in p.read_text().splitlines() if x.strip()]
+def _or_nan(v: float | None) -> float:
+    return np.nan if v is None else float(v)
 
 
-def series(records: Sequence[dict[str, Any]]) -> dict[str, np.ndarray]:
+def series(records: Sequence[VersionRecord]) -> dict[str, np.ndarray]:
     """Per-version arrays: version, accuracy, time (virtual seconds, or NaN), cumulative bytes sent."""
-    version = np.array([r.get("version", i + 1) for i, r in enumerate(records)], dtype=float)
-    acc = np.array([r.get("accuracy", np.nan) for r in records], dtype=float)
-    vt = np.array([r.get("virtual_time", np.nan) for r in records], dtype=float)
-    if records and "bytes_sent" in records[0]:
-        sent = np.array([r.get("bytes_sent", np.nan) for r in records], dtype=float)
+    version = np.array([r.version for r in records], dtype=float)
+    acc = np.array([_or_nan(r.accuracy) for r in records], dtype=float)
+    vt = np.array([_or_nan(r.virtual_time) for r in records], dtype=float)
+    if records and records[0].bytes_sent is not None:
+        sent = np.array([_or_nan(r.bytes_sent) for r in records], dtype=float)
     else:
-        sent = np.cumsum([float(r.get("upload_bytes", 0.0)) for r in records])
+        sent = np.cumsum([float(r.upload_bytes or 0) for r in records])
     return {"version": version, "accuracy": acc, "time": vt, "bytes": sent}
 
 
@@ -65,24 +62,14 @@ def first_reaching(x: np.ndarray, acc: np.ndarray, target: float) -> float | Non
     return float(x[hit[0]]) if len(hit) else None
 
 
-def staleness_values(records: Sequence[dict[str, Any]]) -> list[int]:
+def staleness_values(records: Sequence[VersionRecord]) -> list[int]:
     """All staleness values of accepted updates reported by the server."""
-    out: list[int] = []
-    for r in records:
-        s = r.get("staleness")
-        if isinstance(s, list):
-            out += [int(v) for v in s]
-        elif isinstance(s, dict):  # histogram {staleness: count}
-            for k, v in s.items():
-                out += [int(k)] * int(v)
-    return out
+    return [s for r in records for s in r.staleness or ()]
 
 
-def rejections(records: Sequence[dict[str, Any]]) -> dict[str, int]:
+def rejections(records: Sequence[VersionRecord]) -> dict[str, int]:
     """Rejected updates by reason: the server's counters are cumulative, so the last record's."""
-    if not records:
-        return {}
-    return {str(k): int(v) for k, v in (records[-1].get("rejected") or {}).items()}
+    return dict(records[-1].rejected or {}) if records else {}
 
 
 def data_names(cfg: dict[str, Any], prepared: dict[str, Any]) -> dict[str, str]:
@@ -116,7 +103,7 @@ def _plt():  # type: ignore[no-untyped-def]
     return plt
 
 
-def plot_curves(runs: dict[str, list[dict[str, Any]]], out: Path, *, target: float = 0.0,
+def plot_curves(runs: dict[str, list[VersionRecord]], out: Path, *, target: float = 0.0,
                 title: str = "") -> list[str]:
     """Accuracy vs virtual time and vs bytes sent, one line per run; returns the PNG names written."""
     plt = _plt()
@@ -173,11 +160,11 @@ def _staleness_hist(values: list[int], out: Path) -> str:
     return "staleness_hist.png"
 
 
-def _tensorboard(records: list[dict[str, Any]], out: Path) -> None:
+def _tensorboard(records: list[VersionRecord], out: Path) -> None:
     """TensorBoard scalars per version, unless the ServerApp already wrote them live (``dashboard.tensorboard``)."""
     from torch.utils.tensorboard import SummaryWriter
 
-    from fedge.cloud.dashboard.tensorboard import has_events
+    from fedge.cloud.dashboard.tensorboard import has_events, scalars
 
     if has_events(out / "tb"):
         return
@@ -185,9 +172,8 @@ def _tensorboard(records: list[dict[str, Any]], out: Path) -> None:
     s = series(records)
     for i, r in enumerate(records):
         step = int(s["version"][i])
-        for k, v in r.items():
-            if isinstance(v, (int, float)) and not isinstance(v, bool) and k != "version":
-                w.add_scalar(k.replace("-", "_"), float(v), step)
+        for k, v in scalars(r).items():
+            w.add_scalar(k, v, step)
         w.add_scalar("bytes_sent_cumulative", float(s["bytes"][i]), step)
     w.close()
 
@@ -243,7 +229,7 @@ def gain_lines(base: dict[str, float], final: dict[str, float]) -> list[str]:
 def write_report(run_dir: str | Path) -> Path:
     """Write plots, TensorBoard events and ``report.md`` into ``run_dir``; return the report path."""
     out = Path(run_dir)
-    records = read_metrics(out / "metrics.jsonl")
+    records = read_versions(out)
     cfg = json.loads((out / "config.json").read_text()) if (out / "config.json").is_file() else {}
     prepared = json.loads((out / "prepared.json").read_text()) if (out / "prepared.json").is_file() else {}
     target = float(cfg.get("simulation.target_accuracy", 0.0) or 0.0)
@@ -305,7 +291,7 @@ def write_report(run_dir: str | Path) -> Path:
     lines += ["", "## Per-modality accuracy (held-out set): what the base gave, what the federation added", ""]
     per_mod = final_modality_accuracy(out, cfg)
     if not per_mod:
-        per_mod = {k[4:]: float(v) for k, v in records[-1].items() if k.startswith("acc-")}
+        per_mod = dict(records[-1].modality_accuracy)
     if per_mod:
         base_mod = base_modality_accuracy(cfg)
         lines += [f"![per-modality]({_bar(per_mod, out, 'per_modality.png', title='final model, per modality', ylabel='accuracy')})",

@@ -18,10 +18,9 @@ from pathlib import Path
 from typing import Any
 
 from fedge.common.config import FedgeConfig
+from fedge.common.run_log import EVENT_LOG, VERSION_LOG, read_versions
 
-__all__ = ["METRICS", "default_cache", "run"]
-
-METRICS = "metrics.jsonl"
+__all__ = ["default_cache", "run"]
 
 
 def default_cache() -> Path:
@@ -37,19 +36,15 @@ def _follow(path: Path, total: int, stop: threading.Event, desc: str) -> None:
     seen = 0
     while True:
         done = stop.wait(0.5)
-        if path.is_file():
-            lines = [x for x in path.read_text().splitlines() if x.strip()]
-            if len(lines) > seen:
-                try:
-                    last = json.loads(lines[-1])
-                    post = {"acc": f"{last.get('accuracy', float('nan')):.3f}"}
-                    if "virtual_time" in last:
-                        post["vtime"] = f"{last['virtual_time']:.0f}s"
-                    bar.set_postfix(post)
-                except json.JSONDecodeError:
-                    pass
-                bar.update(len(lines) - seen)
-                seen = len(lines)
+        recs = read_versions(path)  # a line the server is still writing is skipped until it is whole
+        if len(recs) > seen:
+            last = recs[-1]
+            post = {"acc": "-" if last.accuracy is None else f"{last.accuracy:.3f}"}
+            if last.virtual_time is not None:
+                post["vtime"] = f"{last.virtual_time:.0f}s"
+            bar.set_postfix(post)
+            bar.update(len(recs) - seen)
+            seen = len(recs)
         if done:
             break
     bar.close()
@@ -89,7 +84,7 @@ def run(cfg: FedgeConfig, *, out_dir: str | Path, num_nodes: int | None = None, 
     run_dir.mkdir(parents=True, exist_ok=True)
     # a simulation starts afresh: an earlier run's outputs in the same directory would mix in (and its aggregator
     # checkpoint would make the server resume instead of start)
-    for name in (METRICS, "events.jsonl", "summary.json", "global_adapters.npz"):
+    for name in (VERSION_LOG, EVENT_LOG, "summary.json", "global_adapters.npz"):
         (run_dir / name).unlink(missing_ok=True)
     shutil.rmtree(run_dir / "checkpoints", ignore_errors=True)
     if num_nodes is not None:
@@ -123,7 +118,7 @@ def run(cfg: FedgeConfig, *, out_dir: str | Path, num_nodes: int | None = None, 
     sim = cfg.simulation
     cpus = sim.num_cpus or max(1, min(os.cpu_count() or 1, 4))
     stop = threading.Event()
-    follower = threading.Thread(target=_follow, args=(run_dir / METRICS, cfg.aggregation.versions, stop,
+    follower = threading.Thread(target=_follow, args=(run_dir / VERSION_LOG, cfg.aggregation.versions, stop,
                                                       f"{cfg.aggregation.mode} federated training"), daemon=True)
     if progress:
         follower.start()

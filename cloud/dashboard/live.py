@@ -18,12 +18,13 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from fedge.common import wire
+from fedge.common.run_log import VersionRecord
 
 __all__ = ["FUSED", "SCHEMA_VERSION", "DeviceRow", "Listener", "LiveState"]
 
 SCHEMA_VERSION = 1
 FUSED = "fused"  # the accuracy of all present modalities together, beside the per-modality subsets
-Listener = Callable[[Mapping[str, Any]], None]
+Listener = Callable[[VersionRecord], None]
 
 
 @dataclass
@@ -164,7 +165,7 @@ class LiveState:
             self.rejections[reason] = self.rejections.get(reason, 0) + 1
             self._bump()
 
-    def new_version(self, version: int, clock_time: float, record: Mapping[str, Any] | None = None) -> None:
+    def new_version(self, version: int, clock_time: float, record: VersionRecord | None = None) -> None:
         """A version was made (the buffer was applied); ``record``: its evaluation, if it comes with it."""
         with self._changed:
             self.version, self.clock_time, self.buffered = int(version), float(clock_time), 0
@@ -173,17 +174,16 @@ class LiveState:
         if record is not None:
             self.evaluated(record)
 
-    def evaluated(self, record: Mapping[str, Any]) -> None:
-        """A version's evaluation: ``metrics.jsonl``'s record (``version``, ``accuracy``, ``acc-*``, ``loss``...)."""
+    def evaluated(self, record: VersionRecord) -> None:
+        """A version's evaluation: its ``metrics.jsonl`` record."""
         with self._changed:
-            acc: dict[str, Any] = {FUSED: record.get("accuracy")}
-            acc.update({k[len(wire.ACC_PREFIX):]: v for k, v in record.items() if k.startswith(wire.ACC_PREFIX)})
+            acc: dict[str, Any] = {FUSED: record.accuracy, **record.modality_accuracy}
             # JSON has no NaN: a figure that is not a finite number is left out (loss: null)
             self.versions.append({
-                "version": int(record.get("version", self.version)), "time": self.clock_time, "wall": time.time(),
+                "version": record.version, "time": self.clock_time, "wall": time.time(),
                 "accuracy": {k: float(v) for k, v in acc.items() if _finite(v)},
-                "loss": float(record["loss"]) if _finite(record.get("loss")) else None,
-                "updates": int(record.get("updates", 0))})
+                "loss": record.loss if _finite(record.loss) else None,
+                "updates": record.updates or 0})
             self._bump()
         for fn in self._listeners:
             fn(record)

@@ -2,25 +2,19 @@
 
 from __future__ import annotations
 
-import math
-from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
+
+from fedge.common.run_log import VersionRecord
 
 __all__ = ["TB_SUBDIR", "LiveTensorBoard", "has_events", "scalars"]
 
 TB_SUBDIR = "tb"
 
 
-def scalars(record: Mapping[str, Any]) -> dict[str, float]:
-    """The plottable scalars of a ``metrics.jsonl`` record (numbers other than the version; tags without '-')."""
-    out: dict[str, float] = {}
-    for k, v in record.items():
-        if k == "version" or isinstance(v, bool) or not isinstance(v, (int, float)):
-            continue
-        if math.isfinite(float(v)):
-            out[k.replace("-", "_")] = float(v)
-    return out
+def scalars(record: VersionRecord) -> dict[str, float]:
+    """The TensorBoard scalars of a version record: its finite numbers but the version, tags without '-'."""
+    return {k.replace("-", "_"): v for k, v in record.scalars().items()}
 
 
 def has_events(log_dir: str | Path) -> bool:
@@ -37,10 +31,9 @@ class LiveTensorBoard:
 
         self._w: Any = SummaryWriter(log_dir=str(log_dir))
 
-    def __call__(self, record: Mapping[str, Any]) -> None:
-        step = int(record["version"])
+    def __call__(self, record: VersionRecord) -> None:
         for k, v in scalars(record).items():
-            self._w.add_scalar(k, v, step)
+            self._w.add_scalar(k, v, record.version)
         self._w.flush()
 
     def close(self) -> None:

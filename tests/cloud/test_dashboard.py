@@ -16,6 +16,7 @@ from fedge.cloud.dashboard import DashboardError, LiveState, start_dashboard
 from fedge.cloud.dashboard.http import STATIC, preflight
 from fedge.cloud.dashboard.tensorboard import LiveTensorBoard, has_events
 from fedge.cloud.serving import add_device_token
+from fedge.common.run_log import VersionRecord
 
 SCHEMA = json.loads((STATIC / "state.schema.json").read_text())
 
@@ -30,8 +31,8 @@ def _federation() -> LiveState:
     live.accepted_update(11, staleness=0, bytes_up=300, metrics={"count-image": 5.0, "count-audio": 0.0})
     live.refused_update(12, "nonfinite", metrics={"count-image": 3.0, "count-audio": 3.0})
     live.accepted_update(13, staleness=2, bytes_up=200)
-    live.new_version(1, 0.5, {"version": 1, "accuracy": 0.5, "loss": float("nan"), "acc-image": 0.4,
-                              "acc-image+audio": 0.6, "updates": 2})
+    live.new_version(1, 0.5, VersionRecord(version=1, accuracy=0.5, loss=float("nan"), updates=2,
+                                           modality_accuracy={"image": 0.4, "image+audio": 0.6}))
     live.dispatched(12, 1, 1000)
     live.refused_update(12, "timeout", lost=True)
     live.event("published", base_version=1, path="/x/base-000001.safetensors")
@@ -170,8 +171,8 @@ def test_live_tensorboard_writes_scalars_per_version(tmp_path):
     tb = LiveTensorBoard(tmp_path / "tb")
     live.on_version(tb)
     for v in (1, 2):
-        live.new_version(v, float(v), {"version": v, "accuracy": 0.1 * v, "acc-image": 0.2, "loss": 1.0,
-                                       "rejected": {"nonfinite": 1}, "mode": "async"})
+        live.new_version(v, float(v), VersionRecord(version=v, accuracy=0.1 * v, modality_accuracy={"image": 0.2},
+                                                    loss=1.0, rejected={"nonfinite": 1}, mode="async"))
         ea = EventAccumulator(str(tmp_path / "tb"))
         ea.Reload()
         assert [e.step for e in ea.Scalars("accuracy")] == list(range(1, v + 1))  # on disk as the run goes

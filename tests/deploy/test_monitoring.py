@@ -10,6 +10,7 @@ import yaml
 
 from fedge.cloud.dashboard import LiveState
 from fedge.cloud.prometheus import families
+from fedge.common.run_log import VersionRecord
 
 MON = Path(__file__).resolve().parents[2] / "deploy" / "monitoring"
 
@@ -19,7 +20,7 @@ def _exported() -> set[str]:
     live.nodes([1])
     live.accepted_update(1, staleness=1, bytes_up=10)
     live.refused_update(1, "norm")
-    live.new_version(1, 1.0, {"version": 1, "accuracy": 0.5, "acc-image": 0.5, "loss": 1.0})
+    live.new_version(1, 1.0, VersionRecord(version=1, accuracy=0.5, modality_accuracy={"image": 0.5}, loss=1.0))
     return {s.name for f in families(live.snapshot()) for s in f.samples}
 
 

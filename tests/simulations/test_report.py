@@ -6,10 +6,11 @@ import numpy as np
 import pytest
 
 from fedge.common.config import load_config
+from fedge.common.run_log import VersionRecord
 from fedge.simulations.compare import CompareError, compare
 from fedge.simulations.report import first_reaching, rejections, series, staleness_values, write_report
 
-RECORDS = [
+RAW = [
     {"version": 1, "accuracy": 0.3, "upload_bytes": 100.0, "virtual_time": 5.0, "bytes_sent": 100.0,
      "staleness": [0, 0, 1], "rejected": {}},
     {"version": 2, "accuracy": 0.6, "upload_bytes": 120.0, "virtual_time": 9.0, "bytes_sent": 220.0,
@@ -17,6 +18,7 @@ RECORDS = [
     {"version": 3, "accuracy": 0.8, "upload_bytes": 90.0, "virtual_time": 12.5, "bytes_sent": 310.0,
      "staleness": [0, 3], "rejected": {"non_finite": 1, "stale": 2}},
 ]
+RECORDS = [VersionRecord.from_json(r) for r in RAW]
 
 
 def test_series_time_to_target_staleness_and_cumulative_rejections():
@@ -29,14 +31,14 @@ def test_series_time_to_target_staleness_and_cumulative_rejections():
 
 
 def test_bytes_are_summed_when_the_server_reports_only_per_version_bytes():
-    recs = [{"version": i + 1, "accuracy": 0.1 * i, "upload_bytes": 10.0} for i in range(3)]
+    recs = [VersionRecord(version=i + 1, accuracy=0.1 * i, upload_bytes=10) for i in range(3)]
     s = series(recs)
     assert s["bytes"].tolist() == [10.0, 20.0, 30.0]
     assert np.isnan(s["time"]).all()
 
 
 def test_report_writes_plots_tensorboard_and_summary(tmp_path):
-    (tmp_path / "metrics.jsonl").write_text("\n".join(json.dumps(r) for r in RECORDS) + "\n")
+    (tmp_path / "metrics.jsonl").write_text("\n".join(json.dumps(r) for r in RAW) + "\n")
     (tmp_path / "config.json").write_text(json.dumps({"aggregation.mode": "async",
                                                       "simulation.target_accuracy": 0.7}))
     md = write_report(tmp_path).read_text()
