@@ -3,8 +3,8 @@
 Both runs use the very ServerApp and ClientApp on Flower's simulation engine (one subprocess each, its own
 Ray), the same synthetic partitions, seed and device profiles with ``profiles.dropout`` (a dispatched device
 drops out with that probability; in the secure run a member also drops out of the unmasking with it). The
-plain run sends top-k + 8-bit updates with error feedback (``communication.*``); the secure run masks the
-same fraction of coordinates (``aggregation.secure = true``, docs/secure_aggregation.md).
+plain run sends top-k + 8-bit updates with error feedback (``communication.*``); the secure run masks a
+shared random half of the coordinates, ternary (``aggregation.secure = true``, docs/secure_aggregation.md).
 
 Per update: bytes uploaded (secure: masked vector, sealed shares and the key round, per sender), device
 seconds (local training, measured once here on the same model and data size, plus the encoding: the codec
@@ -86,12 +86,12 @@ def _run(name: str, run_dir: Path, args: argparse.Namespace, secure: bool) -> di
     out = {"accuracy": float(recs[-1].accuracy), "bytes": up / max(updates, 1), "updates": updates,
            "rejected": recs[-1].rejected, "groups": groups,
            "discarded": sum(1 for e in events if e.event == "secagg_discarded")}
-    print(f"{name:6s}: {len(recs)} versions, final accuracy {out['accuracy']:.3f}, {updates} updates, "
+    print(f"{name:8s}: {len(recs)} versions, final accuracy {out['accuracy']:.3f}, {updates} updates, "
           f"{out['bytes']:.0f} B/update, rejected {out['rejected']} ({time.perf_counter() - t0:.0f}s wall)",
           flush=True)
     if groups:
         gone = [1 - e["holders"] / e["members"] for e in groups]
-        print(f"{name:6s}: {len(groups)} groups unmasked, {out['discarded']} discarded; members gone at the "
+        print(f"{name:8s}: {len(groups)} groups unmasked, {out['discarded']} discarded; members gone at the "
               f"unmasking: mean {np.mean(gone):.2f}, max {max(gone):.2f}; senders per group "
               f"{np.mean([e['senders'] for e in groups]):.1f} of {groups[0]['members']}", flush=True)
     return out
@@ -141,8 +141,8 @@ def _timings(args: argparse.Namespace) -> dict[str, float]:
     validate_s = med(lambda: [validate(RawUpdate(p, 0, {wire.NUM_EXAMPLES: 1.0}), reference=ref, current_version=0,
                                        oldest_version=0, max_staleness=10, max_norm=100.0) for p in payloads])
     n = sum(v.size for v in ref.values())
-    k = max(1, round(comm.topk_ratio * n))
-    spec, cs, keys = _group(args.k, n, k, args.clip)
+    k = max(1, round(cfg.aggregation.secure_keep * n))
+    spec, cs, keys = _group(args.k, n, k, args.clip, cfg.aggregation.secure_levels)
     flats = [sa.flatten(d)[0] for d in deltas]
     mask_s = med(lambda: sa.member_mask(flats[0], spec, 0, cs[0][0], keys[0][0], rng))
     keys_s = med(lambda: sa.member_keys(spec.group_id, 0, cs[0][0], spec.c_pks, spec.t))
@@ -157,14 +157,14 @@ def _timings(args: argparse.Namespace) -> dict[str, float]:
             "validate_s": validate_s / args.k, "unmask_s": unmask_s / len(ups)}
 
 
-def _group(size: int, n: int, k: int, clip: float):
+def _group(size: int, n: int, k: int, clip: float, levels: int = 1):
     from fedge.common import secagg as sa
 
     cs = [sa.new_keypair() for _ in range(size)]
     c_pks = tuple(pk for _, pk in cs)
     t = sa.threshold(size, 0.6)
     keys = [sa.member_keys("bench", i, cs[i][0], c_pks, t) for i in range(size)]
-    return sa.GroupSpec("bench", c_pks, tuple(a.s_pk for _, a in keys), t, n, k, clip), cs, keys
+    return sa.GroupSpec("bench", c_pks, tuple(a.s_pk for _, a in keys), t, n, k, clip, levels), cs, keys
 
 
 def _dropout_tolerated(sizes: tuple[int, ...] = (5, 10), n: int = 4000, k: int = 400) -> float:
@@ -211,20 +211,28 @@ def main() -> None:
     p.add_argument("--quick", action="store_true", help="a small federation (5 devices, 6 versions): minutes")
     p.add_argument("--devices", type=int, default=10, help="simulated devices (= concurrency)")
     p.add_argument("--k", type=int, default=5, help="buffer size K (the secure group size)")
-    p.add_argument("--versions", type=int, default=12, help="global versions per run")
+    p.add_argument("--versions", type=int, default=20, help="global versions per run")
     p.add_argument("--local-steps", type=int, default=8, help="local optimizer steps per update")
     p.add_argument("--samples", type=int, default=150, help="training samples per device")
     p.add_argument("--eval-samples", type=int, default=300, help="held-out samples the server evaluates on")
     p.add_argument("--dropout", type=float, default=0.3, help="probability a device drops out (each dispatch)")
     p.add_argument("--clip", type=float, default=1.0, help="aggregation.secure_clip of the secure run")
-    p.add_argument("--seed", type=int, default=0, help="run seed (data, profiles, dispatch order)")
+    p.add_argument("--seeds", type=int, default=3, help="run seeds (data, profiles, dispatch order): the figures "
+                   "are means over them (masks, index sets and rounding are random in every secure run)")
     p.add_argument("--timeout", type=int, default=900, help="seconds per run")
     args = p.parse_args()
     if args.quick:
         args.devices, args.versions, args.samples, args.eval_samples, args.local_steps = 5, 6, 100, 200, 6
+        args.seeds = 1
+    runs: dict[str, list[dict]] = {"plain": [], "secure": []}
     with tempfile.TemporaryDirectory(prefix="fedge-bench-secagg-") as tmp:
-        plain = _run("plain", Path(tmp) / "plain", args, secure=False)
-        secure = _run("secure", Path(tmp) / "secure", args, secure=True)
+        for seed in range(args.seeds):
+            args.seed = seed
+            for name in runs:
+                runs[name].append(_run(f"{name}/{seed}", Path(tmp) / f"{name}-{seed}", args, secure=name == "secure"))
+    plain, secure = ({k: float(np.mean([r[k] for r in rs])) for k in ("accuracy", "bytes")} for rs in runs.values())
+    print(f"mean over {args.seeds} seed(s): plain {plain['accuracy']:.3f} ({plain['bytes']:.0f} B/update), "
+          f"secure {secure['accuracy']:.3f} ({secure['bytes']:.0f} B/update)")
     tm = _timings(args)
     dev_plain, dev_secure = tm["train_s"] + tm["codec_s"], tm["train_s"] + tm["secure_s"]
     print(f"device s/update: plain {dev_plain:.4f} (train {tm['train_s']:.4f} + codec {tm['codec_s']:.4f}), "

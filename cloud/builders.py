@@ -88,15 +88,14 @@ def min_local_steps(t: TrainConfig) -> int:
 
 def secure_groups(cfg: FedgeConfig, params: dict[str, np.ndarray]) -> SecureGroups | None:
     """The groups of secure aggregation for adapters shaped as ``params``; None without ``aggregation.secure``."""
-    agg, comm = cfg.aggregation, cfg.communication
+    agg = cfg.aggregation
     if not agg.secure:
         return None
     n = sum(int(v.size) for v in params.values())
-    # top-k survives masking as a count sketch of 1.5 k cells whose sum keeps its k heaviest coordinates
-    top = max(1, round(comm.topk_ratio * n)) if comm.compression == "topk" else 0
-    k = min(n, round(1.5 * top)) if top else n
-    return SecureGroups(n=n, k=k, clip=agg.secure_clip, threshold=agg.secure_threshold,
-                        sketch_top=top if k < n else 0)
+    # every member of a group sends the same random secure_keep of the coordinates (masks cancel only where
+    # all send the same ones); what it leaves out waits in its error feedback
+    k = max(1, min(n, round(agg.secure_keep * n)))
+    return SecureGroups(n=n, k=k, clip=agg.secure_clip, threshold=agg.secure_threshold, levels=agg.secure_levels)
 
 
 def publisher_for(cfg: FedgeConfig, run_dir: Path | None = None) -> Any:

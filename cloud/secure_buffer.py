@@ -16,6 +16,7 @@ commitment or whose sum is out of range is discarded (``secagg_discarded``, one 
 from __future__ import annotations
 
 import logging
+import math
 import secrets
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -79,17 +80,31 @@ class SecureGroups:
 
     ``n``: coordinates of an update; ``k``: coordinates a group keeps (its shared random index set);
     ``clip``: the devices' L2 bound; ``threshold``: Shamir threshold as a fraction of the group;
-    ``sketch_top`` > 0: the ``k`` values are a count sketch and each sum keeps its ``sketch_top`` heaviest
-    coordinates (top-k that survives masking).
+    ``levels``: quantisation levels per side of a sent coordinate.
     """
 
-    def __init__(self, *, n: int, k: int, clip: float, threshold: float, sketch_top: int = 0) -> None:
-        self.n, self.k, self.clip, self.threshold, self.sketch_top = n, k, clip, threshold, sketch_top
+    def __init__(self, *, n: int, k: int, clip: float, threshold: float, levels: int = 1) -> None:
+        self.n, self.k, self.clip, self.threshold, self.levels = n, k, clip, threshold, levels
+        self.send_rate = 1.0  # running share of a group's members that send (devices drop out, time out)
         self.c_pks: dict[int, bytes] = {}
         self.groups: dict[str, Group] = {}
         self.by_dispatch: dict[int, tuple[str, int]] = {}  # dispatch index -> (group id, member index)
 
     # ------------------------------------------------------------------ forming a group
+    def group_size(self, buffer_size: int) -> int:
+        """Members to dispatch so that about ``buffer_size`` of them send: ``buffer_size / send_rate`` (a group
+        is one buffer; plain FedBuff fills its buffer with accepted updates, a secure group cannot take
+        late-comers once masked), at most as many as keep the ring of a group of ``buffer_size`` (a wider
+        ring and more sealed shares would cost every member bytes)."""
+        want = math.ceil(buffer_size / max(self.send_rate, 0.5) - 1e-9)
+        bits = sa.Quantizer(clip=1.0, k=1, group=buffer_size, levels=self.levels).bits
+        most = max(buffer_size, ((1 << bits) - 2) // (2 * self.levels))  # 2 size levels + 1 < 2^bits
+        return max(sa.MIN_GROUP, min(want, most))
+
+    def resolved(self, g: Group) -> None:
+        """A group has all its members resolved: fold its share of senders into :attr:`send_rate`."""
+        self.send_rate = 0.7 * self.send_rate + 0.3 * len(g.uploads) / max(g.spec.size, 1)
+
     def register(self, nodes: Sequence[int], send: Send) -> None:
         """Learn the long-term share keys of nodes not yet known (one QUERY each)."""
         new = [n for n in nodes if n not in self.c_pks]
@@ -122,8 +137,7 @@ class SecureGroups:
                 recs = [got[n] for n in members]
                 spec = sa.GroupSpec(group_id=gid, c_pks=tuple(c_pks),
                                     s_pks=tuple(bytes(r[wire.SA_S_PK]) for r in recs),  # type: ignore[arg-type]
-                                    t=t, n=self.n, k=self.k, clip=self.clip,
-                                    sketch_top=self.sketch_top)
+                                    t=t, n=self.n, k=self.k, clip=self.clip, levels=self.levels)
                 g = Group(spec=spec, nodes=list(members),
                           sealed_s=[tuple(r[wire.SA_SEALED]) for r in recs],  # type: ignore[arg-type]
                           commits_s=[bytes(r[wire.SA_COMMIT]) for r in recs])  # type: ignore[arg-type]
@@ -139,7 +153,7 @@ class SecureGroups:
         s = g.spec
         return ConfigRecord({wire.SA_GROUP: s.group_id, wire.SA_INDEX: index, wire.SA_C_PKS: list(s.c_pks),
                              wire.SA_S_PKS: list(s.s_pks), wire.SA_T: s.t, wire.SA_N: s.n, wire.SA_K: s.k,
-                             wire.SA_CLIP: s.clip, wire.SA_KEPT: s.kept, wire.SA_SKETCH_TOP: s.sketch_top})
+                             wire.SA_CLIP: s.clip, wire.SA_LEVELS: s.levels})
 
     def bind(self, g: Group, index: int, dispatch_index: int) -> None:
         g.pending.add(index)
@@ -160,7 +174,7 @@ class SecureGroups:
                 raise sa.SecAggError("reply names another group or member")
             if len(sealed) != g.spec.size or any(len(x) != sa.SEALED_LEN for x in sealed) or len(commit) != 32:
                 raise sa.SecAggError(f"{len(sealed)} sealed shares for a group of {g.spec.size}")
-            sa.decode_masked(raw.payload, g.spec.k)
+            sa.decode_masked(raw.payload, g.spec.k, g.spec.quantizer.bits)
         except (KeyError, TypeError, ValueError) as e:
             return g, Reason.SECAGG_INVALID, str(e)[:200]
         if raw.base_version != dispatched_version:

@@ -46,6 +46,8 @@ __all__ = ["ServerLoop"]
 
 log = logging.getLogger("fedge.server")
 
+UNMASK_REQUESTS = 3  # a secure group's unmasking asks the holders that have not answered up to this often
+
 
 @dataclass
 class _Slot:
@@ -242,7 +244,8 @@ class ServerLoop:
         assert self.secure is not None
         if self.sync and (self.round_open or self.queue.inflight or len(self.queue)):
             return
-        size = min(self.agg.concurrency if self.sync else self.agg.buffer_size, len(self.nodes))
+        want = self.agg.concurrency if self.sync else self.secure.group_size(self.agg.buffer_size)
+        size = min(want, self.agg.concurrency, len(self.nodes))
         while size >= sa.MIN_GROUP and len(idle) >= size and self.agg.concurrency - len(self.busy) >= size:
             chosen = [idle[i] for i in sorted(self.rng.permutation(len(idle))[:size])]
             g = self.secure.open(chosen, self._send)
@@ -278,26 +281,37 @@ class ServerLoop:
         if g is not None and g.complete:
             self._unmask(g, t)
 
-    def _holder_offline(self, g: Group, index: int) -> bool:
-        """Simulation: a holder drops out of the unmasking as it drops out of training (profiles.dropout)."""
+    def _holder_offline(self, g: Group, index: int, attempt: int) -> bool:
+        """Simulation: a holder drops out of each request of the unmasking as it drops out of training
+        (profiles.dropout), independently per request."""
         node = g.nodes[index]
         prof = self._profile(node) if self.clock.virtual else None
-        return prof is not None and clk.dropped(prof, seed=self.cfg.seed + 1, partition_id=self.node_pid[node],
-                                                dispatch_index=int(g.gid[:8], 16))
+        return prof is not None and clk.dropped(prof, seed=self.cfg.seed + 1 + 7919 * attempt,
+                                                partition_id=self.node_pid[node], dispatch_index=int(g.gid[:8], 16))
 
     def _unmask(self, g: Group, t: float) -> None:
         """All members of ``g`` are resolved: unmask its sum with the holders online and apply its mean."""
         assert self.secure is not None
+        self.secure.resolved(g)
         senders = sorted(g.uploads)
         if len(senders) < sa.MIN_GROUP:
             self.secure.groups.pop(g.gid, None)
             for _ in senders:
                 self._get(self.actor.reject.remote(Reason.SECAGG_ALONE.value))
             return
-        present = set(self.nodes)
-        holders = [i for i, n in enumerate(g.nodes) if n in present and not self._holder_offline(g, i)]
+        present, replies, holders = set(self.nodes), [], []
+        for attempt in range(UNMASK_REQUESTS):  # a holder away now may be back for the next request
+            ask = [i for i, n in enumerate(g.nodes) if n in present and i not in holders
+                   and not self._holder_offline(g, i, attempt)]
+            sent = self._send(self.secure.unmask_messages(g, ask))
+            replies += sent
+            got = [r for r in sent if not r.has_error()]
+            holders += [g.nodes.index(int(r.metadata.src_node_id)) for r in got
+                        if int(r.metadata.src_node_id) in g.nodes]
+            if len(holders) >= g.spec.t:
+                break
         try:
-            total = self.secure.finish(g, self._send(self.secure.unmask_messages(g, holders)))
+            total = self.secure.finish(g, replies)
         except sa.SecAggError as e:
             log.warning("secure group %s discarded (%d updates): %s", g.gid, len(senders), e)
             for _ in senders:

@@ -90,6 +90,8 @@ class AggregationConfig:
     # secure aggregation (docs/secure_aggregation.md): the server unmasks only each group's sum
     secure: bool = False
     secure_clip: float = 1.0  # L2 clip each device applies before quantising into the masking ring
+    secure_keep: float = 0.5  # fraction of coordinates a group sends (a shared random set, fresh per group)
+    secure_levels: int = 1  # quantisation levels per side of each sent coordinate (1: ternary, 2-bit ring values)
     secure_threshold: float = 0.6  # Shamir threshold as a fraction of the group (1 - it: the dropout tolerated)
     secure_dp_noise: float = 0.0  # central DP: Gaussian noise std (x secure_clip) the server adds once per sum
 
@@ -129,6 +131,8 @@ class AggregationConfig:
                "must be 'auto', 'real' or 'virtual'")
         check(0.0 <= self.stop_at_accuracy <= 1.0, "aggregation.stop_at_accuracy", "must be in [0, 1]")
         check(self.secure_clip > 0, "aggregation.secure_clip", "must be > 0")
+        check(0.0 < self.secure_keep <= 1.0, "aggregation.secure_keep", "must be in (0, 1]")
+        check(1 <= self.secure_levels <= 1000, "aggregation.secure_levels", "must be in [1, 1000]")
         check(0.0 < self.secure_threshold <= 1.0, "aggregation.secure_threshold", "must be in (0, 1]")
         check(self.secure_dp_noise >= 0, "aggregation.secure_dp_noise", "must be >= 0")
 

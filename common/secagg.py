@@ -3,23 +3,23 @@
 A group of ``K`` devices is one aggregation buffer. Each member ``i`` holds two fresh X25519 key pairs for the
 group (``c``: encrypts shares to the other members; ``s``: pairwise mask agreement) and sends
 
-    y_i = q(x_i) + PRG(b_i) + sum_{j != i} sign(i, j) PRG(s_ij)   (mod 2^RING_BITS)
+    y_i = q(x_i) + PRG(b_i) + sum_{j != i} sign(i, j) PRG(s_ij)   (mod 2^bits)
 
 where ``q`` is the stochastic quantisation of its clipped update on the group's shared random index set,
 ``b_i`` a fresh self-mask seed and ``s_ij`` the X25519 agreement of ``i``'s and ``j``'s ``s`` keys (``+`` when
-``i < j``). Pairwise masks cancel in the group's sum. ``b_i`` and the ``s`` private key are Shamir-shared
+``i < j``). Pairwise masks cancel in the group's sum. ``b_i`` and the seed of the ``s`` key are Shamir-shared
 (threshold ``t``) to the members, encrypted with AES-GCM under the ``c`` agreement. For the unmasking the
 server asks the members that are still online, for each sender, a share of ``b_i``, and for each member that
 sent nothing, a share of its ``s`` key; ``t`` answers rebuild them, so up to ``K - t`` members may be gone
 (whether they dropped before or after sending). A member never reveals both secrets of one member.
 
-Ring arithmetic is mod ``2^RING_BITS`` in ``uint32``; the quantisation leaves ``HEADROOM_BITS`` unused so that
-an honest sum never wraps and a garbage mask is caught by a range check on the unmasked sum. Shamir shares
-live in GF(2^521 - 1) (Python integers; a secret is 32 bytes). No Flower, no I/O.
+Ring arithmetic is mod ``2^bits`` in ``uint32``, the smallest ring in which a group's honest sum never wraps
+with one value to spare, so a garbage mask is caught by a range check on the unmasked sum. Shamir shares
+live in GF(2^130 - 5) (Python integers; a secret is 16 bytes). No Flower, no I/O.
 
 The pieces sit by concept: :mod:`~fedge.common.secagg_ring` (quantiser, ring arithmetic, masks, wire form),
 :mod:`~fedge.common.secagg_keys` (key agreement, signatures, commitments, Shamir, sealed shares) and
-:mod:`~fedge.common.secagg_vector` (flattening, index set, count sketch); this module is the protocol that
+:mod:`~fedge.common.secagg_vector` (flattening, index set); this module is the protocol that
 composes them, and re-exports every name of the three, so ``fedge.common.secagg`` is the one import needed.
 """
 
@@ -40,6 +40,7 @@ from fedge.common.secagg_keys import (
     agree,
     commitment,
     key_message,
+    keypair_from_seed,
     new_keypair,
     open_share,
     pairwise_seed,
@@ -52,9 +53,8 @@ from fedge.common.secagg_keys import (
     verify,
 )
 from fedge.common.secagg_ring import (
-    HEADROOM_BITS,
     MAGIC,
-    RING_BITS,
+    MAX_RING_BITS,
     Quantizer,
     SecAggError,
     decode_masked,
@@ -70,27 +70,16 @@ from fedge.common.secagg_ring import (
     unmask_sum,
     unpack,
 )
-from fedge.common.secagg_vector import (
-    SKETCH_ROWS,
-    flatten,
-    index_set,
-    scatter,
-    sketch,
-    sketch_hash,
-    unflatten,
-    unsketch_topk,
-)
+from fedge.common.secagg_vector import flatten, index_set, scatter, unflatten
 
 __all__ = [
-    "HEADROOM_BITS",
     "MAGIC",
+    "MAX_RING_BITS",
     "MIN_GROUP",
     "PRIME",
-    "RING_BITS",
     "SEALED_LEN",
     "SEED_BYTES",
     "SHARE_LEN",
-    "SKETCH_ROWS",
     "GroupSpec",
     "KeyShares",
     "MaskedUpdate",
@@ -106,6 +95,7 @@ __all__ = [
     "in_range",
     "index_set",
     "key_message",
+    "keypair_from_seed",
     "mask",
     "member_keys",
     "member_mask",
@@ -124,21 +114,18 @@ __all__ = [
     "shamir_split",
     "share_key",
     "sign",
-    "sketch",
-    "sketch_hash",
     "threshold",
     "to_ring",
     "unflatten",
     "unmask_sum",
     "unpack",
-    "unsketch_topk",
     "verify",
 ]
 
 
 # ---------------------------------------------------------------------------------------------- protocol
 # Per group, over three messages to each member and one answer from each holder:
-#   keys   (server -> member: roster's long-term c keys)  -> s_pk, sealed shares of s_sk, commitment of s_sk
+#   keys   (server -> member: roster's long-term c keys)  -> s_pk, sealed shares of s's seed, its commitment
 #   train  (server -> member: GroupSpec)                  -> masked update, sealed shares of b, commitment of b
 #   unmask (server -> holder: senders, dropped, sealed)   -> b shares of senders, s shares of dropped members
 @dataclass(frozen=True)
@@ -146,7 +133,7 @@ class KeyShares:
     """A member's answer to the key round: its mask-agreement public key and its key's sealed shares."""
 
     s_pk: bytes
-    sealed_s: tuple[bytes, ...]  # holder index -> sealed share of s_sk
+    sealed_s: tuple[bytes, ...]  # holder index -> sealed share of the s key's seed
     commit_s: bytes
 
 
@@ -159,10 +146,9 @@ class GroupSpec:
     s_pks: tuple[bytes, ...]  # member index -> this group's mask-agreement public key
     t: int
     n: int  # coordinates of the whole update
-    k: int  # coordinates kept (the group's shared index set)
+    k: int  # coordinates kept (the group's shared random index set)
     clip: float
-    kept: bytes = b""  # the index set as sorted little-endian uint32 (b"": random from the group id)
-    sketch_top: int = 0  # > 0: the k values are a count sketch of the whole update; the sum keeps its top ones
+    levels: int = 1  # quantisation levels per side (1: ternary)
 
     @property
     def size(self) -> int:
@@ -170,15 +156,11 @@ class GroupSpec:
 
     @property
     def quantizer(self) -> Quantizer:
-        return Quantizer(clip=self.clip, k=self.k, group=self.size)
+        return Quantizer(clip=self.clip, k=self.k, group=self.size, levels=self.levels)
 
     def indices(self) -> np.ndarray:
-        if not self.kept:
-            return index_set(b"fedge-secagg-index|" + self.group_id.encode(), self.n, self.k)
-        idx = np.frombuffer(self.kept, dtype="<u4").astype(np.int64)
-        if idx.size != self.k or (idx.size and (idx[-1] >= self.n or np.any(np.diff(idx) <= 0))):
-            raise SecAggError(f"index set of {idx.size} coordinates is not {self.k} sorted ones below {self.n}")
-        return idx
+        """The ``k`` coordinates every member sends: random from the group id (public), fresh per group."""
+        return index_set(b"fedge-secagg-index|" + self.group_id.encode(), self.n, self.k)
 
 
 @dataclass(frozen=True)
@@ -199,40 +181,36 @@ def _seal_all(secret: bytes, c_sk: bytes, c_pks: Sequence[bytes], group_id: str,
 
 def member_keys(group_id: str, index: int, c_sk: bytes, c_pks: Sequence[bytes], t: int
                 ) -> tuple[bytes, KeyShares]:
-    """Key round: a fresh mask key for the group, its shares sealed to every member; returns ``(s_sk, answer)``."""
+    """Key round: a fresh mask key for the group (from a 128-bit seed), the seed's shares sealed to every
+    member; returns ``(seed, answer)``."""
     if not 0 <= index < len(c_pks):
         raise SecAggError(f"member index {index} outside a roster of {len(c_pks)}")
-    s_sk, s_pk = new_keypair()
-    return s_sk, KeyShares(s_pk, _seal_all(s_sk, c_sk, c_pks, group_id, b"s", index, t), commitment(s_sk))
+    s_seed = os.urandom(SEED_BYTES)
+    _, s_pk = keypair_from_seed(s_seed)
+    return s_seed, KeyShares(s_pk, _seal_all(s_seed, c_sk, c_pks, group_id, b"s", index, t), commitment(s_seed))
 
 
-def member_mask(flat: np.ndarray, spec: GroupSpec, index: int, c_sk: bytes, s_sk: bytes,
+def member_mask(flat: np.ndarray, spec: GroupSpec, index: int, c_sk: bytes, s_seed: bytes,
                 rng: np.random.Generator) -> tuple[MaskedUpdate, np.ndarray]:
     """Mask a member's clipped flat update; return the upload and what it sent in float (error feedback).
 
     ``flat`` is the whole update (``n`` float values, already clipped to ``spec.clip``): only the group's
-    index set is kept, quantised stochastically.
+    index set is kept, quantised stochastically. ``s_seed``: this member's mask-key seed from the key round.
     """
     if flat.size != spec.n:
         raise SecAggError(f"update of {flat.size} values, group expects {spec.n}")
     q = spec.quantizer
-    if spec.sketch_top:
-        h, sgn = sketch_hash(spec.group_id, spec.n, spec.k)
-        qv = q.quantize(sketch(flat, h, sgn, spec.k), rng)
-    else:
-        qv = q.quantize(flat[spec.indices()], rng)
+    qv = q.quantize(flat[spec.indices()], rng)
     b_seed = os.urandom(SEED_BYTES)
+    s_sk, _ = keypair_from_seed(s_seed)
     pairs = {j: pairwise_seed(s_sk, pk, spec.group_id) for j, pk in enumerate(spec.s_pks) if j != index}
-    v = mask(qv, b_seed=b_seed, pair_seeds=pairs, index=index)
+    v = mask(qv, b_seed=b_seed, pair_seeds=pairs, index=index, bits=q.bits)
     sealed = _seal_all(b_seed, c_sk, spec.c_pks, spec.group_id, b"b", index, spec.t)
-    return MaskedUpdate(encode_masked(v), sealed, commitment(b_seed)), expand(spec, q.dequantize(qv))
+    return MaskedUpdate(encode_masked(v, q.bits), sealed, commitment(b_seed)), expand(spec, q.dequantize(qv))
 
 
 def expand(spec: GroupSpec, values: np.ndarray) -> np.ndarray:
-    """The ``n``-vector ``k`` sent values stand for: scattered on the index set, or the sketch's top estimates."""
-    if spec.sketch_top:
-        h, sgn = sketch_hash(spec.group_id, spec.n, spec.k)
-        return unsketch_topk(values, h, sgn, spec.sketch_top)
+    """The ``n``-vector ``k`` sent values stand for: scattered on the group's index set."""
     return scatter(spec.indices(), values, spec.n)
 
 
@@ -272,7 +250,8 @@ def server_unmask(spec: GroupSpec, commits_s: Sequence[bytes], uploads: Mapping[
     dropped = [j for j in range(spec.size) if j not in uploads]
     if len(answers) < spec.t:
         raise SecAggError(f"{len(answers)} holders answered, {spec.t} needed")
-    masked = {i: decode_masked(uploads[i].payload, spec.k) for i in senders}
+    q = spec.quantizer
+    masked = {i: decode_masked(uploads[i].payload, spec.k, q.bits) for i in senders}
     b_seeds: dict[int, bytes] = {}
     for i in senders:
         b = shamir_combine({h + 1: a[0][i] for h, a in answers.items() if i in a[0]}, spec.t)
@@ -281,13 +260,15 @@ def server_unmask(spec: GroupSpec, commits_s: Sequence[bytes], uploads: Mapping[
         b_seeds[i] = b
     pairs: dict[tuple[int, int], bytes] = {}
     for j in dropped:
-        s_sk = shamir_combine({h + 1: a[1][j] for h, a in answers.items() if j in a[1]}, spec.t)
-        if commitment(s_sk) != commits_s[j]:
+        s_seed = shamir_combine({h + 1: a[1][j] for h, a in answers.items() if j in a[1]}, spec.t)
+        if commitment(s_seed) != commits_s[j]:
             raise SecAggError(f"member {j}'s key shares do not rebuild its committed key")
+        s_sk, s_pk = keypair_from_seed(s_seed)
+        if s_pk != spec.s_pks[j]:
+            raise SecAggError(f"member {j}'s key seed does not make the public key it announced")
         for i in senders:
             pairs[(i, j)] = pairwise_seed(s_sk, spec.s_pks[i], spec.group_id)
-    total = unmask_sum(masked, b_seeds=b_seeds, dropped_pairs=pairs)
-    q = spec.quantizer
+    total = unmask_sum(masked, b_seeds=b_seeds, dropped_pairs=pairs, bits=q.bits)
     if not in_range(total, len(senders), q):
         raise SecAggError("unmasked sum out of range: a member masked with something else than it shared")
     return expand(spec, q.dequantize(total))

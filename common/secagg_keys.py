@@ -1,8 +1,11 @@
 """Secure aggregation's keys and secret sharing (:mod:`fedge.common.secagg`): X25519 agreement, device
-signatures over group keys, commitments, Shamir shares in GF(2^521 - 1) and AES-GCM sealed shares.
+signatures over group keys, commitments, Shamir shares in GF(2^130 - 5) and AES-GCM-SIV sealed shares.
 
-A member's self-mask seed and mask key are Shamir-shared (threshold ``t``) to the group, each share sealed
-under the X25519 agreement of dealer and holder, so the server relays shares it cannot read.
+A member's self-mask seed and mask-key seed (128-bit secrets; the X25519 mask key is derived from its seed)
+are Shamir-shared (threshold ``t``) to the group, each share sealed under the X25519 agreement of dealer and
+holder, so the server relays shares it cannot read. A sealed share is 33 bytes: a 17-byte field element and
+the 16-byte tag; the nonce is not sent (it is derived from group, purpose, dealer and holder, and AES-GCM-SIV
+stays safe should one ever be reused).
 """
 
 from __future__ import annotations
@@ -16,7 +19,7 @@ import numpy as np
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X25519PublicKey
-from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+from cryptography.hazmat.primitives.ciphers.aead import AESGCMSIV
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
 from fedge.common.secagg_ring import SecAggError
@@ -30,6 +33,7 @@ __all__ = [
     "agree",
     "commitment",
     "key_message",
+    "keypair_from_seed",
     "new_keypair",
     "open_share",
     "pairwise_seed",
@@ -42,8 +46,8 @@ __all__ = [
     "verify",
 ]
 
-PRIME = (1 << 521) - 1  # Mersenne prime of Shamir's field (secrets are 256-bit)
-SEED_BYTES = 32
+PRIME = (1 << 130) - 5  # Shamir's field (secrets are 128-bit)
+SEED_BYTES = 16
 MIN_GROUP = 2  # one member alone would be unmasked by itself
 _SHARE = struct.Struct("<HH")
 
@@ -60,6 +64,15 @@ def new_keypair() -> tuple[bytes, bytes]:
     return (sk.private_bytes(serialization.Encoding.Raw, serialization.PrivateFormat.Raw,
                              serialization.NoEncryption()),
             sk.public_key().public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw))
+
+
+def keypair_from_seed(seed: bytes) -> tuple[bytes, bytes]:
+    """The X25519 key pair ``(private, public)`` a 128-bit seed stands for (HKDF-SHA256 of it)."""
+    if len(seed) != SEED_BYTES:
+        raise SecAggError(f"key seed of {len(seed)} bytes, expected {SEED_BYTES}")
+    raw = HKDF(algorithm=hashes.SHA256(), length=32, salt=None, info=b"fedge-secagg-x25519").derive(seed)
+    sk = X25519PrivateKey.from_private_bytes(raw)
+    return raw, sk.public_key().public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
 
 
 def agree(private: bytes, peer_public: bytes, label: bytes) -> bytes:
@@ -99,13 +112,13 @@ def verify(public_pem: bytes, message: bytes, signature: bytes) -> bool:
 
 
 def commitment(secret: bytes) -> bytes:
-    """SHA-256 of a 256-bit secret: binds a dealer to what its shares must rebuild, reveals nothing of it."""
+    """SHA-256 of a secret: binds a dealer to what its shares must rebuild, reveals nothing of it."""
     return hashlib.sha256(b"fedge-secagg-commit" + secret).digest()
 
 
 # ---------------------------------------------------------------------------------------------- Shamir
 def shamir_split(secret: bytes, n: int, t: int, rng: np.random.Generator | None = None) -> list[int]:
-    """Shares of ``secret`` at x = 1..n, any ``t`` of which rebuild it (GF(2^521 - 1))."""
+    """Shares of ``secret`` at x = 1..n, any ``t`` of which rebuild it (GF(2^130 - 5))."""
     import secrets as _secrets
 
     if not 1 <= t <= n:
@@ -145,27 +158,28 @@ def shamir_combine(points: Mapping[int, int], t: int) -> bytes:
             raise SecAggError(f"share at x={x} is inconsistent with the others")
     secret = _lagrange_at(base, 0)
     if secret >> (8 * SEED_BYTES):
-        raise SecAggError("shares rebuild no 256-bit secret")
+        raise SecAggError("shares rebuild no 128-bit secret")
     return secret.to_bytes(SEED_BYTES, "big")
 
 
 # ---------------------------------------------------------------------------------------------- shares
-SHARE_LEN = 66  # bytes of one GF(2^521 - 1) element
-SEALED_LEN = 12 + SHARE_LEN + 16  # nonce | ciphertext | GCM tag
+SHARE_LEN = 17  # bytes of one GF(2^130 - 5) element
+SEALED_LEN = SHARE_LEN + 16  # ciphertext | tag (the nonce is derived, not sent)
 
 
 def _aad(group_id: str, purpose: bytes, dealer: int, holder: int) -> bytes:
     return b"fedge-secagg-share|" + purpose + b"|" + group_id.encode() + _SHARE.pack(dealer, holder)
 
 
-def seal_share(key: bytes, group_id: str, purpose: bytes, dealer: int, holder: int, share: int) -> bytes:
-    """AES-GCM of one share, bound to group, purpose (``b"b"``: self-mask seed, ``b"s"``: mask key), dealer and
-    holder: the server relays it and cannot read it, move it to another holder, group or purpose."""
-    import os
+def _nonce(aad: bytes) -> bytes:
+    return hashlib.sha256(b"fedge-secagg-nonce|" + aad).digest()[:12]
 
-    nonce = os.urandom(12)
-    return nonce + AESGCM(key).encrypt(nonce, share.to_bytes(SHARE_LEN, "big"),
-                                       _aad(group_id, purpose, dealer, holder))
+
+def seal_share(key: bytes, group_id: str, purpose: bytes, dealer: int, holder: int, share: int) -> bytes:
+    """AES-GCM-SIV of one share, bound to group, purpose (``b"b"``: self-mask seed, ``b"s"``: mask-key seed),
+    dealer and holder: the server relays it and cannot read it, move it to another holder, group or purpose."""
+    aad = _aad(group_id, purpose, dealer, holder)
+    return AESGCMSIV(key).encrypt(_nonce(aad), share.to_bytes(SHARE_LEN, "big"), aad)
 
 
 def open_share(key: bytes, group_id: str, purpose: bytes, dealer: int, holder: int, sealed: bytes) -> int:
@@ -175,7 +189,8 @@ def open_share(key: bytes, group_id: str, purpose: bytes, dealer: int, holder: i
     if len(sealed) != SEALED_LEN:
         raise SecAggError(f"sealed share of {len(sealed)} bytes, expected {SEALED_LEN}")
     try:
-        plain = AESGCM(key).decrypt(sealed[:12], sealed[12:], _aad(group_id, purpose, dealer, holder))
+        aad = _aad(group_id, purpose, dealer, holder)
+        plain = AESGCMSIV(key).decrypt(_nonce(aad), sealed, aad)
     except InvalidTag:
         raise SecAggError(f"share from member {dealer} does not open (wrong key or tampered)") from None
     return int.from_bytes(plain, "big")

@@ -50,14 +50,13 @@ __all__ = [
     "SA_GROUP",
     "SA_INDEX",
     "SA_K",
-    "SA_KEPT",
+    "SA_LEVELS",
     "SA_N",
     "SA_OP",
     "SA_SEALED",
     "SA_SEALED_B",
     "SA_SEALED_S",
     "SA_SENDERS",
-    "SA_SKETCH_TOP",
     "SA_S_PK",
     "SA_S_PKS",
     "SA_S_SHARES",
@@ -129,8 +128,7 @@ SA_T = "t"
 SA_N = "n"
 SA_K = "k"
 SA_CLIP = "clip"
-SA_KEPT = "kept"  # bytes: the group's index set, sorted uint32 (public: chosen from global updates)
-SA_SKETCH_TOP = "sketch-top"  # int > 0: the values are a count sketch; the sum keeps this many coordinates
+SA_LEVELS = "levels"  # quantisation levels per side (the ring's width follows from it and the group size)
 SA_SEALED = "sealed"
 SA_COMMIT = "commit"
 SA_SENDERS = "senders"

@@ -32,7 +32,7 @@ __all__ = ["handle_query", "secagg_mod"]
 
 log = logging.getLogger("fedge.edge")
 
-KEYS_STATE = "secagg-keys"  # Context.state ConfigRecord: c-sk, c-pk, s-sk|<group>, answered|<group>
+KEYS_STATE = "secagg-keys"  # Context.state ConfigRecord: c-sk, c-pk, s-seed|<group>, answered|<group>
 RESIDUAL_STATE = "secagg-residual"  # error feedback of what the masked uploads left out
 MAX_GROUPS_KEPT = 32  # per-group secrets kept (a group is answered within a few versions)
 
@@ -50,7 +50,7 @@ def _remember(rec: ConfigRecord, key: str, value: bytes | str, group: str) -> No
         groups.append(group)
     while len(groups) > MAX_GROUPS_KEPT:  # forget the oldest group's secrets
         old = groups.pop(0)
-        for k in (f"s-sk|{old}", f"answered|{old}"):
+        for k in (f"s-seed|{old}", f"answered|{old}"):
             if k in rec:
                 del rec[k]
     rec["groups"] = json.dumps(groups)
@@ -64,8 +64,7 @@ def spec_from_record(rec: ConfigRecord) -> sa.GroupSpec:
                             s_pks=tuple(rec[wire.SA_S_PKS]), t=int(rec[wire.SA_T]),  # type: ignore[arg-type]
                             n=int(rec[wire.SA_N]), k=int(rec[wire.SA_K]),  # type: ignore[arg-type]
                             clip=float(rec[wire.SA_CLIP]),  # type: ignore[arg-type]
-                            kept=bytes(rec.get(wire.SA_KEPT, b"")),  # type: ignore[arg-type]
-                            sketch_top=int(rec.get(wire.SA_SKETCH_TOP, 0)))  # type: ignore[arg-type]
+                            levels=int(rec.get(wire.SA_LEVELS, 1)))  # type: ignore[arg-type]
     except (KeyError, TypeError, ValueError) as e:
         raise sa.SecAggError(f"secure aggregation record lacks or garbles {e}") from None
 
@@ -79,7 +78,7 @@ def secagg_mod(msg: Message, ctxt: Context, call_next: ClientAppCallable) -> Mes
     spec = spec_from_record(rec)
     index = int(rec[wire.SA_INDEX])  # type: ignore[arg-type]
     keys = _keys(ctxt)
-    s_key = f"s-sk|{spec.group_id}"
+    s_key = f"s-seed|{spec.group_id}"
     if s_key not in keys:
         raise sa.SecAggError(f"no mask key for group {spec.group_id} (the key round did not reach this node)")
     delta = wire.record_to_adapters(reply.content.array_records[RAW_DELTA])
@@ -118,8 +117,8 @@ def handle_query(msg: Message, ctxt: Context) -> Message:
         c_pks = list(rec[wire.SA_C_PKS])  # type: ignore[arg-type]
         if c_pks[index] != keys["c-pk"]:
             raise sa.SecAggError(f"the roster of group {group} lists another key at this node's index {index}")
-        s_sk, ans = sa.member_keys(group, index, bytes(keys["c-sk"]), c_pks, int(rec[wire.SA_T]))  # type: ignore[arg-type]
-        _remember(keys, f"s-sk|{group}", s_sk, group)
+        s_seed, ans = sa.member_keys(group, index, bytes(keys["c-sk"]), c_pks, int(rec[wire.SA_T]))  # type: ignore[arg-type]
+        _remember(keys, f"s-seed|{group}", s_seed, group)
         out = {wire.SA_S_PK: ans.s_pk, wire.SA_SEALED: list(ans.sealed_s), wire.SA_COMMIT: ans.commit_s}
     elif op == wire.OP_UNMASK:
         spec = spec_from_record(rec)

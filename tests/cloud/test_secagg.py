@@ -30,7 +30,7 @@ from flwr.app import (
 from flwr.supercore.task_identity import TaskIdentity
 from scipy import stats
 
-from fedge.cloud.secure_buffer import SecureGroups, group_mean
+from fedge.cloud.secure_buffer import Group, SecureGroups, group_mean
 from fedge.cloud.validation import Reason, extract
 from fedge.common import secagg as sa
 from fedge.common import wire
@@ -90,10 +90,10 @@ def test_individual_masked_vectors_are_indistinguishable_from_uniform():
     spec, cs, keys = _group(4, n=40_000, k=40_000)
     zeros = np.zeros(40_000, np.float32)  # the least uniform input there is
     up, _ = sa.member_mask(zeros, spec, 0, cs[0][0], keys[0][0], np.random.default_rng(0))
-    v = sa.decode_masked(up.payload, 40_000).astype(np.float64)
-    counts, _ = np.histogram(v, bins=64, range=(0, 1 << sa.RING_BITS))
-    assert stats.chisquare(counts).pvalue > 1e-4
-    assert stats.kstest(v / (1 << sa.RING_BITS), "uniform").pvalue > 1e-4
+    bits = spec.quantizer.bits
+    v = sa.decode_masked(up.payload, 40_000, bits).astype(np.int64)
+    counts = np.bincount(v, minlength=1 << bits)  # every ring value equally often
+    assert counts.size == 1 << bits and stats.chisquare(counts).pvalue > 1e-4
 
 
 def test_thirty_percent_of_members_dropping_after_sending_is_recovered():
@@ -127,7 +127,7 @@ def test_a_member_whose_shares_miss_its_commitment_gets_its_group_discarded():
     xs = _updates(5)
     ups = {i: sa.member_mask(xs[i], spec, i, cs[i][0], keys[i][0], np.random.default_rng(i))[0] for i in range(5)}
     liar = ups[2]
-    ups[2] = sa.MaskedUpdate(liar.payload, liar.sealed_b, sa.commitment(os.urandom(32)))  # commits to another seed
+    ups[2] = sa.MaskedUpdate(liar.payload, liar.sealed_b, sa.commitment(os.urandom(16)))  # commits to another seed
     with pytest.raises(sa.SecAggError, match="member 2"):
         sa.server_unmask(spec, [a.commit_s for _, a in keys], ups, _answers(spec, cs, keys, ups, range(5)))
 
@@ -136,8 +136,10 @@ def test_a_member_masking_with_something_else_than_it_shared_is_caught_by_the_ra
     spec, cs, keys = _group(5)
     xs = _updates(5)
     ups = {i: sa.member_mask(xs[i], spec, i, cs[i][0], keys[i][0], np.random.default_rng(i))[0] for i in range(5)}
-    v = sa.decode_masked(ups[3].payload, spec.k)
-    ups[3] = sa.MaskedUpdate(sa.encode_masked(sa.ring_add(v, sa.prg(os.urandom(32), spec.k))), ups[3].sealed_b,
+    bits = spec.quantizer.bits
+    v = sa.decode_masked(ups[3].payload, spec.k, bits)
+    ups[3] = sa.MaskedUpdate(sa.encode_masked(sa.ring_add(v, sa.prg(os.urandom(16), spec.k, bits), bits), bits),
+                             ups[3].sealed_b,
                              ups[3].commit_b)
     with pytest.raises(sa.SecAggError, match="out of range"):
         sa.server_unmask(spec, [a.commit_s for _, a in keys], ups, _answers(spec, cs, keys, ups, range(5)))
@@ -165,11 +167,13 @@ def test_a_holder_never_reveals_both_secrets_of_one_member():
 
 
 def test_quantiser_range_never_wraps_for_a_full_group():
-    q = sa.Quantizer(clip=1.0, k=100, group=16)
-    worst = np.full(100, 10.0)  # beyond the range on purpose: clipped to r
-    total = sum(q.quantize(worst, np.random.default_rng(i)) for i in range(16))
-    assert np.all(np.abs(total) <= 16 * q.q_max) and 16 * q.q_max < 1 << (sa.RING_BITS - sa.HEADROOM_BITS - 1)
-    assert np.array_equal(sa.from_ring(sa.to_ring(total)), total)
+    for levels in (1, 2, 7, 127):
+        q = sa.Quantizer(clip=1.0, k=100, group=16, levels=levels)
+        for worst in (np.full(100, 10.0), np.full(100, -10.0)):  # beyond the range on purpose: clipped to r
+            total = sum(q.quantize(worst, np.random.default_rng(i)) for i in range(16))
+            assert np.all(np.abs(total) == 16 * q.q_max) and 2 * 16 * q.q_max + 1 < 1 << q.bits
+            assert np.array_equal(sa.from_ring(sa.to_ring(total, q.bits), q.bits), total)
+    assert sa.Quantizer(clip=1.0, k=100, group=5).bits == 4  # ternary values of 5 members: sums in [-5, 5]
 
 
 # ---------------------------------------------------------------------------------------------- Flower records
@@ -300,6 +304,36 @@ def test_secure_aggregation_config_keys_are_checked():
     assert cfg.aggregation.secure and cfg.aggregation.secure_threshold == 0.6
     with pytest.raises(Exception, match="secure_threshold"):
         load_config(overrides={"aggregation.secure_threshold": 0.0})
+    for key, bad in (("secure_keep", 0.0), ("secure_keep", 1.5), ("secure_levels", 0)):
+        with pytest.raises(Exception, match=key):
+            load_config(overrides={f"aggregation.{key}": bad})
+
+
+def test_groups_send_the_configured_share_of_coordinates_in_the_smallest_ring():
+    from fedge.cloud.builders import secure_groups
+
+    params = {"a": np.zeros((100, 30), np.float32), "b": np.zeros(1000, np.float32)}
+    cfg = load_config(overrides={"aggregation.secure": True, "aggregation.secure_keep": 0.25})
+    groups = secure_groups(cfg, params)
+    assert groups is not None and (groups.n, groups.k, groups.levels) == (4000, 1000, 1)
+    spec, cs, keys = _group(5, n=4000, k=1000)
+    up, sent = sa.member_mask(np.full(4000, 0.01, np.float32), spec, 0, cs[0][0], keys[0][0],
+                              np.random.default_rng(0))
+    # 1000 ternary values of a group of 5 (sums in [-5, 5]) travel in a 4-bit ring: 500 bytes and a header
+    assert spec.quantizer.bits == 4 and len(up.payload) == 500 + 13
+    assert all(len(x) == sa.SEALED_LEN == 33 for x in up.sealed_b)  # 17-byte field element + tag, no nonce
+    assert np.count_nonzero(sent) <= 1000 and set(np.flatnonzero(sent)) <= set(spec.indices())
+
+
+def test_a_dropped_member_whose_key_seed_does_not_make_its_announced_key_is_caught():
+    spec, cs, keys = _group(5)
+    xs = _updates(5)
+    other = sa.member_keys("g", 4, cs[4][0], spec.c_pks, spec.t)[1]  # member 4 announces another key
+    spec = sa.GroupSpec(spec.group_id, spec.c_pks, spec.s_pks[:4] + (other.s_pk,), spec.t, spec.n, spec.k,
+                        spec.clip)
+    ups, _ = _mask_all(spec, cs, keys, xs, skip=(4,))  # ... and drops out: its shared seed must make that key
+    with pytest.raises(sa.SecAggError, match="does not make the public key"):
+        sa.server_unmask(spec, [a.commit_s for _, a in keys], ups, _answers(spec, cs, keys, ups, range(4)))
 
 
 @pytest.mark.integration
@@ -320,18 +354,14 @@ def test_secure_simulation_completes_and_learns(tmp_path):
     assert len(groups) == 5 and all(e["senders"] >= 2 for e in groups)
 
 
-def test_a_sketched_group_keeps_the_heavy_coordinates_of_the_sum():
-    cs = [sa.new_keypair() for _ in range(4)]
-    c_pks = tuple(pk for _, pk in cs)
-    keys = [sa.member_keys("sk", i, cs[i][0], c_pks, 3) for i in range(4)]
-    spec = sa.GroupSpec("sk", c_pks, tuple(a.s_pk for _, a in keys), 3, N, 1500, 2.0, sketch_top=10)
-    heavy = np.random.default_rng(5).choice(N, 10, replace=False)
-    xs = [np.zeros(N, np.float32) for _ in range(4)]
-    for i, x in enumerate(xs):
-        x[heavy] = 0.05 * (1 + i % 2)  # a sparse common direction inside the range r, the rest small noise
-        x += np.random.default_rng(i).standard_normal(N).astype(np.float32) * 1e-4
-    ups, _ = _mask_all(spec, cs, keys, xs)
-    total = sa.server_unmask(spec, [a.commit_s for _, a in keys], ups, _answers(spec, cs, keys, ups, range(4)))
-    found = np.intersect1d(np.flatnonzero(total), heavy)
-    assert found.size >= 8  # with cells enough (150x the heavy ones) the rows' median tells them apart
-    assert np.median(np.abs(total[found] - sum(xs)[found]) / sum(xs)[found]) < 0.05
+def test_groups_grow_with_dropout_to_fill_a_buffer_but_keep_their_ring():
+    groups = SecureGroups(n=N, k=K_KEPT, clip=1.0, threshold=0.6)
+    assert groups.group_size(5) == 5  # nobody dropped yet
+    spec = _group(4)[0]
+    for _ in range(20):  # groups of 4 where 2 send: half the members drop out
+        groups.resolved(Group(spec=spec, nodes=[1, 2, 3, 4], sealed_s=[], commits_s=[],
+                              uploads={0: None, 1: None}))  # type: ignore[dict-item]
+    assert abs(groups.send_rate - 0.5) < 0.01
+    # 5 / 0.5 = 10 members wanted, but ternary sums of more than 7 members need a 5-bit ring instead of 4
+    assert groups.group_size(5) == 7
+    assert sa.Quantizer(clip=1.0, k=1, group=7).bits == sa.Quantizer(clip=1.0, k=1, group=5).bits == 4
