@@ -77,15 +77,15 @@ def _run(name: str, run_dir: Path, args: argparse.Namespace, secure: bool) -> di
                        timeout=args.timeout, check=False)
     if r.returncode != 0:
         raise SystemExit(f"{name} run failed:\n{r.stdout[-2000:]}\n{r.stderr[-3000:]}")
-    from fedge.common.run_log import read_events, read_versions
+    from fedge.common.run_log import Event, read_events, read_versions
 
     recs, events = read_versions(run_dir), read_events(run_dir)
     updates = sum(x.updates or 0 for x in recs)
     up = sum(x.upload_bytes or 0 for x in recs)
-    groups = [e.fields for e in events if e.event == "secagg_group"]
+    groups = [e.fields for e in events if e.event == Event.SECAGG_GROUP]
     out = {"accuracy": float(recs[-1].accuracy), "bytes": up / max(updates, 1), "updates": updates,
            "rejected": recs[-1].rejected, "groups": groups,
-           "discarded": sum(1 for e in events if e.event == "secagg_discarded")}
+           "discarded": sum(1 for e in events if e.event == Event.SECAGG_DISCARDED)}
     print(f"{name:8s}: {len(recs)} versions, final accuracy {out['accuracy']:.3f}, {updates} updates, "
           f"{out['bytes']:.0f} B/update, rejected {out['rejected']} ({time.perf_counter() - t0:.0f}s wall)",
           flush=True)

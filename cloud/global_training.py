@@ -16,6 +16,7 @@ from fedge.common.base_weights import save_base
 from fedge.common.config import FedgeConfig
 from fedge.common.lora import base_state, load_base_state
 from fedge.common.model import MultimodalMoE, model_kwargs
+from fedge.common.run_log import Event
 
 from .builders import publisher_for
 from .dashboard import LiveState
@@ -85,7 +86,7 @@ class PublishedBase:
             res = run_global_training(self.cfg, base_state(self.model), params, base_version=v, **over)
         except TrainingError as e:
             log.error("global training on version %d failed, keeping the base: %s", v, e)
-            event(self.run_dir, event="global_training_failed", version=v, error=str(e)[:500])
+            event(self.run_dir, event=Event.GLOBAL_TRAINING_FAILED, version=v, error=str(e)[:500])
             self.live.event("training_failed", version=v, error=str(e)[:500])
             return None
         base, bv, fresh = res.rebase_args()
@@ -93,13 +94,13 @@ class PublishedBase:
             base = self.publish(bv, base)  # the weights devices rebuild: the server rebases on exactly those
         except (OSError, ValueError, RuntimeError) as e:  # e.g. a full disk, an export that disagrees
             log.error("publishing the base trained on version %d failed, keeping the old base: %s", v, e)
-            event(self.run_dir, event="publish_failed", version=v, error=str(e)[:500])
+            event(self.run_dir, event=Event.PUBLISH_FAILED, version=v, error=str(e)[:500])
             return None
         new_v = int(ray.get(self.actor.rebase.remote(base, bv, adapters=fresh)))
         path = self.install(bv, base)
         self.last_trained = new_v
         loss = (res.first_loss(), res.last_loss()) if res.metrics else (math.nan, math.nan)
-        event(self.run_dir, event="global_training", base_version=bv, version=new_v, steps=res.steps,
+        event(self.run_dir, event=Event.GLOBAL_TRAINING, base_version=bv, version=new_v, steps=res.steps,
               seconds=res.seconds, loss_first=loss[0], loss_last=loss[1], base=path,
               failures=len(res.failures))
         self.live.event("training", base_version=bv, version=new_v, steps=res.steps, seconds=res.seconds,
@@ -129,7 +130,7 @@ class PublishedBase:
         manifest, published = self.publisher.publish(plain_from_state(base, model_kwargs(self.cfg)), version=name)
         seconds = time.monotonic() - t0
         deltas = manifest.shards("delta")
-        event(self.run_dir, event="published", base_version=base_version, model=name, serial=manifest.serial,
+        event(self.run_dir, event=Event.PUBLISHED, base_version=base_version, model=name, serial=manifest.serial,
               store=str(self.publisher.store.root), seconds=seconds,
               training_bytes=manifest.total_bytes("safetensors"), delta_bytes=manifest.total_bytes("delta"),
               deltas=len(deltas))

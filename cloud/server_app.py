@@ -24,6 +24,7 @@ from flwr.serverapp import Grid, ServerApp
 
 from fedge.common import wire
 from fedge.common.config import config_from_context, default_run_dir
+from fedge.common.run_log import Event
 from fedge.common.scope import trainable_state
 
 from . import clock as clk
@@ -105,9 +106,9 @@ def main(grid: Grid, context: Context) -> None:
         recovery_s = time.monotonic() - t_start
         print(f"[fedge] resumed from checkpoint: version {version} (ray: {how}) in {recovery_s:.2f} s",
               flush=True)
-        event(run_dir, event="resumed", version=version, recovery_s=recovery_s, ray=how)
+        event(run_dir, event=Event.RESUMED, version=version, recovery_s=recovery_s, ray=how)
     else:
-        event(run_dir, event="started", version=version, ray=how, mode=cfg.aggregation.mode,
+        event(run_dir, event=Event.STARTED, version=version, ray=how, mode=cfg.aggregation.mode,
               clock="virtual" if virtual else "real")
     num_partitions = max(len(nodes), 1)  # simulation: Flower's num-partitions = the number of nodes
     watched.live.started(version)
@@ -117,7 +118,7 @@ def main(grid: Grid, context: Context) -> None:
     eval_data = heldout_data(cfg)
     if eval_data is None:
         print(f"[fedge] {NO_EVAL}", flush=True)
-        event(run_dir, event="no_eval_set")
+        event(run_dir, event=Event.NO_EVAL_SET)
     loop = ServerLoop(grid, cfg, actor=actor, clock=clock, run_dir=run_dir, eval_data=eval_data,
                       model=model, num_partitions=num_partitions, live=watched.live)
     loop.t_wall0 = t_start
@@ -133,7 +134,7 @@ def main(grid: Grid, context: Context) -> None:
         path = ray.get(actor.checkpoint.remote())
         st = ray.get(actor.stats.remote())
         version, params = ray.get(actor.snapshot.remote())
-        event(run_dir, event="stopped", checkpoint=path, **st)
+        event(run_dir, event=Event.STOPPED, checkpoint=path, **st)
         log.info("aggregator stopped at version %d (%s)", version, st)
         if run_dir:
             save_final(run_dir, params, {**st, "dispatches": loop.dispatches})

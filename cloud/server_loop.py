@@ -30,7 +30,7 @@ from fedge.common import secagg as sa
 from fedge.common import wire
 from fedge.common.config import FedgeConfig
 from fedge.common.model import MultimodalMoE
-from fedge.common.run_log import VersionRecord
+from fedge.common.run_log import Event, VersionRecord
 from fedge.common.scope import load_trainable_state
 from fedge.common.training import evaluate
 
@@ -316,7 +316,7 @@ class ServerLoop:
             log.warning("secure group %s discarded (%d updates): %s", g.gid, len(senders), e)
             for _ in senders:
                 self._get(self.actor.reject.remote(Reason.SECAGG_DISCARDED.value))
-            event(self.run_dir, event="secagg_discarded", group=g.gid, senders=len(senders), error=str(e)[:300])
+            event(self.run_dir, event=Event.SECAGG_DISCARDED, group=g.gid, senders=len(senders), error=str(e)[:300])
             return
         mean = group_mean(total, len(senders), dp_noise=self.agg.secure_dp_noise, clip=self.agg.secure_clip)
         staleness = [max(0, self.version - g.base_versions[i]) for i in senders]
@@ -325,7 +325,7 @@ class ServerLoop:
         self.acc.upload_bytes += g.upload_bytes
         self.acc.staleness.extend(staleness)
         self.bytes_sent += g.upload_bytes
-        event(self.run_dir, event="secagg_group", group=g.gid, members=g.spec.size, senders=len(senders),
+        event(self.run_dir, event=Event.SECAGG_GROUP, group=g.gid, members=g.spec.size, senders=len(senders),
               holders=len(holders), threshold=g.spec.t, version=int(v))
         self._on_version(int(v), t)
 

@@ -13,18 +13,34 @@ import dataclasses
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from enum import StrEnum
 from pathlib import Path
 from typing import Any
 
 from .fsio import append_jsonl, read_jsonl
 from .wire import ACC_PREFIX
 
-__all__ = ["EVENT_LOG", "VERSION_LOG", "RunEvent", "RunLogError", "VersionRecord", "append_event", "append_version",
-           "read_events", "read_versions"]
+__all__ = ["EVENT_LOG", "VERSION_LOG", "Event", "RunEvent", "RunLogError", "VersionRecord", "append_event",
+           "append_version", "read_events", "read_versions"]
 
 VERSION_LOG = "metrics.jsonl"  # in the run directory: one VersionRecord per evaluated version
 EVENT_LOG = "events.jsonl"  # in the run directory: one RunEvent per server event
 _EVENT = "event"  # the key of an event's name in its JSON line
+
+
+class Event(StrEnum):
+    """The names of the server's events (``RunEvent.event``); a name outside them still reads back."""
+
+    STARTED = "started"  # the server loop started (version, ray, mode)
+    RESUMED = "resumed"  # ... from a checkpoint (version, recovery_s, ray)
+    STOPPED = "stopped"  # the loop ended (checkpoint and the aggregator's counters)
+    NO_EVAL_SET = "no_eval_set"  # no held-out set: versions are not evaluated
+    GLOBAL_TRAINING = "global_training"  # a Ray Train run made a new base (base_version, version, steps...)
+    GLOBAL_TRAINING_FAILED = "global_training_failed"
+    PUBLISHED = "published"  # a base was published to the shard store (base_version, model, serial)
+    PUBLISH_FAILED = "publish_failed"
+    SECAGG_GROUP = "secagg_group"  # a secure group was unmasked (members, senders, holders, threshold, version)
+    SECAGG_DISCARDED = "secagg_discarded"  # a secure group could not be unmasked (senders, error)
 
 
 class RunLogError(ValueError):

@@ -121,3 +121,12 @@ def test_the_servers_console_line_comes_from_the_record():
     bare = server_log.version_line(VersionRecord(version=5, updates=0, upload_bytes=0, staleness=[]), t=1.0,
                                    virtual=False)
     assert "accuracy -  loss -" in bare and "staleness -" in bare
+
+
+def test_event_names_are_one_vocabulary_and_read_back_as_plain_strings(tmp_path):
+    from fedge.common.run_log import Event
+
+    append_event(tmp_path, Event.SECAGG_GROUP, senders=4)
+    (got,) = read_events(tmp_path)
+    assert got.event == Event.SECAGG_GROUP == "secagg_group" and type(got.event) is str
+    assert len({e.value for e in Event}) == len(Event)
