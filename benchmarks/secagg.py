@@ -66,7 +66,7 @@ def _overrides(args: argparse.Namespace, secure: bool) -> list[str]:
             f"aggregation.concurrency={args.devices}", f"aggregation.versions={args.versions}",
             f"aggregation.max_staleness={args.versions}", f"profiles.dropout={args.dropout}",
             f"aggregation.secure={'true' if secure else 'false'}", f"aggregation.secure_clip={args.clip}",
-            "fault_tolerance.checkpoint_every=1000"]
+            "fault_tolerance.checkpoint_every=1000", *(args.secure_set if secure else [])]
 
 
 def _run(name: str, run_dir: Path, args: argparse.Namespace, secure: bool) -> dict:
@@ -89,6 +89,7 @@ def _run(name: str, run_dir: Path, args: argparse.Namespace, secure: bool) -> di
     print(f"{name:8s}: {len(recs)} versions, final accuracy {out['accuracy']:.3f}, {updates} updates, "
           f"{out['bytes']:.0f} B/update, rejected {out['rejected']} ({time.perf_counter() - t0:.0f}s wall)",
           flush=True)
+    print(f"{name:8s}: accuracy by version " + " ".join(f"{x.accuracy:.2f}" for x in recs), flush=True)
     if groups:
         gone = [1 - e["holders"] / e["members"] for e in groups]
         print(f"{name:8s}: {len(groups)} groups unmasked, {out['discarded']} discarded; members gone at the "
@@ -219,6 +220,8 @@ def main() -> None:
     p.add_argument("--clip", type=float, default=1.0, help="aggregation.secure_clip of the secure run")
     p.add_argument("--seeds", type=int, default=3, help="run seeds (data, profiles, dispatch order): the figures "
                    "are means over them (masks, index sets and rounding are random in every secure run)")
+    p.add_argument("--set", dest="secure_set", action="append", default=[], metavar="KEY=VALUE",
+                   help="a config override for the secure run only, e.g. aggregation.secure_keep=0.4 (repeatable)")
     p.add_argument("--timeout", type=int, default=900, help="seconds per run")
     args = p.parse_args()
     if args.quick:
