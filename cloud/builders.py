@@ -95,7 +95,8 @@ def secure_groups(cfg: FedgeConfig, params: dict[str, np.ndarray]) -> SecureGrou
     # every member of a group sends the same random secure_keep of the coordinates (masks cancel only where
     # all send the same ones); what it leaves out waits in its error feedback
     k = max(1, min(n, round(agg.secure_keep * n)))
-    return SecureGroups(n=n, k=k, clip=agg.secure_clip, threshold=agg.secure_threshold, levels=agg.secure_levels)
+    return SecureGroups(n=n, k=k, clip=agg.secure_clip, threshold=agg.secure_threshold, levels=agg.secure_levels,
+                        adapt_clip=agg.secure_adaptive_clip)
 
 
 def publisher_for(cfg: FedgeConfig, run_dir: Path | None = None) -> Any:

@@ -30,7 +30,9 @@ from fedge.common import wire
 
 from .validation import RawUpdate, Reason
 
-__all__ = ["Group", "SecureGroups", "Send", "group_mean"]
+__all__ = ["NORM_CAP_FACTOR", "Group", "SecureGroups", "Send", "group_mean"]
+
+NORM_CAP_FACTOR = 4.0  # a group asks for norms up to this times its clip
 
 log = logging.getLogger("fedge.server")
 
@@ -80,11 +82,15 @@ class SecureGroups:
 
     ``n``: coordinates of an update; ``k``: coordinates a group keeps (its shared random index set);
     ``clip``: the devices' L2 bound; ``threshold``: Shamir threshold as a fraction of the group;
-    ``levels``: quantisation levels per side of a sent coordinate.
+    ``levels``: quantisation levels per side of a sent coordinate; ``adapt_clip``: groups also send their
+    members' norms (masked, :data:`fedge.common.secagg.NORM_SLOTS`) and ``clip`` follows the mean norm the
+    unmasked groups report (an exponential average; ``clip`` is then only where it starts).
     """
 
-    def __init__(self, *, n: int, k: int, clip: float, threshold: float, levels: int = 1) -> None:
+    def __init__(self, *, n: int, k: int, clip: float, threshold: float, levels: int = 1,
+                 adapt_clip: bool = False) -> None:
         self.n, self.k, self.clip, self.threshold, self.levels = n, k, clip, threshold, levels
+        self.adapt_clip = adapt_clip
         self.send_rate = 1.0  # running share of a group's members that send (devices drop out, time out)
         self.c_pks: dict[int, bytes] = {}
         self.groups: dict[str, Group] = {}
@@ -137,7 +143,8 @@ class SecureGroups:
                 recs = [got[n] for n in members]
                 spec = sa.GroupSpec(group_id=gid, c_pks=tuple(c_pks),
                                     s_pks=tuple(bytes(r[wire.SA_S_PK]) for r in recs),  # type: ignore[arg-type]
-                                    t=t, n=self.n, k=self.k, clip=self.clip, levels=self.levels)
+                                    t=t, n=self.n, k=self.k, clip=self.clip, levels=self.levels,
+                                    norm_cap=NORM_CAP_FACTOR * self.clip if self.adapt_clip else 0.0)
                 g = Group(spec=spec, nodes=list(members),
                           sealed_s=[tuple(r[wire.SA_SEALED]) for r in recs],  # type: ignore[arg-type]
                           commits_s=[bytes(r[wire.SA_COMMIT]) for r in recs])  # type: ignore[arg-type]
@@ -153,7 +160,7 @@ class SecureGroups:
         s = g.spec
         return ConfigRecord({wire.SA_GROUP: s.group_id, wire.SA_INDEX: index, wire.SA_C_PKS: list(s.c_pks),
                              wire.SA_S_PKS: list(s.s_pks), wire.SA_T: s.t, wire.SA_N: s.n, wire.SA_K: s.k,
-                             wire.SA_CLIP: s.clip, wire.SA_LEVELS: s.levels})
+                             wire.SA_CLIP: s.clip, wire.SA_LEVELS: s.levels, wire.SA_NORM_CAP: s.norm_cap})
 
     def bind(self, g: Group, index: int, dispatch_index: int) -> None:
         g.pending.add(index)
@@ -174,7 +181,7 @@ class SecureGroups:
                 raise sa.SecAggError("reply names another group or member")
             if len(sealed) != g.spec.size or any(len(x) != sa.SEALED_LEN for x in sealed) or len(commit) != 32:
                 raise sa.SecAggError(f"{len(sealed)} sealed shares for a group of {g.spec.size}")
-            sa.decode_masked(raw.payload, g.spec.k, g.spec.quantizer.bits)
+            sa.decode_masked(raw.payload, g.spec.values, g.spec.quantizer.bits)
         except (KeyError, TypeError, ValueError) as e:
             return g, Reason.SECAGG_INVALID, str(e)[:200]
         if raw.base_version != dispatched_version:
@@ -231,7 +238,10 @@ class SecureGroups:
                 continue
             if node in index_of and len(b) == len(senders) and len(s) == len(dropped):
                 answers[index_of[node]] = (dict(zip(senders, b)), dict(zip(dropped, s)))
-        return sa.server_unmask(g.spec, g.commits_s, g.uploads, answers)
+        total, mean_norm = sa.server_unmask_norm(g.spec, g.commits_s, g.uploads, answers)
+        if self.adapt_clip and np.isfinite(mean_norm) and mean_norm > 0:
+            self.clip = 0.7 * self.clip + 0.3 * mean_norm  # the cap (4x the clip) lets it grow 1.9x a group
+        return total
 
 
 def _keys_ok(rec: ConfigRecord | None, size: int) -> bool:

@@ -318,7 +318,7 @@ class ServerLoop:
                 self._get(self.actor.reject.remote(Reason.SECAGG_DISCARDED.value))
             event(self.run_dir, event=Event.SECAGG_DISCARDED, group=g.gid, senders=len(senders), error=str(e)[:300])
             return
-        mean = group_mean(total, len(senders), dp_noise=self.agg.secure_dp_noise, clip=self.agg.secure_clip)
+        mean = group_mean(total, len(senders), dp_noise=self.agg.secure_dp_noise, clip=g.spec.clip)
         staleness = [max(0, self.version - g.base_versions[i]) for i in senders]
         v = self._get(self.actor.apply_sum.remote(sa.unflatten(mean, self.layout), staleness, t, g.upload_bytes))
         self.acc.updates += len(senders)

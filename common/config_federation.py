@@ -89,7 +89,8 @@ class AggregationConfig:
     stop_at_accuracy: float = 0.0  # end the run once an evaluated version reaches it (0 = run all versions)
     # secure aggregation (docs/secure_aggregation.md): the server unmasks only each group's sum
     secure: bool = False
-    secure_clip: float = 1.0  # L2 clip each device applies before quantising into the masking ring
+    secure_clip: float = 1.0  # L2 clip each device applies before quantising into the masking ring (adaptive: the first)
+    secure_adaptive_clip: bool = True  # the clip follows the devices' mean update norm, which groups send masked
     secure_keep: float = 0.5  # fraction of coordinates a group sends (a shared random set, fresh per group)
     secure_levels: int = 1  # quantisation levels per side of each sent coordinate (1: ternary, 2-bit ring values)
     secure_threshold: float = 0.6  # Shamir threshold as a fraction of the group (1 - it: the dropout tolerated)

@@ -76,6 +76,7 @@ __all__ = [
     "MAGIC",
     "MAX_RING_BITS",
     "MIN_GROUP",
+    "NORM_SLOTS",
     "PRIME",
     "SEALED_LEN",
     "SEED_BYTES",
@@ -110,6 +111,7 @@ __all__ = [
     "scatter",
     "seal_share",
     "server_unmask",
+    "server_unmask_norm",
     "shamir_combine",
     "shamir_split",
     "share_key",
@@ -149,6 +151,12 @@ class GroupSpec:
     k: int  # coordinates kept (the group's shared random index set)
     clip: float
     levels: int = 1  # quantisation levels per side (1: ternary)
+    norm_cap: float = 0.0  # > 0: each member also sends its update's norm (over NORM_SLOTS values, in [0, cap])
+
+    @property
+    def values(self) -> int:
+        """Ring values a member sends: the ``k`` kept coordinates, then the norm's slots if any."""
+        return self.k + (NORM_SLOTS if self.norm_cap > 0 else 0)
 
     @property
     def size(self) -> int:
@@ -161,6 +169,10 @@ class GroupSpec:
     def indices(self) -> np.ndarray:
         """The ``k`` coordinates every member sends: random from the group id (public), fresh per group."""
         return index_set(b"fedge-secagg-index|" + self.group_id.encode(), self.n, self.k)
+
+
+NORM_SLOTS = 64  # a member's norm travels masked as this many 0/1 values, each 1 with probability norm / cap:
+# the server learns only the group's mean norm (to within about cap / sqrt(64 senders)), never one member's
 
 
 @dataclass(frozen=True)
@@ -191,22 +203,27 @@ def member_keys(group_id: str, index: int, c_sk: bytes, c_pks: Sequence[bytes], 
 
 
 def member_mask(flat: np.ndarray, spec: GroupSpec, index: int, c_sk: bytes, s_seed: bytes,
-                rng: np.random.Generator) -> tuple[MaskedUpdate, np.ndarray]:
+                rng: np.random.Generator, *, norm: float = 0.0) -> tuple[MaskedUpdate, np.ndarray]:
     """Mask a member's clipped flat update; return the upload and what it sent in float (error feedback).
 
     ``flat`` is the whole update (``n`` float values, already clipped to ``spec.clip``): only the group's
     index set is kept, quantised stochastically. ``s_seed``: this member's mask-key seed from the key round.
+    ``norm``: the update's L2 norm before clipping, sent masked when the group asks for norms
+    (``spec.norm_cap``), so that the server can set the next groups' clip from the mean norm.
     """
     if flat.size != spec.n:
         raise SecAggError(f"update of {flat.size} values, group expects {spec.n}")
     q = spec.quantizer
     qv = q.quantize(flat[spec.indices()], rng)
+    if spec.norm_cap > 0:
+        p = min(max(float(norm) / spec.norm_cap, 0.0), 1.0) if np.isfinite(norm) else 1.0
+        qv = np.concatenate([qv, (rng.random(NORM_SLOTS) < p).astype(np.int64)])
     b_seed = os.urandom(SEED_BYTES)
     s_sk, _ = keypair_from_seed(s_seed)
     pairs = {j: pairwise_seed(s_sk, pk, spec.group_id) for j, pk in enumerate(spec.s_pks) if j != index}
     v = mask(qv, b_seed=b_seed, pair_seeds=pairs, index=index, bits=q.bits)
     sealed = _seal_all(b_seed, c_sk, spec.c_pks, spec.group_id, b"b", index, spec.t)
-    return MaskedUpdate(encode_masked(v, q.bits), sealed, commitment(b_seed)), expand(spec, q.dequantize(qv))
+    return MaskedUpdate(encode_masked(v, q.bits), sealed, commitment(b_seed)), expand(spec, q.dequantize(qv[:spec.k]))
 
 
 def expand(spec: GroupSpec, values: np.ndarray) -> np.ndarray:
@@ -236,7 +253,14 @@ def member_reveal(spec: GroupSpec, index: int, c_sk: bytes, sealed_b: Mapping[in
 
 def server_unmask(spec: GroupSpec, commits_s: Sequence[bytes], uploads: Mapping[int, MaskedUpdate],
                   answers: Mapping[int, tuple[Mapping[int, int], Mapping[int, int]]]) -> np.ndarray:
-    """The float sum of the senders' updates (length ``n``) from their uploads and the holders' answers.
+    """The float sum of the senders' updates (length ``n``): :func:`server_unmask_norm` without the norm."""
+    return server_unmask_norm(spec, commits_s, uploads, answers)[0]
+
+
+def server_unmask_norm(spec: GroupSpec, commits_s: Sequence[bytes], uploads: Mapping[int, MaskedUpdate],
+                       answers: Mapping[int, tuple[Mapping[int, int], Mapping[int, int]]]) -> tuple[np.ndarray, float]:
+    """The float sum of the senders' updates (length ``n``) from their uploads and the holders' answers, and
+    the senders' mean update norm (``nan`` when the group did not ask for norms).
 
     ``answers``: holder index -> (``b`` shares by sender, ``s`` shares by dropped member). Every secret is
     rebuilt from the shares (all answers must agree) and checked against its dealer's commitment, then the
@@ -251,7 +275,7 @@ def server_unmask(spec: GroupSpec, commits_s: Sequence[bytes], uploads: Mapping[
     if len(answers) < spec.t:
         raise SecAggError(f"{len(answers)} holders answered, {spec.t} needed")
     q = spec.quantizer
-    masked = {i: decode_masked(uploads[i].payload, spec.k, q.bits) for i in senders}
+    masked = {i: decode_masked(uploads[i].payload, spec.values, q.bits) for i in senders}
     b_seeds: dict[int, bytes] = {}
     for i in senders:
         b = shamir_combine({h + 1: a[0][i] for h, a in answers.items() if i in a[0]}, spec.t)
@@ -271,4 +295,10 @@ def server_unmask(spec: GroupSpec, commits_s: Sequence[bytes], uploads: Mapping[
     total = unmask_sum(masked, b_seeds=b_seeds, dropped_pairs=pairs, bits=q.bits)
     if not in_range(total, len(senders), q):
         raise SecAggError("unmasked sum out of range: a member masked with something else than it shared")
-    return expand(spec, q.dequantize(total))
+    mean_norm = float("nan")
+    if spec.norm_cap > 0:
+        ones = total[spec.k:]
+        if np.any(ones < 0) or np.any(ones > len(senders)):
+            raise SecAggError("unmasked norm slots out of range: a member sent something else than 0 or 1")
+        mean_norm = float(ones.sum()) / (NORM_SLOTS * len(senders)) * spec.norm_cap
+    return expand(spec, q.dequantize(total[:spec.k])), mean_norm

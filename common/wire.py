@@ -52,6 +52,7 @@ __all__ = [
     "SA_K",
     "SA_LEVELS",
     "SA_N",
+    "SA_NORM_CAP",
     "SA_OP",
     "SA_SEALED",
     "SA_SEALED_B",
@@ -129,6 +130,7 @@ SA_N = "n"
 SA_K = "k"
 SA_CLIP = "clip"
 SA_LEVELS = "levels"  # quantisation levels per side (the ring's width follows from it and the group size)
+SA_NORM_CAP = "norm-cap"  # float > 0: members also send their update norm, masked, in [0, cap]
 SA_SEALED = "sealed"
 SA_COMMIT = "commit"
 SA_SENDERS = "senders"

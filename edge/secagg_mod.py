@@ -64,7 +64,8 @@ def spec_from_record(rec: ConfigRecord) -> sa.GroupSpec:
                             s_pks=tuple(rec[wire.SA_S_PKS]), t=int(rec[wire.SA_T]),  # type: ignore[arg-type]
                             n=int(rec[wire.SA_N]), k=int(rec[wire.SA_K]),  # type: ignore[arg-type]
                             clip=float(rec[wire.SA_CLIP]),  # type: ignore[arg-type]
-                            levels=int(rec.get(wire.SA_LEVELS, 1)))  # type: ignore[arg-type]
+                            levels=int(rec.get(wire.SA_LEVELS, 1)),  # type: ignore[arg-type]
+                            norm_cap=float(rec.get(wire.SA_NORM_CAP, 0.0)))  # type: ignore[arg-type]
     except (KeyError, TypeError, ValueError) as e:
         raise sa.SecAggError(f"secure aggregation record lacks or garbles {e}") from None
 
@@ -90,7 +91,7 @@ def secagg_mod(msg: Message, ctxt: Context, call_next: ClientAppCallable) -> Mes
     norm = float(np.linalg.norm(flat.astype(np.float64)))
     clipped = flat * np.float32(min(1.0, spec.clip / norm)) if norm > 0 else flat
     upload, sent = sa.member_mask(clipped, spec, index, bytes(keys["c-sk"]),  # type: ignore[arg-type]
-                                  bytes(keys[s_key]), np.random.default_rng())  # type: ignore[arg-type]
+                                  bytes(keys[s_key]), np.random.default_rng(), norm=norm)  # type: ignore[arg-type]
     ctxt.state[RESIDUAL_STATE] = ArrayRecord({"flat": Array(np.ascontiguousarray(clipped - sent, np.float32))})
     del reply.content[RAW_DELTA]
     reply.content.config_records[wire.UPDATE][wire.DELTA] = upload.payload

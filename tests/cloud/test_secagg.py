@@ -365,3 +365,41 @@ def test_groups_grow_with_dropout_to_fill_a_buffer_but_keep_their_ring():
     # 5 / 0.5 = 10 members wanted, but ternary sums of more than 7 members need a 5-bit ring instead of 4
     assert groups.group_size(5) == 7
     assert sa.Quantizer(clip=1.0, k=1, group=7).bits == sa.Quantizer(clip=1.0, k=1, group=5).bits == 4
+
+
+def test_a_group_learns_its_members_mean_norm_and_nothing_of_one():
+    spec, cs, keys = _group(5)
+    spec = sa.GroupSpec(spec.group_id, spec.c_pks, spec.s_pks, spec.t, spec.n, spec.k, spec.clip, norm_cap=8.0)
+    xs, norms = _updates(5), [1.0, 2.0, 3.0, 4.0, 5.0]
+    rng = np.random.default_rng(3)
+    ups = {i: sa.member_mask(xs[i], spec, i, cs[i][0], keys[i][0], rng, norm=norms[i])[0] for i in range(5)}
+    assert len(ups[0].payload) == (spec.k + sa.NORM_SLOTS) * spec.quantizer.bits // 8 + 13  # 32 bytes more
+    total, mean_norm = sa.server_unmask_norm(spec, [a.commit_s for _, a in keys], ups,
+                                             _answers(spec, cs, keys, ups, range(5)))
+    assert abs(mean_norm - 3.0) < 0.8 and total.shape == (N,)  # the mean of 1..5, within 4 sigma
+    assert np.isnan(sa.server_unmask_norm(*_plain_group_unmasked())[1])  # a group that did not ask
+
+
+def _plain_group_unmasked():
+    spec, cs, keys = _group(3)
+    ups, _ = _mask_all(spec, cs, keys, _updates(3))
+    return spec, [a.commit_s for _, a in keys], ups, _answers(spec, cs, keys, ups, range(3))
+
+
+def test_an_adaptive_clip_follows_the_groups_mean_norm(task_identity):
+    nodes = [41, 42, 43, 44]
+    devs = _Devices(nodes)
+    groups = SecureGroups(n=N, k=K_KEPT, clip=0.1, threshold=0.6, adapt_clip=True)
+    rng = np.random.default_rng(0)
+    for round_ in range(12):  # the devices' updates have norm 2: twenty times the first clip
+        g = groups.open(nodes, devs.send)
+        assert g.spec.norm_cap == 4 * g.spec.clip
+        for i, n in enumerate(g.nodes):
+            groups.bind(g, i, 1000 * round_ + i)
+            x = rng.standard_normal(N).astype(np.float32)
+            reply = devs.train(n, groups.train_record(g, i), 2.0 * x / np.linalg.norm(x), 0)
+            groups.arrived(1000 * round_ + i, extract(reply.content), reply.content, dispatched_version=0,
+                           current_version=0, max_staleness=3)
+        groups.finish(g, devs.send(groups.unmask_messages(g, range(4))))
+    # what a device clips is its update plus its error feedback (what earlier groups left out): norm 2 to 4 here
+    assert 1.8 < groups.clip < 5.0
