@@ -3,7 +3,8 @@ PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.fedge-installed
-# the suite runs on two pytest-xdist workers (each starts its own small embedded Ray); TEST_WORKERS=0 runs it in one process
+# the suite runs on two pytest-xdist workers (each starts its own small embedded Ray; the quick benchmarks, each a
+# whole federation, run one after another on one of them); TEST_WORKERS=0 runs it in one process
 TEST_WORKERS ?= 2
 
 .PHONY: setup demo test test-fast lint clean
@@ -27,7 +28,7 @@ demo: setup
 	RAY_USAGE_STATS_ENABLED=0 $(BIN)/fedge simulate simulations/scenarios/quickstart.toml
 
 test: setup
-	RAY_USAGE_STATS_ENABLED=0 $(BIN)/python -m pytest -q -n $(TEST_WORKERS) --durations=25
+	RAY_USAGE_STATS_ENABLED=0 $(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadgroup --durations=25
 
 test-fast: setup
 	RAY_USAGE_STATS_ENABLED=0 $(BIN)/python -m pytest -q -m "not integration"

@@ -33,7 +33,7 @@ Run: .venv/bin/python benchmarks/simulation.py [--quick] [--skip-1000] [--skip-1
 Last line: overhead_vs_flower=… devices_1000_seconds=… async_speedup=… fed_vs_central=… missing30_drop_pts=…
 degraded_vs_best_single=… dashboard_overhead=… devices_10000_seconds=… devices_10000_peak_gib=…
 scale_seconds_ratio=… scale_peak_ratio=… (with ``--only dashboard``: dashboard_overhead=… alone; with ``--only
-scale``: the four scale figures). ``--quick``: a smoke run; (g) then runs 200 against 2,000 devices on a tiny pool.
+scale``: the four scale figures). ``--quick``: a smoke run; (g) then runs 20 against 100 devices on a 60-sample pool.
 """
 
 from __future__ import annotations
@@ -122,6 +122,8 @@ def cpu_seconds(out: Path) -> float:
     return float(json.loads((out / "bench_wall.json").read_text())["cpu"])
 
 
+# (a) and (f): synchronous FedAvg, every device in every round, no stragglers (one run serves both)
+SYNC_ALL = ["aggregation.versions=10", "aggregation.concurrency=8", "profiles.straggler_fraction=0.0"]
 # --quick: every run shrunk to a few devices, samples and versions (appended last, so they win); set in main()
 QUICK_SETS: list[str] = []
 
@@ -300,13 +302,14 @@ def dashboard_overhead(work: Path, env: dict[str, str], repeats: int) -> float:
     """
     import socket
 
-    sets = ["aggregation.versions=10", "aggregation.concurrency=8", "profiles.straggler_fraction=0.0"]
+    sets = SYNC_ALL
     on, off, won, woff = [], [], [], []
     for i in range(repeats):
         sfx = f"-{i}" if i else ""
-        simulate(SCEN / "sync.toml", work / f"dash-off{sfx}", sets, env)
-        off.append(cpu_seconds(work / f"dash-off{sfx}"))
-        woff.append(per_update_seconds(metrics(work / f"dash-off{sfx}")))
+        # dashboard off: the same settings as (a)'s fedge run, so that run is reused when (a) ran first
+        simulate(SCEN / "sync.toml", work / f"fedge-sync{sfx}", sets, env)
+        off.append(cpu_seconds(work / f"fedge-sync{sfx}"))
+        woff.append(per_update_seconds(metrics(work / f"fedge-sync{sfx}")))
         with socket.socket() as sk:
             sk.bind(("127.0.0.1", 0))
             port = sk.getsockname()[1]
@@ -333,13 +336,14 @@ def dashboard_overhead(work: Path, env: dict[str, str], repeats: int) -> float:
 
 def scale(work: Path, env: dict[str, str], *, quick: bool) -> dict[str, float]:
     """(g): the 10,000-device scenario at 1,000 and 10,000 devices, each from its own cold data cache."""
-    small, large = (100, 500) if quick else (1000, 10_000)
-    tiny = ["simulation.pool_samples=300", "aggregation.versions=3", "aggregation.concurrency=40",
-            "aggregation.buffer_size=10", "simulation.pretrain_steps=30", "simulation.cloud_samples=40",
-            "data.eval_samples=40"] if quick else []
+    small, large = (20, 100) if quick else (1000, 10_000)
+    tiny = ["simulation.pool_samples=60", "aggregation.versions=2", "aggregation.concurrency=10",
+            "aggregation.buffer_size=5", "simulation.pretrain_steps=10", "simulation.cloud_samples=20",
+            "data.eval_samples=20"] if quick else []
     runs = {}
     for n in (small, large):
-        cold = {**env, "FEDGE_SIM_CACHE": str(work / f"data-scale-{n}")}
+        # each count renders its pool into a cold cache (the quick smoke run shares one: its figures mean nothing)
+        cold = {**env, "FEDGE_SIM_CACHE": str(work / ("data-scale" if quick else f"data-scale-{n}"))}
         wall, peak = simulate(SCEN / "tenthousand.toml", work / f"scale-{n}", [f"simulation.devices={n}", *tiny],
                               cold, timeout=3600, shrink=False)
         recs = metrics(work / f"scale-{n}")
@@ -361,8 +365,8 @@ SCALE_KEYS = ("devices_10000_seconds", "devices_10000_peak_gib", "scale_seconds_
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true",
-                    help="a smoke run in about a minute: 3 devices, 3 versions, no 1,000-device run, 100 vs 500 "
-                         "devices for the scale part (figures not meaningful)")
+                    help="a smoke run of a few minutes: 3 devices, 3 versions, no 1,000-device run, 20 vs 100 "
+                         "devices on a 60-sample pool for the scale part (figures not meaningful)")
     ap.add_argument("--skip-1000", action="store_true", help="leave out (b), the 1,000-device run")
     ap.add_argument("--skip-10000", action="store_true", help="leave out (g), the 1,000 and 10,000-device pool runs")
     ap.add_argument("--work", type=Path, default=None, help="keep runs here (default: a temp dir)")
@@ -434,7 +438,7 @@ def main() -> None:
     # (a) fedge sync FedAvg vs plain Flower FedAvg, same model/devices/data, all 8 devices per round;
     # the two alternate (fedge, Flower, fedge, ...) and each keeps its fastest run, so that a burst of load from
     # elsewhere on the machine does not land on one side only
-    sets = ["aggregation.versions=10", "aggregation.concurrency=8", "profiles.straggler_fraction=0.0"]
+    sets = SYNC_ALL
     pf, pb = [], []
     for i in range(args.repeats):
         sfx = f"-{i}" if i else ""

@@ -33,6 +33,7 @@ from .validation import RawUpdate, Reason
 __all__ = ["NORM_CAP_FACTOR", "Group", "SecureGroups", "Send", "group_mean"]
 
 NORM_CAP_FACTOR = 4.0  # a group asks for norms up to this times its clip
+EMA_NEW = 0.3  # weight of the newest group in the running send rate and clip
 
 log = logging.getLogger("fedge.server")
 
@@ -104,12 +105,12 @@ class SecureGroups:
         ring and more sealed shares would cost every member bytes)."""
         want = math.ceil(buffer_size / max(self.send_rate, 0.5) - 1e-9)
         bits = sa.Quantizer(clip=1.0, k=1, group=buffer_size, levels=self.levels).bits
-        most = max(buffer_size, ((1 << bits) - 2) // (2 * self.levels))  # 2 size levels + 1 < 2^bits
+        most = max(buffer_size, sa.Quantizer.largest_group(bits, self.levels))
         return max(sa.MIN_GROUP, min(want, most))
 
     def resolved(self, g: Group) -> None:
         """A group has all its members resolved: fold its share of senders into :attr:`send_rate`."""
-        self.send_rate = 0.7 * self.send_rate + 0.3 * len(g.uploads) / max(g.spec.size, 1)
+        self.send_rate = _ema(self.send_rate, len(g.uploads) / max(g.spec.size, 1))
 
     def register(self, nodes: Sequence[int], send: Send) -> None:
         """Learn the long-term share keys of nodes not yet known (one QUERY each)."""
@@ -240,8 +241,13 @@ class SecureGroups:
                 answers[index_of[node]] = (dict(zip(senders, b)), dict(zip(dropped, s)))
         total, mean_norm = sa.server_unmask_norm(g.spec, g.commits_s, g.uploads, answers)
         if self.adapt_clip and np.isfinite(mean_norm) and mean_norm > 0:
-            self.clip = 0.7 * self.clip + 0.3 * mean_norm  # the cap (4x the clip) lets it grow 1.9x a group
+            self.clip = _ema(self.clip, mean_norm)  # the cap (4x the clip) lets it grow 1.9x a group
         return total
+
+
+def _ema(old: float, new: float) -> float:
+    """The running estimates of a run (send rate, clip) follow each resolved group with weight :data:`EMA_NEW`."""
+    return (1.0 - EMA_NEW) * old + EMA_NEW * new
 
 
 def _keys_ok(rec: ConfigRecord | None, size: int) -> bool:

@@ -84,6 +84,11 @@ class Quantizer:
         """Ring bits: ``2^bits > 2 group levels + 1`` (every honest sum fits, one value never occurs)."""
         return max(2, (2 * self.group * self.levels + 1).bit_length())
 
+    @staticmethod
+    def largest_group(bits: int, levels: int = 1) -> int:
+        """The most members whose sum still fits a ``bits``-bit ring at ``levels`` (the inverse of :attr:`bits`)."""
+        return ((1 << bits) - 2) // (2 * levels)
+
     def quantize(self, x: np.ndarray, rng: np.random.Generator) -> np.ndarray:
         """Stochastic rounding of ``clip(x, -r, r) / r * levels`` (unbiased inside the range); int64."""
         z = np.clip(np.asarray(x, np.float64), -self.r, self.r) / self.r * self.levels

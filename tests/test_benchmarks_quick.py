@@ -18,6 +18,8 @@ LAST_LINE = re.compile(r"^[A-Za-z0-9_]+=\S+( [A-Za-z0-9_]+=\S+)*$")
 
 
 @pytest.mark.integration
+@pytest.mark.xdist_group("benchmarks")  # one at a time: each is a whole federation (Ray and its workers)
+@pytest.mark.timeout(1500)
 @pytest.mark.parametrize("name", [b for b in BENCHMARKS if b != "learning.py"])
 def test_benchmark_runs_quick_and_prints_its_figures_last(name):
     # a short TMPDIR: Ray puts its AF_UNIX sockets under it, and those paths are capped at 107 bytes
@@ -26,7 +28,7 @@ def test_benchmark_runs_quick_and_prints_its_figures_last(name):
     env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0", "OMP_NUM_THREADS": "1", "TMPDIR": tmp}
     try:
         r = subprocess.run([sys.executable, f"benchmarks/{name}", "--quick"], cwd=ROOT, env=env,
-                           capture_output=True, text=True, timeout=900, check=False)
+                           capture_output=True, text=True, timeout=1400, check=False)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]

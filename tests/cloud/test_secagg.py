@@ -174,6 +174,11 @@ def test_quantiser_range_never_wraps_for_a_full_group():
             assert np.all(np.abs(total) == 16 * q.q_max) and 2 * 16 * q.q_max + 1 < 1 << q.bits
             assert np.array_equal(sa.from_ring(sa.to_ring(total, q.bits), q.bits), total)
     assert sa.Quantizer(clip=1.0, k=100, group=5).bits == 4  # ternary values of 5 members: sums in [-5, 5]
+    for levels in (1, 2, 7):  # largest_group is the inverse of bits: one more member needs a wider ring
+        for bits in (4, 6, 10):
+            most = sa.Quantizer.largest_group(bits, levels)
+            assert sa.Quantizer(clip=1.0, k=1, group=most, levels=levels).bits <= bits
+            assert sa.Quantizer(clip=1.0, k=1, group=most + 1, levels=levels).bits > bits
 
 
 # ---------------------------------------------------------------------------------------------- Flower records

@@ -14,10 +14,12 @@ KEYS = ("scratch_vs_central", "base_vs_central", "fused_clean", "image_only", "a
 
 
 @pytest.mark.integration
+@pytest.mark.xdist_group("benchmarks")  # with the other quick benchmarks, one at a time
+@pytest.mark.timeout(900)
 def test_quick_learning_benchmark_prints_every_row_and_the_metric_line(tmp_path):
     env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0", "OMP_NUM_THREADS": "1"}
     r = subprocess.run([sys.executable, "benchmarks/learning.py", "--quick", "--work", str(tmp_path)], cwd=ROOT,
-                       env=env, capture_output=True, text=True, timeout=600, check=False)
+                       env=env, capture_output=True, text=True, timeout=800, check=False)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     last = r.stdout.strip().splitlines()[-1].split()
     assert [kv.split("=")[0] for kv in last] == list(KEYS)

@@ -169,3 +169,15 @@ def test_full_scope_federation_learns_from_a_random_base(tmp_path, tiny_cache):
     assert cfg["model.base_path"] == "" and cfg["train.scope"] == "full"
     final = np.load(tmp_path / "f" / "global_adapters.npz")
     assert "encoders.image.conv.0.weight" in final.files  # base weights are part of the global state
+
+
+def test_sync_scenario_is_the_quickstart_under_synchronous_fedavg():
+    """`fedge simulate compare quickstart.toml sync.toml` compares aggregation only: same data, base, model, training."""
+    from fedge.common.config import load_config
+    from fedge.simulations.prepare import data_key
+
+    scen = ROOT / "simulations" / "scenarios"
+    quick, sync = (load_config(toml_path=scen / f"{n}.toml") for n in ("quickstart", "sync"))
+    assert data_key(quick) == data_key(sync)
+    assert quick.train == sync.train and quick.model == sync.model and quick.profiles == sync.profiles
+    assert (quick.aggregation.mode, sync.aggregation.mode) == ("async", "sync")
