@@ -19,7 +19,7 @@ from fedge.common.model import MultimodalMoE, model_kwargs
 from fedge.common.run_log import Event
 
 from .builders import publisher_for
-from .dashboard import LiveState
+from .dashboard import LiveEvent, LiveState
 from .run_log import event
 
 __all__ = ["BASES_SUBDIR", "PublishedBase"]
@@ -87,7 +87,7 @@ class PublishedBase:
         except TrainingError as e:
             log.error("global training on version %d failed, keeping the base: %s", v, e)
             event(self.run_dir, event=Event.GLOBAL_TRAINING_FAILED, version=v, error=str(e)[:500])
-            self.live.event("training_failed", version=v, error=str(e)[:500])
+            self.live.event(LiveEvent.TRAINING_FAILED, version=v, error=str(e)[:500])
             return None
         base, bv, fresh = res.rebase_args()
         try:
@@ -103,7 +103,7 @@ class PublishedBase:
         event(self.run_dir, event=Event.GLOBAL_TRAINING, base_version=bv, version=new_v, steps=res.steps,
               seconds=res.seconds, loss_first=loss[0], loss_last=loss[1], base=path,
               failures=len(res.failures))
-        self.live.event("training", base_version=bv, version=new_v, steps=res.steps, seconds=res.seconds,
+        self.live.event(LiveEvent.TRAINING, base_version=bv, version=new_v, steps=res.steps, seconds=res.seconds,
                         loss_first=loss[0], loss_last=loss[1])
         print(f"[fedge] global training: {res.steps} steps in {res.seconds:.1f} s, loss {loss[0]:.3f} -> "
               f"{loss[1]:.3f}; base {bv} -> version {new_v}", flush=True)
@@ -150,5 +150,5 @@ class PublishedBase:
             path = self.run_dir / BASES_SUBDIR / f"{self.base_model}.safetensors"
             if not path.is_file():
                 save_base(self.model, path)
-        self.live.event("published", base_version=base_version, model=self.base_model)
+        self.live.event(LiveEvent.PUBLISHED, base_version=base_version, model=self.base_model)
         return self.base_model

@@ -1,7 +1,7 @@
 """Watching a federation live: the live state, its web dashboard, ``/api/state``, ``/metrics``, live TensorBoard."""
 
 from .http import DashboardError, DashboardServer, start_dashboard
-from .live import LiveState
+from .live import LiveEvent, LiveState
 from .tensorboard import LiveTensorBoard
 
-__all__ = ["DashboardError", "DashboardServer", "LiveState", "LiveTensorBoard", "start_dashboard"]
+__all__ = ["DashboardError", "DashboardServer", "LiveEvent", "LiveState", "LiveTensorBoard", "start_dashboard"]

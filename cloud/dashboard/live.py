@@ -15,16 +15,25 @@ import time
 from collections import deque
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
+from enum import StrEnum
 from typing import Any
 
 from fedge.common import wire
 from fedge.common.run_log import VersionRecord
 
-__all__ = ["FUSED", "SCHEMA_VERSION", "DeviceRow", "Listener", "LiveState"]
+__all__ = ["FUSED", "SCHEMA_VERSION", "DeviceRow", "Listener", "LiveEvent", "LiveState"]
 
 SCHEMA_VERSION = 1
 FUSED = "fused"  # the accuracy of all present modalities together, beside the per-modality subsets
 Listener = Callable[[VersionRecord], None]
+
+
+class LiveEvent(StrEnum):
+    """The kinds of the live state's events (``/api/state``'s ``events``); the page words each one."""
+
+    TRAINING = "training"  # a global-training run made a new base (base_version, version, steps, seconds)
+    TRAINING_FAILED = "training_failed"  # ... failed (version, error)
+    PUBLISHED = "published"  # a base was published (base_version, model)
 
 
 @dataclass
@@ -188,12 +197,12 @@ class LiveState:
         for fn in self._listeners:
             fn(record)
 
-    def event(self, kind: str, **fields: Any) -> None:
-        """A global-training run (``kind="training"``), a published base (``"published"``) or another event."""
+    def event(self, kind: LiveEvent | str, **fields: Any) -> None:
+        """A global-training run, a published base (:class:`LiveEvent`) or another event."""
         with self._changed:
             clean = {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in fields.items()}
-            self.events.append({"kind": kind, "wall": time.time(), **clean})
-            if "base_version" in fields and kind == "published":
+            self.events.append({"kind": str(kind), "wall": time.time(), **clean})
+            if "base_version" in fields and kind == LiveEvent.PUBLISHED:
                 self.base_version = int(fields["base_version"])
             self._bump()
 

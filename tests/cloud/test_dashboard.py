@@ -12,7 +12,7 @@ import jsonschema
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from fedge.cloud.dashboard import DashboardError, LiveState, start_dashboard
+from fedge.cloud.dashboard import DashboardError, LiveEvent, LiveState, start_dashboard
 from fedge.cloud.dashboard.http import STATIC, preflight
 from fedge.cloud.dashboard.tensorboard import LiveTensorBoard, has_events
 from fedge.cloud.serving import add_device_token
@@ -35,7 +35,7 @@ def _federation() -> LiveState:
                                            modality_accuracy={"image": 0.4, "image+audio": 0.6}))
     live.dispatched(12, 1, 1000)
     live.refused_update(12, "timeout", lost=True)
-    live.event("published", base_version=1, path="/x/base-000001.safetensors")
+    live.event(LiveEvent.PUBLISHED, base_version=1, path="/x/base-000001.safetensors")
     return live
 
 
@@ -234,3 +234,13 @@ def test_device_rows_in_json_carry_every_field_of_the_row():
     from fedge.cloud.dashboard.live import DeviceRow
 
     assert set(DeviceRow(id=1).as_json()) == {f.name for f in fields(DeviceRow)}
+
+
+def test_the_page_words_every_live_event_kind():
+    """The page (static/app.js) has a sentence for each kind the live state emits; a new kind needs one too."""
+    js = (Path(__file__).resolve().parents[2] / "cloud" / "dashboard" / "static" / "app.js").read_text()
+    for kind in LiveEvent:
+        assert f'e.kind === "{kind}"' in js, kind
+    live = LiveState(mode="async", buffer_size=1, concurrency=1, target_versions=1, clock="virtual")
+    live.event(LiveEvent.PUBLISHED, base_version=3)
+    assert live.snapshot()["events"][-1]["kind"] == "published" and live.base_version == 3
